@@ -1,0 +1,156 @@
+"""Shared plumbing for the Triton kernels: input validation, output allocation
+(with optional poisoning for the parity suite), and interpreter-safe helpers.
+
+Nothing here launches a kernel; every kernel file imports what it needs from here.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import triton
+import triton.language as tl
+
+#: True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+#: Must be read from the environment at import time: triton reads it then too.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+#: The float dtypes every kernel accepts for activations and weights.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# ---------------------------------------------------------------------------
+# Poisoned allocation. The parity harness turns this on so that an output
+# element a kernel forgets to write is NaN (or a sentinel for integers), which
+# the comparison always rejects. In normal use `empty` is plain torch.empty.
+# ---------------------------------------------------------------------------
+_POISON = False
+
+
+@contextmanager
+def poisoned_outputs(enabled: bool = True):
+    """Within this block, every buffer allocated through :func:`empty` is filled
+    with NaN (floats) or the most negative value (integers) before a kernel runs."""
+    global _POISON
+    previous, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = previous
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON:
+        if dtype.is_floating_point:
+            out.fill_(float("nan"))
+        else:
+            out.fill_(torch.iinfo(dtype).min)
+    return out
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return empty(t.shape, dtype or t.dtype, t.device)
+
+
+# ---------------------------------------------------------------------------
+# Validation: a clear sentence instead of a Triton crash.
+# ---------------------------------------------------------------------------
+class KernelInputError(ValueError):
+    """Raised when a kernel is called with inputs it cannot take."""
+
+
+def check_device(op: str, *tensors: torch.Tensor | None) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise KernelInputError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}.")
+    for device in devices:
+        if device.type == "cpu" and not INTERPRET:
+            raise KernelInputError(
+                f"{op}: got a CPU tensor, but Triton kernels need a CUDA device. Move the "
+                "tensors to the GPU, or set TRITON_INTERPRET=1 before anything imports triton "
+                "to run the kernels in Triton's (slow) CPU interpreter."
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise KernelInputError(f"{op}: unsupported device {device}; use a CUDA tensor.")
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise KernelInputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}.")
+    if t.dtype not in FLOAT_DTYPES:
+        raise KernelInputError(
+            f"{op}: {name} has dtype {t.dtype}; supported dtypes are float32, float16 and bfloat16."
+        )
+
+
+def check_same_dtype(op: str, **tensors: torch.Tensor | None) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+        raise KernelInputError(f"{op}: inputs must share one dtype, got {listed}. Cast them first.")
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise KernelInputError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)}.")
+
+
+def rows_view(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """View ``t`` as a 2-D [rows, last_dim] tensor with a unit stride on the last
+    dim, copying only when no such view exists (e.g. a strided last dim)."""
+    if t.dim() == 0:
+        raise KernelInputError(f"{op}: {name} must have at least one dimension.")
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1])
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def block_for(n: int, cap: int = 65536, forced: int | None = None) -> int:
+    """The block width for a row of ``n`` elements: the whole row when it fits
+    under ``cap`` (one loop iteration), else ``cap``. ``forced`` (a power of two,
+    used by the parity suite) makes the looped path run on small rows."""
+    if forced is not None:
+        return int(forced)
+    return min(next_pow2(n), cap)
+
+
+# Block override for the parity suite: a small forced block keeps the looped
+# code paths tested on the tiny shapes the CPU interpreter can afford.
+_FORCED_BLOCK: int | None = None
+
+
+@contextmanager
+def forced_block(block: int | None):
+    global _FORCED_BLOCK
+    previous, _FORCED_BLOCK = _FORCED_BLOCK, block
+    try:
+        yield
+    finally:
+        _FORCED_BLOCK = previous
+
+
+def forced() -> int | None:
+    return _FORCED_BLOCK
+
+
+# ---------------------------------------------------------------------------
+# Interpreter-safe math. libdevice is unavailable in the interpreter, so the
+# transcendental helpers are written with tl.exp only (exact in fp32 to a few ulp).
+# ---------------------------------------------------------------------------
+@triton.jit
+def tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1); saturates correctly at +-inf without NaN.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))

@@ -1,0 +1,243 @@
+"""RMSNorm: y = (w + offset) * x / sqrt(mean(x^2) + eps), over the last dim.
+
+Casting modes follow the HF families:
+  * ``llama``: normalise in fp32, round x_hat to the input dtype, then multiply by
+    the weight (HF LlamaRMSNorm: ``weight * hidden.to(input_dtype)``);
+  * ``gemma``: everything in fp32, one rounding at the end (HF GemmaRMSNorm,
+    which also uses ``offset=1``: the stored weight is w - 1).
+
+Backward returns dX and dW; dW is accumulated in fp32 per program across its
+rows, then the per-program partials are summed in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from hypothesis import strategies as st
+
+from . import _common as C
+from . import _strategies as S
+from ._harness import maybe_strided, randn
+from ._registry import Inputs, KernelSpec, Limits
+
+CASTING_MODES = ("llama", "gemma")
+
+
+# --------------------------------------------------------------------------- Triton
+@triton.jit
+def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
+                  GEMMA: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * x_stride
+    y_row = Y + row * y_stride
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        x_hat = x * rstd
+        if not GEMMA:
+            x_hat = x_hat.to(Y.dtype.element_ty).to(tl.float32)
+        tl.store(y_row + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+            x_hat = x * rstd
+            if not GEMMA:
+                x_hat = x_hat.to(Y.dtype.element_ty).to(tl.float32)
+            tl.store(y_row + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride,
+                  n_rows, n_cols, rows_per_prog, offset,
+                  GEMMA: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                  BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, n_rows)
+    dw_row = DW_PART + pid.to(tl.int64) * n_cols
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in range(row_start, row_end):
+            r64 = tl.cast(r, tl.int64)
+            x = tl.load(X + r64 * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r64 * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + r64)
+            x_hat = x * rstd
+            if COMPUTE_DX:
+                wdy = w * dy
+                c = tl.sum(x_hat * wdy, axis=0) / n_cols
+                tl.store(DX + r64 * dx_stride + cols, ((wdy - x_hat * c) * rstd).to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                if not GEMMA:
+                    x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
+                dw_acc += dy * x_hat
+        if COMPUTE_DW:
+            tl.store(dw_row + cols, dw_acc, mask=mask)
+    else:
+        for r in range(row_start, row_end):
+            r64 = tl.cast(r, tl.int64)
+            rstd = tl.load(RSTD + r64)
+            c_acc = tl.zeros([BLOCK], dtype=tl.float32)
+            if COMPUTE_DX:
+                for start in range(0, n_cols, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    mask = cols < n_cols
+                    x = tl.load(X + r64 * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(DY + r64 * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+                    c_acc += x * rstd * w * dy
+            c = tl.sum(c_acc, axis=0) / n_cols
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(X + r64 * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + r64 * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                x_hat = x * rstd
+                if COMPUTE_DX:
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+                    tl.store(DX + r64 * dx_stride + cols, ((w * dy - x_hat * c) * rstd).to(DX.dtype.element_ty),
+                             mask=mask)
+                if COMPUTE_DW:
+                    if not GEMMA:
+                        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
+                    # This program owns row `pid` of the partials: read-modify-write, no atomics.
+                    part = tl.load(dw_row + cols, mask=mask, other=0.0)
+                    tl.store(dw_row + cols, part + dy * x_hat, mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return max(1, min(n_rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    # Interpreter: a few programs, so that each one still accumulates several rows.
+    return max(1, min(n_rows, 4))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, casting):
+        shape = x.shape
+        x2 = C.rows_view("rms_norm", "x", x)
+        n_rows, n_cols = x2.shape
+        y = C.empty((n_rows, n_cols), x.dtype, x.device)
+        rstd = C.empty((n_rows,), torch.float32, x.device)
+        block = C.block_for(n_cols, forced=C.forced())
+        if n_rows:
+            _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, offset,
+                                     GEMMA=casting == "gemma", BLOCK=block, ONE_BLOCK=block >= n_cols)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.meta = (shape, offset, casting)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        shape, offset, casting = ctx.meta
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_rows, n_cols = x2.shape
+        dy2 = C.rows_view("rms_norm", "dy", dy)
+        dx = C.empty((n_rows, n_cols), x2.dtype, x2.device) if need_dx else None
+        progs = _programs(n_rows, x2.device)
+        rows_per = triton.cdiv(max(n_rows, 1), progs)
+        progs = triton.cdiv(max(n_rows, 1), rows_per)
+        dw_part = torch.zeros((progs, n_cols), dtype=torch.float32, device=x2.device) if need_dw else None
+        block = C.block_for(n_cols, forced=C.forced())
+        if n_rows:
+            _rms_norm_bwd[(progs,)](
+                dy2, x2, weight, rstd, dx if need_dx else dy2, dw_part if need_dw else rstd,
+                dy2.stride(0), x2.stride(0), dx.stride(0) if need_dx else 0,
+                n_rows, n_cols, rows_per, offset,
+                GEMMA=casting == "gemma", COMPUTE_DX=need_dx, COMPUTE_DW=need_dw,
+                BLOCK=block, ONE_BLOCK=block >= n_cols)
+        dw = None
+        if need_dw:
+            dw = dw_part.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
+        return (dx.view(shape) if need_dx else None), dw, None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
+             casting: str = "llama") -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (any leading shape) with weight [hidden].
+
+    ``offset=1.0`` with ``casting="gemma"`` is Gemma's ``(1 + w)``.
+    """
+    op = "rms_norm"
+    C.check_float(op, "x", x)
+    C.check_float(op, "weight", weight)
+    C.check_same_dtype(op, x=x, weight=weight)
+    C.check_device(op, x, weight)
+    C.check_shape(op, "weight", weight, (x.shape[-1],) if x.dim() else (-1,))
+    if casting not in CASTING_MODES:
+        raise C.KernelInputError(f"{op}: casting must be one of {CASTING_MODES}, got {casting!r}.")
+    if not eps >= 0:
+        raise C.KernelInputError(f"{op}: eps must be >= 0, got {eps}.")
+    return _RMSNorm.apply(x, weight, float(eps), float(offset), casting)
+
+
+# --------------------------------------------------------------------------- reference
+def rms_norm_reference(x, weight, eps=1e-6, offset=0.0, casting="llama", compute_dtype=torch.float32):
+    """HF's RMSNorm, computed in ``compute_dtype`` (fp32 as HF does; fp64 for the exact pass)."""
+    h = x.to(compute_dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.to(compute_dtype) + offset
+    if casting == "llama":
+        h = h.to(x.dtype).to(compute_dtype)
+    return (w * h).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- registry
+@st.composite
+def _params(draw, limits: Limits) -> dict:
+    hidden = draw(S.dim(1, limits.max_hidden))
+    batch = draw(st.sampled_from([1, 1, 2, 3]))
+    rows = draw(S.dim(1, max(1, min(limits.max_rows, limits.max_elements // (hidden * batch)))))
+    return {
+        "batch": batch, "rows": rows, "hidden": hidden,
+        "eps": draw(st.sampled_from([1e-6, 1e-5, 1e-2])),
+        "casting": draw(st.sampled_from(CASTING_MODES)),
+        "offset": draw(st.sampled_from([0.0, 1.0])),
+        "scale": draw(S.scale()),
+        "strided": draw(st.booleans()),
+        "grad_x": draw(st.sampled_from([True, True, False])),
+        "grad_w": draw(st.sampled_from([True, True, False])),
+        "_block": draw(S.block(limits)),
+    }
+
+
+def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
+    x = randn((p["batch"], p["rows"], p["hidden"]), dtype, device, gen, p["scale"])
+    # Gemma stores w - 1 (near 0); Llama stores w near 1.
+    weight = (randn((p["hidden"],), torch.float32, device, gen, 0.5) + (1.0 - p["offset"])).to(dtype)
+    grads = tuple(n for n, on in (("x", p["grad_x"]), ("weight", p["grad_w"])) if on)
+    return Inputs({"x": maybe_strided(x, p["strided"], gen), "weight": weight},
+                  {"eps": p["eps"], "offset": p["offset"], "casting": p["casting"]}, grads)
+
+
+SPEC = KernelSpec(
+    name="rms_norm",
+    fn=rms_norm,
+    reference=rms_norm_reference,
+    params=_params,
+    make_inputs=_make_inputs,
+    outputs=("y",),
+    grads=("x", "weight"),
+    options=("eps", "offset (Gemma 1+w)", "casting: llama|gemma"),
+    summary="RMSNorm with Llama/Gemma casting and Gemma's (1 + w) offset; dW in fp32.",
+)
