@@ -46,8 +46,11 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _as_tuple(out: Any) -> tuple:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+def _as_tuple(out: Any, n: int | None = None) -> tuple:
+    """Outputs as a tuple, padded with None to ``n`` (an optional output a call
+    did not ask for, e.g. cross-entropy's z-loss, is None on every side)."""
+    out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    return out + (None,) * max(0, (n or 0) - len(out))
 
 
 def _leaves(tensors: dict[str, torch.Tensor | None], grad_names, cast: torch.dtype | None):
@@ -68,7 +71,7 @@ def _leaves(tensors: dict[str, torch.Tensor | None], grad_names, cast: torch.dty
 
 
 def _forward_backward(fn, leaves, options, upstream, **extra):
-    outs = _as_tuple(fn(**leaves, **options, **extra))
+    outs = _as_tuple(fn(**leaves, **options, **extra), len(upstream))
     pairs = [(o, g) for o, g in zip(outs, upstream)
              if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
     if pairs:
@@ -89,7 +92,8 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
     # Baseline first: it fixes output shapes, from which upstream grads are drawn.
     base_leaves = _leaves(inputs.tensors, grad_names, None)
     with torch.no_grad():
-        probe = _as_tuple(spec.reference(**base_leaves, **inputs.options, compute_dtype=torch.float32))
+        probe = _as_tuple(spec.reference(**base_leaves, **inputs.options, compute_dtype=torch.float32),
+                          len(spec.outputs))
     upstream = [
         (torch.randn(o.shape, generator=gen, dtype=torch.float32).to(device)
          if isinstance(o, torch.Tensor) and o.is_floating_point() else None)
