@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 from hypothesis import given, settings
@@ -29,16 +30,34 @@ def check_property(spec: KernelSpec, dtype: torch.dtype, **settings_overrides) -
     """Run the parity property of ``spec`` in ``dtype`` under the active profile.
     Raises AssertionError (via hypothesis) on the first counterexample."""
     limits = PROFILE_LIMITS[profile()]
+    count = {"examples": 0}
 
     @settings(**settings_overrides)
     @given(params=spec.params(limits), seed=S.seed())
     def prop(params, seed):
+        count["examples"] += 1
         report = run_case(spec, params, dtype, seed)
         if not report.ok:
             raise AssertionError(report.describe() + "\nreproduce with:\n  "
                                  + repro_command(spec, dtype, params, seed))
 
-    prop()
+    start, ok = time.perf_counter(), False
+    try:
+        prop()
+        ok = True
+    finally:
+        _record(spec.name, dtype, count["examples"], time.perf_counter() - start, ok, settings_overrides)
+
+
+def _record(kernel, dtype, examples, seconds, ok, overrides) -> None:
+    """Append one line of statistics per property run to $PARITY_STATS (for reports)."""
+    path = os.environ.get("PARITY_STATS")
+    if not path or overrides:  # mutation runs (with overrides) are not suite statistics
+        return
+    line = json.dumps({"kernel": kernel, "dtype": dtype_name(dtype), "examples": examples,
+                       "seconds": round(seconds, 3), "ok": ok, "profile": profile()})
+    with open(path, "a") as fh:
+        fh.write(line + "\n")
 
 
 __all__ = ["check_property", "dtype_name", "DTYPES"]

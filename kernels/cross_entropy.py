@@ -1,0 +1,360 @@
+"""Cross-entropy over a vocab: logits [N, V], integer targets [N].
+
+Per row i whose target t is not ``ignore_index`` (with z = logits, or
+z = c * tanh(logits / c) under a Gemma-2 style ``softcap`` c; all math in fp32):
+
+    lse_i  = logsumexp_j z_ij
+    loss_i = (1 - eps) * (lse_i - z_it) + eps * (lse_i - mean_j z_ij)   # PyTorch's label smoothing
+           + z_loss * lse_i^2                                          # PaLM z-loss (when z_loss > 0)
+
+Ignored rows contribute 0. ``reduction="mean"`` divides the sum by the number of
+non-ignored rows and returns 0 -- deliberately NOT PyTorch's NaN -- when every row
+is ignored: a fully masked micro-batch contributes nothing to training.
+
+The forward is one pass over the logits per row (online max / sum-exp over vocab
+blocks) and keeps only the per-row lse, saved split as (row max, log sum-exp
+below it) so that the backward's softmax exp((z - max) - log s) is as precise
+as PyTorch's log_softmax. The backward recomputes the gradient from those in one
+more pass: the logits are never written (they may not require grad, and may be
+used elsewhere).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from hypothesis import strategies as st
+
+from . import _common as C
+from . import _strategies as S
+from ._harness import maybe_strided, randn
+from ._registry import Inputs, KernelSpec, Limits
+
+REDUCTIONS = ("mean", "sum", "none")
+
+#: Widest vocab block a program holds at once on the GPU; wider vocabs are looped
+#: over (online softmax in the forward). 8192 fp32 per row block keeps the row in
+#: registers without spilling at 16 warps, and the loop costs nothing: both
+#: passes are bound by reading the logits.
+MAX_BLOCK = 8192
+
+
+# --------------------------------------------------------------------------- Triton
+@triton.jit
+def _tanh_sech2(y):
+    """tanh(y) and 1 - tanh(y)^2, each within ~2 ulp of fp32 over the whole range
+    (the _common.tanh formula alone loses all relative accuracy near 0, and
+    1 - t*t loses it where tanh saturates). Odd Taylor series below |y| = 0.75,
+    1 - 2 / (exp(2|y|) + 1) above; 1 - t^2 = (1 - |t|)(1 + |t|)."""
+    a = tl.abs(y)
+    y2 = y * y
+    p = -3.927832388331683e-05 * y2 + 9.691537956929451e-05
+    p = p * y2 - 0.00023912911424355248
+    p = p * y2 + 0.000590027440945586
+    p = p * y2 - 0.0014558343870513183
+    p = p * y2 + 0.003592128036572481
+    p = p * y2 - 0.008863235529902197
+    p = p * y2 + 0.021869488536155203
+    p = p * y2 - 0.05396825396825397
+    p = p * y2 + 0.13333333333333333
+    p = p * y2 - 0.3333333333333333
+    p = p * y2 + 1.0
+    small = a * p
+    r = 2.0 / (tl.exp(2.0 * tl.minimum(a, 40.0)) + 1.0)  # 1 - tanh(|y|), no cancellation
+    is_small = a < 0.75
+    t_abs = tl.where(is_small, small, 1.0 - r)
+    one_minus = tl.where(is_small, 1.0 - small, r)
+    t = tl.where(y < 0, -t_abs, t_abs)
+    return t, one_minus * (1.0 + t_abs)
+
+
+@triton.jit
+def _ce_fwd(X, T, LOSS, ZROW, STATS, x_stride, n_cols, ignore_index, eps, softcap, z_coef,
+            SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, WRITE_Z: tl.constexpr,
+            BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * x_stride
+    t = tl.load(T + row)
+    if t == ignore_index:
+        # Skip the row entirely: no bandwidth spent on masked tokens.
+        tl.store(LOSS + row, 0.0)
+        if WRITE_Z:
+            tl.store(ZROW + row, 0.0)
+        tl.store(STATS + 2 * row, 0.0)
+        tl.store(STATS + 2 * row + 1, 0.0)
+    else:
+        m = float("-inf")   # running max
+        s = 0.0             # running sum of exp(z - m)
+        sum_z = 0.0         # sum_j z_j (label smoothing)
+        z_t = 0.0           # the target's logit (gathered in the loop: no out-of-bounds read)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                th, _ = _tanh_sech2(x / softcap)
+                z = softcap * th
+            else:
+                z = x
+            z = tl.where(mask, z, float("-inf"))
+            new_m = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+            m = new_m
+            if SMOOTH:
+                sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+            z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
+        logs = tl.log(s)
+        # (m - z_t) + log s, as PyTorch's log_softmax rounds it: no fp32 rounding of lse itself.
+        loss = (m - z_t) + logs
+        if SMOOTH:
+            loss = (1.0 - eps) * loss + eps * ((m - sum_z / n_cols) + logs)
+        if ZLOSS:
+            lse = m + logs
+            zt = z_coef * lse * lse
+            loss += zt
+            if WRITE_Z:
+                tl.store(ZROW + row, zt)
+        else:
+            if WRITE_Z:
+                tl.store(ZROW + row, 0.0)
+        tl.store(LOSS + row, loss)
+        tl.store(STATS + 2 * row, m)
+        tl.store(STATS + 2 * row + 1, logs)
+
+
+@triton.jit
+def _ce_bwd(X, T, STATS, G, GZ, DX, x_stride, dx_stride, g_stride, gz_stride, n_cols, ignore_index,
+            eps, softcap, z_coef,
+            SOFTCAP: tl.constexpr, ZLOSS: tl.constexpr, HAS_GZ: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * x_stride
+    dx_row = DX + row * dx_stride
+    t = tl.load(T + row)
+    if t == ignore_index:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(dx_row + cols, tl.zeros([BLOCK], dtype=tl.float32).to(DX.dtype.element_ty),
+                     mask=cols < n_cols)
+    else:
+        m = tl.load(STATS + 2 * row)
+        logs = tl.load(STATS + 2 * row + 1)
+        g = tl.load(G + row * g_stride)          # upstream of the loss (already / n_valid for mean)
+        a = g                                    # coefficient of softmax_j
+        if ZLOSS:
+            zg = g
+            if HAS_GZ:
+                zg += tl.load(GZ + row * gz_stride)  # upstream of the z-loss output
+            a = g + 2.0 * z_coef * (m + logs) * zg
+        off = g * eps / n_cols                   # label smoothing: every class gets eps / V
+        on = g * (1.0 - eps)                     # the target gets (1 - eps) on top
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                th, sech2 = _tanh_sech2(x / softcap)
+                z = softcap * th
+            else:
+                z = x
+            p = tl.exp((z - m) - logs)
+            dz = a * p - off - tl.where(cols == t, on, 0.0)
+            if SOFTCAP:
+                dz = dz * sech2
+            tl.store(dx_row + cols, dz.to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def _scalar_or_rows(g: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """An upstream gradient as (fp32 tensor, row stride): a scalar is read by every row."""
+    g = g.float()
+    return g, (g.stride(0) if g.dim() else 0)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, eps, softcap, reduction, z_coef, return_z):
+        n_rows, n_cols = logits.shape
+        dev = logits.device
+        loss_rows = C.empty((n_rows,), torch.float32, dev)
+        z_rows = C.empty((n_rows,), torch.float32, dev) if return_z else None
+        stats = C.empty((n_rows, 2), torch.float32, dev)
+        block = C.block_for(n_cols, cap=MAX_BLOCK, forced=C.forced())
+        if n_rows:
+            _ce_fwd[(n_rows,)](
+                logits, target, loss_rows, z_rows if return_z else loss_rows, stats,
+                logits.stride(0), n_cols, ignore_index, eps, softcap or 1.0, z_coef,
+                SOFTCAP=softcap is not None, SMOOTH=eps > 0.0, ZLOSS=z_coef > 0.0, WRITE_Z=return_z,
+                BLOCK=block, num_warps=_warps(block))
+        n_valid = (target != ignore_index).sum().clamp_(min=1).to(torch.float32)
+        if reduction == "none":
+            loss, z_out = loss_rows, z_rows
+        elif reduction == "sum":
+            loss, z_out = loss_rows.sum(), (z_rows.sum() if return_z else None)
+        else:  # mean over non-ignored rows; 0 (not NaN) when all are ignored
+            loss, z_out = loss_rows.sum() / n_valid, (z_rows.sum() / n_valid if return_z else None)
+        ctx.save_for_backward(logits, target, stats, n_valid)
+        ctx.meta = (ignore_index, eps, softcap, reduction, z_coef)
+        ctx.set_materialize_grads(False)
+        return (loss, z_out) if return_z else loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z=None):
+        logits, target, stats, n_valid = ctx.saved_tensors
+        ignore_index, eps, softcap, reduction, z_coef = ctx.meta
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        n_rows, n_cols = logits.shape
+        dev = logits.device
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=torch.float32, device=dev)
+        has_gz = grad_z is not None and z_coef > 0.0
+        if reduction == "mean":
+            grad_loss = grad_loss.float() / n_valid
+            if has_gz:
+                grad_z = grad_z.float() / n_valid
+        g, g_stride = _scalar_or_rows(grad_loss)
+        gz, gz_stride = _scalar_or_rows(grad_z) if has_gz else (g, 0)
+        dx = C.empty((n_rows, n_cols), logits.dtype, dev)
+        block = C.block_for(n_cols, cap=MAX_BLOCK, forced=C.forced())
+        if n_rows:
+            _ce_bwd[(n_rows,)](
+                logits, target, stats, g, gz, dx, logits.stride(0), dx.stride(0), g_stride, gz_stride,
+                n_cols, ignore_index, eps, softcap or 1.0, z_coef,
+                SOFTCAP=softcap is not None, ZLOSS=z_coef > 0.0, HAS_GZ=has_gz,
+                BLOCK=block, num_warps=_warps(block))
+        return dx, None, None, None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, softcap: float | None = None, reduction: str = "mean",
+                  z_loss: float = 0.0, return_z_loss: bool = False):
+    """Cross-entropy of ``logits`` [N, V] (fp32/fp16/bf16, last dim unit stride; a
+    strided one is copied) against int64 ``target`` [N].
+
+    Options as ``torch.nn.functional.cross_entropy`` (``ignore_index``,
+    ``label_smoothing``, ``reduction``), plus Gemma-2's logit ``softcap`` and PaLM's
+    ``z_loss`` coefficient. The loss is float32. ``reduction="mean"`` with every
+    row ignored gives 0, where PyTorch gives NaN. With ``return_z_loss=True``
+    returns ``(loss, z_loss_term)``, the z-loss term reduced like the loss (and
+    already included in it); both are differentiable.
+    """
+    op = "cross_entropy"
+    C.check_float(op, "logits", logits)
+    if not isinstance(target, torch.Tensor):
+        raise C.KernelInputError(f"{op}: target must be a torch.Tensor, got {type(target).__name__}.")
+    if target.dtype != torch.int64:
+        raise C.KernelInputError(f"{op}: target has dtype {target.dtype}; it must be int64 (use target.long()).")
+    if logits.dim() != 2:
+        raise C.KernelInputError(f"{op}: logits must be 2-D [N, V], got shape {tuple(logits.shape)}; "
+                                 "flatten the leading dims with logits.view(-1, V) first.")
+    C.check_shape(op, "target", target, (logits.shape[0],))
+    C.check_device(op, logits, target)
+    if logits.shape[1] < 1:
+        raise C.KernelInputError(f"{op}: the vocab (logits.shape[1]) must be at least 1.")
+    if reduction not in REDUCTIONS:
+        raise C.KernelInputError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise C.KernelInputError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}.")
+    if softcap is not None and not softcap > 0.0:
+        raise C.KernelInputError(f"{op}: softcap must be None or > 0, got {softcap}.")
+    if not z_loss >= 0.0:
+        raise C.KernelInputError(f"{op}: z_loss must be >= 0, got {z_loss}.")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    target = target.contiguous()
+    bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
+    if logits.device.type == "cuda":
+        torch._assert_async(~bad.any())  # like PyTorch's device-side assert, without a host sync
+    elif bool(bad.any()):
+        raise C.KernelInputError(f"{op}: target holds class indices outside [0, {logits.shape[1]}) "
+                                 f"that are not ignore_index ({ignore_index}).")
+    return _CrossEntropy.apply(logits, target, int(ignore_index), float(label_smoothing),
+                               None if softcap is None else float(softcap), reduction, float(z_loss),
+                               bool(return_z_loss))
+
+
+# --------------------------------------------------------------------------- reference
+def cross_entropy_reference(logits, target, ignore_index=-100, label_smoothing=0.0, softcap=None,
+                            reduction="mean", z_loss=0.0, return_z_loss=False, compute_dtype=torch.float32):
+    """PyTorch's cross-entropy (log_softmax + nll with label smoothing) in ``compute_dtype``,
+    plus softcap and z-loss, with the kernel's all-ignored mean convention (0, not NaN)."""
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(compute_dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    n_cols = z.shape[-1]
+    logp = torch.log_softmax(z, dim=-1)
+    valid = target != ignore_index
+    nll = -logp.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    loss = nll
+    if label_smoothing > 0.0:
+        smooth = -logp.sum(-1)
+        loss = (1.0 - label_smoothing) * nll + (label_smoothing / n_cols) * smooth
+    zterm = torch.zeros_like(loss)
+    if z_loss > 0.0:
+        zterm = z_loss * torch.logsumexp(z, dim=-1).pow(2)
+        loss = loss + zterm
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    zterm = torch.where(valid, zterm, torch.zeros_like(zterm))
+    if reduction == "sum":
+        loss, zterm = loss.sum(), zterm.sum()
+    elif reduction == "mean":
+        n_valid = valid.sum().clamp(min=1).to(compute_dtype)
+        loss, zterm = loss.sum() / n_valid, zterm.sum() / n_valid
+    loss, zterm = loss.to(out_dtype), zterm.to(out_dtype)
+    return (loss, zterm) if return_z_loss else loss
+
+
+# --------------------------------------------------------------------------- registry
+@st.composite
+def _params(draw, limits: Limits) -> dict:
+    vocab = draw(S.dim(1, limits.max_vocab))
+    block = draw(S.block(limits))
+    rows_cap = max(1, min(limits.max_rows, limits.max_elements // vocab))
+    rows = draw(S.dim(1, rows_cap))
+    ignore_index = draw(st.sampled_from([-100, -100, 0, vocab - 1, -1]))
+    return {
+        "rows": rows, "vocab": vocab,
+        "ignore_index": ignore_index,
+        # Fraction of rows masked with ignore_index: none, some, all.
+        "ignored": draw(st.sampled_from([0.0, 0.3, 0.3, 0.7, 1.0])),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.0, 0.1, 0.25])),
+        "softcap": draw(st.sampled_from([None, None, 30.0, 5.0])),
+        "reduction": draw(st.sampled_from(REDUCTIONS)),
+        "z_loss": draw(st.sampled_from([0.0, 0.0, 1e-4, 0.1])),
+        "return_z_loss": draw(st.booleans()),
+        "scale": draw(S.scale()),
+        "strided": draw(st.booleans()),
+        "grad": draw(st.sampled_from([True, True, True, False])),
+        "_block": block,
+    }
+
+
+def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
+    logits = randn((p["rows"], p["vocab"]), dtype, device, gen, p["scale"])
+    target = torch.randint(0, p["vocab"], (p["rows"],), generator=gen)
+    masked = torch.rand((p["rows"],), generator=gen) < p["ignored"]
+    target = torch.where(masked, torch.full_like(target, p["ignore_index"]), target).to(device)
+    options = {k: p[k] for k in ("ignore_index", "label_smoothing", "softcap", "reduction", "z_loss",
+                                 "return_z_loss")}
+    return Inputs({"logits": maybe_strided(logits, p["strided"], gen), "target": target}, options,
+                  ("logits",) if p["grad"] else ())
+
+
+SPEC = KernelSpec(
+    name="cross_entropy",
+    fn=cross_entropy,
+    reference=cross_entropy_reference,
+    params=_params,
+    make_inputs=_make_inputs,
+    outputs=("loss", "z_loss"),
+    grads=("logits",),
+    options=("ignore_index", "label_smoothing", "softcap (Gemma-2)", "reduction: mean|sum|none",
+             "z_loss (PaLM)", "return_z_loss"),
+    summary="Cross-entropy with ignore_index, label smoothing, logit softcap and z-loss; online softmax "
+            "over vocab blocks, gradient recomputed in the backward from the saved lse.",
+)

@@ -1,0 +1,355 @@
+"""Rotary position embedding, exactly as HF transformers' ``apply_rotary_pos_emb``.
+
+``rotate_half`` convention: with ``R = cos.shape[-1]`` the rotary width, x1 =
+x[..., :R/2], x2 = x[..., R/2:R], and
+
+    y[..., :R] = x[..., :R] * cos + cat(-x2, x1) * sin,    y[..., R:] = x[..., R:]
+
+(partial rotary: the dims past R pass through unchanged). Written out per half,
+with cos = [c1, c2] and sin = [s1, s2] (HF's tables have c1 == c2, s1 == s2, but
+nothing here assumes it):
+
+    y1 = x1 * c1 - x2 * s1,    y2 = x2 * c2 + x1 * s2.
+
+Backward (the transposed map, i.e. the rotation by -sin):
+
+    dx1 = dy1 * c1 + dy2 * s2,    dx2 = dy2 * c2 - dy1 * s1.
+
+cos/sin come either already gathered by position ([B or 1, S, R], as HF's
+rotary embedding module returns them) or as tables [max_pos, R] with
+``position_ids`` [B, S] naming the row of each token. One program handles one
+(batch, position) row: all heads of q and of k, as 2-D [heads, R/2] tiles.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from hypothesis import strategies as st
+
+from . import _common as C
+from . import _strategies as S
+from ._harness import maybe_strided, randn
+from ._registry import Inputs, KernelSpec, Limits
+
+#: Elements of one [heads, columns] tile on the GPU.
+_TILE = 4096
+
+
+# --------------------------------------------------------------------------- Triton
+@triton.jit
+def _rotate_heads(X, Y, x_row, y_row, x_sh, y_sh, n_heads, c1, c2, s1, s2, cols, cmask, half,
+                  BWD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate columns ``cols`` (< half) of every head of one (b, s) row of X into Y."""
+    for h0 in range(0, n_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        h64 = heads.to(tl.int64)
+        mask = (heads < n_heads)[:, None] & cmask[None, :]
+        xp = X + x_row + h64[:, None] * x_sh + cols[None, :]
+        x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + half, mask=mask, other=0.0).to(tl.float32)
+        if BWD:
+            y1 = x1 * c1[None, :] + x2 * s2[None, :]
+            y2 = x2 * c2[None, :] - x1 * s1[None, :]
+        else:
+            y1 = x1 * c1[None, :] - x2 * s1[None, :]
+            y2 = x2 * c2[None, :] + x1 * s2[None, :]
+        yp = Y + y_row + h64[:, None] * y_sh + cols[None, :]
+        tl.store(yp, y1.to(Y.dtype.element_ty), mask=mask)
+        tl.store(yp + half, y2.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _copy_heads(X, Y, x_row, y_row, x_sh, y_sh, n_heads, cols, cmask, BLOCK_H: tl.constexpr):
+    """Copy the pass-through columns ``cols`` (>= R) of every head of one row."""
+    for h0 in range(0, n_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        h64 = heads.to(tl.int64)
+        mask = (heads < n_heads)[:, None] & cmask[None, :]
+        x = tl.load(X + x_row + h64[:, None] * x_sh + cols[None, :], mask=mask, other=0.0)
+        tl.store(Y + y_row + h64[:, None] * y_sh + cols[None, :], x, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(Q, K, COS, SIN, POS, QO, KO,
+                 q_sb, q_sh, q_ss, k_sb, k_sh, k_ss,
+                 qo_sb, qo_sh, qo_ss, ko_sb, ko_sh, ko_ss,
+                 c_sb, c_ss, s_sb, s_ss, p_sb, p_ss,
+                 seq, n_q_heads, n_k_heads, half, head_dim,
+                 HAS_POS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, BWD: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq
+    s = pid % seq
+    if HAS_POS:
+        p = tl.load(POS + b * p_sb + s * p_ss).to(tl.int64)
+    else:
+        p = s
+    cos_row = COS + b * c_sb + p * c_ss
+    sin_row = SIN + b * s_sb + p * s_ss
+    q_row = b * q_sb + s * q_ss
+    k_row = b * k_sb + s * k_ss
+    qo_row = b * qo_sb + s * qo_ss
+    ko_row = b * ko_sb + s * ko_ss
+    for start in range(0, half, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < half
+        c1 = tl.load(cos_row + cols, mask=cmask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_row + half + cols, mask=cmask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row + cols, mask=cmask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_row + half + cols, mask=cmask, other=0.0).to(tl.float32)
+        if DO_Q:
+            _rotate_heads(Q, QO, q_row, qo_row, q_sh, qo_sh, n_q_heads, c1, c2, s1, s2, cols, cmask, half,
+                          BWD=BWD, BLOCK_H=BLOCK_H)
+        if DO_K:
+            _rotate_heads(K, KO, k_row, ko_row, k_sh, ko_sh, n_k_heads, c1, c2, s1, s2, cols, cmask, half,
+                          BWD=BWD, BLOCK_H=BLOCK_H)
+    # Partial rotary: columns [R, D) pass through unchanged (the gradient too).
+    for start in range(2 * half, head_dim, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < head_dim
+        if DO_Q:
+            _copy_heads(Q, QO, q_row, qo_row, q_sh, qo_sh, n_q_heads, cols, cmask, BLOCK_H=BLOCK_H)
+        if DO_K:
+            _copy_heads(K, KO, k_row, ko_row, k_sh, ko_sh, n_k_heads, cols, cmask, BLOCK_H=BLOCK_H)
+
+
+# --------------------------------------------------------------------------- launchers
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has unit stride (any other strides are fine), else a copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _blocks(half: int, head_dim: int, n_heads: int) -> tuple[int, int]:
+    forced = C.forced()
+    block = C.block_for(max(half, head_dim - 2 * half, 1), cap=128, forced=forced)
+    if forced is not None:
+        # Forced small tiles: a block of 2 heads so the head loop and its mask run too.
+        return block, 2
+    return block, min(C.next_pow2(n_heads), max(1, _TILE // block))
+
+
+def _launch(x_q, x_k, y_q, y_k, cos, sin, pos, half, bwd):
+    """One launch over the (b, s) rows; ``x_*``/``y_*`` are [B, H, S, D] (None: skip that tensor)."""
+    ref = x_q if x_q is not None else x_k
+    n_b, _, seq, head_dim = ref.shape
+    n_rows = n_b * seq
+    if n_rows == 0:
+        return
+    n_q = x_q.shape[1] if x_q is not None else 0
+    n_k = x_k.shape[1] if x_k is not None else 0
+    block, block_h = _blocks(half, head_dim, max(n_q, n_k, 1))
+    zeros = (0, 0, 0)
+
+    def strides(t):
+        return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else zeros
+
+    if pos is not None:
+        c_str = (0, cos.stride(0))
+        s_str = (0, sin.stride(0))
+        p_str = (pos.stride(0), pos.stride(1))
+    else:
+        c_str = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1))
+        s_str = (sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1))
+        p_str = (0, 0)
+    _rope_kernel[(n_rows,)](
+        x_q if x_q is not None else x_k, x_k if x_k is not None else x_q, cos, sin,
+        pos if pos is not None else cos,
+        y_q if y_q is not None else y_k, y_k if y_k is not None else y_q,
+        *strides(x_q), *strides(x_k), *strides(y_q), *strides(y_k),
+        *c_str, *s_str, *p_str,
+        seq, n_q, n_k, half, head_dim,
+        HAS_POS=pos is not None, DO_Q=x_q is not None, DO_K=x_k is not None, BWD=bwd,
+        BLOCK_H=block_h, BLOCK=block)
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids):
+        q, k = _unit_last(q), _unit_last(k)
+        cos, sin = _unit_last(cos), _unit_last(sin)
+        half = cos.shape[-1] // 2
+        q_out = C.empty(q.shape, q.dtype, q.device)
+        k_out = C.empty(k.shape, k.dtype, k.device)
+        _launch(q, k, q_out, k_out, cos, sin, position_ids, half, bwd=False)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.half = half
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        cos, sin, position_ids = ctx.saved_tensors
+        need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dq_out = _unit_last(dq_out) if need_dq else None
+        dk_out = _unit_last(dk_out) if need_dk else None
+        dq = C.empty(dq_out.shape, dq_out.dtype, dq_out.device) if need_dq else None
+        dk = C.empty(dk_out.shape, dk_out.dtype, dk_out.device) if need_dk else None
+        if need_dq or need_dk:
+            _launch(dq_out, dk_out, dq, dk, cos, sin, position_ids, ctx.half, bwd=True)
+        return dq, dk, None, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` with ``unsqueeze_dim=1``.
+
+    q [B, Hq, S, D] and k [B, Hk, S, D] (any strides; GQA head counts allowed).
+    Without ``position_ids``: cos/sin are [B or 1, S, R], already gathered by
+    position. With ``position_ids`` [B, S] (integer): cos/sin are tables
+    [max_pos, R] and token (b, s) uses row ``position_ids[b, s]`` (not range
+    checked). R (even, <= D) is the rotary width; dims past R pass through.
+    Returns new tensors (q_out, k_out) of q's and k's shapes and dtype.
+    """
+    op = "rope"
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        C.check_float(op, name, t)
+    C.check_same_dtype(op, q=q, k=k, cos=cos, sin=sin)
+    C.check_device(op, q, k, cos, sin, position_ids)
+    if q.dim() != 4 or k.dim() != 4:
+        raise C.KernelInputError(f"{op}: q and k must be 4-D [B, H, S, D], got shapes {tuple(q.shape)} "
+                                 f"and {tuple(k.shape)}.")
+    n_b, _, seq, head_dim = q.shape
+    C.check_shape(op, "k", k, (n_b, k.shape[1], seq, head_dim))
+    C.check_shape(op, "sin", sin, tuple(cos.shape))
+    rot = cos.shape[-1] if cos.dim() else 0
+    if rot % 2 or not 0 < rot <= head_dim:
+        raise C.KernelInputError(f"{op}: the rotary width cos.shape[-1] must be even and in [2, head_dim="
+                                 f"{head_dim}], got {rot}.")
+    if position_ids is None:
+        if cos.dim() != 3 or cos.shape[0] not in (1, n_b) or cos.shape[1] != seq:
+            raise C.KernelInputError(f"{op}: without position_ids, cos/sin must be [B or 1, S, R] = "
+                                     f"[{n_b} or 1, {seq}, {rot}], got {tuple(cos.shape)}.")
+    else:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32):
+            raise C.KernelInputError(f"{op}: position_ids must be an int64 (or int32) tensor.")
+        C.check_shape(op, "position_ids", position_ids, (n_b, seq))
+        if cos.dim() != 2:
+            raise C.KernelInputError(f"{op}: with position_ids, cos/sin must be tables [max_pos, R], got "
+                                     f"shape {tuple(cos.shape)}.")
+    return _RoPE.apply(q, k, cos.detach(), sin.detach(), position_ids)
+
+
+# --------------------------------------------------------------------------- reference
+def _rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_reference(q, k, cos, sin, position_ids=None, compute_dtype=torch.float32):
+    """HF's ``apply_rotary_pos_emb`` (partial rotary as its partial-rotary families
+    do it), computed in ``compute_dtype`` (fp64 for the exact pass)."""
+    cos, sin = cos.detach(), sin.detach()
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]
+    cos = cos.to(compute_dtype).unsqueeze(1)
+    sin = sin.to(compute_dtype).unsqueeze(1)
+    rot = cos.shape[-1]
+
+    def apply(x):
+        h = x.to(compute_dtype)
+        h_rot, h_pass = h[..., :rot], h[..., rot:]
+        h_rot = h_rot * cos + _rotate_half(h_rot) * sin
+        return torch.cat((h_rot, h_pass), dim=-1).to(x.dtype)
+
+    return apply(q), apply(k)
+
+
+# --------------------------------------------------------------------------- registry
+@st.composite
+def _params(draw, limits: Limits) -> dict:
+    head_dim = draw(S.even_dim(2, limits.max_head_dim))
+    partial = draw(st.sampled_from([False, False, True]))
+    rot = draw(S.even_dim(2, head_dim)) if partial else head_dim
+    n_k = draw(S.dim(1, limits.max_heads))
+    group = draw(st.sampled_from([d for d in range(1, limits.max_heads // n_k + 1)]))
+    batch = draw(S.dim(1, limits.max_batch))
+    form = draw(st.sampled_from(["gathered", "table", "table"]))
+    return {
+        "batch": batch, "seq": draw(S.dim(1, limits.max_seq)),
+        "heads_k": n_k, "heads_q": n_k * group, "head_dim": head_dim, "rot": rot,
+        "form": form,
+        # gathered form: cos/sin batch 1 (shared positions) or B (per-row positions).
+        "cos_batch": draw(st.sampled_from([1, batch])) if form == "gathered" else None,
+        "positions": draw(st.sampled_from(["arange", "offsets", "random", "random"])),
+        "max_pos": draw(st.sampled_from([None, 64, 4096])),
+        # rope: HF's cos/sin tables (cat(freqs, freqs)); scaled: times an attention
+        # scaling (YaRN-like, |cos| > 1); random: unrelated halves (c1 != c2).
+        "tables": draw(st.sampled_from(["rope", "rope", "scaled", "random"])),
+        "theta": draw(st.sampled_from([10_000.0, 500_000.0, 10.0])),
+        "q_layout": draw(st.sampled_from(["bhsd", "bshd", "bshd"])),
+        "k_layout": draw(st.sampled_from(["bhsd", "bshd", "bshd"])),
+        "strided": draw(st.booleans()),
+        "scale": draw(S.scale()),
+        "grad_q": draw(st.sampled_from([True, True, False])),
+        "grad_k": draw(st.sampled_from([True, True, False])),
+        "_block": draw(S.block(limits)),
+    }
+
+
+def _positions(p: dict, gen) -> tuple[torch.Tensor, int]:
+    """position_ids [B, S] and the table length they index."""
+    n_b, seq = p["batch"], p["seq"]
+    max_pos = max(p["max_pos"] or seq, seq + n_b + 1)
+    if p["positions"] == "arange":
+        pos = torch.arange(seq).expand(n_b, seq)
+    elif p["positions"] == "offsets":
+        # Left padding / packed rows: each row starts at its own offset.
+        offsets = torch.randint(0, max_pos - seq + 1, (n_b, 1), generator=gen)
+        pos = offsets + torch.arange(seq)
+    else:
+        pos = torch.randint(0, max_pos, (n_b, seq), generator=gen)
+    return pos.contiguous().to(torch.int64), max_pos
+
+
+def _tables(p: dict, positions: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [..., R] in fp32 for the given positions (any shape)."""
+    rot = p["rot"]
+    if p["tables"] == "random":
+        shape = (*positions.shape, rot)
+        return (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+    inv_freq = 1.0 / (p["theta"] ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    factor = 1.0 + torch.rand((), generator=gen).item() if p["tables"] == "scaled" else 1.0
+    return emb.cos() * factor, emb.sin() * factor
+
+
+def _layout(shape_bhsd, layout, strided, dtype, device, gen, scale):
+    n_b, n_h, seq, d = shape_bhsd
+    if layout == "bshd":
+        # HF: proj(x).view(B, S, H, D).transpose(1, 2).
+        x = maybe_strided(randn((n_b, seq, n_h, d), dtype, device, gen, scale), strided, gen)
+        return x.transpose(1, 2)
+    return maybe_strided(randn((n_b, n_h, seq, d), dtype, device, gen, scale), strided, gen)
+
+
+def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
+    n_b, seq, d = p["batch"], p["seq"], p["head_dim"]
+    q = _layout((n_b, p["heads_q"], seq, d), p["q_layout"], p["strided"], dtype, device, gen, p["scale"])
+    k = _layout((n_b, p["heads_k"], seq, d), p["k_layout"], p["strided"], dtype, device, gen, p["scale"])
+    pos, max_pos = _positions(p, gen)
+    if p["form"] == "table":
+        cos, sin = _tables(p, torch.arange(max_pos), gen)
+        position_ids = pos.to(device)
+    else:
+        cos, sin = _tables(p, pos[: p["cos_batch"]], gen)
+        position_ids = None
+    grads = tuple(n for n, on in (("q", p["grad_q"]), ("k", p["grad_k"])) if on)
+    return Inputs({"q": q, "k": k, "cos": cos.to(dtype).to(device), "sin": sin.to(dtype).to(device),
+                   "position_ids": position_ids}, {}, grads)
+
+
+SPEC = KernelSpec(
+    name="rope",
+    fn=rope,
+    reference=rope_reference,
+    params=_params,
+    make_inputs=_make_inputs,
+    outputs=("q_out", "k_out"),
+    grads=("q", "k"),
+    options=("position_ids (tables [max_pos, R]) or gathered cos/sin [B|1, S, R]",
+             "partial rotary R <= D", "GQA Hq != Hk", "strided q/k (HF's transposed view)"),
+    summary="HF apply_rotary_pos_emb (rotate_half) on q and k in one launch, with position_ids gather "
+            "and partial rotary; backward rotates by -sin.",
+)

@@ -1,0 +1,208 @@
+"""SwiGLU: y = silu(gate) * up, elementwise (any shape, gate and up alike).
+
+Backward (as ATen's silu_backward after the product rule):
+  d_gate = (dy * up) * sig(g) * (1 + g * (1 - sig(g)))
+  d_up   = dy * silu(g)
+Either input may not require grad; only the gradients asked for are computed.
+
+Layout: both inputs are viewed as [rows, last_dim] with a unit last stride (no
+copy for the usual row-strided views, e.g. the two halves of a fused gate_up
+projection); the kernels walk the flat element index in blocks over a 1-D grid
+and map it back to (row, col) only when some input is not contiguous.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from hypothesis import strategies as st
+
+from . import _common as C
+from . import _strategies as S
+from ._harness import maybe_strided, randn
+from ._registry import Inputs, KernelSpec, Limits
+
+#: Elements per program on the GPU (8 per thread at 4 warps: two 128-bit loads in fp32).
+BLOCK_CAP = 1024
+
+
+# --------------------------------------------------------------------------- Triton
+@triton.jit
+def _sigmoid_pair(x):
+    """(sigmoid(x), 1 - sigmoid(x)) in fp32 with neither overflow nor cancellation:
+    e = exp(-|x|) lies in (0, 1], and each half is formed directly, not as 1 - the other."""
+    e = tl.exp(-tl.abs(x))
+    big = 1.0 / (1.0 + e)      # sigmoid(|x|)
+    small = e * big            # sigmoid(-|x|)
+    pos = x >= 0
+    return tl.where(pos, big, small), tl.where(pos, small, big)
+
+
+@triton.jit
+def _swiglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
+                CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elements
+    if CONTIG:
+        g_off = idx
+        u_off = idx
+    else:
+        row = idx // n_cols
+        col = idx - row * n_cols
+        g_off = row * g_stride + col
+        u_off = row * u_stride + col
+    g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
+    sig, _ = _sigmoid_pair(g)
+    tl.store(Y + idx, (g * sig * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_elements,
+                COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr,
+                CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elements
+    if CONTIG:
+        dy_off = idx
+        g_off = idx
+        u_off = idx
+    else:
+        row = idx // n_cols
+        col = idx - row * n_cols
+        dy_off = row * dy_stride + col
+        g_off = row * g_stride + col
+        u_off = row * u_stride + col
+    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
+    sig, one_minus_sig = _sigmoid_pair(g)
+    if COMPUTE_DG:
+        u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
+        d_silu = sig * (1.0 + g * one_minus_sig)
+        tl.store(DG + idx, ((dy * u) * d_silu).to(DG.dtype.element_ty), mask=mask)
+    if COMPUTE_DU:
+        tl.store(DU + idx, (dy * (g * sig)).to(DU.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _rows(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """[rows, last_dim] view with a unit last stride (a 0-dim tensor is one 1x1 row)."""
+    return C.rows_view(op, name, t.reshape(1, 1) if t.dim() == 0 else t)
+
+
+def _contiguous(n_cols: int, *tensors: torch.Tensor) -> bool:
+    return all(t.shape[0] <= 1 or t.stride(0) == n_cols for t in tensors)
+
+
+def _block(n_elements: int) -> int:
+    return C.block_for(n_elements, cap=BLOCK_CAP, forced=C.forced())
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        shape = gate.shape
+        g2, u2 = _rows("swiglu", "gate", gate), _rows("swiglu", "up", up)
+        n_rows, n_cols = g2.shape
+        n = n_rows * n_cols
+        y = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+        if n:
+            block = _block(n)
+            _swiglu_fwd[(triton.cdiv(n, block),)](
+                g2, u2, y, g2.stride(0), u2.stride(0), n_cols, n,
+                CONTIG=_contiguous(n_cols, g2, u2), BLOCK=block)
+        ctx.save_for_backward(g2, u2 if ctx.needs_input_grad[0] else None)
+        ctx.shape = shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2 = ctx.saved_tensors
+        need_dg, need_du = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_rows, n_cols = g2.shape
+        n = n_rows * n_cols
+        dy2 = _rows("swiglu", "dy", dy)
+        dg = C.empty((n_rows, n_cols), g2.dtype, g2.device) if need_dg else None
+        du = C.empty((n_rows, n_cols), g2.dtype, g2.device) if need_du else None
+        if n and (need_dg or need_du):
+            block = _block(n)
+            u_arg = u2 if need_dg else g2
+            _swiglu_bwd[(triton.cdiv(n, block),)](
+                dy2, g2, u_arg, dg if need_dg else dy2, du if need_du else dy2,
+                dy2.stride(0), g2.stride(0), u_arg.stride(0), n_cols, n,
+                COMPUTE_DG=need_dg, COMPUTE_DU=need_du,
+                CONTIG=_contiguous(n_cols, dy2, g2, u_arg), BLOCK=block)
+        return (dg.view(ctx.shape) if need_dg else None), (du.view(ctx.shape) if need_du else None)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` elementwise; ``gate`` and ``up`` share shape, dtype and device.
+
+    Computed in fp32 with one rounding to the input dtype, like HF's
+    ``act_fn(gate_proj(x)) * up_proj(x)`` run in fp32.
+    """
+    op = "swiglu"
+    C.check_float(op, "gate", gate)
+    C.check_float(op, "up", up)
+    C.check_same_dtype(op, gate=gate, up=up)
+    C.check_device(op, gate, up)
+    C.check_shape(op, "up", up, tuple(gate.shape))
+    return _SwiGLU.apply(gate, up)
+
+
+# --------------------------------------------------------------------------- reference
+def swiglu_reference(gate, up, compute_dtype=torch.float32):
+    """``F.silu(gate) * up`` computed in ``compute_dtype`` (fp32; fp64 for the exact pass)."""
+    return (torch.nn.functional.silu(gate.to(compute_dtype)) * up.to(compute_dtype)).to(gate.dtype)
+
+
+# --------------------------------------------------------------------------- registry
+@st.composite
+def _shape(draw, limits: Limits, forced_block: int | None) -> list[int]:
+    """1 to 3 dims, awkward sizes, numel within the profile. A forced small block
+    means one program per few elements: keep those cases smaller."""
+    budget = limits.max_elements if forced_block is None else max(1, limits.max_elements // 8)
+    ndim = draw(st.sampled_from([1, 2, 2, 3]))
+    if ndim == 1:
+        return [draw(S.dim(1, budget))]
+    last = draw(S.dim(1, min(limits.max_hidden, budget)))
+    lead = [draw(st.sampled_from([1, 2, 3]))] if ndim == 3 else []
+    rows = draw(S.dim(1, max(1, min(limits.max_rows, budget // (last * (lead[0] if lead else 1))))))
+    return lead + [rows, last]
+
+
+@st.composite
+def _params(draw, limits: Limits) -> dict:
+    block = draw(S.block(limits))
+    return {
+        "shape": draw(_shape(limits, block)),
+        "gate_scale": draw(S.scale()),
+        "up_scale": draw(S.scale()),
+        "strided_gate": draw(st.booleans()),
+        "strided_up": draw(st.booleans()),
+        "grad_gate": draw(st.sampled_from([True, True, False])),
+        "grad_up": draw(st.sampled_from([True, True, False])),
+        "_block": block,
+    }
+
+
+def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
+    shape = tuple(p["shape"])
+    gate = randn(shape, dtype, device, gen, p["gate_scale"])
+    up = randn(shape, dtype, device, gen, p["up_scale"])
+    grads = tuple(n for n, on in (("gate", p["grad_gate"]), ("up", p["grad_up"])) if on)
+    return Inputs({"gate": maybe_strided(gate, p["strided_gate"], gen),
+                   "up": maybe_strided(up, p["strided_up"], gen)}, {}, grads)
+
+
+SPEC = KernelSpec(
+    name="swiglu",
+    fn=swiglu,
+    reference=swiglu_reference,
+    params=_params,
+    make_inputs=_make_inputs,
+    outputs=("y",),
+    grads=("gate", "up"),
+    options=(),
+    summary="SwiGLU silu(gate) * up, elementwise over any shape; row-strided inputs without copies.",
+)

@@ -1,0 +1,72 @@
+"""Bad input to any registered kernel gets a clear KernelInputError, never a Triton crash."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import find
+
+from workbench.kernels import PROFILE_LIMITS, registry
+from workbench.kernels._common import KernelInputError
+from workbench.kernels._harness import BLOCK_KEY
+
+SPECS = list(registry().values())
+
+
+def smallest_inputs(spec, dtype=torch.float32):
+    """The minimal case of the kernel's own strategy (hypothesis shrinks to it deterministically)."""
+    params = dict(find(spec.params(PROFILE_LIMITS["ci"]), lambda _: True))
+    params.pop(BLOCK_KEY, None)
+    gen = torch.Generator().manual_seed(0)
+    return spec.make_inputs(params, dtype, torch.device("cpu"), gen)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+@pytest.mark.parametrize("bad", [torch.float64, torch.int32])
+def test_wrong_dtype_is_a_clear_error(spec, bad):
+    inputs = smallest_inputs(spec)
+    floats = [n for n, t in inputs.tensors.items() if t is not None and t.is_floating_point()]
+    for name in floats:
+        tensors = dict(inputs.tensors)
+        tensors[name] = tensors[name].to(bad)
+        with pytest.raises(KernelInputError, match=r"dtype"):
+            spec.fn(**tensors, **inputs.options)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_mixed_dtypes_are_a_clear_error(spec):
+    inputs = smallest_inputs(spec)
+    floats = [n for n, t in inputs.tensors.items() if t is not None and t.is_floating_point()]
+    if len(floats) < 2:
+        pytest.skip(f"{spec.name} takes one float tensor")
+    tensors = dict(inputs.tensors)
+    tensors[floats[-1]] = tensors[floats[-1]].to(torch.float16)
+    with pytest.raises(KernelInputError):
+        spec.fn(**tensors, **inputs.options)
+
+
+def test_cpu_tensor_without_the_interpreter_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (the message is about CPU tensors)")
+    code = (
+        "import torch\n"
+        "from workbench.kernels import registry\n"
+        "from workbench.kernels._common import KernelInputError\n"
+        "from parity.test_bad_input import smallest_inputs\n"
+        "for spec in registry().values():\n"
+        "    inputs = smallest_inputs(spec)\n"
+        "    try:\n"
+        "        spec.fn(**inputs.tensors, **inputs.options)\n"
+        "    except KernelInputError as err:\n"
+        "        assert 'CUDA' in str(err) and 'TRITON_INTERPRET' in str(err), err\n"
+        "        print('ok', spec.name)\n"
+        "    else:\n"
+        "        raise SystemExit(f'{spec.name}: no error for a CPU tensor without the interpreter')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") == len(SPECS)

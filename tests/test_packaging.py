@@ -1,0 +1,40 @@
+"""One import namespace: workbench.*; no top-level `kernels` or `eval` is installed."""
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_kernels_live_under_the_workbench_namespace():
+    import workbench.kernels
+
+    assert Path(workbench.kernels.__file__).parent == ROOT / "kernels"
+
+
+def test_no_top_level_kernels_or_eval_is_installed(tmp_path):
+    # From a neutral directory, neither name may resolve to a module (ours or anyone's).
+    code = "import importlib.util as u; print(u.find_spec('kernels'), u.find_spec('eval'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "None"]
+    dist = importlib.metadata.distribution("parity-workbench")
+    assert dist.entry_points.select(group="console_scripts", name="workbench")
+
+
+def test_a_bare_kernels_import_from_the_repo_root_is_loud():
+    # With the repo root on sys.path, `import kernels` would create a second module object.
+    code = "import sys; sys.path.insert(0, %r); import kernels" % str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode != 0
+    assert "workbench.kernels" in out.stderr
+
+
+def test_import_works_from_any_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import workbench.kernels as k; print(len(k.registry()))"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) >= 6

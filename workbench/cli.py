@@ -1,0 +1,155 @@
+"""The ``workbench`` command: a thin layer over the project's functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: printed as one sentence, exit 2."""
+
+
+def _ensure_interpreter_if_no_gpu() -> None:
+    """Kernels launched on the CPU need Triton's interpreter, which must be chosen
+    before triton is imported. Importing torch does not import triton."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --------------------------------------------------------------------------- kernels
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from workbench.kernels import registry
+
+    rows = [spec.describe() for spec in registry().values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'kernel'.ljust(width)}  dtypes                       compares")
+    for r in rows:
+        compares = ", ".join([f"out:{o}" for o in r["outputs"]] + [f"d{g}" for g in r["grads"]])
+        print(f"{r['name'].ljust(width)}  {', '.join(r['dtypes']).ljust(27)}  {compares}")
+        print(f"{''.ljust(width)}  reference: {r['reference']}")
+        if r["options"]:
+            print(f"{''.ljust(width)}  options: {'; '.join(r['options'])}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parity
+def _parity_case(args: argparse.Namespace) -> int:
+    _ensure_interpreter_if_no_gpu()
+    from workbench.kernels import get
+    from workbench.kernels._harness import DTYPES, run_case
+
+    if args.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {args.dtype!r}; use one of {', '.join(DTYPES)}.")
+    try:
+        spec = get(args.kernel)
+    except KeyError as err:
+        raise UserError(str(err.args[0])) from None
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--params is not valid JSON ({err.msg}); pass the dict printed by the failing test.") from None
+    report = run_case(spec, params, DTYPES[args.dtype], args.seed)
+    print(report.describe())
+    print("PASS" if report.ok else "FAIL")
+    return 0 if report.ok else 1
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    if args.kernel and args.params is not None:
+        return _parity_case(args)
+    if args.params is not None or args.seed is not None:
+        raise UserError("--params and --seed rerun one case and need --kernel as well.")
+    parity_dir = REPO_ROOT / "parity"
+    if not parity_dir.is_dir():
+        raise UserError(f"the parity suite is not at {parity_dir}; run from a source checkout (pip install -e .).")
+    env = dict(os.environ)
+    if args.profile:
+        env["PARITY_PROFILE"] = args.profile
+    if args.examples:
+        env["PARITY_EXAMPLES"] = str(args.examples)
+    cmd = [sys.executable, "-m", "pytest", str(parity_dir), "-q"]
+    if args.kernel:
+        cmd += ["-k", args.kernel]
+    if args.workers and args.workers > 1:
+        cmd += ["-n", str(args.workers)]
+    cmd += args.pytest_args
+    print("running:", " ".join(cmd), flush=True)
+    if not args.report:
+        return subprocess.call(cmd, env=env, cwd=REPO_ROOT)
+
+    import tempfile
+    import time
+
+    from workbench import parity_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = Path(tmp) / "stats.jsonl"
+        env["PARITY_STATS"] = str(stats)
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        last = ""
+        for line in proc.stdout:  # stream progress through, keep pytest's summary line
+            sys.stdout.write(line)
+            if line.strip():
+                last = line.strip().strip("= ")
+        code = proc.wait()
+        md, js = parity_report.write(Path(args.report), parity_report.load_stats(stats),
+                                     " ".join(["workbench", *sys.argv[1:]]) if sys.argv else "workbench parity",
+                                     time.perf_counter() - start, code, last)
+    print(f"parity report: {md} and {js}")
+    return code
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.strip() if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("kernels", help="list every registered kernel, its reference and what parity compares")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("parity", help="run the parity suite, or rerun one failing case")
+    p.add_argument("--kernel", help="only this kernel (with --params/--seed: rerun that one case)")
+    p.add_argument("--profile", choices=["ci", "gpu", "nightly"], help="hypothesis profile (default: gpu with CUDA, else ci)")
+    p.add_argument("--examples", type=int, help="examples per (kernel, dtype) test, overriding the profile")
+    p.add_argument("--workers", type=int, default=1, help="pytest-xdist workers")
+    p.add_argument("--dtype", default="float32", help="dtype of the rerun case (float32, float16, bfloat16)")
+    p.add_argument("--seed", type=int, help="seed of the rerun case")
+    p.add_argument("--params", help="params (JSON) of the rerun case, as printed by the failing test")
+    p.add_argument("--report", metavar="DIR", help="write <date>-<device>.md/.json with timings and examples to DIR")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="further arguments for pytest, after --")
+    p.set_defaults(func=cmd_parity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "pytest_args", None) and args.pytest_args[:1] == ["--"]:
+        args.pytest_args = args.pytest_args[1:]
+    if getattr(args, "seed", None) is None and getattr(args, "params", None) is not None:
+        args.seed = 0
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"workbench: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
