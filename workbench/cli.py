@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
                 last = line.strip().strip("= ")
         code = proc.wait()
         md, js = parity_report.write(Path(args.report), parity_report.load_stats(stats),
-                                     " ".join(["workbench", *sys.argv[1:]]) if sys.argv else "workbench parity",
+                                     shlex.join(["workbench", *sys.argv[1:]]),
                                      time.perf_counter() - start, code, last)
     print(f"parity report: {md} and {js}")
     return code
