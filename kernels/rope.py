@@ -17,8 +17,10 @@ Backward (the transposed map, i.e. the rotation by -sin):
 
 cos/sin come either already gathered by position ([B or 1, S, R], as HF's
 rotary embedding module returns them) or as tables [max_pos, R] with
-``position_ids`` [B, S] naming the row of each token. One program handles one
-(batch, position) row: all heads of q and of k, as 2-D [heads, R/2] tiles.
+``position_ids`` [B, S] naming the row of each token. One program handles a
+block of positions of one batch row: all heads of q and of k, as 3-D
+[positions, heads, R/2] tiles of about _TILE elements (one position per program
+when the heads fill the tile, as with 32 heads x 128 dims).
 """
 from __future__ import annotations
 
@@ -32,42 +34,47 @@ from . import _strategies as S
 from ._harness import maybe_strided, randn
 from ._registry import Inputs, KernelSpec, Limits
 
-#: Elements of one [heads, columns] tile on the GPU.
-_TILE = 4096
+#: Elements of one [positions, heads, columns] tile on the GPU, and positions per program
+#: (4 measured best on an H100 for both HF's [B, S, H, D] views and contiguous [B, H, S, D]
+#: gradients). The interpreter's cost is programs x ops, so it takes whole short sequences.
+_TILE = 8192
+_SEQ_BLOCK = 16 if C.INTERPRET else 4
 
 
 # --------------------------------------------------------------------------- Triton
 @triton.jit
-def _rotate_heads(X, Y, x_row, y_row, x_sh, y_sh, n_heads, c1, c2, s1, s2, cols, cmask, half,
+def _rotate_heads(X, Y, x_rows, y_rows, x_sh, y_sh, n_heads, c1, c2, s1, s2, smask, cols, cmask, half,
                   BWD: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rotate columns ``cols`` (< half) of every head of one (b, s) row of X into Y."""
+    """Rotate columns ``cols`` (< half) of every head of a block of (b, s) rows of X into Y.
+
+    ``x_rows``/``y_rows`` [BLOCK_S] are the rows' offsets; c1..s2 are [BLOCK_S, BLOCK]."""
     for h0 in range(0, n_heads, BLOCK_H):
         heads = h0 + tl.arange(0, BLOCK_H)
-        h64 = heads.to(tl.int64)
-        mask = (heads < n_heads)[:, None] & cmask[None, :]
-        xp = X + x_row + h64[:, None] * x_sh + cols[None, :]
+        h64 = heads.to(tl.int64)[None, :, None]
+        mask = smask[:, None, None] & (heads < n_heads)[None, :, None] & cmask[None, None, :]
+        xp = X + x_rows[:, None, None] + h64 * x_sh + cols[None, None, :]
         x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(xp + half, mask=mask, other=0.0).to(tl.float32)
         if BWD:
-            y1 = x1 * c1[None, :] + x2 * s2[None, :]
-            y2 = x2 * c2[None, :] - x1 * s1[None, :]
+            y1 = x1 * c1[:, None, :] + x2 * s2[:, None, :]
+            y2 = x2 * c2[:, None, :] - x1 * s1[:, None, :]
         else:
-            y1 = x1 * c1[None, :] - x2 * s1[None, :]
-            y2 = x2 * c2[None, :] + x1 * s2[None, :]
-        yp = Y + y_row + h64[:, None] * y_sh + cols[None, :]
+            y1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
+            y2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
+        yp = Y + y_rows[:, None, None] + h64 * y_sh + cols[None, None, :]
         tl.store(yp, y1.to(Y.dtype.element_ty), mask=mask)
         tl.store(yp + half, y2.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _copy_heads(X, Y, x_row, y_row, x_sh, y_sh, n_heads, cols, cmask, BLOCK_H: tl.constexpr):
-    """Copy the pass-through columns ``cols`` (>= R) of every head of one row."""
+def _copy_heads(X, Y, x_rows, y_rows, x_sh, y_sh, n_heads, smask, cols, cmask, BLOCK_H: tl.constexpr):
+    """Copy the pass-through columns ``cols`` (>= R) of every head of a block of rows."""
     for h0 in range(0, n_heads, BLOCK_H):
         heads = h0 + tl.arange(0, BLOCK_H)
-        h64 = heads.to(tl.int64)
-        mask = (heads < n_heads)[:, None] & cmask[None, :]
-        x = tl.load(X + x_row + h64[:, None] * x_sh + cols[None, :], mask=mask, other=0.0)
-        tl.store(Y + y_row + h64[:, None] * y_sh + cols[None, :], x, mask=mask)
+        h64 = heads.to(tl.int64)[None, :, None]
+        mask = smask[:, None, None] & (heads < n_heads)[None, :, None] & cmask[None, None, :]
+        x = tl.load(X + x_rows[:, None, None] + h64 * x_sh + cols[None, None, :], mask=mask, other=0.0)
+        tl.store(Y + y_rows[:, None, None] + h64 * y_sh + cols[None, None, :], x, mask=mask)
 
 
 @triton.jit
@@ -75,43 +82,47 @@ def _rope_kernel(Q, K, COS, SIN, POS, QO, KO,
                  q_sb, q_sh, q_ss, k_sb, k_sh, k_ss,
                  qo_sb, qo_sh, qo_ss, ko_sb, ko_sh, ko_ss,
                  c_sb, c_ss, s_sb, s_ss, p_sb, p_ss,
-                 seq, n_q_heads, n_k_heads, half, head_dim,
+                 seq, n_seq_blocks, n_q_heads, n_k_heads, half, head_dim,
                  HAS_POS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, BWD: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK: tl.constexpr):
+                 BLOCK_S: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    # One program: batch row b, sequence positions [s0, s0 + BLOCK_S), all heads of q and k.
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq
-    s = pid % seq
+    b = pid // n_seq_blocks
+    srow = (pid % n_seq_blocks) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    smask = srow < seq
     if HAS_POS:
-        p = tl.load(POS + b * p_sb + s * p_ss).to(tl.int64)
+        p = tl.load(POS + b * p_sb + srow * p_ss, mask=smask, other=0).to(tl.int64)
     else:
-        p = s
-    cos_row = COS + b * c_sb + p * c_ss
-    sin_row = SIN + b * s_sb + p * s_ss
-    q_row = b * q_sb + s * q_ss
-    k_row = b * k_sb + s * k_ss
-    qo_row = b * qo_sb + s * qo_ss
-    ko_row = b * ko_sb + s * ko_ss
+        p = srow
+    cos_rows = COS + b * c_sb + p * c_ss
+    sin_rows = SIN + b * s_sb + p * s_ss
+    q_rows = b * q_sb + srow * q_ss
+    k_rows = b * k_sb + srow * k_ss
+    qo_rows = b * qo_sb + srow * qo_ss
+    ko_rows = b * ko_sb + srow * ko_ss
     for start in range(0, half, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         cmask = cols < half
-        c1 = tl.load(cos_row + cols, mask=cmask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_row + half + cols, mask=cmask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_row + cols, mask=cmask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_row + half + cols, mask=cmask, other=0.0).to(tl.float32)
+        cs_mask = smask[:, None] & cmask[None, :]
+        c1 = tl.load(cos_rows[:, None] + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_rows[:, None] + half + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_rows[:, None] + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_rows[:, None] + half + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)
         if DO_Q:
-            _rotate_heads(Q, QO, q_row, qo_row, q_sh, qo_sh, n_q_heads, c1, c2, s1, s2, cols, cmask, half,
-                          BWD=BWD, BLOCK_H=BLOCK_H)
+            _rotate_heads(Q, QO, q_rows, qo_rows, q_sh, qo_sh, n_q_heads, c1, c2, s1, s2, smask, cols, cmask,
+                          half, BWD=BWD, BLOCK_H=BLOCK_HQ)
         if DO_K:
-            _rotate_heads(K, KO, k_row, ko_row, k_sh, ko_sh, n_k_heads, c1, c2, s1, s2, cols, cmask, half,
-                          BWD=BWD, BLOCK_H=BLOCK_H)
+            _rotate_heads(K, KO, k_rows, ko_rows, k_sh, ko_sh, n_k_heads, c1, c2, s1, s2, smask, cols, cmask,
+                          half, BWD=BWD, BLOCK_H=BLOCK_HK)
     # Partial rotary: columns [R, D) pass through unchanged (the gradient too).
-    for start in range(2 * half, head_dim, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    for start in range(2 * half, head_dim, BLOCK_P):
+        cols = start + tl.arange(0, BLOCK_P)
         cmask = cols < head_dim
         if DO_Q:
-            _copy_heads(Q, QO, q_row, qo_row, q_sh, qo_sh, n_q_heads, cols, cmask, BLOCK_H=BLOCK_H)
+            _copy_heads(Q, QO, q_rows, qo_rows, q_sh, qo_sh, n_q_heads, smask, cols, cmask, BLOCK_H=BLOCK_HQ)
         if DO_K:
-            _copy_heads(K, KO, k_row, ko_row, k_sh, ko_sh, n_k_heads, cols, cmask, BLOCK_H=BLOCK_H)
+            _copy_heads(K, KO, k_rows, ko_rows, k_sh, ko_sh, n_k_heads, smask, cols, cmask, BLOCK_H=BLOCK_HK)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -120,29 +131,34 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _blocks(half: int, head_dim: int, n_heads: int) -> tuple[int, int]:
+def _blocks(seq: int, half: int, head_dim: int, n_q: int, n_k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_S, BLOCK_HQ, BLOCK_HK, BLOCK, BLOCK_P): [positions, heads, columns] tiles of at most
+    _TILE elements; BLOCK spans the rotary half R/2, BLOCK_P the pass-through dims D - R."""
     forced = C.forced()
-    block = C.block_for(max(half, head_dim - 2 * half, 1), cap=128, forced=forced)
     if forced is not None:
-        # Forced small tiles: a block of 2 heads so the head loop and its mask run too.
-        return block, 2
-    return block, min(C.next_pow2(n_heads), max(1, _TILE // block))
+        # Forced small tiles: 4 positions x 2 heads, so every loop and mask runs.
+        return 4, 2, 2, int(forced), int(forced)
+    block = C.block_for(half, cap=128)
+    block_p = C.block_for(head_dim - 2 * half, cap=128)
+    block_s = min(C.next_pow2(seq), _SEQ_BLOCK)
+    block_hq = min(C.next_pow2(n_q), max(1, _TILE // (block_s * block)))
+    block_hk = min(C.next_pow2(n_k), max(1, _TILE // (block_s * block)))
+    return block_s, block_hq, block_hk, block, block_p
 
 
 def _launch(x_q, x_k, y_q, y_k, cos, sin, pos, half, bwd):
-    """One launch over the (b, s) rows; ``x_*``/``y_*`` are [B, H, S, D] (None: skip that tensor)."""
+    """One launch over all (b, s) rows; ``x_*``/``y_*`` are [B, H, S, D] (None: skip that tensor)."""
     ref = x_q if x_q is not None else x_k
     n_b, _, seq, head_dim = ref.shape
-    n_rows = n_b * seq
-    if n_rows == 0:
+    if n_b * seq == 0:
         return
     n_q = x_q.shape[1] if x_q is not None else 0
     n_k = x_k.shape[1] if x_k is not None else 0
-    block, block_h = _blocks(half, head_dim, max(n_q, n_k, 1))
-    zeros = (0, 0, 0)
+    block_s, block_hq, block_hk, block, block_p = _blocks(seq, half, head_dim, n_q, n_k)
+    n_seq_blocks = triton.cdiv(seq, block_s)
 
     def strides(t):
-        return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else zeros
+        return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
 
     if pos is not None:
         c_str = (0, cos.stride(0))
@@ -152,15 +168,16 @@ def _launch(x_q, x_k, y_q, y_k, cos, sin, pos, half, bwd):
         c_str = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1))
         s_str = (sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1))
         p_str = (0, 0)
-    _rope_kernel[(n_rows,)](
+    _rope_kernel[(n_b * n_seq_blocks,)](
         x_q if x_q is not None else x_k, x_k if x_k is not None else x_q, cos, sin,
         pos if pos is not None else cos,
         y_q if y_q is not None else y_k, y_k if y_k is not None else y_q,
         *strides(x_q), *strides(x_k), *strides(y_q), *strides(y_k),
         *c_str, *s_str, *p_str,
-        seq, n_q, n_k, half, head_dim,
+        seq, n_seq_blocks, n_q, n_k, half, head_dim,
         HAS_POS=pos is not None, DO_Q=x_q is not None, DO_K=x_k is not None, BWD=bwd,
-        BLOCK_H=block_h, BLOCK=block)
+        BLOCK_S=block_s, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK=block, BLOCK_P=block_p,
+        num_warps=8 if block_s * max(block_hq, block_hk) * block >= 4096 else 4)
 
 
 class _RoPE(torch.autograd.Function):

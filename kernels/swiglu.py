@@ -1,6 +1,7 @@
 """SwiGLU: y = silu(gate) * up, elementwise (any shape, gate and up alike).
 
-Backward (as ATen's silu_backward after the product rule):
+Backward (as ATen's silu_backward after the product rule, in its order of fp32
+operations, so that the kernel's roundings track PyTorch's):
   d_gate = (dy * up) * sig(g) * (1 + g * (1 - sig(g)))
   d_up   = dy * silu(g)
 Either input may not require grad; only the gradients asked for are computed.
@@ -28,17 +29,6 @@ BLOCK_CAP = 1024
 
 # --------------------------------------------------------------------------- Triton
 @triton.jit
-def _sigmoid_pair(x):
-    """(sigmoid(x), 1 - sigmoid(x)) in fp32 with neither overflow nor cancellation:
-    e = exp(-|x|) lies in (0, 1], and each half is formed directly, not as 1 - the other."""
-    e = tl.exp(-tl.abs(x))
-    big = 1.0 / (1.0 + e)      # sigmoid(|x|)
-    small = e * big            # sigmoid(-|x|)
-    pos = x >= 0
-    return tl.where(pos, big, small), tl.where(pos, small, big)
-
-
-@triton.jit
 def _swiglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
                 CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -53,8 +43,8 @@ def _swiglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
         u_off = row * u_stride + col
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
-    sig, _ = _sigmoid_pair(g)
-    tl.store(Y + idx, (g * sig * u).to(Y.dtype.element_ty), mask=mask)
+    # ATen's order: silu = g / (1 + exp(-g)); exp overflowing to inf gives -0, not NaN.
+    tl.store(Y + idx, (g / (1.0 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -75,13 +65,14 @@ def _swiglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_eleme
         u_off = row * u_stride + col
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
-    sig, one_minus_sig = _sigmoid_pair(g)
+    # ATen's silu_backward order, so that the fp32 roundings match PyTorch's.
+    sig = 1.0 / (1.0 + tl.exp(-g))
     if COMPUTE_DG:
         u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
-        d_silu = sig * (1.0 + g * one_minus_sig)
-        tl.store(DG + idx, ((dy * u) * d_silu).to(DG.dtype.element_ty), mask=mask)
+        d_silu = 1.0 + g * (1.0 - sig)
+        tl.store(DG + idx, ((dy * u) * sig * d_silu).to(DG.dtype.element_ty), mask=mask)
     if COMPUTE_DU:
-        tl.store(DU + idx, (dy * (g * sig)).to(DU.dtype.element_ty), mask=mask)
+        tl.store(DU + idx, (dy * (g / (1.0 + tl.exp(-g)))).to(DU.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers

@@ -1,0 +1,230 @@
+"""GeGLU: y = gelu(gate, approximate) * up, elementwise (any shape, gate and up alike).
+
+``approximate="none"`` is the exact, erf-based GELU x * Phi(x); ``"tanh"`` is
+PyTorch's tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+Backward (as ATen's gelu_backward after the product rule):
+  d_gate = (dy * up) * gelu'(g),  d_up = dy * gelu(g)
+with gelu'(x) = Phi(x) + x phi(x) (exact) or the derivative of the tanh form.
+
+The tanh form is evaluated through 1 + tanh(z) = 2 sigmoid(2z) and
+1 - tanh(z)^2 = 4 sigmoid(2z) sigmoid(-2z), with a cancellation-free sigmoid
+pair: no 1 - t or 1 + t cancels for large |z| (``_common.tanh``, 1 - 2/(e^2z + 1),
+measured up to 3.9x PyTorch's fp32 error in d_gate and 1.15x in y here). Where
+tanh(z) is -1 even in fp64 (z < -19) PyTorch's result is exactly 0; we flush to 0
+from z < -15 (true value below 1e-13 |x|), else a one-element tensor there fails.
+The exact form follows ATen's formulas and order of operations.
+Exact GELU uses ``tl.math.erf`` (libdevice's erff on the GPU; the interpreter
+evaluates it with math.erf).
+
+Layout as in ``swiglu``: [rows, last_dim] views with a unit last stride, a 1-D
+grid of element blocks, (row, col) addressing only for non-contiguous inputs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from hypothesis import strategies as st
+
+from . import _common as C
+from . import _strategies as S
+from ._harness import maybe_strided, randn
+from ._registry import Inputs, KernelSpec, Limits
+from .swiglu import _block, _contiguous, _rows, _shape
+
+APPROXIMATE_MODES = ("none", "tanh")
+
+SQRT1_2 = tl.constexpr(0.7071067811865476)         # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)    # 1 / sqrt(2 pi)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+KAPPA = tl.constexpr(0.044715)
+#: Below this z, tanh(z) is -1 exactly even in fp64 (1 + tanh z < 2^-53 from z < -19.06) and in
+#: fp32 (from z < -9.1): PyTorch's tanh GELU and its derivative are exactly 0 there, so ours are too.
+TANH_FLUSH_Z = tl.constexpr(-15.0)
+
+
+# --------------------------------------------------------------------------- Triton
+@triton.jit
+def _sigmoid_pair(x):
+    """(sigmoid(x), 1 - sigmoid(x)) in fp32 with neither overflow nor cancellation:
+    e = exp(-|x|) lies in (0, 1], and each half is formed directly, not as 1 - the other."""
+    e = tl.exp(-tl.abs(x))
+    big = 1.0 / (1.0 + e)      # sigmoid(|x|)
+    small = e * big            # sigmoid(-|x|)
+    pos = x >= 0
+    return tl.where(pos, big, small), tl.where(pos, small, big)
+
+
+@triton.jit
+def _gelu(x, TANH: tl.constexpr):
+    if TANH:
+        z = SQRT_2_OVER_PI * (x + KAPPA * (x * x * x))
+        s, _ = _sigmoid_pair(2.0 * z)
+        s = tl.where(z < TANH_FLUSH_Z, 0.0, s)
+        y = x * s  # 0.5 x (1 + tanh z)
+    else:
+        y = x * 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
+    return y
+
+
+@triton.jit
+def _gelu_grad(x, TANH: tl.constexpr):
+    if TANH:
+        x_sq = x * x
+        z = SQRT_2_OVER_PI * (x + KAPPA * (x_sq * x))
+        s, s_neg = _sigmoid_pair(2.0 * z)
+        s = tl.where(z < TANH_FLUSH_Z, 0.0, s)
+        dz = SQRT_2_OVER_PI * (1.0 + 3.0 * KAPPA * x_sq)
+        # 0.5 (1 + tanh z) + 0.5 x (1 - tanh^2 z) dz/dx
+        d = s + 2.0 * x * s * s_neg * dz
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
+        pdf = INV_SQRT_2PI * tl.exp(-0.5 * (x * x))
+        d = cdf + x * pdf
+    return d
+
+
+@triton.jit
+def _geglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
+               TANH: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elements
+    if CONTIG:
+        g_off = idx
+        u_off = idx
+    else:
+        row = idx // n_cols
+        col = idx - row * n_cols
+        g_off = row * g_stride + col
+        u_off = row * u_stride + col
+    g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + idx, (_gelu(g, TANH) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _geglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_elements,
+               TANH: tl.constexpr, COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr,
+               CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elements
+    if CONTIG:
+        dy_off = idx
+        g_off = idx
+        u_off = idx
+    else:
+        row = idx // n_cols
+        col = idx - row * n_cols
+        dy_off = row * dy_stride + col
+        g_off = row * g_stride + col
+        u_off = row * u_stride + col
+    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
+    if COMPUTE_DG:
+        u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DG + idx, ((dy * u) * _gelu_grad(g, TANH)).to(DG.dtype.element_ty), mask=mask)
+    if COMPUTE_DU:
+        tl.store(DU + idx, (dy * _gelu(g, TANH)).to(DU.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+class _GeGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, approximate):
+        shape = gate.shape
+        g2, u2 = _rows("geglu", "gate", gate), _rows("geglu", "up", up)
+        n_rows, n_cols = g2.shape
+        n = n_rows * n_cols
+        tanh = approximate == "tanh"
+        y = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+        if n:
+            block = _block(n)
+            _geglu_fwd[(triton.cdiv(n, block),)](
+                g2, u2, y, g2.stride(0), u2.stride(0), n_cols, n,
+                TANH=tanh, CONTIG=_contiguous(n_cols, g2, u2), BLOCK=block)
+        ctx.save_for_backward(g2, u2 if ctx.needs_input_grad[0] else None)
+        ctx.meta = (shape, tanh)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2 = ctx.saved_tensors
+        shape, tanh = ctx.meta
+        need_dg, need_du = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_rows, n_cols = g2.shape
+        n = n_rows * n_cols
+        dy2 = _rows("geglu", "dy", dy)
+        dg = C.empty((n_rows, n_cols), g2.dtype, g2.device) if need_dg else None
+        du = C.empty((n_rows, n_cols), g2.dtype, g2.device) if need_du else None
+        if n and (need_dg or need_du):
+            block = _block(n)
+            u_arg = u2 if need_dg else g2
+            _geglu_bwd[(triton.cdiv(n, block),)](
+                dy2, g2, u_arg, dg if need_dg else dy2, du if need_du else dy2,
+                dy2.stride(0), g2.stride(0), u_arg.stride(0), n_cols, n,
+                TANH=tanh, COMPUTE_DG=need_dg, COMPUTE_DU=need_du,
+                CONTIG=_contiguous(n_cols, dy2, g2, u_arg), BLOCK=block)
+        return (dg.view(shape) if need_dg else None), (du.view(shape) if need_du else None), None
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``gelu(gate, approximate) * up`` elementwise; ``gate`` and ``up`` share shape,
+    dtype and device. ``approximate`` is ``"none"`` (exact, erf) or ``"tanh"``,
+    as in ``torch.nn.functional.gelu``. Computed in fp32, rounded once."""
+    op = "geglu"
+    C.check_float(op, "gate", gate)
+    C.check_float(op, "up", up)
+    C.check_same_dtype(op, gate=gate, up=up)
+    C.check_device(op, gate, up)
+    C.check_shape(op, "up", up, tuple(gate.shape))
+    if approximate not in APPROXIMATE_MODES:
+        raise C.KernelInputError(f"{op}: approximate must be one of {APPROXIMATE_MODES}, got {approximate!r}.")
+    return _GeGLU.apply(gate, up, approximate)
+
+
+# --------------------------------------------------------------------------- reference
+def geglu_reference(gate, up, approximate="none", compute_dtype=torch.float32):
+    """``F.gelu(gate, approximate) * up`` computed in ``compute_dtype`` (fp32; fp64 for the exact pass)."""
+    h = torch.nn.functional.gelu(gate.to(compute_dtype), approximate=approximate)
+    return (h * up.to(compute_dtype)).to(gate.dtype)
+
+
+# --------------------------------------------------------------------------- registry
+@st.composite
+def _params(draw, limits: Limits) -> dict:
+    block = draw(S.block(limits))
+    return {
+        "shape": draw(_shape(limits, block)),
+        "approximate": draw(st.sampled_from(APPROXIMATE_MODES)),
+        "gate_scale": draw(S.scale()),
+        "up_scale": draw(S.scale()),
+        "strided_gate": draw(st.booleans()),
+        "strided_up": draw(st.booleans()),
+        "grad_gate": draw(st.sampled_from([True, True, False])),
+        "grad_up": draw(st.sampled_from([True, True, False])),
+        "_block": block,
+    }
+
+
+def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
+    shape = tuple(p["shape"])
+    gate = randn(shape, dtype, device, gen, p["gate_scale"])
+    up = randn(shape, dtype, device, gen, p["up_scale"])
+    grads = tuple(n for n, on in (("gate", p["grad_gate"]), ("up", p["grad_up"])) if on)
+    return Inputs({"gate": maybe_strided(gate, p["strided_gate"], gen),
+                   "up": maybe_strided(up, p["strided_up"], gen)},
+                  {"approximate": p["approximate"]}, grads)
+
+
+SPEC = KernelSpec(
+    name="geglu",
+    fn=geglu,
+    reference=geglu_reference,
+    params=_params,
+    make_inputs=_make_inputs,
+    outputs=("y",),
+    grads=("gate", "up"),
+    options=("approximate: none|tanh",),
+    summary="GeGLU gelu(gate) * up (exact erf or tanh GELU), elementwise over any shape.",
+)

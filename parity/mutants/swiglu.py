@@ -1,0 +1,13 @@
+from . import Mutant
+
+MUTANTS = [
+    Mutant("swiglu", "sigmoid_derivative_dropped", "d_gate uses sig(g) alone, dropping the (1 + g(1 - sig)) term",
+           old="d_silu = 1.0 + g * (1.0 - sig)", new="d_silu = 1.0"),
+    Mutant("swiglu", "d_up_uses_gate", "d_up multiplies dy by gate instead of silu(gate)",
+           old="tl.store(DU + idx, (dy * (g / (1.0 + tl.exp(-g)))).to(DU.dtype.element_ty), mask=mask)",
+           new="tl.store(DU + idx, (dy * g).to(DU.dtype.element_ty), mask=mask)"),
+    Mutant("swiglu", "up_row_stride_from_gate", "up addressed with gate's row stride (non-contiguous inputs)",
+           old="u_off = row * u_stride + col", new="u_off = row * g_stride + col", count=2),
+    Mutant("swiglu", "backward_sigmoid_sign_flipped", "the backward's sigmoid computed as 1 / (1 + exp(g))",
+           old="sig = 1.0 / (1.0 + tl.exp(-g))", new="sig = 1.0 / (1.0 + tl.exp(g))"),
+]
