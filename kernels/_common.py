@@ -1,5 +1,9 @@
 """Shared plumbing for the Triton kernels: input validation, output allocation
-(with optional poisoning for the parity suite), and interpreter-safe helpers.
+(with optional poisoning for the parity suite) and block sizes.
+
+Math helpers live next to the kernels that need them: an accurate tanh/sech^2
+(cross_entropy.py) and sigmoid pair (geglu.py). libdevice is unavailable in the
+interpreter, so they are written with tl.exp.
 
 Nothing here launches a kernel; every kernel file imports what it needs from here.
 """
@@ -10,7 +14,6 @@ from contextlib import contextmanager
 
 import torch
 import triton
-import triton.language as tl
 
 #: True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
 #: Must be read from the environment at import time: triton reads it then too.
@@ -139,18 +142,3 @@ def forced_block(block: int | None):
 
 def forced() -> int | None:
     return _FORCED_BLOCK
-
-
-# ---------------------------------------------------------------------------
-# Interpreter-safe math. libdevice is unavailable in the interpreter, so the
-# transcendental helpers are written with tl.exp only (exact in fp32 to a few ulp).
-# ---------------------------------------------------------------------------
-@triton.jit
-def tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1); saturates correctly at +-inf without NaN.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))

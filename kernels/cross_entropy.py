@@ -43,7 +43,7 @@ MAX_BLOCK = 8192
 @triton.jit
 def _tanh_sech2(y):
     """tanh(y) and 1 - tanh(y)^2, each within ~2 ulp of fp32 over the whole range
-    (the _common.tanh formula alone loses all relative accuracy near 0, and
+    (the naive 1 - 2/(exp(2y) + 1) loses all relative accuracy near 0, and
     1 - t*t loses it where tanh saturates). Odd Taylor series below |y| = 0.75,
     1 - 2 / (exp(2|y|) + 1) above; 1 - t^2 = (1 - |t|)(1 + |t|)."""
     a = tl.abs(y)
@@ -139,14 +139,13 @@ def _ce_bwd(X, T, STATS, G, GZ, DX, x_stride, dx_stride, g_stride, gz_stride, n_
         m = tl.load(STATS + 2 * row)
         logs = tl.load(STATS + 2 * row + 1)
         g = tl.load(G + row * g_stride)          # upstream of the loss (already / n_valid for mean)
-        a = g                                    # coefficient of softmax_j
         if ZLOSS:
-            zg = g
+            zg = g                               # the z-loss term is part of the loss ...
             if HAS_GZ:
-                zg += tl.load(GZ + row * gz_stride)  # upstream of the z-loss output
-            a = g + 2.0 * z_coef * (m + logs) * zg
-        off = g * eps / n_cols                   # label smoothing: every class gets eps / V
-        on = g * (1.0 - eps)                     # the target gets (1 - eps) on top
+                zg += tl.load(GZ + row * gz_stride)  # ... and its own output's upstream adds
+            zc = 2.0 * z_coef * (m + logs) * zg      # d(z_coef * lse^2)/dz_j = zc * softmax_j
+        eps_v = eps / n_cols                     # label smoothing: every class has weight eps / V,
+        on = 1.0 - eps                           # the target (1 - eps) on top
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
@@ -157,7 +156,10 @@ def _ce_bwd(X, T, STATS, G, GZ, DX, x_stride, dx_stride, g_stride, gz_stride, n_
             else:
                 z = x
             p = tl.exp((z - m) - logs)
-            dz = a * p - off - tl.where(cols == t, on, 0.0)
+            # g * (p - weights): the weights sum to 1, so with V = 1 (p = 1) this is exactly 0.
+            dz = g * ((p - eps_v) - tl.where(cols == t, on, 0.0))
+            if ZLOSS:
+                dz += zc * p
             if SOFTCAP:
                 dz = dz * sech2
             tl.store(dx_row + cols, dz.to(DX.dtype.element_ty), mask=mask)
@@ -313,22 +315,29 @@ def cross_entropy_reference(logits, target, ignore_index=-100, label_smoothing=0
 @st.composite
 def _params(draw, limits: Limits) -> dict:
     vocab = draw(S.dim(1, limits.max_vocab))
-    block = draw(S.block(limits))
+    # Forced small blocks (the looped online-softmax path) drawn more often than S.block alone does:
+    # the looped path is where the online rescale lives.
+    block = draw(st.one_of(st.sampled_from(limits.forced_blocks), S.block(limits)))
     rows_cap = max(1, min(limits.max_rows, limits.max_elements // vocab))
+    if block is not None and C.INTERPRET:
+        # The interpreter's cost is programs x vocab blocks: keep the looped cases short.
+        rows_cap = max(1, min(rows_cap, 64 // -(-vocab // block)))
     rows = draw(S.dim(1, rows_cap))
     ignore_index = draw(st.sampled_from([-100, -100, 0, vocab - 1, -1]))
+    # Hypothesis favours the first entry of a sampled_from: the lists lead with the value
+    # that exercises the most code (smoothing on, softcap on, some rows ignored, ...).
     return {
         "rows": rows, "vocab": vocab,
         "ignore_index": ignore_index,
         # Fraction of rows masked with ignore_index: none, some, all.
-        "ignored": draw(st.sampled_from([0.0, 0.3, 0.3, 0.7, 1.0])),
-        "label_smoothing": draw(st.sampled_from([0.0, 0.0, 0.1, 0.25])),
-        "softcap": draw(st.sampled_from([None, None, 30.0, 5.0])),
-        "reduction": draw(st.sampled_from(REDUCTIONS)),
-        "z_loss": draw(st.sampled_from([0.0, 0.0, 1e-4, 0.1])),
-        "return_z_loss": draw(st.booleans()),
+        "ignored": draw(st.sampled_from([0.3, 0.0, 0.7, 1.0, 0.5])),
+        "label_smoothing": draw(st.sampled_from([0.1, 0.0, 0.25, 0.0])),
+        "softcap": draw(st.sampled_from([30.0, None, 5.0])),
+        "reduction": draw(st.sampled_from(["mean", "mean", "sum", "none"])),
+        "z_loss": draw(st.sampled_from([0.1, 0.0, 1e-4, 0.1])),
+        "return_z_loss": draw(st.sampled_from([True, False])),
         "scale": draw(S.scale()),
-        "strided": draw(st.booleans()),
+        "strided": draw(st.sampled_from([True, False])),
         "grad": draw(st.sampled_from([True, True, True, False])),
         "_block": block,
     }

@@ -205,9 +205,18 @@ def rms_norm_reference(x, weight, eps=1e-6, offset=0.0, casting="llama", compute
 # --------------------------------------------------------------------------- registry
 @st.composite
 def _params(draw, limits: Limits) -> dict:
-    hidden = draw(S.dim(1, limits.max_hidden))
+    block = draw(S.block(limits))
     batch = draw(st.sampled_from([1, 1, 2, 3]))
-    rows = draw(S.dim(1, max(1, min(limits.max_rows, limits.max_elements // (hidden * batch)))))
+    if block is None:
+        hidden = draw(S.dim(1, limits.max_hidden))
+        rows_cap = limits.max_elements // (hidden * batch)
+    else:
+        # A forced block is drawn to run the looped path: the row spans 2..8 blocks
+        # (a partial last block included); rows x blocks stays within budget, since
+        # the interpreter's cost is programs x loop iterations.
+        hidden = draw(S.dim(block + 1, min(limits.max_hidden, 8 * block)))
+        rows_cap = (limits.max_elements // 64) // (batch * triton.cdiv(hidden, block))
+    rows = draw(S.dim(1, max(1, min(limits.max_rows, rows_cap))))
     return {
         "batch": batch, "rows": rows, "hidden": hidden,
         "eps": draw(st.sampled_from([1e-6, 1e-5, 1e-2])),
@@ -217,7 +226,7 @@ def _params(draw, limits: Limits) -> dict:
         "strided": draw(st.booleans()),
         "grad_x": draw(st.sampled_from([True, True, False])),
         "grad_w": draw(st.sampled_from([True, True, False])),
-        "_block": draw(S.block(limits)),
+        "_block": block,
     }
 
 
