@@ -68,8 +68,15 @@ def _tanh_sech2(y):
     return t, one_minus * (1.0 + t_abs)
 
 
+# Both kernels launch with enable_fp_fusion=False: the backward recomputes z = c*tanh(x/c)
+# and subtracts the forward's max m; with FMA contraction, fma(c, th, -m) keeps the
+# product's rounding error, so z - m != 0 where the forward had z == m exactly and a
+# V = 1 row got a non-zero gradient on an H100. Without fusion both kernels round z alike.
+# 1/V comes from the host (inv_v) instead of an in-kernel division: Triton's fp32 `/`
+# on the GPU is approximate (2 ulp), and eps/V must equal eps exactly when V = 1 so
+# that the weights (p - eps/V) - (1 - eps) cancel to the exact 0 gradient (H100).
 @triton.jit
-def _ce_fwd(X, T, LOSS, ZROW, STATS, x_stride, n_cols, ignore_index, eps, softcap, z_coef,
+def _ce_fwd(X, T, LOSS, ZROW, STATS, x_stride, n_cols, inv_v, ignore_index, eps, softcap, z_coef,
             SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, WRITE_Z: tl.constexpr,
             BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -107,7 +114,7 @@ def _ce_fwd(X, T, LOSS, ZROW, STATS, x_stride, n_cols, ignore_index, eps, softca
         # (m - z_t) + log s, as PyTorch's log_softmax rounds it: no fp32 rounding of lse itself.
         loss = (m - z_t) + logs
         if SMOOTH:
-            loss = (1.0 - eps) * loss + eps * ((m - sum_z / n_cols) + logs)
+            loss = (1.0 - eps) * loss + eps * ((m - sum_z * inv_v) + logs)
         if ZLOSS:
             lse = m + logs
             zt = z_coef * lse * lse
@@ -123,7 +130,7 @@ def _ce_fwd(X, T, LOSS, ZROW, STATS, x_stride, n_cols, ignore_index, eps, softca
 
 
 @triton.jit
-def _ce_bwd(X, T, STATS, G, GZ, DX, x_stride, dx_stride, g_stride, gz_stride, n_cols, ignore_index,
+def _ce_bwd(X, T, STATS, G, GZ, DX, x_stride, dx_stride, g_stride, gz_stride, n_cols, inv_v, ignore_index,
             eps, softcap, z_coef,
             SOFTCAP: tl.constexpr, ZLOSS: tl.constexpr, HAS_GZ: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -144,7 +151,7 @@ def _ce_bwd(X, T, STATS, G, GZ, DX, x_stride, dx_stride, g_stride, gz_stride, n_
             if HAS_GZ:
                 zg += tl.load(GZ + row * gz_stride)  # ... and its own output's upstream adds
             zc = 2.0 * z_coef * (m + logs) * zg      # d(z_coef * lse^2)/dz_j = zc * softmax_j
-        eps_v = eps / n_cols                     # label smoothing: every class has weight eps / V,
+        eps_v = eps * inv_v                      # label smoothing: every class has weight eps / V,
         on = 1.0 - eps                           # the target (1 - eps) on top
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -188,9 +195,9 @@ class _CrossEntropy(torch.autograd.Function):
         if n_rows:
             _ce_fwd[(n_rows,)](
                 logits, target, loss_rows, z_rows if return_z else loss_rows, stats,
-                logits.stride(0), n_cols, ignore_index, eps, softcap or 1.0, z_coef,
+                logits.stride(0), n_cols, 1.0 / n_cols, ignore_index, eps, softcap or 1.0, z_coef,
                 SOFTCAP=softcap is not None, SMOOTH=eps > 0.0, ZLOSS=z_coef > 0.0, WRITE_Z=return_z,
-                BLOCK=block, num_warps=_warps(block))
+                BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False)
         n_valid = (target != ignore_index).sum().clamp_(min=1).to(torch.float32)
         if reduction == "none":
             loss, z_out = loss_rows, z_rows
@@ -225,9 +232,9 @@ class _CrossEntropy(torch.autograd.Function):
         if n_rows:
             _ce_bwd[(n_rows,)](
                 logits, target, stats, g, gz, dx, logits.stride(0), dx.stride(0), g_stride, gz_stride,
-                n_cols, ignore_index, eps, softcap or 1.0, z_coef,
+                n_cols, 1.0 / n_cols, ignore_index, eps, softcap or 1.0, z_coef,
                 SOFTCAP=softcap is not None, ZLOSS=z_coef > 0.0, HAS_GZ=has_gz,
-                BLOCK=block, num_warps=_warps(block))
+                BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False)
         return dx, None, None, None, None, None, None, None
 
 

@@ -25,8 +25,11 @@ from ._registry import Inputs, KernelSpec, Limits
 
 
 # --------------------------------------------------------------------------- Triton
+# Means multiply by inv_n = 1/n computed on the host rather than dividing: Triton's
+# fp32 `/` on the GPU is an approximate (2 ulp) division, so sum(g)/1 need not equal g
+# and g - mean(g) would not cancel to the exact 0 of a one-column row (seen on an H100).
 @triton.jit
-def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, x_stride, y_stride, n_cols, eps,
+def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, x_stride, y_stride, n_cols, inv_n, eps,
                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * x_stride
@@ -35,9 +38,9 @@ def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, x_stride, y_stride, n_cols, eps,
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / n_cols
+        mean = tl.sum(x, axis=0) * inv_n
         xc = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / n_cols
+        var = tl.sum(xc * xc, axis=0) * inv_n
         rstd = 1.0 / tl.sqrt(var + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         y = xc * rstd * w
@@ -49,7 +52,7 @@ def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, x_stride, y_stride, n_cols, eps,
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             acc += tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / n_cols
+        mean = tl.sum(acc, axis=0) * inv_n
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -57,7 +60,7 @@ def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, x_stride, y_stride, n_cols, eps,
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             xc = tl.where(mask, x - mean, 0.0)
             acc += xc * xc
-        var = tl.sum(acc, axis=0) / n_cols
+        var = tl.sum(acc, axis=0) * inv_n
         rstd = 1.0 / tl.sqrt(var + eps)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -74,7 +77,7 @@ def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, x_stride, y_stride, n_cols, eps,
 
 @triton.jit
 def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, dy_stride, x_stride, dx_stride,
-                    n_rows, n_cols, rows_per_prog,
+                    n_rows, n_cols, inv_n, rows_per_prog,
                     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
                     BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -97,8 +100,8 @@ def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, dy_stride, x_str
             x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
             if COMPUTE_DX:
                 g = w * dy
-                c1 = tl.sum(g, axis=0) / n_cols
-                c2 = tl.sum(x_hat * g, axis=0) / n_cols
+                c1 = tl.sum(g, axis=0) * inv_n
+                c2 = tl.sum(x_hat * g, axis=0) * inv_n
                 dx = (g - c1 - x_hat * c2) * rstd
                 tl.store(DX + r64 * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
@@ -126,8 +129,8 @@ def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, dy_stride, x_str
                     g = w * dy
                     c1_acc += g
                     c2_acc += tl.where(mask, (x - mean) * rstd, 0.0) * g
-            c1 = tl.sum(c1_acc, axis=0) / n_cols
-            c2 = tl.sum(c2_acc, axis=0) / n_cols
+            c1 = tl.sum(c1_acc, axis=0) * inv_n
+            c2 = tl.sum(c2_acc, axis=0) * inv_n
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
@@ -172,7 +175,7 @@ class _LayerNorm(torch.autograd.Function):
         block = C.block_for(n_cols, forced=C.forced())
         if n_rows:
             _layer_norm_fwd[(n_rows,)](x2, weight, bias if bias is not None else weight, y, mean, rstd,
-                                       x2.stride(0), y.stride(0), n_cols, eps,
+                                       x2.stride(0), y.stride(0), n_cols, 1.0 / n_cols, eps,
                                        HAS_BIAS=bias is not None, BLOCK=block, ONE_BLOCK=block >= n_cols,
                                        num_warps=_warps(block))
         ctx.save_for_backward(x2, weight, mean, rstd)
@@ -199,7 +202,7 @@ class _LayerNorm(torch.autograd.Function):
                 dy2, x2, weight, mean, rstd, dx if need_dx else dy2,
                 dw_part if need_dw else rstd, db_part if need_db else rstd,
                 dy2.stride(0), x2.stride(0), dx.stride(0) if need_dx else 0,
-                n_rows, n_cols, rows_per,
+                n_rows, n_cols, 1.0 / n_cols, rows_per,
                 COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
                 BLOCK=block, ONE_BLOCK=block >= n_cols, num_warps=_warps(block))
         dw = db = None

@@ -280,15 +280,16 @@ def _params(draw, limits: Limits) -> dict:
     rot = draw(S.even_dim(2, head_dim)) if partial else head_dim
     n_k = draw(S.dim(1, limits.max_heads))
     group = draw(st.sampled_from([d for d in range(1, limits.max_heads // n_k + 1)]))
-    batch = draw(S.dim(1, limits.max_batch))
-    form = draw(st.sampled_from(["gathered", "table", "table"]))
+    batch = draw(st.sampled_from([2, limits.max_batch, 1, 3]).filter(lambda b: b <= limits.max_batch))
+    # Exposing values first: hypothesis draws the first entry of a sampled_from most often.
+    form = draw(st.sampled_from(["gathered", "table"]))
     return {
         "batch": batch, "seq": draw(S.dim(1, limits.max_seq)),
         "heads_k": n_k, "heads_q": n_k * group, "head_dim": head_dim, "rot": rot,
         "form": form,
         # gathered form: cos/sin batch 1 (shared positions) or B (per-row positions).
-        "cos_batch": draw(st.sampled_from([1, batch])) if form == "gathered" else None,
-        "positions": draw(st.sampled_from(["arange", "offsets", "random", "random"])),
+        "cos_batch": draw(st.sampled_from([batch, 1])) if form == "gathered" else None,
+        "positions": draw(st.sampled_from(["random", "offsets", "random", "arange"])),
         "max_pos": draw(st.sampled_from([None, 64, 4096])),
         # rope: HF's cos/sin tables (cat(freqs, freqs)); scaled: times an attention
         # scaling (YaRN-like, |cos| > 1); random: unrelated halves (c1 != c2).
