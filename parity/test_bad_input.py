@@ -76,3 +76,30 @@ def test_cpu_tensor_without_the_interpreter_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("ok ") == len(SPECS)
+
+
+# Mismatched shapes, one realistic mistake per kernel, each a KernelInputError that names the tensor.
+def _f(*shape):
+    return torch.randn(*shape)
+
+
+SHAPE_MISTAKES = {
+    "rms_norm": (lambda: dict(x=_f(2, 8), weight=_f(7)), "weight"),
+    "layer_norm": (lambda: dict(x=_f(2, 8), weight=_f(8), bias=_f(9)), "bias"),
+    "swiglu": (lambda: dict(gate=_f(2, 8), up=_f(2, 7)), "up"),
+    "geglu": (lambda: dict(gate=_f(2, 8), up=_f(8, 2)), "up"),
+    "cross_entropy": (lambda: dict(logits=_f(4, 10), target=torch.zeros(3, dtype=torch.long)), "target"),
+    "rope": (lambda: dict(q=_f(1, 2, 5, 8), k=_f(1, 1, 4, 8), cos=_f(1, 5, 8), sin=_f(1, 5, 8)), "k"),
+}
+
+
+def test_every_kernel_has_a_shape_mistake_case():
+    assert set(SHAPE_MISTAKES) == set(registry())
+
+
+@pytest.mark.parametrize("name", sorted(SHAPE_MISTAKES))
+def test_mismatched_shapes_are_a_clear_error(name):
+    make, culprit = SHAPE_MISTAKES[name]
+    with pytest.raises(KernelInputError, match=culprit) as info:
+        registry()[name].fn(**make())
+    assert "\n" not in str(info.value)

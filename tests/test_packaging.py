@@ -38,3 +38,17 @@ def test_import_works_from_any_directory(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) >= 6
+
+
+def test_the_wheel_maps_the_folders_into_one_namespace(tmp_path):
+    # What `pip install .` (non-editable) installs: workbench/ and workbench/kernels/, nothing top-level besides.
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("parity_workbench-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "workbench/kernels/rms_norm.py" in names and "workbench/cli.py" in names
+    tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert tops == {"workbench"}, tops
