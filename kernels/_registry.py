@@ -77,6 +77,9 @@ class KernelSpec:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     options: tuple[str, ...] = ()
     summary: str = ""
+    #: False for kernels with no differentiable input (NF4 dequantization of frozen
+    #: weights); every other kernel must compare at least one gradient.
+    differentiable: bool = True
 
     def describe(self) -> dict[str, Any]:
         return {
