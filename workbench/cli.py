@@ -106,10 +106,47 @@ def cmd_parity(args: argparse.Namespace) -> int:
                 last = line.strip().strip("= ")
         code = proc.wait()
         md, js = parity_report.write(Path(args.report), parity_report.load_stats(stats),
-                                     shlex.join(["workbench", *sys.argv[1:]]),
+                                     args.command_line,
                                      time.perf_counter() - start, code, last)
     print(f"parity report: {md} and {js}")
     return code
+
+
+# --------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    _ensure_interpreter_if_no_gpu()
+    import torch
+
+    from workbench import atomic
+    from workbench.bench import kernels as kbench
+    from workbench.envinfo import _version, environment
+    from workbench.kernels import registry
+    from workbench.kernels._harness import DTYPES
+
+    if args.suite != "kernels":
+        raise UserError(f"unknown suite {args.suite!r}; available: kernels.")
+    if args.shape not in kbench.SHAPES:
+        raise UserError(f"unknown shape set {args.shape!r}; use one of {', '.join(kbench.SHAPES)}.")
+    if args.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {args.dtype!r}; use one of {', '.join(DTYPES)}.")
+    only = [k for k in (args.only or "").split(",") if k]
+    unknown = sorted(set(only) - set(registry()))
+    if unknown:
+        raise UserError(f"unknown kernel(s) {', '.join(unknown)}; see `workbench kernels`.")
+    if not torch.cuda.is_available() and args.shape != "tiny":
+        raise UserError("kernel benchmarks need a CUDA device; on the CPU only `--shape tiny` runs (a smoke test).")
+    result = kbench.run(args.shape, DTYPES[args.dtype], only or None, compile_reference=not args.no_compile)
+    env = environment()
+    env["liger_kernel"] = _version("liger-kernel")
+    command = args.command_line
+    doc = {"suite": "kernels", "environment": env, "command": command, **result}
+    stem = f"{env['date']}-{env['device_slug']}"
+    out = Path(args.report)
+    atomic.write_json(out / f"{stem}.json", doc)
+    atomic.write_text(out / f"{stem}.md", kbench.markdown(result, env, command))
+    print(kbench.markdown(result, env, command))
+    print(f"kernel report: {out / (stem + '.md')} and {out / (stem + '.json')}")
+    return 0
 
 
 # --------------------------------------------------------------------------- main
@@ -132,12 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", help="write <date>-<device>.md/.json with timings and examples to DIR")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="further arguments for pytest, after --")
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("bench", help="micro-benchmark the kernels against PyTorch, torch.compile and Liger")
+    p.add_argument("--suite", default="kernels", help="benchmark suite (kernels)")
+    p.add_argument("--shape", default="llama3-8b", help="shape set: llama3-8b, llama3.2-1b, tiny (CPU smoke test)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--only", help="comma-separated kernel names")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stack")
+    p.add_argument("--report", default="reports/kernels", metavar="DIR", help="where <date>-<device>.md/.json go")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["workbench", *(sys.argv[1:] if argv is None else argv)])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,1 @@
+"""Benchmarks: kernel micro-benchmarks (and, later, end-to-end training)."""
