@@ -90,6 +90,8 @@ SHAPE_MISTAKES = {
     "geglu": (lambda: dict(gate=_f(2, 8), up=_f(8, 2)), "up"),
     "cross_entropy": (lambda: dict(logits=_f(4, 10), target=torch.zeros(3, dtype=torch.long)), "target"),
     "rope": (lambda: dict(q=_f(1, 2, 5, 8), k=_f(1, 1, 4, 8), cos=_f(1, 5, 8), sin=_f(1, 5, 8)), "k"),
+    "fused_linear_cross_entropy": (lambda: dict(hidden=_f(4, 8), weight=_f(10, 7),
+                                                target=torch.zeros(4, dtype=torch.long)), "weight"),
     "nf4_dequant": (lambda: dict(packed=torch.zeros(4, 1, dtype=torch.uint8), absmax=torch.ones(1), shape=(2, 5)),
                     "packed"),
 }
