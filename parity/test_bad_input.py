@@ -92,6 +92,11 @@ SHAPE_MISTAKES = {
     "rope": (lambda: dict(q=_f(1, 2, 5, 8), k=_f(1, 1, 4, 8), cos=_f(1, 5, 8), sin=_f(1, 5, 8)), "k"),
     "fused_linear_cross_entropy": (lambda: dict(hidden=_f(4, 8), weight=_f(10, 7),
                                                 target=torch.zeros(4, dtype=torch.long)), "weight"),
+    "lora_o": (lambda: dict(x=_f(2, 8), W=_f(6, 8), A=_f(4, 8), B=_f(6, 3), scaling=2.0), "B"),
+    "lora_qkv": (lambda: dict(x=_f(2, 8), Wq=_f(8, 8), Aq=_f(2, 8), Bq=_f(8, 2), Wk=_f(4, 8), Ak=_f(2, 7),
+                              Bk=_f(4, 2), Wv=_f(4, 8), Av=_f(2, 8), Bv=_f(4, 2), scaling=2.0), "Ak"),
+    "lora_mlp": (lambda: dict(x=_f(2, 8), Wg=_f(6, 8), Ag=_f(2, 8), Bg=_f(6, 2), Wu=_f(6, 8), Au=_f(2, 8),
+                              Bu=_f(6, 2), Wd=_f(8, 5), Ad=_f(2, 6), Bd=_f(8, 2), scaling=2.0), "Wd"),
     "nf4_dequant": (lambda: dict(packed=torch.zeros(4, 1, dtype=torch.uint8), absmax=torch.ones(1), shape=(2, 5)),
                     "packed"),
 }

@@ -1,0 +1,241 @@
+"""Shared host code of the LoRA kernels (``lora_o``, ``lora_qkv``, ``lora_mlp``).
+
+Not a kernel module (the underscore keeps it out of the registry). It holds what
+the three kernels share and what no planted bug needs to reach: the frozen-weight
+protocol, input validation, the dropout-mask plumbing, the PEFT-equivalent
+reference of one LoRA linear, and the strategy / input builders.
+
+The LoRA math itself (the forward and backward building blocks of one LoRA
+linear, and the dropout Triton kernels) lives in ``lora_o.py``, the kernel of a
+single LoRA linear, and ``lora_qkv`` / ``lora_mlp`` import it from there (as
+``geglu`` imports from ``swiglu``). It is kept in a registered file on purpose:
+the mutation self-test patches only the registered kernel file, so math placed
+here could not be reached by a planted bug.
+
+Semantics (PEFT's ``LoraLayer`` on a frozen ``nn.Linear``)::
+
+    y = x W^T (+ b) + s * (dropout(x) A^T) B^T
+
+W [out, in] frozen, b [out] frozen (optional; Qwen2's q/k/v), A [r, in] and
+B [out, r] trainable, ``s = alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA):
+the kernels take ``scaling`` as a float and do not care which.
+
+Frozen weights: ``W`` is either a tensor (which must not require grad) or any
+object with a ``.dequantize() -> Tensor`` method (an NF4-quantised weight). A
+dequantised copy is made in the forward and again in the backward (only when dX
+is needed) and is dropped right after use: it is never kept alive in between.
+
+Dropout: ``dropout`` is p; PEFT's ``nn.Dropout`` keeps an element with
+probability 1 - p and scales kept ones by 1 / (1 - p). The mask is explicit: a
+bool ``keep`` tensor per LoRA linear (True = kept), passed in by the caller so
+that a kernel and its reference see the same mask; when it is not passed, the
+public functions draw it with ``torch.rand(..., generator=generator) >= p``.
+Each LoRA linear draws its own mask, as PEFT's separate dropout modules do.
+With ``dropout=0`` no mask exists and the LoRA branch reads x itself.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from . import _common as C
+from . import _strategies as S
+from ._harness import maybe_strided, randn
+from ._registry import Limits
+
+RANKS = (1, 2, 8, 16)
+ALPHAS = (1.0, 8.0, 16.0, 32.0)
+DROPOUTS = (0.0, 0.0, 0.0, 0.1, 0.5)
+
+
+# --------------------------------------------------------------------------- frozen weights
+def is_dense(W) -> bool:
+    return isinstance(W, torch.Tensor)
+
+
+def dense(op: str, name: str, W, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    """The frozen weight as a tensor: ``W`` itself, or a fresh ``W.dequantize()``
+    (the caller drops it after its matmul)."""
+    if isinstance(W, torch.Tensor):
+        return W
+    w = W.dequantize()
+    if not isinstance(w, torch.Tensor):
+        raise C.KernelInputError(f"{op}: {name}.dequantize() returned {type(w).__name__}, not a tensor.")
+    if w.dtype != dtype:
+        raise C.KernelInputError(f"{op}: {name}.dequantize() gives dtype {w.dtype}, but the activations are "
+                                 f"{dtype}; dequantize to the activation dtype.")
+    C.check_shape(op, f"{name}.dequantize()", w, shape)
+    return w
+
+
+def inverse_keep(p: float) -> float:
+    """The scale of kept elements, 1 / (1 - p)."""
+    return 1.0 / (1.0 - p)
+
+
+# --------------------------------------------------------------------------- validation
+def check_frozen_weight(op: str, name: str, W, x: torch.Tensor) -> None:
+    if isinstance(W, torch.Tensor):
+        C.check_float(op, name, W)
+        if W.requires_grad:
+            raise C.KernelInputError(
+                f"{op}: the base weight {name} requires grad, but LoRA keeps it frozen and never computes its "
+                f"gradient; call {name}.requires_grad_(False) (train A and B only).")
+        return
+    if not callable(getattr(W, "dequantize", None)):
+        raise C.KernelInputError(f"{op}: {name} must be a tensor or an object with a .dequantize() method "
+                                 f"(a quantized weight), got {type(W).__name__}.")
+    w_dtype = getattr(W, "dtype", None)
+    if isinstance(w_dtype, torch.dtype) and w_dtype != x.dtype:
+        raise C.KernelInputError(f"{op}: {name} dequantizes to dtype {w_dtype}, but x is {x.dtype}; "
+                                 "quantize the weight from the activation dtype.")
+    device = getattr(W, "device", None)
+    if isinstance(device, torch.device) and device != x.device:
+        raise C.KernelInputError(f"{op}: {name} is on {device} but x is on {x.device}; use one device.")
+
+
+def check_linear(op: str, x: torch.Tensor, names: tuple[str, str, str], W, A, B,
+                 bias_name: str | None = None, bias=None, x_name: str = "x") -> tuple[int, int]:
+    """Validate one LoRA linear on input x (``x_name`` in messages); returns (out_features, rank)."""
+    w_name, a_name, b_name = names
+    if x.dim() == 0:
+        raise C.KernelInputError(f"{op}: x must have at least one dimension ([..., in]).")
+    check_frozen_weight(op, w_name, W, x)
+    C.check_float(op, a_name, A)
+    C.check_float(op, b_name, B)
+    if bias is not None:
+        C.check_float(op, bias_name, bias)
+    dense_w = W if isinstance(W, torch.Tensor) else None
+    C.check_same_dtype(op, x=x, **{w_name: dense_w, a_name: A, b_name: B, (bias_name or "bias"): bias})
+    C.check_device(op, x, dense_w, A, B, bias)
+    if A.dim() != 2 or B.dim() != 2:
+        raise C.KernelInputError(f"{op}: {a_name} and {b_name} must be 2-D ([r, in] and [out, r]), got "
+                                 f"{tuple(A.shape)} and {tuple(B.shape)}.")
+    d_in = x.shape[-1]
+    r, out = A.shape[0], B.shape[0]
+    C.check_shape(op, a_name, A, (r, d_in))
+    C.check_shape(op, b_name, B, (out, r))
+    w_shape = getattr(W, "shape", None)
+    if w_shape is not None and tuple(w_shape) != (out, d_in):
+        raise C.KernelInputError(f"{op}: {w_name} has shape {tuple(w_shape)}, expected {(out, d_in)} "
+                                 f"(out from {b_name}, in from {x_name}).")
+    if bias is not None:
+        C.check_shape(op, bias_name, bias, (out,))
+        if bias.requires_grad:
+            raise C.KernelInputError(f"{op}: the base bias {bias_name} requires grad, but it is frozen with the "
+                                     f"base weight; call {bias_name}.requires_grad_(False).")
+    return out, r
+
+
+def check_options(op: str, scaling, dropout) -> None:
+    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise C.KernelInputError(f"{op}: scaling must be a finite float (alpha / r, or alpha / sqrt(r) for "
+                                 f"rsLoRA), got {scaling!r}.")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise C.KernelInputError(f"{op}: dropout must be a probability in [0, 1), got {dropout!r}.")
+
+
+def keep_mask(op: str, name: str, mask, dropout: float, shape: tuple[int, ...], x: torch.Tensor,
+              generator: torch.Generator | None) -> torch.Tensor | None:
+    """The bool keep-mask of one or several LoRA linears (``shape``), or None
+    when dropout is off. Drawn here when the caller passes none."""
+    if dropout == 0.0:
+        if mask is not None:
+            raise C.KernelInputError(f"{op}: {name} was given but dropout is 0; pass dropout=p > 0 with it.")
+        return None
+    if mask is None:
+        return torch.rand(shape, generator=generator, device=x.device) >= dropout
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise C.KernelInputError(f"{op}: {name} must be a bool tensor (True = kept), got "
+                                 f"{getattr(mask, 'dtype', type(mask).__name__)}.")
+    C.check_device(op, x, mask)
+    C.check_shape(op, name, mask, shape)
+    return mask
+
+
+def rows2(keep: torch.Tensor | None, n_cols: int) -> torch.Tensor | None:
+    """A mask as [rows, n_cols] with a unit last stride (bool, as stored)."""
+    if keep is None:
+        return None
+    keep = keep if keep.is_contiguous() else keep.contiguous()
+    return keep.view(-1, n_cols)
+
+
+# --------------------------------------------------------------------------- reference
+def linear_reference(h: torch.Tensor, W, A, B, scaling: float, bias, keep, dropout: float,
+                     cd: torch.dtype) -> torch.Tensor:
+    """One PEFT LoRA linear, ``base_layer(h) + lora_B(lora_A(dropout(h))) * scaling``,
+    on ``h`` in the activation dtype dt, computed in ``cd`` with PEFT's roundings
+    to dt: at every nn.Linear output, the dropout, the scaling and the sum, and in
+    the backward at every input gradient of those ops (each branch reads h through
+    its own cast, so autograd sums the branches' rounded gradients into h's in dt,
+    as it does for PEFT). Returns the output in dt. In the exact pass dt == cd ==
+    fp64 and no step rounds."""
+    dt = h.dtype
+    w = W if is_dense(W) else W.dequantize()
+    base = h.to(cd) @ w.to(cd).T
+    if bias is not None:
+        base = base + bias.to(cd)  # F.linear(x, W, b): one addmm, one rounding
+    base = base.to(dt).to(cd)
+    hd = h.to(cd)
+    if keep is not None:
+        hd = (hd * keep.to(cd) * inverse_keep(dropout)).to(dt).to(cd)
+    xa = (hd @ A.to(cd).T).to(dt).to(cd)
+    lora = (xa @ B.to(cd).T).to(dt).to(cd)
+    lora = (lora * scaling).to(dt).to(cd)
+    return (base + lora).to(dt)
+
+
+# --------------------------------------------------------------------------- strategies
+def dim_cap(limits: Limits) -> int:
+    """Feature dims of the LoRA cases: 64 under ci (the matmuls are torch's, but
+    the elementwise Triton kernels run in the interpreter), larger on a GPU."""
+    return max(16, limits.max_hidden // 5)
+
+
+@st.composite
+def lora_config(draw, dims: list[int]) -> dict:
+    """Rank (<= every dim), scaling alpha / r or rsLoRA's alpha / sqrt(r), dropout p."""
+    r = draw(st.sampled_from([r for r in RANKS if r <= min(dims)]))
+    alpha = draw(st.sampled_from(ALPHAS))
+    rslora = draw(st.booleans())
+    return {"r": r, "alpha": alpha, "rslora": rslora,
+            "scaling": alpha / (math.sqrt(r) if rslora else r),
+            "dropout": draw(st.sampled_from(DROPOUTS))}
+
+
+@st.composite
+def rows(draw, limits: Limits, widest: int, cap: int | None = None) -> tuple[int, int]:
+    """(batch, tokens per batch): tokens incl. 1 and odd counts, within the budget."""
+    batch = draw(st.sampled_from([1, 1, 2, 3]))
+    hi = min(limits.max_rows, cap or limits.max_rows, limits.max_elements // max(1, widest)) // batch
+    return batch, draw(S.dim(1, max(1, hi)))
+
+
+def grad_flag() -> st.SearchStrategy[bool]:
+    return st.sampled_from([True, True, False])
+
+
+def frozen_weight(out: int, d_in: int, dtype, device, gen) -> torch.Tensor:
+    return randn((out, d_in), dtype, device, gen, 1.0 / math.sqrt(d_in))
+
+
+def adapters(out: int, d_in: int, r: int, b_scale: float, scaling: float, dtype, device, gen
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ~ kaiming-like, B non-zero (a trained adapter; PEFT's zero init would hide
+    every LoRA bug), sized so that the LoRA branch is ``b_scale`` times the base's
+    magnitude whatever the scaling (a large scaling must not overflow fp16)."""
+    A = randn((r, d_in), dtype, device, gen, 1.0 / math.sqrt(d_in))
+    B = randn((out, r), dtype, device, gen, b_scale / (math.sqrt(r) * scaling))
+    return A, B
+
+
+def activations(p: dict, d_in: int, dtype, device, gen) -> torch.Tensor:
+    x = randn((p["batch"], p["tokens"], d_in), dtype, device, gen, p["scale"])
+    return maybe_strided(x, p["strided"], gen)
+
+
+def draw_keep(shape: tuple[int, ...], dropout: float, device, gen) -> torch.Tensor:
+    return (torch.rand(shape, generator=gen) >= dropout).to(device)

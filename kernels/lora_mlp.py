@@ -1,0 +1,298 @@
+"""LoRA gated MLP (PEFT-equivalent), in one autograd Function:
+
+    g = lora(x; Wg, Ag, Bg),  u = lora(x; Wu, Au, Bu)
+    h = act(g) * u            act = silu (``"swiglu"``) or gelu (``"geglu"``, exact or tanh)
+    y = lora(h; Wd, Ad, Bd)
+
+each ``lora(.)`` a PEFT LoRA linear on a frozen weight (see ``lora_o``; W a
+tensor that does not require grad or a ``.dequantize()`` object such as NF4),
+``scaling`` s = alpha / r or rsLoRA's alpha / sqrt(r) shared by the three.
+With ``dropout`` p > 0 each projection has its own keep-mask (PEFT's dropout
+modules draw independently): ``dropout_mask`` bool [2, *x.shape] for gate and
+up, ``dropout_mask_down`` bool [*x.shape[:-1], intermediate] for down's input h.
+
+The activation and its backward are the Triton kernels of ``swiglu.py`` /
+``geglu.py`` (fp32 math, one rounding, as HF's ``act_fn(gate) * up``); the
+projections are the cuBLAS building blocks of ``lora_o``. As in Unsloth, h is
+not saved: the backward recomputes it from g and u (one elementwise kernel),
+and only when dAd needs it.
+
+Saved for backward: x (if dAg or dAu), the keep-masks (with dropout), g and u
+[N, intermediate] (if anything upstream of the activation needs a gradient, or
+dAd), xa of each projection [N, r] (if its dB), each A (if the gradient flows
+through its input) and B (if its dA or its input's gradient), each W (likewise;
+the parameter or the quantized object, never a dequantised copy).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from hypothesis import strategies as st
+
+from . import _common as C
+from . import _lora as L
+from . import _strategies as S
+from ._registry import Inputs, KernelSpec, Limits
+from .geglu import APPROXIMATE_MODES, _geglu_bwd, _geglu_fwd
+from .lora_o import add_input_grad, dropout_apply, lora_backward, lora_forward
+from .swiglu import _block, _contiguous, _swiglu_bwd, _swiglu_fwd
+
+ACTIVATIONS = ("swiglu", "geglu")
+
+#: Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts where the GPU rounds
+#: to nearest even, and swiglu.py / geglu.py store with a plain ``.to()``. This
+#: kernel reproduces PEFT's chain of roundings step by step, and a truncated h or
+#: d_gate drifts from it by up to an ulp, which an ill-conditioned dA (a sum over
+#: tokens that cancels) amplifies past the doctrine's bound. So under the
+#: interpreter only, bf16 activation outputs are staged in fp32 and rounded by
+#: torch (to nearest even, as the GPU's store does). On the GPU the kernels write
+#: bf16 directly. Remove once the shared kernels round bf16 to nearest even.
+_STAGE_BF16 = C.INTERPRET
+
+
+def _act_buffer(n_rows: int, n_cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    staged = _STAGE_BF16 and dtype == torch.bfloat16
+    return C.empty((n_rows, n_cols), torch.float32 if staged else dtype, device)
+
+
+def _unstage(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+# --------------------------------------------------------------------------- activation launchers
+def _act_forward(g2, u2, activation: str, tanh: bool) -> torch.Tensor:
+    """h = act(g) * u through the Triton kernel of swiglu.py / geglu.py."""
+    n_rows, n_cols = g2.shape
+    n = n_rows * n_cols
+    h = _act_buffer(n_rows, n_cols, g2.dtype, g2.device)
+    if n:
+        block = _block(n)
+        grid = (triton.cdiv(n, block),)
+        contig = _contiguous(n_cols, g2, u2)
+        if activation == "swiglu":
+            _swiglu_fwd[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, n, CONTIG=contig, BLOCK=block)
+        else:
+            _geglu_fwd[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, n,
+                             TANH=tanh, CONTIG=contig, BLOCK=block)
+    return _unstage(h, g2.dtype)
+
+
+def _act_backward(dh2, g2, u2, activation: str, tanh: bool, need_dg: bool, need_du: bool):
+    """(dg, du) of h = act(g) * u through the Triton kernel of swiglu.py / geglu.py."""
+    n_rows, n_cols = g2.shape
+    n = n_rows * n_cols
+    dg = _act_buffer(n_rows, n_cols, g2.dtype, g2.device) if need_dg else None
+    du = _act_buffer(n_rows, n_cols, g2.dtype, g2.device) if need_du else None
+    if n and (need_dg or need_du):
+        block = _block(n)
+        grid = (triton.cdiv(n, block),)
+        contig = _contiguous(n_cols, dh2, g2, u2)
+        args = (dh2, g2, u2, dg if need_dg else dh2, du if need_du else dh2,
+                dh2.stride(0), g2.stride(0), u2.stride(0), n_cols, n)
+        if activation == "swiglu":
+            _swiglu_bwd[grid](*args, COMPUTE_DG=need_dg, COMPUTE_DU=need_du, CONTIG=contig, BLOCK=block)
+        else:
+            _geglu_bwd[grid](*args, TANH=tanh, COMPUTE_DG=need_dg, COMPUTE_DU=need_du, CONTIG=contig, BLOCK=block)
+    return _unstage(dg, g2.dtype), _unstage(du, g2.dtype)
+
+
+# --------------------------------------------------------------------------- autograd
+class _LoraMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, scaling, dropout, activation, tanh):
+        op = "lora_mlp"
+        shape = x.shape
+        d_in, inter, d_out = shape[-1], Bg.shape[0], Bd.shape[0]
+        x2 = C.rows_view(op, "x", x)
+        inv = L.inverse_keep(dropout)
+        keep_g = keep_u = keep_d2 = None
+        if keep_gu is not None:
+            keep_g, keep_u = L.rows2(keep_gu[0], d_in), L.rows2(keep_gu[1], d_in)
+            keep_d2 = L.rows2(keep_d, inter)
+        need = ctx.needs_input_grad
+        need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = (need[0], need[2], need[3], need[5],
+                                                                        need[6], need[8], need[9])
+        need_dg = need_x or need_ag or need_bg
+        need_du = need_x or need_au or need_bu
+        need_dh = need_dg or need_du
+
+        xd2 = dropout_apply(x2, keep_g, inv)
+        w = L.dense(op, "Wg", Wg, x.dtype, (inter, d_in))
+        g, xa_g = lora_forward(x2, xd2, w, Ag, Bg, scaling)
+        del w, xd2
+        xd2 = dropout_apply(x2, keep_u, inv)
+        w = L.dense(op, "Wu", Wu, x.dtype, (inter, d_in))
+        u, xa_u = lora_forward(x2, xd2, w, Au, Bu, scaling)
+        del w, xd2
+        h = _act_forward(g, u, activation, tanh)
+        hd = dropout_apply(h, keep_d2, inv)
+        w = L.dense(op, "Wd", Wd, x.dtype, (d_out, inter))
+        y, xa_d = lora_forward(h, hd, w, Ad, Bd, scaling)
+        del w, hd, h
+
+        def keep_w(W, needed):
+            return (W if (needed and L.is_dense(W)) else None), (W if (needed and not L.is_dense(W)) else None)
+
+        (wg_s, wg_q), (wu_s, wu_q), (wd_s, wd_q) = keep_w(Wg, need_x), keep_w(Wu, need_x), keep_w(Wd, need_dh)
+        keep_gu_2d = None if keep_gu is None else (keep_g, keep_u)
+        ctx.save_for_backward(
+            x2 if (need_ag or need_au) else None,
+            *(keep_gu_2d or (None, None)), keep_d2,
+            g if (need_dh or need_ad) else None, u if (need_dh or need_ad) else None,
+            Ag if need_x else None, Bg if (need_ag or need_x) else None, xa_g if need_bg else None, wg_s,
+            Au if need_x else None, Bu if (need_au or need_x) else None, xa_u if need_bu else None, wu_s,
+            Ad if need_dh else None, Bd if (need_ad or need_dh) else None, xa_d if need_bd else None, wd_s)
+        ctx.quantized = (wg_q, wu_q, wd_q)
+        ctx.meta = (shape, inter, d_out, scaling, inv, activation, tanh)
+        return y.view(*shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        op = "lora_mlp"
+        (x2, keep_g, keep_u, keep_d, g, u,
+         Ag, Bg, xa_g, wg_s, Au, Bu, xa_u, wu_s, Ad, Bd, xa_d, wd_s) = ctx.saved_tensors
+        shape, inter, d_out, scaling, inv, activation, tanh = ctx.meta
+        wg_q, wu_q, wd_q = ctx.quantized
+        d_in = shape[-1]
+        need = ctx.needs_input_grad
+        need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = (need[0], need[2], need[3], need[5],
+                                                                        need[6], need[8], need[9])
+        need_dg = need_x or need_ag or need_bg
+        need_du = need_x or need_au or need_bu
+        need_dh = need_dg or need_du
+        dy2 = C.rows_view(op, "dy", dy)
+
+        # down projection: its input h = act(g) * u is recomputed, only for dAd.
+        hd = None
+        if need_ad:
+            h = _act_forward(g, u, activation, tanh)
+            hd = dropout_apply(h, keep_d, inv)
+            del h
+        dAd, dBd, dxa_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
+        del hd
+        dAg = dBg = dAu = dBu = dx = None
+        if need_dh:
+            w = L.dense(op, "Wd", wd_s if wd_s is not None else wd_q, dy.dtype, (d_out, inter))
+            dh = add_input_grad(None, dy2, w, dxa_d, Ad, keep_d, inv)
+            del w, dxa_d
+            dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du)
+            del dh
+            # gate and up projections (their inputs: x, through each one's own mask).
+            dxa_g = dxa_u = None
+            if need_dg:
+                xd2 = dropout_apply(x2, keep_g, inv) if need_ag else None
+                dAg, dBg, dxa_g = lora_backward(dgate, xd2, xa_g, Bg, scaling, need_ag, need_bg, need_x)
+            if need_du:
+                xd2 = dropout_apply(x2, keep_u, inv) if need_au else None
+                dAu, dBu, dxa_u = lora_backward(dup, xd2, xa_u, Bu, scaling, need_au, need_bu, need_x)
+            del xd2
+            if need_x:
+                w = L.dense(op, "Wg", wg_s if wg_s is not None else wg_q, dy.dtype, (inter, d_in))
+                dx = add_input_grad(None, dgate, w, dxa_g, Ag, keep_g, inv)
+                w = L.dense(op, "Wu", wu_s if wu_s is not None else wu_q, dy.dtype, (inter, d_in))
+                dx = add_input_grad(dx, dup, w, dxa_u, Au, keep_u, inv).view(shape)
+                del w
+        return (dx, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd) + (None,) * 6
+
+
+def lora_mlp(x: torch.Tensor, Wg, Ag: torch.Tensor, Bg: torch.Tensor, Wu, Au: torch.Tensor, Bu: torch.Tensor,
+             Wd, Ad: torch.Tensor, Bd: torch.Tensor, scaling: float, activation: str = "swiglu",
+             approximate: str = "none", dropout: float = 0.0, dropout_mask: torch.Tensor | None = None,
+             dropout_mask_down: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """``down(act(gate(x)) * up(x))`` with every projection a PEFT LoRA linear (see
+    ``lora_o``). ``activation`` is ``"swiglu"`` (silu) or ``"geglu"`` (gelu with
+    ``approximate`` ``"none"`` or ``"tanh"``). With ``dropout`` p > 0:
+    ``dropout_mask`` bool [2, *x.shape] (gate, up) and ``dropout_mask_down`` bool
+    [*x.shape[:-1], intermediate], True = kept, drawn from ``generator`` when None."""
+    op = "lora_mlp"
+    C.check_float(op, "x", x)
+    L.check_options(op, scaling, dropout)
+    if activation not in ACTIVATIONS:
+        raise C.KernelInputError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    if approximate not in APPROXIMATE_MODES:
+        raise C.KernelInputError(f"{op}: approximate must be one of {APPROXIMATE_MODES}, got {approximate!r}.")
+    if activation == "swiglu" and approximate != "none":
+        raise C.KernelInputError(f"{op}: approximate={approximate!r} applies to geglu only.")
+    inter, _ = L.check_linear(op, x, ("Wg", "Ag", "Bg"), Wg, Ag, Bg)
+    L.check_linear(op, x, ("Wu", "Au", "Bu"), Wu, Au, Bu)
+    C.check_shape(op, "Bu", Bu, (inter, Au.shape[0]))
+    L.check_linear(op, x.new_empty((0, inter)), ("Wd", "Ad", "Bd"), Wd, Ad, Bd, x_name="the intermediate size")
+    keep_gu = L.keep_mask(op, "dropout_mask", dropout_mask, dropout, (2, *x.shape), x, generator)
+    keep_d = L.keep_mask(op, "dropout_mask_down", dropout_mask_down, dropout, (*x.shape[:-1], inter), x, generator)
+    return _LoraMLP.apply(x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, float(scaling), float(dropout),
+                          activation, approximate == "tanh")
+
+
+# --------------------------------------------------------------------------- reference
+def lora_mlp_reference(x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, scaling, activation="swiglu", approximate="none",
+                       dropout=0.0, dropout_mask=None, dropout_mask_down=None, generator=None,
+                       compute_dtype=torch.float32):
+    """HF's ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with PEFT LoRA on every
+    projection; the activation product in fp32 (``compute_dtype``), rounded to x's dtype."""
+    if dropout > 0 and (dropout_mask is None or dropout_mask_down is None):
+        raise ValueError("lora_mlp_reference: pass the dropout masks explicitly when dropout > 0")
+    cd = compute_dtype
+    on = dropout > 0
+    g = L.linear_reference(x, Wg, Ag, Bg, scaling, None, dropout_mask[0] if on else None, dropout, cd)
+    u = L.linear_reference(x, Wu, Au, Bu, scaling, None, dropout_mask[1] if on else None, dropout, cd)
+    if activation == "swiglu":
+        a = torch.nn.functional.silu(g.to(cd))
+    else:
+        a = torch.nn.functional.gelu(g.to(cd), approximate=approximate)
+    h = (a * u.to(cd)).to(x.dtype)
+    return L.linear_reference(h, Wd, Ad, Bd, scaling, None, dropout_mask_down if on else None, dropout, cd)
+
+
+# --------------------------------------------------------------------------- registry
+@st.composite
+def _params(draw, limits: Limits) -> dict:
+    block = draw(S.block(limits))
+    cap = L.dim_cap(limits)
+    d_in, inter, d_out = draw(S.dim(1, cap)), draw(S.dim(1, cap)), draw(S.dim(1, cap))
+    cfg = draw(L.lora_config([d_in, inter, d_out]))
+    # A forced small block runs one interpreter program per few elements of [N, inter]: fewer tokens then.
+    batch, tokens = draw(L.rows(limits, max(d_in, inter, d_out), cap=limits.max_rows if block is None else 16))
+    activation = draw(st.sampled_from(("swiglu", "geglu", "geglu")))  # geglu has two modes
+    return {
+        "batch": batch, "tokens": tokens, "d_in": d_in, "inter": inter, "d_out": d_out, **cfg,
+        "activation": activation,
+        "approximate": draw(st.sampled_from(APPROXIMATE_MODES)) if activation == "geglu" else "none",
+        # No 30.0: h = act(g) * u squares the activations' magnitude (fp16 overflows).
+        "scale": draw(st.sampled_from([1e-3, 0.1, 1.0, 1.0, 4.0])),
+        "b_scale": draw(st.sampled_from([0.1, 1.0])),
+        "strided": draw(st.booleans()),
+        "grad_x": draw(L.grad_flag()),
+        "grad_adapters": [draw(L.grad_flag()) for _ in range(6)],
+        "_block": block,
+    }
+
+
+def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
+    x = L.activations(p, p["d_in"], dtype, device, gen)
+    tensors = {"x": x}
+    for n, out, d_in in (("g", p["inter"], p["d_in"]), ("u", p["inter"], p["d_in"]), ("d", p["d_out"], p["inter"])):
+        tensors[f"W{n}"] = L.frozen_weight(out, d_in, dtype, device, gen)
+        tensors[f"A{n}"], tensors[f"B{n}"] = L.adapters(out, d_in, p["r"], p["b_scale"], p["scaling"],
+                                                         dtype, device, gen)
+    on = p["dropout"] > 0
+    tensors["dropout_mask"] = L.draw_keep((2, *x.shape), p["dropout"], device, gen) if on else None
+    tensors["dropout_mask_down"] = (L.draw_keep((*x.shape[:-1], p["inter"]), p["dropout"], device, gen)
+                                    if on else None)
+    adapters = [f"{m}{n}" for n in "gud" for m in "AB"]
+    grads = (("x",) if p["grad_x"] else ()) + tuple(a for a, on_ in zip(adapters, p["grad_adapters"]) if on_)
+    return Inputs(tensors, {"scaling": p["scaling"], "activation": p["activation"],
+                            "approximate": p["approximate"], "dropout": p["dropout"]}, grads)
+
+
+SPEC = KernelSpec(
+    name="lora_mlp",
+    fn=lora_mlp,
+    reference=lora_mlp_reference,
+    params=_params,
+    make_inputs=_make_inputs,
+    outputs=("y",),
+    grads=("x", "Ag", "Bg", "Au", "Bu", "Ad", "Bd"),
+    options=("activation: swiglu|geglu", "approximate: none|tanh (geglu)",
+             "scaling (alpha/r or rsLoRA alpha/sqrt(r))", "dropout p with explicit bool masks"),
+    summary="PEFT LoRA gated MLP in one Function: cuBLAS GEMMs, Triton SwiGLU/GeGLU recomputed in the backward.",
+)

@@ -1,0 +1,182 @@
+"""LoRA q/k/v projections sharing one input, in one autograd Function (PEFT-equivalent).
+
+    q = x Wq^T (+ bq) + s * (drop_q(x) Aq^T) Bq^T      (k, v alike)
+
+Wq [q_out, in], Wk / Wv [kv_out, in] (GQA: kv_out may be smaller than q_out),
+frozen (tensors that do not require grad, or ``.dequantize()`` objects such as
+NF4); optional frozen biases bq, bk, bv (Qwen2); A* [r, in], B* [out, r];
+``scaling`` s = alpha / r or rsLoRA's alpha / sqrt(r), shared by the three.
+With ``dropout`` p > 0 each projection has its own keep-mask, as PEFT's three
+dropout modules draw independently: ``dropout_mask`` is bool [3, *x.shape]
+(q, k, v; True = kept).
+
+Each projection runs the LoRA building blocks of ``lora_o`` (cuBLAS GEMMs, the
+LoRA add as the GEMM epilogue, Triton dropout kernels). x is saved once for the
+three dA (and only if some A needs its gradient); dx is one buffer accumulated
+over the three projections: dy_q Wq + dy_k Wk + dy_v Wv plus the three LoRA
+terms, each rounded and added by ``lora_o``'s Triton ``_grad_add`` (masked by
+its projection's dropout). Each projection's dequantised W lives only for its
+own GEMM.
+
+Saved for backward: x (if any dA), the [3, ...] keep-mask (with dropout), per
+projection xa [N, r] (if its dB), A (if dx), B (if its dA or dx), W (if dx;
+the parameter or the quantized object, never a dequantised copy).
+"""
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from . import _common as C
+from . import _lora as L
+from . import _strategies as S
+from ._harness import randn
+from ._registry import Inputs, KernelSpec, Limits
+from .lora_o import add_input_grad, dropout_apply, lora_backward, lora_forward
+
+_NAMES = ("q", "k", "v")
+
+
+class _LoraQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv, bq, bk, bv, keep, scaling, dropout):
+        op = "lora_qkv"
+        shape = x.shape
+        d_in = shape[-1]
+        x2 = C.rows_view(op, "x", x)
+        inv = L.inverse_keep(dropout)
+        keeps = (None,) * 3 if keep is None else tuple(L.rows2(keep[i], d_in) for i in range(3))
+        projs = ((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv))
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        outs, saved, quantized = [], [], []
+        for i, (W, A, B, bias) in enumerate(projs):
+            need_a, need_b = need[2 + 3 * i], need[3 + 3 * i]
+            xd2 = dropout_apply(x2, keeps[i], inv)
+            w = L.dense(op, f"W{_NAMES[i]}", W, x.dtype, (B.shape[0], d_in))
+            y, xa = lora_forward(x2, xd2, w, A, B, scaling, bias)
+            del w, xd2
+            outs.append(y.view(*shape[:-1], B.shape[0]))
+            saved += [A if need_x else None, B if (need_a or need_x) else None, xa if need_b else None,
+                      W if (need_x and L.is_dense(W)) else None]
+            quantized.append(W if (need_x and not L.is_dense(W)) else None)
+        need_any_a = need[2] or need[5] or need[8]
+        ctx.save_for_backward(x2 if need_any_a else None, keep, *saved)
+        ctx.quantized = quantized
+        ctx.meta = (shape, tuple(B.shape[0] for _, _, B, _ in projs), scaling, inv)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        op = "lora_qkv"
+        x2, keep, *saved = ctx.saved_tensors
+        shape, outs, scaling, inv = ctx.meta
+        d_in = shape[-1]
+        keeps = (None,) * 3 if keep is None else tuple(L.rows2(keep[i], d_in) for i in range(3))
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        grads = [None] * 16
+        dx = None
+        for i, dy in enumerate((dq, dk, dv)):
+            A, B, xa, w_saved = saved[4 * i: 4 * i + 4]
+            need_a, need_b = need[2 + 3 * i], need[3 + 3 * i]
+            dy2 = C.rows_view(op, f"d{_NAMES[i]}", dy)
+            xd2 = dropout_apply(x2, keeps[i], inv) if need_a else None
+            dA, dB, dxa = lora_backward(dy2, xd2, xa, B, scaling, need_a, need_b, need_x)
+            del xd2
+            grads[2 + 3 * i], grads[3 + 3 * i] = dA, dB
+            if need_x:
+                W = w_saved if w_saved is not None else ctx.quantized[i]
+                w = L.dense(op, f"W{_NAMES[i]}", W, dy2.dtype, (outs[i], d_in))
+                dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv)
+                del w
+        if need_x:
+            grads[0] = dx.view(shape)
+        return tuple(grads)
+
+
+def lora_qkv(x: torch.Tensor, Wq, Aq: torch.Tensor, Bq: torch.Tensor, Wk, Ak: torch.Tensor, Bk: torch.Tensor,
+             Wv, Av: torch.Tensor, Bv: torch.Tensor, scaling: float, bq: torch.Tensor | None = None,
+             bk: torch.Tensor | None = None, bv: torch.Tensor | None = None, dropout: float = 0.0,
+             dropout_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """(q, k, v): three PEFT LoRA linears of the same ``x`` (see ``lora_o``), in one
+    autograd Function that saves x once. Optional frozen biases bq/bk/bv (Qwen2).
+    ``dropout_mask`` is bool [3, *x.shape] (one mask per projection, True = kept),
+    drawn from ``generator`` when None and ``dropout`` > 0."""
+    op = "lora_qkv"
+    C.check_float(op, "x", x)
+    L.check_options(op, scaling, dropout)
+    for n, (W, A, B, b) in zip(_NAMES, ((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv))):
+        L.check_linear(op, x, (f"W{n}", f"A{n}", f"B{n}"), W, A, B, f"b{n}", b)
+    keep = L.keep_mask(op, "dropout_mask", dropout_mask, dropout, (3, *x.shape), x, generator)
+    if keep is not None and not keep.is_contiguous():
+        keep = keep.contiguous()
+    return _LoraQKV.apply(x, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv, bq, bk, bv, keep, float(scaling), float(dropout))
+
+
+# --------------------------------------------------------------------------- reference
+def lora_qkv_reference(x, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv, scaling, bq=None, bk=None, bv=None, dropout=0.0,
+                       dropout_mask=None, generator=None, compute_dtype=torch.float32):
+    """PEFT's q_proj(x), k_proj(x), v_proj(x) with LoRA, each as ``lora_o_reference``."""
+    if dropout > 0 and dropout_mask is None:
+        raise ValueError("lora_qkv_reference: pass the dropout_mask explicitly when dropout > 0")
+    outs = []
+    for i, (W, A, B, b) in enumerate(((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv))):
+        keep = dropout_mask[i] if dropout > 0 else None
+        outs.append(L.linear_reference(x, W, A, B, scaling, b, keep, dropout, compute_dtype))
+    return tuple(outs)
+
+
+# --------------------------------------------------------------------------- registry
+@st.composite
+def _params(draw, limits: Limits) -> dict:
+    block = draw(S.block(limits))
+    cap = L.dim_cap(limits)
+    d_in = draw(S.dim(1, cap))
+    # GQA: q has kv_heads * group heads, k and v kv_heads, all of head_dim.
+    head_dim = draw(S.dim(1, max(1, cap // 8)))
+    kv_heads = draw(st.sampled_from([1, 1, 2]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    q_out, kv_out = kv_heads * group * head_dim, kv_heads * head_dim
+    cfg = draw(L.lora_config([d_in, kv_out]))
+    batch, tokens = draw(L.rows(limits, max(d_in, q_out), cap=limits.max_rows if cfg["dropout"] == 0 else 24))
+    return {
+        "batch": batch, "tokens": tokens, "d_in": d_in, "q_out": q_out, "kv_out": kv_out, **cfg,
+        "bias": draw(st.booleans()),
+        "scale": draw(S.scale()),
+        "b_scale": draw(st.sampled_from([0.1, 1.0])),
+        "strided": draw(st.booleans()),
+        "grad_x": draw(L.grad_flag()),
+        "grad_adapters": [draw(L.grad_flag()) for _ in range(6)],
+        "_block": block,
+    }
+
+
+def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
+    x = L.activations(p, p["d_in"], dtype, device, gen)
+    tensors = {"x": x}
+    for n, out in zip(_NAMES, (p["q_out"], p["kv_out"], p["kv_out"])):
+        tensors[f"W{n}"] = L.frozen_weight(out, p["d_in"], dtype, device, gen)
+        tensors[f"A{n}"], tensors[f"B{n}"] = L.adapters(out, p["d_in"], p["r"], p["b_scale"], p["scaling"],
+                                                         dtype, device, gen)
+    for n, out in zip(_NAMES, (p["q_out"], p["kv_out"], p["kv_out"])):
+        tensors[f"b{n}"] = randn((out,), dtype, device, gen) if p["bias"] else None
+    tensors["dropout_mask"] = (L.draw_keep((3, *x.shape), p["dropout"], device, gen)
+                               if p["dropout"] > 0 else None)
+    adapters = [f"{m}{n}" for n in _NAMES for m in "AB"]
+    grads = (("x",) if p["grad_x"] else ()) + tuple(a for a, on in zip(adapters, p["grad_adapters"]) if on)
+    return Inputs(tensors, {"scaling": p["scaling"], "dropout": p["dropout"]}, grads)
+
+
+SPEC = KernelSpec(
+    name="lora_qkv",
+    fn=lora_qkv,
+    reference=lora_qkv_reference,
+    params=_params,
+    make_inputs=_make_inputs,
+    outputs=("q", "k", "v"),
+    grads=("x", "Aq", "Bq", "Ak", "Bk", "Av", "Bv"),
+    options=("scaling (alpha/r or rsLoRA alpha/sqrt(r))", "dropout p with a bool [3, ...] mask",
+             "GQA-shaped k/v", "optional frozen q/k/v biases (Qwen2)"),
+    summary="PEFT LoRA q/k/v projections of one input in one Function: x saved once, dX accumulated once.",
+)

@@ -1,0 +1,11 @@
+from . import Mutant
+
+MUTANTS = [
+    Mutant("lora_mlp", "up_grad_takes_gate_grad", "the up projection's LoRA gradients use d_gate instead of d_up",
+           old="dAu, dBu, dxa_u = lora_backward(dup, xd2,", new="dAu, dBu, dxa_u = lora_backward(dgate, xd2,"),
+    Mutant("lora_mlp", "backward_ignores_approximate", "the activation's backward always takes exact GELU",
+           old="dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du)",
+           new="dgate, dup = _act_backward(dh, g, u, activation, False, need_dg, need_du)"),
+    Mutant("lora_mlp", "down_dA_without_dropout", "dAd is taken against h instead of the dropped-out h",
+           old="hd = dropout_apply(h, keep_d, inv)", new="hd = h"),
+]
