@@ -7,6 +7,7 @@ import pytest
 from workbench.cli import main
 
 CORE_KERNELS = {"rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy"}
+MEMORY_KERNELS = {"fused_linear_cross_entropy", "lora_mlp", "lora_qkv", "lora_o"}
 
 
 def run_cli(*args):
@@ -30,6 +31,15 @@ def test_kernels_json_lists_core_kernels_with_gradients(capsys):
         assert row["grads"], f"{name} lists no gradients"
         assert row["reference"].endswith("_reference")
         assert set(row["dtypes"]) == {"float32", "float16", "bfloat16"}
+
+
+def test_kernels_json_lists_memory_kernels(capsys):
+    assert main(["kernels", "--json"]) == 0
+    by_name = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for name in MEMORY_KERNELS:
+        assert by_name[name]["grads"], name
+    assert "hidden" in by_name["fused_linear_cross_entropy"]["grads"]
+    assert by_name["nf4_dequant"]["grads"] == []  # frozen weights: nothing to differentiate
 
 
 def test_kernels_table_names_every_kernel(capsys):
