@@ -5,6 +5,7 @@ power of two, and the edges of a block.
 """
 from __future__ import annotations
 
+import triton
 from hypothesis import strategies as st
 
 from ._registry import Limits
@@ -37,3 +38,21 @@ def seed() -> st.SearchStrategy[int]:
 def scale() -> st.SearchStrategy[float]:
     """Magnitude of drawn activations: tiny values test eps handling, large ones overflow paths."""
     return st.sampled_from([1e-3, 0.1, 1.0, 1.0, 4.0, 30.0])
+
+
+@st.composite
+def norm_rows(draw, limits: Limits) -> dict:
+    """Shape of a row-wise op's [batch, rows, hidden] input plus its forced block.
+    A forced block is drawn to run the looped path: the row then spans 2..8 blocks
+    (a partial last block included), and rows x blocks stays within budget, since
+    the interpreter's cost is programs x loop iterations."""
+    forced_block = draw(block(limits))
+    batch = draw(st.sampled_from([1, 1, 2, 3]))
+    if forced_block is None:
+        hidden = draw(dim(1, limits.max_hidden))
+        rows_cap = limits.max_elements // (hidden * batch)
+    else:
+        hidden = draw(dim(forced_block + 1, min(limits.max_hidden, 8 * forced_block)))
+        rows_cap = (limits.max_elements // 64) // (batch * triton.cdiv(hidden, forced_block))
+    rows = draw(dim(1, max(1, min(limits.max_rows, rows_cap))))
+    return {"batch": batch, "rows": rows, "hidden": hidden, "_block": forced_block}

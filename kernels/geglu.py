@@ -28,10 +28,10 @@ import triton.language as tl
 from hypothesis import strategies as st
 
 from . import _common as C
-from . import _strategies as S
-from ._harness import maybe_strided, randn
 from ._registry import Inputs, KernelSpec, Limits
-from .swiglu import _block, _contiguous, _rows, _shape
+from .swiglu import _block, _contiguous, _rows
+from .swiglu import _make_inputs as swiglu_make_inputs
+from .swiglu import _params as swiglu_params
 
 APPROXIMATE_MODES = ("none", "tanh")
 
@@ -193,28 +193,14 @@ def geglu_reference(gate, up, approximate="none", compute_dtype=torch.float32):
 # --------------------------------------------------------------------------- registry
 @st.composite
 def _params(draw, limits: Limits) -> dict:
-    block = draw(S.block(limits))
-    return {
-        "shape": draw(_shape(limits, block)),
-        "approximate": draw(st.sampled_from(APPROXIMATE_MODES)),
-        "gate_scale": draw(S.scale()),
-        "up_scale": draw(S.scale()),
-        "strided_gate": draw(st.booleans()),
-        "strided_up": draw(st.booleans()),
-        "grad_gate": draw(st.sampled_from([True, True, False])),
-        "grad_up": draw(st.sampled_from([True, True, False])),
-        "_block": block,
-    }
+    # SwiGLU's shapes, scales, strides and grad flags, plus the GELU form.
+    return {**draw(swiglu_params(limits)), "approximate": draw(st.sampled_from(APPROXIMATE_MODES))}
 
 
 def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
-    shape = tuple(p["shape"])
-    gate = randn(shape, dtype, device, gen, p["gate_scale"])
-    up = randn(shape, dtype, device, gen, p["up_scale"])
-    grads = tuple(n for n, on in (("gate", p["grad_gate"]), ("up", p["grad_up"])) if on)
-    return Inputs({"gate": maybe_strided(gate, p["strided_gate"], gen),
-                   "up": maybe_strided(up, p["strided_up"], gen)},
-                  {"approximate": p["approximate"]}, grads)
+    inputs = swiglu_make_inputs(p, dtype, device, gen)
+    inputs.options = {"approximate": p["approximate"]}
+    return inputs
 
 
 SPEC = KernelSpec(

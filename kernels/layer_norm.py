@@ -244,20 +244,9 @@ def layer_norm_reference(x, weight, bias=None, eps=1e-5, compute_dtype=torch.flo
 # --------------------------------------------------------------------------- registry
 @st.composite
 def _params(draw, limits: Limits) -> dict:
-    block = draw(S.block(limits))
-    batch = draw(st.sampled_from([1, 1, 2, 3]))
-    if block is None:
-        hidden = draw(S.dim(1, limits.max_hidden))
-        rows_cap = limits.max_elements // (hidden * batch)
-    else:
-        # A forced block is drawn to run the looped path: the row spans 2..8 blocks
-        # (a partial last block included), and rows x blocks stays within a budget,
-        # since the interpreter's cost is programs x loop iterations.
-        hidden = draw(S.dim(block + 1, min(limits.max_hidden, 8 * block)))
-        rows_cap = (limits.max_elements // 64) // (batch * triton.cdiv(hidden, block))
-    rows = draw(S.dim(1, max(1, min(limits.max_rows, rows_cap))))
+    shape = draw(S.norm_rows(limits))
     return {
-        "batch": batch, "rows": rows, "hidden": hidden,
+        **shape,
         "eps": draw(st.sampled_from([1e-6, 1e-5, 1e-2])),
         "scale": draw(S.scale()),
         # Per-row mean, in units of the row's scale: a kernel that skips the mean fails.
@@ -267,7 +256,6 @@ def _params(draw, limits: Limits) -> dict:
         "grad_x": draw(st.sampled_from([True, True, False])),
         "grad_w": draw(st.sampled_from([True, True, False])),
         "grad_b": draw(st.sampled_from([True, True, False])),
-        "_block": block,
     }
 
 

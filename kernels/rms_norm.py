@@ -205,20 +205,9 @@ def rms_norm_reference(x, weight, eps=1e-6, offset=0.0, casting="llama", compute
 # --------------------------------------------------------------------------- registry
 @st.composite
 def _params(draw, limits: Limits) -> dict:
-    block = draw(S.block(limits))
-    batch = draw(st.sampled_from([1, 1, 2, 3]))
-    if block is None:
-        hidden = draw(S.dim(1, limits.max_hidden))
-        rows_cap = limits.max_elements // (hidden * batch)
-    else:
-        # A forced block is drawn to run the looped path: the row spans 2..8 blocks
-        # (a partial last block included); rows x blocks stays within budget, since
-        # the interpreter's cost is programs x loop iterations.
-        hidden = draw(S.dim(block + 1, min(limits.max_hidden, 8 * block)))
-        rows_cap = (limits.max_elements // 64) // (batch * triton.cdiv(hidden, block))
-    rows = draw(S.dim(1, max(1, min(limits.max_rows, rows_cap))))
+    shape = draw(S.norm_rows(limits))
     return {
-        "batch": batch, "rows": rows, "hidden": hidden,
+        **shape,
         "eps": draw(st.sampled_from([1e-6, 1e-5, 1e-2])),
         "casting": draw(st.sampled_from(CASTING_MODES)),
         "offset": draw(st.sampled_from([0.0, 1.0])),
@@ -226,7 +215,6 @@ def _params(draw, limits: Limits) -> dict:
         "strided": draw(st.booleans()),
         "grad_x": draw(st.sampled_from([True, True, False])),
         "grad_w": draw(st.sampled_from([True, True, False])),
-        "_block": block,
     }
 
 
