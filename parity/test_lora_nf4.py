@@ -11,13 +11,13 @@ from hypothesis import given
 from workbench.kernels import PROFILE_LIMITS
 from workbench.kernels import _common
 from workbench.kernels import _strategies as S
+from workbench.kernels import nf4
 from workbench.kernels._harness import BLOCK_KEY, _forward_backward, _leaves, default_device
 from workbench.kernels._tolerance import compare
 from workbench.kernels.lora_o import SPEC
 
 from ._support import DTYPES, profile
 
-nf4 = pytest.importorskip("workbench.kernels.nf4")
 
 
 def _run(params: dict, dtype: torch.dtype, seed: int) -> list:
