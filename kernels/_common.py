@@ -125,6 +125,13 @@ def block_for(n: int, cap: int = 65536, forced: int | None = None) -> int:
     return min(next_pow2(n), cap)
 
 
+def num_warps(block: int) -> int:
+    """Warps for a row-wise kernel holding one ``block`` of fp32 values per program:
+    about 8 elements per thread, between 4 and 16 warps (no register spills at
+    hidden 8192; the interpreter ignores it)."""
+    return max(4, min(16, block // 256))
+
+
 # Block override for the parity suite: a small forced block keeps the looped
 # code paths tested on the tiny shapes the CPU interpreter can afford.
 _FORCED_BLOCK: int | None = None

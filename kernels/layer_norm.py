@@ -158,11 +158,6 @@ def _programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
-def _warps(block: int) -> int:
-    # About 8 fp32 elements per thread for a one-block row; 4..16 warps.
-    return max(4, min(16, block // 256))
-
-
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -177,7 +172,7 @@ class _LayerNorm(torch.autograd.Function):
             _layer_norm_fwd[(n_rows,)](x2, weight, bias if bias is not None else weight, y, mean, rstd,
                                        x2.stride(0), y.stride(0), n_cols, 1.0 / n_cols, eps,
                                        HAS_BIAS=bias is not None, BLOCK=block, ONE_BLOCK=block >= n_cols,
-                                       num_warps=_warps(block))
+                                       num_warps=C.num_warps(block))
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.meta = (shape, bias is not None)
         return y.view(shape)
@@ -204,7 +199,7 @@ class _LayerNorm(torch.autograd.Function):
                 dy2.stride(0), x2.stride(0), dx.stride(0) if need_dx else 0,
                 n_rows, n_cols, 1.0 / n_cols, rows_per,
                 COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-                BLOCK=block, ONE_BLOCK=block >= n_cols, num_warps=_warps(block))
+                BLOCK=block, ONE_BLOCK=block >= n_cols, num_warps=C.num_warps(block))
         dw = db = None
         if need_dw:
             dw = dw_part.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
