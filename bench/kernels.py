@@ -186,7 +186,6 @@ def device_ceilings(device: torch.device) -> dict:
     bw = 2 * a.numel() / (ms * 1e-3)
     m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     ms_mm = triton.testing.do_bench(lambda: m @ m, return_mode="median")
-    del a, b
     return {"copy_bytes_per_s": bw, "bf16_flops_per_s": 2 * 8192**3 / (ms_mm * 1e-3)}
 
 

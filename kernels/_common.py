@@ -125,6 +125,14 @@ def block_for(n: int, cap: int = 65536, forced: int | None = None) -> int:
     return min(next_pow2(n), cap)
 
 
+def row_programs(n_rows: int, device: torch.device) -> int:
+    """Programs for a backward that accumulates weight gradients over rows: two per
+    SM on a GPU; a few in the interpreter, so each program still sums several rows."""
+    if device.type == "cuda":
+        return max(1, min(n_rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_rows, 4))
+
+
 def num_warps(block: int) -> int:
     """Warps for a row-wise kernel holding one ``block`` of fp32 values per program:
     about 8 elements per thread, between 4 and 16 warps (no register spills at

@@ -238,6 +238,18 @@ class _CrossEntropy(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None
 
 
+def check_options(op: str, reduction, label_smoothing, softcap, z_loss) -> None:
+    """The loss options shared with fused_linear_cross_entropy, each with one clear sentence."""
+    if reduction not in REDUCTIONS:
+        raise C.KernelInputError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise C.KernelInputError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}.")
+    if softcap is not None and not softcap > 0.0:
+        raise C.KernelInputError(f"{op}: softcap must be None or > 0, got {softcap}.")
+    if not z_loss >= 0.0:
+        raise C.KernelInputError(f"{op}: z_loss must be >= 0, got {z_loss}.")
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                   label_smoothing: float = 0.0, softcap: float | None = None, reduction: str = "mean",
                   z_loss: float = 0.0, return_z_loss: bool = False):
@@ -264,14 +276,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     C.check_device(op, logits, target)
     if logits.shape[1] < 1:
         raise C.KernelInputError(f"{op}: the vocab (logits.shape[1]) must be at least 1.")
-    if reduction not in REDUCTIONS:
-        raise C.KernelInputError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise C.KernelInputError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}.")
-    if softcap is not None and not softcap > 0.0:
-        raise C.KernelInputError(f"{op}: softcap must be None or > 0, got {softcap}.")
-    if not z_loss >= 0.0:
-        raise C.KernelInputError(f"{op}: z_loss must be >= 0, got {z_loss}.")
+    check_options(op, reduction, label_smoothing, softcap, z_loss)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     target = target.contiguous()

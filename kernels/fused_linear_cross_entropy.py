@@ -71,7 +71,7 @@ from . import _common as C
 from . import _strategies as S
 from ._harness import maybe_strided, randn
 from ._registry import Inputs, KernelSpec, Limits
-from .cross_entropy import MAX_BLOCK, REDUCTIONS, _ce_bwd, _ce_fwd, _warps, cross_entropy_reference
+from .cross_entropy import MAX_BLOCK, _ce_bwd, _ce_fwd, _warps, check_options, cross_entropy_reference
 
 #: At most this many bytes of logits in one chunk (the default chunk size).
 CHUNK_BYTES = 256 << 20
@@ -299,14 +299,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                    num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None)
     if vocab < 1:
         raise C.KernelInputError(f"{op}: the vocab (weight.shape[0]) must be at least 1.")
-    if reduction not in REDUCTIONS:
-        raise C.KernelInputError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise C.KernelInputError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}.")
-    if softcap is not None and not softcap > 0.0:
-        raise C.KernelInputError(f"{op}: softcap must be None or > 0, got {softcap}.")
-    if not z_loss >= 0.0:
-        raise C.KernelInputError(f"{op}: z_loss must be >= 0, got {z_loss}.")
+    check_options(op, reduction, label_smoothing, softcap, z_loss)
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise C.KernelInputError(f"{op}: chunk_size must be None or an int >= 1, got {chunk_size!r}.")
     denom = None

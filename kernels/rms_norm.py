@@ -123,13 +123,6 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride,
 
 
 # --------------------------------------------------------------------------- launchers
-def _programs(n_rows: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return max(1, min(n_rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
-    # Interpreter: a few programs, so that each one still accumulates several rows.
-    return max(1, min(n_rows, 4))
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset, casting):
@@ -154,7 +147,7 @@ class _RMSNorm(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         dy2 = C.rows_view("rms_norm", "dy", dy)
         dx = C.empty((n_rows, n_cols), x2.dtype, x2.device) if need_dx else None
-        progs = _programs(n_rows, x2.device)
+        progs = C.row_programs(n_rows, x2.device)
         rows_per = triton.cdiv(max(n_rows, 1), progs)
         progs = triton.cdiv(max(n_rows, 1), rows_per)
         dw_part = torch.zeros((progs, n_cols), dtype=torch.float32, device=x2.device) if need_dw else None
