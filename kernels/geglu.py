@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from . import _common as C
 from ._registry import Inputs, KernelSpec, Limits
-from .swiglu import _block, _contiguous, _rows
+from .swiglu import _block, _contiguous, _offset, _rows
 from .swiglu import _make_inputs as swiglu_make_inputs
 from .swiglu import _params as swiglu_params
 
@@ -90,14 +90,8 @@ def _geglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
                TANH: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    if CONTIG:
-        g_off = idx
-        u_off = idx
-    else:
-        row = idx // n_cols
-        col = idx - row * n_cols
-        g_off = row * g_stride + col
-        u_off = row * u_stride + col
+    g_off = _offset(idx, n_cols, g_stride, CONTIG)
+    u_off = _offset(idx, n_cols, u_stride, CONTIG)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + idx, (_gelu(g, TANH) * u).to(Y.dtype.element_ty), mask=mask)
@@ -109,16 +103,9 @@ def _geglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_elemen
                CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    if CONTIG:
-        dy_off = idx
-        g_off = idx
-        u_off = idx
-    else:
-        row = idx // n_cols
-        col = idx - row * n_cols
-        dy_off = row * dy_stride + col
-        g_off = row * g_stride + col
-        u_off = row * u_stride + col
+    dy_off = _offset(idx, n_cols, dy_stride, CONTIG)
+    g_off = _offset(idx, n_cols, g_stride, CONTIG)
+    u_off = _offset(idx, n_cols, u_stride, CONTIG)
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     if COMPUTE_DG:

@@ -48,7 +48,7 @@ from . import _common as C
 from . import _lora as L
 from . import _strategies as S
 from ._registry import Inputs, KernelSpec, Limits
-from .swiglu import _block, _contiguous
+from .swiglu import _block, _contiguous, _offset
 
 
 # --------------------------------------------------------------------------- Triton
@@ -76,11 +76,7 @@ def _dropout_fwd(X, KEEP, Y, x_stride, n_cols, n_elements, scale, CONTIG: tl.con
     # Y = X * keep * scale (PEFT's nn.Dropout on the LoRA branch's input), one rounding.
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    if CONTIG:
-        x_off = idx
-    else:
-        row = idx // n_cols
-        x_off = row * x_stride + (idx - row * n_cols)
+    x_off = _offset(idx, n_cols, x_stride, CONTIG)
     x = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
     keep = tl.load(KEEP + idx, mask=mask, other=0)
     tl.store(Y + idx, _to(tl.where(keep != 0, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
@@ -102,11 +98,7 @@ def _scale_fwd(DY, DS, dy_stride, n_cols, n_elements, s, CONTIG: tl.constexpr, B
     # DS = DY * s: the gradient reaching lora_B's output (the backward of `* scaling`).
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    if CONTIG:
-        dy_off = idx
-    else:
-        row = idx // n_cols
-        dy_off = row * dy_stride + (idx - row * n_cols)
+    dy_off = _offset(idx, n_cols, dy_stride, CONTIG)
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(DS + idx, _to(dy * s, DS.dtype.element_ty), mask=mask)
 

@@ -29,18 +29,23 @@ BLOCK_CAP = 1024
 
 # --------------------------------------------------------------------------- Triton
 @triton.jit
+def _offset(idx, n_cols, stride, CONTIG: tl.constexpr):
+    """Memory offset of flat element ``idx`` of a [rows, n_cols] view with row stride
+    ``stride`` (the flat index itself when every input is contiguous)."""
+    off = idx
+    if not CONTIG:
+        row = idx // n_cols
+        off = row * stride + (idx - row * n_cols)
+    return off
+
+
+@triton.jit
 def _swiglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
                 CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    if CONTIG:
-        g_off = idx
-        u_off = idx
-    else:
-        row = idx // n_cols
-        col = idx - row * n_cols
-        g_off = row * g_stride + col
-        u_off = row * u_stride + col
+    g_off = _offset(idx, n_cols, g_stride, CONTIG)
+    u_off = _offset(idx, n_cols, u_stride, CONTIG)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     # ATen's order: silu = g / (1 + exp(-g)); exp overflowing to inf gives -0, not NaN.
@@ -53,16 +58,9 @@ def _swiglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_eleme
                 CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    if CONTIG:
-        dy_off = idx
-        g_off = idx
-        u_off = idx
-    else:
-        row = idx // n_cols
-        col = idx - row * n_cols
-        dy_off = row * dy_stride + col
-        g_off = row * g_stride + col
-        u_off = row * u_stride + col
+    dy_off = _offset(idx, n_cols, dy_stride, CONTIG)
+    g_off = _offset(idx, n_cols, g_stride, CONTIG)
+    u_off = _offset(idx, n_cols, u_stride, CONTIG)
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     # ATen's silu_backward order, so that the fp32 roundings match PyTorch's.

@@ -18,5 +18,5 @@ MUTANTS = [
            old="t = _to(tl.where(keep != 0, t * scale, 0.0), DX.dtype.element_ty).to(tl.float32)",
            new="t = _to(tl.where(keep != 0, t, 0.0), DX.dtype.element_ty).to(tl.float32)"),
     Mutant("lora_o", "dropout_ignores_row_stride", "the dropout kernel reads a row-strided x as if contiguous",
-           old="x_off = row * x_stride + (idx - row * n_cols)", new="x_off = idx"),
+           old="x_off = _offset(idx, n_cols, x_stride, CONTIG)", new="x_off = idx"),
 ]

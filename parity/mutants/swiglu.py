@@ -7,7 +7,8 @@ MUTANTS = [
            old="tl.store(DU + idx, (dy * (g / (1.0 + tl.exp(-g)))).to(DU.dtype.element_ty), mask=mask)",
            new="tl.store(DU + idx, (dy * g).to(DU.dtype.element_ty), mask=mask)"),
     Mutant("swiglu", "up_row_stride_from_gate", "up addressed with gate's row stride (non-contiguous inputs)",
-           old="u_off = row * u_stride + col", new="u_off = row * g_stride + col", count=2),
+           old="u_off = _offset(idx, n_cols, u_stride, CONTIG)",
+           new="u_off = _offset(idx, n_cols, g_stride, CONTIG)", count=2),
     Mutant("swiglu", "backward_sigmoid_sign_flipped", "the backward's sigmoid computed as 1 / (1 + exp(g))",
            old="sig = 1.0 / (1.0 + tl.exp(-g))", new="sig = 1.0 / (1.0 + tl.exp(g))"),
 ]
