@@ -35,8 +35,10 @@ from ._harness import maybe_strided, randn
 from ._registry import Inputs, KernelSpec, Limits
 
 #: Elements of one [positions, heads, columns] tile on the GPU, and positions per program
-#: (4 measured best on an H100 for both HF's [B, S, H, D] views and contiguous [B, H, S, D]
-#: gradients). The interpreter's cost is programs x ops, so it takes whole short sequences.
+#: (4 came out best in an unrecorded exploratory H100 timing of HF's [B, S, H, D] views and
+#: contiguous [B, H, S, D] gradients; `workbench bench --suite kernels` is where it gets
+#: measured for the record). The interpreter's cost is programs x ops, so it takes whole
+#: short sequences.
 _TILE = 8192
 _SEQ_BLOCK = 16 if C.INTERPRET else 4
 
