@@ -12,8 +12,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class UserError(Exception):
-    """A problem with what the user asked for: printed as one sentence, exit 2."""
+from workbench.errors import UserError  # noqa: E402  (re-exported for callers of the CLI)
 
 
 def _ensure_interpreter_if_no_gpu() -> None:

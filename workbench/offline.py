@@ -1,0 +1,26 @@
+"""Every entry point that touches transformers, datasets or the hub runs offline.
+
+Without these variables the hub client and `datasets` try the network (seen on
+the CPU machines with transformers 5.23 / datasets 5.2); with them there were
+zero network attempts. Call :func:`enforce_offline` before importing either.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OFFLINE_VARS = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def enforce_offline() -> None:
+    """Set the offline switches (a user's explicit setting wins) and keep the HF
+    cache inside the project's own cache folder unless HF_HOME is already set."""
+    for key, value in OFFLINE_VARS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("HF_HOME", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "parity-workbench" / "hf"))
