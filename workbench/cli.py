@@ -177,7 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stack")
     p.add_argument("--report", default="reports/kernels", metavar="DIR", help="where <date>-<device>.md/.json go")
     p.set_defaults(func=cmd_bench)
+
+    # Pipeline stages: each module is light to import and defines add_parser(sub);
+    # its handler imports the heavy stack (transformers, TRL, llama.cpp) only when run.
+    import importlib
+    import importlib.util
+
+    for name in STAGE_CLI_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).add_parser(sub)
     return parser
+
+
+# Light CLI modules of the pipeline stages, in pipeline order.
+STAGE_CLI_MODULES = [
+    "workbench.train_cli",      # workbench train
+    "workbench.export.cli",     # workbench merge, workbench export
+    "workbench.eval.cli",       # workbench eval
+    "workbench.pipeline_cli",   # workbench run, report, qualify
+]
 
 
 def main(argv: list[str] | None = None) -> int:
