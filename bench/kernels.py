@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from workbench.kernels import registry
 
@@ -31,6 +32,11 @@ class Case:
     bytes_moved: int = 0                  # minimal HBM traffic of forward + backward (for the floor)
     flops: int = 0                        # matmul FLOPs of forward + backward (for the floor)
     liger: Callable[..., Any] | None = None  # builds Liger's callable on these tensors, if any
+    # The "torch" stack when the reference twin is not what HF/PEFT run (the twins compute in
+    # fp32 for the parity yardstick; HF runs its matmuls in the activation dtype).
+    torch_call: Callable[[], Any] | None = None
+    torch_label: str = "torch"
+    others: dict[str, Callable[[], Callable[[], Any]]] = field(default_factory=dict)  # e.g. bitsandbytes
 
 
 def _randn(shape, device, dtype, scale=1.0, grad=False):
@@ -117,8 +123,89 @@ def cases(shape_name: str, device: torch.device, dtype: torch.dtype) -> list[Cas
         out.append(Case("fused_linear_cross_entropy", f"{n}x{h} @ {v}x{h}",
                         {"hidden": hid, "weight": lm, "target": target}, {}, ("hidden", "weight"),
                         bytes_moved=(2 * n * h + 3 * v * h) * el, flops=6 * n * h * v,
-                        liger=(lambda: (lambda m=flce_cls(): m(lm, hid, target))) if flce_cls else None))
+                        liger=(lambda: (lambda m=flce_cls(): m(lm, hid, target))) if flce_cls else None,
+                        # HF: lm_head in the activation dtype, logits upcast to fp32, then the loss.
+                        torch_call=lambda: F.cross_entropy(F.linear(hid, lm).float(), target),
+                        torch_label="torch (HF eager)", others=_flce_chunk_stacks(hid, lm, target, n)))
+    out += _lora_cases(s, device, dtype, el)
+    out += _nf4_cases(s, device, dtype)
     return out
+
+
+#: Chunk sizes (rows) timed besides the default, to show where the default sits.
+FLCE_CHUNKS = (256, 1024, 2048, 4096)
+
+
+def _flce_chunk_stacks(hid, lm, target, n: int) -> dict:
+    from workbench.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    return {f"ours (chunk {c})": (lambda c=c: (lambda: fused_linear_cross_entropy(hid, lm, target, chunk_size=c)))
+            for c in FLCE_CHUNKS if c < n}
+
+
+def _peft_linear(x, W, A, B, s):
+    """PEFT's LoRA linear as it runs eagerly: base_layer(x) + lora_B(lora_A(x)) * scaling."""
+    return F.linear(x, W) + F.linear(F.linear(x, A), B) * s
+
+
+def _lora_cases(s: dict, device, dtype, el: int) -> list[Case]:
+    """LoRA (rank s["rank"], frozen 16-bit W) on the model's MLP and attention projections."""
+    n, h, inter, r = s["tokens"], s["hidden"], s["inter"], s["rank"]
+    kv = s["kv"] * s["head_dim"]
+    scaling = 2.0
+    x = _randn((n, h), device, dtype, grad=True)
+
+    def lin(d_out, d_in):
+        return (_randn((d_out, d_in), device, dtype, d_in ** -0.5), _randn((r, d_in), device, dtype, d_in ** -0.5,
+                grad=True), _randn((d_out, r), device, dtype, r ** -0.5, grad=True))
+    out = []
+    W, A, B = lin(inter, h)
+    out.append(Case("lora_o", f"{n}x{h} -> {inter}, r{r}", {"x": x, "W": W, "A": A, "B": B},
+                    {"scaling": scaling}, ("x", "A", "B"), flops=3 * 2 * n * h * inter,
+                    torch_call=lambda: _peft_linear(x, W, A, B, scaling), torch_label="torch (PEFT eager)"))
+    (Wq, Aq, Bq), (Wk, Ak, Bk), (Wv, Av, Bv) = lin(h, h), lin(kv, h), lin(kv, h)
+    out.append(Case("lora_qkv", f"{n}x{h} -> {h}/{kv}/{kv}, r{r}",
+                    {"x": x, "Wq": Wq, "Aq": Aq, "Bq": Bq, "Wk": Wk, "Ak": Ak, "Bk": Bk, "Wv": Wv, "Av": Av,
+                     "Bv": Bv}, {"scaling": scaling}, ("x", "Aq", "Bq", "Ak", "Bk", "Av", "Bv"),
+                    flops=3 * 2 * n * h * (h + 2 * kv),
+                    torch_call=lambda: tuple(_peft_linear(x, *w, scaling) for w in
+                                             ((Wq, Aq, Bq), (Wk, Ak, Bk), (Wv, Av, Bv))),
+                    torch_label="torch (PEFT eager)"))
+    (Wg, Ag, Bg), (Wu, Au, Bu), (Wd, Ad, Bd) = lin(inter, h), lin(inter, h), lin(h, inter)
+
+    def peft_mlp():
+        act = F.silu(_peft_linear(x, Wg, Ag, Bg, scaling)) * _peft_linear(x, Wu, Au, Bu, scaling)
+        return _peft_linear(act, Wd, Ad, Bd, scaling)
+    out.append(Case("lora_mlp", f"{n}x{h} -> {inter} -> {h}, r{r}",
+                    {"x": x, "Wg": Wg, "Ag": Ag, "Bg": Bg, "Wu": Wu, "Au": Au, "Bu": Bu, "Wd": Wd, "Ad": Ad,
+                     "Bd": Bd}, {"scaling": scaling}, ("x", "Ag", "Bg", "Au", "Bu", "Ad", "Bd"),
+                    flops=3 * 2 * 3 * n * h * inter, torch_call=peft_mlp, torch_label="torch (PEFT eager)"))
+    return out
+
+
+def _nf4_cases(s: dict, device, dtype) -> list[Case]:
+    """Dequantizing one frozen NF4 weight (double quant) of the MLP's shape, forward only."""
+    from workbench.kernels.nf4 import NF4Weight
+
+    shape = (s["inter"], s["hidden"])
+    q = NF4Weight.quantize(_randn(shape, device, torch.float32, 0.02), double_quant=True)
+    tensors = {"packed": q.packed, "absmax": q.absmax, "code": q.code, "nested_absmax": q.nested_absmax,
+               "offset": q.offset}
+    numel = shape[0] * shape[1]
+    el = torch.tensor([], dtype=dtype).element_size()
+    others = {}
+    try:
+        import bitsandbytes.functional as bnbf
+
+        if device.type == "cuda":
+            wq, state = bnbf.quantize_4bit(_randn(shape, device, dtype, 0.02), quant_type="nf4",
+                                           compress_statistics=True)
+            others["bitsandbytes"] = lambda: (lambda: bnbf.dequantize_4bit(wq, state))
+    except Exception:  # not installed
+        pass
+    return [Case("nf4_dequant", f"{shape[0]}x{shape[1]} blocksize 64, double quant", tensors,
+                 {"shape": shape, "blocksize": 64, "dtype": dtype}, (),
+                 bytes_moved=numel // 2 + numel // 64 + numel * el, others=others)]
 
 
 # --------------------------------------------------------------------------- timing
@@ -203,11 +290,16 @@ def run(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only
         leaves = [case.tensors[g] for g in case.grads]
         stacks: dict[str, Callable[[], Any]] = {
             "ours": lambda spec=spec, c=case: spec.fn(**c.tensors, **c.options),
-            "torch": lambda spec=spec, c=case: spec.reference(**c.tensors, **c.options),
+            case.torch_label: case.torch_call or (lambda spec=spec, c=case: spec.reference(**c.tensors, **c.options)),
         }
         if compile_reference and device.type == "cuda":
-            compiled = torch.compile(spec.reference, dynamic=False)
-            stacks["torch.compile"] = lambda c=case, f=compiled: f(**c.tensors, **c.options)
+            if case.torch_call is not None:
+                stacks["torch.compile"] = torch.compile(case.torch_call, dynamic=False)
+            else:
+                compiled = torch.compile(spec.reference, dynamic=False)
+                stacks["torch.compile"] = lambda c=case, f=compiled: f(**c.tensors, **c.options)
+        for label, build in case.others.items():
+            stacks[label] = build()
         if case.liger is not None:
             try:
                 stacks["liger"] = case.liger()
@@ -219,8 +311,11 @@ def run(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only
             try:
                 with torch.no_grad():
                     row.fwd_ms = timer(call)
-                step = _fwd_bwd(call, leaves)
-                row.fwd_bwd_ms = timer(step)
+                if leaves:
+                    step = _fwd_bwd(call, leaves)
+                    row.fwd_bwd_ms = timer(step)
+                else:  # nothing to differentiate (NF4 dequant): the forward is the whole step
+                    step = call
                 row.peak_extra_gib = _peak_extra(step, device)
             except torch.cuda.OutOfMemoryError as err:
                 row.error = f"OOM: {str(err).splitlines()[0]}"
@@ -249,23 +344,30 @@ def markdown(result: dict, env: dict, command: str) -> str:
         f"- **Shapes:** `{result['shape']}` {result['shape_dims']}, dtype {result['dtype']}",
         f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
         f"transformers {env['transformers']}, liger-kernel {env.get('liger_kernel')}",
-        "- **Stacks:** `ours` (Triton kernels), `torch` (the PyTorch reference, eager, computing in fp32 as HF "
-        "does), `torch.compile` (of that reference), `liger` (Liger-Kernel, when installed), `floor` "
-        "(minimal bytes at the measured copy rate, or matmul FLOPs at the measured bf16 rate).",
-        "- Times are medians in ms (triton `do_bench`); `vs torch` is the torch time over ours, same run; "
-        "peak is the extra memory of one forward+backward.",
+        "- **Stacks:** `ours` (Triton kernels); `torch` (the PyTorch reference twin, eager; it computes in fp32 "
+        "where HF does: norms, activations, the loss); `torch (HF eager)` / `torch (PEFT eager)` where the twin "
+        "is not what HF/PEFT run (their matmuls in the activation dtype); `torch.compile` (of that torch stack); "
+        "`liger` (Liger-Kernel) and `bitsandbytes` when installed; `floor` (minimal bytes at the measured copy "
+        "rate, or matmul FLOPs at the measured bf16 rate, whichever is larger).",
+        "- Times are medians in ms (triton `do_bench`); `vs torch` is the torch stack's time over this row's, "
+        "same run (forward only for nf4_dequant, which has no gradient); peak is the extra memory of one "
+        "forward+backward.",
         "",
         "| kernel | shape | stack | fwd ms | fwd+bwd ms | vs torch (fwd+bwd) | peak extra GiB | note |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    torch_ms = {(r["kernel"], r["stack"]): r["fwd_bwd_ms"] for r in result["rows"]}
+    def step_ms(r):  # forward + backward, or the forward where nothing is differentiable
+        return r["fwd_bwd_ms"] if r["fwd_bwd_ms"] is not None else r["fwd_ms"]
+
+    torch_ms = {r["kernel"]: step_ms(r) for r in result["rows"]
+                if r["stack"] == "torch" or r["stack"].startswith("torch (")}
 
     def fmt(v, spec=".3f"):
         return "—" if v is None else format(v, spec)
 
     for r in result["rows"]:
-        base = torch_ms.get((r["kernel"], "torch"))
-        ratio = (f"{base / r['fwd_bwd_ms']:.2f}x" if base and r["fwd_bwd_ms"] and r["stack"] != "floor" else "")
+        base, mine = torch_ms.get(r["kernel"]), step_ms(r)
+        ratio = f"{base / mine:.2f}x" if base and mine and r["stack"] != "floor" else ""
         lines.append(f"| {r['kernel']} | {r['shape']} | {r['stack']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} "
                      f"| {ratio} | {fmt(r['peak_extra_gib'], '.2f')} | {r['error'] or ''} |")
     return "\n".join(lines) + "\n"

@@ -342,14 +342,17 @@ def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, igno
                                          label_smoothing=0.0, softcap=None, reduction="mean", z_loss=0.0,
                                          return_z_loss=False, num_items_in_batch=None, chunk_size=None,
                                          compute_dtype=torch.float32):
-    """HF's lm_head + loss: logits rounded to the activation dtype (as ``F.linear`` in that
-    dtype returns them; no rounding in the fp64 exact pass), then PyTorch's cross-entropy in
-    ``compute_dtype``, then transformers' ``fixed_cross_entropy`` rule for num_items_in_batch."""
+    """HF's lm_head + loss: the logits of ``F.linear`` in the activation dtype (HF's lm_head:
+    fp32 accumulation, one rounding; unrounded fp64 in the exact pass), then PyTorch's
+    cross-entropy in ``compute_dtype``, then transformers' ``fixed_cross_entropy`` rule for
+    num_items_in_batch. (The baseline's logits come from the same library GEMM as the kernel's,
+    as in HF: a logit whose fp32 sum sits at a bf16 rounding boundary then rounds alike in
+    both, instead of flipping one bf16 ulp between two equally valid summation orders.)"""
     cd = compute_dtype
-    logits = hidden.to(cd) @ weight.to(cd).T
-    if bias is not None:
-        logits = logits + bias.to(cd)
-    logits = logits.to(hidden.dtype).to(cd)
+    if cd == torch.float64:
+        logits = F.linear(hidden.to(cd), weight.to(cd), None if bias is None else bias.to(cd))
+    else:
+        logits = F.linear(hidden, weight, bias).to(cd)
     out = cross_entropy_reference(logits, target, ignore_index, label_smoothing, softcap,
                                   "sum" if num_items_in_batch is not None else reduction, z_loss, return_z_loss,
                                   compute_dtype=cd)

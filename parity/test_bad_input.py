@@ -9,7 +9,11 @@ from hypothesis import find
 
 from workbench.kernels import PROFILE_LIMITS, registry
 from workbench.kernels._common import KernelInputError
-from workbench.kernels._harness import BLOCK_KEY
+from workbench.kernels._harness import BLOCK_KEY, default_device
+
+# Bad input is built where the kernels run (CUDA, or the CPU under the interpreter):
+# otherwise the CPU-tensor check answers first and the test checks nothing else.
+DEVICE = default_device()
 
 SPECS = list(registry().values())
 
@@ -19,7 +23,7 @@ def smallest_inputs(spec, dtype=torch.float32):
     params = dict(find(spec.params(PROFILE_LIMITS["ci"]), lambda _: True))
     params.pop(BLOCK_KEY, None)
     gen = torch.Generator().manual_seed(0)
-    return spec.make_inputs(params, dtype, torch.device("cpu"), gen)
+    return spec.make_inputs(params, dtype, DEVICE, gen)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
@@ -80,7 +84,7 @@ def test_cpu_tensor_without_the_interpreter_is_a_clear_error():
 
 # Mismatched shapes, one realistic mistake per kernel, each a KernelInputError that names the tensor.
 def _f(*shape):
-    return torch.randn(*shape)
+    return torch.randn(*shape, device=DEVICE)
 
 
 SHAPE_MISTAKES = {
@@ -88,16 +92,17 @@ SHAPE_MISTAKES = {
     "layer_norm": (lambda: dict(x=_f(2, 8), weight=_f(8), bias=_f(9)), "bias"),
     "swiglu": (lambda: dict(gate=_f(2, 8), up=_f(2, 7)), "up"),
     "geglu": (lambda: dict(gate=_f(2, 8), up=_f(8, 2)), "up"),
-    "cross_entropy": (lambda: dict(logits=_f(4, 10), target=torch.zeros(3, dtype=torch.long)), "target"),
+    "cross_entropy": (lambda: dict(logits=_f(4, 10), target=torch.zeros(3, dtype=torch.long, device=DEVICE)), "target"),
     "rope": (lambda: dict(q=_f(1, 2, 5, 8), k=_f(1, 1, 4, 8), cos=_f(1, 5, 8), sin=_f(1, 5, 8)), "k"),
     "fused_linear_cross_entropy": (lambda: dict(hidden=_f(4, 8), weight=_f(10, 7),
-                                                target=torch.zeros(4, dtype=torch.long)), "weight"),
+                                                target=torch.zeros(4, dtype=torch.long, device=DEVICE)), "weight"),
     "lora_o": (lambda: dict(x=_f(2, 8), W=_f(6, 8), A=_f(4, 8), B=_f(6, 3), scaling=2.0), "B"),
     "lora_qkv": (lambda: dict(x=_f(2, 8), Wq=_f(8, 8), Aq=_f(2, 8), Bq=_f(8, 2), Wk=_f(4, 8), Ak=_f(2, 7),
                               Bk=_f(4, 2), Wv=_f(4, 8), Av=_f(2, 8), Bv=_f(4, 2), scaling=2.0), "Ak"),
     "lora_mlp": (lambda: dict(x=_f(2, 8), Wg=_f(6, 8), Ag=_f(2, 8), Bg=_f(6, 2), Wu=_f(6, 8), Au=_f(2, 8),
                               Bu=_f(6, 2), Wd=_f(8, 5), Ad=_f(2, 6), Bd=_f(8, 2), scaling=2.0), "Wd"),
-    "nf4_dequant": (lambda: dict(packed=torch.zeros(4, 1, dtype=torch.uint8), absmax=torch.ones(1), shape=(2, 5)),
+    "nf4_dequant": (lambda: dict(packed=torch.zeros(4, 1, dtype=torch.uint8, device=DEVICE),
+                                    absmax=torch.ones(1, device=DEVICE), shape=(2, 5)),
                     "packed"),
 }
 

@@ -71,11 +71,12 @@ def test_nf4_weight_is_dequantized_per_use_and_never_gets_a_grad():
             return self.q.dequantize()
 
     gen = torch.Generator().manual_seed(0)
-    W = torch.randn(12, 20, generator=gen)
+    dev = default_device()
+    W = torch.randn(12, 20, generator=gen).to(dev)
     q = Counting(nf4.NF4Weight.quantize(W))
-    x = torch.randn(5, 20, generator=gen, requires_grad=True)
-    A = (torch.randn(4, 20, generator=gen) * 0.1).requires_grad_()
-    B = (torch.randn(12, 4, generator=gen) * 0.1).requires_grad_()
+    x = torch.randn(5, 20, generator=gen).to(dev).requires_grad_()
+    A = (torch.randn(4, 20, generator=gen) * 0.1).to(dev).requires_grad_()
+    B = (torch.randn(12, 4, generator=gen) * 0.1).to(dev).requires_grad_()
     lora_o(x, q, A, B, 2.0).sum().backward()
     assert len(calls) == 2  # once in the forward, once in the backward (for dx)
     assert x.grad is not None and A.grad is not None and B.grad is not None

@@ -39,7 +39,9 @@ else
   echo "[wheelhouse] no prebuilt llama-cpp-python wheel in ../shared/wheels; GGUF export/eval on the host needs one"
 fi
 rm -rf "$out/site"
-python3 -m pip install -q --no-deps --no-compile --target "$out/site" "$wheels"/*.whl
+# Install for the host's interpreter, not this one (a py312-only wheel must still unpack here).
+python3 -m pip install -q --no-deps --no-compile --only-binary=:all: --python-version "$pyver" \
+  --implementation cp "${plat[@]}" --target "$out/site" "$wheels"/*.whl
 # Trim: a CUDA 13 host loads only these bitsandbytes libraries.
 if [ -d "$out/site/bitsandbytes" ]; then
   find "$out/site/bitsandbytes" -name 'libbitsandbytes_*' \
