@@ -149,7 +149,8 @@ def _peft_linear(x, W, A, B, s):
 
 
 def _lora_cases(s: dict, device, dtype, el: int) -> list[Case]:
-    """LoRA (rank s["rank"], frozen 16-bit W) on the model's MLP and attention projections."""
+    """LoRA (rank s["rank"], frozen 16-bit W) on the model's MLP and attention projections.
+    The floor counts the two frozen-W matmuls (forward and dX; W gets no gradient)."""
     n, h, inter, r = s["tokens"], s["hidden"], s["inter"], s["rank"]
     kv = s["kv"] * s["head_dim"]
     scaling = 2.0
@@ -161,13 +162,13 @@ def _lora_cases(s: dict, device, dtype, el: int) -> list[Case]:
     out = []
     W, A, B = lin(inter, h)
     out.append(Case("lora_o", f"{n}x{h} -> {inter}, r{r}", {"x": x, "W": W, "A": A, "B": B},
-                    {"scaling": scaling}, ("x", "A", "B"), flops=3 * 2 * n * h * inter,
+                    {"scaling": scaling}, ("x", "A", "B"), flops=2 * 2 * n * h * inter,
                     torch_call=lambda: _peft_linear(x, W, A, B, scaling), torch_label="torch (PEFT eager)"))
     (Wq, Aq, Bq), (Wk, Ak, Bk), (Wv, Av, Bv) = lin(h, h), lin(kv, h), lin(kv, h)
     out.append(Case("lora_qkv", f"{n}x{h} -> {h}/{kv}/{kv}, r{r}",
                     {"x": x, "Wq": Wq, "Aq": Aq, "Bq": Bq, "Wk": Wk, "Ak": Ak, "Bk": Bk, "Wv": Wv, "Av": Av,
                      "Bv": Bv}, {"scaling": scaling}, ("x", "Aq", "Bq", "Ak", "Bk", "Av", "Bv"),
-                    flops=3 * 2 * n * h * (h + 2 * kv),
+                    flops=2 * 2 * n * h * (h + 2 * kv),
                     torch_call=lambda: tuple(_peft_linear(x, *w, scaling) for w in
                                              ((Wq, Aq, Bq), (Wk, Ak, Bk), (Wv, Av, Bv))),
                     torch_label="torch (PEFT eager)"))
@@ -179,7 +180,7 @@ def _lora_cases(s: dict, device, dtype, el: int) -> list[Case]:
     out.append(Case("lora_mlp", f"{n}x{h} -> {inter} -> {h}, r{r}",
                     {"x": x, "Wg": Wg, "Ag": Ag, "Bg": Bg, "Wu": Wu, "Au": Au, "Bu": Bu, "Wd": Wd, "Ad": Ad,
                      "Bd": Bd}, {"scaling": scaling}, ("x", "Ag", "Bg", "Au", "Bu", "Ad", "Bd"),
-                    flops=3 * 2 * 3 * n * h * inter, torch_call=peft_mlp, torch_label="torch (PEFT eager)"))
+                    flops=2 * 2 * 3 * n * h * inter, torch_call=peft_mlp, torch_label="torch (PEFT eager)"))
     return out
 
 
@@ -237,9 +238,13 @@ def _fwd_bwd(call: Callable[[], Any], leaves: list[torch.Tensor]) -> Callable[[]
     return step
 
 
-def _peak_extra(step: Callable[[], None], device: torch.device) -> float | None:
+def _peak_extra(step: Callable[[], None], device: torch.device, leaves: list[torch.Tensor]) -> float | None:
+    """Peak memory of one step above what existed before it, with the previous step's
+    gradients freed first (else the step's own `grad = None` lowers the baseline)."""
     if device.type != "cuda":
         return None
+    for t in leaves:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -316,7 +321,7 @@ def run(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only
                     row.fwd_bwd_ms = timer(step)
                 else:  # nothing to differentiate (NF4 dequant): the forward is the whole step
                     step = call
-                row.peak_extra_gib = _peak_extra(step, device)
+                row.peak_extra_gib = _peak_extra(step, device, leaves)
             except torch.cuda.OutOfMemoryError as err:
                 row.error = f"OOM: {str(err).splitlines()[0]}"
                 torch.cuda.empty_cache()
