@@ -122,8 +122,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from workbench.kernels import registry
     from workbench.kernels._harness import DTYPES
 
+    if args.suite == "train":
+        return _bench_train(args)
     if args.suite != "kernels":
-        raise UserError(f"unknown suite {args.suite!r}; available: kernels.")
+        raise UserError(f"unknown suite {args.suite!r}; available: kernels, train.")
     if args.shape not in kbench.SHAPES:
         raise UserError(f"unknown shape set {args.shape!r}; use one of {', '.join(kbench.SHAPES)}.")
     if args.dtype not in DTYPES:
@@ -148,6 +150,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    """Training runs with and without our kernels, each in its own process (bench/train.py)."""
+    import torch
+
+    from workbench import atomic
+    from workbench.bench import train as tbench
+    from workbench.envinfo import _version, environment
+
+    shape = "llama3.2-1b" if args.shape == "llama3-8b" else args.shape  # the kernel suite's default shape
+    if shape not in tbench.SHAPES:
+        raise UserError(f"unknown model shape {shape!r} for the train suite; use one of {', '.join(tbench.SHAPES)}.")
+    if not torch.cuda.is_available() and shape != "tiny":
+        raise UserError("training benchmarks of real model shapes need a CUDA device; on the CPU use --shape tiny.")
+    modes = [m for m in (args.modes or ",".join(tbench.MODES)).split(",") if m]
+    if set(modes) - set(tbench.MODES):
+        raise UserError(f"unknown mode(s) in --modes; use {', '.join(tbench.MODES)}.")
+    result = tbench.run(shape, steps=args.steps, batch=args.batch, out=args.run, modes=modes)
+    env = environment()
+    env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
+    stem = f"{env['date']}-{env['device_slug']}"
+    out = Path(args.report if args.report != "reports/kernels" else "reports/train")
+    png = tbench.plot(result, out / f"{stem}.png")
+    atomic.write_json(out / f"{stem}.json", {"suite": "train", "environment": env, "command": args.command_line,
+                                             **result})
+    text = tbench.markdown(result, env, args.command_line, png.name)
+    atomic.write_text(out / f"{stem}.md", text)
+    print(text)
+    print(f"train report: {out / (stem + '.md')}")
+    return 0 if all(r["exit_code"] == 0 for r in result["runs"]) else 1
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.strip() if __doc__ else None)
@@ -170,12 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("bench", help="micro-benchmark the kernels against PyTorch, torch.compile and Liger")
-    p.add_argument("--suite", default="kernels", help="benchmark suite (kernels)")
+    p.add_argument("--suite", default="kernels", help="benchmark suite: kernels, or train (training runs with "
+                   "and without our kernels)")
     p.add_argument("--shape", default="llama3-8b", help="shape set: llama3-8b, llama3.2-1b, tiny (CPU smoke test)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--only", help="comma-separated kernel names")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stack")
-    p.add_argument("--report", default="reports/kernels", metavar="DIR", help="where <date>-<device>.md/.json go")
+    p.add_argument("--report", default="reports/kernels", metavar="DIR",
+                   help="where <date>-<device>.md/.json go (the train suite: reports/train)")
+    p.add_argument("--steps", type=int, default=30, help="train suite: optimizer steps per run")
+    p.add_argument("--batch", type=int, default=8, help="train suite: batch size")
+    p.add_argument("--modes", help="train suite: lora,qlora (default both)")
+    p.add_argument("--run", default="runs/bench-train", metavar="DIR", help="train suite: where the runs go")
     p.set_defaults(func=cmd_bench)
 
     # Pipeline stages: each module is light to import and defines add_parser(sub);

@@ -1,0 +1,196 @@
+"""End-to-end training runs: the same LoRA / QLoRA config with and without our kernels.
+
+Each (mode, stack) pair trains through the real harness (``workbench train``: TRL's
+SFTTrainer + PEFT, bitsandbytes NF4 for QLoRA) in its OWN process, so one stack's
+allocator state, compiled kernels or patches cannot leak into another's numbers.
+The base is a checkpoint built from a real model's config with random weights
+(shapes decide speed and memory) and our offline tokenizer; all runs share it, the
+data (the built-in synthetic skills) and the seed.
+
+Stacks:
+  ``hf``    transformers + PEFT as they come, ``attn_implementation="sdpa"``. On a CUDA
+            bf16 model, SDPA dispatches to PyTorch's FlashAttention-2 kernel (the flash
+            backend); flash-attn itself is not installed. Reports say "HF + SDPA".
+  ``ours``  the same, with ``workbench.patch`` applied after the adapter is attached.
+
+Reported per run: the per-step loss curve, tokens/s, step time, peak allocated
+memory; per mode: the loss agreement of the two stacks (max |difference| over the
+logged steps, relative to the loss) and the speed and memory ratios, same run.
+Nothing here asserts a speed: the numbers go to reports/train/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+#: Real configs (random weights). "tiny" keeps the CPU smoke test fast.
+SHAPES = {
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                        max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=0, rope_theta=10000.0,
+                 max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-5),
+}
+MODES = ("lora", "qlora")
+STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "ours": "ours (workbench.patch)"}
+
+
+def write_checkpoint(shape: str, out: Path, seed: int = 0) -> Path:
+    """A Llama checkpoint of ``shape`` with random weights (bf16 on CUDA, else fp32)
+    and our offline tokenizer, as safetensors; written once and reused."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workbench import atomic
+    from workbench.tokenizer import default_tokenizer
+
+    if (out / "config.json").exists():
+        return out
+    tok = default_tokenizer()
+    dims = dict(SHAPES[shape])
+    dims["vocab_size"] = max(dims["vocab_size"], len(tok))
+    config = LlamaConfig(**dims, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(dtype)
+    with atomic.directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, seed: int) -> dict:
+    return {
+        "model": {"path": str(checkpoint), "dtype": "auto"},
+        "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
+        "quantization": {"type": "nf4", "double_quant": True} if mode == "qlora" else None,
+        "training": {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "seed": seed, "logging_steps": 1,
+                     "warmup_ratio": 0.0, "schedule": "constant"},
+        "eval": {"max_rows": 0},
+        "kernels": stack == "ours",
+    }
+
+
+def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | os.PathLike = "runs/bench-train",
+        modes=MODES, stacks=tuple(STACKS), seed: int = 0, progress: Callable[[str], None] = print) -> dict:
+    import yaml
+
+    out = Path(out).resolve()
+    checkpoint = write_checkpoint(shape, out / f"base-{shape}", seed)
+    results = []
+    for mode in modes:
+        for stack in stacks:
+            run_dir = out / f"{mode}-{stack}"
+            cfg_path = out / f"{mode}-{stack}.yaml"
+            cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, batch, seed)))
+            progress(f"[bench train] {shape} {mode} {stack}: {steps} steps, batch {batch}")
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
+                                   "--run", str(run_dir)], capture_output=True, text=True)
+            row = {"mode": mode, "stack": stack, "label": STACKS[stack], "wall_s": round(time.perf_counter() - t0, 1),
+                   "exit_code": proc.returncode}
+            if proc.returncode != 0:
+                row["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                progress(f"[bench train]   failed: {row['error']}")
+            else:
+                record = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
+                losses = [json.loads(line) for line in (run_dir / "train" / "loss.jsonl").read_text().splitlines()]
+                row.update(tokens_per_s=record.get("tokens_per_s"), peak_memory_gib=record.get("peak_memory_gib"),
+                           train_s=record["timings"].get("train_s"), steps=record.get("steps"),
+                           final_loss=record.get("final_loss"), kernels=record.get("kernels"),
+                           loss_curve=[(r["step"], r["loss"]) for r in losses if r.get("loss") is not None])
+                row["step_s"] = round(row["train_s"] / row["steps"], 4) if row["steps"] else None
+            results.append(row)
+    return {"shape": shape, "shape_dims": SHAPES[shape], "steps": steps, "batch": batch, "seed": seed,
+            "runs": results, "comparisons": compare(results)}
+
+
+def compare(results: list[dict]) -> list[dict]:
+    """Per mode: ours against hf, same run. A faster stack whose loss differs is flagged."""
+    out = []
+    by = {(r["mode"], r["stack"]): r for r in results}
+    for mode in sorted({r["mode"] for r in results}):
+        hf, ours = by.get((mode, "hf")), by.get((mode, "ours"))
+        if not hf or not ours or "loss_curve" not in hf or "loss_curve" not in ours:
+            continue
+        a, b = dict(hf["loss_curve"]), dict(ours["loss_curve"])
+        common = sorted(set(a) & set(b))
+        diffs = [abs(a[s] - b[s]) / max(abs(a[s]), 1e-12) for s in common]
+        out.append({
+            "mode": mode,
+            "steps_compared": len(common),
+            "max_rel_loss_diff": max(diffs) if diffs else None,
+            "final_rel_loss_diff": diffs[-1] if diffs else None,
+            "speedup": (hf["step_s"] / ours["step_s"]) if hf.get("step_s") and ours.get("step_s") else None,
+            "memory_ratio": (ours["peak_memory_gib"] / hf["peak_memory_gib"])
+            if hf.get("peak_memory_gib") and ours.get("peak_memory_gib") else None,
+        })
+    return out
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in result["runs"]})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for r in result["runs"]:
+            if r["mode"] == mode and r.get("loss_curve"):
+                steps, losses = zip(*r["loss_curve"])
+                ax.plot(steps, losses, label=r["label"], linestyle="-" if r["stack"] == "hf" else "--")
+        ax.set_title(f"{result['shape']} {mode.upper()}: training loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
+    def f(v, spec=".3f"):
+        return "—" if v is None else format(v, spec)
+
+    lines = [
+        f"# Training runs — {env['device']} — {env['date']}",
+        "",
+        f"- **Command:** `{command}`",
+        f"- **Model:** `{result['shape']}` with random weights {result['shape_dims']} (vocab raised to the "
+        "tokenizer's when smaller), LoRA r16 alpha 16 on all seven projections; QLoRA: bitsandbytes NF4, "
+        "double quant.",
+        f"- **Data:** the built-in synthetic skills, batch {result['batch']}, {result['steps']} steps, seed "
+        f"{result['seed']}, lr 2e-4 constant; every run in its own process, same run of this command.",
+        f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, transformers "
+        f"{env['transformers']}, peft {env['peft']}, trl {env.get('trl')}, bitsandbytes {env.get('bitsandbytes')}",
+        "- **Stacks:** `hf` is transformers + PEFT with `attn_implementation=\"sdpa\"` (PyTorch's flash "
+        "backend on CUDA bf16; flash-attn is not installed); `ours` adds `workbench.patch`.",
+        "",
+        "| mode | stack | exit | steps | step s | tokens/s | peak GiB | final loss | kernels |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in result["runs"]:
+        k = r.get("kernels") or {}
+        swapped = ", ".join(f"{name} ×{sum(per.values())}" for name, per in (k.get("swapped") or {}).items())
+        lines.append(f"| {r['mode']} | {r['label']} | {r['exit_code']} | {r.get('steps', '—')} | {f(r.get('step_s'), '.4f')} "
+                     f"| {f(r.get('tokens_per_s'), '.0f')} | {f(r.get('peak_memory_gib'), '.2f')} "
+                     f"| {f(r.get('final_loss'), '.4f')} | {swapped or r.get('error', '')} |")
+    lines += ["", "| mode | steps compared | max rel. loss diff | final rel. loss diff | speed (hf/ours step time) "
+              "| peak memory (ours/hf) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in result["comparisons"]:
+        lines.append(f"| {c['mode']} | {c['steps_compared']} | {f(c['max_rel_loss_diff'], '.2e')} "
+                     f"| {f(c['final_rel_loss_diff'], '.2e')} | {f(c['speedup'], '.2f')}x | {f(c['memory_ratio'], '.2f')} |")
+    lines += ["", f"![loss curves]({png_name})", ""]
+    return "\n".join(lines)
