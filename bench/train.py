@@ -92,8 +92,10 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
             cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, batch, seed)))
             progress(f"[bench train] {shape} {mode} {stack}: {steps} steps, batch {batch}")
             t0 = time.perf_counter()
+            # cwd=out: `python -m` puts its cwd on sys.path, and from the repository root the
+            # folder kernels/ would answer transformers' probe for the hub's `kernels` package.
             proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                                   "--run", str(run_dir)], capture_output=True, text=True)
+                                   "--run", str(run_dir)], capture_output=True, text=True, cwd=out)
             row = {"mode": mode, "stack": stack, "label": STACKS[stack], "wall_s": round(time.perf_counter() - t0, 1),
                    "exit_code": proc.returncode}
             if proc.returncode != 0:

@@ -356,13 +356,15 @@ def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, igno
     depends on the GEMM's shape (cuBLAS picks its summation order by shape), and a logit
     whose fp32 sum sits at a rounding boundary would otherwise flip one bf16 ulp between
     two equally valid orders -- noise larger than everything the test is about (seen on an
-    H100: 2.5e-6 relative on an fp32 loss). The GRADIENT flows through the unchunked fp32
-    product, as before: dHidden/dWeight of the baseline keep fp32 accuracy."""
+    H100: 2.5e-6 relative on an fp32 loss). The GRADIENT flows through the unchunked
+    product in ``compute_dtype``, with dlogits rounded to the activation dtype as in HF."""
     cd = compute_dtype
     if cd == torch.float64:
         logits = F.linear(hidden.to(cd), weight.to(cd), None if bias is None else bias.to(cd))
     else:
-        full = F.linear(hidden.to(cd), weight.to(cd), None if bias is None else bias.to(cd))
+        # HF's backward rounds dlogits to the activation dtype (the backward of the cast
+        # to it) before the dHidden/dWeight/dBias matmuls and sums; so does the kernel.
+        full = F.linear(hidden.to(cd), weight.to(cd), None if bias is None else bias.to(cd)).to(hidden.dtype).to(cd)
         with torch.no_grad():
             h2 = hidden.reshape(-1, hidden.shape[-1])
             n = h2.shape[0]
