@@ -18,6 +18,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 target="."
 [ -n "$extras" ] && target=".[${extras}]"
+# An optional wheel cache next to the checkout (a prebuilt llama-cpp-python for the
+# export extra); without it pip resolves as usual (and builds llama-cpp-python).
+find_links=()
+[ -d ../shared/wheels ] && find_links=(--find-links ../shared/wheels)
 echo "[setup] installing parity-workbench ($target) in editable mode"
-.venv/bin/python -m pip install -q -e "$target"
+.venv/bin/python -m pip install -q ${find_links[@]+"${find_links[@]}"} -e "$target"
 .venv/bin/python -c "import workbench.kernels as k; print('[setup] ok:', len(k.registry()), 'kernels registered')"

@@ -1,0 +1,65 @@
+"""Logit comparison between a reference model and a converted one, on the same token ids.
+
+Used by the merge stage (merged vs adapter-on-base) and the export stage (GGUF via
+llama.cpp vs the HF merged model). Everything is computed in float64 so the
+metric itself adds no error to what it measures.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def windows(ids: list[int], window: int, max_tokens: int) -> list[list[int]]:
+    """Cut the first ``max_tokens`` ids into consecutive windows of at most ``window``
+    (each evaluated from an empty context); a last window under 2 ids predicts nothing
+    and is dropped."""
+    ids = ids[:max_tokens]
+    out = [ids[i:i + window] for i in range(0, len(ids), window)]
+    return [w for w in out if len(w) >= 2]
+
+
+def _nll(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Per-position negative log-likelihood of the next token (positions 0..T-2)."""
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    target = torch.tensor(ids[1:], dtype=torch.long)
+    return -logp.gather(-1, target[:, None])[:, 0]
+
+
+def perplexity(logits: list[torch.Tensor], wins: list[list[int]]) -> float:
+    nll = torch.cat([_nll(lg.double(), w) for lg, w in zip(logits, wins)])
+    return math.exp(nll.mean().item())
+
+
+def logit_metrics(ref: list[torch.Tensor], test: list[torch.Tensor], wins: list[list[int]]) -> dict:
+    """KL(ref || test) per position (mean and max), top-1 agreement, max and mean
+    absolute logit difference, and both perplexities with the relative delta.
+
+    ``ref``/``test``: one [T, V] logits tensor per window; ``wins``: the ids."""
+    r = torch.cat([x.double() for x in ref])
+    t = torch.cat([x.double() for x in test])
+    if r.shape != t.shape:
+        raise ValueError(f"logit shapes differ: {tuple(r.shape)} vs {tuple(t.shape)}")
+    lr, lt = torch.log_softmax(r, -1), torch.log_softmax(t, -1)
+    kl = (lr.exp() * (lr - lt)).sum(-1).clamp_min(0.0)   # tiny negative values are rounding
+    diff = (r - t).abs()
+    ppl_ref, ppl_test = perplexity(ref, wins), perplexity(test, wins)
+    return {
+        "positions": int(r.shape[0]),
+        "kl_mean": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "top1_agreement": (r.argmax(-1) == t.argmax(-1)).double().mean().item(),
+        "max_abs_logit_diff": diff.max().item(),
+        "mean_abs_logit_diff": diff.mean().item(),
+        "ppl_ref": ppl_ref,
+        "ppl": ppl_test,
+        "ppl_rel_delta": ppl_test / ppl_ref - 1.0,
+    }
+
+
+@torch.no_grad()
+def hf_logits(model, wins: list[list[int]]) -> list[torch.Tensor]:
+    """Logits of a transformers model (any dtype) per window, as float32 on the CPU."""
+    device = next(model.parameters()).device
+    return [model(torch.tensor([w], device=device)).logits[0].float().cpu() for w in wins]

@@ -1,0 +1,248 @@
+"""`workbench merge`: fold the run's LoRA adapter into its base and measure what changed.
+
+Output dtype: the merged model is saved in the base checkpoint's stored dtype (a
+bf16 base gives a bf16 merge; the built-in tiny default, stored in fp32, stays
+fp32). The merge itself is computed in fp32 (base loaded in fp32, W + s·B·A, one
+rounding to the stored dtype at save), so a 16-bit merge carries exactly one
+rounding of the merged weight and the fp32 default none at all; the export stage
+then makes its own f16/bf16 GGUFs from it.
+
+Reference: every merged model is compared with the model the adapter was trained
+with — the unmerged adapter on the base — on the same held-out ids (logit
+difference, KL, top-1, perplexity). For a QLoRA run that base is the NF4-quantized
+one (bitsandbytes, the run's compute dtype), and two merges are written: into the
+original 16-bit weights (``merge/merged``, what export uses) and into the
+dequantized NF4 weights (``merge/merged_from_nf4``), with the perplexity of each.
+
+Each folder is written under a temp name and renamed when complete; the report
+and the manifest record come last, so a failed merge leaves earlier stages intact.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from workbench import atomic, manifest
+from workbench.errors import UserError
+
+from .compare import hf_logits, logit_metrics, windows
+
+_STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def log(msg: str) -> None:
+    print(f"[merge] {msg}", file=sys.stderr, flush=True)
+
+
+def require_run(run: Path) -> None:
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist; pass the --run DIR that `workbench train` wrote.")
+
+
+def base_model_path(run: Path, train: dict) -> Path:
+    """The base checkpoint folder: the train record's base_model, else the adapter's
+    base_model_name_or_path when it is a local folder."""
+    candidates = [train.get("base_model")]
+    adapter_config = run / "adapter" / "adapter_config.json"
+    if adapter_config.is_file():
+        candidates.append(json.loads(adapter_config.read_text()).get("base_model_name_or_path"))
+    for c in candidates:
+        if c and (Path(c).is_dir() or (run / c).is_dir()):
+            base = Path(c) if Path(c).is_dir() else run / c
+            if not any(base.glob("*.safetensors")):
+                raise UserError(f"base model {base} has no .safetensors weights; only safetensors are loaded — "
+                                "convert the checkpoint to safetensors first.")
+            return base.resolve()
+    raise UserError(f"the run's base model is not a local folder (tried {', '.join(repr(c) for c in candidates)}); "
+                    "merge runs offline and needs the base checkpoint on disk — restore it at that path.")
+
+
+def stored_dtype(base: Path) -> str:
+    """The floating dtype the base checkpoint's weights are stored in."""
+    from safetensors import safe_open
+
+    for f in sorted(base.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            for name in fh.keys():
+                dtype = fh.get_slice(name).get_dtype()
+                if dtype in _STORED_DTYPES:
+                    return _STORED_DTYPES[dtype]
+    raise UserError(f"base model {base} has no float32/bfloat16/float16 weights to merge into.")
+
+
+def _require_adapter(run: Path) -> Path:
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise UserError(f"{adapter} has no adapter_config.json + adapter_model.safetensors; "
+                        "rerun `workbench train --run DIR` (only safetensors adapters are loaded).")
+    return adapter
+
+
+def _with_adapter(model, adapter: Path):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"the adapter in {adapter} does not fit the base model ({str(err).splitlines()[0]}); "
+                        "merge it with the base it was trained on.") from None
+
+
+def _load_base(base: Path, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True).to(device).eval()
+
+
+def _load_nf4_base(base: Path, quant: dict, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant.get("type", "nf4"),
+        bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+        bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype") or "float32"),
+    )
+    return AutoModelForCausalLM.from_pretrained(str(base), quantization_config=config, dtype=torch.float32,
+                                                device_map={"": device}, use_safetensors=True).eval()
+
+
+def dequantized_weights(nf4_model) -> dict:
+    """{module name: fp32 weight} for every bitsandbytes 4-bit linear layer, dequantized
+    with bitsandbytes itself (the exact values the QLoRA forward pass multiplies by)."""
+    import bitsandbytes as bnb
+
+    return {name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float().cpu()
+            for name, m in nf4_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def save_atomically(model, dtype: str, tok_dir: Path, final: Path) -> None:
+    """save_pretrained (safetensors) + the run's tokenizer into a temp folder next to
+    ``final``, then swap it in."""
+    import torch
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    old = final.with_name(f".{final.name}.old")
+    try:
+        model.to(getattr(torch, dtype)).save_pretrained(str(tmp), safe_serialization=True)
+        for f in tok_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise UserError(f"no space left on the device while writing {final}; free space on {final.parent} "
+                            "and rerun `workbench merge` (the earlier stages are untouched).") from None
+        raise
+
+
+def _evaluate_saved(folder: Path, ref, wins, device: str) -> dict:
+    """Metrics of the model as saved on disk (not the in-memory object that was saved)."""
+    return logit_metrics(ref, hf_logits(_load_base(folder, device), wins), wins)
+
+
+def run_merge(run: str | Path, heldout: str | None = None) -> dict:
+    """The merge stage. ``heldout``: the text perplexity is measured on (default:
+    the built-in synthetic held-out split). Returns the report."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from workbench.offline import enforce_offline
+
+    enforce_offline()
+    run = Path(run)
+    require_run(run)
+    train = manifest.require_stage(run, "train", "run `workbench train --run DIR` first.")
+    adapter = _require_adapter(run)
+    tok_dir = run / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"{tok_dir} has no tokenizer.json; the train stage writes it — rerun `workbench train`.")
+    base = base_model_path(run, train)
+    dtype = stored_dtype(base)
+    quant = train.get("quantization")
+    if quant and quant.get("type") != "nf4":
+        raise UserError(f"train record quantization type {quant.get('type')!r} is not supported; merge knows nf4 only.")
+    if heldout is None:
+        from workbench.synthetic import heldout_text
+
+        heldout = heldout_text()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    from .verify import EVAL_TOKENS, EVAL_WINDOW
+
+    window = min(EVAL_WINDOW, json.loads((base / "config.json").read_text())["max_position_embeddings"])
+    wins = windows(tokenizer(heldout)["input_ids"], window, EVAL_TOKENS)
+    if not wins:
+        raise UserError("the held-out text is too short to measure perplexity (fewer than 2 tokens).")
+    out_dir = run / "merge"
+    for stale in out_dir.glob(".*.partial"):   # left by a killed merge
+        shutil.rmtree(stale, ignore_errors=True)
+
+    if quant:
+        log(f"reference: adapter on the NF4 base {base} (bitsandbytes, compute {quant.get('compute_dtype')})")
+        nf4 = _load_nf4_base(base, quant, device)
+        deq = dequantized_weights(nf4)   # before PEFT wraps the layers (and renames them)
+        ref = hf_logits(_with_adapter(nf4, adapter), wins)
+        del nf4
+        reference = f"adapter on the NF4-quantized base (bitsandbytes, compute dtype {quant.get('compute_dtype')})"
+    else:
+        log(f"reference: adapter on the base {base} (fp32)")
+        reference = "adapter on the base, unmerged, in fp32"
+
+    log(f"merging into the base's weights (fp32 arithmetic, saved as {dtype})")
+    peft_model = _with_adapter(_load_base(base, device), adapter)
+    if not quant:
+        ref = hf_logits(peft_model, wins)
+    save_atomically(peft_model.merge_and_unload(), dtype, tok_dir, out_dir / "merged")
+    del peft_model
+    report = {"base_model": str(base), "dtype": dtype, "quantization": quant, "reference": reference,
+              "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
+    log("comparing merge/merged with the reference")
+    report["merged"] = _evaluate_saved(out_dir / "merged", ref, wins, device)
+    outputs = [out_dir / "merged"]
+
+    if quant:
+        log("merging into the dequantized NF4 weights")
+        model = _load_base(base, device)
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, weight in deq.items():
+                modules[name].weight.copy_(weight.to(device))
+        save_atomically(_with_adapter(model, adapter).merge_and_unload(), dtype, tok_dir, out_dir / "merged_from_nf4")
+        del model
+        report["merged_from_nf4"] = _evaluate_saved(out_dir / "merged_from_nf4", ref, wins, device)
+        a, b = report["merged"]["ppl"], report["merged_from_nf4"]["ppl"]
+        report["nf4_vs_16bit"] = {"ppl_merged_16bit": a, "ppl_merged_from_nf4": b,
+                                  "ppl_reference": report["merged"]["ppl_ref"], "ppl_rel_diff": a / b - 1.0}
+        outputs.append(out_dir / "merged_from_nf4")
+
+    atomic.write_json(out_dir / "merge_report.json", report)
+    outputs.append(out_dir / "merge_report.json")
+    for key in ("merged", "merged_from_nf4"):
+        if key in report:
+            m = report[key]
+            log(f"{key}: KL mean {m['kl_mean']:.3g}, top-1 {m['top1_agreement']:.4f}, "
+                f"max |dlogit| {m['max_abs_logit_diff']:.3g}, ppl {m['ppl']:.4g} vs {m['ppl_ref']:.4g}")
+    manifest.record_stage(run, "merge", {
+        "inputs": {"adapter": "adapter", "base_model": str(base), "tokenizer": "tokenizer"},
+        "input_hashes": {"adapter": manifest.hash_tree(adapter), "tokenizer": manifest.hash_tree(tok_dir)},
+        "dtype": dtype, "quantization": quant, "merged_dir": "merge/merged",
+        "metrics": {k: report[k] for k in ("merged", "merged_from_nf4", "nf4_vs_16bit") if k in report},
+        "outputs": manifest.outputs_record(run, outputs),
+    })
+    return report

@@ -1,0 +1,151 @@
+"""`workbench export`: GGUF files from the merged model, each verified numerically.
+
+Order: the 16-bit GGUFs (our writer), then the quantized ones (llama.cpp's
+quantizer, from the f16 file — or bf16 when only bf16 was asked for; when only
+quantized types are asked for, an f16 is written as their source and kept), then
+verification of every file against the HF merged model. Every file is written
+under a temp name and renamed when complete, so a killed export leaves only
+``.*.partial`` names (removed by the next export) and a failed quantization leaves
+the 16-bit files intact. The manifest's "export" record lists every file (hash,
+size, type, verification numbers); it is "complete" only when every file passed
+its thresholds, otherwise "failed_verification" (the report says which metric).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from workbench import atomic, manifest
+from workbench.errors import UserError
+
+from . import archs, gguf_writer, quantize, verify
+from .compare import hf_logits, windows
+from .merge import require_run
+
+CHOICES = ("f16", "bf16", "q8_0", "q4_k_m")
+
+
+def log(msg: str) -> None:
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_quants(text: str) -> list[str]:
+    wanted = [q.strip().lower() for q in text.split(",") if q.strip()]
+    unknown = [q for q in wanted if q not in CHOICES]
+    if unknown or not wanted:
+        raise UserError(f"unknown --quant value(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(CHOICES)}.")
+    return [q for q in CHOICES if q in wanted]
+
+
+def _merged_folder(run: Path) -> Path:
+    rec = manifest.require_stage(run, "merge", "run `workbench merge --run DIR` first.")
+    problems = manifest.verify_outputs(run, "merge")
+    if problems:
+        raise UserError(f"the merge stage's files changed since it ran ({problems[0]}); rerun `workbench merge`.")
+    merged = run / rec.get("merged_dir", "merge/merged")
+    if not (merged / "config.json").is_file():
+        raise UserError(f"{merged} has no config.json; rerun `workbench merge`.")
+    if not (merged / "tokenizer.json").is_file():
+        raise UserError(f"no tokenizer in {merged} (tokenizer.json is missing); rerun `workbench merge`, "
+                        "which copies the run's tokenizer next to the merged weights.")
+    return merged
+
+
+def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None = None,
+               heldout: str | None = None) -> dict:
+    """The export stage; returns the report (``report["passed"]`` says whether every
+    file met its thresholds)."""
+    from workbench.offline import enforce_offline
+
+    enforce_offline()
+    run = Path(run)
+    require_run(run)
+    merged = _merged_folder(run)
+    limits = verify.load_thresholds(thresholds)
+    config = json.loads((merged / "config.json").read_text())
+    archs.check_exportable(config)   # refuse before writing anything
+    out = run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.partial"):
+        stale.unlink()
+
+    floats = [q for q in quants if q in gguf_writer.FLOAT_TYPES]
+    quantized = [q for q in quants if q in quantize.QUANTS]
+    if quantized and not floats:
+        floats = ["f16"]
+    files: dict[str, Path] = {}
+    facts = {}
+    for kind in floats:
+        files[kind] = out / f"model-{kind}.gguf"
+        log(f"writing {files[kind].name}")
+        facts = gguf_writer.write(merged, files[kind], kind)
+    source = files["f16"] if "f16" in files else files.get("bf16")
+    types = {}
+    for q in quantized:
+        files[q] = out / f"model-{q}.gguf"
+        log(f"quantizing {source.name} -> {files[q].name} (llama.cpp)")
+        quantize.quantize(source, files[q], q)
+        types[q] = quantize.tensor_types(files[q])
+
+    report = {"arch": facts.get("arch"), "gguf_arch": facts.get("gguf_arch"),
+              "pre_tokenizer": facts.get("pre_tokenizer"), "notes": facts.get("notes", []),
+              "source_for_quants": source.name if quantized else None, "thresholds": limits, "files": {}}
+    report.update(_verify_all(merged, files, types, limits, heldout))
+    atomic.write_json(out / "export_report.json", report)
+
+    entries = {}
+    for kind, path in files.items():
+        entry = report["files"][kind]
+        entries[kind] = {"path": path.relative_to(run).as_posix(), **manifest.file_record(path), "type": kind,
+                         "passed": entry["passed"], "llama_cpp": entry["llama_cpp"],
+                         "tokenizer_mismatches": len(entry["tokenizer"]["mismatches"]),
+                         "transformers": entry["transformers"]}
+    manifest.record_stage(run, "export", {
+        "status": "complete" if report["passed"] else "failed_verification",
+        "inputs": {"merged": merged.relative_to(run).as_posix()},
+        "input_hashes": {"merged": manifest.hash_tree(merged)},
+        "files": entries,
+        "outputs": manifest.outputs_record(run, [*files.values(), out / "export_report.json"]),
+    })
+    return report
+
+
+def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: str | None) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if heldout is None:
+        from workbench.synthetic import heldout_text
+
+        heldout = heldout_text()
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    window = min(verify.EVAL_WINDOW, json.loads((merged / "config.json").read_text())["max_position_embeddings"])
+    wins = windows(tokenizer(heldout)["input_ids"], window, verify.EVAL_TOKENS)
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # llama.cpp itself runs on the CPU here
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, use_safetensors=True)
+    model = model.to(device).eval()
+    ref = hf_logits(model, wins)
+    result, passed = {}, True
+    for kind, path in files.items():
+        log(f"verifying {path.name} against the HF merged model")
+        checks = verify.verify(path, model, tokenizer, wins, ref, heldout)
+        problems = [f"llama.cpp {p}" for p in verify.failures(checks["llama_cpp"], limits[kind])]
+        if checks["transformers"]["supported"]:
+            problems += [f"transformers {p}" for p in verify.failures(checks["transformers"], limits[kind])]
+        if checks["tokenizer"]["mismatches"]:
+            problems.append(f"tokenizer: {len(checks['tokenizer']['mismatches'])} of "
+                            f"{checks['tokenizer']['strings']} strings encode differently in llama.cpp")
+        entry = {"file": path.name, "bytes": path.stat().st_size, **checks, "failures": problems,
+                 "passed": not problems}
+        if kind in types:
+            entry["tensor_types"] = {n: t["type"] for n, t in types[kind].items()}
+            entry["fallbacks"] = quantize.fallbacks(types[kind], kind)
+        m = checks["llama_cpp"]
+        log(f"{path.name}: KL mean {m['kl_mean']:.3g}, top-1 {m['top1_agreement']:.4f}, max |dlogit| "
+            f"{m['max_abs_logit_diff']:.3g}, ppl delta {m['ppl_rel_delta']:+.2e}"
+            + ("" if not problems else f"  FAILED: {'; '.join(problems)}"))
+        result[kind] = entry
+        passed &= not problems
+    return {"files": result, "passed": passed,
+            "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
