@@ -1,0 +1,479 @@
+"""The patcher's mechanics (workbench/patch.py): exact undo, the report, idempotence,
+errors, the fused loss's memory claim and clean fallbacks. The numbers of a patched
+model against HF's are tests/test_model_parity.py's business."""
+import copy
+import importlib
+import json
+
+import pytest
+import torch
+
+from workbench.offline import enforce_offline
+
+enforce_offline()
+
+import peft  # noqa: E402
+import transformers  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+import workbench  # noqa: E402
+from workbench.errors import UserError  # noqa: E402
+from workbench.families import FAMILIES, GLU_ACTIVATIONS, family, tiny_config  # noqa: E402
+from workbench.kernels import fused_linear_cross_entropy as flce  # noqa: E402
+from workbench.patch import (OPTIONS, PatchReport, kernel_calls, options_from_config,  # noqa: E402
+                             patch_model, unpatch_model)
+
+#: Where the kernels run: the GPU when there is one, else the CPU under the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ALL_PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 320
+ONLY_LORA = dict(rms_norm=False, rope=False, mlp=False, loss=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """See tests/test_model_parity.py: 2-thread MKL is ~1000x slower on tiny matmuls here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plain(name="llama", seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(name, vocab_size=VOCAB, initializer_range=0.1, **overrides)
+    return getattr(transformers, family(name).causal_lm)(config).to(DEVICE)
+
+
+def with_lora(name="llama", targets=ALL_PROJS, seed=0, **lora_kw):
+    model = peft.get_peft_model(plain(name, seed), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                                                   **lora_kw))
+    with torch.no_grad():  # a trained adapter: PEFT's zero B would make LoRA a no-op
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def batch(seq=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE)}, labels.to(DEVICE)
+
+
+def outputs(model, inputs, labels):
+    """(loss, logits without labels, LoRA grads): what must be bit-identical after unpatching."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return out.loss.detach(), logits, grads
+
+
+def assert_same_outputs(a, b):
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][n], b[2][n]) for n in a[2])
+
+
+def snapshot(model):
+    """Everything patching may touch: each module's own attributes (incl. an instance
+    forward) and every parameter's identity, storage and value."""
+    modules = {path: (id(m), type(m), dict(m.__dict__)) for path, m in model.named_modules()}
+    params = {n: (id(p), p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    return modules, params, list(model.state_dict())
+
+
+def assert_same_snapshot(a, b):
+    assert a[0].keys() == b[0].keys()
+    for path in a[0]:
+        (ida, ta, da), (idb, tb, db) = a[0][path], b[0][path]
+        assert ida == idb and ta is tb, path
+        assert da.keys() == db.keys(), (path, set(da) ^ set(db))
+        assert all(da[k] is db[k] for k in da), path  # same objects: forwards, submodule dicts, configs
+    assert a[1].keys() == b[1].keys()
+    for n in a[1]:
+        assert a[1][n][:2] == b[1][n][:2] and torch.equal(a[1][n][2], b[1][n][2]), n
+    assert a[2] == b[2]
+
+
+# --------------------------------------------------------------------------- exact undo
+def test_unpatch_restores_the_model_exactly():
+    model = with_lora()
+    mlp = model.get_base_model().model.layers[0].mlp
+    # A forward that another library installed on an instance earlier must come back as is.
+    foreign = type(mlp).forward.__get__(mlp)
+    mlp.forward = foreign
+    rope_module = importlib.import_module(family("llama").module)
+    rope_fn = rope_module.apply_rotary_pos_emb
+    inputs, labels = batch()
+    before_snapshot = snapshot(model)
+    before = outputs(model, inputs, labels)
+
+    calls = kernel_calls()
+    patch_model(model)
+    # While patched: the same Parameter objects, the same state_dict, and the kernels live.
+    assert [id(p) for p in model.parameters()] == [v[0] for v in before_snapshot[1].values()]
+    assert list(model.state_dict()) == before_snapshot[2]
+    assert rope_module.apply_rotary_pos_emb is not rope_fn
+    patched = outputs(model, inputs, labels)
+    assert kernel_calls().get("lora_mlp", 0) > calls.get("lora_mlp", 0)
+    assert patched[0].isfinite()
+
+    assert unpatch_model(model) is True
+    assert mlp.__dict__["forward"] is foreign
+    assert rope_module.apply_rotary_pos_emb is rope_fn
+    assert_same_snapshot(before_snapshot, snapshot(model))
+    assert_same_outputs(before, outputs(model, inputs, labels))
+    assert unpatch_model(model) is False  # nothing left to undo
+
+
+def test_unpatch_refuses_when_a_forward_was_wrapped_after_patching():
+    model = plain()
+    patch_model(model)
+    norm = model.model.norm
+    patched_forward = norm.forward
+    norm.forward = lambda x: patched_forward(x)  # e.g. a hook library wrapping the patched forward
+    with pytest.raises(UserError, match="replaced after patching"):
+        unpatch_model(model)
+    # Nothing was undone half-way: every other swap is still installed.
+    assert "forward" in model.model.layers[0].input_layernorm.__dict__
+    norm.forward = patched_forward  # the wrapper removed: now it unpatches
+    assert unpatch_model(model) is True
+    assert "forward" not in model.model.layers[0].input_layernorm.__dict__
+
+
+# --------------------------------------------------------------------------- the report
+def expected_swaps(name: str, lora: bool) -> dict:
+    """What a full patch swaps in a tiny ``name`` model, from its config and the family table."""
+    fam, config = family(name), tiny_config(name)
+    layers = config.num_hidden_layers
+    swaps = {"rms_norm": {fam.norm: layers * fam.norms_per_layer + 1},  # + the final norm
+             "rope": {fam.attention: layers},
+             "fused_linear_cross_entropy": {fam.causal_lm: 1}}
+    if lora:
+        swaps.update({"lora_qkv": {fam.attention: layers}, "lora_mlp": {fam.mlp: layers},
+                      "lora_o": {fam.o_proj: layers}})
+    else:
+        swaps[GLU_ACTIVATIONS[getattr(config, fam.activation_key)][0]] = {fam.mlp: layers}
+    return swaps
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_report_lists_every_swap_by_module_type(name):
+    model = plain(name)
+    report = patch_model(model)
+    try:
+        assert isinstance(report, PatchReport) and report.family == name
+        assert report.swapped == expected_swaps(name, lora=False)
+        assert report.fallbacks == []
+        json.dumps(report.to_dict())  # goes into the run manifest as is
+    finally:
+        unpatch_model(model)
+
+
+def test_report_of_a_peft_model_and_of_switched_off_kernels():
+    model = with_lora()
+    report = patch_model(model)
+    assert report.swapped == expected_swaps("llama", lora=True) and report.fallbacks == []
+    assert report.count("lora_o") == 2 and "swiglu" not in report.swapped  # inside lora_mlp
+    assert str(report).splitlines()[0] == "kernels patched into a llama model:"
+    unpatch_model(model)
+
+    report = patch_model(model, rms_norm=False, loss=False, lora=False)
+    assert set(report.swapped) == {"rope", "swiglu"}
+    unpatch_model(model)
+    assert patch_model(model, **dict.fromkeys(OPTIONS, False)).swapped == {}
+    unpatch_model(model)
+
+
+def test_partial_lora_fallback_is_reported():
+    """PEFT's default llama targets and a half-adapted MLP: the groups fall back, with
+    the reason, and the adapted projections run alone through lora_o."""
+    model = with_lora(targets=["q_proj", "v_proj", "o_proj", "gate_proj"])
+    report = patch_model(model)
+    try:
+        layers = model.get_base_model().config.num_hidden_layers
+        assert report.swapped["lora_o"] == {"q_proj": layers, "v_proj": layers, "o_proj": layers,
+                                            "gate_proj": layers}
+        assert "lora_qkv" not in report.swapped and "lora_mlp" not in report.swapped
+        assert report.swapped["swiglu"] == {"LlamaMLP": layers}
+        reasons = {(f.kernel, f.reason) for f in report.fallbacks}
+        assert reasons == {("lora_qkv", "k_proj has no LoRA adapter"),
+                           ("lora_mlp", "up_proj, down_proj have no LoRA adapter")}
+        assert len(report.fallbacks) == 2 * layers
+        assert all(str(f).startswith("model.layers.") for f in report.fallbacks)  # paths in the HF model
+    finally:
+        unpatch_model(model)
+
+
+def test_unsupported_peft_features_fall_back_cleanly():
+    """DoRA: reported, nothing LoRA-related swapped, and PEFT's own code runs (bit-identical)."""
+    model = with_lora(use_dora=True)
+    inputs, labels = batch()
+    reference = outputs(model, inputs, labels)
+    report = patch_model(model, **ONLY_LORA)
+    try:
+        assert report.swapped == {}
+        # (lora_mlp needs the MLP switch: with mlp=False the MLP's projections go alone, as lora_o.)
+        assert {f.kernel for f in report.fallbacks} == {"lora_qkv", "lora_o"}
+        assert all("DoRA" in f.reason for f in report.fallbacks)
+        assert_same_outputs(reference, outputs(model, inputs, labels))
+    finally:
+        unpatch_model(model)
+
+
+def test_disabled_adapter_takes_peft_path():
+    model = with_lora()
+    inputs, labels = batch()
+
+    def base_outputs():  # without the adapter nothing trains: loss and logits only
+        with model.disable_adapter(), torch.no_grad():
+            return model(**inputs, labels=labels).loss, model(**inputs).logits
+
+    reference = base_outputs()
+    patch_model(model, **ONLY_LORA)
+    try:
+        before = kernel_calls()
+        got = base_outputs()
+        assert kernel_calls() == before  # no LoRA kernel ran for the disabled adapter
+        assert torch.equal(reference[0], got[0]) and torch.equal(reference[1], got[1])
+        model(**inputs)  # enabled again: the kernels run
+        assert kernel_calls().get("lora_qkv", 0) > before.get("lora_qkv", 0)
+    finally:
+        unpatch_model(model)
+
+
+def test_nf4_switch_off_is_reported(tmp_path):
+    """(A report only, nothing runs: the 4-bit model stays on the CPU.)"""
+    plain().save_pretrained(tmp_path)
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_compute_dtype=torch.float32)
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32,
+                                                         device_map={"": "cpu"})
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
+    report = patch_model(model, nf4=False)
+    try:
+        assert "lora_o" not in report.swapped and "nf4_dequant" not in report.swapped
+        assert [f.reason for f in report.fallbacks] == ["the base is 4-bit and nf4=False"] * 2
+    finally:
+        unpatch_model(model)
+    report = patch_model(model)
+    assert report.swapped["nf4_dequant"] == {"Linear4bit": 2} and report.fallbacks == []
+    unpatch_model(model)
+
+
+def test_lora_dropout_reaches_the_kernels_in_training_only(monkeypatch):
+    """PEFT's lora_dropout p goes to the kernels (which draw the masks) in train mode,
+    and 0 in eval mode, as nn.Dropout does."""
+    import workbench.patch as patch_module
+
+    seen = []
+    for name in ("lora_qkv", "lora_o", "lora_mlp"):
+        kernel = getattr(patch_module, name)
+        monkeypatch.setattr(patch_module, name,
+                            lambda *a, _k=kernel, _n=name, **kw: seen.append((_n, kw["dropout"])) or _k(*a, **kw))
+    model = with_lora(lora_dropout=0.25)
+    inputs, _ = batch()
+    patch_model(model, rms_norm=False, rope=False, loss=False)
+    try:
+        model.train()
+        with torch.no_grad():
+            model(**inputs)
+        assert {n for n, _ in seen} == {"lora_qkv", "lora_o", "lora_mlp"} and {p for _, p in seen} == {0.25}
+        seen.clear()
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+        assert seen and {p for _, p in seen} == {0.0}
+    finally:
+        unpatch_model(model)
+
+
+def test_generation_runs_through_the_patched_model():
+    """generate() (KV cache, logits_to_keep=1, no labels): same greedy tokens as HF's code."""
+    model = with_lora()
+    model.eval()
+    inputs, _ = batch()
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    reference = model.generate(**inputs, **kwargs)
+    before = kernel_calls()
+    patch_model(model)
+    try:
+        assert torch.equal(model.generate(**inputs, **kwargs), reference)
+        assert kernel_calls().get("rope", 0) > before.get("rope", 0)
+    finally:
+        unpatch_model(model)
+
+
+# --------------------------------------------------------------------------- errors and idempotence
+def test_unsupported_architecture_names_the_supported_ones():
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UserError) as err:
+        patch_model(model)
+    message = str(err.value)
+    assert "'gpt2'" in message and all(name in message for name in FAMILIES)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # untouched
+
+
+def test_patching_twice_is_a_no_op_and_other_options_are_refused():
+    model = with_lora()
+    first = patch_model(model)
+    forwards = {p: m.__dict__.get("forward") for p, m in model.named_modules()}
+    assert patch_model(model) is first
+    assert patch_model(model.get_base_model()) is first  # the same model under its PEFT wrapper
+    assert {p: m.__dict__.get("forward") for p, m in model.named_modules()} == forwards
+    with pytest.raises(UserError, match="already patched"):
+        patch_model(model, loss=False)
+    unpatch_model(model)
+
+
+def test_bad_options_are_user_errors():
+    model = plain()
+    with pytest.raises(UserError, match="rms_norm must be true or false"):
+        patch_model(model, rms_norm="yes")
+    with pytest.raises(UserError, match="needs a torch model"):
+        patch_model("llama")
+
+
+def test_kernels_config_switch():
+    assert options_from_config(None) is None and options_from_config(False) is None
+    assert options_from_config(True) == dict.fromkeys(OPTIONS, True)
+    assert options_from_config({"loss": False}) == {**dict.fromkeys(OPTIONS, True), "loss": False}
+    with pytest.raises(UserError, match="unknown switch"):
+        options_from_config({"flash": True})
+    with pytest.raises(UserError, match="must be true or false"):
+        options_from_config({"rope": "on"})
+    with pytest.raises(UserError, match="must be true, false or a mapping"):
+        options_from_config("all")
+
+
+def test_package_level_entry_points():
+    model = plain()
+    report = workbench.patch(model)
+    assert isinstance(report, PatchReport)
+    assert workbench.unpatch(model) is True
+
+
+# --------------------------------------------------------------------------- sharing and copies
+def test_other_models_keep_hf_code_and_the_rope_global_goes_back_last():
+    rope_module = importlib.import_module(family("llama").module)
+    original = rope_module.apply_rotary_pos_emb
+    a, b = plain(seed=1), plain(seed=2)
+    inputs, labels = batch()
+    b_before = outputs(b, inputs, labels)
+    patch_model(a)
+    assert_same_outputs(b_before, outputs(b, inputs, labels))  # b runs HF's code, bit for bit
+    patch_model(b)
+    unpatch_model(a)
+    assert rope_module.apply_rotary_pos_emb is not original  # b still needs the dispatcher
+    unpatch_model(b)
+    assert rope_module.apply_rotary_pos_emb is original
+
+
+def test_deepcopy_of_a_patched_model_patches_the_copy():
+    model = with_lora()
+    patch_model(model)
+    twin = copy.deepcopy(model)
+    pairs = list(zip(model.modules(), twin.modules()))
+    swapped = [(m, t) for m, t in pairs if "forward" in m.__dict__]
+    assert swapped and all(t.forward.__self__ is t for _, t in swapped)
+    assert unpatch_model(twin) is True
+    assert all("forward" in m.__dict__ for m, _ in swapped)  # the original is still patched
+    unpatch_model(model)
+
+
+# --------------------------------------------------------------------------- the fused loss
+class _LargestVocabTensor(TorchDispatchMode):
+    """Records the largest tensor with a vocab-sized last dim that any op allocates
+    (outputs sharing an input's storage -- views such as the lm_head weight's
+    transpose, in-place and out= results -- are not allocations)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.largest = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_fused_loss_never_materialises_the_logits(monkeypatch):
+    """With labels, no tensor of the full [tokens, vocab] logits' size exists, forward
+    or backward: the loss runs in chunks of rows. The kernel's default chunk has at
+    least MIN_CHUNK_ROWS rows (2048), more than the interpreter can afford here, so
+    the test lowers it; the same probe sees HF's full logits in the unpatched model."""
+    monkeypatch.setattr(flce, "MIN_CHUNK_ROWS", 8)
+    model = with_lora()
+    inputs, labels = batch(seq=24)
+    tokens = inputs["input_ids"].numel()
+    chunk = flce.default_chunk_size(tokens, model.config.hidden_size, VOCAB, 4)
+    assert chunk < tokens
+    head_calls = []
+    model.get_base_model().lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+
+    with _LargestVocabTensor(VOCAB) as probe:
+        model(**inputs, labels=labels).loss.backward()
+    assert probe.largest >= tokens * VOCAB and head_calls  # the probe sees full logits
+
+    patch_model(model, rms_norm=False, rope=False, mlp=False, lora=False)
+    try:
+        head_calls.clear()
+        with _LargestVocabTensor(VOCAB) as probe:
+            out = model(**inputs, labels=labels)
+            out.loss.backward()
+        assert out.logits is None and not head_calls
+        assert 0 < probe.largest <= chunk * VOCAB
+    finally:
+        unpatch_model(model)
+
+
+def test_fused_loss_of_an_all_ignored_batch_is_zero_not_nan():
+    """The one documented difference from HF's loss: 0 where HF divides 0 by 0."""
+    model = with_lora()
+    inputs, labels = batch()
+    ignored = torch.full_like(labels, -100)
+    with torch.no_grad():
+        assert model(**inputs, labels=ignored).loss.isnan()
+        patch_model(model, rms_norm=False, rope=False, mlp=False, lora=False)
+        try:
+            assert model(**inputs, labels=ignored).loss.item() == 0.0
+        finally:
+            unpatch_model(model)
+
+
+def test_trl_fused_lm_head_takes_over_its_own_calls():
+    """TRL's SFTTrainer wraps the causal LM's forward with its own fused LM head and
+    calls it with fused_lm_head=True: those calls run TRL's head (over our patched
+    backbone); plain labelled calls still reach our fused loss."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = with_lora()
+    inputs, labels = batch()
+    patch_model(model)
+    hf = model.get_base_model()
+    ours = hf.forward
+    add_fused_lm_head(hf)
+    try:
+        before = kernel_calls()
+        trl_out = model(**inputs, labels=labels, fused_lm_head=True)
+        assert hasattr(trl_out, "log_probs") and trl_out.loss.isfinite()
+        ran = {k for k, v in kernel_calls().items() if v > before.get(k, 0)}
+        assert "rms_norm" in ran and "fused_linear_cross_entropy" not in ran
+        assert model(**inputs, labels=labels).logits is None  # ours, through TRL's pass-through
+        with pytest.raises(UserError, match="replaced after patching"):
+            unpatch_model(model)
+    finally:
+        hf.forward = ours
+        unpatch_model(model)

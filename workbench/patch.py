@@ -1,0 +1,895 @@
+"""Run a transformers causal LM (plain, PEFT-LoRA, or QLoRA) through our Triton kernels.
+
+``patch_model(model)`` swaps the math of module *instances* and hands back a
+:class:`PatchReport` of what was swapped and what was left alone, and why;
+``unpatch_model(model)`` undoes it exactly. ``workbench.patch(model)`` and
+``workbench.unpatch(model)`` are the same two calls.
+
+How, and why this way:
+
+* Instances, not classes. Each swapped module gets its own ``forward`` (a bound
+  method of a function of this file) and a small state object; nothing is
+  replaced, so parameters stay the very same ``Parameter`` objects, the
+  ``state_dict`` is untouched, DDP/FSDP wrap the model as usual, ``copy.deepcopy``
+  rebinds the methods to the copy, and other models of the same class in the
+  process keep running HF's code. Undoing is deleting those two attributes.
+* RoPE is applied inside HF's attention ``forward`` through the modeling module's
+  global ``apply_rotary_pos_emb``. Rather than copying HF's attention code, we
+  replace that global with a dispatcher that runs our kernel only while a patched
+  attention instance is running (a context variable says so) and HF's function
+  otherwise; the global is restored when the last model using it is unpatched.
+* Every swapped forward checks, per call, that the kernel computes exactly what
+  the HF/PEFT code would (dtypes agree, adapters active and unmerged, a device
+  the kernels run on, no autocast to another dtype, no extra arguments); if not,
+  it runs the original code. :func:`kernel_calls` counts what actually ran.
+
+What is swapped (per family: workbench/families.py):
+
+* ``rms_norm``: every RMSNorm (Llama casting, or Gemma's fp32 ``(1 + w)``), Qwen3's
+  q/k norms included;
+* ``rope``: ``apply_rotary_pos_emb`` of every attention module;
+* ``swiglu`` / ``geglu``: the gated MLP's ``act(gate) * up``;
+* ``fused_linear_cross_entropy``: the causal LM's ``lm_head`` + loss when labels
+  are given (HF's label shift, ``ignore_index``, ``num_items_in_batch``,
+  Gemma-2's final soft cap); the output then carries ``logits=None``;
+* with a PEFT LoRA adapter: ``lora_qkv`` when q, k and v all carry a compatible
+  adapter, ``lora_mlp`` when gate, up and down do (it includes the activation),
+  and ``lora_o`` for any other compatible LoRA linear (o_proj, or the members of
+  an incomplete group); on a bitsandbytes 4-bit base, the LoRA kernels read the
+  frozen weight as an ``NF4Weight`` (``nf4_dequant``). An fp32 adapter on a 16-bit
+  base (PEFT's default) is fused under autocast to that dtype, as the Trainer's
+  ``bf16=True`` runs it.
+
+Not swapped: attention itself (HF's eager/SDPA/flash path), embeddings, residual
+adds, LoRA layers with DoRA or another PEFT variant, lora_bias, several active
+adapters, a trainable or non-Linear base (8-bit, ...), and lora_o/lora_mlp on a
+base with a bias (Qwen2's q/k/v run fused only as a lora_qkv group). The fused
+loss is skipped for ``logits_to_keep != 0``, TRL's ``fused_lm_head=True`` calls
+(TRL's own head then runs), a LoRA or modules_to_save lm_head and a custom
+``loss_function``. Where the swap differs from HF: with every label ignored the
+fused loss is 0 where HF's is NaN, and LoRA dropout masks are drawn by the
+kernels (same distribution as PEFT's, other random numbers).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import sys
+import types
+import weakref
+from collections import Counter
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.errors import UserError
+from workbench.families import GLU_ACTIVATIONS, Family, family, family_of
+from workbench.kernels import _common
+from workbench.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from workbench.kernels.geglu import geglu
+from workbench.kernels.lora_mlp import lora_mlp
+from workbench.kernels.lora_o import lora_o
+from workbench.kernels.lora_qkv import lora_qkv
+from workbench.kernels.nf4 import NF4Weight
+from workbench.kernels.rms_norm import rms_norm
+from workbench.kernels.rope import rope
+from workbench.kernels.swiglu import swiglu
+
+__all__ = ["patch_model", "unpatch_model", "options_from_config", "PatchReport", "Fallback", "kernel_calls",
+           "OPTIONS"]
+
+log = logging.getLogger(__name__)
+
+#: The switches of :func:`patch_model`, all on by default.
+OPTIONS = ("rms_norm", "rope", "mlp", "loss", "lora", "nf4")
+
+_STATE = "_workbench_patch"     # per swapped module: what was installed, to undo it
+_ROOT = "_workbench_patched"    # on the transformers model: the report and the swapped modules
+
+_CALLS: Counter = Counter()
+
+
+def kernel_calls() -> dict[str, int]:
+    """How many times each kernel has run through patched modules in this process
+    (a swapped forward that fell back to the original code does not count)."""
+    return dict(_CALLS)
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class Fallback:
+    """A place where a kernel could apply but the original code stays, and why."""
+
+    module: str
+    kernel: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.module or '<model>'}: {self.kernel} not used: {self.reason}"
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch_model` swapped: ``swapped[kernel][module type] = count``
+    (module type: the HF class name, or the attribute name of a PEFT LoRA layer,
+    whose class is PEFT's generic ``Linear``), and the fallbacks."""
+
+    family: str
+    options: dict[str, bool]
+    swapped: dict[str, dict[str, int]] = field(default_factory=dict)
+    fallbacks: list[Fallback] = field(default_factory=list)
+
+    def count(self, kernel: str) -> int:
+        return sum(self.swapped.get(kernel, {}).values())
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "options": dict(self.options),
+                "swapped": {k: dict(v) for k, v in self.swapped.items()},
+                "fallbacks": [asdict(f) for f in self.fallbacks]}
+
+    def __str__(self) -> str:
+        """A few lines for a log: swaps per kernel, fallbacks grouped by kernel and reason."""
+        lines = [f"kernels patched into a {self.family} model:"]
+        for kernel, per_type in self.swapped.items():
+            lines.append(f"  {kernel}: " + ", ".join(f"{n} x{c}" for n, c in per_type.items()))
+        if not self.swapped:
+            lines.append("  nothing")
+        groups: dict[tuple[str, str], list[str]] = {}
+        for f in self.fallbacks:
+            groups.setdefault((f.kernel, f.reason), []).append(f.module or "<model>")
+        for (kernel, reason), where in groups.items():
+            place = where[0] if len(where) == 1 else f"{len(where)} modules, e.g. {where[0]}"
+            lines.append(f"  fallback: {kernel} not used in {place}: {reason}")
+        return "\n".join(lines)
+
+    def _add(self, kernel: str, module_type: str) -> None:
+        per = self.swapped.setdefault(kernel, {})
+        per[module_type] = per.get(module_type, 0) + 1
+
+
+# --------------------------------------------------------------------------- per-call checks
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
+
+
+def _runnable(t: torch.Tensor) -> bool:
+    """Whether the kernels can run on ``t``'s device in ``t``'s dtype right now,
+    computing what HF would: a CUDA tensor (or the CPU under Triton's interpreter),
+    and no autocast that would run HF's ops in another dtype."""
+    dev = t.device.type
+    if dev == "cpu" and not _common.INTERPRET:
+        _warn_once("cpu", "workbench kernels bypassed: the model runs on the CPU and TRITON_INTERPRET=1 was not "
+                          "set before triton was imported; the original PyTorch code runs instead.")
+        return False
+    if dev not in ("cpu", "cuda"):
+        return False
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != t.dtype:
+        _warn_once("autocast", f"workbench kernels bypassed under torch.autocast to {torch.get_autocast_dtype(dev)} "
+                               f"with {t.dtype} weights; load the model in the training dtype instead.")
+        return False
+    return True
+
+
+def _plain(t) -> bool:
+    """A dense, local tensor (not a DTensor shard or a quantized parameter)."""
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _kernel_scope(t: torch.Tensor):
+    """Autocast off around a kernel call. `_runnable` already ensured that every
+    operand is in the autocast dtype, where autocast would change nothing."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+
+
+def _ran(kernel: str) -> None:
+    _CALLS[kernel] += 1
+
+
+# --------------------------------------------------------------------------- installing forwards
+@dataclass
+class _Swap:
+    """What was installed on one module, and what it replaced."""
+
+    fn: object                      # the function bound as the instance's forward
+    had_forward: bool = False       # whether the instance had its own forward before
+    previous: object = None         # that forward (e.g. another library's wrapper)
+
+
+@dataclass
+class _NormSwap(_Swap):
+    eps_attr: str = "variance_epsilon"
+    offset: float = 0.0
+    casting: str = "llama"
+
+
+@dataclass
+class _AttentionSwap(_Swap):
+    rope: bool = False
+    qkv: tuple[str, str, str] | None = None   # projections fused by lora_qkv, in q, k, v order
+
+
+@dataclass
+class _ProjSwap(_Swap):
+    name: str = ""                  # attribute name in the parent (q_proj, ...)
+    qkv_index: int | None = None    # position in its attention's lora_qkv group
+    single: bool = False            # may run alone through lora_o
+
+
+@dataclass
+class _MLPSwap(_Swap):
+    projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    activation: tuple[str, str] | None = None   # (swiglu|geglu, approximate) when the activation is swapped
+    fused: bool = False                         # gate, up and down run as one lora_mlp
+
+
+@dataclass
+class _LossSwap(_Swap):
+    softcap_key: str | None = None
+
+
+def _install(module: nn.Module, swap: _Swap) -> None:
+    swap.had_forward = "forward" in module.__dict__
+    swap.previous = module.__dict__.get("forward")
+    module.__dict__[_STATE] = swap
+    module.forward = types.MethodType(swap.fn, module)
+
+
+def _installed_here(module: nn.Module) -> bool:
+    swap = module.__dict__.get(_STATE)
+    current = module.__dict__.get("forward")
+    return (swap is not None and isinstance(current, types.MethodType) and current.__self__ is module
+            and current.__func__ is swap.fn)
+
+
+def _uninstall(module: nn.Module) -> None:
+    swap = module.__dict__.pop(_STATE)
+    if swap.had_forward:
+        module.__dict__["forward"] = swap.previous
+    else:
+        del module.__dict__["forward"]
+
+
+def _original(module: nn.Module, *args, **kwargs):
+    swap = module.__dict__[_STATE]
+    if swap.had_forward:
+        return swap.previous(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- module globals (RoPE)
+class _AttentionCall:
+    """One running patched attention forward: whether RoPE goes through our kernel,
+    and the q/k/v computed by lora_qkv for its input (reused by k_proj and v_proj)."""
+
+    __slots__ = ("attention", "rope", "x", "qkv")
+
+    def __init__(self, attention: nn.Module, rope_on: bool):
+        self.attention, self.rope, self.x, self.qkv = attention, rope_on, None, None
+
+
+_CALL: ContextVar[_AttentionCall | None] = ContextVar("workbench_attention_call", default=None)
+
+# (module name, attribute) -> [original function, dispatcher, roots holding it]
+_GLOBALS: dict[tuple[str, str], list] = {}
+
+
+def _rope_dispatcher(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        call = _CALL.get()
+        if (call is not None and call.rope and not args and set(kwargs) <= {"unsqueeze_dim"}
+                and kwargs.get("unsqueeze_dim", 1) == 1 and _rope_ready(q, k, cos, sin)):
+            _ran("rope")
+            with _kernel_scope(q):
+                return rope(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    apply_rotary_pos_emb.__doc__ = original.__doc__
+    return apply_rotary_pos_emb
+
+
+def _rope_ready(q, k, cos, sin) -> bool:
+    """HF's [B, H, S, D] q/k and gathered [B or 1, S, R] cos/sin, one dtype and device."""
+    return (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+            and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2] == cos.shape[1]
+            and q.shape[3] == k.shape[3] and cos.shape[0] in (1, q.shape[0])
+            and cos.shape[2] % 2 == 0 and 0 < cos.shape[2] <= q.shape[3]
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and q.device == k.device == cos.device == sin.device and _runnable(q))
+
+
+def _hold_global(module_name: str, attr: str, make, root: nn.Module) -> None:
+    key = (module_name, attr)
+    if key not in _GLOBALS:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attr, None)
+        if original is None:
+            raise UserError(f"this transformers version's {module_name} has no {attr}; patch with rope=False.")
+        dispatcher = make(original)
+        setattr(module, attr, dispatcher)
+        _GLOBALS[key] = [original, dispatcher, weakref.WeakSet()]
+    _GLOBALS[key][2].add(root)
+
+
+def _release_global(key: tuple[str, str], root: nn.Module) -> None:
+    entry = _GLOBALS.get(key)
+    if entry is None:
+        return
+    original, dispatcher, holders = entry
+    holders.discard(root)
+    if not holders:
+        module = importlib.import_module(key[0])
+        if getattr(module, key[1]) is dispatcher:
+            setattr(module, key[1], original)
+        del _GLOBALS[key]
+
+
+# --------------------------------------------------------------------------- PEFT LoRA layers
+def _is_lora(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("lora_A", "lora_B", "lora_dropout", "scaling", "base_layer"))
+
+
+def _is_bnb_4bit(base: nn.Module) -> bool:
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(base).__mro__)
+
+
+def _quant_state(base: nn.Module):
+    """The 4-bit weight's quant_state; FSDP's flat-parameter views lose it from the
+    weight and bitsandbytes then takes the module's copy, as here."""
+    state = getattr(base.weight, "quant_state", None)
+    return state if state is not None else getattr(base, "quant_state", None)
+
+
+def _adapter(layer: nn.Module) -> str | None:
+    active = list(getattr(layer, "active_adapters", []))
+    return active[0] if len(active) == 1 and active[0] in layer.lora_A else None
+
+
+def _dropout_p(layer: nn.Module, name: str) -> float:
+    drop = layer.lora_dropout[name]
+    return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+
+def _lora_problem(layer: nn.Module, nf4: bool, allow_bias: bool) -> str | None:
+    """Why this LoRA layer cannot run through our LoRA kernels (checked once, at patch
+    time), or None. The kernels implement vanilla LoRA on a frozen dense or NF4 base."""
+    name = _adapter(layer)
+    if name is None:
+        return f"{len(list(getattr(layer, 'active_adapters', [])))} active adapters (the kernels take exactly one)"
+    if getattr(layer, "use_dora", {}).get(name):
+        return "DoRA is configured"
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None:
+        return f"LoRA variant {type(variant).__name__} is configured"
+    if getattr(layer, "lora_bias", {}).get(name) or layer.lora_B[name].bias is not None:
+        return "lora_bias is configured"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out is set"
+    if type(layer.lora_A[name]) is not nn.Linear or type(layer.lora_B[name]) is not nn.Linear:
+        return f"the adapter is a {type(layer.lora_A[name]).__name__}, not a Linear"
+    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"lora_dropout is a {type(layer.lora_dropout[name]).__name__}"
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if a.dtype != b.dtype:
+        return f"lora_A is {a.dtype} but lora_B is {b.dtype}"
+    base = layer.base_layer
+    if _is_bnb_4bit(base):
+        if not nf4:
+            return "the base is 4-bit and nf4=False"
+        state = _quant_state(base)
+        if getattr(state, "quant_type", None) != "nf4":
+            return f"the 4-bit base uses {getattr(state, 'quant_type', None)!r}, not nf4"
+        if getattr(state, "packing_format_for_cpu", False):
+            return "bitsandbytes repacked the 4-bit weight for its CPU inference kernel"
+        compute = getattr(base, "compute_dtype", None)
+        if compute is not None and compute != a.dtype and not _autocast_adapter(a.dtype, compute):
+            return f"the 4-bit base computes in {compute} but the adapter is {a.dtype}"
+        weight_dtype = None
+    elif type(base) is nn.Linear:
+        weight_dtype = base.weight.dtype
+        if base.weight.requires_grad:
+            return "the base weight is trainable (the LoRA kernels keep it frozen)"
+    else:
+        return f"the base layer is a {type(base).__name__}, not a Linear or a bitsandbytes 4-bit Linear"
+    if weight_dtype is not None and weight_dtype != a.dtype and not _autocast_adapter(a.dtype, weight_dtype):
+        return f"the adapter is {a.dtype} but the base is {weight_dtype}"
+    if base.bias is not None and not allow_bias:
+        return "the base layer has a bias"
+    if base.bias is not None and base.bias.requires_grad:
+        return "the base bias is trainable"
+    return None
+
+
+def _autocast_adapter(adapter: torch.dtype, base: torch.dtype) -> bool:
+    """An fp32 adapter on a 16-bit base (PEFT's default ``autocast_adapter_dtype``):
+    fusable under autocast to the base dtype, which runs PEFT's LoRA matmuls in that
+    dtype too (checked per call)."""
+    return adapter == torch.float32 and base in (torch.bfloat16, torch.float16)
+
+
+def _autocast_to(x: torch.Tensor) -> bool:
+    dev = x.device.type
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == x.dtype
+
+
+class _AsDtype:
+    """An NF4 weight that dequantizes as bitsandbytes does for an activation dtype:
+    to its stored dtype first, then cast (``dequantize_4bit(...).to(A.dtype)``)."""
+
+    def __init__(self, weight: NF4Weight, dtype: torch.dtype):
+        self.weight, self.dtype, self.shape, self.device = weight, dtype, weight.shape, weight.device
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.dequantize().to(self.dtype)
+
+
+def _lora_operands(layer: nn.Module, x: torch.Tensor):
+    """(W, A, B, bias, scaling, dropout p) of one LoRA layer for a call on ``x``, or
+    None when this call must take PEFT's own path."""
+    if layer.merged or layer.disable_adapters:
+        return None
+    name = _adapter(layer)
+    if name is None:
+        return None
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    base = layer.base_layer
+    bias = base.bias
+    if not (a.dtype == b.dtype and _plain(a) and _plain(b) and x.device == a.device == b.device):
+        return None
+    if a.dtype != x.dtype:
+        # PEFT under autocast: x is cast to the adapter's fp32, and autocast casts it and
+        # the fp32 A and B back to x's dtype for each matmul: the same as A, B in x's dtype.
+        if not (_autocast_adapter(a.dtype, x.dtype) and _autocast_to(x)):
+            _warn_once("adapter-dtype", f"workbench LoRA kernels bypassed: the adapter is {a.dtype} and the "
+                                        f"activations {x.dtype} outside autocast; PEFT's code runs instead.")
+            return None
+        a, b = a.to(x.dtype), b.to(x.dtype)
+    if bias is not None and (bias.dtype != x.dtype or not _plain(bias)):
+        return None
+    if _is_bnb_4bit(base):
+        state = _quant_state(base)
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            return None
+        if getattr(base, "compute_dtype", None) not in (None, x.dtype):
+            return None
+        weight = NF4Weight.from_bnb(base.weight, state)
+        if weight.device != x.device:
+            return None
+        if weight.dtype != x.dtype:
+            weight = _AsDtype(weight, x.dtype)
+    else:
+        weight = base.weight
+        if not (_plain(weight) and weight.dtype == x.dtype and weight.device == x.device) or weight.requires_grad:
+            return None
+    return weight, a, b, bias, float(layer.scaling[name]), _dropout_p(layer, name)
+
+
+def _count_nf4(layers) -> None:
+    for layer in layers:
+        if _is_bnb_4bit(layer.base_layer):
+            _ran("nf4_dequant")
+
+
+def _lora_single(layer: nn.Module, x: torch.Tensor):
+    ops = _lora_operands(layer, x)
+    if ops is None or ops[3] is not None or not _runnable(x):
+        return None
+    weight, a, b, _, scaling, p = ops
+    _ran("lora_o")
+    _count_nf4([layer])
+    with _kernel_scope(x):
+        return lora_o(x, weight, a, b, scaling, dropout=p)
+
+
+def _lora_group(layers, x: torch.Tensor):
+    """Operands of every layer of a fused group, or None; the group shares one
+    scaling and one dropout probability."""
+    if not _runnable(x):
+        return None
+    ops = [_lora_operands(layer, x) for layer in layers]
+    if any(o is None for o in ops) or len({(o[4], o[5]) for o in ops}) != 1:
+        return None
+    return ops
+
+
+# --------------------------------------------------------------------------- swapped forwards
+def _norm_forward(self, x, *args, **kwargs):
+    swap = self.__dict__[_STATE]
+    w = self.weight
+    if not args and not kwargs and x.dtype == w.dtype and _plain(w) and x.device == w.device and _runnable(x):
+        _ran("rms_norm")
+        with _kernel_scope(x):
+            return rms_norm(x, w, eps=float(getattr(self, swap.eps_attr)), offset=swap.offset, casting=swap.casting)
+    return _original(self, x, *args, **kwargs)
+
+
+def _attention_forward(self, *args, **kwargs):
+    token = _CALL.set(_AttentionCall(self, self.__dict__[_STATE].rope))
+    try:
+        return _original(self, *args, **kwargs)
+    finally:
+        _CALL.reset(token)
+
+
+def _qkv_output(call: _AttentionCall, names: tuple[str, str, str], index: int, x: torch.Tensor):
+    """This projection's output from one lora_qkv call on ``x`` (run on first use), or None."""
+    if call.x is not x:
+        layers = [getattr(call.attention, n) for n in names]
+        ops = _lora_group(layers, x)
+        if ops is None:
+            return None
+        (wq, aq, bq, biq, s, p), (wk, ak, bk, bik, _, _), (wv, av, bv, biv, _, _) = ops
+        _ran("lora_qkv")
+        _count_nf4(layers)
+        with _kernel_scope(x):
+            call.qkv = lora_qkv(x, wq, aq, bq, wk, ak, bk, wv, av, bv, s, bq=biq, bk=bik, bv=biv, dropout=p)
+        call.x = x
+    return call.qkv[index]
+
+
+def _proj_forward(self, x, *args, **kwargs):
+    swap = self.__dict__[_STATE]
+    if not args and not kwargs:
+        call = _CALL.get()
+        if swap.qkv_index is not None and call is not None and getattr(call.attention, swap.name, None) is self:
+            names = call.attention.__dict__[_STATE].qkv
+            out = _qkv_output(call, names, swap.qkv_index, x) if names else None
+            if out is not None:
+                return out
+        if swap.single:
+            out = _lora_single(self, x)
+            if out is not None:
+                return out
+    return _original(self, x, *args, **kwargs)
+
+
+def _mlp_forward(self, x, *args, **kwargs):
+    swap = self.__dict__[_STATE]
+    if args or kwargs:
+        return _original(self, x, *args, **kwargs)
+    if swap.fused:
+        layers = [getattr(self, n) for n in swap.projs]
+        ops = _lora_group(layers, x)
+        if ops is not None:
+            (wg, ag, bg, _, s, p), (wu, au, bu, _, _, _), (wd, ad, bd, _, _, _) = ops
+            activation, approximate = swap.activation
+            _ran("lora_mlp")
+            _count_nf4(layers)
+            with _kernel_scope(x):
+                return lora_mlp(x, wg, ag, bg, wu, au, bu, wd, ad, bd, s, activation=activation,
+                                approximate=approximate, dropout=p)
+    gate_name, up_name, down_name = swap.projs
+    gate, up = getattr(self, gate_name)(x), getattr(self, up_name)(x)
+    if gate.dtype == up.dtype and gate.device == up.device and _runnable(gate):
+        kernel, approximate = swap.activation
+        _ran(kernel)
+        with _kernel_scope(gate):
+            hidden = swiglu(gate, up) if kernel == "swiglu" else geglu(gate, up, approximate)
+    else:
+        hidden = self.act_fn(gate) * up
+    return getattr(self, down_name)(hidden)
+
+
+def _loss_function_is_hf(model: nn.Module) -> bool:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return model.loss_function is ForCausalLMLoss
+
+
+def _causal_lm_forward(self, *args, **kwargs):
+    """HF's CausalLM forward, except that with labels the loss comes from the fused
+    lm_head + cross-entropy kernel and no logits are formed (``logits=None``)."""
+    swap = self.__dict__[_STATE]
+    original = swap.previous if swap.had_forward else types.MethodType(type(self).forward, self)
+    try:
+        bound = inspect.signature(original).bind(*args, **kwargs)
+    except TypeError:
+        return _original(self, *args, **kwargs)
+    given = dict(bound.arguments)
+    var_kw = next((n for n, p in bound.signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    extra = dict(given.pop(var_kw, {})) if var_kw else {}
+    labels = given.pop("labels", None)
+    keep = given.pop("logits_to_keep", 0)
+    head = self.get_output_embeddings()
+    if (labels is None or extra.get("fused_lm_head") or not isinstance(keep, int) or keep != 0
+            or type(head) is not nn.Linear or not _plain(head.weight) or not _loss_function_is_hf(self)
+            or not _runnable(head.weight)):
+        return _original(self, *args, **kwargs)
+    extra.pop("fused_lm_head", None)  # TRL's switch, off here: not an argument of the backbone
+    return_dict = extra.pop("return_dict", None)
+    return_dict = self.config.return_dict if return_dict is None else return_dict
+
+    outputs = getattr(self, self.base_model_prefix)(**given, **extra)
+    hidden = outputs.last_hidden_state
+    softcap = getattr(self.config, swap.softcap_key, None) if swap.softcap_key else None
+    if hidden.dtype == head.weight.dtype and hidden.device == head.weight.device:
+        ignore_index = extra.get("ignore_index", -100)
+        target = extra.get("shift_labels")
+        if target is None:  # HF's ForCausalLMLoss: position t predicts labels[t + 1], the last one nothing
+            target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        _ran("fused_linear_cross_entropy")
+        with _kernel_scope(hidden):
+            loss = fused_linear_cross_entropy(hidden, head.weight, target.to(hidden.device).long(), bias=head.bias,
+                                              ignore_index=ignore_index, softcap=softcap,
+                                              num_items_in_batch=extra.get("num_items_in_batch"))
+        logits = None
+    else:  # what HF's forward would do with these hidden states (and it would likely fail the same way)
+        logits = head(hidden)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return out if return_dict else out.to_tuple()
+
+
+# --------------------------------------------------------------------------- planning
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper, or the model itself."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _lora_children(parent: nn.Module, names) -> list[nn.Module | None]:
+    return [m if _is_lora(m) else None for m in (getattr(parent, n, None) for n in names)]
+
+
+def _group_problem(layers, names, nf4: bool, allow_bias: bool) -> str | None:
+    missing = [n for n, m in zip(names, layers) if m is None]
+    if missing:
+        return f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no LoRA adapter"
+    for n, m in zip(names, layers):
+        problem = _lora_problem(m, nf4, allow_bias)
+        if problem:
+            return f"{n}: {problem}"
+    ops = [(float(m.scaling[_adapter(m)]), m.lora_dropout[_adapter(m)]) for m in layers]
+    if len({s for s, _ in ops}) != 1:
+        return "the adapters' scalings differ (one fused call takes one scaling)"
+    if len({float(getattr(d, "p", 0.0)) for _, d in ops}) != 1:
+        return "the adapters' dropout probabilities differ"
+    return None
+
+
+class _Plan:
+    """The swaps patch_model is about to make, and its report."""
+
+    def __init__(self, fam: Family, options: dict[str, bool]):
+        self.fam, self.options = fam, options
+        self.report = PatchReport(fam.name, dict(options))
+        self.swaps: list[tuple[nn.Module, _Swap]] = []
+        self.grouped: set[int] = set()   # id() of LoRA layers that a group (or a decision) already covers
+
+    def add(self, module, swap, kernel=None, module_type=None):
+        self.swaps.append((module, swap))
+        if kernel:
+            self.report._add(kernel, module_type or type(module).__name__)
+
+    def fallback(self, path, kernel, reason):
+        self.report.fallbacks.append(Fallback(path, kernel, reason))
+
+
+def _plan_attention(plan: _Plan, path: str, attn: nn.Module) -> None:
+    fam, opt = plan.fam, plan.options
+    qkv = None
+    if opt["lora"]:
+        layers = _lora_children(attn, fam.qkv_projs)
+        if any(layers):
+            problem = _group_problem(layers, fam.qkv_projs, opt["nf4"], allow_bias=True)
+            if problem is None:
+                qkv = fam.qkv_projs
+                for index, (name, layer) in enumerate(zip(fam.qkv_projs, layers)):
+                    plan.grouped.add(id(layer))
+                    plan.add(layer, _ProjSwap(_proj_forward, name=name, qkv_index=index))
+                plan.report._add("lora_qkv", type(attn).__name__)
+                _note_nf4(plan, layers)
+            else:
+                plan.fallback(path, "lora_qkv", problem)
+    if opt["rope"] or qkv:
+        plan.add(attn, _AttentionSwap(_attention_forward, rope=opt["rope"], qkv=qkv), "rope" if opt["rope"] else None)
+
+
+def _plan_mlp(plan: _Plan, path: str, mlp: nn.Module, config) -> None:
+    fam, opt = plan.fam, plan.options
+    act_name = getattr(config, fam.activation_key, None)
+    activation = GLU_ACTIVATIONS.get(act_name)
+    if opt["mlp"] and activation is None:
+        plan.fallback(path, "swiglu/geglu", f"activation {act_name!r} has no GLU kernel "
+                                            f"(supported: {', '.join(GLU_ACTIVATIONS)})")
+    if not (opt["mlp"] and activation is not None):
+        return  # lora_mlp includes the activation: without it, the projections go alone (lora_o)
+    fused = False
+    if opt["lora"]:
+        layers = _lora_children(mlp, fam.mlp_projs)
+        if any(layers):
+            problem = _group_problem(layers, fam.mlp_projs, opt["nf4"], allow_bias=False)
+            if problem is None:
+                fused = True
+                plan.grouped.update(id(m) for m in layers)
+                plan.report._add("lora_mlp", type(mlp).__name__)
+                _note_nf4(plan, layers)
+            else:
+                plan.fallback(path, "lora_mlp", problem)
+    # Reported under lora_mlp when fused (which runs the same activation kernel inside).
+    plan.add(mlp, _MLPSwap(_mlp_forward, projs=fam.mlp_projs, activation=activation, fused=fused),
+             None if fused else activation[0])
+
+
+def _note_nf4(plan: _Plan, layers) -> None:
+    for layer in layers:
+        if _is_bnb_4bit(layer.base_layer):
+            plan.report._add("nf4_dequant", type(layer.base_layer).__name__)
+
+
+def _is_a(module: nn.Module, class_name: str) -> bool:
+    """Whether ``module`` is an instance of the HF class named ``class_name`` (by name,
+    through the MRO: FSDP2 re-classes the modules it wraps as subclasses)."""
+    return any(c.__name__ == class_name for c in type(module).__mro__)
+
+
+def _plan(root: nn.Module, fam: Family, options: dict[str, bool]) -> _Plan:
+    plan = _Plan(fam, options)
+    config = root.config
+    modules = dict(root.named_modules())
+    for path, module in modules.items():
+        if _is_a(module, fam.norm) and options["rms_norm"]:
+            plan.add(module, _NormSwap(_norm_forward, eps_attr=fam.norm_eps_attr, offset=fam.norm_offset,
+                                       casting=fam.norm_casting), "rms_norm")
+        elif _is_a(module, fam.attention):
+            _plan_attention(plan, path, module)
+        elif _is_a(module, fam.mlp):
+            _plan_mlp(plan, path, module, config)
+    if options["lora"]:  # every other LoRA linear runs alone through lora_o
+        for path, module in modules.items():
+            if not _is_lora(module) or id(module) in plan.grouped:
+                continue
+            attr = path.rsplit(".", 1)[-1]
+            problem = _lora_problem(module, options["nf4"], allow_bias=False)
+            if problem:
+                plan.fallback(path, "lora_o", problem)
+                continue
+            plan.add(module, _ProjSwap(_proj_forward, name=attr, single=True), "lora_o", attr)
+            _note_nf4(plan, [module])
+    # q/k/v swapped for lora_qkv also fall back to lora_o alone when lora_o can take them.
+    for module, swap in plan.swaps:
+        if isinstance(swap, _ProjSwap) and swap.qkv_index is not None:
+            swap.single = _lora_problem(module, options["nf4"], allow_bias=False) is None
+    if options["loss"]:
+        _plan_loss(plan, root, fam)
+    return plan
+
+
+def _plan_loss(plan: _Plan, root: nn.Module, fam: Family) -> None:
+    if not _is_a(root, fam.causal_lm):
+        plan.fallback("", "fused_linear_cross_entropy", f"the model is a {type(root).__name__}, not a {fam.causal_lm}")
+        return
+    head = root.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        plan.fallback("lm_head", "fused_linear_cross_entropy",
+                      f"lm_head is a {type(head).__name__} (e.g. LoRA or modules_to_save), not a plain Linear")
+        return
+    if not _loss_function_is_hf(root):
+        plan.fallback("", "fused_linear_cross_entropy", "the model has a custom loss_function")
+        return
+    plan.add(root, _LossSwap(_causal_lm_forward, softcap_key=fam.softcap_key), "fused_linear_cross_entropy")
+
+
+# --------------------------------------------------------------------------- public API
+def options_from_config(value) -> dict[str, bool] | None:
+    """patch_model's options from a training config's ``kernels:`` value: ``true``
+    (every kernel), ``false`` or absent (``None``: do not patch), or a mapping of
+    some of :data:`OPTIONS` to booleans (the others stay on)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict.fromkeys(OPTIONS, True)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(OPTIONS))
+        if unknown:
+            raise UserError(f"kernels: unknown switch(es) {', '.join(map(str, unknown))}; the switches are "
+                            f"{', '.join(OPTIONS)}.")
+        bad = [k for k, v in value.items() if not isinstance(v, bool)]
+        if bad:
+            raise UserError(f"kernels: {bad[0]} must be true or false, got {value[bad[0]]!r}.")
+        return {**dict.fromkeys(OPTIONS, True), **value}
+    raise UserError(f"kernels: must be true, false or a mapping of {', '.join(OPTIONS)} to true/false, "
+                    f"got {value!r}.")
+
+
+@dataclass
+class _Root:
+    report: PatchReport
+    modules: list[nn.Module]
+    globals: list[tuple[str, str]]
+
+
+def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True,
+                loss: bool = True, lora: bool = True, nf4: bool = True) -> PatchReport:
+    """Swap the math of ``model`` (a transformers causal LM of a supported family,
+    optionally wrapped by PEFT, optionally on a bitsandbytes 4-bit base) for our
+    kernels, in place. Returns what was swapped and what fell back, and why.
+
+    Patching an already patched model with the same switches returns its report
+    and changes nothing; with other switches it raises UserError (unpatch first).
+    """
+    options = dict(rms_norm=rms_norm, rope=rope, mlp=mlp, loss=loss, lora=lora, nf4=nf4)
+    for key, value in options.items():
+        if not isinstance(value, bool):
+            raise UserError(f"patch option {key} must be true or false, got {value!r}.")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"patch_model needs a torch model, got a {type(model).__name__}.")
+    root = _hf_model(model)
+    fam = family(family_of(root))
+    existing = root.__dict__.get(_ROOT)
+    if existing is not None:
+        if existing.report.options == options:
+            return existing.report
+        raise UserError(f"this model is already patched with {existing.report.options}; call "
+                        f"workbench.unpatch(model) before patching it with {options}.")
+
+    plan = _plan(root, fam, options)
+    held = [(fam.module, "apply_rotary_pos_emb")] if plan.report.count("rope") else []
+    installed: list[nn.Module] = []
+    try:  # all or nothing
+        for module_name, attr in held:
+            _hold_global(module_name, attr, _rope_dispatcher, root)
+        for module, swap in plan.swaps:
+            if _STATE in module.__dict__:
+                raise UserError(f"module {type(module).__name__} is already patched as part of another model; "
+                                "unpatch that model first.")
+            _install(module, swap)
+            installed.append(module)
+    except BaseException:
+        for module in installed:
+            _uninstall(module)
+        for key in held:
+            _release_global(key, root)
+        raise
+    root.__dict__[_ROOT] = _Root(plan.report, installed, held)
+    return plan.report
+
+
+def unpatch_model(model: nn.Module) -> bool:
+    """Undo :func:`patch_model` exactly: every swapped module gets back the forward
+    it had, and module-level functions are restored once no patched model uses
+    them. Returns False (and does nothing) when the model is not patched."""
+    root = _hf_model(model)
+    state = root.__dict__.get(_ROOT)
+    if state is None:
+        return False
+    wrapped = [type(m).__name__ for m in state.modules if not _installed_here(m)]
+    if wrapped:
+        raise UserError(f"cannot unpatch: the forward of {len(wrapped)} patched module(s) (first: {wrapped[0]}) was "
+                        "replaced after patching (e.g. by a hook or another library); remove that wrapper first.")
+    for module in state.modules:
+        _uninstall(module)
+    for key in state.globals:
+        _release_global(key, root)
+    del root.__dict__[_ROOT]
+    return True
+
+
+class _CallableModule(types.ModuleType):
+    """``workbench.patch`` is this module (Python binds a package's submodules as its
+    attributes), so calling it must patch: ``workbench.patch(model)``."""
+
+    def __call__(self, model, **options):
+        return patch_model(model, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule
