@@ -4,7 +4,7 @@
 # `ci` hypothesis profile. Exits non-zero if any test fails or none ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,interpreter
+bash scripts/setup.sh test,interpreter,export
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1
   export PARITY_PROFILE="${PARITY_PROFILE:-ci}"
