@@ -2,8 +2,10 @@
 A killed writer never leaves a file that looks finished."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,3 +35,26 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def directory(path: str | os.PathLike):
+    """Yield a temp folder next to ``path`` to fill (e.g. with save_pretrained); on
+    success it replaces ``path``, on an exception it is removed and ``path`` is
+    left as it was. A killed writer leaves only ``.partial`` folders (the old
+    contents among them if it died between the two renames)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():  # a folder cannot be renamed onto a non-empty one: move it aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=".partial", dir=path.parent))
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)

@@ -24,3 +24,19 @@ def enforce_offline() -> None:
     for key, value in OFFLINE_VARS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("HF_HOME", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "parity-workbench" / "hf"))
+    _hide_repo_kernels_folder()
+
+
+def _hide_repo_kernels_folder() -> None:
+    """With the repo root on sys.path (``python -m`` from the root, pytest collecting
+    parity/), transformers' probe for the hub ``kernels`` distribution imports our
+    ``kernels/`` folder, whose guard raises ImportError and breaks ``import
+    transformers``. When that distribution is not installed, mark the name as absent
+    (``find_spec`` then returns None) so the probe answers "not available"."""
+    import importlib.metadata
+    import sys
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        sys.modules.setdefault("kernels", None)
