@@ -1,0 +1,639 @@
+"""The train stage: LoRA / QLoRA fine-tuning through TRL's SFTTrainer.
+
+``run_train(config, run_dir)`` checks everything it can before writing anything
+(model folder, safetensors, architecture, data files and columns), then writes
+into the run directory:
+
+    config.yaml          the resolved config
+    base/                the generated base (built-in default only)
+    tokenizer/           the tokenizer the model was trained with
+    data/train.jsonl     the training rows, normalised to chat prompt/completion
+    data/test.jsonl      the held-out rows (what later stages evaluate on)
+    train/loss.jsonl     one line per logging step: step, loss, lr, grad_norm, tokens, elapsed
+    train/eval.json      greedy-generation accuracy on the test split, base and adapter
+    adapter/             the PEFT adapter (renamed into place only when all of the above succeeded)
+
+and records the "train" stage in the manifest. Training is completion-only: the
+loss covers the assistant's answer and its closing EOS, never the prompt.
+
+Failures say what to change: a non-finite loss stops training and keeps the last
+adapter whose loss was finite in ``train/last_good_adapter/`` (not ``adapter/``,
+which only a finished run writes); running out of GPU memory names the knobs that
+reduce memory. Either way the manifest's train record says "failed".
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from workbench import atomic, manifest, synthetic
+from workbench.config import Config
+from workbench.errors import UserError
+
+
+def _log(message: str) -> None:
+    print(f"train: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- model checks
+def check_model_folder(path: str) -> dict:
+    """The checkpoint's config.json, after checking that the folder is a loadable
+    safetensors checkpoint of a supported family (UserError otherwise)."""
+    from types import SimpleNamespace
+
+    from workbench.families import family_of
+
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"model path {folder} does not exist; set model.path to a local Hugging Face checkpoint "
+                        "folder (config.json + *.safetensors) or to builtin:tiny-llama.")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise UserError(f"model path {folder} is not a checkpoint folder (no config.json in it); point model.path "
+                        "at the folder that holds config.json and the *.safetensors weights.")
+    if not list(folder.glob("*.safetensors")):
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        found = f"it has only PyTorch pickle weights ({', '.join(bins[:3])})" if bins else "it has no weight files"
+        raise UserError(f"model folder {folder} has no *.safetensors weights: {found}; only safetensors are loaded "
+                        "(pickles can run code), so convert the checkpoint to safetensors first.")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{folder / 'config.json'} is not valid JSON ({err.msg}); fix or replace it.") from None
+    config["family"] = family_of(SimpleNamespace(model_type=config.get("model_type")))
+    return config
+
+
+# --------------------------------------------------------------------------- data
+PROMPT_COMPLETION = ("prompt", "completion")
+MESSAGES = ("messages",)
+
+
+def _read_file(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"dataset file {p} does not exist; check data.train / data.test in the config.")
+    if p.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{p} line {n} is not valid JSON ({err.msg}); each line must be one JSON object.") from None
+            if not isinstance(rows[-1], dict):
+                raise UserError(f"{p} line {n} is not a JSON object; each line must be one row like "
+                                '{"prompt": ..., "completion": ...}.')
+    elif p.suffix == ".parquet":
+        import pandas as pd
+
+        rows = pd.read_parquet(p).to_dict(orient="records")
+    else:
+        raise UserError(f"dataset file {p} is neither .jsonl nor .parquet; convert it to one of those.")
+    if not rows:
+        raise UserError(f"dataset file {p} has no rows.")
+    return rows
+
+
+def _messages(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    value = list(value) if hasattr(value, "__len__") and not isinstance(value, dict) else value
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise UserError(f"{where} must be a string or a non-empty list of {{role, content}} messages.")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def normalize_rows(rows: list[dict], path: str) -> list[dict]:
+    """Rows in messages or prompt/completion format -> chat prompt/completion rows
+    with "answer" (the assistant's reply, the exact-match target) and "skill"."""
+    columns = set().union(*(r.keys() for r in rows))
+    if set(PROMPT_COMPLETION) <= columns:
+        fmt = "prompt/completion"
+    elif set(MESSAGES) <= columns:
+        fmt = "messages"
+    else:
+        raise UserError(f"dataset {path} has columns {', '.join(sorted(map(str, columns)))}; expected 'messages' "
+                        "(a chat ending with the assistant's reply) or 'prompt' and 'completion'.")
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{path} row {i + 1}"
+        if fmt == "messages":
+            msgs = _messages(row.get("messages"), f"{where} 'messages'")
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise UserError(f"{where}: a 'messages' chat must have a prompt and end with an assistant message "
+                                "(the reply that is trained).")
+            prompt, completion = msgs[:-1], msgs[-1:]
+        else:
+            prompt = _messages(row.get("prompt"), f"{where} 'prompt'")
+            completion = row.get("completion")
+            completion = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
+                          else _messages(completion, f"{where} 'completion'"))
+        answer = row.get("answer")
+        answer = answer if isinstance(answer, str) else "".join(m["content"] for m in completion)
+        out.append({"prompt": prompt, "completion": completion, "skill": str(row.get("skill") or "all"),
+                    "answer": answer})
+    return out
+
+
+def _load_paths(paths) -> list[dict]:
+    rows = []
+    for p in [paths] if isinstance(paths, str) else paths:
+        rows += normalize_rows(_read_file(p), p)
+    return rows
+
+
+def load_data(cfg: Config) -> dict:
+    """{"train": rows, "test": rows, "info": {...}}. User data without a test file
+    is split with ``data.eval_fraction`` (seeded); train rows whose prompt is also a
+    test prompt are dropped so the test stays held out."""
+    d = cfg.data
+    if cfg.builtin_data:
+        split = synthetic.build(seed=d.seed, train_rows=d.builtin_rows)
+        return {**split, "info": {"source": "builtin", "seed": d.seed, "format": "prompt/completion"}}
+    train = _load_paths(d.train)
+    if d.test is not None:
+        test = _load_paths(d.test)
+    else:
+        order = list(range(len(train)))
+        random.Random(d.seed).shuffle(order)
+        n_test = max(1, round(len(train) * d.eval_fraction))
+        if n_test >= len(train):
+            raise UserError(f"data.train has {len(train)} row(s), too few to split off a test set; add rows or "
+                            "give data.test.")
+        test = [train[i] for i in order[:n_test]]
+        train = [train[i] for i in sorted(order[n_test:])]
+    held = {json.dumps(r["prompt"], sort_keys=True) for r in test}
+    kept = [r for r in train if json.dumps(r["prompt"], sort_keys=True) not in held]
+    if not kept:
+        raise UserError("every training prompt also occurs in the test data; give data.test rows that are held out.")
+    info = {"source": d.train, "test_source": d.test, "seed": d.seed,
+            "dropped_train_rows_in_test": len(train) - len(kept)}
+    return {"train": kept, "test": test, "info": info}
+
+
+# --------------------------------------------------------------------------- model loading
+def _dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def quantization_record(cfg: Config) -> dict | None:
+    q = cfg.quantization
+    if q is None:
+        return None
+    compute = _dtype(cfg.model.dtype if q.compute_dtype == "auto" else q.compute_dtype)
+    return {"type": q.type, "double_quant": q.double_quant, "compute_dtype": str(compute).removeprefix("torch.")}
+
+
+def load_model(cfg: Config, base: str):
+    """The base causal LM, quantized to NF4 when configured (QLoRA), ready for PEFT."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # On the GPU from the start, so that the base's accuracy eval runs there too.
+    kwargs = dict(dtype=_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
+                  use_safetensors=True, trust_remote_code=False,
+                  device_map={"": 0 if torch.cuda.is_available() else "cpu"})
+    q = quantization_record(cfg)
+    if q is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q["double_quant"],
+            bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]))
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if q is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+    return model
+
+
+def load_tokenizer(cfg: Config, base: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load a tokenizer from {base} ({str(err).splitlines()[0]}); the checkpoint "
+                        "folder needs its tokenizer files (tokenizer.json, tokenizer_config.json).") from None
+    if cfg.model.chat_template:
+        tok.chat_template = cfg.model.chat_template
+    if not tok.chat_template:
+        raise UserError(f"the tokenizer in {base} has no chat template; set model.chat_template to a Jinja chat "
+                        "template whose assistant turn ends with the EOS token.")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def attach_lora(cfg: Config, model):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lc.target_modules if m not in present]
+    if missing:
+        raise UserError(f"lora.target_modules names {', '.join(missing)}, which this model does not have; "
+                        "use module names of its linear layers (e.g. q_proj, v_proj).")
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                        use_rslora=lc.use_rslora, task_type="CAUSAL_LM", bias="none")
+    with _old_checkpointing_name():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _old_checkpointing_name():
+    """transformers 5.23 renames gradient_checkpointing to activation_checkpointing and
+    warns when PEFT, TRL or we use the old name; the GPU image's 5.17 knows only the
+    old name, so we keep it and hide that notice."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
+
+
+def kernels_enabled(cfg: Config) -> dict | None:
+    """patch_model switches, or None for no kernels. "auto" means on with CUDA and
+    off on the CPU, where Triton only runs in its (slow) interpreter."""
+    import torch
+
+    value = cfg.kernels
+    if value == "auto":
+        value = torch.cuda.is_available()
+    if value is False:
+        return None
+    try:
+        patch = importlib.import_module("workbench.patch")
+    except ImportError as err:
+        raise UserError(f"kernels are unavailable in this install ({err}); set kernels: false.") from None
+    return patch.options_from_config(value)
+
+
+def apply_kernels(model, options: dict) -> dict:
+    report = importlib.import_module("workbench.patch").patch_model(model, **options)
+    _log(str(report).replace("\n", "\n       "))
+    return report.to_dict()
+
+
+# --------------------------------------------------------------------------- evaluation
+def generate_answers(model, tok, rows: list[dict], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy completions of each row's prompt (chat template + generation prompt)."""
+    import torch
+
+    was_training, side = model.training, tok.padding_side
+    model.eval()
+    tok.padding_side = "left"
+    device = next(model.parameters()).device
+    # Stop at the tokenizer's EOS and at whatever the checkpoint's generation config
+    # already stops at (e.g. an end-of-turn token distinct from EOS).
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos += [tok.eos_token_id] if tok.eos_token_id not in eos else []
+    out = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            texts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in batch]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=eos)
+            out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def accuracy(model, tok, rows: list[dict], max_new_tokens: int) -> dict:
+    """Exact-match accuracy overall and per skill, with a few examples."""
+    preds = generate_answers(model, tok, rows, max_new_tokens)
+    hits = [synthetic.score(p, r["answer"]) for p, r in zip(preds, rows)]
+    by_skill: dict[str, list[bool]] = {}
+    for r, h in zip(rows, hits):
+        by_skill.setdefault(r["skill"], []).append(h)
+    return {
+        "accuracy": sum(hits) / len(hits),
+        "by_skill": {k: sum(v) / len(v) for k, v in sorted(by_skill.items())},
+        "rows": len(rows),
+        "examples": [{"question": synthetic.question(r), "answer": r["answer"], "prediction": p}
+                     for r, p in list(zip(rows, preds))[:5]],
+    }
+
+
+# --------------------------------------------------------------------------- trainer
+class NonFiniteLoss(Exception):
+    """Raised from the training step, before the optimizer could apply the step's
+    non-finite gradients; run_train turns it into a UserError."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss {value} at step {step}")
+        self.step, self.value = step, value
+
+
+def _callbacks():
+    """Trainer callbacks, built lazily (transformers is heavy to import)."""
+    from transformers import TrainerCallback
+
+    class LossLog(TrainerCallback):
+        """Writes train/loss.jsonl (rewritten atomically at each logging step) and
+        prints one progress line per logging step to stderr."""
+
+        def __init__(self, path: Path, total_steps: int):
+            self.path, self.total, self.rows, self.start = path, total_steps, [], time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                   "grad_norm": logs.get("grad_norm"), "tokens": logs.get("num_tokens"),
+                   "elapsed": round(time.perf_counter() - self.start, 3)}
+            self.rows.append(row)
+            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            rate = (row["tokens"] or 0) / max(row["elapsed"], 1e-9)
+            _log(f"step {row['step']}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                 f"grad_norm {float(row['grad_norm'] or 0):.3f} tokens {int(row['tokens'] or 0)} "
+                 f"({rate:.0f} tok/s) {row['elapsed']:.1f}s")
+
+    class Snapshots(TrainerCallback):
+        """Keeps a copy of the trainable (adapter) weights as they were at the start
+        of the last step whose loss was finite: the last good adapter."""
+
+        def __init__(self, model):
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.pending = self.good = None
+            self.good_step = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.pending = [p.detach().clone() for p in self.params]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.good, self.good_step = self.pending, state.global_step - 1
+
+        def restore(self) -> bool:
+            if self.good is None:
+                return False
+            for p, saved in zip(self.params, self.good):
+                p.data.copy_(saved)
+            return True
+
+    return LossLog, Snapshots
+
+
+def sft_config(cfg: Config, output_dir: str):
+    """TRL's SFTConfig for this run: completion-only loss, no hub, no checkpoints."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.training
+    cuda = torch.cuda.is_available()
+    dtype = _dtype(cfg.model.dtype)
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        num_train_epochs=t.epochs if t.epochs is not None else 1.0,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.schedule,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        max_length=t.max_seq_len,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        completion_only_loss=True,
+        use_cpu=not cuda,
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        report_to="none",
+        save_strategy="no",
+        push_to_hub=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=()):
+    """An SFTTrainer over ``train_rows`` whose training step raises NonFiniteLoss
+    before a non-finite loss can reach the optimizer."""
+    import datasets
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    class GuardedSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLoss(self.state.global_step + 1, float(loss))
+            return loss
+
+    datasets.disable_progress_bars()
+    data = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows])
+    with _old_checkpointing_name():
+        trainer = GuardedSFTTrainer(model=model, args=sft_config(cfg, output_dir), train_dataset=data,
+                                    processing_class=tok, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # our LossLog prints one line per logging step instead
+    return trainer
+
+
+def total_steps(cfg: Config, n_rows: int) -> int:
+    t = cfg.training
+    if t.max_steps is not None:
+        return t.max_steps
+    return math.ceil(math.ceil(n_rows / t.batch_size) / t.grad_accum * t.epochs)
+
+
+# --------------------------------------------------------------------------- the stage
+def _oom_message(cfg: Config) -> str:
+    t = cfg.training
+    hints = [f"training.batch_size (now {t.batch_size}; raise training.grad_accum to keep the effective batch)",
+             f"training.max_seq_len (now {t.max_seq_len})"]
+    if not t.gradient_checkpointing:
+        hints.append("set training.gradient_checkpointing: true")
+    if cfg.quantization is None:
+        hints.append("load the base in 4 bits with quantization: {type: nf4} (QLoRA)")
+    return "ran out of GPU memory while training; reduce " + ", or ".join(hints) + "."
+
+
+def _prepare(cfg: Config) -> tuple[dict | None, dict]:
+    """Every check that needs no training: model folder and family, data files and
+    columns, kernel availability. Runs before anything is written."""
+    model_info = None if cfg.builtin_model else check_model_folder(cfg.model.path)
+    data = load_data(cfg)
+    kernels_enabled(cfg)
+    return model_info, data
+
+
+def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
+    """Train a LoRA adapter as configured, write it and its records into
+    ``run_dir``, and return the manifest's train record."""
+    from workbench.offline import enforce_offline
+
+    enforce_offline()
+    start = time.perf_counter()
+    run = Path(run_dir).resolve()
+    model_info, data = _prepare(cfg)
+
+    import torch
+    import transformers
+    from workbench import config as config_mod, default, tokenizer as wtok
+
+    transformers.logging.set_verbosity_error()
+    run.mkdir(parents=True, exist_ok=True)
+    # Until this run completes, later stages must not take an older adapter here for its result.
+    manifest.record_stage(run, "train", {"status": "running"})
+    atomic.write_text(run / "config.yaml", config_mod.dump(cfg))
+    timings = {}
+
+    _log("preparing tokenizer, base model and data")
+    if cfg.builtin_model:
+        tok = wtok.default_tokenizer()
+        base = str(default.write_base(tok, run / "base"))
+        family = "llama"
+    else:
+        base, family = cfg.model.path, model_info["family"]
+        tok = load_tokenizer(cfg, base)
+    wtok.save_tokenizer(tok, run / "tokenizer")
+    synthetic.write_jsonl(data["train"], run / "data" / "train.jsonl")
+    synthetic.write_jsonl(data["test"], run / "data" / "test.jsonl")
+    test_rows = data["test"][:cfg.eval.max_rows]
+
+    transformers.set_seed(cfg.training.seed)
+    t0 = time.perf_counter()
+    model = load_model(cfg, base)
+    timings["load_s"] = round(time.perf_counter() - t0, 3)
+    _log(f"loaded {family} base {base} ({sum(p.numel() for p in model.parameters()):,} parameters"
+         f"{', NF4' if cfg.quantization else ''})")
+
+    evals = {}
+    if test_rows:
+        t0 = time.perf_counter()
+        evals["base"] = accuracy(model, tok, test_rows, cfg.eval.max_new_tokens)
+        timings["eval_base_s"] = round(time.perf_counter() - t0, 3)
+        _log(f"base accuracy on {len(test_rows)} held-out rows: {evals['base']['accuracy']:.3f}")
+
+    transformers.set_seed(cfg.training.seed)  # the LoRA init draws from the global RNG
+    model = attach_lora(cfg, model)
+    options = kernels_enabled(cfg)
+    kernel_report = apply_kernels(model, options) if options else None
+
+    steps = total_steps(cfg, len(data["train"]))
+    shutil.rmtree(run / "train" / "last_good_adapter", ignore_errors=True)  # from an earlier failed run
+    LossLog, Snapshots = _callbacks()
+    loss_log, snapshots = LossLog(run / "train" / "loss.jsonl", steps), Snapshots(model)
+    (run / "train").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".trainer.", dir=run / "train") as scratch:  # nothing is saved there
+        trainer = make_trainer(cfg, model, tok, data["train"], scratch, [loss_log, snapshots])
+        _log(f"training {steps} steps on {len(data['train'])} rows (batch {cfg.training.batch_size} x "
+             f"accumulation {cfg.training.grad_accum})")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            result = trainer.train()
+        except NonFiniteLoss as err:
+            _fail_non_finite(cfg, run, model, snapshots, err)
+        except torch.OutOfMemoryError:
+            del trainer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _fail(run, "out of memory", {})
+            raise UserError(_oom_message(cfg)) from None
+        timings["train_s"] = round(time.perf_counter() - t0, 3)
+    tokens = int(loss_log.rows[-1]["tokens"] or 0) if loss_log.rows else 0
+
+    with atomic.directory(run / "adapter") as adapter_tmp:
+        model.save_pretrained(adapter_tmp, safe_serialization=True)
+        if test_rows:
+            t0 = time.perf_counter()
+            evals["adapter"] = accuracy(model, tok, test_rows, cfg.eval.max_new_tokens)
+            timings["eval_adapter_s"] = round(time.perf_counter() - t0, 3)
+            _log(f"adapter accuracy on {len(test_rows)} held-out rows: {evals['adapter']['accuracy']:.3f} "
+                 f"(base {evals['base']['accuracy']:.3f})")
+        atomic.write_json(run / "train" / "eval.json", evals or {"skipped": "eval.max_rows is 0"})
+    timings["total_s"] = round(time.perf_counter() - start, 3)
+
+    record = {
+        "inputs": {"config": "config.yaml", "base_model": base, "dataset": data["info"]},
+        "input_hashes": {
+            "config": manifest.sha256_file(run / "config.yaml"),
+            "base_model": manifest.hash_tree(base),
+            "train_data": manifest.sha256_file(run / "data" / "train.jsonl"),
+            "test_data": manifest.sha256_file(run / "data" / "test.jsonl"),
+        },
+        "base_model": base,
+        "family": family,
+        "quantization": quantization_record(cfg),
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                 "target_modules": list(cfg.lora.target_modules), "use_rslora": cfg.lora.use_rslora},
+        "dataset": {**data["info"], "train_rows": len(data["train"]), "test_rows": len(data["test"]),
+                    "train": "data/train.jsonl", "test": "data/test.jsonl"},
+        "kernels": kernel_report,
+        "steps": result.global_step,
+        "final_loss": loss_log.rows[-1]["loss"] if loss_log.rows else None,
+        "train_loss": result.training_loss,
+        "eval": {k: v["accuracy"] for k, v in evals.items()},
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / timings["train_s"], 1) if timings.get("train_s") else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        "timings": timings,
+        "versions": _versions(),
+        "outputs": manifest.outputs_record(run, [run / p for p in _outputs(cfg)]),
+    }
+    record = manifest.record_stage(run, "train", record)
+    _log(f"done in {timings['total_s']:.1f}s; adapter in {run / 'adapter'}")
+    return record
+
+
+def _outputs(cfg: Config) -> list[str]:
+    return ["config.yaml", *(["base"] if cfg.builtin_model else []), "tokenizer", "data", "adapter",
+            "train/loss.jsonl", "train/eval.json"]
+
+
+def _versions() -> dict:
+    from workbench.envinfo import _version
+
+    return {name: _version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets",
+                                              "tokenizers", "bitsandbytes", "parity-workbench")}
+
+
+def _fail(run: Path, reason: str, extra: dict) -> None:
+    manifest.record_stage(run, "train", {"status": "failed", "error": reason, **extra})
+
+
+def _fail_non_finite(cfg: Config, run: Path, model, snapshots, err: NonFiniteLoss):
+    """Save the last adapter whose loss was finite (if any) and stop with a UserError."""
+    extra = {"failed_step": err.step}
+    where = "no step had a finite loss, so there is no adapter to keep"
+    if snapshots.restore():
+        with atomic.directory(run / "train" / "last_good_adapter") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+        extra.update(last_good_adapter="train/last_good_adapter", last_good_step=snapshots.good_step)
+        where = (f"the adapter after {snapshots.good_step} step(s), the last with a finite loss, is in "
+                 f"{run / 'train' / 'last_good_adapter'}")
+    _fail(run, f"non-finite loss at step {err.step}", extra)
+    raise UserError(f"training stopped: the loss became {err.value} at step {err.step}; {where}. Lower "
+                    f"training.lr (now {cfg.training.lr:g}) or check the data for broken rows.") from None
