@@ -233,7 +233,8 @@ STAGE_CLI_MODULES = [
     "workbench.train_cli",      # workbench train
     "workbench.export.cli",     # workbench merge, workbench export
     "workbench.eval.cli",       # workbench eval
-    "workbench.pipeline_cli",   # workbench run, report, qualify
+    "workbench.pipeline_cli",   # workbench run, report
+    "workbench.qualify_cli",    # workbench qualify
 ]
 
 

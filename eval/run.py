@@ -1,0 +1,201 @@
+"""`workbench eval`: lm-eval on every model of a run, offline, and one comparison table.
+
+Writes under RUN/eval/:
+
+    data/*.jsonl, tasks/*.yaml     the shipped tasks' documents and definitions (workbench.eval.suite)
+    <model>/results.json           lm-eval's own results JSON for that model (without samples)
+    <model>/samples_<task>.jsonl   lm-eval's per-document records (inputs, outputs, scores)
+    comparison.csv, comparison.md  one row per model, metrics, changes vs the adapter, flags
+
+and records the "eval" manifest stage (inputs and their hashes, tasks, the
+table's flags, timings, outputs). Models are evaluated in pipeline order (base,
+adapter, merged, then the GGUFs); each model's files are written as soon as it
+is done, the table and the record last. A model that fails (or an interrupt)
+leaves earlier stages and the finished models' results in place and records
+the eval stage as "failed", since its files no longer match an earlier eval's
+record. Folders of models from an earlier eval that this one did not cover are
+removed at the end, so a completed RUN/eval always matches its record.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from workbench import atomic, manifest
+from workbench.errors import UserError
+
+from . import compare, models, suite
+
+#: lm-eval's bootstrap for the standard error of non-mean metrics (none of the
+#: shipped ones need it): 1000 resamples are plenty for an error bar and keep a
+#: user's BLEU-style task from spending minutes on 100000.
+BOOTSTRAP_ITERS = 1000
+
+
+def log(msg: str) -> None:
+    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+
+
+def choose_models(artifacts: dict[str, models.Artifact], wanted: list[str] | None) -> list[str]:
+    """The kinds to evaluate: all available ones (noting the rest), or exactly
+    ``wanted`` (UserError naming the first that is missing)."""
+    if wanted is not None:
+        for kind in wanted:
+            if artifacts[kind].path is None:
+                raise UserError(f"--models asks for {kind}, but {artifacts[kind].missing}; "
+                                "drop it from --models or make it first.")
+        return wanted
+    chosen = []
+    for kind in models.KINDS:
+        if artifacts[kind].path is None:
+            log(f"skipping {kind}: {artifacts[kind].missing}")
+        else:
+            chosen.append(kind)
+    if not chosen:
+        raise UserError("nothing to evaluate in this run: no base, adapter, merged model or GGUF was found; "
+                        "run `workbench train --run DIR` first.")
+    return chosen
+
+
+def choose_tasks(requested: list[str] | None, counts: dict[str, int]) -> list[str]:
+    if requested is None:
+        return [t for t in suite.SHIPPED_TASKS if counts[t]]
+    for name in requested:
+        if name in counts and not counts[name]:
+            raise UserError(f"task {name} has no documents in this run: its held-out rows are not built-in synthetic "
+                            "skills (add, recall, reverse); use wb_synthetic_gen and wb_heldout_ppl instead.")
+    return requested
+
+
+def evaluate(lm, manager, tasks: list[str], limit: int | None, chat_template: bool) -> dict:
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                           apply_chat_template=chat_template, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True)
+
+
+def write_results(folder: Path, results: dict) -> list[Path]:
+    """lm-eval's results JSON (samples apart, one JSON line per document)."""
+    from lm_eval.utils import handle_non_serializable
+
+    samples = results.pop("samples", {}) or {}
+    files = [atomic.write_text(folder / "results.json",
+                               json.dumps(results, indent=2, default=handle_non_serializable) + "\n")]
+    for task, docs in samples.items():
+        lines = "".join(json.dumps(d, default=handle_non_serializable, ensure_ascii=False) + "\n" for d in docs)
+        files.append(atomic.write_text(folder / f"samples_{task}.jsonl", lines))
+    return files
+
+
+def _lm_for(kind: str, run: Path, artifacts, state: dict, length: int | None):
+    """The lm-eval LM for ``kind``. The base model, once loaded, is kept for the
+    adapter that follows it (which wraps it in place, so it is handed over)."""
+    base = state.pop("base", None)
+    if kind in models.GGUF_KINDS:
+        return models.gguflm(artifacts[kind].path, length)
+    if "tokenizer" not in state:
+        state["tokenizer"] = models.load_tokenizer(run)
+    if kind == "base":
+        state["base"] = models.load_hf(artifacts["base"].path)
+        return models.hflm(state["base"], state["tokenizer"], length)
+    if kind == "adapter":
+        model = models.adapter_model(run, artifacts["base"].path, state["train"], base)
+        return models.hflm(model, state["tokenizer"], length)
+    return models.hflm(models.load_hf(artifacts["merged"].path), state["tokenizer"], length)
+
+
+def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[str] | None = None,
+             include: list[str | Path] = (), limit: int | None = None, tolerances: str | Path | None = None,
+             chat_template: bool = True) -> dict:
+    """The eval stage; returns its manifest record."""
+    from workbench.offline import enforce_offline
+
+    enforce_offline()
+    start = time.perf_counter()
+    run = Path(run).resolve()
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist; pass the --run DIR that `workbench train` wrote.")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}.")
+    if tasks is not None and not tasks:
+        raise UserError(f"--tasks names no task; give comma-separated names, e.g. {','.join(suite.SHIPPED_TASKS)}.")
+    limits = compare.load_tolerances(tolerances)
+    include = [Path(p).resolve() for p in include]
+    artifacts = models.locate(run)
+    chosen = choose_models(artifacts, model_kinds)
+    suite.check_task_folders(include)
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)   # its INFO lines would drown the progress
+    train = manifest.stage(run, "train")
+    rows, source = suite.load_test_rows(run, train)
+    eval_dir = run / "eval"
+    choice_end = (suite.turn_end(run) or "") if chat_template else ""
+    counts = suite.materialize(eval_dir, rows, suite.max_new_tokens(run), choice_end)
+    names = choose_tasks(tasks, counts)
+    manager = suite.task_manager(names, [eval_dir / "tasks", *include])
+    suite.load_tasks(manager, names)
+    log(f"tasks {', '.join(names)} on {len(rows)} held-out rows from {source}; models {', '.join(chosen)}")
+
+    hashes = {k: artifacts[k].hash() for k in chosen}   # what was evaluated, before it can change
+    timings = {"setup_s": round(time.perf_counter() - start, 3)}
+    length = models.max_length(artifacts)
+    state = {"train": train or {}}
+    metrics, outputs = {}, []
+    try:
+        for i, kind in enumerate(chosen, 1):
+            art = artifacts[kind]
+            log(f"[{i}/{len(chosen)}] {kind}: {art.path}" + (f" ({art.note})" if art.note else ""))
+            t0 = time.perf_counter()
+            lm = _lm_for(kind, run, artifacts, state, length)
+            results = evaluate(lm, manager, names, limit, chat_template)
+            if hasattr(lm, "close"):
+                lm.close()
+            del lm
+            outputs += write_results(eval_dir / kind, results)
+            metrics[kind] = compare.metrics_of(results)
+            timings[f"{kind}_s"] = round(time.perf_counter() - t0, 3)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics[kind].items())
+            log(f"[{i}/{len(chosen)}] {kind}: {shown} ({timings[f'{kind}_s']:.1f}s)")
+    except BaseException as err:
+        # Results files are being replaced: an earlier eval record no longer describes RUN/eval.
+        manifest.record_stage(run, "eval", {"status": "failed", "error": f"{type(err).__name__}: {err}"[:500],
+                                            "models": chosen, "finished_models": list(metrics)})
+        raise
+    finally:
+        state.clear()
+
+    frame, flags = compare.table(metrics, limits)
+    outputs.append(atomic.write_text(eval_dir / "comparison.csv", frame.to_csv(index=False)))
+    outputs.append(atomic.write_text(eval_dir / "comparison.md", compare.markdown(frame)))
+    for stale in (eval_dir / k for k in models.KINDS if k not in chosen):
+        shutil.rmtree(stale, ignore_errors=True)
+    for flag in flags:
+        log(f"{flag['model']}: {flag['metric']} changed by {flag['change']:+.4g} vs the adapter, "
+            f"beyond its tolerance ±{flag['tolerance']:g}")
+    timings["total_s"] = round(time.perf_counter() - start, 3)
+    from workbench.envinfo import _version
+
+    record = manifest.record_stage(run, "eval", {
+        "inputs": {k: str(artifacts[k].path) for k in chosen},
+        "input_hashes": hashes,
+        "models": chosen,
+        "skipped": {k: a.missing for k, a in artifacts.items() if k not in chosen and a.missing},
+        "tasks": names,
+        "include": [str(p) for p in include],
+        "data": {"source": source, "documents": {t: counts[t] for t in names if t in counts}},
+        "limit": limit,
+        "chat_template": chat_template,
+        "max_length": length,
+        "metrics": metrics,
+        "tolerances": limits,
+        "flags": flags,
+        "timings": timings,
+        "versions": {d: _version(d) for d in ("lm-eval", "llama-cpp-python", "transformers", "peft", "torch")},
+        "outputs": manifest.outputs_record(run, [*outputs, eval_dir / "data", eval_dir / "tasks"]),
+    })
+    log(f"done in {timings['total_s']:.1f}s; table in {eval_dir / 'comparison.md'}")
+    return record
