@@ -127,6 +127,20 @@ def _one_step_gradients(batch_size, grad_accum, tmp_path):
     return grads, trainer.state.log_history[0]["loss"], trainer, model
 
 
+def assert_same_gradient(got, ref):
+    """float32 sums taken in another order (batch of 4 vs two of 2, other padded
+    lengths, tiled kernels, 1 or 2 torch threads) differ by a few ulps (2^-24 ~ 6e-8)
+    of the summed terms, so an element that cancels to near zero differs at the
+    scale of the tensor, not of itself (seen: 2e-7 on an element of 5.6e-3 in a
+    tensor whose largest is ~1e-2). Bound: 1e-5 relative per element plus 1e-5 of
+    the tensor's largest magnitude, and 1e-5 in relative norm; the per-micro-batch
+    average is off by more than 1e-2 (checked below), so this still separates right
+    from wrong by three orders of magnitude."""
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale)
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big, big_loss, trainer, _ = _one_step_gradients(4, 1, tmp_path)
     acc, acc_loss, _, _ = _one_step_gradients(2, 2, tmp_path)
@@ -146,12 +160,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     naive_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     assert set(big) == set(acc) == set(ref) and len(ref) > 0
-    # float32 sums taken in another order (batch of 4 vs two of 2, other padded
-    # lengths) differ around 1e-7 relative; the per-micro-batch average differs by
-    # percents (checked below), so 1e-5 separates right from wrong by far.
     for name in ref:
-        torch.testing.assert_close(big[name], ref[name], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(acc[name], ref[name], rtol=1e-5, atol=1e-7)
+        assert_same_gradient(big[name], ref[name])
+        assert_same_gradient(acc[name], ref[name])
     assert big_loss == pytest.approx(loss.item(), rel=1e-5)
     assert acc_loss == pytest.approx(loss.item(), rel=1e-5)
     worst = max(((naive_grads[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref)
@@ -313,3 +324,48 @@ def test_default_base_is_a_small_deterministic_safetensors_llama(tmp_path):
     assert 500_000 <= sum(p.numel() for p in model.parameters()) <= 2_000_000
     # The widened head (see workbench/default.py); 0.02 would stall LoRA.
     assert model.lm_head.weight.std().item() == pytest.approx(default.LM_HEAD_STD, rel=0.05)
+
+
+def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path):
+    """With our loss patched in, TRL's plain NLL path (its own chunked LM head) is
+    replaced by our fused linear cross-entropy, keeping TRL's reduction: the summed
+    token NLL over the whole accumulated batch. Reference: the unpatched model on one
+    batch of all four rows."""
+    from workbench import patch
+
+    cfg = quick_config("training.batch_size=2", "training.grad_accum=2", "training.max_steps=1",
+                       "training.max_grad_norm=0")
+    model, tok = _tiny_peft_model(cfg)
+    ref_model, _ = _tiny_peft_model(cfg)
+    patch.patch_model(model, rms_norm=False, rope=False, mlp=False, lora=False, nf4=False)
+    assert patch.fused_loss_patched(model)
+    grads = {}
+
+    from transformers import TrainerCallback
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    trainer = train.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / "out"), [Capture()])
+    before = patch.kernel_calls().get("fused_linear_cross_entropy", 0)
+    trainer.train()
+    assert patch.kernel_calls().get("fused_linear_cross_entropy", 0) == before + 2  # one per micro-batch
+    logged = trainer.state.log_history[0]
+    assert "mean_token_accuracy" not in logged  # TRL's head (which computes it) did not run
+
+    big = train.make_trainer(quick_config("training.batch_size=4"), ref_model, tok, _rows_of_unequal_length(),
+                             str(tmp_path / "ref"))
+    batch = next(iter(big.get_train_dataloader()))
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    loss = ref_model(**batch).loss
+    loss.backward()
+    # float32 throughout; the fused kernel sums the vocab in tiles and the tokens in
+    # another grouping than one torch GEMM (see assert_same_gradient); a wrong
+    # normaliser (per micro-batch means) is off by percents.
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for name, p in ref_model.named_parameters():
+        if p.requires_grad:
+            assert_same_gradient(grads[name], p.grad)
+    # (No unpatch: TRL wrapped the patched forward, and only the loss was patched,
+    # which holds no module-level globals; the model dies with the test.)

@@ -81,7 +81,7 @@ from workbench.kernels.rope import rope
 from workbench.kernels.swiglu import swiglu
 
 __all__ = ["patch_model", "unpatch_model", "options_from_config", "PatchReport", "Fallback", "kernel_calls",
-           "OPTIONS"]
+           "fused_loss_patched", "OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -882,6 +882,14 @@ def unpatch_model(model: nn.Module) -> bool:
         _release_global(key, root)
     del root.__dict__[_ROOT]
     return True
+
+
+def fused_loss_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch_model` put the fused linear cross-entropy into this
+    model's CausalLM forward. A wrapper installed afterwards (TRL's fused LM head)
+    does not change the answer: labelled calls without its ``fused_lm_head`` switch
+    still pass through to ours."""
+    return isinstance(_hf_model(model).__dict__.get(_STATE), _LossSwap)
 
 
 class _CallableModule(types.ModuleType):

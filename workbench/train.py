@@ -443,6 +443,37 @@ def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: st
     from trl import SFTTrainer
 
     class GuardedSFTTrainer(SFTTrainer):
+        def _our_loss_applies(self) -> bool:
+            """TRL computes its plain NLL loss through its own chunked LM head
+            (``fused_lm_head=True``), which bypasses our fused linear cross-entropy.
+            When our loss is patched in and TRL would take that plain path, take
+            ours instead; every other TRL loss (custom compute_loss_func, label
+            smoothing, DFT, MoE aux loss, sequence parallelism) stays TRL's."""
+            patch = sys.modules.get("workbench.patch")
+            sp = getattr(self.accelerator, "parallelism_config", None)
+            return (patch is not None and patch.fused_loss_patched(self.model)
+                    and self.compute_loss_func is None and self.label_smoother is None
+                    and self.args.loss_type == "nll" and not self.aux_loss_enabled
+                    and not (sp is not None and getattr(sp, "sp_enabled", False)))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self._our_loss_applies():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # Same reduction as TRL's plain path: summed token NLL / num_items_in_batch
+            # (all ranks' tokens under gradient accumulation), else the mean over
+            # this batch's labelled tokens. TRL's entropy/token-accuracy metrics need
+            # the logits this path never forms, so they are not logged.
+            outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+            loss = outputs.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            mode = "train" if self.model.training else "eval"
+            if mode == "train" and "attention_mask" in inputs:
+                seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._total_train_tokens += seen // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
