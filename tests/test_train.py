@@ -30,6 +30,10 @@ def one_torch_thread_per_xdist_worker():
     torch.set_num_threads(before)
 
 
+# fp32 training on any device (model.dtype auto is bf16 autocast on CUDA), for the
+# tests that compare gradients with an fp32 reference computed here.
+FP32 = ["model.dtype=float32"]
+
 # Small runs for everything but the acceptance test: a few steps, no accuracy eval.
 QUICK = ["training.max_steps=4", "training.logging_steps=1", "eval.max_rows=0", "data.builtin_rows=64"]
 
@@ -113,7 +117,7 @@ def _one_step_gradients(batch_size, grad_accum, tmp_path):
     from transformers import TrainerCallback
 
     cfg = quick_config(f"training.batch_size={batch_size}", f"training.grad_accum={grad_accum}",
-                       "training.max_steps=1", "training.max_grad_norm=0")
+                       "training.max_steps=1", "training.max_grad_norm=0", *FP32)
     model, tok = _tiny_peft_model(cfg)
     grads = {}
 
@@ -147,6 +151,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
     # The reference: one batch of all four rows, loss averaged over every completion token.
     model, _ = _tiny_peft_model(quick_config())
+    model.to(trainer.args.device)
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
     loss = model(**batch).loss
@@ -202,13 +207,14 @@ def test_rslora_switch_scales_by_alpha_over_sqrt_r():
 
 
 # --------------------------------------------------------------------------- QLoRA, user inputs
-def test_qlora_trains_an_nf4_double_quant_base_on_the_cpu(tmp_path):
+def test_qlora_trains_an_nf4_double_quant_base(tmp_path):
     import bitsandbytes as bnb
 
     cfg = quick_config("quantization={type: nf4, double_quant: true}", "training.max_steps=3", "eval.max_rows=4")
     run = tmp_path / "run"
     rec = train.run_train(cfg, run)
-    assert rec["quantization"] == {"type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    compute = "bfloat16" if torch.cuda.is_available() else "float32"  # model.dtype auto
+    assert rec["quantization"] == {"type": "nf4", "double_quant": True, "compute_dtype": compute}
     assert all(r["loss"] == r["loss"] and r["loss"] < 100 for r in loss_rows(run))  # finite
     # The base really was 4-bit NF4 with double quantization.
     model = train.load_model(cfg, rec["base_model"])
@@ -334,7 +340,7 @@ def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path):
     from workbench import patch
 
     cfg = quick_config("training.batch_size=2", "training.grad_accum=2", "training.max_steps=1",
-                       "training.max_grad_norm=0")
+                       "training.max_grad_norm=0", *FP32)
     model, tok = _tiny_peft_model(cfg)
     ref_model, _ = _tiny_peft_model(cfg)
     patch.patch_model(model, rms_norm=False, rope=False, mlp=False, lora=False, nf4=False)
@@ -354,8 +360,9 @@ def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path):
     logged = trainer.state.log_history[0]
     assert "mean_token_accuracy" not in logged  # TRL's head (which computes it) did not run
 
-    big = train.make_trainer(quick_config("training.batch_size=4"), ref_model, tok, _rows_of_unequal_length(),
-                             str(tmp_path / "ref"))
+    big = train.make_trainer(quick_config("training.batch_size=4", *FP32), ref_model, tok,
+                             _rows_of_unequal_length(), str(tmp_path / "ref"))
+    ref_model.to(big.args.device)
     batch = next(iter(big.get_train_dataloader()))
     batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
     loss = ref_model(**batch).loss
