@@ -109,8 +109,12 @@ def _load_nf4_base(base: Path, quant: dict, device: str):
         bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
         bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype") or "float32"),
     )
-    return AutoModelForCausalLM.from_pretrained(str(base), quantization_config=config, dtype=torch.float32,
-                                                device_map={"": device}, use_safetensors=True).eval()
+    from workbench.train import keep_portable_4bit_layout
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=config, dtype=torch.float32,
+                                                 device_map={"": device}, use_safetensors=True).eval()
+    keep_portable_4bit_layout(model)  # the reference is the dequantize-then-matmul that training ran
+    return model
 
 
 def dequantized_weights(nf4_model) -> dict:
@@ -167,7 +171,8 @@ def run_merge(run: str | Path, heldout: str | None = None) -> dict:
     enforce_offline()
     run = Path(run)
     require_run(run)
-    train = manifest.require_stage(run, "train", "run `workbench train --run DIR` first.")
+    train = manifest.require_stage(run, "train", "run `workbench train --run DIR` first, or bring your own adapter "
+                                   "with `workbench merge --run DIR --adapter FOLDER --base FOLDER`.")
     adapter = _require_adapter(run)
     tok_dir = run / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
@@ -243,6 +248,14 @@ def run_merge(run: str | Path, heldout: str | None = None) -> dict:
         "input_hashes": {"adapter": manifest.hash_tree(adapter), "tokenizer": manifest.hash_tree(tok_dir)},
         "dtype": dtype, "quantization": quant, "merged_dir": "merge/merged",
         "metrics": {k: report[k] for k in ("merged", "merged_from_nf4", "nf4_vs_16bit") if k in report},
+        "versions": _versions(),
         "outputs": manifest.outputs_record(run, outputs),
     })
     return report
+
+
+def _versions() -> dict:
+    from workbench.envinfo import _version
+
+    return {d: _version(d) for d in ("torch", "transformers", "peft", "safetensors", "bitsandbytes",
+                                     "parity-workbench")}

@@ -314,6 +314,8 @@ def test_training_curve_matches_unpatched():
 def _qlora_pair(tmp_path, seed: int = 4):
     """A bitsandbytes NF4 (double-quantized) llama with a LoRA adapter, and the dense
     fp64 model holding exactly its dequantized weights and the same adapter."""
+    from workbench.train import keep_portable_4bit_layout
+
     torch.manual_seed(seed)
     # intermediate 192 (not the tiny 96): bitsandbytes 0.50.2's native CPU
     # dequantize_4bit cuts blocks per row, which is wrong when in_features is not a
@@ -330,13 +332,10 @@ def _qlora_pair(tmp_path, seed: int = 4):
         tmp_path / "base", quantization_config=quant, dtype=DTYPE,
         device_map={"": DEVICE.index or 0} if DEVICE.type == "cuda" else {"": "cpu"})
     qmodel = peft.get_peft_model(qmodel, _lora_config(), autocast_adapter_dtype=False)
-    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into its own CPU
-    # layout at the first no-grad eval forward (the baseline's logits pass below);
-    # the patch then leaves such layers to bitsandbytes, and this test would not
-    # exercise our NF4 path. Keep the portable layout on every CPU.
-    for module in qmodel.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    # Without this, on CPUs with AVX512-BF16 the baseline's no-grad logits pass would
+    # repack the weights into bitsandbytes' CPU layout, the patch would then leave
+    # those layers to bitsandbytes, and this test would not exercise our NF4 path.
+    keep_portable_4bit_layout(qmodel)
     _randomise_b(qmodel, seed + 1)
     with torch.no_grad():
         for name, p in qmodel.named_parameters():

@@ -201,6 +201,17 @@ def quantization_record(cfg: Config) -> dict | None:
     return {"type": q.type, "double_quant": q.double_quant, "compute_dtype": str(compute).removeprefix("torch.")}
 
 
+def keep_portable_4bit_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first
+    no-grad forward (an accuracy eval) into its own CPU layout, whose kernel computes
+    in bf16 whatever the compute dtype, cannot take in_features that are not a
+    multiple of the blocksize, and which our NF4 kernels do not read. Keep the
+    dequantize-then-matmul path, the same on every CPU."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(cfg: Config, base: str):
     """The base causal LM, quantized to NF4 when configured (QLoRA), ready for PEFT."""
     import torch
@@ -217,6 +228,7 @@ def load_model(cfg: Config, base: str):
             bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]))
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if q is not None:
+        keep_portable_4bit_layout(model)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
