@@ -58,3 +58,83 @@ def test_train_suite_needs_cuda_for_real_shapes(capsys):
 
     assert main(["bench", "--suite", "train", "--shape", "llama3.2-1b"]) == 2
     assert "need a CUDA device" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- workbench regress
+KERNEL_REPORT = "reports/kernels/2026-11-23-nvidia-h100-80gb-hbm3.json"
+TRAIN_REPORT = "reports/train/2026-11-23-nvidia-h100-80gb-hbm3.json"
+
+
+def _report_pair(tmp_path, source, edit):
+    """The committed H100 report as baseline, and a copy changed by ``edit`` as the new run."""
+    from workbench.cli import REPO_ROOT
+
+    doc = json.loads((REPO_ROOT / source).read_text())
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc))
+    edit(doc)
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(doc))
+    return str(old), str(new)
+
+
+def _row(doc, **match):
+    rows = doc["rows"] if doc["suite"] == "kernels" else doc["runs"]
+    (row,) = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return row
+
+
+def _flagged(capsys):
+    return [line for line in capsys.readouterr().out.splitlines() if "**" in line and line.startswith("| ")]
+
+
+def test_regress_passes_an_identical_rerun_and_small_noise(tmp_path, capsys):
+    def noise(doc):
+        for r in doc["rows"]:
+            if r["fwd_bwd_ms"]:
+                r["fwd_bwd_ms"] *= 1.05  # within the 10 % time threshold
+    old, new = _report_pair(tmp_path, KERNEL_REPORT, noise)
+    assert main(["regress", old, new, "--out", str(tmp_path / "cmp.md")]) == 0
+    assert _flagged(capsys) == [] and "no regression" in (tmp_path / "cmp.md").read_text()
+
+
+def test_regress_flags_a_slower_kernel_more_memory_and_a_new_failure(tmp_path, capsys):
+    def worse(doc):
+        _row(doc, kernel="rms_norm", stack="ours")["fwd_bwd_ms"] *= 1.2
+        _row(doc, kernel="fused_linear_cross_entropy", stack="ours")["peak_extra_gib"] *= 1.1
+        _row(doc, kernel="swiglu", stack="ours")["error"] = "RuntimeError: boom"
+        _row(doc, kernel="rope", stack="ours")["fwd_ms"] *= 0.5  # faster: fine
+    old, new = _report_pair(tmp_path, KERNEL_REPORT, worse)
+    assert main(["regress", old, new]) == 1
+    flagged = _flagged(capsys)
+    assert len(flagged) == 3, flagged
+    assert any("rms_norm" in f and "fwd_bwd_ms" in f and "1.200×" in f for f in flagged)
+    assert any("fused_linear_cross_entropy" in f and "peak_extra_gib" in f for f in flagged)
+    assert any("swiglu" in f and "fails now: RuntimeError: boom" in f for f in flagged)
+
+
+def test_regress_on_train_reports_flags_lower_throughput_and_a_moved_loss(tmp_path, capsys):
+    def worse(doc):
+        _row(doc, mode="lora", stack="ours")["tokens_per_s"] *= 0.8
+        _row(doc, mode="qlora", stack="ours")["final_loss"] *= 1.03
+        _row(doc, mode="lora", stack="hf")["tokens_per_s"] *= 1.5  # faster baseline: fine
+    old, new = _report_pair(tmp_path, TRAIN_REPORT, worse)
+    assert main(["regress", old, new]) == 1
+    flagged = _flagged(capsys)
+    assert len(flagged) == 2, flagged
+    assert any("lora / ours" in f and "tokens_per_s" in f for f in flagged)
+    assert any("qlora / ours" in f and "final_loss" in f for f in flagged)
+
+
+def test_regress_refuses_other_devices_and_other_suites(tmp_path, capsys):
+    def other_device(doc):
+        doc["environment"]["device"] = "NVIDIA H200"
+    old, new = _report_pair(tmp_path, KERNEL_REPORT, other_device)
+    assert main(["regress", old, new]) == 2
+    assert "different devices" in capsys.readouterr().err
+    assert main(["regress", old, new, "--allow-other-device"]) == 0
+    capsys.readouterr()
+    assert main(["regress", old, TRAIN_REPORT]) == 2
+    assert "cannot compare a kernels report with a train report" in capsys.readouterr().err
+    assert main(["regress", old, str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

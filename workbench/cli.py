@@ -181,6 +181,22 @@ def _bench_train(args: argparse.Namespace) -> int:
     return 0 if all(r["exit_code"] == 0 for r in result["runs"]) else 1
 
 
+def cmd_regress(args: argparse.Namespace) -> int:
+    """Compare two reports of one bench suite; exit 1 on a regression."""
+    from workbench import atomic
+    from workbench.bench import compare
+
+    old, new = compare.load(args.baseline), compare.load(args.current)
+    limits = {"time": args.time, "memory": args.memory, "loss": args.loss}
+    changes = compare.compare(old, new, limits, allow_other_device=args.allow_other_device)
+    text = compare.markdown(changes, args.baseline, args.current, old, new, limits)
+    print(text)
+    if args.out:
+        atomic.write_text(args.out, text)
+        print(f"regression report: {args.out}")
+    return 1 if any(c.regression for c in changes) else 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.strip() if __doc__ else None)
@@ -216,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
     p.add_argument("--run", default="runs/bench-train", metavar="DIR", help="train suite: where the runs go")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("regress", help="compare two reports of one bench suite (e.g. last night's and tonight's); "
+                       "exit 1 on a regression")
+    p.add_argument("baseline", help="the earlier report (.json written by `workbench bench`)")
+    p.add_argument("current", help="the new report of the same suite, device and shape")
+    p.add_argument("--time", type=float, default=0.10, help="allowed slowdown, as a fraction (default 0.10)")
+    p.add_argument("--memory", type=float, default=0.02, help="allowed peak-memory growth (default 0.02)")
+    p.add_argument("--loss", type=float, default=0.01, help="allowed relative move of the final loss (default 0.01)")
+    p.add_argument("--allow-other-device", action="store_true", help="compare reports of different devices/shapes")
+    p.add_argument("--out", metavar="FILE.md", help="also write the comparison as Markdown")
+    p.set_defaults(func=cmd_regress)
 
     # Pipeline stages: each module is light to import and defines add_parser(sub);
     # its handler imports the heavy stack (transformers, TRL, llama.cpp) only when run.

@@ -1,0 +1,147 @@
+"""Regression comparison of two benchmark reports of one suite (``workbench regress``).
+
+The nightly job compares tonight's report with the last one. Each metric of each
+row is matched by its key and read as a ratio new / old:
+
+* kernels: ``(kernel, shape, stack)`` -> ``fwd_ms``, ``fwd_bwd_ms`` (lower is
+  better) and ``peak_extra_gib`` (lower is better);
+* train: ``(mode, stack)`` -> ``step_s`` and ``peak_memory_gib`` (lower is better),
+  ``tokens_per_s`` (higher is better) and ``final_loss`` (must not move).
+
+A time or memory that got worse by more than its threshold, a loss that moved by
+more than its band, a row that ran before and fails or is missing now: each is a
+regression. Ratios between different devices or shapes say nothing, so such a pair
+is refused unless the caller allows it explicitly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.errors import UserError
+
+#: metric -> +1 when higher is worse (times, memory), -1 when lower is worse.
+METRICS = {
+    "kernels": {"fwd_ms": 1, "fwd_bwd_ms": 1, "peak_extra_gib": 1},
+    "train": {"step_s": 1, "tokens_per_s": -1, "peak_memory_gib": 1, "final_loss": 0},
+}
+KEYS = {"kernels": ("kernel", "shape", "stack"), "train": ("mode", "stack")}
+
+#: Default thresholds. Timings of one GPU kernel repeat within ~1-3 % run to run
+#: (median of many launches); 10 % flags a real slowdown without crying wolf on
+#: clock or thermal noise. Peak memory is deterministic for a given code path, so
+#: 2 % (allocator rounding) is enough. The final loss of a seeded 30-step run moves
+#: only with the arithmetic (the train suite's own stacks agree within ~2e-3), so a
+#: 1 % move means the numbers changed.
+DEFAULT_THRESHOLDS = {"time": 0.10, "memory": 0.02, "loss": 0.01}
+#: Growth of a peak below this is not a regression whatever its ratio: the
+#: caching allocator rounds blocks to 2 MiB, so a near-zero peak can double.
+MEMORY_FLOOR_GIB = 4 / 1024
+
+
+@dataclass
+class Change:
+    key: tuple
+    metric: str
+    old: float | None
+    new: float | None
+    ratio: float | None
+    regression: bool
+    note: str = ""
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"benchmark report {path} does not exist; pass the .json that `workbench bench` wrote.")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}); pass the .json that `workbench bench` wrote.") from None
+    if doc.get("suite") not in METRICS:
+        raise UserError(f"{path} is not a kernels or train benchmark report (suite {doc.get('suite')!r}).")
+    return doc
+
+
+def _kind(metric: str) -> str:
+    if metric == "final_loss":
+        return "loss"
+    return "memory" if "gib" in metric else "time"
+
+
+def _rows(doc: dict) -> dict[tuple, dict]:
+    suite = doc["suite"]
+    rows = doc["rows"] if suite == "kernels" else doc["runs"]
+    return {tuple(r.get(k) for k in KEYS[suite]): r for r in rows}
+
+
+def _failed(row: dict) -> bool:
+    return bool(row.get("error")) or row.get("exit_code", 0) != 0
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_device: bool = False) -> list[Change]:
+    """Every metric of every row of ``old`` against ``new``."""
+    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    if old["suite"] != new["suite"]:
+        raise UserError(f"cannot compare a {old['suite']} report with a {new['suite']} report.")
+    suite = old["suite"]
+    for what in ("device", "shape"):
+        a = old["environment"].get("device") if what == "device" else old.get("shape")
+        b = new["environment"].get("device") if what == "device" else new.get("shape")
+        if a != b and not allow_other_device:
+            raise UserError(f"the reports were measured on different {what}s ({a!r} vs {b!r}); ratios across them "
+                            "say nothing about a regression. Compare runs of one device and shape, or pass "
+                            "--allow-other-device to see the ratios anyway.")
+    before, after = _rows(old), _rows(new)
+    changes: list[Change] = []
+    for key, row in before.items():
+        if _failed(row):
+            continue
+        if key not in after:
+            changes.append(Change(key, "-", None, None, None, True, "row missing from the new report"))
+            continue
+        now = after[key]
+        if _failed(now):
+            reason = now.get("error") or f"exit code {now.get('exit_code')}"
+            changes.append(Change(key, "-", None, None, None, True, f"ran before, fails now: {reason}"))
+            continue
+        for metric, worse in METRICS[suite].items():
+            a, b = _number(row.get(metric)), _number(now.get(metric))
+            if a is None or b is None or a == 0:
+                continue
+            ratio = b / a
+            limit = limits[_kind(metric)]
+            if worse == 0:
+                bad = abs(ratio - 1) > limit
+            else:
+                bad = (ratio - 1) * worse > limit
+            if bad and _kind(metric) == "memory" and b - a <= MEMORY_FLOOR_GIB:
+                bad = False  # a few allocator blocks on a near-zero peak
+            changes.append(Change(key, metric, a, b, ratio, bad))
+    return changes
+
+
+def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new: dict, thresholds: dict) -> str:
+    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    bad = [c for c in changes if c.regression]
+    lines = [f"# Benchmark regression check ({old['suite']})", "",
+             f"- **Baseline:** `{old_path}` ({old['environment'].get('device')}, {old['environment'].get('date')})",
+             f"- **Current:** `{new_path}` ({new['environment'].get('device')}, {new['environment'].get('date')})",
+             f"- **Thresholds:** time +{limits['time']:.0%}, memory +{limits['memory']:.0%}, "
+             f"final loss ±{limits['loss']:.0%}",
+             f"- **Verdict:** {'REGRESSION (' + str(len(bad)) + ')' if bad else 'no regression'}", "",
+             "| row | metric | baseline | current | ratio | |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    for c in changes:
+        row = " / ".join(str(k) for k in c.key)
+        if c.ratio is None:
+            lines.append(f"| {row} | {c.metric} | | | | **{c.note}** |")
+        else:
+            lines.append(f"| {row} | {c.metric} | {c.old:.4g} | {c.new:.4g} | {c.ratio:.3f}× | "
+                         f"{'**regression**' if c.regression else ''} |")
+    return "\n".join(lines) + "\n"
