@@ -376,6 +376,22 @@ def test_other_models_keep_hf_code_and_the_rope_global_goes_back_last():
     assert rope_module.apply_rotary_pos_emb is original
 
 
+def test_a_patched_model_that_dies_unpatched_gives_the_rope_global_back():
+    import gc
+
+    rope_module = importlib.import_module(family("llama").module)
+    original = rope_module.apply_rotary_pos_emb
+    keep, drop = plain(seed=1), plain(seed=2)
+    patch_model(keep)
+    patch_model(drop)
+    del drop
+    gc.collect()
+    assert rope_module.apply_rotary_pos_emb is not original  # `keep` is alive and patched
+    del keep
+    gc.collect()
+    assert rope_module.apply_rotary_pos_emb is original
+
+
 def test_deepcopy_of_a_patched_model_patches_the_copy():
     model = with_lora()
     patch_model(model)

@@ -320,6 +320,19 @@ def _hold_global(module_name: str, attr: str, make, root: nn.Module) -> None:
         setattr(module, attr, dispatcher)
         _GLOBALS[key] = [original, dispatcher, weakref.WeakSet()]
     _GLOBALS[key][2].add(root)
+    weakref.finalize(root, _release_if_unheld, key)
+
+
+def _release_if_unheld(key: tuple[str, str]) -> None:
+    """A patched model was garbage-collected without unpatch_model: once no live
+    patched model holds this module global, put the original function back."""
+    entry = _GLOBALS.get(key)
+    if entry is None or list(entry[2]):  # iterating a WeakSet yields live models only
+        return
+    module = sys.modules.get(key[0])
+    if module is not None and getattr(module, key[1], None) is entry[1]:
+        setattr(module, key[1], entry[0])
+    del _GLOBALS[key]
 
 
 def _release_global(key: tuple[str, str], root: nn.Module) -> None:
