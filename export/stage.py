@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from workbench import atomic, manifest
+from workbench.envinfo import _version
 from workbench.errors import UserError
 
 from . import archs, gguf_writer, quantize, verify
@@ -39,7 +40,8 @@ def parse_quants(text: str) -> list[str]:
 
 
 def _merged_folder(run: Path) -> Path:
-    rec = manifest.require_stage(run, "merge", "run `workbench merge --run DIR` first.")
+    rec = manifest.require_stage(run, "merge", "run `workbench merge --run DIR` first, or bring your own merged "
+                                 "model with `workbench export --run DIR --merged FOLDER`.")
     problems = manifest.verify_outputs(run, "merge")
     if problems:
         raise UserError(f"the merge stage's files changed since it ran ({problems[0]}); rerun `workbench merge`.")
@@ -106,6 +108,7 @@ def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None
         "inputs": {"merged": merged.relative_to(run).as_posix()},
         "input_hashes": {"merged": manifest.hash_tree(merged)},
         "files": entries,
+        "versions": {d: _version(d) for d in ("gguf", "llama-cpp-python", "transformers", "torch", "parity-workbench")},
         "outputs": manifest.outputs_record(run, [*files.values(), out / "export_report.json"]),
     })
     return report
