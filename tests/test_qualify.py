@@ -1,0 +1,323 @@
+"""`workbench qualify`: a qualified tiny run passes every gate; tampered copies of it
+(a flipped GGUF byte, a swapped adapter, a wrong tokenizer, a deleted file, missing
+stages) fail exactly the gates that must catch them, with a clear message, and the
+other gates still run; the parity, eval and performance gates read what they should."""
+import json
+import shutil
+
+import pytest
+
+from workbench.offline import enforce_offline
+
+enforce_offline()
+
+import torch  # noqa: E402
+
+from workbench import config, manifest, qualify  # noqa: E402
+from workbench.cli import main  # noqa: E402
+
+# A short real run (the pipeline's own stage functions): 30 LoRA steps of the
+# built-in default move the held-out perplexity (word ppl 1.0e5 -> 5.7e4), so the
+# adapter is far from a no-op; the eval covers the whole held-out split (156 rows),
+# as the eval gate's tolerances assume. Measured on this 2-core CPU, one torch
+# thread: train 10 s, merge 0.4 s, export 2.5 s, eval 12 s; a qualify run 4-6 s.
+TRAIN = ["training.max_steps=30", "training.lr=3e-3", "training.logging_steps=10", "eval.max_rows=0",
+         "data.builtin_rows=256", "eval.max_new_tokens=12"]
+QUANTS = ["f16", "q8_0", "q4_k_m"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from workbench.eval.run import run_eval
+    from workbench.export.merge import run_merge
+    from workbench.export.stage import run_export
+    from workbench.train import run_train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = tmp_path_factory.mktemp("qualify") / "run"
+        run_train(config.load(None, TRAIN), run)
+        run_merge(run)
+        assert run_export(run, QUANTS)["passed"]
+        run_eval(run)
+        yield run
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A fresh copy of the built run for one test to tamper with."""
+    def make(name="run"):
+        return shutil.copytree(built, tmp_path / name)
+    return make
+
+
+def by_name(verdict):
+    return {g["name"]: g for g in verdict["gates"]}
+
+
+def statuses(verdict):
+    return {g["name"]: g["status"] for g in verdict["gates"]}
+
+
+GOOD = {"parity": "N/A", "merge": "PASS", "gguf": "PASS", "eval": "PASS", "tokenizer": "PASS", "hashes": "PASS",
+        "performance": "N/A"}
+
+
+# --------------------------------------------------------------------------- the qualified run
+def test_a_qualified_run_passes_every_gate_and_writes_its_verdict(copy, capsys):
+    run = copy()
+    stages_before = manifest.read(run)["stages"]
+    assert main(["qualify", "--run", str(run)]) == 0
+    out, err = capsys.readouterr()
+    for name in qualify.TITLES:
+        assert f"| {name} |" in out                           # the final table
+        assert f"] {name}: " in err                            # progress per gate
+    assert "verdict: PASS" in out
+
+    verdict = json.loads((run / "qualify" / "verdict.json").read_text())
+    assert statuses(verdict) == GOOD and verdict["passed"]
+    gates = by_name(verdict)
+    assert gates["parity"]["message"] == "not applicable: the run used no Triton kernels"
+    # Merge: recomputed from base + adapter and the merged folder; an fp32 merge is exact to rounding.
+    (merged,) = gates["merge"]["checks"]
+    assert merged["item"] == "merge/merged" and merged["measured"]["kl_mean"] < 1e-9
+    assert merged["measured"]["top1_agreement"] == 1.0 and merged["threshold"]["kl_mean"] == 1e-6
+    # GGUF: the export stage's numbers and llama.cpp's recomputed ones, per file.
+    assert [c["item"] for c in gates["gguf"]["checks"]] == [f"export/model-{q}.gguf" for q in QUANTS]
+    for c in gates["gguf"]["checks"]:
+        assert c["measured"]["now kl_mean"] <= c["threshold"]["kl_mean"]
+        assert c["measured"]["export kl_mean"] <= c["threshold"]["kl_mean"]
+    assert gates["gguf"]["checks"][0]["measured"]["now kl_mean"] < 1e-5      # f16
+    # Eval: every shipped model's changes against the adapter.
+    assert [c["item"] for c in gates["eval"]["checks"]] == ["merged", *QUANTS]
+    assert all(abs(c["measured"]["wb_synthetic_mc acc Δ"]) <= c["threshold"]["score"] for c in gates["eval"]["checks"])
+    for c in gates["tokenizer"]["checks"]:
+        assert c["measured"]["strings"] > 150 and c["measured"]["id_mismatches"] == 0
+        assert c["measured"]["llama_cpp_detokenize_mismatches"] == 0
+    # The report: measured, threshold and status per gate, hashes and environment.
+    md = (run / "qualify" / "verdict.md").read_text()
+    assert "| merge | PASS |" in md and "export/model-q8_0.gguf" in md and "## Environment" in md
+    assert verdict["artifacts"]["export"]["export/model-q8_0.gguf"]["sha256"] == \
+        manifest.sha256_file(run / "export" / "model-q8_0.gguf")
+    assert verdict["environment"]["torch"] == torch.__version__
+
+    # Recorded as a stage; no earlier stage's record or file changed.
+    after = manifest.read(run)["stages"]
+    assert {k: v for k, v in after.items() if k != "qualify"} == stages_before
+    assert all(manifest.verify_outputs(run, name) == [] for name in after)
+    rec = after["qualify"]
+    assert rec["status"] == "complete" and rec["gates"] == GOOD
+    assert set(rec["outputs"]) == {"qualify/verdict.json", "qualify/verdict.md"}
+
+
+# --------------------------------------------------------------------------- tampered runs
+def test_a_flipped_byte_in_a_gguf_fails_the_hash_gate_and_the_rest_still_run(copy):
+    run = copy()
+    gguf = run / "export" / "model-q8_0.gguf"
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    gguf.write_bytes(bytes(data))
+    verdict = qualify.run_qualify(run)
+    assert not verdict["passed"]
+    gates = by_name(verdict)
+    assert gates["hashes"]["status"] == "FAIL"
+    assert "export/model-q8_0.gguf changed since the export stage wrote it" in gates["hashes"]["message"]
+    assert verdict["artifacts"]["export"]["export/model-q8_0.gguf"]["state"] == "changed"
+    # The eval results are of another file now; the other gates ran to their own verdict
+    # (recomputed by llama.cpp, one flipped weight bit stays within q8_0's limits).
+    assert gates["eval"]["status"] == "FAIL"
+    assert "the q8_0 model changed since `workbench eval` measured it" in gates["eval"]["message"]
+    assert {k: v for k, v in statuses(verdict).items() if k not in ("hashes", "eval")} == \
+        {k: v for k, v in GOOD.items() if k not in ("hashes", "eval")}
+    q8 = next(c for c in gates["gguf"]["checks"] if c["item"] == "export/model-q8_0.gguf")
+    assert q8["measured"]["note"] == "sha256 differs from the export record"
+
+
+def test_a_changed_gguf_too_large_to_recompute_fails_the_gguf_gate(copy, tmp_path):
+    run = copy()
+    gguf = run / "export" / "model-f16.gguf"
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 0x01
+    gguf.write_bytes(bytes(data))
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("gguf: {recompute_max_mib: 0}\n")
+    ctx = qualify.Context(run, qualify.load_gates(gates), None, None)
+    result = qualify.gate_gguf(ctx)
+    assert result["status"] == "FAIL"
+    assert "export/model-f16.gguf: the file changed since the export stage measured it" in result["message"]
+    assert [c["status"] for c in result["checks"]] == ["FAIL", "PASS", "PASS"]
+
+
+def test_a_swapped_adapter_fails_the_merge_and_hash_gates(copy):
+    from safetensors.torch import load_file, save_file
+
+    run = copy()
+    path = run / "adapter" / "adapter_model.safetensors"
+    # Another adapter: same names and shapes, other weights (each tensor's values shuffled).
+    gen = torch.Generator().manual_seed(1)
+    other = {k: v.flatten()[torch.randperm(v.numel(), generator=gen)].reshape(v.shape).contiguous()
+             for k, v in load_file(str(path)).items()}
+    save_file(other, str(path), metadata={"format": "pt"})
+    verdict = qualify.run_qualify(run)
+    gates = by_name(verdict)
+    assert gates["merge"]["status"] == "FAIL"
+    (check,) = gates["merge"]["checks"]
+    assert check["measured"]["kl_mean"] > 1e3 * check["threshold"]["kl_mean"]
+    assert "merge/merged: not the merge of this adapter into this base" in gates["merge"]["message"]
+    assert gates["hashes"]["status"] == "FAIL"
+    assert "adapter/adapter_model.safetensors changed since the train stage wrote it" in gates["hashes"]["message"]
+    assert "merge: its input adapter changed since the merge stage read it" in " ".join(
+        f"{c['item']}: {p}" for c in gates["hashes"]["checks"] for p in c["problems"])
+    assert gates["eval"]["status"] == "FAIL" and "adapter model changed" in gates["eval"]["message"]
+    assert gates["gguf"]["status"] == gates["tokenizer"]["status"] == "PASS"
+
+
+def test_a_wrong_tokenizer_fails_the_tokenizer_gate(copy):
+    from workbench import synthetic, tokenizer as wtok
+
+    run = copy()
+    # A tokenizer of the same kind trained on other text: other merges, other ids.
+    other = wtok.train_tokenizer(synthetic.tokenizer_corpus(seed=7)[:200], vocab_size=320)
+    shutil.rmtree(run / "tokenizer")
+    wtok.save_tokenizer(other, run / "tokenizer")
+    verdict = qualify.run_qualify(run)
+    gates = by_name(verdict)
+    assert gates["tokenizer"]["status"] == "FAIL"
+    for check in gates["tokenizer"]["checks"]:
+        assert check["status"] == "FAIL" and check["measured"]["id_mismatches"] > 100
+        assert "tokenize differently in llama.cpp than with RUN/tokenizer" in check["problems"][0]
+    assert gates["hashes"]["status"] == "FAIL" and "tokenizer/tokenizer.json changed" in gates["hashes"]["message"]
+
+
+def test_a_deleted_file_is_named_by_the_hash_gate(copy, capsys):
+    run = copy()
+    (run / "merge" / "merged" / "tokenizer_config.json").unlink()
+    assert main(["qualify", "--run", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "| hashes | FAIL |" in out and "verdict: FAIL (failed: eval, hashes)" in out
+    verdict = json.loads((run / "qualify" / "verdict.json").read_text())
+    hashes = by_name(verdict)["hashes"]
+    assert "merge: merge/merged/tokenizer_config.json is missing" in hashes["message"]
+    assert verdict["artifacts"]["merge"]["merge/merged/tokenizer_config.json"]["state"] == "missing"
+    # The merged folder is an input of the export and of the eval: both records name another folder now.
+    assert "export: its input merge/merged changed since the export stage read it" in hashes["message"]
+    assert "the merged model changed since `workbench eval`" in by_name(verdict)["eval"]["message"]
+    assert manifest.stage(run, "qualify")["status"] == "failed_qualification"
+
+
+def test_missing_stages_fail_their_gates_with_the_command_that_makes_them(copy, capsys):
+    run = copy()
+    data = manifest.read(run)
+    for name in ("export", "eval"):
+        del data["stages"][name]
+    (run / manifest.MANIFEST).write_text(json.dumps(data))
+    assert main(["qualify", "--run", str(run)]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    gates = by_name(json.loads((run / "qualify" / "verdict.json").read_text()))
+    for name in ("gguf", "tokenizer"):
+        assert gates[name]["status"] == "FAIL" and "run `workbench export --run DIR`" in gates[name]["message"]
+    assert gates["eval"]["status"] == "FAIL" and "run `workbench eval --run DIR`" in gates["eval"]["message"]
+    assert gates["merge"]["status"] == gates["hashes"]["status"] == "PASS"
+
+    assert main(["qualify", "--run", str(run.parent / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- gates one by one
+def test_a_qlora_merge_is_checked_against_the_adapter_on_both_bases(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from _export_run import build_run
+    from workbench.export.merge import run_merge
+
+    run = build_run(tmp_path / "run", "llama", qlora=True)
+    run_merge(run)
+    ctx = qualify.Context(run.resolve(), qualify.load_gates(None), None, None)
+    result = qualify.gate_merge(ctx)
+    # merge/merged vs the adapter on the 16-bit base, merge/merged_from_nf4 vs the adapter on the NF4 base.
+    assert [c["item"] for c in result["checks"]] == ["merge/merged", "merge/merged_from_nf4"]
+    assert result["status"] == "PASS", result["message"]
+    # The 16-bit merge standing in for the NF4 one differs by NF4's rounding of every weight
+    # (measured KL 0.04, top-1 0.47 on this random tiny model).
+    shutil.rmtree(run / "merge" / "merged_from_nf4")
+    shutil.copytree(run / "merge" / "merged", run / "merge" / "merged_from_nf4")
+    result = qualify.gate_merge(qualify.Context(run.resolve(), qualify.load_gates(None), None, None))
+    assert [c["status"] for c in result["checks"]] == ["PASS", "FAIL"]
+    assert result["checks"][1]["measured"]["kl_mean"] > 1e-3
+
+
+def test_parity_gate_runs_exactly_the_kernels_the_run_used_and_reads_a_report(copy, tmp_path):
+    run = copy()
+    data = manifest.read(run)
+    data["stages"]["train"]["kernels"] = {"family": "llama", "swapped": {"rms_norm": {"LlamaRMSNorm": 9}, "rope": {}}}
+    (run / manifest.MANIFEST).write_text(json.dumps(data))
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("parity: {examples: 2}\n")
+    ctx = qualify.Context(run, qualify.load_gates(gates), None, None)
+    result = qualify.gate_parity(ctx)                      # rms_norm only: rope swapped nothing
+    assert result["status"] == "PASS", result
+    (check,) = result["checks"]
+    assert check["item"] == "rms_norm" and check["measured"] == {"tests": 3, "examples": 6, "failed": 0}
+    (report,) = (run / "qualify" / "parity").glob("*.json")
+
+    def from_report(doc):
+        path = tmp_path / "parity.json"
+        path.write_text(json.dumps(doc))
+        return qualify.gate_parity(qualify.Context(run, qualify.load_gates(None), path, None))
+
+    doc = json.loads(report.read_text())
+    assert from_report(doc)["status"] == "PASS"
+    other_device = {**doc, "environment": {**doc["environment"], "device": "NVIDIA H100 80GB HBM3"}}
+    assert "not on this device" in from_report(other_device)["message"]
+    assert "does not cover rms_norm" in from_report({**doc, "kernels": {}})["message"]
+    failed = {**doc, "kernels": {"rms_norm": {**doc["kernels"]["rms_norm"], "failed": 1}}}
+    assert from_report(failed)["status"] == "FAIL"
+
+
+def test_gate_thresholds_come_from_the_gates_file(built, tmp_path, capsys):
+    from workbench.eval.compare import DEFAULT_TOLERANCES
+    from workbench.export.verify import DEFAULT_THRESHOLDS
+
+    defaults = qualify.load_gates(None)
+    # The shipped GGUF and eval limits are the export and eval stages' own defaults.
+    assert defaults["gguf"]["thresholds"] == DEFAULT_THRESHOLDS
+    assert defaults["eval"]["tolerances"] == DEFAULT_TOLERANCES
+
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("merge: {float32: {kl_mean: 1.0e-30}}\neval: {tolerances: {q4_k_m: {perplexity: 0.0}}}\n")
+    gates = qualify.load_gates(strict)
+    assert gates["merge"]["float32"]["top1_agreement"] == defaults["merge"]["float32"]["top1_agreement"]
+    ctx = qualify.Context(built, gates, None, None)
+    merge = qualify.gate_merge(ctx)
+    assert merge["status"] == "FAIL" and "kl_mean" in merge["message"] and "> 1e-30" in merge["message"]
+    evals = {c["item"]: c["status"] for c in qualify.gate_eval(ctx)["checks"]}
+    assert evals == {"merged": "PASS", "f16": "PASS", "q8_0": "PASS", "q4_k_m": "FAIL"}
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merge: {float32: {kl_maen: 1.0}}\n")
+    assert main(["qualify", "--run", str(built), "--gates", str(bad)]) == 2
+    assert "unknown key 'merge.float32.kl_maen'" in capsys.readouterr().err
+
+
+def test_performance_gate_against_a_baseline(built, tmp_path):
+    base = json.loads((built / manifest.MANIFEST).read_text())
+
+    def gate(train_changes):
+        doc = json.loads(json.dumps(base))
+        doc["stages"]["train"].update(train_changes)
+        path = tmp_path / "baseline.json"
+        path.write_text(json.dumps(doc))
+        return qualify.gate_performance(qualify.Context(built, qualify.load_gates(None), None, path))
+
+    same = gate({})
+    assert same["status"] == "PASS" and [c["measured"]["ratio"] for c in same["checks"]] == [1.0, 1.0]
+    tps = base["stages"]["train"]["tokens_per_s"]
+    slower = gate({"tokens_per_s": tps / 0.8})               # this run makes 0.8x the baseline's tokens/s
+    assert slower["status"] == "FAIL" and "0.800 x the baseline's tokens/s" in slower["message"]
+    leaner = gate({"peak_rss_mib": base["stages"]["train"]["peak_rss_mib"] / 1.5})
+    assert leaner["status"] == "FAIL" and "1.500 x the baseline's peak_rss_mib" in leaner["message"]
+    elsewhere = gate({"environment": {"device": "NVIDIA H200"}})
+    assert elsewhere["status"] == "FAIL" and "trained on 'NVIDIA H200'" in elsewhere["message"]

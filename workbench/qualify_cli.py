@@ -1,0 +1,30 @@
+"""`workbench qualify` (light: the gates load transformers and llama.cpp in the handler)."""
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_qualify(args: argparse.Namespace) -> int:
+    from workbench.qualify import table, run_qualify
+
+    verdict = run_qualify(args.run, gates=args.gates, parity_report=args.parity_report, baseline=args.baseline,
+                          command=getattr(args, "command_line", None))
+    print(table(verdict["gates"]))
+    print(f"verdict: {verdict['verdict']} ({verdict['summary']})")
+    print(f"report: {args.run}/qualify/verdict.md and {args.run}/qualify/verdict.json")
+    return 0 if verdict["passed"] else 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("qualify", help="the release gate: parity, merge, GGUF, eval, tokenizer, hash (and "
+                                       "performance) gates; exit 0 only when every gate passes")
+    p.add_argument("--run", required=True, metavar="DIR", help="the run directory (after train, merge, export, eval)")
+    p.add_argument("--gates", metavar="YAML",
+                   help="gate thresholds overriding the defaults (workbench/configs/gates.yaml documents them)")
+    p.add_argument("--parity-report", metavar="JSON",
+                   help="a `workbench parity --report` JSON made on this device, instead of running the parity "
+                        "tests of the run's kernels")
+    p.add_argument("--baseline", metavar="REPORT.json",
+                   help="a run's manifest.json or a qualify verdict.json: also gate tokens/s and peak memory "
+                        "of the train stage against it")
+    p.set_defaults(func=cmd_qualify)
