@@ -107,9 +107,10 @@ def test_kernels_unavailable_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
     import workbench
 
-    monkeypatch.setitem(sys.modules, "workbench.patch", None)  # importing workbench.patch now fails
-    # ...also when an earlier test in this process imported it (the package then holds the attribute).
+    # First drop the package attribute an earlier import may have set (workbench's lazy
+    # __getattr__ imports the module on the lookup, so this must precede the next line)...
     monkeypatch.delattr(workbench, "patch", raising=False)
+    monkeypatch.setitem(sys.modules, "workbench.patch", None)  # ...then importing workbench.patch fails
     code, err = run_cli(capsys, *QUICK, "--set", "kernels=true", "--run", str(tmp_path / "run"))
     assert code == 2
     assert "kernels are unavailable" in error_line(err)

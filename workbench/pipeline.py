@@ -40,6 +40,7 @@ from pathlib import Path
 
 from workbench import atomic, manifest
 from workbench.errors import UserError
+from workbench.train import PICKLE_SUFFIXES
 
 STAGES = ("train", "merge", "export", "eval", "report")
 #: GGUF types `workbench run` exports: f16 is the lossless reference the eval
@@ -344,7 +345,6 @@ def _run_stage(name: str, run: Path, cfg, quants: list[str], eval_limit: int | N
 
 
 # --------------------------------------------------------------------------- artifacts a user brings
-_PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def _refuse_over_pipeline_run(run: Path, stages: tuple[str, ...], what: str) -> None:
@@ -369,27 +369,10 @@ def _load_tokenizer(folder: Path, flag: str):
 
 def _check_checkpoint(folder: Path, flag: str) -> dict:
     """config.json (plus "family") of a safetensors checkpoint folder of a supported family."""
-    from types import SimpleNamespace
+    from workbench.train import check_model_folder
 
-    from workbench.families import family_of
-
-    if not folder.exists():
-        raise UserError(f"{flag} {folder} does not exist; pass a local Hugging Face checkpoint folder "
-                        "(config.json + *.safetensors).")
-    if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise UserError(f"{flag} {folder} is not a checkpoint folder (no config.json in it); pass the folder that "
-                        "holds config.json and the *.safetensors weights.")
-    if not list(folder.glob("*.safetensors")):
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES)
-        found = f"only pickle weights ({', '.join(pickles[:3])})" if pickles else "no weight files"
-        raise UserError(f"{flag} {folder} has {found}; only safetensors are loaded (pickles can run code), so "
-                        "convert the checkpoint to safetensors first (save_pretrained(..., safe_serialization=True)).")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{folder / 'config.json'} is not valid JSON ({err.msg}); fix or replace it.") from None
-    config["family"] = family_of(SimpleNamespace(model_type=config.get("model_type")))
-    return config
+    return check_model_folder(folder, flag, "pass a local Hugging Face checkpoint folder (config.json + "
+                                            "*.safetensors)")
 
 
 def bring_adapter(run: str | Path, adapter: str | Path, base: str | Path | None = None,
@@ -404,7 +387,7 @@ def bring_adapter(run: str | Path, adapter: str | Path, base: str | Path | None 
         raise UserError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json); pass the "
                         "folder that save_pretrained wrote (adapter_config.json + adapter_model.safetensors).")
     if not (adapter / "adapter_model.safetensors").is_file():
-        pickles = sorted(p.name for p in adapter.iterdir() if p.suffix in _PICKLES)
+        pickles = sorted(p.name for p in adapter.iterdir() if p.suffix in PICKLE_SUFFIXES)
         found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no adapter_model.safetensors"
         raise UserError(f"--adapter {adapter} has {found}; only safetensors are loaded (pickles can run code), so "
                         "re-save it with save_pretrained(..., safe_serialization=True).")
@@ -473,7 +456,7 @@ def bring_merged(run: str | Path, merged: str | Path) -> dict:
     target = run / "merge" / "merged"
     with atomic.directory(target) as tmp:
         for f in sorted(merged.iterdir()):
-            if f.is_file() and f.suffix not in _PICKLES:
+            if f.is_file() and f.suffix not in PICKLE_SUFFIXES:
                 shutil.copy2(f, tmp / f.name)
     wtok.save_tokenizer(tok, run / "tokenizer")
     record = {

@@ -47,25 +47,32 @@ def _log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- model checks
-def check_model_folder(path: str) -> dict:
-    """The checkpoint's config.json, after checking that the folder is a loadable
-    safetensors checkpoint of a supported family (UserError otherwise)."""
+#: Weight files that are Python pickles (loading one can run code): never loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def check_model_folder(path, name: str = "model path",
+                       hint: str = "set model.path to a local Hugging Face checkpoint folder (config.json + "
+                                   "*.safetensors) or to builtin:tiny-llama") -> dict:
+    """The checkpoint's config.json (plus its "family"), after checking that the folder
+    is a loadable safetensors checkpoint of a supported family (UserError otherwise).
+    ``name`` and ``hint`` word the errors for where the path came from."""
     from types import SimpleNamespace
 
     from workbench.families import family_of
 
     folder = Path(path)
     if not folder.exists():
-        raise UserError(f"model path {folder} does not exist; set model.path to a local Hugging Face checkpoint "
-                        "folder (config.json + *.safetensors) or to builtin:tiny-llama.")
+        raise UserError(f"{name} {folder} does not exist; {hint}.")
     if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise UserError(f"model path {folder} is not a checkpoint folder (no config.json in it); point model.path "
-                        "at the folder that holds config.json and the *.safetensors weights.")
+        raise UserError(f"{name} {folder} is not a checkpoint folder (no config.json in it); pass the folder that "
+                        "holds config.json and the *.safetensors weights.")
     if not list(folder.glob("*.safetensors")):
-        bins = sorted(p.name for p in folder.glob("*.bin"))
-        found = f"it has only PyTorch pickle weights ({', '.join(bins[:3])})" if bins else "it has no weight files"
-        raise UserError(f"model folder {folder} has no *.safetensors weights: {found}; only safetensors are loaded "
-                        "(pickles can run code), so convert the checkpoint to safetensors first.")
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f"only pickle weights ({', '.join(pickles[:3])})" if pickles else "no weight files"
+        raise UserError(f"{name} {folder} has no *.safetensors weights, {found}; only safetensors are loaded "
+                        "(pickles can run code), so convert the checkpoint to safetensors first "
+                        "(save_pretrained(..., safe_serialization=True)).")
     try:
         config = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as err:
