@@ -53,17 +53,14 @@ SLACK = 1e-9
 
 def load_tolerances(path: str | Path | None) -> dict:
     """DEFAULT_TOLERANCES with a YAML file's values (same shape) on top."""
-    import yaml
+    from workbench.config import read_yaml_file
 
     tolerances = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
     if path is None:
         return tolerances
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read tolerances file {path} ({str(err).splitlines()[0]}); pass a readable YAML "
-                        "mapping like {q4_k_m: {score: 0.1, perplexity: 0.1}}.") from None
+    data = read_yaml_file(path, "tolerances file", "pass a readable YAML mapping like "
+                          "{q4_k_m: {score: 0.1, perplexity: 0.1}}.")
     if not isinstance(data, dict):
         raise UserError(f"tolerances file {path} must be a mapping of model kind -> {{score: x, perplexity: y}}.")
     for kind, limits in data.items():

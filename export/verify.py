@@ -59,16 +59,13 @@ EVAL_WINDOW = 128
 
 def load_thresholds(path: str | Path | None) -> dict:
     """DEFAULT_THRESHOLDS, with a YAML file's values (same shape) on top."""
-    import yaml
+    from workbench.config import read_yaml_file
 
     thresholds = {k: dict(v) for k, v in DEFAULT_THRESHOLDS.items()}
     if path is None:
         return thresholds
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read thresholds file {path} ({err}); pass a readable YAML mapping.") from None
+    data = read_yaml_file(path, "thresholds file", "pass a readable YAML mapping.")
     if not isinstance(data, dict):
         raise UserError(f"thresholds file {path} must be a mapping of type -> {{metric: limit}}.")
     for quant, limits in data.items():

@@ -222,6 +222,18 @@ def from_dict(raw: dict | None, base_dir: str | os.PathLike = ".") -> Config:
     return cfg
 
 
+def read_yaml_file(path: str | os.PathLike, what: str, hint: str):
+    """The parsed contents of a user's YAML file, or a UserError naming ``what`` the
+    file is meant to be and, in ``hint``, what to pass instead."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {what} {path} ({str(err).splitlines()[0]}); {hint}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     """``section.key=value`` (value parsed as YAML) from the command line."""
     import yaml

@@ -89,15 +89,13 @@ def load_gates(path: str | os.PathLike | None = None) -> dict:
     """The shipped gates (``workbench/configs/gates.yaml``), with ``path``'s values on top."""
     import yaml
 
+    from workbench.config import read_yaml_file
+
     defaults = yaml.safe_load(GATES_FILE.read_text())
     if path is None:
         return defaults
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read gates file {path} ({str(err).splitlines()[0]}); pass a readable YAML mapping "
-                        f"shaped like {GATES_FILE}.") from None
+    data = read_yaml_file(path, "gates file", f"pass a readable YAML mapping shaped like {GATES_FILE}.")
     gates = _overlay(defaults, data or {}, "", path)
     profile, examples = gates["parity"]["profile"], gates["parity"]["examples"]
     if profile not in (None, "ci", "gpu", "nightly"):
