@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from workbench import config, manifest, qualify  # noqa: E402
 from workbench.cli import main  # noqa: E402
 
-# A short real run (the pipeline's own stage functions): 30 LoRA steps of the
+# A short real run (`workbench run`): 30 LoRA steps of the
 # built-in default move the held-out perplexity (word ppl 1.0e5 -> 5.7e4), so the
 # adapter is far from a no-op; the eval covers the whole held-out split (156 rows),
 # as the eval gate's tolerances assume. Measured on this 2-core CPU, one torch
@@ -28,19 +28,16 @@ QUANTS = ["f16", "q8_0", "q4_k_m"]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from workbench.eval.run import run_eval
-    from workbench.export.merge import run_merge
-    from workbench.export.stage import run_export
-    from workbench.train import run_train
-
+    """The run as the README's main command leaves it: `workbench run` (train, merge,
+    export, eval, report), shortened by --set."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run = tmp_path_factory.mktemp("qualify") / "run"
-        run_train(config.load(None, TRAIN), run)
-        run_merge(run)
-        assert run_export(run, QUANTS)["passed"]
-        run_eval(run)
+        overrides = [arg for kv in TRAIN for arg in ("--set", kv)]
+        assert main(["run", "--run", str(run), *overrides, "--quant", ",".join(QUANTS)]) == 0
+        assert [s for s in ("train", "merge", "export", "eval", "report")
+                if manifest.stage(run, s)["status"] != "complete"] == []
         yield run
     finally:
         torch.set_num_threads(before)
@@ -208,10 +205,24 @@ def test_a_deleted_file_is_named_by_the_hash_gate(copy, capsys):
     assert manifest.stage(run, "qualify")["status"] == "failed_qualification"
 
 
+def test_a_report_older_than_a_stage_record_fails_the_hash_gate(copy):
+    from workbench.qualify import run_qualify
+
+    run = copy()
+    # The eval stage runs again after the report was rendered: its record (timings,
+    # timestamps) is new, so the report no longer shows what the run holds.
+    record = manifest.stage(run, "eval")
+    manifest.record_stage(run, "eval", {k: v for k, v in record.items() if k not in ("status", "finished_utc")})
+    hashes = by_name(run_qualify(run))["hashes"]
+    assert hashes["status"] == "FAIL"
+    assert "report: the report predates the current eval record" in hashes["message"]
+    assert "stages.train" not in hashes["message"]  # the other records it rendered still match
+
+
 def test_missing_stages_fail_their_gates_with_the_command_that_makes_them(copy, capsys):
     run = copy()
     data = manifest.read(run)
-    for name in ("export", "eval"):
+    for name in ("export", "eval", "report"):  # a run stopped after merge (so no report either)
         del data["stages"][name]
     (run / manifest.MANIFEST).write_text(json.dumps(data))
     assert main(["qualify", "--run", str(run)]) == 1

@@ -585,7 +585,14 @@ def artifact_table(run: Path) -> tuple[dict, list[str]]:
 
 
 def _input_problems(run: Path, name: str, rec: dict) -> list[str]:
-    """Recorded inputs inside the run (relative paths) whose hash changed since the stage ran."""
+    """Recorded inputs inside the run (relative paths) whose hash changed since the stage ran.
+    The report's inputs are the other stages' manifest records, not files."""
+    if name == "report":
+        from workbench.report import input_hashes
+
+        now = input_hashes(run)
+        return [f"the report predates the current {stage} record (rerun `workbench report --run DIR`)"
+                for stage, want in (rec.get("input_hashes") or {}).items() if now.get(stage) != want]
     out = []
     inputs = rec.get("inputs") or {}
     for key, want in (rec.get("input_hashes") or {}).items():
