@@ -50,5 +50,9 @@ def test_the_wheel_maps_the_folders_into_one_namespace(tmp_path):
     (wheel,) = tmp_path.glob("parity_workbench-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "workbench/kernels/rms_norm.py" in names and "workbench/cli.py" in names
+    # The YAML the stages load at run time: configs, the qualify gates, lm-eval tasks.
+    for data in ("workbench/configs/default.yaml", "workbench/configs/gates.yaml",
+                 "workbench/eval/tasks/wb_synthetic_mc.yaml"):
+        assert data in names, data
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"workbench"}, tops
