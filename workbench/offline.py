@@ -34,9 +34,19 @@ def _hide_repo_kernels_folder() -> None:
     transformers``. When that distribution is not installed, mark the name as absent
     (``find_spec`` then returns None) so the probe answers "not available"."""
     import importlib.metadata
+    import logging
     import sys
 
     try:
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         sys.modules.setdefault("kernels", None)
+        # bitsandbytes' CPU backend then says, at every 4-bit load, that it could not
+        # fetch an optional GEMM from the hub (which offline it must not): not news.
+        bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        if _quiet_hub_kernel_notice not in bnb_log.filters:
+            bnb_log.addFilter(_quiet_hub_kernel_notice)
+
+
+def _quiet_hub_kernel_notice(record) -> bool:
+    return "from kernels-community" not in record.getMessage()

@@ -35,6 +35,9 @@ def _settings(args: argparse.Namespace, run: Path):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.cli import _ensure_interpreter_if_no_gpu
+
+    _ensure_interpreter_if_no_gpu()  # `kernels: true` on a CPU runs them in Triton's interpreter
     from workbench.export.stage import parse_quants
     from workbench.pipeline import DEFAULT_RUN, run_pipeline, summary
 

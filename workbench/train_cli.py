@@ -20,6 +20,9 @@ def default_run_dir() -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from workbench.cli import _ensure_interpreter_if_no_gpu
+
+    _ensure_interpreter_if_no_gpu()  # `kernels: true` on a CPU runs them in Triton's interpreter
     from workbench import config
     from workbench.train import run_train
 
