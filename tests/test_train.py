@@ -376,3 +376,26 @@ def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path):
             assert_same_gradient(grads[name], p.grad)
     # (No unpatch: TRL wrapped the patched forward, and only the loss was patched,
     # which holds no module-level globals; the model dies with the test.)
+
+
+def test_kernels_true_on_the_cpu_runs_our_kernels_in_training(tmp_path):
+    """`workbench train` with kernels: true on a machine without CUDA switches Triton's
+    interpreter on before triton loads (a fresh process, without TRITON_INTERPRET in
+    its environment), and the record counts the kernel calls that ran in training."""
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path: on CUDA the kernels run without the interpreter")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "workbench", "train", "--run", str(run), "--set", "kernels=true",
+           "--set", "training.max_steps=1", "--set", "training.batch_size=2", "--set", "eval.max_rows=0",
+           "--set", "data.builtin_rows=16"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = manifest.stage(run, "train")["kernels"]["calls_in_training"]
+    # One optimizer step of the 4-layer default: every norm, RoPE, MLP and LoRA kernel and
+    # the fused loss (through the trainer's loss path, not TRL's own LM head) ran.
+    assert {"rms_norm", "rope", "lora_qkv", "lora_o", "lora_mlp", "fused_linear_cross_entropy"} <= calls.keys(), calls
+    assert calls["fused_linear_cross_entropy"] == 1

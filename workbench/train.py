@@ -600,6 +600,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
              f"accumulation {cfg.training.grad_accum})")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        calls_before = importlib.import_module("workbench.patch").kernel_calls() if kernel_report else {}
         t0 = time.perf_counter()
         try:
             result = trainer.train()
@@ -612,6 +613,11 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
             _fail(run, "out of memory", {})
             raise UserError(_oom_message(cfg)) from None
         timings["train_s"] = round(time.perf_counter() - t0, 3)
+    if kernel_report:  # what actually ran during training (a patched module can still fall back per call)
+        calls = importlib.import_module("workbench.patch").kernel_calls()
+        kernel_report["calls_in_training"] = {k: n - calls_before.get(k, 0) for k, n in sorted(calls.items())
+                                              if n > calls_before.get(k, 0)}
+        _log(f"kernel calls in training: {kernel_report['calls_in_training'] or 'none (every call fell back)'}")
     tokens = int(loss_log.rows[-1]["tokens"] or 0) if loss_log.rows else 0
 
     with atomic.directory(run / "adapter") as adapter_tmp:
