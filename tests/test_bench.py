@@ -38,18 +38,24 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
         return {"mode": "lora", "stack": stack, "label": tbench.STACKS[stack], "exit_code": 0, "steps": len(losses),
                 "step_s": step_s, "peak_memory_gib": peak, "tokens_per_s": 1.0, "final_loss": losses[-1],
                 "kernels": None, "loss_curve": list(enumerate(losses, 1))}
-    runs = [run("hf", [4.0, 3.0, 2.0], 0.2, 10.0), run("ours", [4.0, 3.03, 2.0], 0.1, 5.0)]
-    (c,) = tbench.compare(runs)
+    runs = [run("hf", [4.0, 3.0, 2.0], 0.2, 10.0), run("ours", [4.0, 3.003, 2.0], 0.1, 5.0),
+            run("ours-gc", [4.0, 3.0, 2.1], 0.15, 2.0)]
+    c, gc = tbench.compare(runs)
+    assert (c["stack"], gc["stack"]) == ("ours", "ours-gc")
     assert c["steps_compared"] == 3
-    assert abs(c["max_rel_loss_diff"] - 0.01) < 1e-12 and c["final_rel_loss_diff"] == 0.0
-    assert c["speedup"] == 2.0 and c["memory_ratio"] == 0.5
-    result = {"shape": "tiny", "shape_dims": {}, "steps": 3, "batch": 2, "seed": 0, "runs": runs, "comparisons": [c]}
+    assert abs(c["max_rel_loss_diff"] - 1e-3) < 1e-12 and c["final_rel_loss_diff"] == 0.0
+    assert c["speedup"] == 2.0 and c["memory_ratio"] == 0.5 and not c["loss_differs"]
+    # 5 % off at the last step: faster and leaner, but flagged.
+    assert gc["loss_differs"] and abs(gc["final_rel_loss_diff"] - 0.05) < 1e-12 and gc["memory_ratio"] == 0.2
+    result = {"shape": "tiny", "shape_dims": {}, "steps": 3, "batch": 2, "seed": 0, "runs": runs,
+              "comparisons": [c, gc]}
     env = {"device": "cpu", "date": "2026-01-01", "torch": "x", "cuda": None, "triton": "x", "transformers": "x",
            "peft": "x"}
     png = tbench.plot(result, tmp_path / "curves.png")
     assert png.stat().st_size > 1000
     text = tbench.markdown(result, env, "workbench bench --suite train", png.name)
-    assert "| lora | 3 | 1.00e-02 | 0.00e+00 | 2.00x | 0.50 |" in text
+    assert "| lora | ours | 3 | 1.00e-03 | 0.00e+00 | 2.00x | 0.50 | agrees |" in text
+    assert "| lora | ours-gc | 3 | 5.00e-02 | 5.00e-02 | 1.33x | 0.20 | **DIFFERS** |" in text
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")

@@ -166,7 +166,11 @@ def _bench_train(args: argparse.Namespace) -> int:
     modes = [m for m in (args.modes or ",".join(tbench.MODES)).split(",") if m]
     if set(modes) - set(tbench.MODES):
         raise UserError(f"unknown mode(s) in --modes; use {', '.join(tbench.MODES)}.")
-    result = tbench.run(shape, steps=args.steps, batch=args.batch, out=args.run, modes=modes)
+    stacks = [s for s in (args.stacks or ",".join(tbench.STACKS)).split(",") if s]
+    if set(stacks) - set(tbench.STACKS) or "hf" not in stacks:
+        raise UserError(f"--stacks takes {', '.join(tbench.STACKS)} and must include hf (the baseline every "
+                        "other stack is compared with).")
+    result = tbench.run(shape, steps=args.steps, batch=args.batch, out=args.run, modes=modes, stacks=stacks)
     env = environment()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = f"{env['date']}-{env['device_slug']}"
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="train suite: optimizer steps per run")
     p.add_argument("--batch", type=int, default=8, help="train suite: batch size")
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
+    p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc (default all; hf is the baseline)")
     p.add_argument("--run", default="runs/bench-train", metavar="DIR", help="train suite: where the runs go")
     p.set_defaults(func=cmd_bench)
 
