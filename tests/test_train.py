@@ -399,3 +399,31 @@ def test_kernels_true_on_the_cpu_runs_our_kernels_in_training(tmp_path):
     # the fused loss (through the trainer's loss path, not TRL's own LM head) ran.
     assert {"rms_norm", "rope", "lora_qkv", "lora_o", "lora_mlp", "fused_linear_cross_entropy"} <= calls.keys(), calls
     assert calls["fused_linear_cross_entropy"] == 1
+
+
+def test_a_distributed_launch_trains_with_ddp_and_one_process_writes_the_run(tmp_path):
+    """Two processes under torchrun (what `accelerate launch` starts on a multi-GPU
+    host; gloo on this CPU), with our kernels: the Trainer trains with DDP through the
+    patched model and our fused loss, and only the main process prints and writes the
+    run directory, which ends complete and consistent."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "launch.py"
+    run = tmp_path / "run"
+    script.write_text(
+        "import sys\nfrom workbench.cli import main\n"
+        f"sys.exit(main(['train', '--run', {str(run)!r}, '--set', 'training.max_steps=3', '--set', "
+        "'training.batch_size=2', '--set', 'training.logging_steps=1', '--set', 'eval.max_rows=0', '--set', "
+        "'data.builtin_rows=32', '--set', 'kernels=true']))\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("train: step 1/3") == 1 and out.stdout.count("run directory:") == 1, out.stderr[-2000:]
+    rec = manifest.require_stage(run, "train", "")
+    assert manifest.verify_outputs(run, "train") == []
+    assert [r["step"] for r in loss_rows(run)] == [1, 2, 3]
+    assert rec["processes"] == 2 and rec["steps"] == 3 and rec["tokens"] > 0
+    assert rec["kernels"]["calls_in_training"]["fused_linear_cross_entropy"] == 3  # this rank's, one per step
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -42,8 +42,33 @@ from workbench.config import Config
 from workbench.errors import UserError
 
 
+#: False in the non-main processes of a distributed launch (accelerate launch,
+#: torchrun): only the main process prints and writes the run directory.
+_MAIN = True
+
+
 def _log(message: str) -> None:
-    print(f"train: {message}", file=sys.stderr, flush=True)
+    if _MAIN:
+        print(f"train: {message}", file=sys.stderr, flush=True)
+
+
+def _distributed_state():
+    """accelerate's PartialState under a distributed launch (WORLD_SIZE > 1), else
+    None. The Trainer then trains with DDP/FSDP as accelerate sets it up; we only
+    keep the run directory single-writer."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True as TrainingArguments(use_cpu=True) asks (gloo); without it accelerate
+    # sees no distributed setup on a machine without CUDA.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _wait_for_everyone(state) -> None:
+    if state is not None:
+        state.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------- model checks
@@ -379,7 +404,7 @@ def _callbacks():
             self.start = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
                    "grad_norm": logs.get("grad_norm"), "tokens": logs.get("num_tokens"),
@@ -542,6 +567,9 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     from workbench.offline import enforce_offline
 
     enforce_offline()
+    global _MAIN
+    state = _distributed_state()
+    main = _MAIN = state is None or state.is_main_process
     start = time.perf_counter()
     run = Path(run_dir).resolve()
     model_info, data = _prepare(cfg)
@@ -551,24 +579,27 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     from workbench import config as config_mod, default, tokenizer as wtok
 
     transformers.logging.set_verbosity_error()
-    run.mkdir(parents=True, exist_ok=True)
-    # Until this run completes, later stages must not take an older adapter here for its result.
-    manifest.record_stage(run, "train", {"status": "running"})
-    atomic.write_text(run / "config.yaml", config_mod.dump(cfg))
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        # Until this run completes, later stages must not take an older adapter here for its result.
+        manifest.record_stage(run, "train", {"status": "running"})
+        atomic.write_text(run / "config.yaml", config_mod.dump(cfg))
     timings = {}
 
     _log("preparing tokenizer, base model and data")
     if cfg.builtin_model:
         tok = wtok.default_tokenizer()
-        base = str(default.write_base(tok, run / "base"))
+        base = str(default.write_base(tok, run / "base") if main else run / "base")
         family = "llama"
     else:
         base, family = cfg.model.path, model_info["family"]
         tok = load_tokenizer(cfg, base)
-    wtok.save_tokenizer(tok, run / "tokenizer")
-    synthetic.write_jsonl(data["train"], run / "data" / "train.jsonl")
-    synthetic.write_jsonl(data["test"], run / "data" / "test.jsonl")
-    test_rows = data["test"][:cfg.eval.max_rows]
+    if main:
+        wtok.save_tokenizer(tok, run / "tokenizer")
+        synthetic.write_jsonl(data["train"], run / "data" / "train.jsonl")
+        synthetic.write_jsonl(data["test"], run / "data" / "test.jsonl")
+    _wait_for_everyone(state)  # the other processes load the base the main one wrote
+    test_rows = data["test"][:cfg.eval.max_rows] if main else []
 
     transformers.set_seed(cfg.training.seed)
     t0 = time.perf_counter()
@@ -618,6 +649,9 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
         kernel_report["calls_in_training"] = {k: n - calls_before.get(k, 0) for k, n in sorted(calls.items())
                                               if n > calls_before.get(k, 0)}
         _log(f"kernel calls in training: {kernel_report['calls_in_training'] or 'none (every call fell back)'}")
+    if not main:
+        _wait_for_everyone(state)  # until the main process has written the adapter and the record
+        return manifest.stage(run, "train")
     tokens = int(loss_log.rows[-1]["tokens"] or 0) if loss_log.rows else 0
 
     with atomic.directory(run / "adapter") as adapter_tmp:
@@ -647,6 +681,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
         "dataset": {**data["info"], "train_rows": len(data["train"]), "test_rows": len(data["test"]),
                     "train": "data/train.jsonl", "test": "data/test.jsonl"},
         "kernels": kernel_report,
+        "processes": state.num_processes if state is not None else 1,  # data-parallel ranks
         "steps": result.global_step,
         "final_loss": loss_log.rows[-1]["loss"] if loss_log.rows else None,
         "train_loss": result.training_loss,
@@ -661,6 +696,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     }
     record = manifest.record_stage(run, "train", record)
     _log(f"done in {timings['total_s']:.1f}s; adapter in {run / 'adapter'}")
+    _wait_for_everyone(state)
     return record
 
 
@@ -677,14 +713,15 @@ def _versions() -> dict:
 
 
 def _fail(run: Path, reason: str, extra: dict) -> None:
-    manifest.record_stage(run, "train", {"status": "failed", "error": reason, **extra})
+    if _MAIN:
+        manifest.record_stage(run, "train", {"status": "failed", "error": reason, **extra})
 
 
 def _fail_non_finite(cfg: Config, run: Path, model, snapshots, err: NonFiniteLoss):
     """Save the last adapter whose loss was finite (if any) and stop with a UserError."""
     extra = {"failed_step": err.step}
     where = "no step had a finite loss, so there is no adapter to keep"
-    if snapshots.restore():
+    if snapshots.restore() and _MAIN:
         with atomic.directory(run / "train" / "last_good_adapter") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
         extra.update(last_good_adapter="train/last_good_adapter", last_good_step=snapshots.good_step)

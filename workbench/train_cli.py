@@ -29,6 +29,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     run = Path(args.run) if args.run else default_run_dir()
     record = run_train(cfg, run)
+    from workbench import train
+
+    if not train._MAIN:  # another process of a distributed launch: the main one reports
+        return 0
     evals = record.get("eval", {})
     if "adapter" in evals:
         print(f"held-out accuracy: base {evals['base']:.3f} -> adapter {evals['adapter']:.3f}")
