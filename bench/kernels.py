@@ -52,6 +52,9 @@ SHAPES = {
                       vocab=128256, rank=16),
     "llama3.2-1b": dict(tokens=8192, batch=4, hidden=2048, inter=8192, heads=32, kv=8, head_dim=64,
                         vocab=128256, rank=16),
+    # Qwen3-4B's config.json: hidden 2560, intermediate 9728, 32 heads / 8 KV heads of 128, vocab 151936.
+    "qwen3-4b": dict(tokens=8192, batch=4, hidden=2560, inter=9728, heads=32, kv=8, head_dim=128,
+                     vocab=151936, rank=16),
     "tiny": dict(tokens=8, batch=2, hidden=32, inter=48, heads=2, kv=1, head_dim=8, vocab=64, rank=4),
 }
 

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="micro-benchmark the kernels against PyTorch, torch.compile and Liger")
     p.add_argument("--suite", default="kernels", help="benchmark suite: kernels, or train (training runs with "
                    "and without our kernels)")
-    p.add_argument("--shape", default="llama3-8b", help="shape set: llama3-8b, llama3.2-1b, tiny (CPU smoke test)")
+    p.add_argument("--shape", default="llama3-8b", help="shape set: llama3-8b, llama3.2-1b, qwen3-4b, tiny (CPU smoke test)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--only", help="comma-separated kernel names")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stack")
