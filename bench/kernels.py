@@ -155,7 +155,7 @@ def _lora_cases(s: dict, device, dtype, el: int) -> list[Case]:
     """LoRA (rank s["rank"], frozen 16-bit W) on the model's MLP and attention projections.
     The floor counts the two frozen-W matmuls (forward and dX; W gets no gradient)."""
     n, h, inter, r = s["tokens"], s["hidden"], s["inter"], s["rank"]
-    kv = s["kv"] * s["head_dim"]
+    q, kv = s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]  # q is wider than hidden in Qwen3-4B
     scaling = 2.0
     x = _randn((n, h), device, dtype, grad=True)
 
@@ -167,11 +167,11 @@ def _lora_cases(s: dict, device, dtype, el: int) -> list[Case]:
     out.append(Case("lora_o", f"{n}x{h} -> {inter}, r{r}", {"x": x, "W": W, "A": A, "B": B},
                     {"scaling": scaling}, ("x", "A", "B"), flops=2 * 2 * n * h * inter,
                     torch_call=lambda: _peft_linear(x, W, A, B, scaling), torch_label="torch (PEFT eager)"))
-    (Wq, Aq, Bq), (Wk, Ak, Bk), (Wv, Av, Bv) = lin(h, h), lin(kv, h), lin(kv, h)
-    out.append(Case("lora_qkv", f"{n}x{h} -> {h}/{kv}/{kv}, r{r}",
+    (Wq, Aq, Bq), (Wk, Ak, Bk), (Wv, Av, Bv) = lin(q, h), lin(kv, h), lin(kv, h)
+    out.append(Case("lora_qkv", f"{n}x{h} -> {q}/{kv}/{kv}, r{r}",
                     {"x": x, "Wq": Wq, "Aq": Aq, "Bq": Bq, "Wk": Wk, "Ak": Ak, "Bk": Bk, "Wv": Wv, "Av": Av,
                      "Bv": Bv}, {"scaling": scaling}, ("x", "Aq", "Bq", "Ak", "Bk", "Av", "Bv"),
-                    flops=2 * 2 * n * h * (h + 2 * kv),
+                    flops=2 * 2 * n * h * (q + 2 * kv),
                     torch_call=lambda: tuple(_peft_linear(x, *w, scaling) for w in
                                              ((Wq, Aq, Bq), (Wk, Ak, Bk), (Wv, Av, Bv))),
                     torch_label="torch (PEFT eager)"))
