@@ -95,6 +95,13 @@ def metrics_of(results: dict) -> dict[str, float]:
     return out
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def change(value: float, reference: float, kind: str) -> float:
     if kind == "perplexity":
         return value / reference - 1.0 if reference else math.inf
@@ -103,7 +110,9 @@ def change(value: float, reference: float, kind: str) -> float:
 
 def table(rows: dict[str, dict[str, float]], tolerances: dict):
     """The comparison as a pandas DataFrame (model first; metrics; changes vs the
-    adapter; flags) and the list of flags."""
+    adapter; flags) and the list of flags. A model with a tolerance is flagged where
+    a change is beyond it, and where a metric the adapter has is missing or not a
+    finite number (its change is NaN then): neither is within tolerance."""
     import pandas as pd
 
     columns = sorted({c for metrics in rows.values() for c in metrics})
@@ -126,7 +135,15 @@ def table(rows: dict[str, dict[str, float]], tolerances: dict):
         mine = []
         for c, name in zip(columns, deltas):
             d, limit = deltas[name][i], tolerances.get(m, {}).get(metric_kind(c))
-            if d is not None and limit is not None and abs(d) > limit + SLACK:
+            if limit is None or ref.get(c) is None:   # no tolerance (base, adapter) or nothing to compare with
+                continue
+            if d is None:   # the adapter has the metric, this model does not: not within tolerance
+                mine.append(f"{c} missing (the adapter has it)")
+                flags.append({"model": m, "metric": c, "change": math.nan, "tolerance": limit})
+            elif not _finite(metrics[c]) or not _finite(ref[c]):
+                mine.append(f"{c} is {metrics[c]} (adapter {ref[c]}): not a finite number")
+                flags.append({"model": m, "metric": c, "change": math.nan, "tolerance": limit})
+            elif not abs(d) <= limit + SLACK:   # a NaN change fails too
                 mine.append(f"{c} {d:+.4g} beyond ±{limit:g}")
                 flags.append({"model": m, "metric": c, "change": d, "tolerance": limit})
         row_flags.append("; ".join(mine))

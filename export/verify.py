@@ -78,12 +78,24 @@ def load_thresholds(path: str | Path | None) -> dict:
 
 
 def failures(metrics: dict, limits: dict) -> list[str]:
-    """Human-readable threshold violations (empty when the metrics pass)."""
+    """Human-readable threshold violations (empty when the metrics pass). A metric
+    that is missing, not a number, NaN or infinite fails: it is not within any limit."""
+    import math
+
     out = []
     for key, limit in limits.items():
-        value = metrics[key]
-        bad = value < limit if key == "top1_agreement" else abs(value) > limit
-        if bad:
+        value = metrics.get(key)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            out.append(f"{key} is missing" if value is None else f"{key} is {value!r}, not a number")
+            continue
+        if not math.isfinite(value):
+            out.append(f"{key} is {value} (not a finite number)")
+            continue
+        # Written as "not within" so that anything a comparison cannot order fails too.
+        within = value >= limit if key == "top1_agreement" else abs(value) <= limit
+        if not within:
             out.append(f"{key} {value:.3g} {'<' if key == 'top1_agreement' else '>'} {limit:g}")
     return out
 

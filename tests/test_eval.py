@@ -224,6 +224,18 @@ def test_changes_are_absolute_for_scores_relative_for_perplexity_and_flagged_per
     assert md.splitlines()[0].startswith("| model |") and len(md.splitlines()) == 2 + len(rows)
 
 
+def test_a_missing_or_non_finite_metric_is_flagged_not_passed():
+    nan, inf = float("nan"), float("inf")
+    rows = {"base": {MC: nan}, "adapter": _metrics(0.60, 100.0), "merged": {MC: 0.60},          # PPL missing
+            "f16": _metrics(nan, 100.0), "q8_0": _metrics(0.60, inf), "q4_k_m": _metrics(0.60, 100.0)}
+    frame, flags = compare.table(rows, compare.DEFAULT_TOLERANCES)
+    assert {(f["model"], f["metric"]) for f in flags} == {("merged", PPL), ("f16", MC), ("q8_0", PPL)}
+    row = frame.set_index("model")
+    assert row.loc["merged", "flags"] == f"{PPL} missing (the adapter has it)"
+    assert "not a finite number" in row.loc["f16", "flags"] and "not a finite number" in row.loc["q8_0", "flags"]
+    assert row.loc["q4_k_m", "flags"] == row.loc["base", "flags"] == ""      # base has no tolerance
+
+
 def test_without_the_adapter_there_are_no_deltas_and_no_flags():
     frame, flags = compare.table({"base": _metrics(0.2, 900.0), "f16": _metrics(0.6, 100.0)},
                                  compare.DEFAULT_TOLERANCES)

@@ -160,6 +160,20 @@ def test_missing_tokenizer(merged_run, capsys):
     _fails(["export", "--run", str(merged_run)], capsys, "no tokenizer", "workbench merge")
 
 
+def test_a_nan_missing_or_infinite_metric_fails_its_threshold():
+    from workbench.export.verify import DEFAULT_THRESHOLDS, failures
+
+    limits = DEFAULT_THRESHOLDS["f16"]
+    good = {"kl_mean": 1e-7, "top1_agreement": 1.0, "ppl_rel_delta": 1e-4}
+    assert failures(good, limits) == []
+    nan = float("nan")
+    assert failures({**good, "kl_mean": nan}, limits) == ["kl_mean is nan (not a finite number)"]
+    assert failures({**good, "top1_agreement": nan}, limits) == ["top1_agreement is nan (not a finite number)"]
+    assert failures({**good, "ppl_rel_delta": float("-inf")}, limits) == ["ppl_rel_delta is -inf (not a finite number)"]
+    assert failures({k: v for k, v in good.items() if k != "kl_mean"}, limits) == ["kl_mean is missing"]
+    assert failures({**good, "kl_mean": 0.2}, limits) == ["kl_mean 0.2 > 1e-05"]
+
+
 def test_a_weight_beyond_float16_range_asks_for_bf16():
     import torch
 

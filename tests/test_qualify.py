@@ -238,6 +238,193 @@ def test_missing_stages_fail_their_gates_with_the_command_that_makes_them(copy, 
     assert "does not exist" in capsys.readouterr().err
 
 
+def _edit_record(run, name, **changes):
+    """Change (or with None, drop) keys of a stage's manifest record in place."""
+    data = manifest.read(run)
+    rec = data["stages"][name]
+    for key, value in changes.items():
+        rec.pop(key, None) if value is None else rec.__setitem__(key, value)
+    (run / manifest.MANIFEST).write_text(json.dumps(data))
+
+
+def test_an_eval_of_other_tasks_custom_tasks_or_without_the_chat_template_fails_the_eval_gate(copy, tmp_path):
+    run = copy()
+    full = manifest.stage(run, "eval")
+    assert full["tasks"] == ["wb_synthetic_mc", "wb_synthetic_gen", "wb_heldout_ppl"]
+    # Only the perplexity task: every model's numbers of that task still agree.
+    assert main(["eval", "--run", str(run), "--tasks", "wb_heldout_ppl"]) == 0
+    ctx = qualify.Context(run, qualify.load_gates(None), None, None)
+    result = qualify.gate_eval(ctx)
+    assert result["status"] == "FAIL"
+    assert [c["status"] for c in result["checks"]] == ["FAIL", "PASS", "PASS", "PASS", "PASS"]
+    assert "the eval ran tasks wb_heldout_ppl, not wb_synthetic_mc, wb_synthetic_gen" in result["message"]
+    assert "rerun `workbench eval --run DIR` without --tasks" in result["message"]
+
+    # The whole eval's record, but with custom tasks or without the chat template.
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    _edit_record(run, "eval", **{**full, "include": [str(tasks)]})
+    result = qualify.gate_eval(ctx)
+    assert result["status"] == "FAIL" and result["checks"][0]["item"] == "eval stage"
+    assert f"custom tasks (--include {tasks})" in result["message"] and "without --include" in result["message"]
+    _edit_record(run, "eval", **{**full, "chat_template": False})
+    result = qualify.gate_eval(ctx)
+    assert result["status"] == "FAIL"
+    assert "without the chat template" in result["message"] and "without --no-chat-template" in result["message"]
+    _edit_record(run, "eval", **full)
+    assert qualify.gate_eval(ctx)["status"] == "PASS"
+
+
+def test_a_nan_or_missing_metric_fails_the_eval_and_gguf_gates(copy, tmp_path):
+    run = copy()
+    eval_rec = manifest.stage(run, "eval")
+    metrics = json.loads(json.dumps(eval_rec["metrics"]))
+    ppl = "wb_heldout_ppl word_perplexity"
+    assert ppl in metrics["adapter"]
+    metrics["merged"][ppl] = float("nan")
+    del metrics["q8_0"][ppl]
+    _edit_record(run, "eval", metrics=metrics)
+    ctx = qualify.Context(run, qualify.load_gates(None), None, None)
+    result = qualify.gate_eval(ctx)
+    assert result["status"] == "FAIL"
+    checks = {c["item"]: c for c in result["checks"]}
+    assert {k: c["status"] for k, c in checks.items()} == {"merged": "FAIL", "f16": "PASS", "q8_0": "FAIL",
+                                                           "q4_k_m": "PASS"}
+    assert checks["merged"]["problems"][0].startswith(f"{ppl} is nan against the adapter's")
+    assert "not a finite number, so not within tolerance" in checks["merged"]["problems"][0]
+    assert checks["q8_0"]["problems"] == [f"{ppl} is missing (the adapter has it); rerun `workbench eval --run DIR`"]
+
+    # The export record's llama.cpp numbers: a NaN KL or a missing top-1 is no pass
+    # (recompute_max_mib 0: only the recorded numbers are read).
+    export = json.loads(json.dumps(manifest.stage(run, "export")))
+    export["files"]["f16"]["llama_cpp"]["kl_mean"] = float("nan")
+    del export["files"]["q8_0"]["llama_cpp"]["top1_agreement"]
+    _edit_record(run, "export", files=export["files"])
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("gguf: {recompute_max_mib: 0}\n")
+    result = qualify.gate_gguf(qualify.Context(run, qualify.load_gates(gates), None, None))
+    assert [c["status"] for c in result["checks"]] == ["FAIL", "FAIL", "PASS"]
+    assert "export/model-f16.gguf: export stage (llama.cpp): kl_mean is nan (not a finite number)" in result["message"]
+    assert "export/model-q8_0.gguf: export stage (llama.cpp): top1_agreement is missing" in result["message"]
+
+
+def test_a_changed_base_model_outside_the_run_fails_the_hash_gate(copy, tmp_path):
+    run = copy()
+    # The run trained on a user's base folder outside it (as with --set model.path=FOLDER).
+    base = shutil.copytree(run / "base", tmp_path / "user-base")
+    train = manifest.stage(run, "train")
+    _edit_record(run, "train", base_model=str(base), inputs={**train["inputs"], "base_model": str(base)},
+                 input_hashes={**train["input_hashes"], "base_model": manifest.hash_tree(base)})
+
+    def train_check():   # (the report, which rendered the old train record, is stale now: its own problem)
+        result = qualify.gate_hashes(qualify.Context(run, qualify.load_gates(None), None, None))
+        return result, next(c for c in result["checks"] if c["item"] == "train")
+
+    assert train_check()[1]["status"] == "PASS"
+    config_file = base / "config.json"
+    config_file.write_text(config_file.read_text().replace("}", ', "note": "edited"}', 1))
+    result, check = train_check()
+    assert result["status"] == check["status"] == "FAIL"
+    assert check["problems"] == [f"its input {base} changed since the train stage read it (rerun "
+                                 "`workbench train --run DIR`)"]
+    shutil.rmtree(base)
+    result, check = train_check()
+    assert check["status"] == "FAIL" and check["problems"][0].startswith(f"its input {base} is missing")
+
+    # A brought adapter's record names the folder it was copied from, with the copy's hash:
+    # the copy is checked as an output, the source may be gone.
+    run = copy("brought")
+    train = manifest.stage(run, "train")
+    _edit_record(run, "train", user_provided=True,
+                 inputs={**train["inputs"], "adapter": str(tmp_path / "gone")},
+                 input_hashes={**train["input_hashes"], "adapter": manifest.hash_tree(run / "adapter")})
+    result = qualify.gate_hashes(qualify.Context(run, qualify.load_gates(None), None, None))
+    assert next(c for c in result["checks"] if c["item"] == "train")["status"] == "PASS", result["message"]
+
+
+def _parity_doc(kernel="rms_norm", dtypes=("float32", "float16", "bfloat16"), examples=2, **agg):
+    """A `workbench parity --report` JSON of one kernel, made on this device."""
+    from workbench.envinfo import device_name
+
+    rows = [{"kernel": kernel, "dtype": d, "examples": examples, "seconds": 0.1, "ok": True, "profile": "ci"}
+            for d in dtypes]
+    kernels = {kernel: {"examples": examples * len(rows), "seconds": 0.1 * len(rows), "tests": len(rows),
+                        "failed": 0, **agg}}
+    return {"suite": "parity", "environment": {"device": device_name()}, "command": "workbench parity",
+            "exit_code": 0, "kernels": {k: {n: v for n, v in a.items() if v is not None} for k, a in kernels.items()},
+            "properties": rows}
+
+
+def test_a_parity_report_must_cover_every_dtype_with_a_recorded_zero_failures(copy, tmp_path):
+    run = copy()
+    _edit_record(run, "train", kernels={"family": "llama", "swapped": {"rms_norm": {"LlamaRMSNorm": 9}}})
+
+    def gate(doc, gates_text=None):
+        path = tmp_path / "parity.json"
+        path.write_text(json.dumps(doc))
+        gates = None
+        if gates_text:
+            gates = tmp_path / "gates.yaml"
+            gates.write_text(gates_text)
+        return qualify.gate_parity(qualify.Context(run, qualify.load_gates(gates), path, None))
+
+    assert gate(_parity_doc())["status"] == "PASS"
+    partial = gate(_parity_doc(dtypes=("float32",)))
+    assert partial["status"] == "FAIL"
+    assert "the report does not test rms_norm in float16, bfloat16" in partial["message"]
+    unrecorded = gate(_parity_doc(failed=None))
+    assert unrecorded["status"] == "FAIL" and "records no failure count for rms_norm" in unrecorded["message"]
+    few = gate(_parity_doc(examples=2), "parity: {examples: 5}\n")
+    assert few["status"] == "FAIL"
+    assert "fewer hypothesis examples than the gates' parity.examples (5)" in few["message"]
+    assert gate(_parity_doc(examples=5), "parity: {examples: 5}\n")["status"] == "PASS"
+
+
+def test_a_parity_report_or_baseline_that_is_no_json_object_is_bad_input(copy, tmp_path, capsys):
+    run = copy()                   # parity is N/A here (no kernels): a bad report is still bad input
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    for argv in (["--parity-report", str(listed)], ["--parity-report", str(tmp_path)],
+                 ["--parity-report", str(run / manifest.MANIFEST)], ["--baseline", str(listed)]):
+        capsys.readouterr()
+        assert main(["qualify", "--run", str(run), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "Error:" not in err.replace("workbench: error:", "")
+        assert f"{argv[0]} {argv[1]}" in err
+    assert not (run / "qualify").exists()
+    assert main(["qualify", "--run", str(run), "--baseline", str(listed)]) == 2
+    assert "holds an array where a JSON object is expected; pass a run's manifest.json or a qualify " \
+        "verdict.json." in capsys.readouterr().err
+
+
+def test_a_brought_merged_model_has_no_training_and_no_adapter_to_check(built, tmp_path):
+    from workbench.pipeline import _expected_tasks, bring_merged
+
+    run = tmp_path / "brought"
+    bring_merged(run, built / "merge" / "merged")
+    run = run.resolve()
+    merged = manifest.stage(built, "eval")["metrics"]["merged"]
+    manifest.record_stage(run, "eval", {"models": ["merged"], "metrics": {"merged": merged},
+                                        "tasks": _expected_tasks(run), "include": [], "chat_template": True,
+                                        "limit": None,
+                                        "input_hashes": {"merged": manifest.hash_tree(run / "merge" / "merged")}})
+    baseline = built / manifest.MANIFEST
+    ctx = qualify.Context(run, qualify.load_gates(None), None, baseline)
+    parity = qualify.gate_parity(ctx)
+    assert parity["status"] == "N/A"
+    assert parity["message"] == "not applicable: no training in this run: the merged model was brought"
+    brought = ("a brought merged model has no adapter to check it against; bring the adapter with "
+               "`workbench merge --run DIR --adapter FOLDER --base FOLDER` instead")
+    with pytest.raises(qualify.UserError, match="no adapter to check it against"):
+        qualify.gate_merge(ctx)
+    verdict = qualify.run_qualify(run, baseline=baseline)
+    gates = by_name(verdict)
+    assert gates["parity"]["status"] == gates["performance"]["status"] == "N/A"
+    assert gates["merge"]["status"] == "FAIL" and gates["merge"]["message"] == brought + "."
+    assert gates["eval"]["status"] == "FAIL" and gates["eval"]["checks"][0]["problems"] == [brought]
+    assert all("workbench train" not in g["message"] for g in verdict["gates"])
+
+
 # --------------------------------------------------------------------------- gates one by one
 def test_a_qlora_merge_is_checked_against_the_adapter_on_both_bases(tmp_path):
     pytest.importorskip("bitsandbytes")

@@ -7,9 +7,10 @@ Seven gates, each measured, compared with a threshold and given PASS, FAIL or N/
     parity       the parity tests of the kernels the run trained with, on this device
     merge        merged model == adapter on its base (logits on the held-out rows, recomputed)
     gguf         each GGUF within its KL / top-1 / perplexity limits (export report; recomputed when small)
-    eval         lm-eval changes against the adapter within tolerance (the eval stage's results)
+    eval         lm-eval changes against the adapter within tolerance (the eval stage's results, of every
+                 shipped task, with the chat template; a missing or non-finite metric fails)
     tokenizer    HF tokenizer and each GGUF's llama.cpp vocabulary: identical ids, exact detokenization
-    hashes       every stage's recorded outputs (and inputs) still have their recorded sha256
+    hashes       every stage's recorded outputs (and inputs, also those outside the run) still have their sha256
     performance  tokens/s and peak memory of the train stage against --baseline (N/A without one)
 
 A gate never stops the others: a missing stage fails its gate with the command
@@ -21,6 +22,7 @@ manifest; no earlier stage's record or file is touched.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -51,6 +53,11 @@ HINTS = {
     "export": "run `workbench export --run DIR` first.",
     "eval": "run `workbench eval --run DIR` first.",
 }
+
+#: A run made by `workbench export --merged FOLDER`: no train stage, a user-provided merge.
+BROUGHT_MERGED = ("a brought merged model has no adapter to check it against; bring the adapter with "
+                  "`workbench merge --run DIR --adapter FOLDER --base FOLDER` instead")
+NO_TRAINING = "no training in this run: the merged model was brought"
 
 
 def log(msg: str) -> None:
@@ -103,6 +110,25 @@ def load_gates(path: str | os.PathLike | None = None) -> dict:
     if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
         raise UserError(f"gates file {path}: parity.examples must be a whole number >= 1 or null, got {examples!r}.")
     return gates
+
+
+PARITY_REPORT_SHAPE = "pass the .json file that `workbench parity --report DIR` wrote on this device"
+BASELINE_SHAPE = "pass a run's manifest.json or a qualify verdict.json"
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def _read_json_object(path: Path, flag: str, hint: str) -> dict:
+    """The JSON object in ``path``; a UserError (one sentence, naming ``flag``) when the
+    file cannot be read, is not JSON, or holds something other than an object."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{flag} {path} is not a readable JSON file ({err}); {hint}.") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{flag} {path} holds {_JSON_KINDS.get(type(doc), 'something')} where a JSON object is "
+                        f"expected; {hint}.")
+    return doc
 
 
 # --------------------------------------------------------------------------- results
@@ -182,6 +208,12 @@ class Context:
     def stage(self, name: str) -> dict:
         return manifest.require_stage(self.run, name, HINTS[name])
 
+    def brought_merged(self) -> bool:
+        """The run holds a merged model the user brought (`workbench export --merged`)
+        and no train stage: nothing was trained here, and there is no adapter."""
+        merge = manifest.stage(self.run, "merge") or {}
+        return bool(merge.get("user_provided")) and manifest.stage(self.run, "train") is None
+
     def tokenizer(self):
         """The run's HF tokenizer (RUN/tokenizer, which the train stage wrote)."""
         if "tokenizer" not in self._cache:
@@ -253,6 +285,8 @@ def kernels_used(train: dict) -> list[str]:
 
 
 def gate_parity(ctx: Context) -> GateResult:
+    if ctx.brought_merged():
+        return GateResult("parity", NA, "no kernels", "0 failures", f"not applicable: {NO_TRAINING}")
     train = ctx.stage("train")
     kernels = kernels_used(train)
     if not kernels:
@@ -263,29 +297,63 @@ def gate_parity(ctx: Context) -> GateResult:
 
     threshold = "0 failures on " + device_name()
     if ctx.parity_report is not None:
-        return _parity_from_report(ctx.parity_report, kernels, threshold)
+        return _parity_from_report(ctx.parity_report, kernels, threshold, ctx.gates)
     return _parity_run(ctx, kernels, threshold)
 
 
-def _parity_from_report(path: Path, kernels: list[str], threshold: str) -> GateResult:
+def _parity_from_report(path: Path, kernels: list[str], threshold: str, gates: dict) -> GateResult:
+    """A `workbench parity --report` JSON stands in for running the tests when it was
+    made on this device and, for each kernel the run used, tested every dtype the
+    kernel registers (its per-test rows, "properties"), each test passed, its
+    "failed" count is recorded and 0, and each test ran at least the gates'
+    parity.examples (when the gates set one)."""
     from workbench.envinfo import device_name
+    from workbench.kernels import registry
 
-    doc = json.loads(path.read_text())
+    doc = _read_json_object(path, "--parity-report", PARITY_REPORT_SHAPE)
+    if not isinstance(doc.get("kernels"), dict):
+        raise UserError(f"--parity-report {path} has no \"kernels\" mapping; {PARITY_REPORT_SHAPE}.")
     device = (doc.get("environment") or {}).get("device")
-    per_kernel = doc.get("kernels") or {}
+    per_kernel = doc["kernels"]
+    rows = [r for r in doc.get("properties") or [] if isinstance(r, dict)]
+    specs = registry()
+    want_examples = gates["parity"]["examples"]
+    rerun = "run `workbench parity --report DIR` here"
     checks = []
     for k in kernels:
         agg = per_kernel.get(k)
         problems = []
         if device != device_name():
-            problems.append(f"the report was made on {device!r}, not on this device ({device_name()!r}); "
-                            "run `workbench parity --report DIR` here")
-        if agg is None:
+            problems.append(f"the report was made on {device!r}, not on this device ({device_name()!r}); {rerun}")
+        if not isinstance(agg, dict):
             problems.append(f"the report does not cover {k}; run `workbench parity --kernel {k} --report DIR`")
-        elif agg.get("failed"):
-            problems.append(f"{agg['failed']} of {agg['tests']} tests failed")
+        else:
+            mine = [r for r in rows if r.get("kernel") == k]
+            dtypes = [str(d).removeprefix("torch.") for d in specs[k].dtypes] if k in specs else []
+            if k not in specs:
+                problems.append(f"this install does not register the kernel {k}; qualify with the workbench version "
+                                "that trained the run")
+            untested = [d for d in dtypes if d not in {r.get("dtype") for r in mine}]
+            if untested:
+                problems.append(f"the report does not test {k} in {', '.join(untested)} (every dtype of the kernel: "
+                                f"{', '.join(dtypes)}); run `workbench parity --kernel {k} --report DIR`")
+            failed = agg.get("failed")
+            if isinstance(failed, bool) or not isinstance(failed, int):
+                problems.append(f"the report records no failure count for {k} (\"failed\": {failed!r}); {rerun}")
+            elif failed:
+                problems.append(f"{failed} of {agg.get('tests')} tests failed")
+            bad = sorted({str(r.get("dtype")) for r in mine if r.get("ok") is not True})
+            if bad and not (isinstance(failed, int) and failed):
+                problems.append(f"the report's {k} test(s) in {', '.join(bad)} did not pass")
+            if want_examples:
+                few = sorted({f"{r.get('dtype')} ({r.get('examples')})" for r in mine
+                              if not (isinstance(r.get("examples"), int) and r["examples"] >= want_examples)})
+                if few:
+                    problems.append(f"fewer hypothesis examples than the gates' parity.examples ({want_examples}) in "
+                                    f"{', '.join(few)}; run `workbench parity --kernel {k} --report DIR` with "
+                                    f"PARITY_EXAMPLES={want_examples}")
         measured = {"tests": agg.get("tests"), "examples": agg.get("examples"), "failed": agg.get("failed")} \
-            if agg else "not covered"
+            if isinstance(agg, dict) else "not covered"
         checks.append(_check(k, FAIL if problems else PASS, measured, "0 failures", problems))
     if doc.get("exit_code") not in (0, None) and all(c["status"] == PASS for c in checks):
         checks.append(_check("suite", FAIL, {"exit_code": doc.get("exit_code")}, "exit code 0",
@@ -362,6 +430,8 @@ def gate_merge(ctx: Context) -> GateResult:
     from workbench.export.merge import _load_base, _require_adapter, _with_adapter, base_model_path
     from workbench.export.verify import failures
 
+    if ctx.brought_merged():
+        raise UserError(BROUGHT_MERGED + ".")
     train, rec = ctx.stage("train"), ctx.stage("merge")
     limits = ctx.gates["merge"].get(rec.get("dtype") or "float32")
     if limits is None:
@@ -463,11 +533,13 @@ def gate_eval(ctx: Context) -> GateResult:
     artifacts = models.locate(ctx.run)
     problems_all = []
     if compare.REFERENCE not in metrics:
-        problems_all.append("the eval stage did not evaluate the adapter, the reference of every change; "
+        problems_all.append(BROUGHT_MERGED if ctx.brought_merged() else
+                            "the eval stage did not evaluate the adapter, the reference of every change; "
                             "run `workbench eval --run DIR` with it")
     if rec.get("limit") and not ctx.gates["eval"]["allow_limit"]:
         problems_all.append(f"the eval ran with --limit {rec['limit']} (tolerances assume the whole held-out split); "
                             "rerun `workbench eval --run DIR` without --limit")
+    problems_all += _eval_options_problems(ctx.run, rec)
     for kind in evaluated:   # the numbers must be of these very files
         want, art = (rec.get("input_hashes") or {}).get(kind), artifacts.get(kind)
         if want and (art is None or art.path is None or ctx.hash_tree(art.path) != want):
@@ -482,9 +554,11 @@ def gate_eval(ctx: Context) -> GateResult:
                                                             f"(or with --models including {kind})"]))
             continue
         row = frame[frame["model"] == kind].iloc[0]
-        changes = {c: float(row[c]) for c in frame.columns if c.endswith((" Δ", " Δrel")) and row[c] == row[c]}
-        problems = [f"{f['metric']} {f['change']:+.4g} beyond ±{f['tolerance']:g} vs the adapter"
-                    for f in flags if f["model"] == kind]
+        changes = {c: float(row[c]) for c in frame.columns if c.endswith((" Δ", " Δrel")) and _finite(row[c])}
+        # Every metric the adapter has must be here, a finite number (a NaN is within no tolerance).
+        problems = _metric_problems(metrics[kind], metrics.get(compare.REFERENCE) or {})
+        problems += [f"{f['metric']} {f['change']:+.4g} beyond ±{f['tolerance']:g} vs the adapter"
+                     for f in flags if f["model"] == kind and math.isfinite(f["change"])]
         scores = [abs(v) for k, v in changes.items() if k.endswith(" Δ")]
         ppls = [abs(v) for k, v in changes.items() if k.endswith(" Δrel")]
         short = ", ".join(([f"max |score Δ| {_fmt(max(scores))}"] if scores else []) +
@@ -496,6 +570,48 @@ def gate_eval(ctx: Context) -> GateResult:
     if not checks:
         result["status"] = FAIL
     return result
+
+
+def _metric_problems(mine: dict, reference: dict) -> list[str]:
+    """A shipped model's metrics that cannot be compared with the adapter's: missing
+    where the adapter has them, or not finite (NaN, inf) on either side."""
+    out = []
+    for c, ref in sorted(reference.items()):
+        value = mine.get(c)
+        if value is None:
+            out.append(f"{c} is missing (the adapter has it); rerun `workbench eval --run DIR`")
+        elif not _finite(value) or not _finite(ref):
+            out.append(f"{c} is {value} against the adapter's {ref}: not a finite number, so not within tolerance")
+    return out
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _eval_options_problems(run: Path, rec: dict) -> list[str]:
+    """The eval must have run what `workbench eval --run DIR` runs by default: every
+    shipped task the held-out rows have documents for, no custom tasks, the chat template."""
+    from workbench.pipeline import _expected_tasks
+
+    rerun = "rerun `workbench eval --run DIR`"
+    out = []
+    expected = _expected_tasks(run)
+    ran = rec.get("tasks") or []
+    missing = [t for t in expected if t not in ran]
+    if missing:
+        out.append(f"the eval ran tasks {', '.join(ran) or '(none recorded)'}, not {', '.join(missing)} (the "
+                   f"tolerances are for every shipped task: {', '.join(expected)}); {rerun} without --tasks")
+    if rec.get("include"):
+        out.append(f"the eval ran with custom tasks (--include {', '.join(map(str, rec['include']))}), which the "
+                   f"tolerances were not measured on; {rerun} without --include")
+    if rec.get("chat_template") is False:
+        out.append(f"the eval ran without the chat template the adapter was trained with; {rerun} without "
+                   "--no-chat-template")
+    return out
 
 
 # --------------------------------------------------------------------------- 5. tokenizer
@@ -561,10 +677,10 @@ def gate_tokenizer(ctx: Context) -> GateResult:
 
 
 # --------------------------------------------------------------------------- 6. hashes
-def artifact_table(run: Path) -> tuple[dict, list[str]]:
+def artifact_table(run: Path, hash_tree=manifest.hash_tree) -> tuple[dict, list[str]]:
     """{stage: {rel: {sha256, bytes, state}}} for every stage's recorded outputs
     (state ok / missing / changed), and the problems (verify_outputs' messages and
-    recorded inputs whose hash changed)."""
+    recorded inputs, inside the run or not, that are missing or whose hash changed)."""
     stages = manifest.read(run).get("stages", {})
     table, problems = {}, []
     for name, rec in stages.items():
@@ -580,13 +696,22 @@ def artifact_table(run: Path) -> tuple[dict, list[str]]:
                     state = "missing" if p.endswith("is missing") else "changed"
             rows[rel] = {"sha256": meta.get("sha256"), "bytes": meta.get("bytes"), "state": state}
         table[name] = rows
-        problems += [f"{name}: {p}" for p in _input_problems(run, name, rec)]
+        problems += [f"{name}: {p}" for p in _input_problems(run, name, rec, hash_tree)]
     return table, problems
 
 
-def _input_problems(run: Path, name: str, rec: dict) -> list[str]:
-    """Recorded inputs inside the run (relative paths) whose hash changed since the stage ran.
-    The report's inputs are the other stages' manifest records, not files."""
+#: The input a user-provided stage copied into the run (`workbench merge --adapter`,
+#: `workbench export --merged`): its recorded path is where it came from, its hash
+#: that of the copy, which the stage's outputs check; the source may be gone.
+_COPIED = {"train": "adapter", "merge": "merged"}
+
+
+def _input_problems(run: Path, name: str, rec: dict, hash_tree=manifest.hash_tree) -> list[str]:
+    """Recorded inputs with a recorded hash, relative to the run or absolute (a user's
+    base model or data outside it), that are missing or whose hash changed since the
+    stage ran. Hashes of what a stage read without a path (the training rows) are the
+    stage's own business. The report's inputs are the other stages' manifest records,
+    not files."""
     if name == "report":
         from workbench.report import input_hashes
 
@@ -595,20 +720,21 @@ def _input_problems(run: Path, name: str, rec: dict) -> list[str]:
                 for stage, want in (rec.get("input_hashes") or {}).items() if now.get(stage) != want]
     out = []
     inputs = rec.get("inputs") or {}
+    redo = "restore it, or bring it again" if rec.get("user_provided") else f"rerun `workbench {name} --run DIR`"
     for key, want in (rec.get("input_hashes") or {}).items():
-        rel = inputs.get(key)
-        if not isinstance(rel, str) or Path(rel).is_absolute() or not rel:
+        recorded = inputs.get(key)
+        if not isinstance(recorded, str) or not recorded or (rec.get("user_provided") and _COPIED.get(name) == key):
             continue
-        path = run / rel
+        path = Path(recorded) if Path(recorded).is_absolute() else run / recorded
         if not path.exists():
-            out.append(f"its input {rel} is missing")
-        elif manifest.hash_tree(path) != want:
-            out.append(f"its input {rel} changed since the {name} stage read it (rerun `workbench {name} --run DIR`)")
+            out.append(f"its input {recorded} is missing ({redo})")
+        elif hash_tree(path) != want:
+            out.append(f"its input {recorded} changed since the {name} stage read it ({redo})")
     return out
 
 
 def gate_hashes(ctx: Context) -> GateResult:
-    table, problems = artifact_table(ctx.run)
+    table, problems = artifact_table(ctx.run, ctx.hash_tree)
     ctx._cache["artifacts"] = table
     if not table:
         raise UserError(f"{ctx.run} has no recorded stage; {HINTS['train']}")
@@ -639,15 +765,22 @@ def _baseline_performance(doc: dict) -> dict | None:
     return None
 
 
+def _baseline_from(path: Path) -> dict:
+    """The train performance a --baseline file holds (UserError when it holds none)."""
+    base = _baseline_performance(_read_json_object(path, "--baseline", BASELINE_SHAPE))
+    if base is None:
+        raise UserError(f"--baseline {path} holds no train performance; {BASELINE_SHAPE}.")
+    return base
+
+
 def gate_performance(ctx: Context) -> GateResult:
     if ctx.baseline is None:
         return GateResult("performance", NA, "", "", "not applicable: no --baseline REPORT.json given")
+    if ctx.brought_merged():
+        return GateResult("performance", NA, "", "", f"not applicable: {NO_TRAINING}")
     gates = ctx.gates["performance"]
     now = train_performance(ctx.stage("train"))
-    base = _baseline_performance(json.loads(ctx.baseline.read_text()))
-    if base is None:
-        raise UserError(f"{ctx.baseline} holds no train performance; pass a run's manifest.json or a qualify "
-                        "verdict.json as --baseline.")
+    base = _baseline_from(ctx.baseline)
     checks = []
     problems = []
     if gates["same_device"] and base.get("device") != now["device"]:
@@ -744,16 +877,16 @@ def run_qualify(run: str | os.PathLike, gates: str | os.PathLike | None = None,
     manifest.read(run)   # an unreadable manifest is the user's to fix (UserError), not seven failed gates
     config = load_gates(gates)
     extra = {}
-    for flag, value in (("--parity-report", parity_report), ("--baseline", baseline)):
-        if value is None:
-            continue
-        path = Path(value)
-        try:
-            json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"{flag} {path} is not a readable JSON file ({err}); pass the JSON report "
-                            "itself.") from None
-        extra[flag] = path.resolve()
+    # Bad input is the user's to fix (exit 2), whether or not its gate applies to this run.
+    if parity_report is not None:
+        path = Path(parity_report)
+        if not isinstance(_read_json_object(path, "--parity-report", PARITY_REPORT_SHAPE).get("kernels"), dict):
+            raise UserError(f"--parity-report {path} has no \"kernels\" mapping; {PARITY_REPORT_SHAPE}.")
+        extra["--parity-report"] = path.resolve()
+    if baseline is not None:
+        path = Path(baseline)
+        _baseline_from(path)
+        extra["--baseline"] = path.resolve()
     ctx = Context(run, config, extra.get("--parity-report"), extra.get("--baseline"))
     import transformers
 

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                    help="gate thresholds overriding the defaults (workbench/configs/gates.yaml documents them)")
     p.add_argument("--parity-report", metavar="JSON",
                    help="a `workbench parity --report` JSON made on this device, instead of running the parity "
-                        "tests of the run's kernels")
+                        "tests of the run's kernels; it must test each of them in every dtype, with 0 failures")
     p.add_argument("--baseline", metavar="REPORT.json",
                    help="a run's manifest.json or a qualify verdict.json: also gate tokens/s and peak memory "
                         "of the train stage against it")
