@@ -245,7 +245,8 @@ def run_merge(run: str | Path, heldout: str | None = None) -> dict:
                 f"max |dlogit| {m['max_abs_logit_diff']:.3g}, ppl {m['ppl']:.4g} vs {m['ppl_ref']:.4g}")
     manifest.record_stage(run, "merge", {
         "inputs": {"adapter": "adapter", "base_model": str(base), "tokenizer": "tokenizer"},
-        "input_hashes": {"adapter": manifest.hash_tree(adapter), "tokenizer": manifest.hash_tree(tok_dir)},
+        "input_hashes": {"adapter": manifest.hash_tree(adapter), "tokenizer": manifest.hash_tree(tok_dir),
+                         "base_model": manifest.hash_tree(base)},
         "dtype": dtype, "quantization": quant, "merged_dir": "merge/merged",
         "metrics": {k: report[k] for k in ("merged", "merged_from_nf4", "nf4_vs_16bit") if k in report},
         "versions": _versions(),

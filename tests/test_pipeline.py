@@ -123,6 +123,19 @@ def test_run_completes_then_skips_forces_resumes_and_retrains_on_a_changed_confi
     assert "FAILED verification: q4_k_m" in out and "[5/5] report: done" in out and "FAILED, KL" in out
     assert manifest.stage(run, "export")["status"] == "failed_verification"
     assert "FAILED: llama.cpp kl_mean" in (run / "report" / "report.md").read_text()
+    failed_rec = _records(run)
+    # The same command again settles: nothing changed, so nothing reruns, and it still exits 1.
+    code, out = _run(capsys, run, "--thresholds", str(strict))
+    assert code == 1 and _actions(out) == dict.fromkeys(STAGES, "skipped")
+    assert "[3/5] export: skipped: verified before: 1 GGUF(s) failed (q4_k_m;" in out
+    assert "it is not fit to ship" in out and _records(run) == failed_rec
+    # A bare run remembers the thresholds (and GGUF types) of the run's last export, as it does the eval limit.
+    capsys.readouterr()
+    assert main(["run", "--run", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert f"thresholds: {strict.resolve()}, as in this run's last export" in out
+    assert "GGUF types: f16, q8_0, q4_k_m, as in this run's last export" in out
+    assert _actions(out) == dict.fromkeys(STAGES, "skipped") and _records(run) == failed_rec
 
     # 4. An export that fails midway: the pipeline stops there, marks export failed, and
     # leaves train and merge (records and files) as they were; the next run resumes at export.
@@ -163,6 +176,25 @@ def test_run_completes_then_skips_forces_resumes_and_retrains_on_a_changed_confi
     assert final["train"]["steps"] == 4 and final["train"]["input_hashes"]["config"] != rec["train"]["input_hashes"]["config"]
     assert final["merge"]["input_hashes"]["adapter"] != rec["merge"]["input_hashes"]["adapter"]
     assert final["eval"]["input_hashes"]["adapter"] == manifest.hash_tree(run / "adapter")
+    assert final["merge"]["input_hashes"]["base_model"] == manifest.hash_tree(run / "base")   # the built-in base
+
+    # 6. `workbench train` alone retrains: the report marks what was made from the earlier adapter as stale
+    # (and says so on its Stages line), and the next `workbench run` redoes exactly those stages.
+    capsys.readouterr()
+    assert main(["train", "--run", str(run), *[a for a in SMALL[:10]], "--set", "training.max_steps=2"]) == 0
+    assert main(["report", "--run", str(run)]) == 0
+    md = (run / "report" / "report.md").read_text()
+    label = f"Stale: made from an earlier train; rerun `workbench run --run {run.resolve()}`."
+    assert "Stages: train complete, merge stale, export stale, eval stale." in md and md.count(label) == 3
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert data["stages"] == {"train": "complete", "merge": "stale", "export": "stale", "eval": "stale"}
+    assert data["sections"]["eval"]["stale"] == label[len("Stale: "):-1]
+    capsys.readouterr()
+    assert main(["run", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert _actions(out) == {"train": "skipped", **dict.fromkeys(STAGES[1:], "running")}
+    assert "[2/5] merge: running (the adapter changed since the last merge)" in out
+    assert "stale" not in (run / "report" / "report.md").read_text()
 
 
 def test_run_rejects_a_bad_force_and_limit(tmp_path, capsys):
@@ -173,6 +205,12 @@ def test_run_rejects_a_bad_force_and_limit(tmp_path, capsys):
     with pytest.raises(SystemExit):   # argparse: --force takes a stage name
         main(["run", "--run", str(tmp_path / "r"), "--force", "everything"])
     assert not (tmp_path / "r" / "manifest.json").exists()
+    (tmp_path / "file").write_text("not a run")
+    capsys.readouterr()
+    for argv in (["run", "--run", str(tmp_path / "file")], ["report", "--run", str(tmp_path / "file")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a file, not a run directory" in err[0] and "Traceback" not in err[0], err
 
 
 # --------------------------------------------------------------------------- bring your own
@@ -185,19 +223,22 @@ def user_adapter(tmp_path_factory):
 
 def test_merge_a_user_adapter_then_run_the_rest(tmp_path, capsys, user_adapter):
     src, run = user_adapter, tmp_path / "run"
-    assert main(["merge", "--run", str(run), "--adapter", str(src / "adapter"), "--base", str(src / "base"),
+    base = tmp_path / "base"   # a copy: this test changes it later
+    shutil.copytree(src / "base", base)
+    assert main(["merge", "--run", str(run), "--adapter", str(src / "adapter"), "--base", str(base),
                  "--tokenizer", str(src / "tokenizer")]) == 0
     train = manifest.stage(run, "train")
-    assert train["user_provided"] is True and train["base_model"] == str((src / "base").resolve())
+    assert train["user_provided"] is True and train["base_model"] == str(base.resolve())
     assert train["inputs"]["adapter"] == str((src / "adapter").resolve())
     assert train["input_hashes"]["adapter"] == manifest.hash_tree(run / "adapter")
-    assert train["input_hashes"]["base_model"] == manifest.hash_tree(src / "base")
+    assert train["input_hashes"]["base_model"] == manifest.hash_tree(base)
     assert train["lora"]["r"] == 4 and train["lora"]["alpha"] == 8
     for name in ("adapter_config.json", "adapter_model.safetensors"):   # copied byte for byte
         assert (run / "adapter" / name).read_bytes() == (src / "adapter" / name).read_bytes()
     merge = manifest.stage(run, "merge")
     assert merge["status"] == "complete" and merge["metrics"]["merged"]["kl_mean"] < 1e-9
     assert merge["input_hashes"]["adapter"] == train["input_hashes"]["adapter"]
+    assert merge["input_hashes"]["base_model"] == manifest.hash_tree(base)
 
     # The pipeline keeps what the user brought and carries on from there.
     capsys.readouterr()
@@ -207,6 +248,27 @@ def test_merge_a_user_adapter_then_run_the_rest(tmp_path, capsys, user_adapter):
     assert "[2/5] merge: skipped: up to date" in out and "[3/5] export: running" in out
     assert manifest.stage(run, "eval")["models"] == ["base", "adapter", "merged", "f16"]
     assert "The adapter was brought by the user" in (run / "report" / "report.md").read_text()
+    # A bare run keeps the run's GGUF types (and eval limit): nothing to redo.
+    assert main(["run", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF types: f16, as in this run's last export" in out
+    assert _actions(out) == dict.fromkeys(STAGES, "skipped")
+    # The base the adapter is merged into changes: merge (and what follows) is redone.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(base / "model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    assert main(["run", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "[2/5] merge: running (the base model changed since the last merge)" in out
+    assert _actions(out) == {"train": "skipped", **dict.fromkeys(STAGES[1:], "running")}
+    assert manifest.stage(run, "merge")["input_hashes"]["base_model"] == manifest.hash_tree(base)
+    assert manifest.stage(run, "export")["files"].keys() == {"f16"}
+    # Training into a run that holds an adapter the user brought is refused (a new --run is the way).
+    assert main(["train", "--run", str(run), *SMALL[:10]]) == 2
+    assert "use a new --run directory" in capsys.readouterr().err
     # Neither a config nor --force train makes sense without a training run.
     assert main(["run", "--run", str(run), "--set", "training.max_steps=2"]) == 2
     assert "brought by you, so there is nothing to train" in capsys.readouterr().err

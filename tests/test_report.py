@@ -1,5 +1,6 @@
 """`workbench report`: a run's records rendered as Markdown, JSON and PNG plots, every
 number with its device and versions; partial and failed runs render what they have."""
+import hashlib
 import json
 
 import pytest
@@ -104,8 +105,18 @@ def test_full_report_has_every_section_its_numbers_and_readable_plots(tmp_path, 
         height, width, _ = _png_size(run / "report" / name)
         assert width >= 700 and height >= 400
         assert f"]({name})" in md
-    rec = manifest.stage(run, "report")
-    assert rec["input_hashes"] == report.input_hashes(run) and manifest.verify_outputs(run, "report") == []
+    # The report records the sha256 of each stage record it rendered (computed here from manifest.json itself).
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    rec = stages["report"]
+    assert rec["input_hashes"] == {n: hashlib.sha256(json.dumps(stages[n], sort_keys=True).encode()).hexdigest()
+                                   for n in ("train", "merge", "export", "eval")}
+    assert manifest.verify_outputs(run, "report") == []
+    # llama.cpp runs on the CPU, whatever device the stage's transformers side used.
+    assert "The llama.cpp numbers come from llama.cpp on the CPU; the reference and the transformers read-back " \
+           "ran on NVIDIA Test GPU 80GB." in md
+    assert "The GGUF rows (f16, q4_k_m) come from llama.cpp on the CPU; base, adapter, merged ran on NVIDIA Test " \
+           "GPU 80GB." in md
+    assert "stale" not in md and data["stale"] == {}
 
 
 def test_a_train_only_run_renders_training_and_names_the_missing_stages(tmp_path, capsys):
@@ -145,3 +156,46 @@ def test_report_of_a_missing_or_empty_run_is_a_user_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", "--run", str(tmp_path / "empty")]) == 2
     assert "no stage has run there" in capsys.readouterr().err
+
+
+def test_a_loss_curve_without_a_final_loss_still_plots(tmp_path):
+    run = tmp_path / "run"
+    _train(run)
+    rec = manifest.stage(run, "train")
+    manifest.record_stage(run, "train", {**rec, "final_loss": None})
+    paths = report.render(run)
+    assert [p.name for p in paths["png"]] == ["loss.png"]
+    assert "| final loss (last logged step) | — |" in paths["md"].read_text()
+
+
+def test_sections_made_from_an_earlier_stage_are_marked_stale(tmp_path):
+    run = tmp_path / "run"
+    _train(run)
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"first adapter")
+    _rest(run)
+    merge = manifest.stage(run, "merge")
+    manifest.record_stage(run, "merge", {**merge, "input_hashes": {"adapter": manifest.hash_tree(run / "adapter")}})
+    data = report.collect(run)
+    assert data["stale"] == {} and data["stages"]["merge"] == "complete"
+
+    # A retrain replaces the adapter: merge, and everything made from it, describe the old one.
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"second adapter")
+    paths = report.render(run)
+    md = paths["md"].read_text()
+    label = f"stale: made from an earlier train; rerun `workbench run --run {run.resolve()}`"
+    assert "Stages: train complete, merge stale, export stale, eval stale." in md
+    assert md.count(f"**S{label[1:]}.**") == 3
+    data = json.loads(paths["json"].read_text())
+    assert data["stages"] == {"train": "complete", "merge": "stale", "export": "stale", "eval": "stale"}
+    assert data["stale"] == {"merge": "train", "export": "train", "eval": "train"}
+    assert all(data["sections"][n]["stale"] == label[len("stale: "):] for n in ("merge", "export", "eval"))
+    assert data["sections"]["export"]["status"] == "failed_verification" and data["missing"] == []
+    assert "| merged | 2.500e-13 |" in md   # the numbers are still shown, under the label
+
+
+def test_report_of_a_file_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "f").write_text("not a run")
+    assert main(["report", "--run", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a run directory" in err[0]

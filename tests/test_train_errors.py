@@ -45,6 +45,18 @@ def test_missing_model_path(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing is written before the inputs check out
 
 
+@pytest.mark.parametrize("stage", ["train", "merge"])
+def test_a_run_holding_a_user_provided_stage_is_not_trained_into(tmp_path, capsys, stage):
+    run = tmp_path / "run"
+    manifest.record_stage(run, stage, {"user_provided": True, "inputs": {"adapter": "/somewhere"}})
+    before = (run / "manifest.json").read_bytes()
+    code, err = run_cli(capsys, *QUICK, "--run", str(run))
+    assert code == 2
+    line = error_line(err)
+    assert f"holds a {stage} stage you brought (user-provided)" in line and "use a new --run directory" in line
+    assert (run / "manifest.json").read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["manifest.json"]
+
+
 def test_checkpoint_without_safetensors_is_refused(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

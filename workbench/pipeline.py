@@ -6,10 +6,11 @@ Each stage is the same function its own command calls (``run_train``,
 the pipeline asks whether the stage's manifest record still describes the run:
 
 * the record is ``complete`` (a stage that failed, was killed, or is still marked
-  "running" is re-run);
+  "running" is re-run; an export whose GGUF failed its verification is settled too,
+  so it is not redone with the same inputs, and the pipeline still exits 1);
 * its recorded ``input_hashes`` equal the hashes of what it would read now (train:
-  the resolved config, and a user base model or data file; merge: the adapter and
-  tokenizer; export: the merged folder, the GGUF types and the thresholds; eval: every model
+  the resolved config, and a user base model or data file; merge: the adapter,
+  tokenizer and base model; export: the merged folder, the GGUF types and the thresholds; eval: every model
   it would evaluate, the tasks and the limit; report: the records of the stages it
   renders);
 * its recorded ``outputs`` are on disk with the recorded hashes.
@@ -67,11 +68,11 @@ def _jsonl_sha256(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- up to date?
-def _status_problem(rec: dict | None, name: str) -> str | None:
+def _status_problem(rec: dict | None, name: str, settled: tuple[str, ...] = ("complete",)) -> str | None:
     if rec is None:
         return f"no {name} stage yet"
     status = rec.get("status")
-    if status == "complete":
+    if status in settled:
         return None
     if status == "running":
         return f"the last {name} did not finish (killed or interrupted)"
@@ -107,16 +108,75 @@ def check_train(run: Path, cfg) -> str | None:
     return _outputs_problem(run, "train")
 
 
+#: The stage that makes each input another stage records the hash of.
+MADE_BY = {"merge": {"adapter": "train", "tokenizer": "train", "base_model": "train"},
+           "export": {"merged": "merge"},
+           "eval": {"base": "train", "adapter": "train", "merged": "merge",
+                    **{kind: "export" for kind in ("f16", "bf16", "q8_0", "q4_k_m")}}}
+_LABELS = {"base_model": "base model", "merged": "merged model"}
+
+
+def _merge_base(run: Path) -> Path | None:
+    """The base checkpoint merge folds the adapter into (the train record's base: RUN/base
+    for the built-in default, else the user's folder), or None when it is unavailable."""
+    from workbench.export.merge import base_model_path
+
+    try:
+        return base_model_path(run, manifest.stage(run, "train") or {})
+    except (UserError, OSError, ValueError):   # ValueError: an adapter_config.json that is not JSON
+        return None
+
+
+def _current_hashes(run: Path, name: str) -> dict:
+    """{input: a function giving the hash of what the stage would read now (None: unavailable)}."""
+    def tree(path):
+        return lambda: manifest.hash_tree(path) if path is not None and path.exists() else None
+
+    if name == "merge":
+        return {"adapter": tree(run / "adapter"), "tokenizer": tree(run / "tokenizer"),
+                "base_model": lambda: tree(_merge_base(run))()}
+    if name == "export":
+        merge = manifest.stage(run, "merge") or {}
+        return {"merged": tree(run / merge.get("merged_dir", "merge/merged"))}
+    from workbench.eval import models
+
+    artifacts = models.locate(run)
+    return {kind: tree(a.path) for kind, a in artifacts.items()}
+
+
+def changed_inputs(run: Path, name: str, *, strict: bool = True) -> list[str]:
+    """The inputs of stage ``name`` (merge, export or eval) whose hash in its record is not
+    the hash of what its upstream stage left in the run now. ``strict``: an input the
+    record has no hash of counts as changed (the pipeline reruns the stage); otherwise it
+    is not judged (the report, on records of older versions)."""
+    rec = manifest.stage(run, name) or {}
+    recorded = rec.get("input_hashes") or {}
+    keys = list(MADE_BY[name])
+    if name == "eval":
+        keys = [k for k in keys if k in recorded or (strict and k in rec.get("models", []))]
+    current = _current_hashes(run, name)
+    changed = []
+    for key in keys:
+        if key not in recorded and not strict:
+            continue
+        now = current[key]() if key in current else None
+        if now is None or recorded.get(key) != now:
+            changed.append(key)
+    return changed
+
+
 def check_merge(run: Path) -> str | None:
     rec = manifest.stage(run, "merge")
     problem = _status_problem(rec, "merge")
     if problem:
         return problem
-    hashes = rec.get("input_hashes", {})
-    for name in ("adapter", "tokenizer"):
-        folder = run / name
-        if not folder.exists() or hashes.get(name) != manifest.hash_tree(folder):
-            return f"the {name} changed since the last merge"
+    changed = changed_inputs(run, "merge")
+    if changed:
+        key = changed[0]
+        label = _LABELS.get(key, key)
+        if key not in rec.get("input_hashes", {}):
+            return f"its record has no hash of the {label} (made by an older workbench)"
+        return f"the {label} changed since the last merge"
     return _outputs_problem(run, "merge")
 
 
@@ -124,14 +184,14 @@ def check_export(run: Path, quants: list[str], thresholds: str | Path | None = N
     from workbench.export.verify import load_thresholds
 
     rec = manifest.stage(run, "export")
-    problem = _status_problem(rec, "export")
+    # An export whose GGUF failed verification is settled too: redoing it with the same
+    # inputs, types and thresholds fails the same way (the pipeline still exits 1).
+    problem = _status_problem(rec, "export", ("complete", "failed_verification"))
     if problem:
         return problem
     if sorted(rec.get("files", {})) != sorted(quants):
         return f"it exported {', '.join(rec.get('files', {})) or 'nothing'}, this run asks for {', '.join(quants)}"
-    merge = manifest.stage(run, "merge") or {}
-    merged = run / merge.get("merged_dir", "merge/merged")
-    if not merged.exists() or rec.get("input_hashes", {}).get("merged") != manifest.hash_tree(merged):
+    if changed_inputs(run, "export"):
         return "the merged model changed since the last export"
     try:
         verified = json.loads((run / "export" / "export_report.json").read_text()).get("thresholds")
@@ -166,10 +226,9 @@ def check_eval(run: Path, limit: int | None) -> str | None:
     available = [k for k, a in artifacts.items() if a.path is not None]
     if sorted(rec.get("models", [])) != sorted(available):
         return f"it evaluated {', '.join(rec.get('models', []))}; the run now has {', '.join(available)}"
-    hashes = rec.get("input_hashes", {})
-    for kind in available:
-        if hashes.get(kind) != artifacts[kind].hash():
-            return f"the {kind} model changed since the last eval"
+    changed = changed_inputs(run, "eval")
+    if changed:
+        return f"the {changed[0]} model changed since the last eval"
     return _outputs_problem(run, "eval")
 
 
@@ -212,6 +271,18 @@ def _user_provided(run: Path) -> int | None:
     return last
 
 
+def _require_dir_or_nothing(run: Path) -> None:
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory; pass a directory (a new one, or one that "
+                        "`workbench run` made).")
+
+
+def _export_failures(run: Path) -> list[str]:
+    """The GGUF types the export record says failed their verification."""
+    rec = manifest.stage(run, "export") or {}
+    return [k for k, e in (rec.get("files") or {}).items() if not e.get("passed", True)]
+
+
 def _mark_failed(run: Path, name: str, err: BaseException) -> None:
     """Make sure the manifest does not describe the stage by an earlier record (or as
     still running) after it failed midway. Train and eval record their own failures,
@@ -236,6 +307,7 @@ def run_pipeline(cfg, run: str | Path, *, force: str | None = None, quants=DEFAU
     quants = [q for q in ("f16", "bf16", "q8_0", "q4_k_m") if q in set(quants) | {"f16"}]
     if eval_limit is not None and eval_limit < 1:
         raise UserError(f"--eval-limit must be at least 1, got {eval_limit}.")
+    _require_dir_or_nothing(run)
     run.mkdir(parents=True, exist_ok=True)
     brought = _user_provided(run)
     if brought is not None:
@@ -279,6 +351,12 @@ def run_pipeline(cfg, run: str | Path, *, force: str | None = None, quants=DEFAU
                    "report": lambda: check_report(run)}[name]()
         if why is None:
             reason = "skipped: up to date (complete, same input hashes, outputs intact)"
+            if name == "export" and manifest.stage(run, name).get("status") == "failed_verification":
+                failed = _export_failures(run)
+                reason = (f"skipped: verified before: {len(failed)} GGUF(s) failed ({', '.join(failed)}; same "
+                          "inputs, types and thresholds, so exporting again would fail the same way)")
+                if failed:
+                    result.exit_code = 1
             _say(f"{head}: {reason}")
             result.stages.append(StageResult(name, "skipped", reason))
             continue
@@ -327,6 +405,10 @@ def _run_stage(name: str, run: Path, cfg, quants: list[str], eval_limit: int | N
         from workbench.export.stage import run_export
 
         report = run_export(run, quants, thresholds=thresholds)
+        # Remembered for a bare `workbench run --run DIR` (as --quant: the record's files).
+        rec = manifest.stage(run, "export")
+        manifest.record_stage(run, "export", {**rec, "thresholds_file": str(Path(thresholds).resolve())
+                                              if thresholds else None})
         failed = [k for k, e in report["files"].items() if not e["passed"]]
         if failed:
             return (f"FAILED verification: {', '.join(failed)} (see {run / 'export' / 'export_report.json'}); "
@@ -413,6 +495,7 @@ def bring_adapter(run: str | Path, adapter: str | Path, base: str | Path | None 
         raise UserError(f"neither {adapter} nor {base} holds a tokenizer; pass --tokenizer FOLDER (tokenizer.json "
                         "+ tokenizer_config.json).")
     tok = _load_tokenizer(tok_src, "--tokenizer")
+    _require_dir_or_nothing(run)
     if run.exists():
         _refuse_over_pipeline_run(run, ("train",), "adapter")
     run.mkdir(parents=True, exist_ok=True)
@@ -450,6 +533,7 @@ def bring_merged(run: str | Path, merged: str | Path) -> dict:
                         "it next to the weights (tokenizer.save_pretrained(FOLDER)).")
     tok = _load_tokenizer(merged, "--merged")
     dtype = stored_dtype(merged)
+    _require_dir_or_nothing(run)
     if run.exists():
         _refuse_over_pipeline_run(run, ("train", "merge"), "merged model")
     run.mkdir(parents=True, exist_ok=True)

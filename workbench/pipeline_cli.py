@@ -34,17 +34,43 @@ def _settings(args: argparse.Namespace, run: Path):
     return cfg, limit
 
 
+def _export_settings(args: argparse.Namespace, run: Path):
+    """The GGUF types and the thresholds file of this run, as _settings does the config:
+    the command line, else what the run's last export used (its files; the thresholds
+    file the pipeline recorded), else the defaults."""
+    from workbench import manifest
+    from workbench.export.stage import parse_quants
+    from workbench.pipeline import DEFAULT_QUANTS
+
+    export = (manifest.stage(run, "export") or {}) if run.is_dir() else {}
+    if args.quant is not None:
+        quants = parse_quants(args.quant)
+    elif export.get("files"):
+        quants = parse_quants(",".join(export["files"]))
+        print(f"GGUF types: {', '.join(quants)}, as in this run's last export (pass --quant to change)")
+    else:
+        quants = list(DEFAULT_QUANTS)
+    thresholds = args.thresholds
+    if thresholds is None and export.get("thresholds_file"):
+        if Path(export["thresholds_file"]).is_file():
+            thresholds = export["thresholds_file"]
+            print(f"thresholds: {thresholds}, as in this run's last export (pass --thresholds to change)")
+        else:
+            print(f"thresholds: the defaults ({export['thresholds_file']}, which this run's last export used, "
+                  "is gone)")
+    return quants, thresholds
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from workbench.cli import _ensure_interpreter_if_no_gpu
 
     _ensure_interpreter_if_no_gpu()  # `kernels: true` on a CPU runs them in Triton's interpreter
-    from workbench.export.stage import parse_quants
     from workbench.pipeline import DEFAULT_RUN, run_pipeline, summary
 
     run = Path(args.run) if args.run else DEFAULT_RUN
-    quants = parse_quants(args.quant)
+    quants, thresholds = _export_settings(args, run)
     cfg, limit = _settings(args, run)
-    result = run_pipeline(cfg, run, force=args.force, quants=quants, eval_limit=limit, thresholds=args.thresholds,
+    result = run_pipeline(cfg, run, force=args.force, quants=quants, eval_limit=limit, thresholds=thresholds,
                           config_given=bool(args.config or args.overrides), command=args.command_line)
     print()
     print(summary(result))
@@ -67,10 +93,10 @@ def add_parser(sub) -> None:
                         "training.max_steps=50 (repeatable)")
     p.add_argument("--force", choices=STAGE_NAMES, metavar="STAGE",
                    help="redo this stage and every one after it (train, merge, export, eval, report)")
-    p.add_argument("--quant", default="f16,q8_0,q4_k_m",
-                   help="GGUF types to export (default f16,q8_0,q4_k_m; f16, the lossless reference, is always made)")
+    p.add_argument("--quant", help="GGUF types to export (default: as in the run's last export, else "
+                   "f16,q8_0,q4_k_m; f16, the lossless reference, is always made)")
     p.add_argument("--thresholds", metavar="YAML", help="export verification limits per GGUF type, overriding the "
-                   "defaults (as `workbench export --thresholds`)")
+                   "defaults (as `workbench export --thresholds`; default: as in the run's last export)")
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate only the first N documents of each task "
                    "(0: every document; default: as in the run's last eval, else every document)")
     p.set_defaults(func=cmd_run)

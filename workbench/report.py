@@ -13,8 +13,12 @@ export/export_report.json. Sections:
   merged and each GGUF.
 
 A stage that is missing, failed, or was brought by the user is said so in its
-section; the others render regardless. The folder is written under a temp name and
-renamed, and the "report" stage record lists its files and the hashes of the stage
+section; the others render regardless. A section made from an earlier version of an
+upstream stage (its recorded input hashes no longer match what that stage left in the
+run, as the pipeline checks them, or an upstream section is itself stale, failed or
+unfinished) is labelled stale, on the "Stages:" line too. llama.cpp numbers (GGUF
+verification and GGUF evaluation) are labelled as llama.cpp on the CPU. The folder is
+written under a temp name and renamed, and the "report" stage record lists its files and the hashes of the stage
 records it rendered (what `workbench run` compares to skip it).
 """
 from __future__ import annotations
@@ -155,7 +159,33 @@ def collect(run: str | Path, command: str | None = None) -> dict:
         body = {"train": lambda: _train(run, rec), "merge": lambda: _merge(run, rec),
                 "export": lambda: _export(run, rec), "eval": lambda: _eval(rec)}[name]()
         data["sections"][name] = {"status": state, **_env(rec), **body}
+    data["stale"] = _stale(run, stages, data["stages"])
+    for name, root in data["stale"].items():
+        data["stages"][name] = "stale"
+        data["sections"][name]["stale"] = (f"made from an earlier {root}; rerun `workbench run --run "
+                                           f"{data['run']}`")
     return data
+
+
+def _stale(run: Path, stages: dict, states: dict) -> dict:
+    """{stage: the earliest stage it was made from an earlier version of}, for each rendered
+    stage whose recorded input hashes no longer match what its upstream stages left in the
+    run (the pipeline's own check), or whose upstream stage is stale, failed or unfinished."""
+    from workbench.pipeline import MADE_BY, STAGES, changed_inputs
+
+    stale: dict[str, str] = {}
+    for name in ("merge", "export", "eval"):
+        if states[name] not in RENDERED or states[name] == "user_provided":
+            continue
+        roots = [MADE_BY[name][key] for key in changed_inputs(run, name, strict=False)]
+        for up in SECTIONS[:SECTIONS.index(name)]:
+            if up in stale:
+                roots.append(stale[up])
+            elif stages.get(up) is not None and states[up] not in RENDERED:
+                roots.append(up)   # failed or still running: what this stage used came from an earlier one
+        if roots:
+            stale[name] = min(roots, key=STAGES.index)
+    return stale
 
 
 # --------------------------------------------------------------------------- formatting
@@ -203,14 +233,16 @@ def markdown(data: dict, plots: dict[str, str]) -> str:
     for name in SECTIONS:
         out += [f"## {TITLES[name]}", ""]
         sec = data["sections"].get(name)
-        state = data["stages"][name]
-        if state == "not_needed":
+        state = (sec or {}).get("status", data["stages"][name])
+        if state == "not_needed" or data["stages"][name] == "not_needed":
             out += ["Not needed: the merged model was brought by the user, so nothing was trained in this run.", ""]
             continue
         if sec is None or state not in RENDERED:
             why = "has not run" if sec is None else f"is {state}" + (f" ({sec['error']})" if sec.get("error") else "")
             out += [f"Missing: the {name} stage {why}. Make it with {HOW[name].replace('DIR', run)}.", ""]
             continue
+        if sec.get("stale"):
+            out += [f"**Stale: {sec['stale']}.** These numbers describe the earlier artifacts.", ""]
         out += [_provenance(sec), ""]
         out += {"train": _md_train, "merge": _md_merge, "export": _md_export, "eval": _md_eval}[name](sec, plots)
     return "\n".join(out).rstrip() + "\n"
@@ -258,7 +290,8 @@ def _md_merge(sec: dict, plots: dict) -> list[str]:
 
 def _md_export(sec: dict, plots: dict) -> list[str]:
     text = [f"Each GGUF against {sec['reference']} ({sec.get('eval_tokens')} tokens), run through llama.cpp "
-            "(and read back by transformers where it can).", ""]
+            f"(and read back by transformers where it can). The llama.cpp numbers come from llama.cpp on the CPU; "
+            f"the reference and the transformers read-back ran on {sec['device']}.", ""]
     rows = []
     for kind, f in sec["files"].items():
         m = f.get("llama_cpp") or {}
@@ -283,6 +316,11 @@ def _md_eval(sec: dict, plots: dict) -> list[str]:
     limit = f"the first {sec['limit']} documents of each task" if sec.get("limit") else "every held-out document"
     text = [f"lm-eval on {limit}; tasks {', '.join(sec['tasks'])}. The full table with changes against the "
             "adapter is `eval/comparison.md`.", ""]
+    ggufs = [m for m in _ordered(metrics) if m in GGUF_KINDS]
+    if ggufs:
+        others = [m for m in _ordered(metrics) if m not in GGUF_KINDS]
+        text += [f"The GGUF rows ({', '.join(ggufs)}) come from llama.cpp on the CPU"
+                 + (f"; {', '.join(others)} ran on {sec['device']}." if others else "."), ""]
     flags = {}
     for f in sec["flags"]:
         flags.setdefault(f["model"], []).append(f"{_short(f['metric'])} {f['change']:+.3g} beyond ±{f['tolerance']:g}")
@@ -337,7 +375,7 @@ def _plot_loss(sec: dict) -> bytes | None:
     ax.grid(True, alpha=0.3, which="both")
     memory = (f"peak {sec['peak_memory_gib']:.2f} GiB" if sec.get("peak_memory_gib") is not None
               else f"peak RSS {sec['peak_rss_mib']:.0f} MiB" if sec.get("peak_rss_mib") is not None else "")
-    info = f"final loss {sec['final_loss']:.4g}\n{_num(sec.get('tokens_per_s'))} tokens/s\n{memory}"
+    info = f"final loss {_num(sec.get('final_loss'))}\n{_num(sec.get('tokens_per_s'))} tokens/s\n{memory}"
     ax.text(0.98, 0.95, info, transform=ax.transAxes, ha="right", va="top", fontsize=9,
             bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
     v = sec["versions"]
@@ -358,7 +396,11 @@ def _plot_verification(merge: dict | None, export: dict | None) -> bytes | None:
             names.append(f"{k} GGUF"), kl.append(m["kl_mean"]), top1.append(m["top1_agreement"])
     if not names:
         return None
-    device = (export or merge)["device"]
+    parts = []
+    if (merge or {}).get("artifacts"):
+        parts.append(f"merge on {merge['device']}")
+    if any((f.get("llama_cpp") for f in ((export or {}).get("files") or {}).values())):
+        parts.append(f"GGUFs: llama.cpp on the CPU against the merged model on {export['device']}")
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
     floor = 1e-16
     bars = a.bar(names, [max(x, floor) for x in kl], color="tab:purple")
@@ -375,8 +417,8 @@ def _plot_verification(merge: dict | None, export: dict | None) -> bytes | None:
         ax.set_xlabel("artifact")
         ax.grid(True, axis="y", alpha=0.3, which="both")
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"Merge and export verification on {device} (reference: adapter for merged, merged for GGUFs)",
-                 fontsize=10)
+    fig.suptitle(f"Merge and export verification ({'; '.join(parts)})\n(reference: adapter for merged, merged for "
+                 "GGUFs)", fontsize=10)
     return _figure_bytes(fig)
 
 
@@ -437,7 +479,10 @@ def _plot_eval(sec: dict) -> bytes | None:
         b.set_title(f"Held-out word perplexity ({_short(ppl[0]).split(' ')[0]})")
         b.grid(True, axis="y", alpha=0.3, which="both")
     v = sec["versions"]
-    fig.suptitle(f"lm-eval on {sec['device']} (lm-eval {v.get('lm-eval')}, llama-cpp-python "
+    hf = [m for m in models if m not in GGUF_KINDS]
+    where = ", ".join(([f"HF models on {sec['device']}"] if hf else [])
+                      + (["GGUFs: llama.cpp on the CPU"] if len(hf) < len(models) else []))
+    fig.suptitle(f"lm-eval: {where} (lm-eval {v.get('lm-eval')}, llama-cpp-python "
                  f"{v.get('llama-cpp-python')}, torch {v.get('torch')})", fontsize=10)
     return _figure_bytes(fig)
 
@@ -452,6 +497,9 @@ def render(run: str | Path, command: str | None = None) -> dict:
     from workbench.envinfo import _version
 
     run = Path(run).resolve()
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR of a `workbench run` or "
+                        "`workbench train`.")
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist; pass the --run DIR of a `workbench run` or "
                         "`workbench train`.")
@@ -461,7 +509,7 @@ def render(run: str | Path, command: str | None = None) -> dict:
     hashes = input_hashes(run)
     data = collect(run, command)
     secs = data["sections"]
-    done = {n: s for n, s in secs.items() if data["stages"][n] in RENDERED}
+    done = {n: s for n, s in secs.items() if s.get("status") in RENDERED}
     images = {}
     if "train" in done and not done["train"].get("user_provided"):
         images["loss"] = _plot_loss(done["train"])

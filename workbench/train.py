@@ -572,6 +572,11 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     main = _MAIN = state is None or state.is_main_process
     start = time.perf_counter()
     run = Path(run_dir).resolve()
+    brought = [name for name, rec in manifest.read(run).get("stages", {}).items()
+               if isinstance(rec, dict) and rec.get("user_provided")] if run.is_dir() else []
+    if brought:
+        raise UserError(f"{run} holds a {' and a '.join(brought)} stage you brought (user-provided), so training "
+                        "there would mix a new adapter with it; use a new --run directory for a training run.")
     model_info, data = _prepare(cfg)
 
     import torch
