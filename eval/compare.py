@@ -95,7 +95,8 @@ def metrics_of(results: dict) -> dict[str, float]:
     return out
 
 
-def _finite(value) -> bool:
+def finite(value) -> bool:
+    """Whether ``value`` is a number and neither NaN nor infinite."""
     try:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
@@ -140,7 +141,7 @@ def table(rows: dict[str, dict[str, float]], tolerances: dict):
             if d is None:   # the adapter has the metric, this model does not: not within tolerance
                 mine.append(f"{c} missing (the adapter has it)")
                 flags.append({"model": m, "metric": c, "change": math.nan, "tolerance": limit})
-            elif not _finite(metrics[c]) or not _finite(ref[c]):
+            elif not finite(metrics[c]) or not finite(ref[c]):
                 mine.append(f"{c} is {metrics[c]} (adapter {ref[c]}): not a finite number")
                 flags.append({"model": m, "metric": c, "change": math.nan, "tolerance": limit})
             elif not abs(d) <= limit + SLACK:   # a NaN change fails too

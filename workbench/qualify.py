@@ -554,7 +554,7 @@ def gate_eval(ctx: Context) -> GateResult:
                                                             f"(or with --models including {kind})"]))
             continue
         row = frame[frame["model"] == kind].iloc[0]
-        changes = {c: float(row[c]) for c in frame.columns if c.endswith((" Δ", " Δrel")) and _finite(row[c])}
+        changes = {c: float(row[c]) for c in frame.columns if c.endswith((" Δ", " Δrel")) and compare.finite(row[c])}
         # Every metric the adapter has must be here, a finite number (a NaN is within no tolerance).
         problems = _metric_problems(metrics[kind], metrics.get(compare.REFERENCE) or {})
         problems += [f"{f['metric']} {f['change']:+.4g} beyond ±{f['tolerance']:g} vs the adapter"
@@ -575,21 +575,16 @@ def gate_eval(ctx: Context) -> GateResult:
 def _metric_problems(mine: dict, reference: dict) -> list[str]:
     """A shipped model's metrics that cannot be compared with the adapter's: missing
     where the adapter has them, or not finite (NaN, inf) on either side."""
+    from workbench.eval.compare import finite
+
     out = []
     for c, ref in sorted(reference.items()):
         value = mine.get(c)
         if value is None:
             out.append(f"{c} is missing (the adapter has it); rerun `workbench eval --run DIR`")
-        elif not _finite(value) or not _finite(ref):
+        elif not finite(value) or not finite(ref):
             out.append(f"{c} is {value} against the adapter's {ref}: not a finite number, so not within tolerance")
     return out
-
-
-def _finite(value) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _eval_options_problems(run: Path, rec: dict) -> list[str]:
