@@ -13,7 +13,7 @@ enforce_offline()
 
 import torch  # noqa: E402
 
-from workbench import config, manifest, qualify  # noqa: E402
+from workbench import manifest, qualify  # noqa: E402
 from workbench.cli import main  # noqa: E402
 
 # A short real run (`workbench run`): 30 LoRA steps of the

@@ -616,7 +616,7 @@ def gate_tokenizer(ctx: Context) -> GateResult:
     class Vocab(LlamaCpp):
         """A GGUF's tokenizer only (llama.cpp with vocab_only): no weights are loaded."""
 
-        def __init__(self, path: Path):   # noqa: super().__init__ would load the weights
+        def __init__(self, path: Path):   # no super().__init__(): it would load the weights
             import llama_cpp
 
             self.llm = llama_cpp.Llama(str(path), vocab_only=True, n_ctx=16, verbose=False)
