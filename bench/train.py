@@ -78,20 +78,34 @@ def write_checkpoint(shape: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, seed: int) -> dict:
+#: Tokens per built-in row, at least (the shortest skill's rows, with the chat template).
+_MIN_ROW_TOKENS = 12   # measured: 24 to 30 (mean 26.6) with our tokenizer
+
+
+def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, seed: int, seq: int | None) -> dict:
+    """One stack's training config. ``seq``: sequences of exactly that many tokens (the
+    built-in rows wrapped-packed, enough rows generated for every step), else one short
+    built-in row per sequence."""
+    training = {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "seed": seed, "logging_steps": 1,
+                "warmup_ratio": 0.0, "schedule": "constant", "gradient_checkpointing": stack.endswith("-gc")}
+    data = {}
+    if seq:
+        training.update(packing="wrapped", max_seq_len=seq)
+        data["builtin_rows"] = max(3000, -(-2 * steps * batch * seq // _MIN_ROW_TOKENS))
     return {
         "model": {"path": str(checkpoint), "dtype": "auto"},
+        "data": data,
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
         "quantization": {"type": "nf4", "double_quant": True} if mode == "qlora" else None,
-        "training": {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "seed": seed, "logging_steps": 1,
-                     "warmup_ratio": 0.0, "schedule": "constant", "gradient_checkpointing": stack.endswith("-gc")},
+        "training": training,
         "eval": {"max_rows": 0},
         "kernels": stack.split("-")[0] == "ours",
     }
 
 
 def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | os.PathLike = "runs/bench-train",
-        modes=MODES, stacks=tuple(STACKS), seed: int = 0, progress: Callable[[str], None] = print) -> dict:
+        modes=MODES, stacks=tuple(STACKS), seed: int = 0, seq: int | None = None,
+        progress: Callable[[str], None] = print) -> dict:
     import yaml
 
     out = Path(out).resolve()
@@ -101,8 +115,9 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
         for stack in stacks:
             run_dir = out / f"{mode}-{stack}"
             cfg_path = out / f"{mode}-{stack}.yaml"
-            cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, batch, seed)))
-            progress(f"[bench train] {shape} {mode} {stack}: {steps} steps, batch {batch}")
+            cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, batch, seed, seq)))
+            progress(f"[bench train] {shape} {mode} {stack}: {steps} steps, batch {batch}"
+                     + (f" x {seq} tokens" if seq else ""))
             t0 = time.perf_counter()
             # cwd=out: `python -m` puts its cwd on sys.path, and from the repository root the
             # folder kernels/ would answer transformers' probe for the hub's `kernels` package.
@@ -122,7 +137,7 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
                            loss_curve=[(r["step"], r["loss"]) for r in losses if r.get("loss") is not None])
                 row["step_s"] = round(row["train_s"] / row["steps"], 4) if row["steps"] else None
             results.append(row)
-    return {"shape": shape, "shape_dims": SHAPES[shape], "steps": steps, "batch": batch, "seed": seed,
+    return {"shape": shape, "shape_dims": SHAPES[shape], "steps": steps, "batch": batch, "seed": seed, "seq": seq,
             "runs": results, "comparisons": compare(results)}
 
 
@@ -195,8 +210,11 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         f"- **Model:** `{result['shape']}` with random weights {result['shape_dims']} (vocab raised to the "
         "tokenizer's when smaller), LoRA r16 alpha 16 on all seven projections; QLoRA: bitsandbytes NF4, "
         "double quant.",
-        f"- **Data:** the built-in synthetic skills, batch {result['batch']}, {result['steps']} steps, seed "
-        f"{result['seed']}, lr 2e-4 constant; every run in its own process, same run of this command.",
+        f"- **Data:** the built-in synthetic skills, batch {result['batch']}"
+        + (f" x {result['seq']} tokens (rows wrapped-packed into full sequences)" if result.get("seq")
+           else " (one short row per sequence)")
+        + f", {result['steps']} steps, seed {result['seed']}, lr 2e-4 constant; every run in its own process, "
+        "same run of this command.",
         f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, transformers "
         f"{env['transformers']}, peft {env['peft']}, trl {env.get('trl')}, bitsandbytes {env.get('bitsandbytes')}",
         "- **Stacks:** `hf` is transformers + PEFT with `attn_implementation=\"sdpa\"` (PyTorch's flash "

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from workbench import config, default, manifest, synthetic, tokenizer as wtok, train  # noqa: E402
 from workbench.cli import main  # noqa: E402
+from workbench.errors import UserError  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def one_torch_thread_per_xdist_worker():
@@ -427,3 +428,23 @@ def test_a_distributed_launch_trains_with_ddp_and_one_process_writes_the_run(tmp
     assert rec["processes"] == 2 and rec["steps"] == 3 and rec["tokens"] > 0
     assert rec["kernels"]["calls_in_training"]["fused_linear_cross_entropy"] == 3  # this rank's, one per step
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_wrapped_packing_fills_every_sequence_and_bad_values_are_refused(tmp_path):
+    """training.packing: wrapped concatenates the rows and cuts them into sequences of
+    exactly max_seq_len, so every step sees batch x max_seq_len tokens (what the train
+    benchmark needs for its 4 x 2048 shape); unpacked rows are far shorter."""
+    run = tmp_path / "run"
+    train.run_train(quick_config("training.packing=wrapped", "training.max_seq_len=48", "training.batch_size=4",
+                                 "training.max_steps=3"), run)
+    tokens = [r["tokens"] for r in loss_rows(run)]
+    per_step = [b - a for a, b in zip([0, *tokens], tokens)]
+    # Every sequence is 48 tokens but the one remainder of the cut (anywhere, the data
+    # is shuffled), so each step holds more than 3 full sequences and at most 4.
+    assert all(3 * 48 < n <= 4 * 48 for n in per_step), per_step
+    assert sum(n < 4 * 48 for n in per_step) <= 1, per_step
+    unpacked = tmp_path / "unpacked"
+    train.run_train(quick_config("training.max_seq_len=48", "training.batch_size=4", "training.max_steps=1"), unpacked)
+    assert loss_rows(unpacked)[0]["tokens"] <= 3 * 48   # the built-in rows are short: ~25 tokens each
+    with pytest.raises(UserError, match="training.packing"):
+        quick_config("training.packing=greedy")

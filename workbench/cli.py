@@ -170,7 +170,8 @@ def _bench_train(args: argparse.Namespace) -> int:
     if set(stacks) - set(tbench.STACKS) or "hf" not in stacks:
         raise UserError(f"--stacks takes {', '.join(tbench.STACKS)} and must include hf (the baseline every "
                         "other stack is compared with).")
-    result = tbench.run(shape, steps=args.steps, batch=args.batch, out=args.run, modes=modes, stacks=stacks)
+    result = tbench.run(shape, steps=args.steps, batch=args.batch, out=args.run, modes=modes, stacks=stacks,
+                        seq=args.seq or None)
     env = environment()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = f"{env['date']}-{env['device_slug']}"
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where <date>-<device>.md/.json go (the train suite: reports/train)")
     p.add_argument("--steps", type=int, default=30, help="train suite: optimizer steps per run")
     p.add_argument("--batch", type=int, default=8, help="train suite: batch size")
+    p.add_argument("--seq", type=int, default=0, metavar="TOKENS",
+                   help="train suite: sequences of exactly TOKENS tokens (the built-in rows packed; e.g. 2048 for "
+                        "the 4 x 2048 shape); default: one short row per sequence")
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
     p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc (default all; hf is the baseline)")
     p.add_argument("--run", default="runs/bench-train", metavar="DIR", help="train suite: where the runs go")

@@ -11,7 +11,7 @@ against the config file's folder (the file can travel with its data).
     lora:         r, alpha, dropout, target_modules, use_rslora
     quantization: null, or {type: nf4, double_quant, compute_dtype}
     training:     max_steps or epochs, batch_size, grad_accum, lr, schedule, warmup_ratio, weight_decay,
-                  max_grad_norm, seed, gradient_checkpointing, max_seq_len, logging_steps
+                  max_grad_norm, seed, gradient_checkpointing, max_seq_len, packing, logging_steps
     eval:         max_rows, max_new_tokens (greedy generation on the test split, base and adapter)
     kernels:      "auto" (on with CUDA, off on the CPU), true, false, or {switch: bool} (workbench.patch)
 """
@@ -80,6 +80,11 @@ class TrainingConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     max_seq_len: int = 256
+    # false: one row per sequence (padded per batch). "wrapped": rows concatenated and cut
+    # into sequences of exactly max_seq_len (full-length batches for speed and memory
+    # benchmarks; attention crosses row boundaries). "bfd": best-fit packing without
+    # crossing rows (padding-free; block-diagonal attention from position_ids); true = "bfd".
+    packing: typing.Union[bool, str] = False
     logging_steps: int = 25
 
 
@@ -196,6 +201,7 @@ def _validate(cfg: Config) -> None:
         _check_choice("quantization.compute_dtype", cfg.quantization.compute_dtype, DTYPES)
     if isinstance(cfg.kernels, str):
         _check_choice("kernels", cfg.kernels, ("auto",))
+    _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))  # true: TRL's default, bfd
 
 
 def _resolve_paths(value, base: Path):

@@ -464,6 +464,8 @@ def sft_config(cfg: Config, output_dir: str):
         data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
         max_length=t.max_seq_len,
+        packing=bool(t.packing),
+        packing_strategy=t.packing if isinstance(t.packing, str) else "bfd",
         logging_steps=t.logging_steps,
         logging_first_step=True,
         completion_only_loss=True,
