@@ -144,3 +144,62 @@ def test_regress_refuses_other_devices_and_other_suites(tmp_path, capsys):
     assert "cannot compare a kernels report with a train report" in capsys.readouterr().err
     assert main(["regress", old, str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- context search
+def test_context_search_doubles_then_bisects_to_the_granularity():
+    from workbench.bench.context import search
+
+    seen = []
+
+    def trial(seq):
+        seen.append(seq)
+        return {"fits": seq <= 21000}
+    r = search(trial, start=2048, limit=131072, granularity=1024)
+    assert seen[:5] == [2048, 4096, 8192, 16384, 32768]  # doubling until the first miss
+    assert r["max_fit"] == 20480 and r["first_miss"] == 21504 and r["error"] is None
+    assert r["first_miss"] - r["max_fit"] == 1024 and all(s % 1024 == 0 for s in seen)
+    # Every length it kept as fitting did fit, and the first miss did not.
+    assert trial(r["max_fit"])["fits"] and not trial(r["first_miss"])["fits"]
+
+
+def test_context_search_edges_and_a_crash_is_not_a_memory_limit():
+    from workbench.bench.context import search
+
+    assert search(lambda s: {"fits": False})["max_fit"] is None
+    everything = search(lambda s: {"fits": True}, limit=16384)
+    assert everything["max_fit"] == 16384 and everything["first_miss"] is None
+    crashed = search(lambda s: {"fits": True} if s < 8192 else {"error": "exit code 1: Segmentation fault"})
+    assert crashed["error"] == "exit code 1: Segmentation fault" and crashed["max_fit"] == 4096
+    assert crashed["first_miss"] is None  # unknown: the crash says nothing about memory
+
+
+def test_context_trial_tells_out_of_memory_from_other_failures(tmp_path, monkeypatch):
+    """A trial runs `workbench train`; only the train stage's out-of-memory message
+    means "does not fit"."""
+    import subprocess
+
+    from workbench.bench import context
+    from workbench.train import _oom_message
+    from workbench import config
+
+    assert context.OOM_MARK in _oom_message(config.load(None))
+    answers = iter([(2, "train: ...\nworkbench: error: " + _oom_message(config.load(None))),
+                    (1, "Traceback ...\nRuntimeError: CUDA error: an illegal memory access")])
+
+    def fake_run(cmd, **kwargs):
+        code, err = next(answers)
+        return subprocess.CompletedProcess(cmd, code, "", err)
+    monkeypatch.setattr(context.subprocess, "run", fake_run)
+    trial = context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path)
+    assert trial(4096) == {"fits": False, "wall_s": pytest.approx(0, abs=5)}
+    r = trial(8192)
+    assert "fits" not in r and r["error"].startswith("exit code 1: RuntimeError: CUDA error")
+    cfg = (tmp_path / "qlora-ours-8192.yaml").read_text()
+    assert "packing: wrapped" in cfg and "max_seq_len: 8192" in cfg and "batch_size: 1" in cfg
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")
+def test_context_suite_needs_cuda(capsys):
+    assert main(["bench", "--suite", "context"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

@@ -124,8 +124,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.suite == "train":
         return _bench_train(args)
+    if args.suite == "context":
+        return _bench_context(args)
     if args.suite != "kernels":
-        raise UserError(f"unknown suite {args.suite!r}; available: kernels, train.")
+        raise UserError(f"unknown suite {args.suite!r}; available: kernels, train, context.")
     if args.shape not in kbench.SHAPES:
         raise UserError(f"unknown shape set {args.shape!r}; use one of {', '.join(kbench.SHAPES)}.")
     if args.dtype not in DTYPES:
@@ -202,6 +204,37 @@ def cmd_regress(args: argparse.Namespace) -> int:
     return 1 if any(c.regression for c in changes) else 0
 
 
+def _bench_context(args: argparse.Namespace) -> int:
+    """The longest training sequence that fits, per mode and stack (bench/context.py)."""
+    import torch
+
+    from workbench import atomic
+    from workbench.bench import context, train as tbench
+    from workbench.envinfo import _version, environment
+
+    shape = "llama3.1-8b" if args.shape == "llama3-8b" else args.shape  # the suite's default: the 8B
+    if shape not in tbench.SHAPES:
+        raise UserError(f"unknown model shape {shape!r} for the context suite; use one of {', '.join(tbench.SHAPES)}.")
+    if not torch.cuda.is_available():
+        raise UserError("the context search measures GPU memory and needs a CUDA device.")
+    modes = [m for m in (args.modes or "qlora").split(",") if m]
+    stacks = [s for s in (args.stacks or "hf,ours").split(",") if s]
+    if set(modes) - set(tbench.MODES) or set(stacks) - set(tbench.STACKS):
+        raise UserError(f"--modes takes {', '.join(tbench.MODES)}; --stacks takes {', '.join(tbench.STACKS)}.")
+    result = context.run(shape, modes, stacks, args.run, start=args.seq or 2048)
+    env = environment()
+    env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
+    stem = f"{env['date']}-{env['device_slug']}"
+    out = Path(args.report if args.report != "reports/kernels" else "reports/context")
+    atomic.write_json(out / f"{stem}.json", {"suite": "context", "environment": env, "command": args.command_line,
+                                             **result})
+    text = context.markdown(result, env, args.command_line)
+    atomic.write_text(out / f"{stem}.md", text)
+    print(text)
+    print(f"context report: {out / (stem + '.md')}")
+    return 0 if all(r["error"] is None for r in result["rows"]) else 1
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.strip() if __doc__ else None)
@@ -224,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("bench", help="micro-benchmark the kernels against PyTorch, torch.compile and Liger")
-    p.add_argument("--suite", default="kernels", help="benchmark suite: kernels, or train (training runs with "
-                   "and without our kernels)")
+    p.add_argument("--suite", default="kernels", help="benchmark suite: kernels, train (training runs with "
+                   "and without our kernels) or context (the longest sequence a training step fits in)")
     p.add_argument("--shape", default="llama3-8b", help="shape set: llama3-8b, llama3.2-1b, qwen3-4b, tiny (CPU smoke test)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--only", help="comma-separated kernel names")

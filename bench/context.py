@@ -1,0 +1,125 @@
+"""Maximum-context search: the longest sequence a training step fits in, per stack.
+
+For each (mode, stack), ``workbench train`` runs a few steps at batch 1 on sequences of
+exactly L tokens (the built-in rows wrapped-packed, as in the train suite), each trial in
+its own process. L doubles from ``start`` while the run fits, then the gap between the
+last length that fitted and the first that ran out of memory is bisected down to
+``granularity`` tokens. A trial "does not fit" only when the train stage reports running
+out of GPU memory; any other failure stops that stack's search and is reported as such,
+so a crash is never mistaken for a memory limit.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+#: What the train stage says when a step ran out of GPU memory (workbench.train._oom_message).
+OOM_MARK = "ran out of GPU memory"
+
+
+def search(trial: Callable[[int], dict], start: int = 2048, limit: int = 131072, granularity: int = 1024) -> dict:
+    """``trial(L)`` -> {"fits": bool, ...} or {"error": str}. Returns the longest L that
+    fitted (None if not even ``start`` did), the first L that did not (None if ``limit``
+    fitted), every trial in order, and the error that stopped the search, if any."""
+    trials: list[dict] = []
+
+    def attempt(length: int) -> dict:
+        result = {"seq": length, **trial(length)}
+        trials.append(result)
+        return result
+
+    fit, miss, length, error = None, None, start, None
+    while length <= limit:
+        r = attempt(length)
+        if "error" in r:
+            error = r["error"]
+            break
+        if not r["fits"]:
+            miss = length
+            break
+        fit, length = length, length * 2
+    if error is None and fit is not None and miss is not None:
+        lo, hi = fit, miss
+        while hi - lo > granularity:
+            mid = (lo + hi) // 2 // granularity * granularity
+            if mid <= lo:
+                break
+            r = attempt(mid)
+            if "error" in r:
+                error = r["error"]
+                break
+            lo, hi = (mid, hi) if r["fits"] else (lo, mid)
+        fit, miss = lo, hi
+    return {"max_fit": fit, "first_miss": miss, "granularity": granularity, "trials": trials, "error": error}
+
+
+def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int = 2) -> Callable[[int], dict]:
+    """A trial function for :func:`search`: one ``workbench train`` process at batch 1."""
+    import yaml
+
+    from workbench.bench.train import _config
+
+    def trial(seq: int) -> dict:
+        run_dir = out / f"{mode}-{stack}-{seq}"
+        cfg_path = out / f"{mode}-{stack}-{seq}.yaml"
+        cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, 1, 0, seq)))
+        t0 = time.perf_counter()
+        # cwd=out: from the repository root, kernels/ would answer transformers' probe for the hub `kernels`.
+        proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
+                               "--run", str(run_dir)], capture_output=True, text=True, cwd=out)
+        wall = round(time.perf_counter() - t0, 1)
+        if proc.returncode == 0:
+            rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
+            return {"fits": True, "wall_s": wall, "peak_memory_gib": rec.get("peak_memory_gib"),
+                    "step_s": round(rec["timings"]["train_s"] / rec["steps"], 4) if rec.get("steps") else None}
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if OOM_MARK in proc.stderr:
+            return {"fits": False, "wall_s": wall}
+        return {"error": f"exit code {proc.returncode}: {last}", "wall_s": wall}
+
+    return trial
+
+
+def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: int = 131072,
+        granularity: int = 1024, progress: Callable[[str], None] = print) -> dict:
+    from workbench.bench.train import SHAPES, write_checkpoint
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = write_checkpoint(shape, out / f"base-{shape}")
+    rows = []
+    for mode in modes:
+        for stack in stacks:
+            base = train_trial(checkpoint, mode, stack, out)
+
+            def trial(seq, base=base, mode=mode, stack=stack):
+                progress(f"[bench context] {shape} {mode} {stack}: {seq} tokens")
+                r = base(seq)
+                progress(f"[bench context]   {'fits' if r.get('fits') else r.get('error') or 'out of memory'}")
+                return r
+
+            rows.append({"mode": mode, "stack": stack, **search(trial, start, limit, granularity)})
+    return {"shape": shape, "shape_dims": SHAPES[shape], "batch": 1, "start": start, "limit": limit, "rows": rows}
+
+
+def markdown(result: dict, env: dict, command: str) -> str:
+    lines = [f"# Maximum context — {env['device']} — {env['date']}", "",
+             f"- **Command:** `{command}`",
+             f"- **Model:** `{result['shape']}` with random weights; LoRA r16 on all seven projections; QLoRA: "
+             "bitsandbytes NF4, double quant; batch 1, 2 steps per trial, each trial in its own process.",
+             f"- **Search:** doubling from {result['start']} tokens up to {result['limit']}, then bisection; a length "
+             "\"does not fit\" only when training ran out of GPU memory.",
+             f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, transformers "
+             f"{env['transformers']}, peft {env['peft']}", "",
+             "| mode | stack | longest that fits | first that does not | peak GiB at the longest | trials | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in result["rows"]:
+        best = next((t for t in r["trials"] if t["seq"] == r["max_fit"] and t.get("fits")), {})
+        peak = best.get("peak_memory_gib")
+        lines.append(f"| {r['mode']} | {r['stack']} | {r['max_fit'] or '—'} | {r['first_miss'] or '—'} | "
+                     f"{'—' if peak is None else format(peak, '.2f')} | {len(r['trials'])} | {r['error'] or ''} |")
+    return "\n".join(lines) + "\n"
