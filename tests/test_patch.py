@@ -32,6 +32,18 @@ ONLY_LORA = dict(rms_norm=False, rope=False, mlp=False, loss=False)
 
 
 @pytest.fixture(autouse=True)
+def _no_dead_patched_models():
+    """A patched model that an earlier test in this worker dropped without unpatching
+    (e.g. the model-parity loss curve) sits in a reference cycle (its bound forwards)
+    until the cyclic GC runs; collecting now runs its finalizer, which gives the RoPE
+    global back, so each test starts from the original module functions."""
+    import gc
+
+    gc.collect()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _one_cpu_thread():
     """See tests/test_model_parity.py: 2-thread MKL is ~1000x slower on tiny matmuls here."""
     threads = torch.get_num_threads()
