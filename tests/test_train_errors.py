@@ -129,6 +129,24 @@ def test_kernels_unavailable_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_liger_kernels_without_liger_or_cuda_is_a_clear_error(tmp_path, capsys):
+    # `kernels: liger` (the train bench's Liger stack) needs liger-kernel and CUDA; neither
+    # may be silently replaced by plain HF, or the stack's numbers would be HF's.
+    code, err = run_cli(capsys, *QUICK, "--set", "kernels=liger", "--run", str(tmp_path / "run"))
+    assert code == 2
+    line = error_line(err)
+    assert "kernels: liger needs" in line and ("liger-kernel package" in line or "CUDA device" in line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_liger_kernels_reach_trl_as_use_liger_kernel():
+    from workbench import config as config_mod
+    from workbench.train import sft_config
+
+    assert sft_config(config_mod.load(None, ["kernels=liger"]), "/tmp/x").use_liger_kernel is True
+    assert sft_config(config_mod.load(None, ["kernels=true"]), "/tmp/x").use_liger_kernel is False
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_finite_adapter(tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

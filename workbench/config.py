@@ -13,7 +13,9 @@ against the config file's folder (the file can travel with its data).
     training:     max_steps or epochs, batch_size, grad_accum, lr, schedule, warmup_ratio, weight_decay,
                   max_grad_norm, seed, gradient_checkpointing, max_seq_len, packing, logging_steps
     eval:         max_rows, max_new_tokens (greedy generation on the test split, base and adapter)
-    kernels:      "auto" (on with CUDA, off on the CPU), true, false, or {switch: bool} (workbench.patch)
+    kernels:      "auto" (on with CUDA, off on the CPU), true, false, or {switch: bool} (workbench.patch);
+                  "liger": Liger-Kernel's layer kernels through TRL instead of ours (a comparison stack;
+                  needs liger-kernel and a CUDA device)
 """
 from __future__ import annotations
 
@@ -200,7 +202,7 @@ def _validate(cfg: Config) -> None:
         _check_choice("quantization.type", cfg.quantization.type, ("nf4",))
         _check_choice("quantization.compute_dtype", cfg.quantization.compute_dtype, DTYPES)
     if isinstance(cfg.kernels, str):
-        _check_choice("kernels", cfg.kernels, ("auto",))
+        _check_choice("kernels", cfg.kernels, ("auto", "liger"))
     _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))  # true: TRL's default, bfd
 
 

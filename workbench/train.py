@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -320,11 +321,31 @@ def kernels_enabled(cfg: Config) -> dict | None:
         value = torch.cuda.is_available()
     if value is False:
         return None
+    if value == "liger":
+        liger_check()
+        return None
     try:
         patch = importlib.import_module("workbench.patch")
     except ImportError as err:
         raise UserError(f"kernels are unavailable in this install ({err}); set kernels: false.") from None
     return patch.options_from_config(value)
+
+
+def liger_check() -> str:
+    """``kernels: liger`` (a comparison stack): TRL applies Liger-Kernel's RMSNorm, RoPE
+    and SwiGLU in place of HF's; TRL 1.16 keeps its own chunked LM-head loss (it refuses
+    Liger's fused linear cross-entropy). Returns Liger's version."""
+    import torch
+
+    try:
+        version = importlib.metadata.version("liger-kernel")
+        importlib.import_module("liger_kernel.transformers")
+    except (ImportError, importlib.metadata.PackageNotFoundError) as err:
+        raise UserError(f"kernels: liger needs the liger-kernel package ({err}); pip install liger-kernel, or set "
+                        "kernels: true for ours.") from None
+    if not torch.cuda.is_available():
+        raise UserError("kernels: liger needs a CUDA device (Liger-Kernel has no CPU path); use kernels: false here.")
+    return version
 
 
 def apply_kernels(model, options: dict) -> dict:
@@ -477,6 +498,7 @@ def sft_config(cfg: Config, output_dir: str):
         push_to_hub=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        use_liger_kernel=cfg.kernels == "liger",
     )
 
 
@@ -626,6 +648,9 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     model = attach_lora(cfg, model)
     options = kernels_enabled(cfg)
     kernel_report = apply_kernels(model, options) if options else None
+    if cfg.kernels == "liger":
+        kernel_report = {"engine": "liger-kernel", "version": liger_check(),
+                         "applied_by": "TRL SFTTrainer use_liger_kernel (layer kernels; TRL's chunked LM-head loss)"}
 
     steps = total_steps(cfg, len(data["train"]))
     shutil.rmtree(run / "train" / "last_good_adapter", ignore_errors=True)  # from an earlier failed run
@@ -638,7 +663,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
              f"accumulation {cfg.training.grad_accum})")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        calls_before = importlib.import_module("workbench.patch").kernel_calls() if kernel_report else {}
+        calls_before = importlib.import_module("workbench.patch").kernel_calls() if options else {}
         t0 = time.perf_counter()
         try:
             result = trainer.train()
@@ -651,7 +676,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
             _fail(run, "out of memory", {})
             raise UserError(_oom_message(cfg)) from None
         timings["train_s"] = round(time.perf_counter() - t0, 3)
-    if kernel_report:  # what actually ran during training (a patched module can still fall back per call)
+    if options:  # what actually ran during training (a patched module can still fall back per call)
         calls = importlib.import_module("workbench.patch").kernel_calls()
         kernel_report["calls_in_training"] = {k: n - calls_before.get(k, 0) for k, n in sorted(calls.items())
                                               if n > calls_before.get(k, 0)}
