@@ -5,8 +5,9 @@ row is matched by its key and read as a ratio new / old:
 
 * kernels: ``(kernel, shape, stack)`` -> ``fwd_ms``, ``fwd_bwd_ms`` (lower is
   better) and ``peak_extra_gib`` (lower is better);
-* train: ``(mode, stack)`` -> ``step_s`` and ``peak_memory_gib`` (lower is better),
-  ``tokens_per_s`` (higher is better) and ``final_loss`` (must not move).
+* train: ``(mode, stack)`` -> ``steady_step_s``, ``step_s`` and ``peak_memory_gib``
+  (lower is better), ``steady_tokens_per_s`` and ``tokens_per_s`` (higher is better)
+  and ``final_loss`` (must not move); a metric one of the reports lacks is skipped.
 
 A time or memory that got worse by more than its threshold, a loss that moved by
 more than its band, a row that ran before and fails or is missing now: each is a
@@ -25,7 +26,8 @@ from workbench.errors import UserError
 #: metric -> +1 when higher is worse (times, memory), -1 when lower is worse.
 METRICS = {
     "kernels": {"fwd_ms": 1, "fwd_bwd_ms": 1, "peak_extra_gib": 1},
-    "train": {"step_s": 1, "tokens_per_s": -1, "peak_memory_gib": 1, "final_loss": 0},
+    "train": {"steady_step_s": 1, "steady_tokens_per_s": -1, "step_s": 1, "tokens_per_s": -1, "peak_memory_gib": 1,
+              "final_loss": 0},
 }
 KEYS = {"kernels": ("kernel", "shape", "stack"), "train": ("mode", "stack")}
 
@@ -145,3 +147,63 @@ def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new
             lines.append(f"| {row} | {c.metric} | {c.old:.4g} | {c.new:.4g} | {c.ratio:.3f}× | "
                          f"{'**regression**' if c.regression else ''} |")
     return "\n".join(lines) + "\n"
+
+
+#: Settings that decide what a report measured, besides the device: two reports that
+#: differ in one of them are not a baseline for each other (kernels: shape, dtype;
+#: train: shape, batch, seq, steps, seed). A key absent from both matches.
+SETUP = ("shape", "dtype", "batch", "seq", "steps", "seed")
+
+
+def _comparable(old: dict, new: dict) -> bool:
+    """Same suite, device and setup: what :func:`compare` needs for its ratios to mean something."""
+    a, b = old.get("environment") or {}, new.get("environment") or {}
+    return (old.get("suite") == new.get("suite") and a.get("device") == b.get("device")
+            and a.get("device_slug") == b.get("device_slug") and all(old.get(k) == new.get(k) for k in SETUP))
+
+
+def _when(doc: dict) -> tuple[str, str]:
+    env = doc.get("environment") or {}
+    time_utc = env.get("time_utc") or ""
+    return env.get("date") or time_utc[:10], time_utc
+
+
+def previous_report(report_dir: Path, doc: dict, current_name: str | None = None) -> Path | None:
+    """The newest report in ``report_dir`` of ``doc``'s suite, device and setup that was
+    measured no later than ``doc``, other than ``current_name``; by ``time_utc``, else date."""
+    skip = Path(current_name).name if current_name else None
+    now_date, now_time = _when(doc)
+    best: tuple[tuple, Path] | None = None
+    for path in Path(report_dir).glob("*.json"):
+        if path.name == skip:
+            continue
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(other, dict) or not _comparable(other, doc):
+            continue
+        date, time_utc = _when(other)
+        if now_date and (date > now_date or (date == now_date and now_time and time_utc > now_time)):
+            continue  # measured after doc: not a previous report
+        key = (date, time_utc, path.name)
+        if best is None or key > best[0]:
+            best = (key, path)
+    return best[1] if best else None
+
+
+def previous_section(report_dir: Path, doc: dict, current_name: str | None = None,
+                     thresholds: dict | None = None) -> tuple[str, bool]:
+    """A report's "Against the previous report" Markdown section, and whether it found a regression."""
+    heading = "## Against the previous report"
+    previous = previous_report(report_dir, doc, current_name)
+    if previous is None:
+        setup = ", ".join(f"{k} {doc[k]}" for k in SETUP if doc.get(k) is not None)
+        return (f"{heading}\n\nNo earlier {doc['suite']} report in `{report_dir}` from this device "
+                f"({doc['environment'].get('device')}) with the same setup ({setup}); nothing to compare "
+                "with yet.\n", False)
+    old = load(previous)
+    changes = compare(old, doc, thresholds)
+    text = markdown(changes, previous.name, Path(current_name).name if current_name else "this report", old, doc,
+                    thresholds)
+    return heading + "\n" + text.partition("\n")[2], any(c.regression for c in changes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -344,7 +345,7 @@ def run(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only
             "ceilings": ceilings, "rows": [r.__dict__ for r in rows]}
 
 
-def markdown(result: dict, env: dict, command: str) -> str:
+def markdown(result: dict, env: dict, command: str, png_name: str | None = None) -> str:
     lines = [
         f"# Kernel micro-benchmarks — {env['device']} — {env['date']}",
         "",
@@ -378,4 +379,186 @@ def markdown(result: dict, env: dict, command: str) -> str:
         ratio = f"{base / mine:.2f}x" if base and mine and r["stack"] != "floor" else ""
         lines.append(f"| {r['kernel']} | {r['shape']} | {r['stack']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} "
                      f"| {ratio} | {fmt(r['peak_extra_gib'], '.2f')} | {r['error'] or ''} |")
+    if png_name:
+        lines += ["", f"![roofline of our kernels and time per kernel and stack]({png_name})"]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plot
+#: Stacks drawn in the timing panel, in order, with their colours; eager is any
+#: ``torch`` / ``torch (HF eager)`` / ``torch (PEFT eager)`` row.
+PLOT_STACKS = {"ours": "tab:blue", "eager": "tab:gray", "torch.compile": "tab:orange", "liger": "tab:green",
+               "bitsandbytes": "tab:purple"}
+
+
+def _step_ms(row: dict) -> float | None:
+    """Forward + backward, or the forward where nothing is differentiable (nf4_dequant)."""
+    return row["fwd_bwd_ms"] if row.get("fwd_bwd_ms") is not None else row.get("fwd_ms")
+
+
+def _plot_stack(stack: str) -> str | None:
+    if stack == "torch" or stack.startswith("torch ("):
+        return "eager"
+    return stack if stack in PLOT_STACKS else None
+
+
+def roofline(result: dict) -> dict:
+    """Our stack per kernel against the ceilings, from the byte and FLOP counts of its
+    floor row. ``points``: kernels that carry both counts (placed on the roofline);
+    ``one_count``: kernels with only bytes or only FLOPs, as a rate and a fraction of
+    the matching ceiling (their intensity is unknown, so they are not placed)."""
+    ceilings = result.get("ceilings") or {}
+    counts = {r["kernel"]: r.get("extra") or {} for r in result["rows"] if r["stack"] == "floor"}
+    points, one_count = [], []
+    for r in result["rows"]:
+        ms = _step_ms(r)
+        if r["stack"] != "ours" or r.get("error") or not ms:
+            continue
+        nbytes, flops = counts.get(r["kernel"], {}).get("bytes_moved"), counts.get(r["kernel"], {}).get("flops")
+        seconds = ms * 1e-3
+        if nbytes and flops:
+            intensity, rate = flops / nbytes, flops / seconds
+            roof = None
+            if ceilings:
+                roof = min(ceilings["copy_bytes_per_s"] * intensity, ceilings["bf16_flops_per_s"])
+            points.append({"kernel": r["kernel"], "intensity": intensity, "flops_per_s": rate,
+                           "fraction": rate / roof if roof else None})
+        elif nbytes or flops:
+            kind = "bytes" if nbytes else "flops"
+            rate = (nbytes or flops) / seconds
+            ceiling = ceilings.get("copy_bytes_per_s" if nbytes else "bf16_flops_per_s")
+            one_count.append({"kernel": r["kernel"], "kind": kind, "rate": rate,
+                              "fraction": rate / ceiling if ceiling else None})
+    return {"points": points, "one_count": one_count}
+
+
+def stack_times(result: dict) -> tuple[list[str], list[str], dict]:
+    """(kernels in report order, stacks present, {(kernel, stack): ms, or the row's
+    error when it failed}) for the timing panel; ms is forward+backward, else forward."""
+    kernels, stacks, times = [], set(), {}
+    for r in result["rows"]:
+        stack = _plot_stack(r["stack"])
+        if stack is None:
+            continue
+        if r["kernel"] not in kernels:
+            kernels.append(r["kernel"])
+        stacks.add(stack)
+        ms = _step_ms(r)
+        times.setdefault((r["kernel"], stack), ms if ms and not r.get("error") else (r.get("error") or "no time"))
+    return kernels, [s for s in PLOT_STACKS if s in stacks], times
+
+
+def _rate(value: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _draw_roofline(ax, result: dict) -> None:
+    ceilings, data = result.get("ceilings") or {}, roofline(result)
+    points = data["points"]
+    ridge = ceilings["bf16_flops_per_s"] / ceilings["copy_bytes_per_s"] if ceilings else None
+    xs = [p["intensity"] for p in points] + ([ridge] if ridge else [])
+    lo, hi = (min(xs) / 30, max(xs) * 30) if xs else (0.1, 1e4)
+    if ceilings:
+        bw, peak = ceilings["copy_bytes_per_s"], ceilings["bf16_flops_per_s"]
+        ax.plot([lo, ridge, hi], [bw * lo, peak, peak], color="black", lw=1.5)
+        ax.axvline(ridge, color="black", lw=0.6, ls=":")
+        x = (lo * ridge) ** 0.5
+        ax.text(x / 1.2, bw * x * 1.2, f"copy {_rate(bw, 'B/s')}", fontsize=8, ha="right", va="bottom")
+        ax.text(hi / 1.3, peak * 1.15, f"bf16 matmul {_rate(peak, 'FLOP/s')}", fontsize=8, ha="right")
+    for p in points:
+        ax.plot(p["intensity"], p["flops_per_s"], "o", color=PLOT_STACKS["ours"], ms=7)
+        note = f"\n{p['fraction']:.0%} of roof" if p["fraction"] else ""
+        ax.annotate(p["kernel"] + note, (p["intensity"], p["flops_per_s"]), textcoords="offset points",
+                    xytext=(-8, -6), ha="right", va="top", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    if ceilings:
+        ax.set_ylim(ceilings["copy_bytes_per_s"] * lo / 3, ceilings["bf16_flops_per_s"] * 3)
+    ax.set_xlabel("arithmetic intensity (counted FLOPs / counted bytes, fwd+bwd)")
+    ax.set_ylabel("achieved FLOP/s (ours)")
+    ax.set_title("Roofline: ours" + ("" if ceilings else " (no ceilings measured on this device)"))
+    ax.grid(alpha=0.3, which="both")
+    if not points:
+        ax.text(0.5, 0.6, "nothing to place: no timed kernel of ours\ncarries both a byte and a FLOP count",
+                transform=ax.transAxes, ha="center", fontsize=9, color="dimgray")
+    if data["one_count"]:
+        lines = ["bytes or FLOPs counted, not both (not placed):",
+                 "kernel, achieved rate" + (", share of its ceiling" if ceilings else "")]
+        width = max(len(o["kernel"]) for o in data["one_count"])
+        for o in data["one_count"]:
+            unit = "B/s" if o["kind"] == "bytes" else "FLOP/s"
+            share = f"  {o['fraction']:4.0%}" if o["fraction"] is not None else ""
+            lines.append(f"{o['kernel']:<{width}} {_rate(o['rate'], unit):>13}{share}")
+        ax.text(0.98, 0.03, "\n".join(lines), transform=ax.transAxes, ha="right", va="bottom", fontsize=7.5,
+                multialignment="left", family="monospace",
+                bbox={"facecolor": "white", "edgecolor": "lightgray", "alpha": 0.9})
+
+
+def _draw_times(ax, result: dict) -> None:
+    kernels, stacks, times = stack_times(result)
+    floors = {r["kernel"]: r["fwd_bwd_ms"] for r in result["rows"] if r["stack"] == "floor" and r.get("fwd_bwd_ms")}
+    height = 0.8 / max(len(stacks), 1)
+    values = [v for v in times.values() if isinstance(v, float)] + list(floors.values())
+    right = max(values) * 8 if values else 10.0
+    ax.set_xscale("log")
+    labelled = set()
+    for j, stack in enumerate(stacks):
+        for i, kernel in enumerate(kernels):
+            if (kernel, stack) not in times:
+                continue
+            y, value = i + (j - (len(stacks) - 1) / 2) * height, times[(kernel, stack)]
+            if isinstance(value, float):
+                ax.barh(y, value, height=height, color=PLOT_STACKS[stack],
+                        label=None if stack in labelled else stack)
+                labelled.add(stack)
+                ax.text(value * 1.08, y, f"{value:.3g}", va="center", fontsize=6)
+            else:
+                ax.text(0.01, y, f"{stack}: {'failed' if value != 'no time' else 'no time'}", va="center",
+                        transform=ax.get_yaxis_transform(), fontsize=6, color="tab:red")
+    for i, kernel in enumerate(kernels):
+        if kernel in floors:
+            ax.plot([floors[kernel]] * 2, [i - 0.45, i + 0.45], color="black", lw=1, ls="--",
+                    label=None if "floor" in labelled else "floor")
+            labelled.add("floor")
+    forward_only = {r["kernel"] for r in result["rows"] if _plot_stack(r["stack"]) and r.get("fwd_ms") is not None
+                    and r.get("fwd_bwd_ms") is None and not r.get("error")}
+    ax.set_yticks(range(len(kernels)), [k + (" (fwd)" if k in forward_only else "") for k in kernels], fontsize=8)
+    ax.set_ylim(len(kernels) - 0.5, -0.5)
+    left = min(values) / 3 if values else 1e-3
+    ax.set_xlim(left, right)
+    ax.set_xlabel("forward + backward ms, median (log)")
+    ax.set_title("Time per kernel and stack (shorter is faster)")
+    ax.grid(alpha=0.3, axis="x", which="both")
+    if labelled:
+        ax.legend(fontsize=8, loc="lower right")
+
+
+def plot(result: dict, path: Path, env: dict | None = None) -> Path:
+    """One PNG: a roofline of our kernels (left) and every stack's time per kernel (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = env or result.get("environment") or {}
+    kernels = stack_times(result)[0]
+    fig, (roof, bars) = plt.subplots(1, 2, figsize=(16, max(6.0, 0.12 * len(result["rows"]) + 2.5)),
+                                     gridspec_kw={"width_ratios": [1, 1.15]})
+    _draw_roofline(roof, result)
+    _draw_times(bars, result)
+    dims = result.get("shape_dims") or {}
+    size = ", ".join(f"{k} {dims[k]}" for k in ("tokens", "hidden", "vocab") if k in dims)
+    fig.suptitle(f"Kernel micro-benchmarks — {env.get('device', 'unknown device')}"
+                 + (f" — {env['date']}" if env.get("date") else "")
+                 + f"\nshape {result['shape']}" + (f" ({size})" if size else "")
+                 + f", {result.get('dtype', '')}, {len(kernels)} kernels", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

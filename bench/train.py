@@ -13,6 +13,10 @@ Stacks:
             backend); flash-attn itself is not installed. Reports say "HF + SDPA".
   ``ours``  the same, with ``workbench.patch`` applied after the adapter is attached.
   ``hf-gc``, ``ours-gc``  each of the above with gradient checkpointing.
+  ``liger`` HF + SDPA with Liger-Kernel's RMSNorm, RoPE and SwiGLU, applied the way a TRL
+            user gets them (``use_liger_kernel``); TRL 1.16 keeps its own chunked LM-head
+            loss and refuses Liger's fused linear cross-entropy. Runs when liger-kernel is
+            installed.
 
 Reported per run: the per-step loss curve, tokens/s, step time, peak allocated
 memory; per mode and stack: the loss agreement with hf (max |difference| over the
@@ -44,13 +48,56 @@ SHAPES = {
 }
 MODES = ("lora", "qlora")
 STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "hf-gc": "HF + SDPA + gradient checkpointing",
-          "ours": "ours (workbench.patch)", "ours-gc": "ours + gradient checkpointing"}
+          "ours": "ours (workbench.patch)", "ours-gc": "ours + gradient checkpointing",
+          "liger": "Liger-Kernel via TRL (layer kernels)"}
+#: Stacks that run only where their package is installed (skipped, and said so, elsewhere).
+OPTIONAL = {"liger": "liger-kernel"}
+
+
+def available_stacks(stacks=tuple(STACKS)) -> tuple[list[str], dict[str, str]]:
+    """(stacks that can run here, {optional stack skipped: why})."""
+    import importlib.util
+
+    import torch
+
+    run, skipped = [], {}
+    for stack in stacks:
+        package = OPTIONAL.get(stack)
+        if package and importlib.util.find_spec(package.replace("-", "_")) is None:
+            skipped[stack] = f"{package} is not installed"
+        elif package and not torch.cuda.is_available():
+            skipped[stack] = f"{package} needs a CUDA device"
+        else:
+            run.append(stack)
+    return run, skipped
 #: A stack whose logged losses differ from hf's by more than this (relative, at any
 #: logged step) is flagged, whatever its speed. bf16's unit roundoff is 2^-8 (3.9e-3);
 #: seeded runs of one config on the H100 (1B shape, 30 steps) differed by at most
 #: 2.1e-3 between hf and ours (reports/train/2026-11-23-*); 1e-2 admits that
 #: reordering with room and still catches a changed loss or gradient.
 LOSS_BAND = 1e-2
+#: The first steps of a run carry one-time costs: Triton compiling our kernels, cuBLAS
+#: choosing its algorithms, TRL building its LM head, the caching allocator growing.
+#: On the H200 (2026-11-29, 20 steps of 4 x 2048 tokens) they were a large share of the
+#: whole run and swapped the order of the stacks, so speed is measured after them: from
+#: the logged step ``max(1, steps * WARMUP_FRACTION)`` to the last one.
+WARMUP_FRACTION = 0.2
+
+
+def steady_rate(losses: list[dict], steps: int) -> dict:
+    """Step time and tokens/s between the end of the warm-up and the last logged step,
+    from loss.jsonl's per-step ``elapsed`` (seconds since training began) and cumulative
+    ``tokens``. Empty when fewer than two logged steps follow the warm-up."""
+    warm = max(1, int(steps * WARMUP_FRACTION))
+    rows = [r for r in losses if isinstance(r.get("elapsed"), (int, float)) and (r.get("step") or 0) >= warm]
+    if len(rows) < 2 or rows[-1]["step"] <= rows[0]["step"] or rows[-1]["elapsed"] <= rows[0]["elapsed"]:
+        return {}
+    first, last = rows[0], rows[-1]
+    seconds = last["elapsed"] - first["elapsed"]
+    out = {"steady_from_step": first["step"], "steady_step_s": round(seconds / (last["step"] - first["step"]), 5)}
+    if isinstance(first.get("tokens"), (int, float)) and isinstance(last.get("tokens"), (int, float)):
+        out["steady_tokens_per_s"] = round((last["tokens"] - first["tokens"]) / seconds, 1)
+    return out
 
 
 def write_checkpoint(shape: str, out: Path, seed: int = 0) -> Path:
@@ -99,7 +146,7 @@ def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, see
         "quantization": {"type": "nf4", "double_quant": True} if mode == "qlora" else None,
         "training": training,
         "eval": {"max_rows": 0},
-        "kernels": stack.split("-")[0] == "ours",
+        "kernels": {"ours": True, "liger": "liger"}.get(stack.split("-")[0], False),
     }
 
 
@@ -109,6 +156,9 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
     import yaml
 
     out = Path(out).resolve()
+    stacks, skipped = available_stacks(stacks)
+    for stack, why in skipped.items():
+        progress(f"[bench train] {stack}: skipped ({why})")
     checkpoint = write_checkpoint(shape, out / f"base-{shape}", seed)
     results = []
     for mode in modes:
@@ -136,9 +186,10 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
                            final_loss=record.get("final_loss"), kernels=record.get("kernels"),
                            loss_curve=[(r["step"], r["loss"]) for r in losses if r.get("loss") is not None])
                 row["step_s"] = round(row["train_s"] / row["steps"], 4) if row["steps"] else None
+                row.update(steady_rate(losses, steps))
             results.append(row)
     return {"shape": shape, "shape_dims": SHAPES[shape], "steps": steps, "batch": batch, "seed": seed, "seq": seq,
-            "runs": results, "comparisons": compare(results)}
+            "runs": results, "comparisons": compare(results), "skipped_stacks": skipped}
 
 
 def compare(results: list[dict]) -> list[dict]:
@@ -164,40 +215,93 @@ def compare(results: list[dict]) -> list[dict]:
                 "max_rel_loss_diff": max(diffs) if diffs else None,
                 "final_rel_loss_diff": diffs[-1] if diffs else None,
                 "loss_differs": bool(diffs) and max(diffs) > LOSS_BAND,
-                "speedup": (hf["step_s"] / other["step_s"]) if hf.get("step_s") and other.get("step_s") else None,
+                "speedup": _ratio(hf, other, "steady_step_s") or _ratio(hf, other, "step_s"),
+                "speed_measure": "steady" if _ratio(hf, other, "steady_step_s") else "whole run",
                 "memory_ratio": (other["peak_memory_gib"] / hf["peak_memory_gib"])
                 if hf.get("peak_memory_gib") and other.get("peak_memory_gib") else None,
             })
     return out
 
 
+def _ratio(hf: dict, other: dict, key: str) -> float | None:
+    """hf's value over the other stack's (a speedup, for times), when both have one."""
+    return hf[key] / other[key] if hf.get(key) and other.get(key) else None
+
+
 STYLES = {"hf": "-", "hf-gc": "-.", "ours": "--", "ours-gc": ":"}
 
 
 def plot(result: dict, path: Path) -> Path:
+    """Loss curves, one panel per mode (top); tokens/s and peak memory per mode and stack,
+    with the ratio to hf on each bar, and failed runs marked where their bar would be (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = sorted({r["mode"] for r in result["runs"]})
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for r in result["runs"]:
-            if r["mode"] == mode and r.get("loss_curve"):
+    runs = result["runs"]
+    modes = sorted({r["mode"] for r in runs})
+    stacks = list(dict.fromkeys(r["stack"] for r in runs))
+    colours = {s: f"C{i}" for i, s in enumerate(stacks)}
+    labels = {r["stack"]: r.get("label") or r["stack"] for r in runs}
+    by = {(r["mode"], r["stack"]): r for r in runs}
+    fig = plt.figure(figsize=(6 * max(len(modes), 2), 9))
+    grid = fig.add_gridspec(2, 2 * len(modes), height_ratios=[1, 1.1])
+    for i, mode in enumerate(modes):
+        ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
+        for stack in stacks:
+            r = by.get((mode, stack))
+            if r is None:
+                continue
+            style = {"color": colours[stack], "linestyle": STYLES.get(stack, ":")}
+            if r.get("loss_curve"):
                 steps, losses = zip(*r["loss_curve"])
-                ax.plot(steps, losses, label=r["label"], linestyle=STYLES.get(r["stack"], ":"))
+                ax.plot(steps, losses, label=labels[stack], **style)
+            else:
+                ax.plot([], [], label=f"{labels[stack]}: failed" if r.get("exit_code") else
+                        f"{labels[stack]}: no loss logged", **style)
         ax.set_title(f"{result['shape']} {mode.upper()}: training loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.legend()
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    speed = "steady_tokens_per_s" if all(r.get("steady_tokens_per_s") for r in runs if not r.get("exit_code")) \
+        else "tokens_per_s"
+    panels = ((speed, f"tokens/s{' after the warm-up' if speed.startswith('steady') else ''} (higher is faster; "
+               "ratio to hf on the bars)", "{:.0f}", "{:.2f}x"),
+              ("peak_memory_gib", "peak memory GiB (ratio stack/hf on the bars)", "{:.2f}", "{:.2f}"))
+    width = 0.8 / len(stacks)
+    for p, (metric, title, value_fmt, ratio_fmt) in enumerate(panels):
+        ax = fig.add_subplot(grid[1, p * len(modes):(p + 1) * len(modes)])
+        top = max([r[metric] for r in runs if r.get(metric)] or [1.0])
+        for m, mode in enumerate(modes):
+            hf = (by.get((mode, "hf")) or {}).get(metric)
+            for s, stack in enumerate(stacks):
+                r = by.get((mode, stack))
+                if r is None:
+                    continue
+                x, value = m + (s - (len(stacks) - 1) / 2) * width, r.get(metric)
+                if r.get("exit_code") or not value:
+                    ax.text(x, 0.02, "failed" if r.get("exit_code") else "n/a", transform=ax.get_xaxis_transform(),
+                            rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
+                    continue
+                ax.bar(x, value, width, color=colours[stack], label=labels[stack] if m == 0 else None)
+                text = value_fmt.format(value)
+                if hf and stack != "hf":
+                    text += "\n" + ratio_fmt.format(value / hf)
+                ax.text(x, value + top * 0.01, text, ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(modes)), [m.upper() for m in modes])
+        ax.set_xlim(-0.5, len(modes) - 0.5)
+        ax.set_ylim(0, top * 1.45)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        if p == 0:
+            ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
 
 def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
     def f(v, spec=".3f"):
@@ -219,24 +323,37 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         f"{env['transformers']}, peft {env['peft']}, trl {env.get('trl')}, bitsandbytes {env.get('bitsandbytes')}",
         "- **Stacks:** `hf` is transformers + PEFT with `attn_implementation=\"sdpa\"` (PyTorch's flash "
         "backend on CUDA bf16, the \"HF + FA2\" baseline; flash-attn is not installed); `ours` adds "
-        "`workbench.patch`; `-gc` turns on gradient checkpointing.",
+        "`workbench.patch`; `-gc` turns on gradient checkpointing; `liger` is HF + SDPA with Liger-Kernel's "
+        "RMSNorm/RoPE/SwiGLU applied by TRL's `use_liger_kernel` (TRL keeps its chunked LM-head loss).",
+        *([f"- **Not run:** " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped_stacks"].items()) + "."]
+          if result.get("skipped_stacks") else []),
         "",
-        "| mode | stack | exit | steps | step s | tokens/s | peak GiB | final loss | kernels |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"- **Speed:** `steady` columns time the steps after the warm-up (from step max(1, "
+        f"{WARMUP_FRACTION:g} x steps), from the per-step log); `whole run` divides the training time, first steps "
+        "included, by the steps. Ratios below use the steady numbers where both runs have them.",
+        "",
+        "| mode | stack | exit | steps | steady step s | steady tokens/s | whole-run step s | peak GiB | final loss "
+        "| kernels |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in result["runs"]:
         k = r.get("kernels") or {}
         swapped = ", ".join(f"{name} ×{sum(per.values())}" for name, per in (k.get("swapped") or {}).items())
-        lines.append(f"| {r['mode']} | {r['label']} | {r['exit_code']} | {r.get('steps', '—')} | {f(r.get('step_s'), '.4f')} "
-                     f"| {f(r.get('tokens_per_s'), '.0f')} | {f(r.get('peak_memory_gib'), '.2f')} "
+        if k.get("engine"):
+            swapped = f"{k['engine']} {k.get('version', '')}".strip()
+        lines.append(f"| {r['mode']} | {r['label']} | {r['exit_code']} | {r.get('steps', '—')} "
+                     f"| {f(r.get('steady_step_s'), '.4f')} | {f(r.get('steady_tokens_per_s'), '.0f')} "
+                     f"| {f(r.get('step_s'), '.4f')} | {f(r.get('peak_memory_gib'), '.2f')} "
                      f"| {f(r.get('final_loss'), '.4f')} | {swapped or r.get('error', '')} |")
     lines += ["", f"Each stack against `hf` (losses must agree within {LOSS_BAND:g} relative at every logged step; "
               "a stack outside that band is flagged, not celebrated):", "",
               "| mode | stack | steps compared | max rel. loss diff | final rel. loss diff | speed (hf/stack step time) "
               "| peak memory (stack/hf) | loss |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c in result["comparisons"]:
+        measure = "" if c.get("speed_measure", "steady") == "steady" else f" ({c['speed_measure']})"
         lines.append(f"| {c['mode']} | {c['stack']} | {c['steps_compared']} | {f(c['max_rel_loss_diff'], '.2e')} "
-                     f"| {f(c['final_rel_loss_diff'], '.2e')} | {f(c['speedup'], '.2f')}x | {f(c['memory_ratio'], '.2f')} "
+                     f"| {f(c['final_rel_loss_diff'], '.2e')} | {f(c['speedup'], '.2f')}x{measure} "
+                     f"| {f(c['memory_ratio'], '.2f')} "
                      f"| {'**DIFFERS**' if c['loss_differs'] else 'agrees'} |")
     lines += ["", f"![loss curves]({png_name})", ""]
     return "\n".join(lines)

@@ -40,11 +40,14 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
                 "kernels": None, "loss_curve": list(enumerate(losses, 1))}
     runs = [run("hf", [4.0, 3.0, 2.0], 0.2, 10.0), run("ours", [4.0, 3.003, 2.0], 0.1, 5.0),
             run("ours-gc", [4.0, 3.0, 2.1], 0.15, 2.0)]
+    # Steady step times (after the warm-up) win over whole-run ones where both runs have them.
+    runs[0]["steady_step_s"], runs[1]["steady_step_s"] = 0.3, 0.15
     c, gc = tbench.compare(runs)
     assert (c["stack"], gc["stack"]) == ("ours", "ours-gc")
     assert c["steps_compared"] == 3
     assert abs(c["max_rel_loss_diff"] - 1e-3) < 1e-12 and c["final_rel_loss_diff"] == 0.0
     assert c["speedup"] == 2.0 and c["memory_ratio"] == 0.5 and not c["loss_differs"]
+    assert c["speed_measure"] == "steady" and gc["speed_measure"] == "whole run"
     # 5 % off at the last step: faster and leaner, but flagged.
     assert gc["loss_differs"] and abs(gc["final_rel_loss_diff"] - 0.05) < 1e-12 and gc["memory_ratio"] == 0.2
     result = {"shape": "tiny", "shape_dims": {}, "steps": 3, "batch": 2, "seed": 0, "runs": runs,
@@ -55,7 +58,40 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
     assert png.stat().st_size > 1000
     text = tbench.markdown(result, env, "workbench bench --suite train", png.name)
     assert "| lora | ours | 3 | 1.00e-03 | 0.00e+00 | 2.00x | 0.50 | agrees |" in text
-    assert "| lora | ours-gc | 3 | 5.00e-02 | 5.00e-02 | 1.33x | 0.20 | **DIFFERS** |" in text
+    assert "| lora | ours-gc | 3 | 5.00e-02 | 5.00e-02 | 1.33x (whole run) | 0.20 | **DIFFERS** |" in text
+
+
+def test_steady_rate_times_the_steps_after_the_warm_up():
+    from workbench.bench.train import steady_rate
+
+    # 20 steps: a slow first step (compilation), then 0.5 s and 4096 tokens a step.
+    log = [{"step": i, "loss": 1.0, "elapsed": 5.0 + 0.5 * (i - 1), "tokens": 4096 * i} for i in range(1, 21)]
+    out = steady_rate(log, 20)
+    assert out == {"steady_from_step": 4, "steady_step_s": 0.5, "steady_tokens_per_s": 8192.0}
+    # The whole-run figure the warm-up distorts: 14.5 s / 20 steps.
+    assert abs(log[-1]["elapsed"] / 20 - 0.725) < 1e-12
+    assert steady_rate(log[:1], 20) == {}                                   # nothing after the warm-up
+    assert steady_rate([{k: v for k, v in r.items() if k != "elapsed"} for r in log], 20) == {}  # an old log
+    no_tokens = steady_rate([{**r, "tokens": None} for r in log], 20)
+    assert no_tokens == {"steady_from_step": 4, "steady_step_s": 0.5}
+
+
+def test_optional_train_stacks_are_skipped_with_a_reason_and_refused_when_asked_for(monkeypatch, capsys):
+    import importlib.util
+
+    from workbench.bench import train as tbench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    run, skipped = tbench.available_stacks()
+    assert "liger" not in run and skipped == {"liger": "liger-kernel is not installed"}
+    assert {"hf", "hf-gc", "ours", "ours-gc"} <= set(run)
+    assert tbench._config(__import__("pathlib").Path("/x"), "lora", "liger", 3, 2, 0, None)["kernels"] == "liger"
+    assert tbench._config(__import__("pathlib").Path("/x"), "lora", "ours-gc", 3, 2, 0, None)["kernels"] is True
+    assert tbench._config(__import__("pathlib").Path("/x"), "lora", "hf-gc", 3, 2, 0, None)["kernels"] is False
+    # Asked for by name, a stack that cannot run is an error, not a quiet skip.
+    assert main(["bench", "--suite", "train", "--shape", "tiny", "--stacks", "hf,liger"]) == 2
+    assert "--stacks liger: liger-kernel is not installed" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")

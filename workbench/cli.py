@@ -126,8 +126,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_train(args)
     if args.suite == "context":
         return _bench_context(args)
+    if args.suite == "accuracy":
+        return _bench_accuracy(args)
     if args.suite != "kernels":
-        raise UserError(f"unknown suite {args.suite!r}; available: kernels, train, context.")
+        raise UserError(f"unknown suite {args.suite!r}; available: kernels, train, context, accuracy.")
     if args.shape not in kbench.SHAPES:
         raise UserError(f"unknown shape set {args.shape!r}; use one of {', '.join(kbench.SHAPES)}.")
     if args.dtype not in DTYPES:
@@ -145,11 +147,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     doc = {"suite": "kernels", "environment": env, "command": command, **result}
     stem = f"{env['date']}-{env['device_slug']}"
     out = Path(args.report)
+    png = kbench.plot(result, out / f"{stem}.png", env)
+    text = kbench.markdown(result, env, command, png.name) + "\n" + _against_previous(out, doc, f"{stem}.json")
     atomic.write_json(out / f"{stem}.json", doc)
-    atomic.write_text(out / f"{stem}.md", kbench.markdown(result, env, command))
-    print(kbench.markdown(result, env, command))
-    print(f"kernel report: {out / (stem + '.md')} and {out / (stem + '.json')}")
+    atomic.write_text(out / f"{stem}.md", text)
+    print(text)
+    print(f"kernel report: {out / (stem + '.md')}, {out / (stem + '.json')} and {png}")
     return 0
+
+
+def _against_previous(report_dir: Path, doc: dict, name: str) -> str:
+    """The report's section comparing it with the newest earlier report of the same
+    suite, device and setup in ``report_dir`` (`workbench regress`'s thresholds)."""
+    from workbench.bench import compare
+
+    text, regressed = compare.previous_section(report_dir, doc, name)
+    if regressed:
+        print(f"workbench: regression against the previous report in {report_dir} (see the report's last section)",
+              file=sys.stderr)
+    return text
 
 
 def _bench_train(args: argparse.Namespace) -> int:
@@ -172,16 +188,22 @@ def _bench_train(args: argparse.Namespace) -> int:
     if set(stacks) - set(tbench.STACKS) or "hf" not in stacks:
         raise UserError(f"--stacks takes {', '.join(tbench.STACKS)} and must include hf (the baseline every "
                         "other stack is compared with).")
-    result = tbench.run(shape, steps=args.steps, batch=args.batch, out=args.run, modes=modes, stacks=stacks,
-                        seq=args.seq or None)
+    if args.stacks:
+        missing = tbench.available_stacks(stacks)[1]
+        if missing:
+            raise UserError("cannot run " + "; ".join(f"--stacks {k}: {v}" for k, v in missing.items())
+                            + ". Leave it out (without --stacks, unavailable optional stacks are skipped).")
+    result = tbench.run(shape, steps=args.steps or 30, batch=args.batch, out=args.run or "runs/bench-train",
+                        modes=modes, stacks=stacks, seq=args.seq or None)
     env = environment()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = f"{env['date']}-{env['device_slug']}"
     out = Path(args.report if args.report != "reports/kernels" else "reports/train")
     png = tbench.plot(result, out / f"{stem}.png")
-    atomic.write_json(out / f"{stem}.json", {"suite": "train", "environment": env, "command": args.command_line,
-                                             **result})
-    text = tbench.markdown(result, env, args.command_line, png.name)
+    doc = {"suite": "train", "environment": env, "command": args.command_line, **result}
+    text = (tbench.markdown(result, env, args.command_line, png.name) + "\n"
+            + _against_previous(out, doc, f"{stem}.json"))
+    atomic.write_json(out / f"{stem}.json", doc)
     atomic.write_text(out / f"{stem}.md", text)
     print(text)
     print(f"train report: {out / (stem + '.md')}")
@@ -221,7 +243,7 @@ def _bench_context(args: argparse.Namespace) -> int:
     stacks = [s for s in (args.stacks or "hf,ours").split(",") if s]
     if set(modes) - set(tbench.MODES) or set(stacks) - set(tbench.STACKS):
         raise UserError(f"--modes takes {', '.join(tbench.MODES)}; --stacks takes {', '.join(tbench.STACKS)}.")
-    result = context.run(shape, modes, stacks, args.run, start=args.seq or 2048)
+    result = context.run(shape, modes, stacks, args.run or "runs/bench-context", start=args.seq or 2048)
     env = environment()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = f"{env['date']}-{env['device_slug']}"
@@ -233,6 +255,35 @@ def _bench_context(args: argparse.Namespace) -> int:
     print(text)
     print(f"context report: {out / (stem + '.md')}")
     return 0 if all(r["error"] is None for r in result["rows"]) else 1
+
+
+def _bench_accuracy(args: argparse.Namespace) -> int:
+    """The same config trained with and without our kernels at two seeds, each adapter
+    scored by lm-eval; the difference must sit within the seed-to-seed noise (bench/accuracy.py)."""
+    from workbench import atomic
+    from workbench.bench import accuracy as abench
+    from workbench.envinfo import _version, environment
+
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, e.g. 0,1; got {args.seeds!r}.") from None
+    stacks = tuple(s for s in (args.stacks or "hf,ours").split(",") if s)
+    tasks = [t for t in (args.tasks or "").split(",") if t] or None
+    result = abench.run(args.config, args.run or "runs/bench-accuracy", seeds=seeds, stacks=stacks,
+                        steps=args.steps, tasks=tasks, limit=args.limit)
+    env = environment()
+    env["trl"], env["lm_eval"] = _version("trl"), _version("lm-eval")
+    stem = f"{env['date']}-{env['device_slug']}"
+    out = Path(args.report if args.report != "reports/kernels" else "reports/accuracy")
+    png = abench.plot(result, out / f"{stem}.png")
+    atomic.write_json(out / f"{stem}.json", {"suite": "accuracy", "environment": env, "command": args.command_line,
+                                             **result})
+    text = abench.markdown(result, env, args.command_line, png.name)
+    atomic.write_text(out / f"{stem}.md", text)
+    print(text)
+    print(f"accuracy report: {out / (stem + '.md')}")
+    return 0 if result["ok"] else 1
 
 
 # --------------------------------------------------------------------------- main
@@ -258,21 +309,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="micro-benchmark the kernels against PyTorch, torch.compile and Liger")
     p.add_argument("--suite", default="kernels", help="benchmark suite: kernels, train (training runs with "
-                   "and without our kernels) or context (the longest sequence a training step fits in)")
+                   "and without our kernels), context (the longest sequence a training step fits in) or accuracy (lm-eval "
+                   "of HF- and ours-trained adapters against the seed-to-seed noise)")
     p.add_argument("--shape", default="llama3-8b", help="shape set: llama3-8b, llama3.2-1b, qwen3-4b, tiny (CPU smoke test)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--only", help="comma-separated kernel names")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stack")
     p.add_argument("--report", default="reports/kernels", metavar="DIR",
                    help="where <date>-<device>.md/.json go (the train suite: reports/train)")
-    p.add_argument("--steps", type=int, default=30, help="train suite: optimizer steps per run")
+    p.add_argument("--steps", type=int, help="train suite: optimizer steps per run (default 30); accuracy suite: "
+                   "override the config's max_steps")
     p.add_argument("--batch", type=int, default=8, help="train suite: batch size")
     p.add_argument("--seq", type=int, default=0, metavar="TOKENS",
                    help="train suite: sequences of exactly TOKENS tokens (the built-in rows packed; e.g. 2048 for "
                         "the 4 x 2048 shape); default: one short row per sequence")
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
-    p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc (default all; hf is the baseline)")
-    p.add_argument("--run", default="runs/bench-train", metavar="DIR", help="train suite: where the runs go")
+    p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc,liger (default all that can run "
+                   "here: liger needs liger-kernel and CUDA; hf is the baseline)")
+    p.add_argument("--run", metavar="DIR", help="train/context/accuracy suites: where the runs go (default "
+                   "runs/bench-<suite>)")
+    p.add_argument("--config", metavar="YAML", help="accuracy suite: the training config (default: the built-in run)")
+    p.add_argument("--seeds", default="0,1", help="accuracy suite: comma-separated seeds (two or more measure "
+                   "the run-to-run noise)")
+    p.add_argument("--tasks", help="accuracy suite: comma-separated lm-eval tasks (default: the shipped ones)")
+    p.add_argument("--limit", type=int, metavar="N", help="accuracy suite: only the first N documents per task")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("regress", help="compare two reports of one bench suite (e.g. last night's and tonight's); "
