@@ -35,8 +35,8 @@ KEYS = {"kernels": ("kernel", "shape", "stack"), "train": ("mode", "stack")}
 #: command run twice): kernel rows of 3 ms or more repeated within 7 %, most within
 #: 2.5 %, so 10 % flags a real slowdown of those; rows under about 1 ms moved by up
 #: to 2.2x in every stack, and are flagged until the kernel suite's timing of short
-#: steps is fixed (a known problem, not hidden by a wider threshold). Peak memory is deterministic for a given code path, so
-#: 2 % (allocator rounding) is enough. The final loss of a seeded 30-step run moves
+#: steps is fixed (a known problem, not hidden by a wider threshold). Peak memory is
+#: deterministic for a given code path, so 2 % (allocator rounding) is enough. The final loss of a seeded 30-step run moves
 #: only with the arithmetic (the train suite's own stacks agree within ~2e-3), so a
 #: 1 % move means the numbers changed.
 DEFAULT_THRESHOLDS = {"time": 0.10, "memory": 0.02, "loss": 0.01}

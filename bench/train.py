@@ -325,7 +325,7 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "backend on CUDA bf16, the \"HF + FA2\" baseline; flash-attn is not installed); `ours` adds "
         "`workbench.patch`; `-gc` turns on gradient checkpointing; `liger` is HF + SDPA with Liger-Kernel's "
         "RMSNorm/RoPE/SwiGLU applied by TRL's `use_liger_kernel` (TRL keeps its chunked LM-head loss).",
-        *([f"- **Not run:** " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped_stacks"].items()) + "."]
+        *(["- **Not run:** " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped_stacks"].items()) + "."]
           if result.get("skipped_stacks") else []),
         "",
         f"- **Speed:** `steady` columns time the steps after the warm-up (from step max(1, "
