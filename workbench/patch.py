@@ -31,7 +31,10 @@ What is swapped (per family: workbench/families.py):
 * ``swiglu`` / ``geglu``: the gated MLP's ``act(gate) * up``;
 * ``fused_linear_cross_entropy``: the causal LM's ``lm_head`` + loss when labels
   are given (HF's label shift, ``ignore_index``, ``num_items_in_batch``,
-  Gemma-2's final soft cap); the output then carries ``logits=None``;
+  Gemma-2's final soft cap); the output then carries ``logits=None``. Under
+  autocast it runs on autocast's casts of the hidden states and the head, as HF's
+  ``lm_head`` does (QLoRA's fp32 head and hidden states under the Trainer's bf16
+  autocast: bf16 logits, fp32 loss), so the [tokens, vocab] logits are never formed;
 * with a PEFT LoRA adapter: ``lora_qkv`` when q, k and v all carry a compatible
   adapter, ``lora_mlp`` when gate, up and down do (it includes the activation),
   and ``lora_o`` for any other compatible LoRA linear (o_proj, or the members of
@@ -162,10 +165,11 @@ def _warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
-def _runnable(t: torch.Tensor) -> bool:
+def _runnable(t: torch.Tensor, autocast_ok: bool = False) -> bool:
     """Whether the kernels can run on ``t``'s device in ``t``'s dtype right now,
     computing what HF would: a CUDA tensor (or the CPU under Triton's interpreter),
-    and no autocast that would run HF's ops in another dtype."""
+    and no autocast that would run HF's ops in another dtype (``autocast_ok``: the
+    caller casts its operands to autocast's dtype itself, as autocast would)."""
     dev = t.device.type
     if dev == "cpu" and not _common.INTERPRET:
         _warn_once("cpu", "workbench kernels bypassed: the model runs on the CPU and TRITON_INTERPRET=1 was not "
@@ -173,7 +177,7 @@ def _runnable(t: torch.Tensor) -> bool:
         return False
     if dev not in ("cpu", "cuda"):
         return False
-    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != t.dtype:
+    if not autocast_ok and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != t.dtype:
         _warn_once("autocast", f"workbench kernels bypassed under torch.autocast to {torch.get_autocast_dtype(dev)} "
                                f"with {t.dtype} weights; load the model in the training dtype instead.")
         return False
@@ -594,6 +598,22 @@ def _mlp_forward(self, x, *args, **kwargs):
     return getattr(self, down_name)(hidden)
 
 
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _head_dtype(hidden: torch.Tensor, head: nn.Linear) -> torch.dtype | None:
+    """The dtype HF's ``lm_head(hidden)`` computes (and returns its logits) in right
+    now: autocast's, which casts both operands to it, else the common dtype of hidden
+    and the weight; None when they differ outside autocast (the kernel then stays out)."""
+    w, dev = head.weight, hidden.device.type
+    if torch.is_autocast_enabled(dev) and hidden.dtype in _AUTOCAST_CASTS and w.dtype in _AUTOCAST_CASTS \
+            and (head.bias is None or head.bias.dtype in _AUTOCAST_CASTS):
+        return torch.get_autocast_dtype(dev)
+    if hidden.dtype == w.dtype and (head.bias is None or head.bias.dtype == w.dtype):
+        return w.dtype
+    return None
+
+
 def _loss_function_is_hf(model: nn.Module) -> bool:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -617,7 +637,7 @@ def _causal_lm_forward(self, *args, **kwargs):
     head = self.get_output_embeddings()
     if (labels is None or extra.get("fused_lm_head") or not isinstance(keep, int) or keep != 0
             or type(head) is not nn.Linear or not _plain(head.weight) or not _loss_function_is_hf(self)
-            or not _runnable(head.weight)):
+            or not _runnable(head.weight, autocast_ok=True)):
         return _original(self, *args, **kwargs)
     extra.pop("fused_lm_head", None)  # TRL's switch, off here: not an argument of the backbone
     return_dict = extra.pop("return_dict", None)
@@ -626,14 +646,20 @@ def _causal_lm_forward(self, *args, **kwargs):
     outputs = getattr(self, self.base_model_prefix)(**given, **extra)
     hidden = outputs.last_hidden_state
     softcap = getattr(self.config, swap.softcap_key, None) if swap.softcap_key else None
-    if hidden.dtype == head.weight.dtype and hidden.device == head.weight.device:
+    compute = _head_dtype(hidden, head)
+    if compute is not None and hidden.device == head.weight.device:
         ignore_index = extra.get("ignore_index", -100)
         target = extra.get("shift_labels")
         if target is None:  # HF's ForCausalLMLoss: position t predicts labels[t + 1], the last one nothing
             target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        # Under autocast HF's lm_head runs on autocast's casts of hidden, weight and bias
+        # (e.g. QLoRA: fp32 after prepare_model_for_kbit_training, bf16 autocast): so does
+        # the kernel, and the [N, V] logits are never formed in either dtype.
+        bias = head.bias if head.bias is None else head.bias.to(compute)
         _ran("fused_linear_cross_entropy")
         with _kernel_scope(hidden):
-            loss = fused_linear_cross_entropy(hidden, head.weight, target.to(hidden.device).long(), bias=head.bias,
+            loss = fused_linear_cross_entropy(hidden.to(compute), head.weight.to(compute),
+                                              target.to(hidden.device).long(), bias=bias,
                                               ignore_index=ignore_index, softcap=softcap,
                                               num_items_in_batch=extra.get("num_items_in_batch"))
         logits = None
