@@ -333,12 +333,16 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "included, by the steps. Ratios below use the steady numbers where both runs have them.",
         "",
         "| mode | stack | exit | steps | steady step s | steady tokens/s | whole-run step s | peak GiB | final loss "
-        "| kernels |",
+        "| kernel calls in training |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in result["runs"]:
         k = r.get("kernels") or {}
-        swapped = ", ".join(f"{name} ×{sum(per.values())}" for name, per in (k.get("swapped") or {}).items())
+        ran = k.get("calls_in_training")
+        if ran is not None:  # what ran during training; a patched module can still fall back per call
+            swapped = ", ".join(f"{name} ×{n}" for name, n in ran.items()) or "none ran (every call fell back)"
+        else:
+            swapped = ", ".join(f"{name} ×{sum(per.values())} patched" for name, per in (k.get("swapped") or {}).items())
         if k.get("engine"):
             swapped = f"{k['engine']} {k.get('version', '')}".strip()
         lines.append(f"| {r['mode']} | {r['label']} | {r['exit_code']} | {r.get('steps', '—')} "

@@ -59,6 +59,15 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
     text = tbench.markdown(result, env, "workbench bench --suite train", png.name)
     assert "| lora | ours | 3 | 1.00e-03 | 0.00e+00 | 2.00x | 0.50 | agrees |" in text
     assert "| lora | ours-gc | 3 | 5.00e-02 | 5.00e-02 | 1.33x (whole run) | 0.20 | **DIFFERS** |" in text
+    # The kernels column says what ran in training, not what was patched (on the H200 the
+    # QLoRA runs had rms_norm, rope and the fused loss patched, and none of them ran).
+    runs[1]["kernels"] = {"swapped": {"rms_norm": {"LlamaRMSNorm": 5}, "rope": {"x": 2}},
+                          "calls_in_training": {"lora_o": 6}}
+    runs[2]["kernels"] = {"swapped": {"rms_norm": {"LlamaRMSNorm": 5}}, "calls_in_training": {}}
+    text = tbench.markdown(result, env, "workbench bench --suite train", png.name)
+    row = next(line for line in text.splitlines() if line.startswith("| lora | ours (workbench.patch) |"))
+    assert row.endswith("| lora_o ×6 |") and "rms_norm" not in row
+    assert "| none ran (every call fell back) |" in text
 
 
 def test_steady_rate_times_the_steps_after_the_warm_up():
