@@ -49,12 +49,7 @@ BATCH, SEQ = 2, 32
 AUTOCAST = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_patch import _one_cpu_thread  # noqa: E402,F401  (autouse: one CPU thread per test)
 
 
 @pytest.fixture(scope="module")
