@@ -161,10 +161,11 @@ def ran_since(before: dict) -> dict:
     return {k: v - before.get(k, 0) for k, v in kernel_calls().items() if v > before.get(k, 0)}
 
 
-def three_way(model, inputs, labels, mode=contextlib.nullcontext) -> tuple[dict, dict, dict, dict]:
+def three_way(model, inputs, labels, mode=contextlib.nullcontext, exact_model=None) -> tuple[dict, dict, dict, dict]:
     """(kernel, baseline, exact, kernels that ran) for ``model``, the first two run
-    inside ``mode()`` (e.g. autocast), the fp64 one outside; the model ends unpatched."""
-    exact_model = copy.deepcopy(model).double()
+    inside ``mode()`` (e.g. autocast), the fp64 one outside (``exact_model``, default an
+    fp64 copy of ``model``); the model ends unpatched."""
+    exact_model = copy.deepcopy(model).double() if exact_model is None else exact_model
     with mode():
         baseline = run(model, inputs, labels)
         before = kernel_calls()

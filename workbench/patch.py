@@ -19,15 +19,21 @@ How, and why this way:
   attention instance is running (a context variable says so) and HF's function
   otherwise; the global is restored when the last model using it is unpatched.
 * Every swapped forward checks, per call, that the kernel computes exactly what
-  the HF/PEFT code would (dtypes agree, adapters active and unmerged, a device
-  the kernels run on, no autocast to another dtype, no extra arguments); if not,
-  it runs the original code. :func:`kernel_calls` counts what actually ran.
+  the HF/PEFT code would (dtypes agree or promote as HF's do, adapters active and
+  unmerged, a device the kernels run on, no autocast that would run HF's code in
+  another dtype, no extra arguments); if not, it runs the original code.
+  :func:`kernel_calls` counts what actually ran.
 
 What is swapped (per family: workbench/families.py):
 
 * ``rms_norm``: every RMSNorm (Llama casting, or Gemma's fp32 ``(1 + w)``), Qwen3's
-  q/k norms included;
-* ``rope``: ``apply_rotary_pos_emb`` of every attention module;
+  q/k norms included. Under autocast too: autocast changes nothing in HF's RMSNorm,
+  so the kernel runs wherever its input and weight dtypes give what HF's gives
+  (:func:`_norm_dtypes`; e.g. the fp32 residual stream of an fp32 model or of QLoRA
+  after prepare_model_for_kbit_training; not Qwen3's q/k norms there);
+* ``rope``: ``apply_rotary_pos_emb`` of every attention module. Under autocast too,
+  with HF's type promotion (:func:`_rope_dtype`): the fp32 tables of an fp32 model
+  or of QLoRA and autocast's bf16 q/k rotate in fp32 and come out fp32, as in HF;
 * ``swiglu`` / ``geglu``: the gated MLP's ``act(gate) * up``;
 * ``fused_linear_cross_entropy``: the causal LM's ``lm_head`` + loss when labels
   are given (HF's label shift, ``ignore_index``, ``num_items_in_batch``,
@@ -165,11 +171,17 @@ def _warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
-def _runnable(t: torch.Tensor, autocast_ok: bool = False) -> bool:
+#: The float dtypes the kernels take and autocast casts between.
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _runnable(t: torch.Tensor, autocast_ok: bool = False, kernel: str = "", quantized: bool = False) -> bool:
     """Whether the kernels can run on ``t``'s device in ``t``'s dtype right now,
     computing what HF would: a CUDA tensor (or the CPU under Triton's interpreter),
     and no autocast that would run HF's ops in another dtype (``autocast_ok``: the
-    caller casts its operands to autocast's dtype itself, as autocast would)."""
+    caller has settled what HF computes under autocast: HF's ops there are on no
+    autocast list, or the caller applies autocast's casts itself). ``kernel`` and
+    ``quantized`` (a bitsandbytes 4-bit base) word the warning of a bypass."""
     dev = t.device.type
     if dev == "cpu" and not _common.INTERPRET:
         _warn_once("cpu", "workbench kernels bypassed: the model runs on the CPU and TRITON_INTERPRET=1 was not "
@@ -178,10 +190,31 @@ def _runnable(t: torch.Tensor, autocast_ok: bool = False) -> bool:
     if dev not in ("cpu", "cuda"):
         return False
     if not autocast_ok and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != t.dtype:
-        _warn_once("autocast", f"workbench kernels bypassed under torch.autocast to {torch.get_autocast_dtype(dev)} "
-                               f"with {t.dtype} weights; load the model in the training dtype instead.")
+        to = torch.get_autocast_dtype(dev)
+        _warn_once(f"autocast:{kernel}:{quantized}", _autocast_bypass(kernel or "kernels", t.dtype, to, quantized))
         return False
     return True
+
+
+def _autocast_bypass(kernel: str, dtype: torch.dtype, to: torch.dtype, quantized: bool) -> str:
+    """The warning when autocast keeps ``kernel`` out: what runs instead, and what the
+    user can change, if anything."""
+    what = (f"workbench {kernel} bypassed under torch.autocast to {_name(to)} on {_name(dtype)} activations; "
+            f"HF/PEFT's code runs there instead")
+    if quantized:
+        # "Load the model in bf16" is no advice here: a QLoRA user did. The fp32 comes from
+        # prepare_model_for_kbit_training, which casts every parameter that is not 4-bit
+        # (norms, embeddings, the head) to fp32, so the residual stream and norms are fp32.
+        return (f"{what}. On a 4-bit (QLoRA) base this is expected, not a setup error: peft's "
+                f"prepare_model_for_kbit_training casts the norms and embeddings to float32, so the layers after "
+                f"each norm run on {_name(dtype)} activations, which this kernel does not take under autocast. "
+                f"workbench.patch.kernel_calls() counts the kernels that did run.")
+    return (f"{what}. For it to run, load the model in {_name(to)} (a LoRA adapter may stay in float32: "
+            f"the LoRA kernels fuse it under autocast).")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _plain(t) -> bool:
@@ -190,8 +223,9 @@ def _plain(t) -> bool:
 
 
 def _kernel_scope(t: torch.Tensor):
-    """Autocast off around a kernel call. `_runnable` already ensured that every
-    operand is in the autocast dtype, where autocast would change nothing."""
+    """Autocast off around a kernel call. The caller already holds the operands HF's
+    code computes on (in autocast's dtype, or where HF's ops are on no autocast
+    list), so autocast must change nothing inside."""
     dev = t.device.type
     return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
 
@@ -293,9 +327,10 @@ def _rope_dispatcher(original):
         call = _CALL.get()
         if (call is not None and call.rope and not args and set(kwargs) <= {"unsqueeze_dim"}
                 and kwargs.get("unsqueeze_dim", 1) == 1 and _rope_ready(q, k, cos, sin)):
+            dtype = _rope_dtype(q, k, cos, sin)
             _ran("rope")
             with _kernel_scope(q):
-                return rope(q, k, cos, sin)
+                return rope(q.to(dtype), k.to(dtype), cos.to(dtype), sin.to(dtype))
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.__wrapped__ = original
@@ -304,13 +339,37 @@ def _rope_dispatcher(original):
 
 
 def _rope_ready(q, k, cos, sin) -> bool:
-    """HF's [B, H, S, D] q/k and gathered [B or 1, S, R] cos/sin, one dtype and device."""
+    """HF's [B, H, S, D] q/k and gathered [B or 1, S, R] cos/sin, on one device, in
+    dtypes whose HF result the kernel computes (:func:`_rope_dtype`)."""
     return (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
             and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2] == cos.shape[1]
             and q.shape[3] == k.shape[3] and cos.shape[0] in (1, q.shape[0])
             and cos.shape[2] % 2 == 0 and 0 < cos.shape[2] <= q.shape[3]
-            and q.dtype == k.dtype == cos.dtype == sin.dtype
-            and q.device == k.device == cos.device == sin.device and _runnable(q))
+            and _rope_dtype(q, k, cos, sin) is not None
+            and q.device == k.device == cos.device == sin.device and _runnable(q, autocast_ok=True))
+
+
+def _rope_dtype(q, k, cos, sin) -> torch.dtype | None:
+    """The dtype HF's ``apply_rotary_pos_emb`` computes and returns q and k in, where
+    the kernel on the exact upcasts of all four to it computes the same; else None.
+
+    HF's ops there (mul, add, neg, slicing, cat) are on no autocast list, CPU or CUDA
+    (cat's "promote" on CUDA is type promotion too), so autocast changes nothing: HF
+    returns q in the promotion of q, cos and sin, and k in that of k, cos and sin. The
+    kernel returns both in its operands' one dtype, so it runs where the two agree.
+    The mixed case is real: an fp32 model, or QLoRA's fp32 residual stream, under bf16
+    autocast hands RoPE the rotary embedding's fp32 tables (it returns them in the
+    hidden states' dtype) and autocast's bf16 q/k projections. HF rotates the exact
+    fp32 upcasts of q and k in fp32 and returns fp32; so does the kernel given those
+    upcasts (it computes in fp32 and rounds once, to fp32)."""
+    dtypes = {q.dtype, k.dtype, cos.dtype, sin.dtype}
+    if len(dtypes) == 1:
+        return q.dtype
+    if not dtypes <= set(_AUTOCAST_CASTS):
+        return None
+    q_out = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+    k_out = torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype)
+    return q_out if q_out == k_out else None
 
 
 def _hold_global(module_name: str, attr: str, make, root: nn.Module) -> None:
@@ -500,7 +559,7 @@ def _count_nf4(layers) -> None:
 
 def _lora_single(layer: nn.Module, x: torch.Tensor):
     ops = _lora_operands(layer, x)
-    if ops is None or ops[3] is not None or not _runnable(x):
+    if ops is None or ops[3] is not None or not _runnable(x, kernel="lora_o", quantized=_on_4bit([layer])):
         return None
     weight, a, b, _, scaling, p = ops
     _ran("lora_o")
@@ -509,10 +568,15 @@ def _lora_single(layer: nn.Module, x: torch.Tensor):
         return lora_o(x, weight, a, b, scaling, dropout=p)
 
 
-def _lora_group(layers, x: torch.Tensor):
+def _on_4bit(layers) -> bool:
+    """Whether any of these (LoRA or plain) linears has a bitsandbytes 4-bit base."""
+    return any(_is_bnb_4bit(getattr(m, "base_layer", m)) for m in layers)
+
+
+def _lora_group(layers, x: torch.Tensor, kernel: str):
     """Operands of every layer of a fused group, or None; the group shares one
     scaling and one dropout probability."""
-    if not _runnable(x):
+    if not _runnable(x, kernel=kernel, quantized=_on_4bit(layers)):
         return None
     ops = [_lora_operands(layer, x) for layer in layers]
     if any(o is None for o in ops) or len({(o[4], o[5]) for o in ops}) != 1:
@@ -521,13 +585,49 @@ def _lora_group(layers, x: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- swapped forwards
+def _norm_dtypes(x: torch.Tensor, w: torch.Tensor, casting: str) -> tuple[torch.dtype, torch.dtype] | None:
+    """(the dtype the kernel runs in, the dtype HF's RMSNorm returns) for input ``x``
+    and weight ``w``, or None where no kernel call computes what HF's code does.
+
+    Autocast never enters: HF's RMSNorm upcasts x to fp32 before its autocast-listed
+    ops (pow and rsqrt, on CUDA's fp32 list: a no-op on fp32), and its mean, add, mul,
+    ``.to`` and ``type_as`` are on no autocast list, CPU or CUDA. What remains is
+    PyTorch's type promotion of x against w:
+
+    * one dtype: the kernel in it, as without autocast;
+    * Gemma, ``(x_hat * (1 + w.float())).type_as(x)``: fp32 math whatever w's dtype,
+      rounded once to x's, which is the kernel on the fp32 upcasts, rounded to x's
+      dtype (Gemma-2's post-attention and post-feed-forward norms on autocast's bf16
+      outputs with fp32 weights: an fp32 model, or after prepare_model_for_kbit_training);
+    * Llama, ``w * x_hat.to(x.dtype)``: x_hat rounds to x's dtype, the product is in
+      the promoted dtype. The kernel rounds x_hat to the dtype it runs in, so it
+      matches only where that is x's (x fp32, w 16-bit). A 16-bit x with an fp32 w
+      (Qwen3's q_norm/k_norm on autocast's bf16 q/k, the weights fp32 as above) gets
+      fp32 products of bf16-rounded x_hat: no kernel call gives that; HF's code runs.
+    """
+    if x.dtype == w.dtype:
+        return x.dtype, x.dtype
+    if x.dtype not in _AUTOCAST_CASTS or w.dtype not in _AUTOCAST_CASTS:
+        return None
+    if casting == "gemma":
+        return torch.float32, x.dtype
+    if torch.promote_types(x.dtype, w.dtype) == x.dtype:
+        return x.dtype, x.dtype
+    return None
+
+
 def _norm_forward(self, x, *args, **kwargs):
     swap = self.__dict__[_STATE]
     w = self.weight
-    if not args and not kwargs and x.dtype == w.dtype and _plain(w) and x.device == w.device and _runnable(x):
+    dtypes = _norm_dtypes(x, w, swap.casting)
+    if (not args and not kwargs and dtypes is not None and _plain(w) and x.device == w.device
+            and _runnable(x, autocast_ok=True)):
+        compute, out = dtypes
         _ran("rms_norm")
         with _kernel_scope(x):
-            return rms_norm(x, w, eps=float(getattr(self, swap.eps_attr)), offset=swap.offset, casting=swap.casting)
+            y = rms_norm(x.to(compute), w.to(compute), eps=float(getattr(self, swap.eps_attr)), offset=swap.offset,
+                         casting=swap.casting)
+        return y.to(out)
     return _original(self, x, *args, **kwargs)
 
 
@@ -543,7 +643,7 @@ def _qkv_output(call: _AttentionCall, names: tuple[str, str, str], index: int, x
     """This projection's output from one lora_qkv call on ``x`` (run on first use), or None."""
     if call.x is not x:
         layers = [getattr(call.attention, n) for n in names]
-        ops = _lora_group(layers, x)
+        ops = _lora_group(layers, x, "lora_qkv")
         if ops is None:
             return None
         (wq, aq, bq, biq, s, p), (wk, ak, bk, bik, _, _), (wv, av, bv, biv, _, _) = ops
@@ -577,7 +677,7 @@ def _mlp_forward(self, x, *args, **kwargs):
         return _original(self, x, *args, **kwargs)
     if swap.fused:
         layers = [getattr(self, n) for n in swap.projs]
-        ops = _lora_group(layers, x)
+        ops = _lora_group(layers, x, "lora_mlp")
         if ops is not None:
             (wg, ag, bg, _, s, p), (wu, au, bu, _, _, _), (wd, ad, bd, _, _, _) = ops
             activation, approximate = swap.activation
@@ -588,7 +688,8 @@ def _mlp_forward(self, x, *args, **kwargs):
                                 approximate=approximate, dropout=p)
     gate_name, up_name, down_name = swap.projs
     gate, up = getattr(self, gate_name)(x), getattr(self, up_name)(x)
-    if gate.dtype == up.dtype and gate.device == up.device and _runnable(gate):
+    if (gate.dtype == up.dtype and gate.device == up.device
+            and _runnable(gate, kernel=swap.activation[0], quantized=_on_4bit(getattr(self, n) for n in swap.projs))):
         kernel, approximate = swap.activation
         _ran(kernel)
         with _kernel_scope(gate):
@@ -596,9 +697,6 @@ def _mlp_forward(self, x, *args, **kwargs):
     else:
         hidden = self.act_fn(gate) * up
     return getattr(self, down_name)(hidden)
-
-
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _head_dtype(hidden: torch.Tensor, head: nn.Linear) -> torch.dtype | None:
