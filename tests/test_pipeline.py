@@ -3,6 +3,7 @@ and bringing your own adapter or merged model to `workbench merge` / `workbench 
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -316,6 +317,14 @@ def test_export_a_user_merged_model_and_report_it(tmp_path, capsys):
     assert "the merge stage you brought" in capsys.readouterr().err
 
 
+def _edited_adapter(adapter: Path, dst: Path, **changes) -> Path:
+    """A copy of ``adapter`` whose adapter_config.json has ``changes`` applied."""
+    shutil.copytree(adapter, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return dst
+
+
 def _bin_only(folder, name):
     folder.mkdir(parents=True)
     (folder / name).write_bytes(b"pickle")
@@ -336,16 +345,10 @@ def test_bring_your_own_bad_paths_are_one_clear_sentence(tmp_path, capsys, user_
         shutil.copy(src / "adapter" / "adapter_config.json", bad)
         argv, needle = ["merge", "--run", str(run), "--adapter", str(bad)], "only pickle weights (adapter_model.bin)"
     elif case == "not_lora":
-        bad = tmp_path / "a"
-        shutil.copytree(src / "adapter", bad)
-        cfg = json.loads((bad / "adapter_config.json").read_text())
-        (bad / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+        bad = _edited_adapter(src / "adapter", tmp_path / "a", peft_type="IA3")
         argv, needle = ["merge", "--run", str(run), "--adapter", str(bad)], "is a IA3 adapter"
     elif case == "no_local_base":
-        bad = tmp_path / "a"
-        shutil.copytree(src / "adapter", bad)
-        cfg = json.loads((bad / "adapter_config.json").read_text())
-        (bad / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/some-hub-model"}))
+        bad = _edited_adapter(src / "adapter", tmp_path / "a", base_model_name_or_path="org/some-hub-model")
         argv, needle = ["merge", "--run", str(run), "--adapter", str(bad)], "pass --base FOLDER"
     elif case == "base_missing":
         argv, needle = ["merge", "--run", str(run), "--adapter", adapter, "--base", str(tmp_path / "nb")], \

@@ -57,26 +57,26 @@ def test_a_run_holding_a_user_provided_stage_is_not_trained_into(tmp_path, capsy
     assert (run / "manifest.json").read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["manifest.json"]
 
 
-def test_checkpoint_without_safetensors_is_refused(tmp_path, capsys):
+def train_on_checkpoint(tmp_path, capsys, model_type: str, weights: str, content: bytes):
+    """`workbench train` on a checkpoint folder holding a config of ``model_type`` and
+    one ``weights`` file; returns the exit code and the error line."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (ckpt / "pytorch_model.bin").write_bytes(b"pickle")
+    (ckpt / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (ckpt / weights).write_bytes(content)
     code, err = run_cli(capsys, "--config", write_config(tmp_path, f"model:\n  path: {ckpt}\n"),
                         "--run", str(tmp_path / "run"))
-    line = error_line(err)
+    return code, error_line(err)
+
+
+def test_checkpoint_without_safetensors_is_refused(tmp_path, capsys):
+    code, line = train_on_checkpoint(tmp_path, capsys, "llama", "pytorch_model.bin", b"pickle")
     assert code == 2
     assert "no *.safetensors weights" in line and "pytorch_model.bin" in line and "convert" in line
 
 
 def test_unsupported_architecture_names_the_supported_families(tmp_path, capsys):
-    ckpt = tmp_path / "gpt2"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    (ckpt / "model.safetensors").write_bytes(b"")
-    code, err = run_cli(capsys, "--config", write_config(tmp_path, f"model:\n  path: {ckpt}\n"),
-                        "--run", str(tmp_path / "run"))
-    line = error_line(err)
+    code, line = train_on_checkpoint(tmp_path, capsys, "gpt2", "model.safetensors", b"")
     assert code == 2
     assert "'gpt2' is not supported" in line
     for fam in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2"):
