@@ -70,6 +70,8 @@ def available_stacks(stacks=tuple(STACKS)) -> tuple[list[str], dict[str, str]]:
         else:
             run.append(stack)
     return run, skipped
+
+
 #: A stack whose logged losses differ from hf's by more than this (relative, at any
 #: logged step) is flagged, whatever its speed. bf16's unit roundoff is 2^-8 (3.9e-3);
 #: seeded runs of one config on the H100 (1B shape, 30 steps) differed by at most

@@ -315,7 +315,9 @@ def test_smoke_both_stacks_two_seeds_end_to_end(tmp_path):
     assert names == {acc.HELDOUT, acc.FINAL_LOSS, MC, "wb_synthetic_mc acc_norm",
                      "wb_synthetic_gen exact_match [strip]", PPL, "wb_heldout_ppl byte_perplexity",
                      "wb_heldout_ppl bits_per_byte"}
-    # The two seeds differ (init and data order), hf and ours at one seed barely: same config, same kernels' math.
+    # The two seeds differ (init and data order); hf and ours at one seed differ only by the kernels'
+    # fp32 reordering (roundoff ~1e-7 a step, over 2 steps), so 1e-3 catches a changed loss or
+    # gradient with orders of magnitude to spare; their numerical parity is tests/test_model_parity.py's.
     loss = only(result["comparisons"], acc.FINAL_LOSS)
     assert loss["noise"]["hf"] > 0 and all(abs(p["diff"]) < 1e-3 for p in loss["per_seed"])
     assert result["ok"], [(c["metric"], c["verdict"]) for c in result["comparisons"]]
