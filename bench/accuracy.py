@@ -18,6 +18,9 @@ measured as the difference between hf's seeds (ours' is reported; see :func:`com
 Per run: exit codes and the last stderr line of a failed stage (the suite goes on),
 tokens/s, step time, peak GPU memory, final loss, the train stage's held-out accuracy
 and lm-eval's metrics; speed, VRAM and accuracy go into one report (:func:`markdown`).
+``run(jobs=N)`` (``--jobs N``) runs up to N (seed, stack) pipelines at once: the same
+rows in the same order, but their times are taken while the runs share the device, so
+such a report gives no speed numbers and says so.
 
 Device: on a CPU our kernels run in Triton's interpreter (about 27 tokens/s on the
 tiny default at batch 16; HF measured ~8000 there), so a CPU run of the default 800 steps with
@@ -40,7 +43,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -138,12 +143,33 @@ def _eval_metrics(run_dir: Path) -> tuple[dict, dict]:
     return metrics_of(results), docs
 
 
+def _child_env(workers: int) -> tuple[dict | None, int | None]:
+    """The environment of every train/eval process and the CPU threads it gets: with one
+    pipeline at a time, None (the processes inherit ours, as they always have); with
+    ``workers`` at once, ours with OMP_NUM_THREADS and MKL_NUM_THREADS set to
+    max(1, cpu count // workers), which torch reads at start-up for its intra-op threads,
+    so that the concurrent processes do not fight over the cores."""
+    if workers <= 1:
+        return None, None
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}, threads
+
+
 def run(config: dict | str | os.PathLike | None = None, out: str | os.PathLike = "runs/bench-accuracy",
         seeds=SEEDS, stacks=tuple(STACKS), steps: int | None = None,
-        progress: Callable[[str], None] = print, tasks: list[str] | None = None, limit: int | None = None) -> dict:
+        progress: Callable[[str], None] = print, tasks: list[str] | None = None, limit: int | None = None,
+        jobs: int = 1) -> dict:
     """Train and evaluate every (seed, stack), each stage in its own process, seeds in
     the outer loop (an interrupted suite leaves whole hf/ours pairs). A failed stage is
     recorded in its row and the suite goes on. ``OUT/<stack>-seed<seed>/`` is replaced.
+
+    ``jobs``: how many (seed, stack) pipelines (train, then eval of that run) run at
+    once, started in the serial order; the rows come back in that order whatever order
+    they finish in. Above 1 each process gets max(1, cpu count // pipelines at once) CPU
+    threads (:func:`_child_env`), and the runs' timings are taken while others share the
+    device: they are no speed measurement, so :func:`speed` gives no speed ratio and the
+    result says so (``speed_measured``, ``speed_note``).
+
     Returns the base config, the rows, :func:`compare`'s rows and :func:`speed`'s."""
     import torch
     import yaml
@@ -157,6 +183,9 @@ def run(config: dict | str | os.PathLike | None = None, out: str | os.PathLike =
         raise UserError(f"steps must be at least 1, got {steps}.")
     if limit is not None and limit < 1:
         raise UserError(f"the eval limit must be at least 1, got {limit}.")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"jobs (--jobs) must be a whole number of at least 1, got {jobs!r}; pass 1 to run the "
+                        "(seed, stack) pipelines one after another or N > 1 to run N of them at once.")
     base = base_config(config)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -171,51 +200,80 @@ def run(config: dict | str | os.PathLike | None = None, out: str | os.PathLike =
                      "on the CPU; the measurement is meant for a GPU.")
 
     eval_args = (["--tasks", ",".join(tasks)] if tasks else []) + (["--limit", str(limit)] if limit else [])
-    results = []
-    for seed in seeds:
-        for stack in stacks:
-            name = f"{stack}-seed{seed}"
-            run_dir, cfg_path = out / name, out / f"{name}.yaml"
-            shutil.rmtree(run_dir, ignore_errors=True)   # nothing of an earlier invocation can be read as this one's
-            cfg_path.write_text(yaml.safe_dump(run_config(base, stack, seed, steps), sort_keys=False))
-            row = {"stack": stack, "label": STACKS[stack], "seed": seed, "run_dir": str(run_dir),
-                   "config": str(cfg_path), "train_exit_code": None, "eval_exit_code": None, "exit_code": None}
-            progress(f"[bench accuracy] seed {seed} {stack}: train {max_steps or base['training']['epochs']} "
-                     f"{'steps' if max_steps else 'epochs'}")
-            # cwd=out: `python -m` puts its cwd on sys.path, and from the repository root the
-            # folder kernels/ would answer transformers' probe for the hub's `kernels` package.
+    pairs = [(seed, stack) for seed in seeds for stack in stacks]
+    workers = min(jobs, len(pairs))
+    env, threads = _child_env(workers)
+    spawn = {"env": env} if env is not None else {}    # jobs=1: the processes inherit our environment, as before
+    lock = threading.Lock()
+
+    def say(line: str) -> None:                        # one line at a time, whichever pipeline speaks
+        with lock:
+            progress(line)
+
+    if workers > 1:
+        say(f"[bench accuracy] {len(pairs)} pipelines, up to {workers} at once, {threads} CPU thread(s) per "
+            "process; speed is not measured in this run (the runs share the device).")
+
+    def pipeline(seed: int, stack: str) -> dict:
+        name = f"{stack}-seed{seed}"
+        run_dir, cfg_path = out / name, out / f"{name}.yaml"
+        shutil.rmtree(run_dir, ignore_errors=True)   # nothing of an earlier invocation can be read as this one's
+        cfg_path.write_text(yaml.safe_dump(run_config(base, stack, seed, steps), sort_keys=False))
+        row = {"stack": stack, "label": STACKS[stack], "seed": seed, "run_dir": str(run_dir),
+               "config": str(cfg_path), "train_exit_code": None, "eval_exit_code": None, "exit_code": None}
+        say(f"[bench accuracy] seed {seed} {stack}: train {max_steps or base['training']['epochs']} "
+            f"{'steps' if max_steps else 'epochs'}")
+        # cwd=out: `python -m` puts its cwd on sys.path, and from the repository root the
+        # folder kernels/ would answer transformers' probe for the hub's `kernels` package.
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
+                               "--run", str(run_dir)], capture_output=True, text=True, cwd=out, **spawn)
+        row["train_wall_s"], row["train_exit_code"] = round(time.perf_counter() - t0, 1), proc.returncode
+        if proc.returncode != 0:
+            row["error"] = f"train: {_last_line(proc.stderr)}"
+        else:
+            try:
+                row.update(_metrics_of_run(run_dir))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                row["error"] = f"train: unreadable record ({type(err).__name__}: {err})"
+        if "error" not in row:
+            say(f"[bench accuracy] seed {seed} {stack}: lm-eval on the adapter")
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                                   "--run", str(run_dir)], capture_output=True, text=True, cwd=out)
-            row["train_wall_s"], row["train_exit_code"] = round(time.perf_counter() - t0, 1), proc.returncode
+            proc = subprocess.run([sys.executable, "-m", "workbench", "eval", "--run", str(run_dir),
+                                   "--models", "adapter", *eval_args], capture_output=True, text=True, cwd=out,
+                                  **spawn)
+            row["eval_wall_s"], row["eval_exit_code"] = round(time.perf_counter() - t0, 1), proc.returncode
             if proc.returncode != 0:
-                row["error"] = f"train: {_last_line(proc.stderr)}"
+                row["error"] = f"eval: {_last_line(proc.stderr)}"
             else:
                 try:
-                    row.update(_metrics_of_run(run_dir))
+                    row["metrics"], row["documents"] = _eval_metrics(run_dir)
                 except (OSError, ValueError, KeyError, TypeError) as err:
-                    row["error"] = f"train: unreadable record ({type(err).__name__}: {err})"
-            if "error" not in row:
-                progress(f"[bench accuracy] seed {seed} {stack}: lm-eval on the adapter")
-                t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "workbench", "eval", "--run", str(run_dir),
-                                       "--models", "adapter", *eval_args], capture_output=True, text=True, cwd=out)
-                row["eval_wall_s"], row["eval_exit_code"] = round(time.perf_counter() - t0, 1), proc.returncode
-                if proc.returncode != 0:
-                    row["error"] = f"eval: {_last_line(proc.stderr)}"
-                else:
-                    try:
-                        row["metrics"], row["documents"] = _eval_metrics(run_dir)
-                    except (OSError, ValueError, KeyError, TypeError) as err:
-                        row["error"] = f"eval: unreadable results ({type(err).__name__}: {err})"
-            codes = [c for c in (row["train_exit_code"], row["eval_exit_code"]) if c is not None]
-            row["exit_code"] = next((c for c in codes if c != 0), 1 if "error" in row else 0)
-            if "error" in row:
-                progress(f"[bench accuracy]   failed: {row['error']}")
-            results.append(row)
+                    row["error"] = f"eval: unreadable results ({type(err).__name__}: {err})"
+        codes = [c for c in (row["train_exit_code"], row["eval_exit_code"]) if c is not None]
+        row["exit_code"] = next((c for c in codes if c != 0), 1 if "error" in row else 0)
+        if "error" in row:
+            say(f"[bench accuracy] seed {seed} {stack}: failed: {row['error']}")
+        return row
+
+    if workers == 1:
+        results = [pipeline(seed, stack) for seed, stack in pairs]
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-accuracy")
+        try:
+            futures = [pool.submit(pipeline, seed, stack) for seed, stack in pairs]
+            results = [f.result() for f in futures]   # the serial order, whatever order they finished in
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)   # on an error, start no further pipeline
     comparisons = compare(results)
+    timed = workers == 1
+    note = None if timed else (
+        f"not measured: up to {workers} (seed, stack) pipelines ran at once (jobs {jobs}), so every run's step "
+        "time and tokens/s were taken while other runs shared the device and the CPU; rerun with jobs 1 to "
+        "measure speed")
     return {"config": base, "seeds": seeds, "stacks": stacks, "steps": max_steps, "tasks": tasks, "limit": limit,
-            "device": device, "runs": results, "comparisons": comparisons, "speed": speed(results),
+            "device": device, "jobs": jobs, "threads_per_process": threads, "speed_measured": timed,
+            "speed_note": note, "runs": results, "comparisons": comparisons, "speed": speed(results, timed=timed),
             "ok": passed(results, comparisons)}
 
 
@@ -351,9 +409,12 @@ def compare(runs: list[dict]) -> list[dict]:
     return out
 
 
-def speed(runs: list[dict]) -> list[dict]:
+def speed(runs: list[dict], timed: bool = True) -> list[dict]:
     """Per seed, ours against hf in the same invocation: speedup (hf step time / ours),
-    tokens/s ratio (ours / hf) and peak memory ratio (ours / hf)."""
+    tokens/s ratio (ours / hf) and peak memory ratio (ours / hf). ``timed=False`` (the
+    runs shared the device, ``run(jobs > 1)``): the memory ratio only, no speed keys at
+    all. Each process's peak is its own (torch.cuda.max_memory_allocated), which the
+    others do not change; its times are not a speed measurement."""
     by = {(r["stack"], r["seed"]): r for r in runs}
     out = []
     for seed in sorted({r["seed"] for r in runs}):
@@ -364,9 +425,13 @@ def speed(runs: list[dict]) -> list[dict]:
         def ratio(a, b):
             return a / b if _finite(a) and _finite(b) and b else None
 
-        out.append({"seed": seed, "speedup": ratio(hf.get("step_s"), ours.get("step_s")),
-                    "tokens_per_s_ratio": ratio(ours.get("tokens_per_s"), hf.get("tokens_per_s")),
-                    "memory_ratio": ratio(ours.get("peak_memory_gib"), hf.get("peak_memory_gib"))})
+        memory = ratio(ours.get("peak_memory_gib"), hf.get("peak_memory_gib"))
+        if timed:
+            out.append({"seed": seed, "speedup": ratio(hf.get("step_s"), ours.get("step_s")),
+                        "tokens_per_s_ratio": ratio(ours.get("tokens_per_s"), hf.get("tokens_per_s")),
+                        "memory_ratio": memory})
+        else:
+            out.append({"seed": seed, "memory_ratio": memory})
     return out
 
 
@@ -390,7 +455,11 @@ def _diff_fmt(v, kind):
 
 
 def markdown(result: dict, env: dict, command: str, png_name: str | None = None) -> str:
+    """The report. A result of ``run(jobs > 1)`` (``speed_measured`` false) shows no
+    step time, tokens/s or speed ratio, and says so: those runs shared the device."""
     cfg, t = result["config"], result["config"]["training"]
+    timed = result.get("speed_measured", True)
+    jobs = result.get("jobs", 1)
     lines = [
         f"# Accuracy against the baseline — {env['device']} — {env['date']}",
         "",
@@ -402,8 +471,10 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
         + f"; {result['steps'] or t.get('epochs')} {'steps' if result['steps'] else 'epochs'}, batch {t['batch_size']}"
         f" x accumulation {t['grad_accum']}, lr {t['lr']:g} {t['schedule']}.",
         f"- **Runs:** stacks {', '.join(result['stacks'])} x training seeds {', '.join(map(str, result['seeds']))}; "
-        "each training and each eval in its own process. `hf` is `kernels: false`, `ours` `kernels: true`; "
-        "the eval is the same (HF + PEFT) for every adapter.",
+        "each training and each eval in its own process"
+        + ("" if timed else f", up to {jobs} (seed, stack) pipelines at once (`--jobs {jobs}`), "
+           f"{result.get('threads_per_process')} CPU thread(s) per process")
+        + ". `hf` is `kernels: false`, `ours` `kernels: true`; the eval is the same (HF + PEFT) for every adapter.",
         f"- **Eval:** lm-eval{' ' + env['lm_eval'] if env.get('lm_eval') else ''} on the run's held-out split, tasks "
         f"{', '.join(result['tasks']) if result.get('tasks') else 'wb_synthetic_mc, wb_synthetic_gen, wb_heldout_ppl'}"
         + (f", first {result['limit']} documents per task" if result.get("limit") else "")
@@ -414,17 +485,30 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
     if result.get("device") == "cpu":
         lines.append(f"- **CPU:** our kernels ran in Triton's interpreter (~{INTERPRETER_TOKENS_PER_S} tokens/s); "
                      "speed and memory here say nothing about the kernels.")
+    # Under --jobs > 1 the runs' times were taken while others shared the device: not shown.
     lines += ["", "## Runs", "",
-              "| seed | stack | exit | steps | step s | tokens/s | peak GiB | final loss | held-out acc | note |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| seed | stack | exit | steps | " + ("step s | tokens/s | " if timed else "")
+              + "peak GiB | final loss | held-out acc | note |",
+              "| ---: | --- | ---: | ---: | " + ("---: | ---: | " if timed else "") + "---: | ---: | ---: | --- |"]
     for r in result["runs"]:
         k = r.get("kernels") or {}
         swapped = ", ".join(f"{name} ×{sum(per.values())}" for name, per in (k.get("swapped") or {}).items())
+        times = f"| {_fmt(r.get('step_s'), '.4f')} | {_fmt(r.get('tokens_per_s'), '.0f')} " if timed else ""
         lines.append(f"| {r['seed']} | {r['stack']} | {_fmt(r.get('exit_code'), '')} | {_fmt(r.get('steps'), '')} "
-                     f"| {_fmt(r.get('step_s'), '.4f')} | {_fmt(r.get('tokens_per_s'), '.0f')} "
-                     f"| {_fmt(r.get('peak_memory_gib'), '.2f')} | {_fmt(r.get('final_loss'), '.4f')} "
+                     + times + f"| {_fmt(r.get('peak_memory_gib'), '.2f')} | {_fmt(r.get('final_loss'), '.4f')} "
                      f"| {_fmt(r.get('heldout_accuracy'), '.3f')} | {r.get('error') or swapped} |")
-    if result.get("speed"):
+    if not timed:
+        lines += ["", "## Speed: not measured in this run", "",
+                  f"Up to {jobs} (seed, stack) pipelines ran at once (`--jobs {jobs}`), so every run's step time and "
+                  "tokens/s were taken while other runs shared the device and the CPU. They are not a speed "
+                  "measurement, and neither they nor any speed ratio is given here; rerun with `--jobs 1` to "
+                  "measure speed."]
+        memory = [s for s in result.get("speed") or [] if s.get("memory_ratio") is not None]
+        if memory:
+            lines += ["", "Peak GPU memory is each process's own (`torch.cuda.max_memory_allocated`), which the "
+                      "other processes do not change:", "", "| seed | peak memory (ours/hf) |", "| ---: | ---: |"]
+            lines += [f"| {s['seed']} | {_fmt(s['memory_ratio'], '.2f')} |" for s in memory]
+    elif result.get("speed"):
         lines += ["", "## Speed and memory (ours against hf, same seed)", "",
                   "| seed | speed (hf/ours step time) | tokens/s (ours/hf) | peak memory (ours/hf) |",
                   "| ---: | ---: | ---: | ---: |"]

@@ -2,11 +2,16 @@
 per-run configs, the report, and one end-to-end CPU run of both stacks and two seeds."""
 import json
 import math
+import subprocess
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from workbench.bench import accuracy as acc
+from workbench.errors import UserError
 
 MC = "wb_synthetic_mc acc"
 PPL = "wb_heldout_ppl word_perplexity"
@@ -285,6 +290,166 @@ def test_a_skipped_train_eval_is_not_compared_but_a_lost_one_is_missing(tmp_path
     assert [c["metric"] for c in acc.compare(runs)] == [acc.FINAL_LOSS]
     runs[1].update(heldout_accuracy=0.9, heldout_rows=100)          # only ours seed 0 has it: the others lack it
     assert only(acc.compare(runs), acc.HELDOUT)["verdict"] == acc.MISSING
+
+
+# --------------------------------------------------------------------------- --jobs
+REAL_RUN = subprocess.run
+
+
+class FakeStages:
+    """subprocess.run as run() calls it: writes what the real train and eval processes
+    would, with numbers that depend on the seed and stack (ours seed 1's eval fails),
+    after a pause that is twice as long for hf (so pipelines finish out of the serial
+    order); records every call's extra arguments (env) and the most calls in flight at
+    once. ``barrier``: every call waits there for another one (fails if none comes).
+    Any other command (the CLI's environment probe) goes to the real subprocess.run."""
+
+    def __init__(self, pause=0.0, barrier=None):
+        self.pause, self.barrier, self.lock = pause, barrier, threading.Lock()
+        self.active = self.max_active = 0
+        self.calls = []
+
+    def __call__(self, argv, *args, **kwargs):
+        if list(argv[1:3]) != ["-m", "workbench"]:
+            return REAL_RUN(argv, *args, **kwargs)
+        extra = {k: v for k, v in kwargs.items() if k not in ("capture_output", "text", "cwd")}
+        assert not args and kwargs["capture_output"] and kwargs["text"] and Path(kwargs["cwd"]).is_dir()
+        stage, run_dir = argv[3], Path(argv[argv.index("--run") + 1])
+        stack, seed = run_dir.name.split("-seed")
+        seed, ours = int(seed), stack == "ours"
+        with self.lock:
+            self.calls.append((stage, run_dir.name, extra))
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.barrier is not None:
+                self.barrier.wait()
+            time.sleep(self.pause * (1 if ours else 2))
+            if stage == "train":
+                (run_dir / "train").mkdir(parents=True)
+                record = {"tokens_per_s": 200.0 if ours else 100.0, "peak_memory_gib": 3.0 if ours else 4.0,
+                          "final_loss": 1.0 + 0.1 * seed + 0.001 * ours, "steps": 2,
+                          "timings": {"train_s": 1.0 if ours else 3.0},
+                          "eval": {"base": 0.0, "adapter": 0.5 + 0.1 * seed},
+                          "kernels": {"swapped": {"rms_norm": {"LlamaRMSNorm": 9}}} if ours else None}
+                (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": record}}))
+                (run_dir / "train" / "eval.json").write_text(json.dumps({"adapter": {"rows": 10}}))
+                return subprocess.CompletedProcess(argv, 0, "", "")
+            if ours and seed == 1:
+                return subprocess.CompletedProcess(argv, 3, "", "workbench: error: eval broke\n")
+            (run_dir / "eval" / "adapter").mkdir(parents=True)
+            (run_dir / "eval" / "adapter" / "results.json").write_text(json.dumps({
+                "results": {"wb_synthetic_mc": {"acc,none": 0.5 + 0.05 * seed + 0.01 * ours}},
+                "n-samples": {"wb_synthetic_mc": {"original": 156, "effective": 100}}}))
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def _untimed(runs):
+    return [{k: v for k, v in r.items() if k not in ("train_wall_s", "eval_wall_s")} for r in runs]
+
+
+ENV = {"device": "NVIDIA H200", "date": "2026-01-01", "torch": "x", "cuda": "13.0", "triton": "3.6.0",
+       "transformers": "x", "peft": "x", "trl": "x", "lm_eval": "0.4.13"}
+
+
+def test_jobs_give_the_serial_runs_in_the_serial_order(tmp_path, monkeypatch):
+    """jobs=2 (hf's stages slower, so ours finishes first) gives the rows, comparisons,
+    verdict and accuracy table of jobs=1 in the same order; the processes' environment
+    is inherited at jobs=1 and capped to cpu count // 2 threads at jobs=2."""
+    monkeypatch.setattr(acc.os, "cpu_count", lambda: 8)
+    serial_fake, parallel_fake = FakeStages(pause=0.02), FakeStages(pause=0.02)
+    lines = {1: [], 2: []}
+    monkeypatch.setattr(acc.subprocess, "run", serial_fake)
+    serial = acc.run(None, tmp_path, steps=2, progress=lines[1].append)
+    monkeypatch.setattr(acc.subprocess, "run", parallel_fake)
+    parallel = acc.run(None, tmp_path, steps=2, progress=lines[2].append, jobs=2)
+    assert [(r["stack"], r["seed"]) for r in parallel["runs"]] == [("hf", 0), ("ours", 0), ("hf", 1), ("ours", 1)]
+    assert _untimed(parallel["runs"]) == _untimed(serial["runs"])
+    assert parallel["comparisons"] == serial["comparisons"] and parallel["ok"] == serial["ok"] is False
+    assert {c["metric"]: c["verdict"] for c in serial["comparisons"]}[MC] == acc.MISSING   # ours seed 1's eval
+    assert serial["runs"][3]["error"] == "eval: workbench: error: eval broke"
+    section = "## Accuracy"
+    md = {n: acc.markdown(r, ENV, "cmd") for n, r in ((1, serial), (2, parallel))}
+    assert md[2][md[2].index(section):] == md[1][md[1].index(section):]
+    assert (serial["jobs"], parallel["jobs"], serial["threads_per_process"], parallel["threads_per_process"]) \
+        == (1, 2, None, 4)
+    # Every progress line names its seed and stack (the failure too), in both modes.
+    for n in (1, 2):
+        named = [line for line in lines[n] if line.startswith("[bench accuracy] seed ")]
+        assert len(named) == 9 and "[bench accuracy] seed 1 ours: failed: eval: workbench: error: eval broke" in named
+    assert all(extra == {} for _, _, extra in serial_fake.calls)                # inherited, as before --jobs
+    envs = [extra["env"] for _, _, extra in parallel_fake.calls]
+    assert len(envs) == 8 and all(e["OMP_NUM_THREADS"] == e["MKL_NUM_THREADS"] == "4" for e in envs)
+    assert envs[0]["PATH"] == acc.os.environ["PATH"]                           # the rest of ours is kept
+
+
+def test_jobs_run_pipelines_at_the_same_time(tmp_path, monkeypatch):
+    """Every stage waits at a barrier for another one: only concurrent pipelines get past
+    it (one after another, the first call times out and the suite raises)."""
+    fake = FakeStages(barrier=threading.Barrier(2, timeout=5))
+    monkeypatch.setattr(acc.subprocess, "run", fake)
+    result = acc.run(None, tmp_path, steps=2, progress=lambda _: None, jobs=2)
+    assert fake.max_active == 2 and len(fake.calls) == 8
+    assert [r["exit_code"] for r in result["runs"]] == [0, 0, 0, 3]
+    serial = FakeStages(pause=0.01)
+    monkeypatch.setattr(acc.subprocess, "run", serial)
+    acc.run(None, tmp_path, steps=2, progress=lambda _: None)
+    assert serial.max_active == 1                                                # jobs=1: one at a time
+
+
+def test_with_jobs_the_report_says_speed_is_not_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(acc.os, "cpu_count", lambda: 3)                      # 3 // 2 = 1 thread each
+    monkeypatch.setattr(acc.subprocess, "run", FakeStages())
+    serial = acc.run(None, tmp_path, steps=2, progress=lambda _: None)
+    parallel = acc.run(None, tmp_path, steps=2, progress=lambda _: None, jobs=2)
+    assert serial["speed_measured"] is True and serial["speed_note"] is None
+    assert serial["speed"][0] == {"seed": 0, "speedup": 3.0, "tokens_per_s_ratio": 2.0, "memory_ratio": 0.75}
+    doc = json.loads(json.dumps(parallel))
+    assert doc["jobs"] == 2 and doc["speed_measured"] is False and doc["speed_note"].startswith("not measured")
+    # Per-process peak memory is still a measurement; no speed key is there to be read as one.
+    assert doc["speed"] == [{"seed": 0, "memory_ratio": 0.75}, {"seed": 1, "memory_ratio": 0.75}]
+    timed, untimed = acc.markdown(serial, ENV, "cmd"), acc.markdown(parallel, ENV, "cmd")
+    assert "| 0 | 3.00x | 2.00 | 0.75 |" in timed and "| step s | tokens/s |" in timed
+    assert "## Speed: not measured in this run" not in timed
+    assert "## Speed: not measured in this run" in untimed and "rerun with `--jobs 1` to measure speed" in untimed
+    assert "up to 2 (seed, stack) pipelines at once (`--jobs 2`), 1 CPU thread(s) per process" in untimed
+    assert "| 0 | 0.75 |" in untimed and "| 1 | 0.75 |" in untimed
+    # Neither a ratio nor a run's step time or tokens/s is printed.
+    for number in ("3.00x", "| 2.00 |", "step s", "| 1.5000 |", "| 0.5000 |", "| 100 |", "| 200 |"):
+        assert number not in untimed, number
+    assert "| 0 | hf | 0 | 2 | 4.00 | 1.0000 | 0.500 |  |" in untimed
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True, "2"])
+def test_jobs_below_one_or_not_an_integer_are_refused(tmp_path, monkeypatch, jobs):
+    monkeypatch.setattr(acc.subprocess, "run", FakeStages())
+    with pytest.raises(UserError, match=r"jobs \(--jobs\) must be a whole number of at least 1, got .*; pass 1"):
+        acc.run(None, tmp_path, steps=2, progress=lambda _: None, jobs=jobs)
+    assert not any(tmp_path.iterdir())                                           # refused before anything ran
+
+
+def test_cli_jobs(tmp_path, monkeypatch, capsys):
+    """--jobs reaches run(): 0 is a one-sentence error (exit 2); 2 writes a JSON report that
+    records the jobs and that speed was not measured."""
+    from workbench.cli import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")      # what the CLI would set on a CPU host; restored afterwards
+    monkeypatch.setattr(acc.subprocess, "run", FakeStages())
+    assert main(["bench", "--suite", "accuracy", "--jobs", "0", "--run", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("workbench: error: jobs (--jobs) must be a whole number of at least 1, got 0;")
+    assert len(err.splitlines()) == 1
+    code = main(["bench", "--suite", "accuracy", "--jobs", "2", "--steps", "2", "--run", str(tmp_path / "runs"),
+                 "--report", str(tmp_path / "report")])
+    assert code == 1                                                             # ours seed 1's eval failed
+    (report,) = (tmp_path / "report").glob("*.json")
+    doc = json.loads(report.read_text())
+    assert (doc["jobs"], doc["speed_measured"], doc["suite"]) == (2, False, "accuracy")
+    assert "not measured" in doc["speed_note"] and "speedup" not in doc["speed"][0]
+    assert "## Speed: not measured in this run" in report.with_suffix(".md").read_text()
 
 
 # --------------------------------------------------------------------------- end to end (CPU)
