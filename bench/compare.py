@@ -4,7 +4,8 @@ The nightly job compares tonight's report with the last one. Each metric of each
 row is matched by its key and read as a ratio new / old:
 
 * kernels: ``(kernel, shape, stack)`` -> ``fwd_ms``, ``fwd_bwd_ms`` (lower is
-  better) and ``peak_extra_gib`` (lower is better);
+  better) and ``peak_extra_gib`` (lower is better); reports timed differently (CUDA
+  graphs or events) are refused, and a row timed differently in the two is not compared;
 * train: ``(mode, stack)`` -> ``steady_step_s``, ``step_s`` and ``peak_memory_gib``
   (lower is better), ``steady_tokens_per_s`` and ``tokens_per_s`` (higher is better)
   and ``final_loss`` (must not move); a metric one of the reports lacks is skipped.
@@ -102,6 +103,10 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
             raise UserError(f"the reports were measured on different {what}s ({a!r} vs {b!r}); ratios across them "
                             "say nothing about a regression. Compare runs of one device and shape, or pass "
                             "--allow-other-device to see the ratios anyway.")
+    if suite == "kernels" and _timing(old) != _timing(new) and not allow_other_device:
+        raise UserError(f"the reports were timed differently ({_timing(old)} vs {_timing(new)}: CUDA graphs leave "
+                        "out the launch overhead that CUDA events include); compare runs of one timing, or pass "
+                        "--allow-other-device to see the ratios anyway.")
     before, after = _rows(old), _rows(new)
     changes: list[Change] = []
     for key, row in before.items():
@@ -114,6 +119,10 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
         if _failed(now):
             reason = now.get("error") or f"exit code {now.get('exit_code')}"
             changes.append(Change(key, "-", None, None, None, True, f"ran before, fails now: {reason}"))
+            continue
+        if suite == "kernels" and row.get("timing") != now.get("timing"):
+            changes.append(Change(key, "-", None, None, None, False,
+                                  f"timed with {row.get('timing')} before and {now.get('timing')} now: not compared"))
             continue
         for metric, worse in METRICS[suite].items():
             a, b = _number(row.get(metric)), _number(now.get(metric))
@@ -131,6 +140,11 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
     return changes
 
 
+def _timing(doc: dict) -> str:
+    """How a kernels report was timed; reports from before the choice existed used CUDA events."""
+    return doc.get("timing") or "events"
+
+
 def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new: dict, thresholds: dict) -> str:
     limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     bad = [c for c in changes if c.regression]
@@ -144,7 +158,7 @@ def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new
     for c in changes:
         row = " / ".join(str(k) for k in c.key)
         if c.ratio is None:
-            lines.append(f"| {row} | {c.metric} | | | | **{c.note}** |")
+            lines.append(f"| {row} | {c.metric} | | | | {f'**{c.note}**' if c.regression else c.note} |")
         else:
             lines.append(f"| {row} | {c.metric} | {c.old:.4g} | {c.new:.4g} | {c.ratio:.3f}× | "
                          f"{'**regression**' if c.regression else ''} |")
@@ -152,9 +166,9 @@ def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new
 
 
 #: Settings that decide what a report measured, besides the device: two reports that
-#: differ in one of them are not a baseline for each other (kernels: shape, dtype;
-#: train: shape, batch, seq, steps, seed). A key absent from both matches.
-SETUP = ("shape", "dtype", "batch", "seq", "steps", "seed")
+#: differ in one of them are not a baseline for each other (kernels: shape, dtype, timing;
+#: train: shape, batch, seq, steps, seed, modes). A key absent from both matches.
+SETUP = ("shape", "dtype", "timing", "batch", "seq", "steps", "seed", "modes")
 
 
 def _comparable(old: dict, new: dict) -> bool:

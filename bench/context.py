@@ -61,7 +61,7 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
     """A trial function for :func:`search`: one ``workbench train`` process at batch 1."""
     import yaml
 
-    from workbench.bench.train import _config
+    from workbench.bench.train import _config, stack_env
 
     def trial(seq: int) -> dict:
         run_dir = out / f"{mode}-{stack}-{seq}"
@@ -70,7 +70,8 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
         t0 = time.perf_counter()
         # cwd=out: from the repository root, kernels/ would answer transformers' probe for the hub `kernels`.
         proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                               "--run", str(run_dir)], capture_output=True, text=True, cwd=out)
+                               "--run", str(run_dir)], capture_output=True, text=True, cwd=out,
+                              env=stack_env(stack))
         wall = round(time.perf_counter() - t0, 1)
         if proc.returncode == 0:
             rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]

@@ -214,10 +214,27 @@ def _nf4_cases(s: dict, device, dtype) -> list[Case]:
 
 
 # --------------------------------------------------------------------------- timing
-def _timer(device: torch.device):
+#: How CUDA times are taken. "graph": the callable is captured in a CUDA graph (several
+#: calls unrolled) and replayed, so the time is the device's work alone, without the
+#: Python and launch overhead of each call (triton's ``do_bench_cudagraph``). In
+#: training the CPU runs ahead of the GPU and that overhead hides behind earlier
+#: kernels; in a micro-benchmark of a sub-millisecond step it does not, and on the
+#: H200 it made such rows move by up to 2.2x between two runs of one command
+#: (reports/regress/2026-11-29-*). "events": one call between CUDA events, L2 flushed
+#: before each (triton's ``do_bench``): launch overhead included. A case whose callables
+#: cannot be captured (one of them synchronizes with the host, say) is timed with
+#: events in every stack, so its ratios still compare like with like; the row says so.
+TIMINGS = ("graph", "events")
+
+
+def _timer(device: torch.device, timing: str = "graph"):
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     if device.type == "cuda":
         import triton.testing
 
+        if timing == "graph":
+            return lambda fn: float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
         return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
     def wall(fn, reps=3):
@@ -229,6 +246,30 @@ def _timer(device: torch.device):
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
     return wall
+
+
+def graph_blocker(calls: dict[str, Callable[[], Any]], device: torch.device) -> str | None:
+    """Why these callables cannot be captured in a CUDA graph (the first one that
+    synchronizes with the host, after a warm-up call that may compile or autotune),
+    or None. Other errors are left to the timing loop, which records them."""
+    if device.type != "cuda":
+        return None
+    for name, call in calls.items():
+        try:
+            call()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                call()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+        except RuntimeError as err:
+            if "synchroniz" in str(err):
+                return f"{name} synchronizes with the host"
+        except Exception:  # noqa: BLE001 - recorded when the stack is timed
+            pass
+    return None
 
 
 def _fwd_bwd(call: Callable[[], Any], leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -268,6 +309,7 @@ class Row:
     peak_extra_gib: float | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    timing: str | None = None            # "graph" or "events" (TIMINGS); None on the CPU and for the floor
 
 
 def device_ceilings(device: torch.device) -> dict:
@@ -286,9 +328,10 @@ def device_ceilings(device: torch.device) -> dict:
 
 
 def run(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only: list[str] | None = None,
-        compile_reference: bool = True, progress: Callable[[str], None] = print) -> dict:
+        compile_reference: bool = True, progress: Callable[[str], None] = print, timing: str = "graph") -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timer = _timer(device)
+    timers = {t: _timer(device, t) for t in TIMINGS}
+    _timer(device, timing)  # validates the choice
     specs = registry()
     ceilings = device_ceilings(device)
     rows: list[Row] = []
@@ -314,24 +357,25 @@ def run(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only
                 stacks["liger"] = case.liger()
             except Exception as err:  # noqa: BLE001 - recorded in the report
                 rows.append(Row(case.kernel, case.shape, "liger", error=f"{type(err).__name__}: {err}"))
-        for stack, call in stacks.items():
-            progress(f"[bench] {case.kernel} {case.shape} {stack}")
-            row = Row(case.kernel, case.shape, stack)
-            try:
-                with torch.no_grad():
-                    row.fwd_ms = timer(call)
+        case_timing, why_events = timing, None
+        if device.type == "cuda" and timing == "graph":
+            probes = {}
+            for stack, call in stacks.items():
+                probes[f"{stack} forward"] = lambda call=call: _no_grad(call)
                 if leaves:
-                    step = _fwd_bwd(call, leaves)
-                    row.fwd_bwd_ms = timer(step)
-                else:  # nothing to differentiate (NF4 dequant): the forward is the whole step
-                    step = call
-                row.peak_extra_gib = _peak_extra(step, device, leaves)
-            except torch.cuda.OutOfMemoryError as err:
-                row.error = f"OOM: {str(err).splitlines()[0]}"
-                torch.cuda.empty_cache()
-            except Exception as err:  # noqa: BLE001 - recorded in the report, never hidden
-                row.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            rows.append(row)
+                    probes[f"{stack} backward"] = _fwd_bwd(call, leaves)
+            why_events = graph_blocker(probes, device)
+            if why_events:
+                case_timing = "events"
+                progress(f"[bench] {case.kernel}: timed with CUDA events, not graphs ({why_events})")
+        case_rows = _time_stacks(case, stacks, leaves, device, timers[case_timing], case_timing, why_events, progress)
+        failed = [r for r in case_rows if r.error and "captur" in r.error.lower()]
+        if case_timing == "graph" and failed:  # a capture failure the probe did not foresee: redo the case
+            why_events = f"{failed[0].stack} could not be captured ({failed[0].error})"
+            progress(f"[bench] {case.kernel}: timed with CUDA events, not graphs ({why_events})")
+            torch.cuda.synchronize()
+            case_rows = _time_stacks(case, stacks, leaves, device, timers["events"], "events", why_events, progress)
+        rows += case_rows
         floor = None
         if ceilings:
             floor = max(case.bytes_moved / ceilings["copy_bytes_per_s"],
@@ -342,7 +386,40 @@ def run(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only
             if isinstance(t, torch.Tensor):
                 t.grad = None
     return {"shape": shape_name, "shape_dims": SHAPES[shape_name], "dtype": str(dtype).removeprefix("torch."),
-            "ceilings": ceilings, "rows": [r.__dict__ for r in rows]}
+            "timing": timing if device.type == "cuda" else "wall", "ceilings": ceilings,
+            "rows": [r.__dict__ for r in rows]}
+
+
+def _time_stacks(case: Case, stacks: dict, leaves: list, device: torch.device, timer, timing: str,
+                 why_events: str | None, progress) -> list[Row]:
+    """One row per stack of ``case``: forward ms, forward+backward ms, peak extra memory."""
+    rows = []
+    for stack, call in stacks.items():
+        progress(f"[bench] {case.kernel} {case.shape} {stack}")
+        row = Row(case.kernel, case.shape, stack, timing=timing if device.type == "cuda" else None)
+        if why_events:
+            row.extra["timing_note"] = f"CUDA events in every stack of this kernel: {why_events}"
+        try:
+            with torch.no_grad():
+                row.fwd_ms = timer(call)
+            if leaves:
+                step = _fwd_bwd(call, leaves)
+                row.fwd_bwd_ms = timer(step)
+            else:  # nothing to differentiate (NF4 dequant): the forward is the whole step
+                step = call
+            row.peak_extra_gib = _peak_extra(step, device, leaves)
+        except torch.cuda.OutOfMemoryError as err:
+            row.error = f"OOM: {str(err).splitlines()[0]}"
+            torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001 - recorded in the report, never hidden
+            row.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        rows.append(row)
+    return rows
+
+
+def _no_grad(call: Callable[[], Any]) -> Any:
+    with torch.no_grad():
+        return call()
 
 
 def markdown(result: dict, env: dict, command: str, png_name: str | None = None) -> str:
@@ -358,9 +435,16 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
         "is not what HF/PEFT run (their matmuls in the activation dtype); `torch.compile` (of that torch stack); "
         "`liger` (Liger-Kernel) and `bitsandbytes` when installed; `floor` (minimal bytes at the measured copy "
         "rate, or matmul FLOPs at the measured bf16 rate, whichever is larger).",
-        "- Times are medians in ms (triton `do_bench`); `vs torch` is the torch stack's time over this row's, "
-        "same run (forward only for nf4_dequant, which has no gradient); peak is the extra memory of one "
-        "forward+backward.",
+        "- Times are medians in ms: " + {
+            "graph": "device time of the call replayed from a CUDA graph (triton `do_bench_cudagraph`; launch and "
+                     "Python overhead excluded, as in training, where the CPU runs ahead). A kernel whose callables "
+                     "synchronize with the host is timed with CUDA events in all its stacks (note column).",
+            "events": "one call between CUDA events, L2 flushed before each (triton `do_bench`; launch and "
+                      "Python overhead included).",
+            "wall": "wall clock on the CPU (a smoke test, not a measurement of the kernels)."}.get(
+            result.get("timing", "events"), "triton `do_bench`.")
+        + " `vs torch` is the torch stack's time over this row's, same run and same timing (forward only for "
+        "nf4_dequant, which has no gradient); peak is the extra memory of one forward+backward.",
         "",
         "| kernel | shape | stack | fwd ms | fwd+bwd ms | vs torch (fwd+bwd) | peak extra GiB | note |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
@@ -378,7 +462,8 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
         base, mine = torch_ms.get(r["kernel"]), step_ms(r)
         ratio = f"{base / mine:.2f}x" if base and mine and r["stack"] != "floor" else ""
         lines.append(f"| {r['kernel']} | {r['shape']} | {r['stack']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} "
-                     f"| {ratio} | {fmt(r['peak_extra_gib'], '.2f')} | {r['error'] or ''} |")
+                     f"| {ratio} | {fmt(r['peak_extra_gib'], '.2f')} "
+                     f"| {r['error'] or (r.get('extra') or {}).get('timing_note') or ''} |")
     if png_name:
         lines += ["", f"![roofline of our kernels and time per kernel and stack]({png_name})"]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,11 @@ Stacks:
             user gets them (``use_liger_kernel``); TRL 1.16 keeps its own chunked LM-head
             loss and refuses Liger's fused linear cross-entropy. Runs when liger-kernel is
             installed.
+  ``unsloth``, ``unsloth-gc``  Unsloth's FastLanguageModel (its patched Llama, LoRA kernels
+            and loss; ``-gc``: its offloaded checkpointing), trained by the same TRL loop.
+            Unsloth pins trl <= 1.15 and datasets < 5, so it usually lives in a site of its
+            own (scripts/unsloth-host-packages.txt): set WORKBENCH_UNSLOTH_SITE to that
+            folder and only these stacks' processes get it first on PYTHONPATH.
 
 Reported per run: the per-step loss curve, tokens/s, step time, peak allocated
 memory; per mode and stack: the loss agreement with hf (max |difference| over the
@@ -49,9 +54,33 @@ SHAPES = {
 MODES = ("lora", "qlora")
 STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "hf-gc": "HF + SDPA + gradient checkpointing",
           "ours": "ours (workbench.patch)", "ours-gc": "ours + gradient checkpointing",
-          "liger": "Liger-Kernel via TRL (layer kernels)"}
+          "liger": "Liger-Kernel via TRL (layer kernels)", "unsloth": "Unsloth (FastLanguageModel via TRL)",
+          "unsloth-gc": "Unsloth + its offloaded checkpointing"}
 #: Stacks that run only where their package is installed (skipped, and said so, elsewhere).
-OPTIONAL = {"liger": "liger-kernel"}
+OPTIONAL = {"liger": "liger-kernel", "unsloth": "unsloth", "unsloth-gc": "unsloth"}
+#: A site folder holding Unsloth and its own trl/datasets, put first on PYTHONPATH in the
+#: Unsloth stacks' processes only (scripts/build_wheelhouse.sh .site-unsloth
+#: scripts/unsloth-host-packages.txt builds one).
+UNSLOTH_SITE = "WORKBENCH_UNSLOTH_SITE"
+
+
+def unsloth_site() -> Path | None:
+    """The folder named by WORKBENCH_UNSLOTH_SITE, when it holds the unsloth package."""
+    value = os.environ.get(UNSLOTH_SITE)
+    if value and (Path(value) / "unsloth" / "__init__.py").is_file():
+        return Path(value).resolve()
+    return None
+
+
+def stack_env(stack: str) -> dict | None:
+    """The environment of one stack's process: Unsloth's site first on PYTHONPATH for the
+    Unsloth stacks when one is set, else the suite's own environment (None)."""
+    site = unsloth_site() if stack.startswith("unsloth") else None
+    if site is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def available_stacks(stacks=tuple(STACKS)) -> tuple[list[str], dict[str, str]]:
@@ -63,7 +92,10 @@ def available_stacks(stacks=tuple(STACKS)) -> tuple[list[str], dict[str, str]]:
     run, skipped = [], {}
     for stack in stacks:
         package = OPTIONAL.get(stack)
-        if package and importlib.util.find_spec(package.replace("-", "_")) is None:
+        if package == "unsloth" and unsloth_site() is None and importlib.util.find_spec("unsloth") is None:
+            skipped[stack] = (f"unsloth is not installed here and {UNSLOTH_SITE} names no site with it "
+                              "(scripts/unsloth-host-packages.txt)")
+        elif package and package != "unsloth" and importlib.util.find_spec(package.replace("-", "_")) is None:
             skipped[stack] = f"{package} is not installed"
         elif package and not torch.cuda.is_available():
             skipped[stack] = f"{package} needs a CUDA device"
@@ -86,10 +118,12 @@ LOSS_BAND = 1e-2
 WARMUP_FRACTION = 0.2
 
 
-def steady_rate(losses: list[dict], steps: int) -> dict:
+def steady_rate(losses: list[dict], steps: int, tokens_per_step: int | None = None) -> dict:
     """Step time and tokens/s between the end of the warm-up and the last logged step,
     from loss.jsonl's per-step ``elapsed`` (seconds since training began) and cumulative
-    ``tokens``. Empty when fewer than two logged steps follow the warm-up."""
+    ``tokens``. Empty when fewer than two logged steps follow the warm-up.
+    ``tokens_per_step``: the count to use where the log has none (Unsloth's trainer logs
+    no token count; with wrapped packing every step holds exactly batch x seq tokens)."""
     warm = max(1, int(steps * WARMUP_FRACTION))
     rows = [r for r in losses if isinstance(r.get("elapsed"), (int, float)) and (r.get("step") or 0) >= warm]
     if len(rows) < 2 or rows[-1]["step"] <= rows[0]["step"] or rows[-1]["elapsed"] <= rows[0]["elapsed"]:
@@ -97,8 +131,12 @@ def steady_rate(losses: list[dict], steps: int) -> dict:
     first, last = rows[0], rows[-1]
     seconds = last["elapsed"] - first["elapsed"]
     out = {"steady_from_step": first["step"], "steady_step_s": round(seconds / (last["step"] - first["step"]), 5)}
-    if isinstance(first.get("tokens"), (int, float)) and isinstance(last.get("tokens"), (int, float)):
+    if isinstance(first.get("tokens"), (int, float)) and isinstance(last.get("tokens"), (int, float)) \
+            and last["tokens"] > first["tokens"]:
         out["steady_tokens_per_s"] = round((last["tokens"] - first["tokens"]) / seconds, 1)
+    elif tokens_per_step:
+        out["steady_tokens_per_s"] = round((last["step"] - first["step"]) * tokens_per_step / seconds, 1)
+        out["tokens_counted"] = "batch x seq"
     return out
 
 
@@ -148,7 +186,7 @@ def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, see
         "quantization": {"type": "nf4", "double_quant": True} if mode == "qlora" else None,
         "training": training,
         "eval": {"max_rows": 0},
-        "kernels": {"ours": True, "liger": "liger"}.get(stack.split("-")[0], False),
+        "kernels": {"ours": True, "liger": "liger", "unsloth": "unsloth"}.get(stack.split("-")[0], False),
     }
 
 
@@ -174,7 +212,8 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
             # cwd=out: `python -m` puts its cwd on sys.path, and from the repository root the
             # folder kernels/ would answer transformers' probe for the hub's `kernels` package.
             proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                                   "--run", str(run_dir)], capture_output=True, text=True, cwd=out)
+                                   "--run", str(run_dir)], capture_output=True, text=True, cwd=out,
+                                  env=stack_env(stack))
             row = {"mode": mode, "stack": stack, "label": STACKS[stack], "wall_s": round(time.perf_counter() - t0, 1),
                    "exit_code": proc.returncode}
             if proc.returncode != 0:
@@ -184,14 +223,19 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
                 record = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
                 losses = [json.loads(line) for line in (run_dir / "train" / "loss.jsonl").read_text().splitlines()]
                 row.update(tokens_per_s=record.get("tokens_per_s"), peak_memory_gib=record.get("peak_memory_gib"),
+                           peak_reserved_gib=record.get("peak_reserved_gib"),
                            train_s=record["timings"].get("train_s"), steps=record.get("steps"),
                            final_loss=record.get("final_loss"), kernels=record.get("kernels"),
+                           trl=(record.get("versions") or {}).get("trl"),
                            loss_curve=[(r["step"], r["loss"]) for r in losses if r.get("loss") is not None])
                 row["step_s"] = round(row["train_s"] / row["steps"], 4) if row["steps"] else None
-                row.update(steady_rate(losses, steps))
+                per_step = batch * seq if seq else None  # wrapped packing: every sequence is full
+                if not row["tokens_per_s"] and per_step and row["steps"] and row["train_s"]:
+                    row["tokens_per_s"] = round(row["steps"] * per_step / row["train_s"], 1)
+                row.update(steady_rate(losses, steps, per_step))
             results.append(row)
     return {"shape": shape, "shape_dims": SHAPES[shape], "steps": steps, "batch": batch, "seed": seed, "seq": seq,
-            "runs": results, "comparisons": compare(results), "skipped_stacks": skipped}
+            "modes": list(modes), "runs": results, "comparisons": compare(results), "skipped_stacks": skipped}
 
 
 def compare(results: list[dict]) -> list[dict]:
@@ -326,7 +370,9 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "- **Stacks:** `hf` is transformers + PEFT with `attn_implementation=\"sdpa\"` (PyTorch's flash "
         "backend on CUDA bf16, the \"HF + FA2\" baseline; flash-attn is not installed); `ours` adds "
         "`workbench.patch`; `-gc` turns on gradient checkpointing; `liger` is HF + SDPA with Liger-Kernel's "
-        "RMSNorm/RoPE/SwiGLU applied by TRL's `use_liger_kernel` (TRL keeps its chunked LM-head loss).",
+        "RMSNorm/RoPE/SwiGLU applied by TRL's `use_liger_kernel` (TRL keeps its chunked LM-head loss); "
+        "`unsloth` is Unsloth's FastLanguageModel (its model, LoRA kernels and loss) in the same TRL loop, "
+        "`unsloth-gc` with its offloaded checkpointing.",
         *(["- **Not run:** " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped_stacks"].items()) + "."]
           if result.get("skipped_stacks") else []),
         "",
@@ -334,9 +380,12 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         f"{WARMUP_FRACTION:g} x steps), from the per-step log); `whole run` divides the training time, first steps "
         "included, by the steps. Ratios below use the steady numbers where both runs have them.",
         "",
-        "| mode | stack | exit | steps | steady step s | steady tokens/s | whole-run step s | peak GiB | final loss "
-        "| kernel calls in training |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "- **Memory:** peak allocated by tensors (`torch.cuda.max_memory_allocated`) and peak reserved by the "
+        "caching allocator (`max_memory_reserved`, what the device must have) over the whole training.",
+        "",
+        "| mode | stack | exit | steps | steady step s | steady tokens/s | whole-run step s | peak alloc. GiB "
+        "| peak reserved GiB | final loss | kernel calls in training |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in result["runs"]:
         k = r.get("kernels") or {}
@@ -346,10 +395,11 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         else:
             swapped = ", ".join(f"{name} ×{sum(per.values())} patched" for name, per in (k.get("swapped") or {}).items())
         if k.get("engine"):
-            swapped = f"{k['engine']} {k.get('version', '')}".strip()
+            swapped = f"{k['engine']} {k.get('version', '')}".strip() + (f" (trl {r['trl']})" if r.get("trl") else "")
         lines.append(f"| {r['mode']} | {r['label']} | {r['exit_code']} | {r.get('steps', '—')} "
                      f"| {f(r.get('steady_step_s'), '.4f')} | {f(r.get('steady_tokens_per_s'), '.0f')} "
                      f"| {f(r.get('step_s'), '.4f')} | {f(r.get('peak_memory_gib'), '.2f')} "
+                     f"| {f(r.get('peak_reserved_gib'), '.2f')} "
                      f"| {f(r.get('final_loss'), '.4f')} | {swapped or r.get('error', '')} |")
     lines += ["", f"Each stack against `hf` (losses must agree within {LOSS_BAND:g} relative at every logged step; "
               "a stack outside that band is flagged, not celebrated):", "",

@@ -3,6 +3,10 @@
 #
 #   scripts/build_wheelhouse.sh [OUT_DIR] [REQUIREMENTS_FILE]
 #
+# The train suite's Unsloth stacks need a second site (their own trl and datasets):
+#   scripts/build_wheelhouse.sh .site-unsloth scripts/unsloth-host-packages.txt
+# and WORKBENCH_UNSLOTH_SITE=/path/to/that/site on the host (bench/train.py).
+#
 # Downloads the wheels the host lacks (scripts/gpu-host-packages.txt by default) for
 # the host's platform (CPython 3.12, manylinux x86_64; override with PY_VERSION),
 # adds the llama-cpp-python wheel from ../shared/wheels when present, unpacks them
@@ -32,7 +36,9 @@ grep -vE '^\s*(#|$)' "$reqs" | while read -r req; do
     --implementation cp "${plat[@]}" -d "$wheels" "$req"
 done
 shared_llama=$(ls ../shared/wheels/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)
-if [ -n "$shared_llama" ]; then
+if [ "$reqs" != "scripts/gpu-host-packages.txt" ]; then
+  :  # another site (the Unsloth one): the main site carries llama-cpp-python
+elif [ -n "$shared_llama" ]; then
   echo "[wheelhouse] $(basename "$shared_llama") (from ../shared/wheels)"
   cp "$shared_llama" "$wheels/"
 else
@@ -47,6 +53,8 @@ if [ -d "$out/site/bitsandbytes" ]; then
   find "$out/site/bitsandbytes" -name 'libbitsandbytes_*' \
     ! -name 'libbitsandbytes_cuda130.so' ! -name 'libbitsandbytes_cpu.so' -delete
 fi
+# Unsloth's studio/ is a web app (82 MB) that training never imports.
+rm -rf "$out/site/studio"
 find "$out/site" -name '__pycache__' -type d -prune -exec rm -rf {} +
 tar -C "$out" -cJf "$out/site.tar.xz" site
 du -sh "$out/site" "$out/site.tar.xz"

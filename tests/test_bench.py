@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -7,9 +8,11 @@ from workbench.cli import main
 
 def test_kernel_bench_smoke_writes_a_report_without_errors(tmp_path, capsys):
     # The CPU path only proves the harness end to end (tiny shapes, interpreter); GPU numbers come from `device`.
-    code = main(["bench", "--shape", "tiny", "--only", "rms_norm,swiglu,cross_entropy", "--report", str(tmp_path)])
+    code = main(["bench", "--shape", "tiny", "--only", "rms_norm,swiglu,cross_entropy", "--report", str(tmp_path),
+                 "--tag", "smoke"])
     assert code == 0
     (js,) = tmp_path.glob("*.json")
+    assert js.name.endswith("-smoke.json")
     doc = json.loads(js.read_text())
     rows = doc["rows"]
     assert {r["kernel"] for r in rows} == {"rms_norm", "swiglu", "cross_entropy"}
@@ -25,6 +28,7 @@ def test_kernel_bench_smoke_writes_a_report_without_errors(tmp_path, capsys):
     (["bench", "--suite", "inference"], "unknown suite"),
     (["bench", "--shape", "llama3-8b"], "need a CUDA device"),
     (["bench", "--shape", "tiny", "--only", "nope"], "unknown kernel"),
+    (["bench", "--shape", "tiny", "--only", "rms_norm", "--tag", "../x"], "part of a file name"),
 ])
 def test_bench_user_errors(args, message, capsys):
     assert main(args) == 2
@@ -91,9 +95,12 @@ def test_optional_train_stacks_are_skipped_with_a_reason_and_refused_when_asked_
     from workbench.bench import train as tbench
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("liger_kernel", "unsloth") else real(name, *a))
+    monkeypatch.delenv(tbench.UNSLOTH_SITE, raising=False)
     run, skipped = tbench.available_stacks()
-    assert "liger" not in run and skipped == {"liger": "liger-kernel is not installed"}
+    assert "liger" not in run and skipped.pop("liger") == "liger-kernel is not installed"
+    assert set(skipped) == {"unsloth", "unsloth-gc"} and "WORKBENCH_UNSLOTH_SITE" in skipped["unsloth"]
     assert {"hf", "hf-gc", "ours", "ours-gc"} <= set(run)
     assert tbench._config(__import__("pathlib").Path("/x"), "lora", "liger", 3, 2, 0, None)["kernels"] == "liger"
     assert tbench._config(__import__("pathlib").Path("/x"), "lora", "ours-gc", 3, 2, 0, None)["kernels"] is True
@@ -101,6 +108,33 @@ def test_optional_train_stacks_are_skipped_with_a_reason_and_refused_when_asked_
     # Asked for by name, a stack that cannot run is an error, not a quiet skip.
     assert main(["bench", "--suite", "train", "--shape", "tiny", "--stacks", "hf,liger"]) == 2
     assert "--stacks liger: liger-kernel is not installed" in capsys.readouterr().err
+
+
+def test_unsloth_stacks_run_from_their_own_site(monkeypatch, tmp_path):
+    """Unsloth pins an older trl/datasets than ours: its stacks find it in a site folder of
+    its own, put first on PYTHONPATH in their processes only."""
+    import importlib.util
+
+    from workbench.bench import train as tbench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "unsloth" else real(name, *a))
+    site = tmp_path / "site-unsloth"
+    monkeypatch.setenv(tbench.UNSLOTH_SITE, str(site))
+    monkeypatch.setenv("PYTHONPATH", "/main/site")
+    assert "unsloth" in tbench.available_stacks(("hf", "unsloth"))[1]  # the folder has no unsloth package yet
+    assert tbench.stack_env("unsloth") is None
+    (site / "unsloth").mkdir(parents=True)
+    (site / "unsloth" / "__init__.py").write_text("")
+    assert tbench.available_stacks(("unsloth",))[1] == {"unsloth": "unsloth needs a CUDA device"} \
+        or __import__("torch").cuda.is_available()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    run, skipped = tbench.available_stacks(("hf", "unsloth", "unsloth-gc"))
+    assert run == ["hf", "unsloth", "unsloth-gc"] and not skipped
+    assert tbench.stack_env("unsloth-gc")["PYTHONPATH"] == f"{site.resolve()}{os.pathsep}/main/site"
+    assert tbench.stack_env("ours") is None and tbench.stack_env("liger") is None
+    cfg = tbench._config(tmp_path, "qlora", "unsloth-gc", 3, 2, 0, 64)
+    assert cfg["kernels"] == "unsloth" and cfg["training"]["gradient_checkpointing"] is True
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")
@@ -189,6 +223,46 @@ def test_regress_refuses_other_devices_and_other_suites(tmp_path, capsys):
     assert "cannot compare a kernels report with a train report" in capsys.readouterr().err
     assert main(["regress", old, str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_regress_refuses_reports_timed_differently_and_skips_rows_timed_differently(tmp_path, capsys):
+    # CUDA graphs leave out the launch overhead that CUDA events include: a ratio across them is no regression.
+    def graphs(doc):
+        doc["timing"] = "graph"
+    old, new = _report_pair(tmp_path, KERNEL_REPORT, graphs)  # the H100 report predates the choice: events
+    assert main(["regress", old, new]) == 2
+    assert "timed differently (events vs graph" in capsys.readouterr().err
+
+    def one_case_fell_back(doc):
+        for r in doc["rows"]:
+            r["timing"] = "events" if r["kernel"] == "cross_entropy" else "graph"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, new = _report_pair(tmp_path / "a", KERNEL_REPORT, lambda doc: [r.update(timing="graph") for r in doc["rows"]])
+    _, new2 = _report_pair(tmp_path / "b", KERNEL_REPORT, one_case_fell_back)
+    assert main(["regress", new, new2]) == 0
+    out = capsys.readouterr().out
+    assert "timed with graph before and events now: not compared" in out and _flagged_lines(out) == []
+
+
+def _flagged_lines(text):
+    return [line for line in text.splitlines() if "**" in line and line.startswith("| ")]
+
+
+def test_kernel_timing_choices():
+    import torch
+
+    from workbench.bench import kernels as kbench
+
+    with pytest.raises(ValueError, match="timing must be one of"):
+        kbench._timer(torch.device("cpu"), "sometimes")
+    assert kbench.graph_blocker({"x": lambda: 1 / 0}, torch.device("cpu")) is None  # nothing to capture on the CPU
+    doc = {"shape": "tiny", "shape_dims": {}, "dtype": "bfloat16", "timing": "graph", "rows": [
+        {"kernel": "rms_norm", "shape": "s", "stack": "ours", "fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "peak_extra_gib": 0.1,
+         "error": None, "timing": "events", "extra": {"timing_note": "CUDA events in every stack of this kernel: x"}}]}
+    env = {"device": "d", "date": "2026-11-29", "torch": "t", "cuda": "c", "triton": "tr", "transformers": "tf"}
+    text = kbench.markdown(doc, env, "workbench bench")
+    assert "do_bench_cudagraph" in text and "| CUDA events in every stack of this kernel: x |" in text
 
 
 # --------------------------------------------------------------------------- context search

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shlex
 import subprocess
@@ -113,6 +114,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
+    _stem({"date": "", "device_slug": ""}, args)  # a bad --tag fails now, not after the runs
     _ensure_interpreter_if_no_gpu()
     import torch
 
@@ -140,12 +142,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"unknown kernel(s) {', '.join(unknown)}; see `workbench kernels`.")
     if not torch.cuda.is_available() and args.shape != "tiny":
         raise UserError("kernel benchmarks need a CUDA device; on the CPU only `--shape tiny` runs (a smoke test).")
-    result = kbench.run(args.shape, DTYPES[args.dtype], only or None, compile_reference=not args.no_compile)
+    result = kbench.run(args.shape, DTYPES[args.dtype], only or None, compile_reference=not args.no_compile,
+                        timing=args.timing)
     env = environment()
     env["liger_kernel"] = _version("liger-kernel")
     command = args.command_line
     doc = {"suite": "kernels", "environment": env, "command": command, **result}
-    stem = f"{env['date']}-{env['device_slug']}"
+    stem = _stem(env, args)
     out = Path(args.report)
     png = kbench.plot(result, out / f"{stem}.png", env)
     text = kbench.markdown(result, env, command, png.name) + "\n" + _against_previous(out, doc, f"{stem}.json")
@@ -154,6 +157,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(text)
     print(f"kernel report: {out / (stem + '.md')}, {out / (stem + '.json')} and {png}")
     return 0
+
+
+def _stem(env: dict, args: argparse.Namespace) -> str:
+    """A report's file name: <date>-<device>, and -<tag> when --tag is given (a second
+    report of one suite, device and day, say)."""
+    tag = getattr(args, "tag", None)
+    if tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
+        raise UserError(f"--tag {tag!r} must be letters, digits, '.', '_' or '-' (it becomes part of a file name).")
+    return f"{env['date']}-{env['device_slug']}" + (f"-{tag}" if tag else "")
 
 
 def _against_previous(report_dir: Path, doc: dict, name: str) -> str:
@@ -197,7 +209,7 @@ def _bench_train(args: argparse.Namespace) -> int:
                         modes=modes, stacks=stacks, seq=args.seq or None)
     env = environment()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
-    stem = f"{env['date']}-{env['device_slug']}"
+    stem = _stem(env, args)
     out = Path(args.report if args.report != "reports/kernels" else "reports/train")
     png = tbench.plot(result, out / f"{stem}.png")
     doc = {"suite": "train", "environment": env, "command": args.command_line, **result}
@@ -246,7 +258,7 @@ def _bench_context(args: argparse.Namespace) -> int:
     result = context.run(shape, modes, stacks, args.run or "runs/bench-context", start=args.seq or 2048)
     env = environment()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
-    stem = f"{env['date']}-{env['device_slug']}"
+    stem = _stem(env, args)
     out = Path(args.report if args.report != "reports/kernels" else "reports/context")
     atomic.write_json(out / f"{stem}.json", {"suite": "context", "environment": env, "command": args.command_line,
                                              **result})
@@ -271,10 +283,10 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     stacks = tuple(s for s in (args.stacks or "hf,ours").split(",") if s)
     tasks = [t for t in (args.tasks or "").split(",") if t] or None
     result = abench.run(args.config, args.run or "runs/bench-accuracy", seeds=seeds, stacks=stacks,
-                        steps=args.steps, tasks=tasks, limit=args.limit)
+                        steps=args.steps, tasks=tasks, limit=args.limit, jobs=args.jobs)
     env = environment()
     env["trl"], env["lm_eval"] = _version("trl"), _version("lm-eval")
-    stem = f"{env['date']}-{env['device_slug']}"
+    stem = _stem(env, args)
     out = Path(args.report if args.report != "reports/kernels" else "reports/accuracy")
     png = abench.plot(result, out / f"{stem}.png")
     atomic.write_json(out / f"{stem}.json", {"suite": "accuracy", "environment": env, "command": args.command_line,
@@ -315,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--only", help="comma-separated kernel names")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stack")
+    p.add_argument("--timing", choices=["graph", "events"], default="graph",
+                   help="kernels suite on CUDA: graph (default; each call replayed from a CUDA graph, launch overhead "
+                        "excluded) or events (one call between CUDA events, launch overhead included)")
+    p.add_argument("--tag", help="appended to the report's file name: <date>-<device>-<tag>")
     p.add_argument("--report", default="reports/kernels", metavar="DIR",
                    help="where <date>-<device>.md/.json go (the train suite: reports/train)")
     p.add_argument("--steps", type=int, help="train suite: optimizer steps per run (default 30); accuracy suite: "
@@ -324,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train suite: sequences of exactly TOKENS tokens (the built-in rows packed; e.g. 2048 for "
                         "the 4 x 2048 shape); default: one short row per sequence")
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
-    p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc,liger (default all that can run "
-                   "here: liger needs liger-kernel and CUDA; hf is the baseline)")
+    p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc,liger,unsloth,unsloth-gc (default all "
+                   "that can run here: liger needs liger-kernel and CUDA; unsloth needs CUDA and unsloth, installed "
+                   "or in the site folder named by WORKBENCH_UNSLOTH_SITE; hf is the baseline)")
     p.add_argument("--run", metavar="DIR", help="train/context/accuracy suites: where the runs go (default "
                    "runs/bench-<suite>)")
     p.add_argument("--config", metavar="YAML", help="accuracy suite: the training config (default: the built-in run)")
@@ -333,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the run-to-run noise)")
     p.add_argument("--tasks", help="accuracy suite: comma-separated lm-eval tasks (default: the shipped ones)")
     p.add_argument("--limit", type=int, metavar="N", help="accuracy suite: only the first N documents per task")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="accuracy suite: run up to N (seed, stack) "
+                   "pipelines (train, then eval) at once, each process with cpu count / N CPU threads (default 1: "
+                   "one after another). The same runs in the same order; above 1 they share the device, so the report "
+                   "gives no speed numbers")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("regress", help="compare two reports of one bench suite (e.g. last night's and tonight's); "

@@ -15,7 +15,10 @@ against the config file's folder (the file can travel with its data).
     eval:         max_rows, max_new_tokens (greedy generation on the test split, base and adapter)
     kernels:      "auto" (on with CUDA, off on the CPU), true, false, or {switch: bool} (workbench.patch);
                   "liger": Liger-Kernel's layer kernels through TRL instead of ours (a comparison stack;
-                  needs liger-kernel and a CUDA device)
+                  needs liger-kernel and a CUDA device); "unsloth": Unsloth's FastLanguageModel loads the
+                  base and attaches the LoRA (its patched model, kernels and loss; with
+                  gradient_checkpointing, its offloaded checkpointing), trained through the same TRL loop
+                  (a comparison stack; needs unsloth, whose trl/datasets pins differ from ours, and CUDA)
 """
 from __future__ import annotations
 
@@ -202,7 +205,11 @@ def _validate(cfg: Config) -> None:
         _check_choice("quantization.type", cfg.quantization.type, ("nf4",))
         _check_choice("quantization.compute_dtype", cfg.quantization.compute_dtype, DTYPES)
     if isinstance(cfg.kernels, str):
-        _check_choice("kernels", cfg.kernels, ("auto", "liger"))
+        _check_choice("kernels", cfg.kernels, ("auto", "liger", "unsloth"))
+        if cfg.kernels == "unsloth" and cfg.eval.max_rows:
+            raise UserError("kernels: unsloth trains only (Unsloth's model generates after its own for_inference "
+                            "switch, which this harness does not drive); set eval.max_rows: 0 and score the "
+                            "adapter with workbench eval.")
     _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))  # true: TRL's default, bfd
 
 

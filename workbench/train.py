@@ -248,6 +248,9 @@ def keep_portable_4bit_layout(model) -> None:
 def load_model(cfg: Config, base: str):
     """The base causal LM, quantized to NF4 when configured (QLoRA), ready for PEFT."""
     import torch
+
+    if cfg.kernels == "unsloth":
+        return _unsloth_load(cfg, base)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     # On the GPU from the start, so that the base's accuracy eval runs there too.
@@ -295,6 +298,8 @@ def attach_lora(cfg: Config, model):
     if missing:
         raise UserError(f"lora.target_modules names {', '.join(missing)}, which this model does not have; "
                         "use module names of its linear layers (e.g. q_proj, v_proj).")
+    if cfg.kernels == "unsloth":
+        return _unsloth_attach(cfg, model)
     config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                         use_rslora=lc.use_rslora, task_type="CAUSAL_LM", bias="none")
     with _old_checkpointing_name():
@@ -324,6 +329,9 @@ def kernels_enabled(cfg: Config) -> dict | None:
     if value == "liger":
         liger_check()
         return None
+    if value == "unsloth":
+        unsloth_check()
+        return None
     try:
         patch = importlib.import_module("workbench.patch")
     except ImportError as err:
@@ -346,6 +354,58 @@ def liger_check() -> str:
     if not torch.cuda.is_available():
         raise UserError("kernels: liger needs a CUDA device (Liger-Kernel has no CPU path); use kernels: false here.")
     return version
+
+
+def unsloth_check() -> str:
+    """``kernels: unsloth`` (a comparison stack): Unsloth's FastLanguageModel loads the
+    base (NF4 with double quant for QLoRA, as ours) and attaches the LoRA, with its own
+    patched model, LoRA kernels and loss; the same TRL loop trains it. Unsloth wants to
+    be imported before transformers, TRL and PEFT, so the check imports it (run_train
+    calls it first). Returns Unsloth's version."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        raise UserError("kernels: unsloth needs the unsloth package, which pins trl <= 1.15 and datasets < 5 (ours: "
+                        "trl 1.16, datasets 5): install it in its own environment, or build its site with "
+                        "scripts/build_wheelhouse.sh .site-unsloth scripts/unsloth-host-packages.txt; or set "
+                        "kernels: true for ours.")
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("kernels: unsloth needs a CUDA device (Unsloth has no CPU path); use kernels: false here.")
+        importlib.import_module("unsloth")
+        return importlib.metadata.version("unsloth")
+    except UserError:
+        raise
+    except Exception as err:  # Unsloth checks its environment at import and raises many kinds
+        raise UserError(f"kernels: unsloth could not be imported ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); check its versions against "
+                        "scripts/unsloth-host-packages.txt, or set kernels: true for ours.") from None
+
+
+def _unsloth_load(cfg: Config, base: str):
+    """The base through Unsloth: bf16 for LoRA, bitsandbytes NF4 (double quant) for QLoRA.
+    Its checkpointing is switched per run: off, or its offloaded "unsloth" mode."""
+    from unsloth import FastLanguageModel
+
+    q = quantization_record(cfg)
+    checkpointing = "unsloth" if cfg.training.gradient_checkpointing else False
+    model, _tok = FastLanguageModel.from_pretrained(
+        model_name=base, max_seq_length=cfg.training.max_seq_len or 2048, dtype=_dtype(cfg.model.dtype),
+        load_in_4bit=q is not None, load_in_16bit=q is None, full_finetuning=False,
+        trust_remote_code=False, use_gradient_checkpointing=checkpointing, random_state=cfg.training.seed)
+    return model
+
+
+def _unsloth_attach(cfg: Config, model):
+    from unsloth import FastLanguageModel
+
+    lc = cfg.lora
+    checkpointing = "unsloth" if cfg.training.gradient_checkpointing else False
+    return FastLanguageModel.get_peft_model(
+        model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+        bias="none", use_rslora=lc.use_rslora, use_gradient_checkpointing=checkpointing,
+        random_state=cfg.training.seed, max_seq_length=cfg.training.max_seq_len or 2048)
 
 
 def apply_kernels(model, options: dict) -> dict:
@@ -483,7 +543,8 @@ def sft_config(cfg: Config, output_dir: str):
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
         data_seed=t.seed,
-        gradient_checkpointing=t.gradient_checkpointing,
+        # Unsloth switches its own (offloaded) checkpointing on in get_peft_model; TRL's would replace it.
+        gradient_checkpointing=t.gradient_checkpointing and cfg.kernels != "unsloth",
         max_length=t.max_seq_len,
         packing=bool(t.packing),
         packing_strategy=t.packing if isinstance(t.packing, str) else "bfd",
@@ -579,9 +640,13 @@ def _oom_message(cfg: Config) -> str:
 def _prepare(cfg: Config) -> tuple[dict | None, dict]:
     """Every check that needs no training: model folder and family, data files and
     columns, kernel availability. Runs before anything is written."""
+    unsloth_first = cfg.kernels == "unsloth"  # its import must come before transformers, TRL and PEFT
+    if unsloth_first:
+        kernels_enabled(cfg)
     model_info = None if cfg.builtin_model else check_model_folder(cfg.model.path)
     data = load_data(cfg)
-    kernels_enabled(cfg)
+    if not unsloth_first:
+        kernels_enabled(cfg)
     return model_info, data
 
 
@@ -651,6 +716,11 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     if cfg.kernels == "liger":
         kernel_report = {"engine": "liger-kernel", "version": liger_check(),
                          "applied_by": "TRL SFTTrainer use_liger_kernel (layer kernels; TRL's chunked LM-head loss)"}
+    if cfg.kernels == "unsloth":
+        kernel_report = {"engine": "unsloth", "version": unsloth_check(),
+                         "applied_by": "Unsloth FastLanguageModel.from_pretrained + get_peft_model (its model, LoRA "
+                                       "kernels and loss)" + (", its offloaded gradient checkpointing"
+                                                             if cfg.training.gradient_checkpointing else "")}
 
     steps = total_steps(cfg, len(data["train"]))
     shutil.rmtree(run / "train" / "last_good_adapter", ignore_errors=True)  # from an earlier failed run
@@ -721,6 +791,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
         "tokens": tokens,
         "tokens_per_s": round(tokens / timings["train_s"], 1) if timings.get("train_s") else None,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "timings": timings,
         "versions": _versions(),
@@ -741,7 +812,7 @@ def _versions() -> dict:
     from workbench.envinfo import _version
 
     return {name: _version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets",
-                                              "tokenizers", "bitsandbytes", "parity-workbench")}
+                                              "tokenizers", "bitsandbytes", "unsloth", "parity-workbench")}
 
 
 def _fail(run: Path, reason: str, extra: dict) -> None:
