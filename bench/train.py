@@ -372,7 +372,9 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "`workbench.patch`; `-gc` turns on gradient checkpointing; `liger` is HF + SDPA with Liger-Kernel's "
         "RMSNorm/RoPE/SwiGLU applied by TRL's `use_liger_kernel` (TRL keeps its chunked LM-head loss); "
         "`unsloth` is Unsloth's FastLanguageModel (its model, LoRA kernels and loss) in the same TRL loop, "
-        "`unsloth-gc` with its offloaded checkpointing.",
+        "`unsloth-gc` with its offloaded checkpointing. With packing (`--seq`) Unsloth turns on padding-free "
+        "batching, so attention stays inside each packed document: a different computation, flagged by the "
+        "loss band.",
         *(["- **Not run:** " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped_stacks"].items()) + "."]
           if result.get("skipped_stacks") else []),
         "",
