@@ -383,17 +383,21 @@ def unsloth_check() -> str:
                         "scripts/unsloth-host-packages.txt, or set kernels: true for ours.") from None
 
 
+def _unsloth_common(cfg: Config) -> dict:
+    """Arguments Unsloth's load and attach both take: its checkpointing, switched per run
+    (off, or its offloaded "unsloth" mode), the sequence length and the seed."""
+    return {"use_gradient_checkpointing": "unsloth" if cfg.training.gradient_checkpointing else False,
+            "max_seq_length": cfg.training.max_seq_len or 2048, "random_state": cfg.training.seed}
+
+
 def _unsloth_load(cfg: Config, base: str):
-    """The base through Unsloth: bf16 for LoRA, bitsandbytes NF4 (double quant) for QLoRA.
-    Its checkpointing is switched per run: off, or its offloaded "unsloth" mode."""
+    """The base through Unsloth: bf16 for LoRA, bitsandbytes NF4 (double quant) for QLoRA."""
     from unsloth import FastLanguageModel
 
     q = quantization_record(cfg)
-    checkpointing = "unsloth" if cfg.training.gradient_checkpointing else False
     model, _tok = FastLanguageModel.from_pretrained(
-        model_name=base, max_seq_length=cfg.training.max_seq_len or 2048, dtype=_dtype(cfg.model.dtype),
-        load_in_4bit=q is not None, load_in_16bit=q is None, full_finetuning=False,
-        trust_remote_code=False, use_gradient_checkpointing=checkpointing, random_state=cfg.training.seed)
+        model_name=base, dtype=_dtype(cfg.model.dtype), load_in_4bit=q is not None, load_in_16bit=q is None,
+        full_finetuning=False, trust_remote_code=False, **_unsloth_common(cfg))
     return model
 
 
@@ -401,11 +405,9 @@ def _unsloth_attach(cfg: Config, model):
     from unsloth import FastLanguageModel
 
     lc = cfg.lora
-    checkpointing = "unsloth" if cfg.training.gradient_checkpointing else False
     return FastLanguageModel.get_peft_model(
         model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
-        bias="none", use_rslora=lc.use_rslora, use_gradient_checkpointing=checkpointing,
-        random_state=cfg.training.seed, max_seq_length=cfg.training.max_seq_len or 2048)
+        bias="none", use_rslora=lc.use_rslora, **_unsloth_common(cfg))
 
 
 def apply_kernels(model, options: dict) -> dict:
