@@ -32,8 +32,8 @@ def search(trial: Callable[[int], dict], start: int = 2048, limit: int = 131072,
         trials.append(result)
         return result
 
-    fit, miss, length, error = None, None, start, None
-    while length <= limit:
+    fit, miss, length, error = None, None, min(start, limit), None
+    while True:
         r = attempt(length)
         if "error" in r:
             error = r["error"]
@@ -41,7 +41,10 @@ def search(trial: Callable[[int], dict], start: int = 2048, limit: int = 131072,
         if not r["fits"]:
             miss = length
             break
-        fit, length = length, length * 2
+        fit = length
+        if length >= limit:
+            break
+        length = min(length * 2, limit)  # the last doubling is clamped, so ``limit`` itself is tried
     if error is None and fit is not None and miss is not None:
         lo, hi = fit, miss
         while hi - lo > granularity:
@@ -76,6 +79,7 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
         if proc.returncode == 0:
             rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
             return {"fits": True, "wall_s": wall, "peak_memory_gib": rec.get("peak_memory_gib"),
+                    "peak_reserved_gib": rec.get("peak_reserved_gib"),
                     "step_s": round(rec["timings"]["train_s"] / rec["steps"], 4) if rec.get("steps") else None}
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         if OOM_MARK in proc.stderr:
@@ -86,7 +90,9 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
 
 
 def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: int = 131072,
-        granularity: int = 1024, progress: Callable[[str], None] = print) -> dict:
+        granularity: int = 1024, steps: int = 2, progress: Callable[[str], None] = print) -> dict:
+    """Search every (mode, stack). ``steps`` optimizer steps per trial: the first step allocates
+    the optimizer state, the second shows a peak that persists beyond it."""
     from workbench.bench.train import SHAPES, write_checkpoint
 
     out = Path(out).resolve()
@@ -95,7 +101,7 @@ def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: in
     rows = []
     for mode in modes:
         for stack in stacks:
-            base = train_trial(checkpoint, mode, stack, out)
+            base = train_trial(checkpoint, mode, stack, out, steps)
 
             def trial(seq, base=base, mode=mode, stack=stack):
                 progress(f"[bench context] {shape} {mode} {stack}: {seq} tokens")
@@ -104,23 +110,33 @@ def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: in
                 return r
 
             rows.append({"mode": mode, "stack": stack, **search(trial, start, limit, granularity)})
-    return {"shape": shape, "shape_dims": SHAPES[shape], "batch": 1, "start": start, "limit": limit, "rows": rows}
+    return {"shape": shape, "shape_dims": SHAPES[shape], "batch": 1, "start": start, "limit": limit,
+            "granularity": granularity, "steps": steps, "rows": rows}
 
 
 def markdown(result: dict, env: dict, command: str) -> str:
     lines = [f"# Maximum context — {env['device']} — {env['date']}", "",
              f"- **Command:** `{command}`",
              f"- **Model:** `{result['shape']}` with random weights; LoRA r16 on all seven projections; QLoRA: "
-             "bitsandbytes NF4, double quant; batch 1, 2 steps per trial, each trial in its own process.",
-             f"- **Search:** doubling from {result['start']} tokens up to {result['limit']}, then bisection; a length "
-             "\"does not fit\" only when training ran out of GPU memory.",
+             f"bitsandbytes NF4, double quant; batch 1, {result.get('steps', 2)} steps per trial, each trial in its own "
+             "process.",
+             f"- **Search:** doubling from {result['start']} tokens up to {result['limit']}, then bisection down to "
+             f"{result.get('granularity', 1024)} tokens; a length \"does not fit\" only when training ran out of GPU "
+             "memory.",
              f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, transformers "
              f"{env['transformers']}, peft {env['peft']}", "",
-             "| mode | stack | longest that fits | first that does not | peak GiB at the longest | trials | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| mode | stack | longest that fits | first that does not | peak GiB at the longest | reserved GiB "
+             "| step s at the longest | trials | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in result["rows"]:
         best = next((t for t in r["trials"] if t["seq"] == r["max_fit"] and t.get("fits")), {})
-        peak = best.get("peak_memory_gib")
-        lines.append(f"| {r['mode']} | {r['stack']} | {r['max_fit'] or '—'} | {r['first_miss'] or '—'} | "
-                     f"{'—' if peak is None else format(peak, '.2f')} | {len(r['trials'])} | {r['error'] or ''} |")
+        peak, reserved, step = (best.get(k) for k in ("peak_memory_gib", "peak_reserved_gib", "step_s"))
+        miss = r["first_miss"] or (f"(none up to {result['limit']})" if r["max_fit"] and not r["error"] else "—")
+        lines.append(f"| {r['mode']} | {r['stack']} | {r['max_fit'] or '—'} | {miss} | "
+                     f"{_num(peak, '.2f')} | {_num(reserved, '.2f')} | {_num(step, '.2f')} | {len(r['trials'])} | "
+                     f"{r['error'] or ''} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)

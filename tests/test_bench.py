@@ -293,6 +293,55 @@ def test_context_search_edges_and_a_crash_is_not_a_memory_limit():
     assert crashed["first_miss"] is None  # unknown: the crash says nothing about memory
 
 
+def test_context_search_tries_the_limit_itself():
+    """A start that does not double onto the limit: the last doubling is clamped, so the
+    limit is tried rather than the search stopping below it."""
+    from workbench.bench.context import search
+
+    seen = []
+
+    def trial(seq):
+        seen.append(seq)
+        return {"fits": True}
+    r = search(trial, start=24576, limit=131072, granularity=8192)
+    assert seen == [24576, 49152, 98304, 131072] and r["max_fit"] == 131072 and r["first_miss"] is None
+    seen.clear()
+    assert search(trial, start=262144, limit=131072)["max_fit"] == 131072 and seen == [131072]
+
+
+def test_context_suite_passes_its_search_options(monkeypatch, tmp_path, capsys):
+    """--seq, --max-seq, --granularity and --steps reach the search; the report names them."""
+    import torch
+
+    from workbench.bench import context
+
+    seen = {}
+
+    def fake_run(shape, modes, stacks, out, **kwargs):
+        seen.update(kwargs, shape=shape, modes=modes, stacks=stacks)
+        return {"shape": shape, "shape_dims": {}, "batch": 1, "start": kwargs["start"], "limit": kwargs["limit"],
+                "granularity": kwargs["granularity"], "steps": kwargs["steps"],
+                "rows": [{"mode": "qlora", "stack": "ours-gc", "max_fit": 131072, "first_miss": None,
+                          "granularity": kwargs["granularity"], "error": None,
+                          "trials": [{"seq": 131072, "fits": True, "peak_memory_gib": 40.0,
+                                      "peak_reserved_gib": 44.5, "step_s": 61.0}]}]}
+    from workbench import envinfo
+
+    env = envinfo.environment()  # this machine's, taken before CUDA is faked below
+    monkeypatch.setattr(envinfo, "environment", lambda: dict(env, device="Fake GPU"))
+    monkeypatch.setattr(context, "run", fake_run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["bench", "--suite", "context", "--stacks", "ours-gc", "--seq", "32768", "--max-seq", "131072",
+                 "--granularity", "8192", "--steps", "1", "--report", str(tmp_path)]) == 0
+    assert seen == {"start": 32768, "limit": 131072, "granularity": 8192, "steps": 1, "shape": "llama3.1-8b",
+                    "modes": ["qlora"], "stacks": ["ours-gc"]}
+    text = next(tmp_path.glob("*.md")).read_text()
+    assert "bisection down to 8192 tokens" in text and "1 steps per trial" in text
+    assert "| qlora | ours-gc | 131072 | (none up to 131072) | 40.00 | 44.50 | 61.00 | 1 |" in text
+    assert main(["bench", "--suite", "context", "--seq", "4096", "--max-seq", "2048"]) == 2
+    assert "--max-seq" in capsys.readouterr().err
+
+
 def test_context_trial_tells_out_of_memory_from_other_failures(tmp_path, monkeypatch):
     """A trial runs `workbench train`; only the train stage's out-of-memory message
     means "does not fit"."""

@@ -255,7 +255,12 @@ def _bench_context(args: argparse.Namespace) -> int:
     stacks = [s for s in (args.stacks or "hf,ours").split(",") if s]
     if set(modes) - set(tbench.MODES) or set(stacks) - set(tbench.STACKS):
         raise UserError(f"--modes takes {', '.join(tbench.MODES)}; --stacks takes {', '.join(tbench.STACKS)}.")
-    result = context.run(shape, modes, stacks, args.run or "runs/bench-context", start=args.seq or 2048)
+    start, limit, granularity, steps = args.seq or 2048, args.max_seq, args.granularity, args.steps or 2
+    if start < 1 or limit < start or granularity < 1 or steps < 1:
+        raise UserError(f"the context search needs 1 <= --seq ({start}) <= --max-seq ({limit}), --granularity >= 1 "
+                        f"({granularity}) and --steps >= 1 ({steps}).")
+    result = context.run(shape, modes, stacks, args.run or "runs/bench-context", start=start, limit=limit,
+                         granularity=granularity, steps=steps)
     env = environment()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = _stem(env, args)
@@ -333,12 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="appended to the report's file name: <date>-<device>-<tag>")
     p.add_argument("--report", default="reports/kernels", metavar="DIR",
                    help="where <date>-<device>.md/.json go (the train suite: reports/train)")
-    p.add_argument("--steps", type=int, help="train suite: optimizer steps per run (default 30); accuracy suite: "
-                   "override the config's max_steps")
+    p.add_argument("--steps", type=int, help="train suite: optimizer steps per run (default 30); context suite: "
+                   "per trial (default 2); accuracy suite: override the config's max_steps")
     p.add_argument("--batch", type=int, default=8, help="train suite: batch size")
     p.add_argument("--seq", type=int, default=0, metavar="TOKENS",
                    help="train suite: sequences of exactly TOKENS tokens (the built-in rows packed; e.g. 2048 for "
                         "the 4 x 2048 shape); default: one short row per sequence")
+    p.add_argument("--max-seq", type=int, default=131072, metavar="TOKENS",
+                   help="context suite: the longest sequence tried (default 131072); --seq is where the doubling "
+                        "starts (default 2048)")
+    p.add_argument("--granularity", type=int, default=1024, metavar="TOKENS",
+                   help="context suite: bisect until the longest fit and the first miss are this close (default 1024)")
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
     p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc,liger,unsloth,unsloth-gc (default all "
                    "that can run here: liger needs liger-kernel and CUDA; unsloth needs CUDA and unsloth, installed "
