@@ -61,8 +61,25 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
     png = tbench.plot(result, tmp_path / "curves.png")
     assert png.stat().st_size > 1000
     text = tbench.markdown(result, env, "workbench bench --suite train", png.name)
-    assert "| lora | ours | 3 | 1.00e-03 | 0.00e+00 | 2.00x | 0.50 | agrees |" in text
-    assert "| lora | ours-gc | 3 | 5.00e-02 | 5.00e-02 | 1.33x (whole run) | 0.20 | **DIFFERS** |" in text
+    assert "| lora | ours | 3 | 0.00e+00 | 1.00e-03 | 0.00e+00 | — | 2.00x | 0.50 | agrees |" in text
+    assert "| lora | ours-gc | 3 | 0.00e+00 | 5.00e-02 | 5.00e-02 | — | 1.33x (whole run) | 0.20 | **DIFFERS** |" in text
+    # What a flag says about its cause: other data (the first batches' fingerprints), or a
+    # different loss already at step 1, where every stack still has the same weights.
+    fp = [{"tokens": 8, "token_sum": 100, "targets": 6, "target_sum": 70}]
+    runs[0]["data_fingerprint"] = runs[1]["data_fingerprint"] = fp
+    runs[2]["data_fingerprint"] = [dict(fp[0], targets=7, target_sum=75)]
+    c, gc = tbench.compare(runs)
+    assert c["same_data"] is True and gc["same_data"] is False
+    assert "| — | 1.33x (whole run)" not in tbench.markdown(dict(result, comparisons=[c, gc]), env, "x", png.name)
+    assert "**DIFFERS**: other data" in tbench.markdown(dict(result, comparisons=[c, gc]), env, "x", png.name)
+    runs[2]["data_fingerprint"] = fp
+    runs[2]["loss_curve"] = [(1, 4.02), (2, 3.0), (3, 2.1)]  # 5e-3 > 2^-8 at step 1
+    gc = tbench.compare(runs)[1]
+    assert gc["same_data"] is True and abs(gc["first_rel_loss_diff"] - 5e-3) < 1e-12
+    assert "**DIFFERS**: already at step 1, same weights and same data" in tbench.markdown(
+        dict(result, comparisons=[c, gc]), env, "x", png.name)
+    runs[2]["loss_curve"] = [(1, 4.0), (2, 3.0), (3, 2.1)]
+    runs[2].pop("data_fingerprint")
     # The kernels column says what ran in training, not what was patched (on the H200 the
     # QLoRA runs had rms_norm, rope and the fused loss patched, and none of them ran).
     runs[1]["kernels"] = {"swapped": {"rms_norm": {"LlamaRMSNorm": 5}, "rope": {"x": 2}},
@@ -72,6 +89,27 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
     row = next(line for line in text.splitlines() if line.startswith("| lora | ours (workbench.patch) |"))
     assert row.endswith("| lora_o ×6 |") and "rms_norm" not in row
     assert "| none ran (every call fell back) |" in text
+
+
+def test_batch_fingerprint_ignores_the_layout_and_sees_the_data():
+    """B padded rows and the same sequences concatenated into one padding-free row (each
+    sequence's first label masked, as padding-free collators do) give one fingerprint;
+    another label mask or another token gives another."""
+    import torch
+
+    from workbench.train import batch_fingerprint
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    labels = torch.tensor([[-100, 6, 7, 8], [-100, -100, 11, -100]])
+    rows = batch_fingerprint({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert rows == {"tokens": 7, "token_sum": 56, "targets": 4, "target_sum": 32}
+    flat = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10, 11]]),
+            "labels": torch.tensor([[-100, 6, 7, 8, -100, -100, 11]])}
+    assert batch_fingerprint(flat) == rows
+    assert batch_fingerprint(dict(flat, labels=torch.tensor([[-100, 6, 7, 8, -100, 10, 11]]))) != rows
+    assert batch_fingerprint(dict(flat, input_ids=torch.tensor([[5, 6, 7, 8, 9, 10, 12]]))) != rows
+    assert batch_fingerprint({"input_ids": ids, "attention_mask": mask}) == {"tokens": 7, "token_sum": 56}
 
 
 def test_steady_rate_times_the_steps_after_the_warm_up():

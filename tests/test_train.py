@@ -88,6 +88,8 @@ def test_same_seed_gives_identical_loss_log_and_adapter(tmp_path):
         runs.append(tmp_path / name)
     a, b, c = runs
     assert loss_rows(a) == loss_rows(b)
+    prints = [json.loads((r / "manifest.json").read_text())["stages"]["train"]["data_fingerprint"] for r in runs]
+    assert prints[0] == prints[1] != prints[2]  # the seed shuffles the data: other first batches
     assert (a / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (b / "adapter" / "adapter_model.safetensors").read_bytes()
     # The seed matters (LoRA init, data order): another seed logs other losses.
@@ -447,6 +449,11 @@ def test_wrapped_packing_fills_every_sequence_and_bad_values_are_refused(tmp_pat
     # is shuffled), so each step holds more than 3 full sequences and at most 4.
     assert all(3 * 48 < n <= 4 * 48 for n in per_step), per_step
     assert sum(n < 4 * 48 for n in per_step) <= 1, per_step
+    # The first micro-batches' fingerprints count what TRL counts, and fewer targets than
+    # tokens (each sequence's first token is no target; the prompts are masked).
+    prints = json.loads((run / "manifest.json").read_text())["stages"]["train"]["data_fingerprint"]
+    assert [fp["tokens"] for fp in prints] == per_step[:train.FINGERPRINT_BATCHES]
+    assert all(0 < fp["targets"] < fp["tokens"] - 3 and fp["token_sum"] > 0 for fp in prints)
     unpacked = tmp_path / "unpacked"
     train.run_train(quick_config("training.max_seq_len=48", "training.batch_size=4", "training.max_steps=1"), unpacked)
     assert loss_rows(unpacked)[0]["tokens"] <= 3 * 48   # the built-in rows are short: ~25 tokens each

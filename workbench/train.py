@@ -565,6 +565,33 @@ def sft_config(cfg: Config, output_dir: str):
     )
 
 
+#: Micro-batches fingerprinted at the start of training (see :func:`batch_fingerprint`). They
+#: fall in the warm-up that the train suite leaves out of its steady speed, so the host
+#: syncs the fingerprints cost do not touch a timed step.
+FINGERPRINT_BATCHES = 3
+
+
+def batch_fingerprint(inputs) -> dict:
+    """What one training micro-batch holds, as four integers that do not depend on how its
+    rows are laid out (B padded rows, or one padding-free row of B concatenated sequences):
+    the real input tokens and the sum of their ids, and the loss targets (labels after the
+    one-token shift that are not -100) and the sum of their ids. Two stacks fed the same
+    tokens with the same labels give equal fingerprints; unequal ones prove they were not
+    (other tokens, another label mask), whatever the stacks compute with them. Sums, not
+    hashes, so that a row order or a packing layout does not matter; equal sums are strong
+    evidence of equal data, not a proof."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    real = mask.bool() if mask is not None else ids.new_ones(ids.shape, dtype=bool)
+    out = {"tokens": int(real.sum()), "token_sum": int(ids[real].sum())}
+    labels = inputs.get("labels")
+    if labels is not None:
+        targets = labels[..., 1:]
+        kept = targets != -100
+        out.update(targets=int(kept.sum()), target_sum=int(targets[kept].sum()))
+    return out
+
+
 def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=()):
     """An SFTTrainer over ``train_rows`` whose training step raises NonFiniteLoss
     before a non-finite loss can reach the optimizer."""
@@ -606,6 +633,9 @@ def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: st
             return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            prints = self.__dict__.setdefault("batch_fingerprints", [])
+            if len(prints) < FINGERPRINT_BATCHES and "input_ids" in inputs:
+                prints.append(batch_fingerprint(inputs))
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
                 raise NonFiniteLoss(self.state.global_step + 1, float(loss))
@@ -685,7 +715,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     _log("preparing tokenizer, base model and data")
     if cfg.builtin_model:
         tok = wtok.default_tokenizer()
-        base = str(default.write_base(tok, run / "base") if main else run / "base")
+        base = str(default.write_base(tok, run / "base", cfg.model.path) if main else run / "base")
         family = "llama"
     else:
         base, family = cfg.model.path, model_info["family"]
@@ -788,6 +818,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
         "processes": state.num_processes if state is not None else 1,  # data-parallel ranks
         "steps": result.global_step,
         "final_loss": loss_log.rows[-1]["loss"] if loss_log.rows else None,
+        "data_fingerprint": getattr(trainer, "batch_fingerprints", None),  # this process's first micro-batches
         "train_loss": result.training_loss,
         "eval": {k: v["accuracy"] for k, v in evals.items()},
         "tokens": tokens,
