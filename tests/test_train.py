@@ -459,3 +459,52 @@ def test_wrapped_packing_fills_every_sequence_and_bad_values_are_refused(tmp_pat
     assert loss_rows(unpacked)[0]["tokens"] <= 3 * 48   # the built-in rows are short: ~25 tokens each
     with pytest.raises(UserError, match="training.packing"):
         quick_config("training.packing=greedy")
+
+
+# --------------------------------------------------------------------------- the larger built-in
+def test_small_builtin_is_a_deterministic_gqa_llama_with_the_same_logit_ceiling():
+    """builtin:small-llama (the GPU accuracy run's base): the documented shape, ~19x the
+    tiny one's parameters, and its lm_head std scaled by 128/hidden so that the largest
+    logit LoRA can reach (std x hidden, workbench/default.py) stays the tiny one's."""
+    tok = wtok.default_tokenizer()
+    model = default.build_model(tok, "builtin:small-llama")
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.intermediate_size) == ("llama", 512, 6, 1408)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads) == (8, 2, 64)
+    assert c.vocab_size == len(tok) and not c.tie_word_embeddings
+    assert 15_000_000 <= sum(p.numel() for p in model.parameters()) <= 20_000_000
+    assert default.LM_HEAD_STD == 0.15  # the tiny default's, unchanged
+    assert default.lm_head_std(default.SMALL_ARCH) * 512 == pytest.approx(default.LM_HEAD_STD * 128)
+    assert model.lm_head.weight.std().item() == pytest.approx(default.lm_head_std(default.SMALL_ARCH), rel=0.05)
+    again = default.build_model(tok, "builtin:small-llama").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+    with pytest.raises(UserError, match="builtin:tiny-llama, builtin:small-llama"):
+        default.build_model(tok, "builtin:nope")
+
+
+def test_config_takes_every_builtin_model_and_names_them_for_an_unknown_one(tmp_path):
+    cfg = config.load(None, ["model.path=builtin:small-llama"])
+    assert cfg.builtin_model and cfg.model.path == "builtin:small-llama"  # a name, not resolved as a folder
+    with pytest.raises(UserError, match="'builtin:nope'.*builtin:tiny-llama, builtin:small-llama"):
+        config.load(None, ["model.path=builtin:nope"])
+    # A missing folder's error names the built-in models too.
+    with pytest.raises(UserError, match="builtin:tiny-llama.*builtin:small-llama"):
+        train.check_model_folder(tmp_path / "missing")
+
+
+def test_shipped_accuracy_gpu_config_validates_and_uses_the_small_builtin():
+    from importlib.resources import files
+
+    cfg = config.load(files("workbench") / "configs" / "accuracy-gpu.yaml")
+    assert cfg.builtin_model and cfg.model.path == "builtin:small-llama" and cfg.builtin_data
+    assert cfg.lora.r == 16 and sorted(cfg.lora.target_modules) == sorted(config.DEFAULT_TARGET_MODULES)
+    # The accuracy suite sets kernels per stack; auto here keeps a plain `workbench train` sensible.
+    assert cfg.kernels == "auto" and cfg.eval.max_rows >= len(synthetic.build()["test"])
+
+
+def test_a_run_on_the_small_builtin_writes_that_base(tmp_path):
+    run = tmp_path / "run"
+    train.run_train(quick_config("model.path=builtin:small-llama", "training.max_steps=1"), run)
+    base = json.loads((run / "base" / "config.json").read_text())
+    assert (base["hidden_size"], base["num_hidden_layers"]) == (512, 6)
+    assert manifest.verify_outputs(run, "train") == []

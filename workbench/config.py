@@ -6,7 +6,9 @@ errors naming the key, because a misspelt key silently falling back to its
 default is the worst kind of config bug. Relative data paths are resolved
 against the config file's folder (the file can travel with its data).
 
-    model:        path ("builtin:tiny-llama" or a local HF checkpoint folder), dtype, attn_implementation, chat_template
+    model:        path (a built-in model: "builtin:tiny-llama", the default, or "builtin:small-llama", a
+                  ~17M-parameter one for GPU runs, see workbench.default; or a local HF checkpoint folder),
+                  dtype, attn_implementation, chat_template
     data:         train ("builtin" or jsonl/parquet file(s)), test, eval_fraction, seed, builtin_rows
     lora:         r, alpha, dropout, target_modules, use_rslora
     quantization: null, or {type: nf4, double_quant, compute_dtype}
@@ -28,7 +30,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench.default import BUILTIN_MODEL
+from workbench.default import BUILTIN_MODEL, BUILTIN_MODELS
 from workbench.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -114,7 +116,7 @@ class Config:
 
     @property
     def builtin_model(self) -> bool:
-        return self.model.path == BUILTIN_MODEL
+        return self.model.path in BUILTIN_MODELS
 
     @property
     def builtin_data(self) -> bool:
@@ -180,7 +182,14 @@ def _check_choice(key: str, value, choices) -> None:
         raise UserError(f"config key {key!r} is {value!r}; use one of {', '.join(map(str, choices))}.")
 
 
+#: model.path values starting with this name a built-in model (never a folder).
+BUILTIN_PREFIX = "builtin:"
+
+
 def _validate(cfg: Config) -> None:
+    if cfg.model.path.startswith(BUILTIN_PREFIX) and cfg.model.path not in BUILTIN_MODELS:
+        raise UserError(f"config key 'model.path' is {cfg.model.path!r}, which is not a built-in model; set it to "
+                        f"one of {', '.join(BUILTIN_MODELS)}, or to a local Hugging Face checkpoint folder.")
     _check_choice("model.dtype", cfg.model.dtype, DTYPES)
     _check_choice("model.attn_implementation", cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS)
     _check_choice("training.schedule", cfg.training.schedule, SCHEDULES)

@@ -79,7 +79,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 def check_model_folder(path, name: str = "model path",
                        hint: str = "set model.path to a local Hugging Face checkpoint folder (config.json + "
-                                   "*.safetensors) or to builtin:tiny-llama") -> dict:
+                                   "*.safetensors) or to a built-in model (builtin:tiny-llama or "
+                                   "builtin:small-llama)") -> dict:
     """The checkpoint's config.json (plus its "family"), after checking that the folder
     is a loadable safetensors checkpoint of a supported family (UserError otherwise).
     ``name`` and ``hint`` word the errors for where the path came from."""
