@@ -566,9 +566,10 @@ def sft_config(cfg: Config, output_dir: str):
     )
 
 
-#: Micro-batches fingerprinted at the start of training (see :func:`batch_fingerprint`). They
-#: fall in the warm-up that the train suite leaves out of its steady speed, so the host
-#: syncs the fingerprints cost do not touch a timed step.
+#: Micro-batches fingerprinted at the start of training (see :func:`batch_fingerprint`). Each
+#: costs one host sync. In train-suite runs of 15 steps or more, all three fall in the warm-up
+#: that the suite leaves out of its steady speed. In shorter runs (the 8B rows' 10 steps: warm-up
+#: to step 2) the third falls in a timed step, at the cost of one sync per run.
 FINGERPRINT_BATCHES = 3
 
 
