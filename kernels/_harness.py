@@ -14,7 +14,7 @@ import torch
 
 from . import _common
 from ._registry import KernelSpec
-from ._tolerance import Comparison, compare
+from ._tolerance import UNIT_ROUNDOFF, Comparison, compare
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -127,6 +127,9 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
             continue
         report.comparisons.append(compare(f"out:{name}", k, b, e, dtype))
 
+    if spec.ablate is not None:
+        report.comparisons += _deltas(spec, inputs, dtype, block, (kern_outs, base_outs, exact_outs))
+
     for name in spec.grads:
         if name not in grad_names:
             continue
@@ -143,6 +146,42 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
         if not same:
             report.comparisons.append(Comparison(f"input:{name}", False, message="kernel modified its input in place"))
     return report
+
+
+def _deltas(spec: KernelSpec, inputs, dtype: torch.dtype, block, outs: tuple) -> list[Comparison]:
+    """``delta:<output>``: each output's change when ``spec.ablate`` removes a term of
+    it, for the kernel, the baseline and the exact pass alike (forward only, in fp64,
+    where the difference of two outputs is exact). Judged by ``compare``: at most
+    FACTOR times PyTorch's own error of the change, plus the floor that each of the
+    two outputs has (the roundoff of the output's dtype), at the outputs' scale: a
+    change 2^-10 the size of the output may err by twice the outputs' floor times
+    2^10 relative, and no less (two fp32 formulas of one output differ by a few fp32
+    ulps, which the difference keeps). A term lost to rounding errs by ~100 %: that
+    fails wherever PyTorch keeps it (fp32 outputs), and passes where PyTorch loses
+    it too (its own error then sets the bound)."""
+    tensors = {**inputs.tensors, **spec.ablate(inputs.tensors)}
+    with torch.no_grad():
+        base = _as_tuple(spec.reference(**_leaves(tensors, (), None), **inputs.options,
+                                        compute_dtype=torch.float32), len(spec.outputs))
+        exact = _as_tuple(spec.reference(**_leaves(tensors, (), torch.float64), **inputs.options,
+                                         compute_dtype=torch.float64), len(spec.outputs))
+        with _common.poisoned_outputs(), _common.forced_block(block):
+            kern = _as_tuple(spec.fn(**_leaves(tensors, (), None), **inputs.options), len(spec.outputs))
+    found = []
+    for name, full, ablated in zip(spec.outputs, zip(*outs), zip(kern, base, exact)):
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (*full, *ablated)):
+            continue
+        k, b, e = (f.detach().double() - a.double() for f, a in zip(full, ablated))
+        out_dtype, scale = full[0].dtype, _rms(full[2]) / max(_rms(e), torch.finfo(torch.float64).tiny)
+        found.append(compare(f"delta:{name}", k, b, e, dtype, unit=UNIT_ROUNDOFF.get(out_dtype),
+                             floor_scale=2.0 * max(1.0, scale)))
+    return found
+
+
+def _rms(t: torch.Tensor) -> float:
+    t = t.detach().double()
+    t = t[torch.isfinite(t)]
+    return t.pow(2).mean().sqrt().item() if t.numel() else 0.0
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,21 @@ that a kernel and its reference see the same mask; when it is not passed, the
 public functions draw it with ``torch.rand(..., generator=generator) >= p``.
 Each LoRA linear draws its own mask, as PEFT's separate dropout modules do.
 With ``dropout=0`` no mask exists and the LoRA branch reads x itself.
+
+Mixed precision (QLoRA under autocast): x may be float32 while the layer (W, A, B
+and bias) is bf16 or fp16. This is PEFT's 4-bit LoRA linear under the Trainer's
+autocast after ``prepare_model_for_kbit_training``, which leaves the residual
+stream and the norms' outputs in fp32. There bitsandbytes casts x (and its bias)
+to the compute dtype for the base product and returns that product upcast to
+x's fp32; PEFT's dropout runs on the fp32 x, autocast casts its result (and A,
+B) for lora_A and lora_B, and PEFT adds the 16-bit LoRA term to the fp32 base
+output IN FP32. The kernels then do the same: every product in the layer's
+dtype, rounded where PEFT rounds, the two terms summed in fp32 and returned as
+fp32, and the input gradient (each branch's 16-bit gradient, upcast) summed in
+fp32. Summing in the layer's dtype instead would round away an adapter's first
+small updates: a term below half an ulp of the base output is lost exactly,
+where PEFT's fp32 sum keeps it (measured on an H200 in QLoRA training; the
+parity harness's ``delta`` comparison checks it, see ``ablate_adapters``).
 """
 from __future__ import annotations
 
@@ -48,6 +63,20 @@ from ._registry import Limits
 RANKS = (1, 2, 8, 16)
 ALPHAS = (1.0, 8.0, 16.0, 32.0)
 DROPOUTS = (0.0, 0.0, 0.0, 0.1, 0.5)
+
+
+#: The layer dtypes an fp32 x may meet (the mixed-precision mode above).
+MIXED_LAYER_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def layer_dtype(op: str, x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in (the adapter's): x's own, or a 16-bit one under
+    an fp32 x (the mixed-precision mode, module docstring)."""
+    if x.dtype == A.dtype or (x.dtype == torch.float32 and A.dtype in MIXED_LAYER_DTYPES):
+        return A.dtype
+    raise C.KernelInputError(f"{op}: x is {x.dtype} but the layer (A, B, W) is {A.dtype}; they must share one "
+                             "dtype, or x be float32 with a bfloat16/float16 layer (QLoRA under autocast). "
+                             "Cast them first.")
 
 
 # --------------------------------------------------------------------------- frozen weights
@@ -76,7 +105,9 @@ def inverse_keep(p: float) -> float:
 
 
 # --------------------------------------------------------------------------- validation
-def check_frozen_weight(op: str, name: str, W, x: torch.Tensor) -> None:
+def check_frozen_weight(op: str, name: str, W, x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """``dtype``: the layer's (defaults to x's), which a quantized W must dequantize to."""
+    dtype = dtype or x.dtype
     if isinstance(W, torch.Tensor):
         C.check_float(op, name, W)
         if W.requires_grad:
@@ -88,8 +119,8 @@ def check_frozen_weight(op: str, name: str, W, x: torch.Tensor) -> None:
         raise C.KernelInputError(f"{op}: {name} must be a tensor or an object with a .dequantize() method "
                                  f"(a quantized weight), got {type(W).__name__}.")
     w_dtype = getattr(W, "dtype", None)
-    if isinstance(w_dtype, torch.dtype) and w_dtype != x.dtype:
-        raise C.KernelInputError(f"{op}: {name} dequantizes to dtype {w_dtype}, but x is {x.dtype}; "
+    if isinstance(w_dtype, torch.dtype) and w_dtype != dtype:
+        raise C.KernelInputError(f"{op}: {name} dequantizes to dtype {w_dtype}, but the layer computes in {dtype}; "
                                  "quantize the weight from the activation dtype.")
     device = getattr(W, "device", None)
     if isinstance(device, torch.device) and device != x.device:
@@ -102,13 +133,15 @@ def check_linear(op: str, x: torch.Tensor, names: tuple[str, str, str], W, A, B,
     w_name, a_name, b_name = names
     if x.dim() == 0:
         raise C.KernelInputError(f"{op}: x must have at least one dimension ([..., in]).")
-    check_frozen_weight(op, w_name, W, x)
     C.check_float(op, a_name, A)
     C.check_float(op, b_name, B)
     if bias is not None:
         C.check_float(op, bias_name, bias)
     dense_w = W if isinstance(W, torch.Tensor) else None
-    C.check_same_dtype(op, x=x, **{w_name: dense_w, a_name: A, b_name: B, (bias_name or "bias"): bias})
+    if dense_w is not None:
+        C.check_float(op, w_name, dense_w)
+    C.check_same_dtype(op, **{w_name: dense_w, a_name: A, b_name: B, (bias_name or "bias"): bias})
+    check_frozen_weight(op, w_name, W, x, layer_dtype(op, x, A))
     C.check_device(op, x, dense_w, A, B, bias)
     if A.dim() != 2 or B.dim() != 2:
         raise C.KernelInputError(f"{op}: {a_name} and {b_name} must be 2-D ([r, in] and [out, r]), got "
@@ -168,23 +201,29 @@ def linear_reference(h: torch.Tensor, W, A, B, scaling: float, bias, keep, dropo
                      cd: torch.dtype) -> torch.Tensor:
     """One PEFT LoRA linear, ``base_layer(h) + lora_B(lora_A(dropout(h))) * scaling``,
     on ``h`` in the activation dtype dt, computed in ``cd`` with PEFT's roundings
-    to dt: at every nn.Linear output, the dropout, the scaling and the sum, and in
-    the backward at every input gradient of those ops (each branch reads h through
-    its own cast, so autograd sums the branches' rounded gradients into h's in dt,
-    as it does for PEFT). Returns the output in dt. In the exact pass dt == cd ==
-    fp64 and no step rounds."""
-    dt = h.dtype
+    to the layer dtype lo (A's; dt itself unless h is fp32 under a 16-bit layer):
+    at every nn.Linear output, the dropout, the scaling and the sum, and in the
+    backward at every input gradient of those ops (each branch reads h through its
+    own cast, so autograd sums the branches' rounded gradients into h's in dt, as
+    it does for PEFT). Returns the output in dt. In the mixed mode (module
+    docstring) the base reads h cast to lo (bitsandbytes), the dropout runs on h in
+    dt and its result is cast to lo (autocast, for lora_A), and the two terms sum
+    in cd, rounded once to dt. In the exact pass dt == lo == cd == fp64 and no
+    step rounds."""
+    dt, lo = h.dtype, A.dtype
     w = W if is_dense(W) else W.dequantize()
-    base = h.to(cd) @ w.to(cd).T
+    base = h.to(lo).to(cd) @ w.to(cd).T
     if bias is not None:
         base = base + bias.to(cd)  # F.linear(x, W, b): one addmm, one rounding
-    base = base.to(dt).to(cd)
+    base = base.to(lo).to(cd)
     hd = h.to(cd)
     if keep is not None:
         hd = (hd * keep.to(cd) * inverse_keep(dropout)).to(dt).to(cd)
-    xa = (hd @ A.to(cd).T).to(dt).to(cd)
-    lora = (xa @ B.to(cd).T).to(dt).to(cd)
-    lora = (lora * scaling).to(dt).to(cd)
+    if lo != dt:
+        hd = hd.to(lo).to(cd)  # autocast's cast of lora_A's input
+    xa = (hd @ A.to(cd).T).to(lo).to(cd)
+    lora = (xa @ B.to(cd).T).to(lo).to(cd)
+    lora = (lora * scaling).to(lo).to(cd)
     return (base + lora).to(dt)
 
 
@@ -232,9 +271,35 @@ def adapters(out: int, d_in: int, r: int, b_scale: float, scaling: float, dtype,
     return A, B
 
 
+def mixed_flag() -> st.SearchStrategy[bool]:
+    """Whether x is fp32 under the drawn 16-bit layer dtype (the mixed mode; a no-op
+    when the tested dtype is fp32): one case in three."""
+    return st.sampled_from([False, False, True])
+
+
+#: Sizes of the LoRA branch against the base output (``adapters``' b_scale). 2^-10 is an
+#: adapter after its first optimizer steps (PEFT inits B at 0; Adam's first update moves
+#: it by about lr): its term sits below half a bf16 ulp of the base output, which is
+#: where a sum in the layer's dtype loses it and PEFT's fp32 sum (mixed mode) does not.
+B_SCALES = (2.0**-10, 0.1, 1.0)
+
+
 def activations(p: dict, d_in: int, dtype, device, gen) -> torch.Tensor:
-    x = randn((p["batch"], p["tokens"], d_in), dtype, device, gen, p["scale"])
+    """x [batch, tokens, d_in] in ``dtype``, or in fp32 when the case is mixed
+    (``p["x_fp32"]``): then its values are not rounded to the layer's dtype, so the
+    layer's own cast of x is exercised."""
+    x = randn((p["batch"], p["tokens"], d_in), torch.float32 if p.get("x_fp32") else dtype, device, gen,
+              p["scale"])
     return maybe_strided(x, p["strided"], gen)
+
+
+def ablate_adapters(*names: str):
+    """The spec's ``ablate`` for LoRA kernels: the same inputs with every B in ``names``
+    zeroed, so the harness compares the adapter's contribution to the outputs (the
+    ``delta`` comparisons) and not only the outputs, which a small LoRA term hides."""
+    def ablate(tensors: dict) -> dict:
+        return {n: torch.zeros_like(tensors[n]) for n in names}
+    return ablate
 
 
 def draw_keep(shape: tuple[int, ...], dropout: float, device, gen) -> torch.Tensor:

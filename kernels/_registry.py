@@ -15,7 +15,14 @@ A spec says:
   * ``make_inputs``  ``make_inputs(params, dtype, device, gen) -> Inputs``: builds
                    the tensors from the drawn params with a seeded generator;
   * ``outputs``    names of the outputs ``fn`` returns, in order;
-  * ``grads``      names of the inputs whose gradients are compared (dX, dW, ...).
+  * ``grads``      names of the inputs whose gradients are compared (dX, dW, ...);
+  * ``ablate``     optional, ``ablate(tensors) -> {name: tensor}``: replacements for
+                   some inputs that remove one term of the outputs (LoRA: B = 0). The
+                   harness then also compares each output's change between the two
+                   input sets (``delta:<output>``), by the same doctrine: a small term
+                   that PyTorch's own arithmetic keeps must survive the kernel's too,
+                   which the outputs alone cannot show when the term sits below their
+                   rounding (a sum in too narrow a dtype).
 """
 from __future__ import annotations
 
@@ -80,6 +87,7 @@ class KernelSpec:
     #: False for kernels with no differentiable input (NF4 dequantization of frozen
     #: weights); every other kernel must compare at least one gradient.
     differentiable: bool = True
+    ablate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {

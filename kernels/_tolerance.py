@@ -100,8 +100,14 @@ def _errors(x: torch.Tensor, exact: torch.Tensor, mask: torch.Tensor) -> tuple[f
 
 
 def compare(name: str, kernel: torch.Tensor | None, baseline: torch.Tensor | None,
-            exact: torch.Tensor | None, dtype: torch.dtype) -> Comparison:
-    """Judge ``kernel`` against ``exact`` with ``baseline`` as PyTorch's own error."""
+            exact: torch.Tensor | None, dtype: torch.dtype, unit: float | None = None,
+            floor_scale: float = 1.0) -> Comparison:
+    """Judge ``kernel`` against ``exact`` with ``baseline`` as PyTorch's own error.
+
+    ``unit`` replaces the unit roundoff of the floor (by default the produced tensor's)
+    and ``floor_scale`` multiplies the floor: the harness's ``delta:`` comparisons judge
+    a difference of two outputs with the outputs' own floor at the outputs' scale
+    (``_harness._deltas``)."""
     if exact is None:
         if kernel is not None:
             return Comparison(name, False, message="kernel produced a tensor where the reference has none")
@@ -124,7 +130,7 @@ def compare(name: str, kernel: torch.Tensor | None, baseline: torch.Tensor | Non
     over = finite & torch.isinf(exact.to(kernel.dtype))
     fmax = torch.finfo(kernel.dtype).max
     k64 = kernel.double()
-    near_max = k64.abs() >= fmax * (1 - 8 * UNIT_ROUNDOFF[kernel.dtype])
+    near_max = k64.abs() >= fmax * (1 - 8 * UNIT_ROUNDOFF.get(kernel.dtype, 2.0**-53))
     over_ok = over & (torch.sign(k64) == torch.sign(exact)) & near_max
     bad = (finite & ~torch.isfinite(k64) & ~over_ok) | (over & ~over_ok)
     if bad.any():
@@ -144,13 +150,13 @@ def compare(name: str, kernel: torch.Tensor | None, baseline: torch.Tensor | Non
 
     # The roundoff of the tensor actually produced: a loss returned in fp32 from
     # bf16 logits is judged at fp32 precision, a bf16 gradient at bf16's.
-    u = UNIT_ROUNDOFF.get(kernel.dtype, UNIT_ROUNDOFF[dtype])
+    u = unit or UNIT_ROUNDOFF.get(kernel.dtype, UNIT_ROUNDOFF[dtype])
     k_err, k_rel = _errors(kernel, exact, finite)
     if baseline is not None:
         b_err, b_rel = _errors(baseline.detach(), exact, finite)
     else:
         b_err = b_rel = 0.0
-    floor = ATOL_ULPS * u + COMPUTE_ULPS_FP32 * UNIT_ROUNDOFF[torch.float32]
+    floor = (ATOL_ULPS * u + COMPUTE_ULPS_FP32 * UNIT_ROUNDOFF[torch.float32]) * floor_scale
     bound = FACTOR * b_err + floor
     rel_bound = FACTOR * b_rel + floor
     ok = k_err <= bound and k_rel <= rel_bound

@@ -34,7 +34,8 @@ from . import _lora as L
 from . import _strategies as S
 from ._registry import Inputs, KernelSpec, Limits
 from .geglu import APPROXIMATE_MODES, _geglu_bwd, _geglu_fwd
-from .lora_o import add_input_grad, dropout_apply, lora_backward, lora_forward
+from .lora_o import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
+                     saved_input)
 from .swiglu import _block, _contiguous, _swiglu_bwd, _swiglu_fwd
 
 ACTIVATIONS = ("swiglu", "geglu")
@@ -101,7 +102,7 @@ class _LoraMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, scaling, dropout, activation, tanh):
         op = "lora_mlp"
-        shape = x.shape
+        shape, lo = x.shape, Ag.dtype
         d_in, inter, d_out = shape[-1], Bg.shape[0], Bd.shape[0]
         x2 = C.rows_view(op, "x", x)
         inv = L.inverse_keep(dropout)
@@ -116,19 +117,21 @@ class _LoraMLP(torch.autograd.Function):
         need_du = need_x or need_au or need_bu
         need_dh = need_dg or need_du
 
-        xd2 = dropout_apply(x2, keep_g, inv)
-        w = L.dense(op, "Wg", Wg, x.dtype, (inter, d_in))
-        g, xa_g = lora_forward(x2, xd2, w, Ag, Bg, scaling)
+        # g, u, h and y in x's dtype: fp32 in the mixed mode, where HF's act_fn(gate) * up
+        # runs on the projections' fp32 outputs and down_proj casts h to the layer's dtype.
+        xc, xd2 = layer_inputs(x2, keep_g, inv, lo)
+        w = L.dense(op, "Wg", Wg, lo, (inter, d_in))
+        g, xa_g = lora_forward(xc, xd2, w, Ag, Bg, scaling, out_dtype=x.dtype)
         del w, xd2
-        xd2 = dropout_apply(x2, keep_u, inv)
-        w = L.dense(op, "Wu", Wu, x.dtype, (inter, d_in))
-        u, xa_u = lora_forward(x2, xd2, w, Au, Bu, scaling)
+        xd2 = xc if keep_u is None else dropout_apply(x2, keep_u, inv, lo)
+        w = L.dense(op, "Wu", Wu, lo, (inter, d_in))
+        u, xa_u = lora_forward(xc, xd2, w, Au, Bu, scaling, out_dtype=x.dtype)
         del w, xd2
         h = _act_forward(g, u, activation, tanh)
-        hd = dropout_apply(h, keep_d2, inv)
-        w = L.dense(op, "Wd", Wd, x.dtype, (d_out, inter))
-        y, xa_d = lora_forward(h, hd, w, Ad, Bd, scaling)
-        del w, hd, h
+        hc, hd = layer_inputs(h, keep_d2, inv, lo)
+        w = L.dense(op, "Wd", Wd, lo, (d_out, inter))
+        y, xa_d = lora_forward(hc, hd, w, Ad, Bd, scaling, out_dtype=x.dtype)
+        del w, hd, hc, h
 
         def keep_w(W, needed):
             return (W if (needed and L.is_dense(W)) else None), (W if (needed and not L.is_dense(W)) else None)
@@ -136,22 +139,22 @@ class _LoraMLP(torch.autograd.Function):
         (wg_s, wg_q), (wu_s, wu_q), (wd_s, wd_q) = keep_w(Wg, need_x), keep_w(Wu, need_x), keep_w(Wd, need_dh)
         keep_gu_2d = None if keep_gu is None else (keep_g, keep_u)
         ctx.save_for_backward(
-            x2 if (need_ag or need_au) else None,
+            saved_input(x2, xc, keep_gu) if (need_ag or need_au) else None,
             *(keep_gu_2d or (None, None)), keep_d2,
             g if (need_dh or need_ad) else None, u if (need_dh or need_ad) else None,
             Ag if need_x else None, Bg if (need_ag or need_x) else None, xa_g if need_bg else None, wg_s,
             Au if need_x else None, Bu if (need_au or need_x) else None, xa_u if need_bu else None, wu_s,
             Ad if need_dh else None, Bd if (need_ad or need_dh) else None, xa_d if need_bd else None, wd_s)
         ctx.quantized = (wg_q, wu_q, wd_q)
-        ctx.meta = (shape, inter, d_out, scaling, inv, activation, tanh)
+        ctx.meta = (shape, inter, d_out, scaling, inv, activation, tanh, x.dtype, lo)
         return y.view(*shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, dy):
         op = "lora_mlp"
-        (x2, keep_g, keep_u, keep_d, g, u,
+        (xs, keep_g, keep_u, keep_d, g, u,
          Ag, Bg, xa_g, wg_s, Au, Bu, xa_u, wu_s, Ad, Bd, xa_d, wd_s) = ctx.saved_tensors
-        shape, inter, d_out, scaling, inv, activation, tanh = ctx.meta
+        shape, inter, d_out, scaling, inv, activation, tanh, x_dtype, lo = ctx.meta
         wg_q, wu_q, wd_q = ctx.quantized
         d_in = shape[-1]
         need = ctx.needs_input_grad
@@ -160,37 +163,41 @@ class _LoraMLP(torch.autograd.Function):
         need_dg = need_x or need_ag or need_bg
         need_du = need_x or need_au or need_bu
         need_dh = need_dg or need_du
-        dy2 = C.rows_view(op, "dy", dy)
+        dy2 = C.rows_view(op, "dy", dy).to(lo)
 
         # down projection: its input h = act(g) * u is recomputed, only for dAd.
         hd = None
         if need_ad:
             h = _act_forward(g, u, activation, tanh)
-            hd = dropout_apply(h, keep_d, inv)
+            _, hd = layer_inputs(h, keep_d, inv, lo)
             del h
         dAd, dBd, dxa_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
         del hd
         dAg = dBg = dAu = dBu = dx = None
         if need_dh:
-            w = L.dense(op, "Wd", wd_s if wd_s is not None else wd_q, dy.dtype, (d_out, inter))
-            dh = add_input_grad(None, dy2, w, dxa_d, Ad, keep_d, inv)
+            w = L.dense(op, "Wd", wd_s if wd_s is not None else wd_q, lo, (d_out, inter))
+            dh = add_input_grad(None, dy2, w, dxa_d, Ad, keep_d, inv, g.dtype)
             del w, dxa_d
             dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du)
             del dh
+            # The gradients reaching gate's and up's outputs, in the layer's dtype (a no-op
+            # but in the mixed mode: autograd's cast of g's and u's fp32 gradient).
+            dgate = None if dgate is None else dgate.to(lo)
+            dup = None if dup is None else dup.to(lo)
             # gate and up projections (their inputs: x, through each one's own mask).
             dxa_g = dxa_u = None
             if need_dg:
-                xd2 = dropout_apply(x2, keep_g, inv) if need_ag else None
+                xd2 = branch_input(xs, keep_g, inv, lo) if need_ag else None
                 dAg, dBg, dxa_g = lora_backward(dgate, xd2, xa_g, Bg, scaling, need_ag, need_bg, need_x)
             if need_du:
-                xd2 = dropout_apply(x2, keep_u, inv) if need_au else None
+                xd2 = branch_input(xs, keep_u, inv, lo) if need_au else None
                 dAu, dBu, dxa_u = lora_backward(dup, xd2, xa_u, Bu, scaling, need_au, need_bu, need_x)
             del xd2
             if need_x:
-                w = L.dense(op, "Wg", wg_s if wg_s is not None else wg_q, dy.dtype, (inter, d_in))
-                dx = add_input_grad(None, dgate, w, dxa_g, Ag, keep_g, inv)
-                w = L.dense(op, "Wu", wu_s if wu_s is not None else wu_q, dy.dtype, (inter, d_in))
-                dx = add_input_grad(dx, dup, w, dxa_u, Au, keep_u, inv).view(shape)
+                w = L.dense(op, "Wg", wg_s if wg_s is not None else wg_q, lo, (inter, d_in))
+                dx = add_input_grad(None, dgate, w, dxa_g, Ag, keep_g, inv, x_dtype)
+                w = L.dense(op, "Wu", wu_s if wu_s is not None else wu_q, lo, (inter, d_in))
+                dx = add_input_grad(dx, dup, w, dxa_u, Au, keep_u, inv, x_dtype).view(shape)
                 del w
         return (dx, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd) + (None,) * 6
 
@@ -203,7 +210,9 @@ def lora_mlp(x: torch.Tensor, Wg, Ag: torch.Tensor, Bg: torch.Tensor, Wu, Au: to
     ``lora_o``). ``activation`` is ``"swiglu"`` (silu) or ``"geglu"`` (gelu with
     ``approximate`` ``"none"`` or ``"tanh"``). With ``dropout`` p > 0:
     ``dropout_mask`` bool [2, *x.shape] (gate, up) and ``dropout_mask_down`` bool
-    [*x.shape[:-1], intermediate], True = kept, drawn from ``generator`` when None."""
+    [*x.shape[:-1], intermediate], True = kept, drawn from ``generator`` when None.
+    x may be float32 on a bf16/fp16 layer (QLoRA under autocast): the projections'
+    outputs, the activation, y and dX are then float32 (``_lora.py``)."""
     op = "lora_mlp"
     C.check_float(op, "x", x)
     L.check_options(op, scaling, dropout)
@@ -217,6 +226,7 @@ def lora_mlp(x: torch.Tensor, Wg, Ag: torch.Tensor, Bg: torch.Tensor, Wu, Au: to
     L.check_linear(op, x, ("Wu", "Au", "Bu"), Wu, Au, Bu)
     C.check_shape(op, "Bu", Bu, (inter, Au.shape[0]))
     L.check_linear(op, x.new_empty((0, inter)), ("Wd", "Ad", "Bd"), Wd, Ad, Bd, x_name="the intermediate size")
+    C.check_same_dtype(op, Ag=Ag, Au=Au, Ad=Ad)  # one layer dtype (each may differ from an fp32 x alike)
     keep_gu = L.keep_mask(op, "dropout_mask", dropout_mask, dropout, (2, *x.shape), x, generator)
     keep_d = L.keep_mask(op, "dropout_mask_down", dropout_mask_down, dropout, (*x.shape[:-1], inter), x, generator)
     return _LoraMLP.apply(x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, float(scaling), float(dropout),
@@ -259,7 +269,8 @@ def _params(draw, limits: Limits) -> dict:
         "approximate": draw(st.sampled_from(APPROXIMATE_MODES)) if activation == "geglu" else "none",
         # No 30.0: h = act(g) * u squares the activations' magnitude (fp16 overflows).
         "scale": draw(st.sampled_from([1e-3, 0.1, 1.0, 1.0, 4.0])),
-        "b_scale": draw(st.sampled_from([0.1, 1.0])),
+        "b_scale": draw(st.sampled_from(L.B_SCALES)),
+        "x_fp32": draw(L.mixed_flag()),
         "strided": draw(st.booleans()),
         "grad_x": draw(L.grad_flag()),
         "grad_adapters": [draw(L.grad_flag()) for _ in range(6)],
@@ -293,6 +304,8 @@ SPEC = KernelSpec(
     outputs=("y",),
     grads=("x", "Ag", "Bg", "Au", "Bu", "Ad", "Bd"),
     options=("activation: swiglu|geglu", "approximate: none|tanh (geglu)",
-             "scaling (alpha/r or rsLoRA alpha/sqrt(r))", "dropout p with explicit bool masks"),
+             "scaling (alpha/r or rsLoRA alpha/sqrt(r))", "dropout p with explicit bool masks",
+             "fp32 x on a 16-bit layer (QLoRA under autocast)"),
     summary="PEFT LoRA gated MLP in one Function: cuBLAS GEMMs, Triton SwiGLU/GeGLU recomputed in the backward.",
+    ablate=L.ablate_adapters("Bg", "Bu", "Bd"),
 )

@@ -11,7 +11,7 @@ This file also holds the building blocks of one LoRA linear that ``lora_qkv``
 and ``lora_mlp`` import (here, in a registered file, so that the mutation
 self-test can reach them).
 
-Every step rounds to the activation dtype exactly where PEFT (nn.Linear in that
+Every step rounds to the layer's dtype exactly where PEFT (nn.Linear in that
 dtype, then ``* scaling``, then ``+``) and autograd round, forward and backward,
 so the kernel tracks PyTorch's own roundings; the differences are the GEMMs'
 accumulation orders. (Folding the scaling into the GEMM epilogue, as Unsloth's
@@ -28,6 +28,12 @@ backward  ds   = round(dy * s)                Triton ``_scale_fwd``  [N, out] sc
           dA   = dxa^T xd                     xd recomputed from x and the mask
           dx   = dy W  (+)  drop'(dxa A)      cuBLAS, then Triton ``_grad_add``: the
                                               dropout's backward and autograd's sum
+Mixed mode (x fp32 on a bf16/fp16 layer, QLoRA under autocast; ``_lora.py``): the
+GEMMs read x cast to the layer's dtype (xd: the dropout on the fp32 x, rounded once
+to it), ``_lora_add`` writes the sum to a new fp32 y without rounding it to the
+layer's dtype, the backward casts dy to the layer's dtype once, and dx is an fp32
+buffer into which ``_grad_add`` sums the branches' 16-bit terms, as autograd sums
+PEFT's upcast gradients.
 Saved for backward: x (only if dA is needed), the bool keep-mask (with dropout),
 xa [N, r] (only if dB is needed), A (if dx), B (if dA or dx), W (if dx: the
 parameter itself, or the quantized object -- never a dequantised copy). Nothing
@@ -83,14 +89,16 @@ def _dropout_fwd(X, KEEP, Y, x_stride, n_cols, n_elements, scale, CONTIG: tl.con
 
 
 @triton.jit
-def _lora_add(Y, LORA, n_elements, s, BLOCK: tl.constexpr):
-    # Y = Y + (LORA * s): PEFT's `result + lora_B(.) * scaling`, rounded where PEFT rounds.
+def _lora_add(Y, LORA, OUT, n_elements, s, BLOCK: tl.constexpr):
+    # OUT = Y + (LORA * s): PEFT's `result + lora_B(.) * scaling`, rounded where PEFT rounds:
+    # the scaled term in the layer's dtype (LORA's), the sum in OUT's (Y's own, in place; or
+    # fp32 in the mixed mode, where PEFT adds the 16-bit term to bitsandbytes' fp32 output).
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     y = tl.load(Y + idx, mask=mask, other=0.0).to(tl.float32)
     lora = tl.load(LORA + idx, mask=mask, other=0.0).to(tl.float32)
-    lora = _to(lora * s, Y.dtype.element_ty).to(tl.float32)
-    tl.store(Y + idx, _to(y + lora, Y.dtype.element_ty), mask=mask)
+    lora = _to(lora * s, LORA.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + idx, _to(y + lora, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -123,13 +131,16 @@ def _launch_grid(n: int):
     return (triton.cdiv(n, block),), block
 
 
-def dropout_apply(h2: torch.Tensor, keep2: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """xd = h * keep * scale as a fresh [rows, cols] tensor (``h2`` itself when no mask)."""
+def dropout_apply(h2: torch.Tensor, keep2: torch.Tensor | None, scale: float,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """xd = h * keep * scale as a fresh [rows, cols] tensor (``h2`` itself when no mask),
+    computed in fp32 and rounded once to ``dtype`` (h's by default; the layer's in the
+    mixed mode, where PEFT's dropout runs on the fp32 h and autocast casts its result)."""
     if keep2 is None:
         return h2
     n_rows, n_cols = h2.shape
     n = n_rows * n_cols
-    out = C.empty((n_rows, n_cols), h2.dtype, h2.device)
+    out = C.empty((n_rows, n_cols), dtype or h2.dtype, h2.device)
     if n:
         grid, block = _launch_grid(n)
         _dropout_fwd[grid](h2, keep2.view(torch.uint8), out, h2.stride(0), n_cols, n, scale,
@@ -149,11 +160,32 @@ def grad_add(dx2: torch.Tensor, t2: torch.Tensor, keep2: torch.Tensor | None = N
 
 # --------------------------------------------------------------------------- LoRA building blocks
 # PEFT's roundings, step by step: every matmul's output and every elementwise op is
-# rounded to the activation dtype where PEFT's nn.Linear / `* scaling` / `+` / dropout
+# rounded to the layer's dtype where PEFT's nn.Linear / `* scaling` / `+` / dropout
 # round it, forward and backward. The matmuls are torch's (cuBLAS); the elementwise
 # steps are fused into the Triton kernels above.
-def lora_forward(h2, hd2, w, A, B, s: float, bias=None):
-    """One LoRA linear: (y, xa) with y = h2 w^T (+ bias) + (xa B^T) * s and xa = hd2 A^T."""
+def layer_inputs(x2: torch.Tensor, keep2: torch.Tensor | None, scale: float, lo: torch.dtype):
+    """(xc, xd): the base GEMM's input (x2 in the layer dtype ``lo``) and the LoRA
+    branch's (the dropout of x2, rounded to ``lo``; xc itself without a mask)."""
+    xc = x2 if x2.dtype == lo else x2.to(lo)
+    return xc, (xc if keep2 is None else dropout_apply(x2, keep2, scale, lo))
+
+
+def branch_input(saved: torch.Tensor, keep2: torch.Tensor | None, scale: float, lo: torch.dtype):
+    """The LoRA branch's input recomputed in the backward from what the forward saved:
+    x itself with a mask, else its cast to ``lo`` (``saved_input``)."""
+    return saved if keep2 is None else dropout_apply(saved, keep2, scale, lo)
+
+
+def saved_input(x2: torch.Tensor, xc: torch.Tensor, keep2: torch.Tensor | None) -> torch.Tensor:
+    """What to save for dA: with a mask, x (its dropout is recomputed from it); without
+    one, the cast that the branch read (in the mixed mode half the bytes of x)."""
+    return xc if keep2 is None else x2
+
+
+def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype | None = None):
+    """One LoRA linear: (y, xa) with y = h2 w^T (+ bias) + (xa B^T) * s and xa = hd2 A^T,
+    all in the layer's dtype (h2's); y in ``out_dtype`` when given (fp32 in the mixed
+    mode: the two terms summed without rounding to the layer's dtype)."""
     n = h2.shape[0]
     out = w.shape[0]
     y = C.empty((n, out), h2.dtype, h2.device)
@@ -165,10 +197,11 @@ def lora_forward(h2, hd2, w, A, B, s: float, bias=None):
     torch.mm(hd2, A.t(), out=xa)
     lora = C.empty((n, out), h2.dtype, h2.device)
     torch.mm(xa, B.t(), out=lora)
+    result = y if out_dtype in (None, h2.dtype) else C.empty((n, out), out_dtype, h2.device)
     if n * out:
         grid, block = _launch_grid(n * out)
-        _lora_add[grid](y, lora, n * out, s, BLOCK=block)
-    return y, xa
+        _lora_add[grid](y, lora, result, n * out, s, BLOCK=block)
+    return result, xa
 
 
 def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dxa: bool):
@@ -195,18 +228,22 @@ def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dx
     return dA, dB, dxa
 
 
-def add_input_grad(dx, dy2, w, dxa, A, keep2, scale: float):
+def add_input_grad(dx, dy2, w, dxa, A, keep2, scale: float, dtype: torch.dtype | None = None):
     """The input gradient of one LoRA linear, dy2 w + dropout'(dxa A), each term
-    rounded and summed as autograd sums them: into a new buffer when ``dx`` is
-    None, else accumulated into ``dx``."""
+    rounded and summed as autograd sums them: into a new buffer (of ``dtype``, the
+    input's: dy2's by default, fp32 in the mixed mode) when ``dx`` is None, else
+    accumulated into ``dx``."""
     n, d_in = dy2.shape[0], w.shape[1]
     t = C.empty((n, d_in), dy2.dtype, dy2.device)
-    if dx is None:
+    if dx is None and dtype in (None, dy2.dtype):
         dx = C.empty((n, d_in), dy2.dtype, dy2.device)
         torch.mm(dy2, w, out=dx)
     else:
         torch.mm(dy2, w, out=t)
-        grad_add(dx, t)
+        if dx is None:
+            dx = t.to(dtype)  # the branch's 16-bit gradient, upcast exactly
+        else:
+            grad_add(dx, t)
     torch.mm(dxa, A, out=t)
     grad_add(dx, t, keep2, scale)
     return dx
@@ -217,37 +254,37 @@ class _LoraO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, A, B, keep, scaling, dropout):
         op = "lora_o"
-        shape = x.shape
+        shape, lo = x.shape, A.dtype
         x2 = C.rows_view(op, "x", x)
         keep2 = L.rows2(keep, shape[-1])
         inv = L.inverse_keep(dropout)
         out, d_in = B.shape[0], shape[-1]
-        xd2 = dropout_apply(x2, keep2, inv)
-        w = L.dense(op, "W", W, x.dtype, (out, d_in))
-        y, xa = lora_forward(x2, xd2, w, A, B, scaling)
+        xc, xd2 = layer_inputs(x2, keep2, inv, lo)
+        w = L.dense(op, "W", W, lo, (out, d_in))
+        y, xa = lora_forward(xc, xd2, w, A, B, scaling, out_dtype=x.dtype)
         del w, xd2
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        ctx.save_for_backward(x2 if need_a else None, keep2, A if need_x else None,
+        ctx.save_for_backward(saved_input(x2, xc, keep2) if need_a else None, keep2, A if need_x else None,
                               B if (need_a or need_x) else None, xa if need_b else None,
                               W if (need_x and L.is_dense(W)) else None)
         ctx.quantized = W if (need_x and not L.is_dense(W)) else None
-        ctx.meta = (shape, out, scaling, inv)
+        ctx.meta = (shape, out, scaling, inv, x.dtype, lo)
         return y.view(*shape[:-1], out)
 
     @staticmethod
     def backward(ctx, dy):
         op = "lora_o"
-        x2, keep2, A, B, xa, w_saved = ctx.saved_tensors
-        shape, out, scaling, inv = ctx.meta
+        xs, keep2, A, B, xa, w_saved = ctx.saved_tensors
+        shape, out, scaling, inv, x_dtype, lo = ctx.meta
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dy2 = C.rows_view(op, "dy", dy)
-        xd2 = dropout_apply(x2, keep2, inv) if need_a else None
+        dy2 = C.rows_view(op, "dy", dy).to(lo)
+        xd2 = branch_input(xs, keep2, inv, lo) if need_a else None
         dA, dB, dxa = lora_backward(dy2, xd2, xa, B, scaling, need_a, need_b, need_x)
         del xd2
         dx = None
         if need_x:
-            w = L.dense(op, "W", w_saved if w_saved is not None else ctx.quantized, dy.dtype, (out, shape[-1]))
-            dx = add_input_grad(None, dy2, w, dxa, A, keep2, inv).view(shape)
+            w = L.dense(op, "W", w_saved if w_saved is not None else ctx.quantized, lo, (out, shape[-1]))
+            dx = add_input_grad(None, dy2, w, dxa, A, keep2, inv, x_dtype).view(shape)
         return dx, None, dA, dB, None, None, None
 
 
@@ -260,6 +297,8 @@ def lora_o(x: torch.Tensor, W, A: torch.Tensor, B: torch.Tensor, scaling: float,
     alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA). ``dropout`` p > 0 applies
     ``dropout_mask`` (bool, x's shape, True = kept; drawn from ``generator`` when
     None) to the LoRA branch's input only, kept elements scaled by 1 / (1 - p).
+    x may be float32 on a bf16/fp16 layer (QLoRA under autocast): y and dX are then
+    float32, the two terms summed in fp32 as PEFT sums them (``_lora.py``).
     Gradients: dX, dA, dB as required; never dW.
     """
     op = "lora_o"
@@ -292,7 +331,8 @@ def _params(draw, limits: Limits) -> dict:
     return {
         "batch": batch, "tokens": tokens, "d_in": d_in, "d_out": d_out, **cfg,
         "scale": draw(S.scale()),
-        "b_scale": draw(st.sampled_from([0.1, 1.0])),
+        "b_scale": draw(st.sampled_from(L.B_SCALES)),
+        "x_fp32": draw(L.mixed_flag()),
         "strided": draw(st.booleans()),
         "grad_x": draw(L.grad_flag()), "grad_A": draw(L.grad_flag()), "grad_B": draw(L.grad_flag()),
         "_block": block,
@@ -318,6 +358,7 @@ SPEC = KernelSpec(
     outputs=("y",),
     grads=("x", "A", "B"),
     options=("scaling (alpha/r or rsLoRA alpha/sqrt(r))", "dropout p with an explicit bool mask",
-             "W: tensor or .dequantize() object (NF4)"),
+             "W: tensor or .dequantize() object (NF4)", "fp32 x on a 16-bit layer (QLoRA under autocast)"),
     summary="PEFT LoRA linear on a frozen (or NF4) weight: cuBLAS GEMMs, Triton dropout; dX/dA/dB, never dW.",
+    ablate=L.ablate_adapters("B"),
 )

@@ -32,7 +32,7 @@ from . import _lora as L
 from . import _strategies as S
 from ._harness import randn
 from ._registry import Inputs, KernelSpec, Limits
-from .lora_o import add_input_grad, dropout_apply, lora_backward, lora_forward
+from .lora_o import add_input_grad, branch_input, dropout_apply, lora_backward, lora_forward, saved_input
 
 _NAMES = ("q", "k", "v")
 
@@ -41,9 +41,10 @@ class _LoraQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv, bq, bk, bv, keep, scaling, dropout):
         op = "lora_qkv"
-        shape = x.shape
+        shape, lo = x.shape, Aq.dtype
         d_in = shape[-1]
         x2 = C.rows_view(op, "x", x)
+        xc = x2 if x2.dtype == lo else x2.to(lo)  # the base GEMMs' input (the mixed mode's cast, once)
         inv = L.inverse_keep(dropout)
         keeps = (None,) * 3 if keep is None else tuple(L.rows2(keep[i], d_in) for i in range(3))
         projs = ((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv))
@@ -52,25 +53,25 @@ class _LoraQKV(torch.autograd.Function):
         outs, saved, quantized = [], [], []
         for i, (W, A, B, bias) in enumerate(projs):
             need_a, need_b = need[2 + 3 * i], need[3 + 3 * i]
-            xd2 = dropout_apply(x2, keeps[i], inv)
-            w = L.dense(op, f"W{_NAMES[i]}", W, x.dtype, (B.shape[0], d_in))
-            y, xa = lora_forward(x2, xd2, w, A, B, scaling, bias)
+            xd2 = xc if keeps[i] is None else dropout_apply(x2, keeps[i], inv, lo)
+            w = L.dense(op, f"W{_NAMES[i]}", W, lo, (B.shape[0], d_in))
+            y, xa = lora_forward(xc, xd2, w, A, B, scaling, bias, out_dtype=x.dtype)
             del w, xd2
             outs.append(y.view(*shape[:-1], B.shape[0]))
             saved += [A if need_x else None, B if (need_a or need_x) else None, xa if need_b else None,
                       W if (need_x and L.is_dense(W)) else None]
             quantized.append(W if (need_x and not L.is_dense(W)) else None)
         need_any_a = need[2] or need[5] or need[8]
-        ctx.save_for_backward(x2 if need_any_a else None, keep, *saved)
+        ctx.save_for_backward(saved_input(x2, xc, keep) if need_any_a else None, keep, *saved)
         ctx.quantized = quantized
-        ctx.meta = (shape, tuple(B.shape[0] for _, _, B, _ in projs), scaling, inv)
+        ctx.meta = (shape, tuple(B.shape[0] for _, _, B, _ in projs), scaling, inv, x.dtype, lo)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         op = "lora_qkv"
-        x2, keep, *saved = ctx.saved_tensors
-        shape, outs, scaling, inv = ctx.meta
+        xs, keep, *saved = ctx.saved_tensors
+        shape, outs, scaling, inv, x_dtype, lo = ctx.meta
         d_in = shape[-1]
         keeps = (None,) * 3 if keep is None else tuple(L.rows2(keep[i], d_in) for i in range(3))
         need = ctx.needs_input_grad
@@ -80,15 +81,15 @@ class _LoraQKV(torch.autograd.Function):
         for i, dy in enumerate((dq, dk, dv)):
             A, B, xa, w_saved = saved[4 * i: 4 * i + 4]
             need_a, need_b = need[2 + 3 * i], need[3 + 3 * i]
-            dy2 = C.rows_view(op, f"d{_NAMES[i]}", dy)
-            xd2 = dropout_apply(x2, keeps[i], inv) if need_a else None
+            dy2 = C.rows_view(op, f"d{_NAMES[i]}", dy).to(lo)
+            xd2 = branch_input(xs, keeps[i], inv, lo) if need_a else None
             dA, dB, dxa = lora_backward(dy2, xd2, xa, B, scaling, need_a, need_b, need_x)
             del xd2
             grads[2 + 3 * i], grads[3 + 3 * i] = dA, dB
             if need_x:
                 W = w_saved if w_saved is not None else ctx.quantized[i]
-                w = L.dense(op, f"W{_NAMES[i]}", W, dy2.dtype, (outs[i], d_in))
-                dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv)
+                w = L.dense(op, f"W{_NAMES[i]}", W, lo, (outs[i], d_in))
+                dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv, x_dtype)
                 del w
         if need_x:
             grads[0] = dx.view(shape)
@@ -102,12 +103,14 @@ def lora_qkv(x: torch.Tensor, Wq, Aq: torch.Tensor, Bq: torch.Tensor, Wk, Ak: to
     """(q, k, v): three PEFT LoRA linears of the same ``x`` (see ``lora_o``), in one
     autograd Function that saves x once. Optional frozen biases bq/bk/bv (Qwen2).
     ``dropout_mask`` is bool [3, *x.shape] (one mask per projection, True = kept),
-    drawn from ``generator`` when None and ``dropout`` > 0."""
+    drawn from ``generator`` when None and ``dropout`` > 0. x may be float32 on a bf16/fp16
+    layer (QLoRA under autocast): q, k, v and dX are then float32 (``_lora.py``)."""
     op = "lora_qkv"
     C.check_float(op, "x", x)
     L.check_options(op, scaling, dropout)
     for n, (W, A, B, b) in zip(_NAMES, ((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv))):
         L.check_linear(op, x, (f"W{n}", f"A{n}", f"B{n}"), W, A, B, f"b{n}", b)
+    C.check_same_dtype(op, Aq=Aq, Ak=Ak, Av=Av)  # one layer dtype (each may differ from an fp32 x alike)
     keep = L.keep_mask(op, "dropout_mask", dropout_mask, dropout, (3, *x.shape), x, generator)
     if keep is not None and not keep.is_contiguous():
         keep = keep.contiguous()
@@ -144,7 +147,8 @@ def _params(draw, limits: Limits) -> dict:
         "batch": batch, "tokens": tokens, "d_in": d_in, "q_out": q_out, "kv_out": kv_out, **cfg,
         "bias": draw(st.booleans()),
         "scale": draw(S.scale()),
-        "b_scale": draw(st.sampled_from([0.1, 1.0])),
+        "b_scale": draw(st.sampled_from(L.B_SCALES)),
+        "x_fp32": draw(L.mixed_flag()),
         "strided": draw(st.booleans()),
         "grad_x": draw(L.grad_flag()),
         "grad_adapters": [draw(L.grad_flag()) for _ in range(6)],
@@ -177,6 +181,8 @@ SPEC = KernelSpec(
     outputs=("q", "k", "v"),
     grads=("x", "Aq", "Bq", "Ak", "Bk", "Av", "Bv"),
     options=("scaling (alpha/r or rsLoRA alpha/sqrt(r))", "dropout p with a bool [3, ...] mask",
-             "GQA-shaped k/v", "optional frozen q/k/v biases (Qwen2)"),
+             "GQA-shaped k/v", "optional frozen q/k/v biases (Qwen2)",
+             "fp32 x on a 16-bit layer (QLoRA under autocast)"),
     summary="PEFT LoRA q/k/v projections of one input in one Function: x saved once, dX accumulated once.",
+    ablate=L.ablate_adapters("Bq", "Bk", "Bv"),
 )

@@ -7,5 +7,5 @@ MUTANTS = [
            old="dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du)",
            new="dgate, dup = _act_backward(dh, g, u, activation, False, need_dg, need_du)"),
     Mutant("lora_mlp", "down_dA_without_dropout", "dAd is taken against h instead of the dropped-out h",
-           old="hd = dropout_apply(h, keep_d, inv)", new="hd = h"),
+           old="_, hd = layer_inputs(h, keep_d, inv, lo)", new="hd = h.to(lo)"),
 ]

@@ -1,9 +1,18 @@
+import torch
+
 from . import Mutant
 
 MUTANTS = [
     Mutant("lora_o", "scaling_applied_twice", "the forward multiplies the LoRA branch by scaling twice",
-           old="lora = _to(lora * s, Y.dtype.element_ty).to(tl.float32)",
-           new="lora = _to(lora * s * s, Y.dtype.element_ty).to(tl.float32)"),
+           old="lora = _to(lora * s, LORA.dtype.element_ty).to(tl.float32)",
+           new="lora = _to(lora * s * s, LORA.dtype.element_ty).to(tl.float32)"),
+    Mutant("lora_o", "sum_in_layer_dtype", "the mixed mode (fp32 x, bf16 layer) sums the base output and the LoRA "
+           "term in bf16 before returning fp32: an adapter's small first updates are rounded away (the bug of "
+           "d1d0b5d, measured in QLoRA training on an H200); only the delta comparison sees it",
+           old="tl.store(OUT + idx, _to(y + lora, OUT.dtype.element_ty), mask=mask)",
+           new="tl.store(OUT + idx, _to(_to(y + lora, LORA.dtype.element_ty).to(tl.float32), "
+               "OUT.dtype.element_ty), mask=mask)",
+           dtypes=(torch.bfloat16,)),
     Mutant("lora_o", "scaling_missing_in_backward", "the backward of `* scaling` is dropped: dA, dB and dx's "
            "LoRA term are all off by the scaling",
            old="tl.store(DS + idx, _to(dy * s, DS.dtype.element_ty), mask=mask)",
@@ -12,8 +21,8 @@ MUTANTS = [
            "the wrong factor on the A side only, dB stays right",
            old="torch.mm(ds, B, out=dxa)", new="torch.mm(dy2, B, out=dxa)"),
     Mutant("lora_o", "dropout_mask_not_in_dA", "the backward takes dA against x instead of the dropped-out x",
-           old="xd2 = dropout_apply(x2, keep2, inv) if need_a else None",
-           new="xd2 = x2 if need_a else None"),
+           old="xd2 = branch_input(xs, keep2, inv, lo) if need_a else None",
+           new="xd2 = xs.to(lo) if need_a else None"),
     Mutant("lora_o", "dropout_backward_unscaled", "the dropout's backward masks but forgets the 1 / (1 - p)",
            old="t = _to(tl.where(keep != 0, t * scale, 0.0), DX.dtype.element_ty).to(tl.float32)",
            new="t = _to(tl.where(keep != 0, t, 0.0), DX.dtype.element_ty).to(tl.float32)"),

@@ -3,14 +3,14 @@ from . import Mutant
 MUTANTS = [
     Mutant("lora_qkv", "dx_overwritten_per_projection", "dx is assigned, not accumulated, per projection: only "
            "v's contribution survives",
-           old="dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv)",
-           new="dx = add_input_grad(None, dy2, w, dxa, A, keeps[i], inv)"),
+           old="dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv, x_dtype)",
+           new="dx = add_input_grad(None, dy2, w, dxa, A, keeps[i], inv, x_dtype)"),
     Mutant("lora_qkv", "one_mask_for_all_projections", "q's dropout mask reused for k and v (PEFT draws one "
            "per projection)",
            old="tuple(L.rows2(keep[i], d_in) for i in range(3))",
            new="tuple(L.rows2(keep[0], d_in) for i in range(3))",
            count=2),
     Mutant("lora_qkv", "bias_dropped", "the frozen q/k/v biases (Qwen2) are not added",
-           old="y, xa = lora_forward(x2, xd2, w, A, B, scaling, bias)",
-           new="y, xa = lora_forward(x2, xd2, w, A, B, scaling)"),
+           old="y, xa = lora_forward(xc, xd2, w, A, B, scaling, bias, out_dtype=x.dtype)",
+           new="y, xa = lora_forward(xc, xd2, w, A, B, scaling, out_dtype=x.dtype)"),
 ]
