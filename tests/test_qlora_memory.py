@@ -145,8 +145,10 @@ def test_patched_training_forward_saves_no_more_than_hf(base, mode, checkpointin
     assert ours["bytes"] <= hf["bytes"], detail
     vocab_sized = [v for v in ours["saved"].values() if VOCAB in v[2]]
     assert not vocab_sized, f"logits- or head-sized tensors saved for backward: {vocab_sized}" + detail
-    # The loss came from our fused kernel, not from HF's full-logits fallback.
+    # The loss came from our fused kernel, not from HF's full-logits fallback; and the fused
+    # LoRA groups ran in QLoRA too, on the fp32 norm outputs (their mixed mode: workbench.patch._mixed_dtype).
     assert ours["ran"].get("fused_linear_cross_entropy") == 1, detail
+    assert ours["ran"].get("lora_qkv") == ours["ran"].get("lora_mlp") == LAYERS * (1 + checkpointing), detail
 
     # The measured step is a whole training step: the gradient reaches every adapter
     # tensor through the loss kernel. Its numbers are judged against fp64 by the

@@ -48,12 +48,14 @@ What is swapped (per family: workbench/families.py):
   frozen weight as an ``NF4Weight`` (``nf4_dequant``). An fp32 adapter on a 16-bit
   base (PEFT's default) is fused under autocast to that dtype, as the Trainer's
   ``bf16=True`` runs it. QLoRA's fp32 activations (the norms' outputs after
-  prepare_model_for_kbit_training) under autocast stay PEFT's: there bitsandbytes
-  returns the base product in fp32 and PEFT adds the LoRA term to it in fp32, and the
-  fused kernels, which sum the two in the compute dtype, round away an adapter's
-  first, small updates (measured on the H200, 2026-11-30, 1B shape: the loss 1.2e-2
-  off HF's after the first step; reports/train/2026-11-30-nvidia-h200-qlora-2.md).
-  They can take those inputs once they sum in fp32.
+  prepare_model_for_kbit_training) under autocast go through the kernels' mixed
+  mode where every 4-bit base of the group computes in autocast's dtype
+  (:func:`_mixed_dtype`): the GEMMs in that dtype, and the base product and the
+  LoRA term summed in fp32 and returned in fp32, as bitsandbytes and PEFT do. (A
+  sum in the compute dtype rounds away an adapter's first, small updates: measured
+  on the H200, 2026-11-30, 1B shape, the loss 1.2e-2 off HF's after the first step,
+  reports/train/2026-11-30-nvidia-h200-qlora-2.md; the parity suite's ``delta:``
+  comparisons now check that the LoRA term survives.)
 
 Not swapped: attention itself (HF's eager/SDPA/flash path), embeddings, residual
 adds, LoRA layers with DoRA or another PEFT variant, lora_bias, several active
@@ -211,10 +213,11 @@ def _autocast_bypass(kernel: str, dtype: torch.dtype, to: torch.dtype, quantized
         # "Load the model in bf16" is no advice here: a QLoRA user did. The fp32 comes from
         # prepare_model_for_kbit_training, which casts every parameter that is not 4-bit
         # (norms, embeddings, the head) to fp32, so the residual stream and norms are fp32.
-        return (f"{what}. On a 4-bit (QLoRA) base this is expected, not a setup error: peft's "
-                f"prepare_model_for_kbit_training casts the norms and embeddings to float32, so the layers after "
-                f"each norm run on {_name(dtype)} activations, which this kernel does not take under autocast. "
-                f"workbench.patch.kernel_calls() counts the kernels that did run.")
+        return (f"{what}. On a 4-bit (QLoRA) base, peft's prepare_model_for_kbit_training casts the norms and "
+                f"embeddings to float32, so the layers after each norm run on {_name(dtype)} activations; the LoRA "
+                f"kernels take those under autocast only where the 4-bit base computes in autocast's dtype: load it "
+                f"with bnb_4bit_compute_dtype={_name(to)}. workbench.patch.kernel_calls() counts the kernels that "
+                f"did run.")
     return (f"{what}. For it to run, load the model in {_name(to)} (a LoRA adapter may stay in float32: "
             f"the LoRA kernels fuse it under autocast).")
 
@@ -500,9 +503,36 @@ def _autocast_adapter(adapter: torch.dtype, base: torch.dtype) -> bool:
     return adapter == torch.float32 and base in (torch.bfloat16, torch.float16)
 
 
-def _autocast_to(x: torch.Tensor) -> bool:
+def _autocast_to(x: torch.Tensor, dtype: torch.dtype) -> bool:
     dev = x.device.type
-    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == x.dtype
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == dtype
+
+
+def _mixed_dtype(layers, x: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype the LoRA kernels compute ``layers`` in on an fp32 ``x`` (their
+    mixed mode, kernels/_lora.py), or None where it does not apply.
+
+    QLoRA under the Trainer's autocast: prepare_model_for_kbit_training leaves the
+    residual stream, and so the norms' outputs, in fp32 while autocast runs in bf16.
+    Each 4-bit LoRA linear then computes on autocast's dtype: bitsandbytes' Linear4bit
+    casts x (and its bias) to its compute dtype, multiplies by the weight dequantized
+    to it and returns the product upcast to x's fp32; PEFT's dropout runs on the fp32
+    x and lora_A / lora_B under autocast on the casts of it, A and B; PEFT adds the
+    LoRA term to the base's fp32 output in fp32. That is the kernels' mixed mode, so
+    it applies where every layer's 4-bit base computes in autocast's dtype. Anywhere
+    else (no autocast, another compute dtype, a dense base, whose output autocast
+    leaves in bf16) the kernels keep their one-dtype rule."""
+    dev = x.device.type
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(dev):
+        return None
+    to = torch.get_autocast_dtype(dev)
+    if to not in (torch.bfloat16, torch.float16):
+        return None
+    for layer in layers:
+        base = getattr(layer, "base_layer", None)
+        if base is None or not _is_bnb_4bit(base) or getattr(base, "compute_dtype", None) != to:
+            return None
+    return to
 
 
 class _AsDtype:
@@ -516,43 +546,49 @@ class _AsDtype:
         return self.weight.dequantize().to(self.dtype)
 
 
-def _lora_operands(layer: nn.Module, x: torch.Tensor):
-    """(W, A, B, bias, scaling, dropout p) of one LoRA layer for a call on ``x``, or
-    None when this call must take PEFT's own path."""
+def _lora_operands(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None):
+    """(W, A, B, bias, scaling, dropout p) of one LoRA layer for a call on ``x``, each in
+    the dtype the layer computes in (``dtype``: x's own, or the 16-bit one of the
+    kernels' mixed mode, :func:`_mixed_dtype`), or None when this call must take
+    PEFT's own path."""
     if layer.merged or layer.disable_adapters:
         return None
     name = _adapter(layer)
     if name is None:
         return None
+    dt = dtype or x.dtype
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     base = layer.base_layer
     bias = base.bias
     if not (a.dtype == b.dtype and _plain(a) and _plain(b) and x.device == a.device == b.device):
         return None
-    if a.dtype != x.dtype:
+    if a.dtype != dt:
         # PEFT under autocast: x is cast to the adapter's fp32, and autocast casts it and
-        # the fp32 A and B back to x's dtype for each matmul: the same as A, B in x's dtype.
-        if not (_autocast_adapter(a.dtype, x.dtype) and _autocast_to(x)):
+        # the fp32 A and B to its dtype for each matmul: the same as A, B in that dtype.
+        if not (_autocast_adapter(a.dtype, dt) and _autocast_to(x, dt)):
             _warn_once("adapter-dtype", f"workbench LoRA kernels bypassed: the adapter is {a.dtype} and the "
                                         f"activations {x.dtype} outside autocast; PEFT's code runs instead.")
             return None
-        a, b = a.to(x.dtype), b.to(x.dtype)
-    if bias is not None and (bias.dtype != x.dtype or not _plain(bias)):
+        a, b = a.to(dt), b.to(dt)
+    if bias is not None and _is_bnb_4bit(base) and bias.dtype != dt and _plain(bias) \
+            and getattr(base, "compute_dtype", None) == dt:
+        bias = bias.to(dt)  # bitsandbytes adds the bias in its compute dtype: bias.to(compute_dtype)
+    if bias is not None and (bias.dtype != dt or not _plain(bias)):
         return None
     if _is_bnb_4bit(base):
         state = _quant_state(base)
         if state is None or getattr(state, "packing_format_for_cpu", False):
             return None
-        if getattr(base, "compute_dtype", None) not in (None, x.dtype):
+        if getattr(base, "compute_dtype", None) not in (None, dt):
             return None
         weight = NF4Weight.from_bnb(base.weight, state)
         if weight.device != x.device:
             return None
-        if weight.dtype != x.dtype:
-            weight = _AsDtype(weight, x.dtype)
+        if weight.dtype != dt:
+            weight = _AsDtype(weight, dt)
     else:
         weight = base.weight
-        if not (_plain(weight) and weight.dtype == x.dtype and weight.device == x.device) or weight.requires_grad:
+        if not (_plain(weight) and weight.dtype == dt and weight.device == x.device) or weight.requires_grad:
             return None
     return weight, a, b, bias, float(layer.scaling[name]), _dropout_p(layer, name)
 
@@ -564,8 +600,10 @@ def _count_nf4(layers) -> None:
 
 
 def _lora_single(layer: nn.Module, x: torch.Tensor):
-    ops = _lora_operands(layer, x)
-    if ops is None or ops[3] is not None or not _runnable(x, kernel="lora_o", quantized=_on_4bit([layer])):
+    mixed = _mixed_dtype([layer], x)
+    ops = _lora_operands(layer, x, mixed)
+    if ops is None or ops[3] is not None or not _runnable(x, autocast_ok=mixed is not None, kernel="lora_o",
+                                                          quantized=_on_4bit([layer])):
         return None
     weight, a, b, _, scaling, p = ops
     _ran("lora_o")
@@ -581,10 +619,12 @@ def _on_4bit(layers) -> bool:
 
 def _lora_group(layers, x: torch.Tensor, kernel: str):
     """Operands of every layer of a fused group, or None; the group shares one
-    scaling and one dropout probability."""
-    if not _runnable(x, kernel=kernel, quantized=_on_4bit(layers)):
+    scaling and one dropout probability (and one dtype: x's, or the mixed mode's for
+    all of them)."""
+    mixed = _mixed_dtype(layers, x)
+    if not _runnable(x, autocast_ok=mixed is not None, kernel=kernel, quantized=_on_4bit(layers)):
         return None
-    ops = [_lora_operands(layer, x) for layer in layers]
+    ops = [_lora_operands(layer, x, mixed) for layer in layers]
     if any(o is None for o in ops) or len({(o[4], o[5]) for o in ops}) != 1:
         return None
     return ops
