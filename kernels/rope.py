@@ -17,10 +17,14 @@ Backward (the transposed map, i.e. the rotation by -sin):
 
 cos/sin come either already gathered by position ([B or 1, S, R], as HF's
 rotary embedding module returns them) or as tables [max_pos, R] with
-``position_ids`` [B, S] naming the row of each token. One program handles a
-block of positions of one batch row: all heads of q and of k, as 3-D
-[positions, heads, R/2] tiles of about _TILE elements (one position per program
-when the heads fill the tile, as with 32 heads x 128 dims).
+``position_ids`` [B, S] naming the row of each token. One launch does q and k
+(forward, and dq and dk in the backward): program (i, j) rotates a block of
+positions of one batch row (i) for one block of heads (j, over q's head blocks
+then k's), as 3-D [positions, heads, R/2] tiles of about _TILE elements.
+
+Outputs and gradients take the memory layout of q and k (HF's q/k are [B, S, H, D]
+buffers seen as [B, H, S, D]); upstream gradients are read in whatever strides
+they arrive with.
 """
 from __future__ import annotations
 
@@ -34,49 +38,59 @@ from . import _strategies as S
 from ._harness import maybe_strided, randn
 from ._registry import Inputs, KernelSpec, Limits
 
-#: Elements of one [positions, heads, columns] tile on the GPU, and positions per program
-#: (4 came out best in an unrecorded exploratory H100 timing of HF's [B, S, H, D] views and
-#: contiguous [B, H, S, D] gradients; `workbench bench --suite kernels` is where it gets
-#: measured for the record). The interpreter's cost is programs x ops, so it takes whole
-#: short sequences.
-_TILE = 8192
-_SEQ_BLOCK = 16 if C.INTERPRET else 4
+#: Elements of one [positions, heads, columns] tile, and heads per program, on the GPU.
+#: Each program rotates one block of heads (of q, or of k) for a block of positions, so a
+#: launch has (q + k head blocks) x (position blocks) independent programs, each a load
+#: then a store. 4 heads x 16 positions x 64 columns with 4 warps came out best on an H200
+#: (Llama-3.1-8B shapes, bf16, CUDA-graph timing; HF's [B, S, H, D] views, contiguous
+#: [B, H, S, D], position_ids, and head_dim 64 alike): forward 0.044 ms against 0.052 for
+#: 8 heads, 0.059 for 32 heads x 4 positions, and 0.060 for the earlier kernel, whose program
+#: did every head of q and then of k for 4 positions. The interpreter's cost is programs x ops,
+#: so there a program takes all heads of whole short sequences.
+_TILE = 32768 if C.INTERPRET else 4096
+_HEADS = 64 if C.INTERPRET else 4
 
 
 # --------------------------------------------------------------------------- Triton
 @triton.jit
-def _rotate_heads(X, Y, x_rows, y_rows, x_sh, y_sh, n_heads, c1, c2, s1, s2, smask, cols, cmask, half,
-                  BWD: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rotate columns ``cols`` (< half) of every head of a block of (b, s) rows of X into Y.
+def _rope_heads(X, Y, x_rows, y_rows, x_sh, y_sh, heads, n_heads, cos_rows, sin_rows, smask, half, head_dim,
+                BWD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Rotate heads ``heads`` [BLOCK_H] of a block of (b, s) rows of X into Y, as
+    [BLOCK_S, BLOCK_H, columns] tiles; then copy the pass-through columns [R, D).
 
-    ``x_rows``/``y_rows`` [BLOCK_S] are the rows' offsets; c1..s2 are [BLOCK_S, BLOCK]."""
-    for h0 in range(0, n_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        h64 = heads.to(tl.int64)[None, :, None]
-        mask = smask[:, None, None] & (heads < n_heads)[None, :, None] & cmask[None, None, :]
-        xp = X + x_rows[:, None, None] + h64 * x_sh + cols[None, None, :]
+    ``x_rows``/``y_rows`` [BLOCK_S] are the rows' offsets, ``cos_rows``/``sin_rows``
+    [BLOCK_S] pointers to their cos/sin rows."""
+    h64 = heads.to(tl.int64)[None, :, None]
+    rmask = smask[:, None, None] & (heads < n_heads)[None, :, None]
+    x_base = X + x_rows[:, None, None] + h64 * x_sh
+    y_base = Y + y_rows[:, None, None] + h64 * y_sh
+    for start in range(0, half, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < half
+        cs_mask = smask[:, None] & cmask[None, :]
+        c1 = tl.load(cos_rows[:, None] + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+        c2 = tl.load(cos_rows[:, None] + half + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+        s1 = tl.load(sin_rows[:, None] + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+        s2 = tl.load(sin_rows[:, None] + half + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+        mask = rmask & cmask[None, None, :]
+        xp = x_base + cols[None, None, :]
         x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(xp + half, mask=mask, other=0.0).to(tl.float32)
         if BWD:
-            y1 = x1 * c1[:, None, :] + x2 * s2[:, None, :]
-            y2 = x2 * c2[:, None, :] - x1 * s1[:, None, :]
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 - x1 * s1
         else:
-            y1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
-            y2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
-        yp = Y + y_rows[:, None, None] + h64 * y_sh + cols[None, None, :]
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        yp = y_base + cols[None, None, :]
         tl.store(yp, y1.to(Y.dtype.element_ty), mask=mask)
         tl.store(yp + half, y2.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _copy_heads(X, Y, x_rows, y_rows, x_sh, y_sh, n_heads, smask, cols, cmask, BLOCK_H: tl.constexpr):
-    """Copy the pass-through columns ``cols`` (>= R) of every head of a block of rows."""
-    for h0 in range(0, n_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        h64 = heads.to(tl.int64)[None, :, None]
-        mask = smask[:, None, None] & (heads < n_heads)[None, :, None] & cmask[None, None, :]
-        x = tl.load(X + x_rows[:, None, None] + h64 * x_sh + cols[None, None, :], mask=mask, other=0.0)
-        tl.store(Y + y_rows[:, None, None] + h64 * y_sh + cols[None, None, :], x, mask=mask)
+    # Partial rotary: columns [R, D) pass through unchanged (the gradient too).
+    for start in range(2 * half, head_dim, BLOCK_P):
+        cols = start + tl.arange(0, BLOCK_P)
+        mask = rmask & (cols < head_dim)[None, None, :]
+        x = tl.load(x_base + cols[None, None, :], mask=mask, other=0.0)
+        tl.store(y_base + cols[None, None, :], x, mask=mask)
 
 
 @triton.jit
@@ -84,12 +98,14 @@ def _rope_kernel(Q, K, COS, SIN, POS, QO, KO,
                  q_sb, q_sh, q_ss, k_sb, k_sh, k_ss,
                  qo_sb, qo_sh, qo_ss, ko_sb, ko_sh, ko_ss,
                  c_sb, c_ss, s_sb, s_ss, p_sb, p_ss,
-                 seq, n_seq_blocks, n_q_heads, n_k_heads, half, head_dim,
-                 HAS_POS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, BWD: tl.constexpr,
+                 seq, n_seq_blocks, n_q_blocks, n_q_heads, n_k_heads, half, head_dim,
+                 HAS_POS: tl.constexpr, BWD: tl.constexpr,
                  BLOCK_S: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                  BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
-    # One program: batch row b, sequence positions [s0, s0 + BLOCK_S), all heads of q and k.
+    # Program (i, j): batch row b and positions [s0, s0 + BLOCK_S) from i; from j, head
+    # block j of q (j < n_q_blocks) or head block j - n_q_blocks of k.
     pid = tl.program_id(0).to(tl.int64)
+    hblock = tl.program_id(1)
     b = pid // n_seq_blocks
     srow = (pid % n_seq_blocks) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
     smask = srow < seq
@@ -99,32 +115,16 @@ def _rope_kernel(Q, K, COS, SIN, POS, QO, KO,
         p = srow
     cos_rows = COS + b * c_sb + p * c_ss
     sin_rows = SIN + b * s_sb + p * s_ss
-    q_rows = b * q_sb + srow * q_ss
-    k_rows = b * k_sb + srow * k_ss
-    qo_rows = b * qo_sb + srow * qo_ss
-    ko_rows = b * ko_sb + srow * ko_ss
-    for start in range(0, half, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        cmask = cols < half
-        cs_mask = smask[:, None] & cmask[None, :]
-        c1 = tl.load(cos_rows[:, None] + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_rows[:, None] + half + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_rows[:, None] + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_rows[:, None] + half + cols[None, :], mask=cs_mask, other=0.0).to(tl.float32)
-        if DO_Q:
-            _rotate_heads(Q, QO, q_rows, qo_rows, q_sh, qo_sh, n_q_heads, c1, c2, s1, s2, smask, cols, cmask,
-                          half, BWD=BWD, BLOCK_H=BLOCK_HQ)
-        if DO_K:
-            _rotate_heads(K, KO, k_rows, ko_rows, k_sh, ko_sh, n_k_heads, c1, c2, s1, s2, smask, cols, cmask,
-                          half, BWD=BWD, BLOCK_H=BLOCK_HK)
-    # Partial rotary: columns [R, D) pass through unchanged (the gradient too).
-    for start in range(2 * half, head_dim, BLOCK_P):
-        cols = start + tl.arange(0, BLOCK_P)
-        cmask = cols < head_dim
-        if DO_Q:
-            _copy_heads(Q, QO, q_rows, qo_rows, q_sh, qo_sh, n_q_heads, smask, cols, cmask, BLOCK_H=BLOCK_HQ)
-        if DO_K:
-            _copy_heads(K, KO, k_rows, ko_rows, k_sh, ko_sh, n_k_heads, smask, cols, cmask, BLOCK_H=BLOCK_HK)
+    # (No variable is assigned in both branches: Triton would require one type, and
+    # q's and k's head blocks may differ in size.)
+    if hblock < n_q_blocks:
+        _rope_heads(Q, QO, b * q_sb + srow * q_ss, b * qo_sb + srow * qo_ss, q_sh, qo_sh,
+                    hblock * BLOCK_HQ + tl.arange(0, BLOCK_HQ), n_q_heads,
+                    cos_rows, sin_rows, smask, half, head_dim, BWD=BWD, BLOCK=BLOCK, BLOCK_P=BLOCK_P)
+    else:
+        _rope_heads(K, KO, b * k_sb + srow * k_ss, b * ko_sb + srow * ko_ss, k_sh, ko_sh,
+                    (hblock - n_q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK), n_k_heads,
+                    cos_rows, sin_rows, smask, half, head_dim, BWD=BWD, BLOCK=BLOCK, BLOCK_P=BLOCK_P)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -133,23 +133,39 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _dim_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The order, outermost first, of ``t``'s [B, H, S] dims in memory (by stride; ties keep
+    dim order), then D, which stays innermost (the kernel needs its unit stride). For HF's
+    ``proj(x).view(B, S, H, D).transpose(1, 2)`` this is (0, 2, 1, 3)."""
+    return (*sorted(range(3), key=lambda d: (-t.stride(d), d)), 3)
+
+
+def _empty_in_order(shape, order: tuple[int, ...], dtype, device) -> torch.Tensor:
+    """A dense tensor of ``shape`` laid out in memory in dim order ``order`` (like
+    ``torch.empty_like``'s preserve_format; poisoned under the parity suite)."""
+    buf = C.empty([shape[d] for d in order], dtype, device)
+    return buf.permute(*sorted(range(len(order)), key=order.__getitem__))
+
+
 def _blocks(seq: int, half: int, head_dim: int, n_q: int, n_k: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_S, BLOCK_HQ, BLOCK_HK, BLOCK, BLOCK_P): [positions, heads, columns] tiles of at most
-    _TILE elements; BLOCK spans the rotary half R/2, BLOCK_P the pass-through dims D - R."""
+    """(BLOCK_S, BLOCK_HQ, BLOCK_HK, BLOCK, BLOCK_P): [positions, heads, columns] tiles of about
+    _TILE elements, at most _HEADS heads; BLOCK spans the rotary half R/2, BLOCK_P the
+    pass-through dims D - R."""
     forced = C.forced()
     if forced is not None:
         # Forced small tiles: 4 positions x 2 heads, so every loop and mask runs.
         return 4, 2, 2, int(forced), int(forced)
     block = C.block_for(half, cap=128)
     block_p = C.block_for(head_dim - 2 * half, cap=128)
-    block_s = min(C.next_pow2(seq), _SEQ_BLOCK)
-    block_hq = min(C.next_pow2(n_q), max(1, _TILE // (block_s * block)))
-    block_hk = min(C.next_pow2(n_k), max(1, _TILE // (block_s * block)))
+    block_hq = min(C.next_pow2(n_q), _HEADS)
+    block_hk = min(C.next_pow2(n_k), _HEADS)
+    block_s = min(C.next_pow2(seq), max(1, _TILE // (max(block_hq, block_hk) * max(block, block_p))))
     return block_s, block_hq, block_hk, block, block_p
 
 
 def _launch(x_q, x_k, y_q, y_k, cos, sin, pos, half, bwd):
-    """One launch over all (b, s) rows; ``x_*``/``y_*`` are [B, H, S, D] (None: skip that tensor)."""
+    """One launch over all (b, s) rows and all heads of q and k; ``x_*``/``y_*`` are
+    [B, H, S, D] of any strides with a unit last stride (None: skip that tensor)."""
     ref = x_q if x_q is not None else x_k
     n_b, _, seq, head_dim = ref.shape
     if n_b * seq == 0:
@@ -158,6 +174,9 @@ def _launch(x_q, x_k, y_q, y_k, cos, sin, pos, half, bwd):
     n_k = x_k.shape[1] if x_k is not None else 0
     block_s, block_hq, block_hk, block, block_p = _blocks(seq, half, head_dim, n_q, n_k)
     n_seq_blocks = triton.cdiv(seq, block_s)
+    n_q_blocks, n_k_blocks = triton.cdiv(n_q, block_hq), triton.cdiv(n_k, block_hk)
+    if n_q_blocks + n_k_blocks == 0:
+        return
 
     def strides(t):
         return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
@@ -170,40 +189,53 @@ def _launch(x_q, x_k, y_q, y_k, cos, sin, pos, half, bwd):
         c_str = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1))
         s_str = (sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1))
         p_str = (0, 0)
-    _rope_kernel[(n_b * n_seq_blocks,)](
+    _rope_kernel[(n_b * n_seq_blocks, n_q_blocks + n_k_blocks)](
         x_q if x_q is not None else x_k, x_k if x_k is not None else x_q, cos, sin,
         pos if pos is not None else cos,
         y_q if y_q is not None else y_k, y_k if y_k is not None else y_q,
         *strides(x_q), *strides(x_k), *strides(y_q), *strides(y_k),
         *c_str, *s_str, *p_str,
-        seq, n_seq_blocks, n_q, n_k, half, head_dim,
-        HAS_POS=pos is not None, DO_Q=x_q is not None, DO_K=x_k is not None, BWD=bwd,
+        seq, n_seq_blocks, n_q_blocks, n_q, n_k, half, head_dim,
+        HAS_POS=pos is not None, BWD=bwd,
         BLOCK_S=block_s, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK=block, BLOCK_P=block_p,
-        num_warps=8 if block_s * max(block_hq, block_hk) * block >= 4096 else 4)
+        num_warps=8 if block_s * max(block_hq, block_hk) * block >= 8192 else 4)
 
 
 class _RoPE(torch.autograd.Function):
+    """Outputs and input gradients are allocated in the memory layout of q and k (HF's
+    q/k are [B, S, H, D] buffers seen as [B, H, S, D]). Contiguous [B, H, S, D] outputs
+    would make every consumer pay a copy: AccumulateGrad clones a gradient whose strides
+    differ from its leaf's, and HF's ``.view(B, S, H, D)`` backward reshapes one. Upstream
+    gradients are read in whatever layout they arrive (unit last stride: no copy)."""
+
     @staticmethod
     def forward(ctx, q, k, cos, sin, position_ids):
         q, k = _unit_last(q), _unit_last(k)
         cos, sin = _unit_last(cos), _unit_last(sin)
         half = cos.shape[-1] // 2
-        q_out = C.empty(q.shape, q.dtype, q.device)
-        k_out = C.empty(k.shape, k.dtype, k.device)
+        ctx.q_order, ctx.k_order = _dim_order(q), _dim_order(k)
+        q_out = _empty_in_order(q.shape, ctx.q_order, q.dtype, q.device)
+        k_out = _empty_in_order(k.shape, ctx.k_order, k.dtype, k.device)
         _launch(q, k, q_out, k_out, cos, sin, position_ids, half, bwd=False)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.half = half
+        # An output nobody differentiates arrives as None, not as a materialized zero tensor.
+        ctx.set_materialize_grads(False)
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin, position_ids = ctx.saved_tensors
-        need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dq_out = _unit_last(dq_out) if need_dq else None
-        dk_out = _unit_last(dk_out) if need_dk else None
-        dq = C.empty(dq_out.shape, dq_out.dtype, dq_out.device) if need_dq else None
-        dk = C.empty(dk_out.shape, dk_out.dtype, dk_out.device) if need_dk else None
-        if need_dq or need_dk:
+        # No upstream gradient: a zero input gradient, which None stands for.
+        dq_out = _unit_last(dq_out) if ctx.needs_input_grad[0] and dq_out is not None else None
+        dk_out = _unit_last(dk_out) if ctx.needs_input_grad[1] and dk_out is not None else None
+        dq = dk = None
+        if dq_out is not None:
+            dq = _empty_in_order(dq_out.shape, ctx.q_order, dq_out.dtype, dq_out.device)
+        if dk_out is not None:
+            dk = _empty_in_order(dk_out.shape, ctx.k_order, dk_out.dtype, dk_out.device)
+        if dq is not None or dk is not None:
+            # dq and dk in one launch, written in q's and k's layouts.
             _launch(dq_out, dk_out, dq, dk, cos, sin, position_ids, ctx.half, bwd=True)
         return dq, dk, None, None, None
 
