@@ -461,6 +461,51 @@ def test_wrapped_packing_fills_every_sequence_and_bad_values_are_refused(tmp_pat
         quick_config("training.packing=greedy")
 
 
+@pytest.mark.parametrize("sets", [["training.packing=wrapped", "training.max_seq_len=48"],
+                                  ["training.packing=bfd", "training.max_seq_len=48"],
+                                  ["training.max_seq_len=26"]], ids=["wrapped", "bfd", "unpacked-cut"])
+def test_every_stack_gets_the_batches_trl_makes_of_the_text_rows(tmp_path, monkeypatch, sets):
+    """make_trainer hands TRL the rows tokenized, labelled and packed (training_dataset), and
+    no SFTTrainer._prepare_dataset runs on them (Unsloth's replacement packs elsewhere). The
+    trainer then trains on exactly what TRL makes of the prompt/completion rows by itself:
+    the same sequences, labels and collated batches. 1200 rows, so wrapped packing's
+    1000-row map batches end inside the data; max_seq_len 26 cuts some answers and drops
+    the rows it leaves without one."""
+    import datasets
+    from trl import SFTTrainer
+
+    cfg = quick_config("training.batch_size=4", "data.builtin_rows=1200", *sets)
+    rows = train.load_data(cfg)["train"]
+    tok = wtok.default_tokenizer()
+    text = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    with train._old_checkpointing_name():
+        args = train.sft_config(cfg, str(tmp_path / "trl"))
+        args.dataset_kwargs = None  # TRL prepares the text rows itself
+        theirs = SFTTrainer(model=default.build_model(tok), args=args, train_dataset=text, processing_class=tok)
+
+    def prepare_again(*args, **kwargs):
+        raise AssertionError("the trainer prepared the prepared dataset again")
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", prepare_again)
+    ours = train.make_trainer(cfg, default.build_model(tok), tok, rows, str(tmp_path / "ours"))
+    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in theirs.train_dataset.column_names]
+    assert ours.train_dataset.column_names == columns
+    for column in columns:
+        assert list(ours.train_dataset[column]) == list(theirs.train_dataset[column]), column
+    for n, (a, b) in enumerate(zip(ours.get_train_dataloader(), theirs.get_train_dataloader())):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a), n
+        assert train.batch_fingerprint(a) == train.batch_fingerprint(b)
+        if n == 4:
+            break
+
+
+def test_a_max_seq_len_that_the_prompts_fill_is_refused():
+    cfg = quick_config("training.max_seq_len=12")  # every built-in prompt is longer
+    with pytest.raises(UserError, match="leaves no answer token in any training row"):
+        train.training_dataset(cfg, wtok.default_tokenizer(), train.load_data(cfg)["train"])
+
+
 # --------------------------------------------------------------------------- the larger built-in
 def test_small_builtin_is_a_deterministic_gqa_llama_with_the_same_logit_ceiling():
     """builtin:small-llama (the GPU accuracy run's base): the documented shape, ~19x the

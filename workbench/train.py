@@ -526,7 +526,9 @@ def _callbacks():
 
 
 def sft_config(cfg: Config, output_dir: str):
-    """TRL's SFTConfig for this run: completion-only loss, no hub, no checkpoints."""
+    """TRL's SFTConfig for this run: completion-only loss, no hub, no checkpoints. The
+    data comes tokenized and packed (:func:`training_dataset`), so TRL (and Unsloth in its
+    place) leaves it as it is; ``packing`` still picks the collator (padding-free for bfd)."""
     import torch
     from trl import SFTConfig
 
@@ -550,7 +552,8 @@ def sft_config(cfg: Config, output_dir: str):
         gradient_checkpointing=t.gradient_checkpointing and cfg.kernels != "unsloth",
         max_length=t.max_seq_len,
         packing=bool(t.packing),
-        packing_strategy=t.packing if isinstance(t.packing, str) else "bfd",
+        packing_strategy=_packing_strategy(t.packing),
+        dataset_kwargs={"skip_prepare_dataset": True},  # training_dataset prepared it
         logging_steps=t.logging_steps,
         logging_first_step=True,
         completion_only_loss=True,
@@ -594,10 +597,60 @@ def batch_fingerprint(inputs) -> dict:
     return out
 
 
+def _packing_strategy(packing) -> str:
+    return packing if isinstance(packing, str) else "bfd"  # true: TRL's default
+
+
+def training_dataset(cfg: Config, tok, rows: list[dict]):
+    """The training rows as TRL's SFTTrainer prepares them, prepared here once for every
+    stack: ``input_ids`` and ``labels`` (-100 but on the answer and its EOS), packed as
+    ``training.packing`` says (bfd adds ``seq_lengths``). sft_config tells TRL to take them
+    as they are, and with them Unsloth: its trainer replaces TRL's preparation with its own
+    (unsloth_zoo's ``sft_prepare_dataset``), which tokenizes alike but packs in worker
+    processes (``dataset_num_proc``, 8 on a 16-core host), each wrapping its share of the rows
+    on its own, so its sequences are cut elsewhere and the seeded shuffle draws other batches.
+
+    Step for step as TRL 1.15 and 1.16 (``SFTTrainer._prepare_dataset``), so the stacks get
+    exactly what TRL made of the same rows: the prompt (with the generation prompt) and the
+    whole chat tokenized by the chat template; the answer starts where the two first differ;
+    unpacked rows cut to max_seq_len (keeping the start) and dropped when no target is left;
+    packing by TRL's ``pack_dataset`` in this process (wrapped: one shorter sequence per 1000
+    rows, where its map batches end)."""
+    import datasets
+    from trl import pack_dataset
+
+    t = cfg.training
+    ids_rows, label_rows, renders_apart = [], [], 0
+    for row in rows:
+        prompt = tok.apply_chat_template(row["prompt"], tokenize=True, return_dict=True,
+                                         add_generation_prompt=True)["input_ids"]
+        ids = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
+                                      return_dict=True)["input_ids"]
+        start = 0
+        while start < min(len(prompt), len(ids)) and prompt[start] == ids[start]:
+            start += 1
+        renders_apart += start < len(prompt)
+        labels = [-100] * start + ids[start:]
+        if not t.packing:  # packing cuts at max_seq_len itself
+            ids, labels = ids[:t.max_seq_len], labels[:t.max_seq_len]
+            if all(label == -100 for label in labels):
+                continue
+        ids_rows.append(ids)
+        label_rows.append(labels)
+    if renders_apart:
+        _log(f"note: in {renders_apart} row(s) the chat template renders the prompt alone otherwise than before "
+             "its answer; there the targets start where the two first differ (as in TRL)")
+    if not ids_rows:
+        raise UserError(f"training.max_seq_len ({t.max_seq_len} tokens) leaves no answer token in any training row "
+                        "(the prompts fill it); raise training.max_seq_len.")
+    datasets.disable_progress_bars()
+    data = datasets.Dataset.from_dict({"input_ids": ids_rows, "labels": label_rows})
+    return pack_dataset(data, t.max_seq_len, _packing_strategy(t.packing)) if t.packing else data
+
+
 def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=()):
     """An SFTTrainer over ``train_rows`` whose training step raises NonFiniteLoss
     before a non-finite loss can reach the optimizer."""
-    import datasets
     import torch
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
@@ -643,8 +696,7 @@ def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: st
                 raise NonFiniteLoss(self.state.global_step + 1, float(loss))
             return loss
 
-    datasets.disable_progress_bars()
-    data = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows])
+    data = training_dataset(cfg, tok, train_rows)
     with _old_checkpointing_name():
         trainer = GuardedSFTTrainer(model=model, args=sft_config(cfg, output_dir), train_dataset=data,
                                     processing_class=tok, callbacks=list(callbacks))
