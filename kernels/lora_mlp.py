@@ -61,11 +61,13 @@ def _unstage(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------- activation launchers
-def _act_forward(g2, u2, activation: str, tanh: bool) -> torch.Tensor:
-    """h = act(g) * u through the Triton kernel of swiglu.py / geglu.py."""
+def _act_forward(g2, u2, activation: str, tanh: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """h = act(g) * u through the Triton kernel of swiglu.py / geglu.py, in fp32 math,
+    rounded once to ``dtype`` (g's by default)."""
     n_rows, n_cols = g2.shape
     n = n_rows * n_cols
-    h = _act_buffer(n_rows, n_cols, g2.dtype, g2.device)
+    dtype = dtype or g2.dtype
+    h = _act_buffer(n_rows, n_cols, dtype, g2.device)
     if n:
         block = _block(n)
         grid = (triton.cdiv(n, block),)
@@ -75,15 +77,18 @@ def _act_forward(g2, u2, activation: str, tanh: bool) -> torch.Tensor:
         else:
             _geglu_fwd[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, n,
                              TANH=tanh, CONTIG=contig, BLOCK=block)
-    return _unstage(h, g2.dtype)
+    return _unstage(h, dtype)
 
 
-def _act_backward(dh2, g2, u2, activation: str, tanh: bool, need_dg: bool, need_du: bool):
-    """(dg, du) of h = act(g) * u through the Triton kernel of swiglu.py / geglu.py."""
+def _act_backward(dh2, g2, u2, activation: str, tanh: bool, need_dg: bool, need_du: bool,
+                  dtype: torch.dtype | None = None):
+    """(dg, du) of h = act(g) * u through the Triton kernel of swiglu.py / geglu.py, in
+    fp32 math, each rounded once to ``dtype`` (g's by default)."""
     n_rows, n_cols = g2.shape
     n = n_rows * n_cols
-    dg = _act_buffer(n_rows, n_cols, g2.dtype, g2.device) if need_dg else None
-    du = _act_buffer(n_rows, n_cols, g2.dtype, g2.device) if need_du else None
+    dtype = dtype or g2.dtype
+    dg = _act_buffer(n_rows, n_cols, dtype, g2.device) if need_dg else None
+    du = _act_buffer(n_rows, n_cols, dtype, g2.device) if need_du else None
     if n and (need_dg or need_du):
         block = _block(n)
         grid = (triton.cdiv(n, block),)
@@ -94,7 +99,7 @@ def _act_backward(dh2, g2, u2, activation: str, tanh: bool, need_dg: bool, need_
             _swiglu_bwd[grid](*args, COMPUTE_DG=need_dg, COMPUTE_DU=need_du, CONTIG=contig, BLOCK=block)
         else:
             _geglu_bwd[grid](*args, TANH=tanh, COMPUTE_DG=need_dg, COMPUTE_DU=need_du, CONTIG=contig, BLOCK=block)
-    return _unstage(dg, g2.dtype), _unstage(du, g2.dtype)
+    return _unstage(dg, dtype), _unstage(du, dtype)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -117,8 +122,10 @@ class _LoraMLP(torch.autograd.Function):
         need_du = need_x or need_au or need_bu
         need_dh = need_dg or need_du
 
-        # g, u, h and y in x's dtype: fp32 in the mixed mode, where HF's act_fn(gate) * up
-        # runs on the projections' fp32 outputs and down_proj casts h to the layer's dtype.
+        # g, u and y in x's dtype: fp32 in the mixed mode, where HF's act_fn(gate) * up runs
+        # on the projections' fp32 outputs and down_proj casts h to the layer's dtype. h is
+        # written in the layer's dtype unless a dropout on down's input must see the fp32 h
+        # (the same rounding, once, from the kernel's fp32 math; the fp32 h is never formed).
         xc, xd2 = layer_inputs(x2, keep_g, inv, lo)
         w = L.dense(op, "Wg", Wg, lo, (inter, d_in))
         g, xa_g = lora_forward(xc, xd2, w, Ag, Bg, scaling, out_dtype=x.dtype)
@@ -127,7 +134,7 @@ class _LoraMLP(torch.autograd.Function):
         w = L.dense(op, "Wu", Wu, lo, (inter, d_in))
         u, xa_u = lora_forward(xc, xd2, w, Au, Bu, scaling, out_dtype=x.dtype)
         del w, xd2
-        h = _act_forward(g, u, activation, tanh)
+        h = _act_forward(g, u, activation, tanh, lo if keep_d2 is None else None)
         hc, hd = layer_inputs(h, keep_d2, inv, lo)
         w = L.dense(op, "Wd", Wd, lo, (d_out, inter))
         y, xa_d = lora_forward(hc, hd, w, Ad, Bd, scaling, out_dtype=x.dtype)
@@ -168,8 +175,8 @@ class _LoraMLP(torch.autograd.Function):
         # down projection: its input h = act(g) * u is recomputed, only for dAd.
         hd = None
         if need_ad:
-            h = _act_forward(g, u, activation, tanh)
-            _, hd = layer_inputs(h, keep_d, inv, lo)
+            h = _act_forward(g, u, activation, tanh, lo if keep_d is None else None)
+            hd = layer_inputs(h, keep_d, inv, lo)[1]  # (no name for the other: it would outlive ``del hd``)
             del h
         dAd, dBd, dxa_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
         del hd
@@ -178,12 +185,11 @@ class _LoraMLP(torch.autograd.Function):
             w = L.dense(op, "Wd", wd_s if wd_s is not None else wd_q, lo, (d_out, inter))
             dh = add_input_grad(None, dy2, w, dxa_d, Ad, keep_d, inv, g.dtype)
             del w, dxa_d
-            dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du)
+            # The gradients reaching gate's and up's outputs, written in the layer's dtype: in
+            # the mixed mode that is autograd's cast of g's and u's fp32 gradients (rounded once
+            # from the kernel's fp32 math; the fp32 gradients are never formed).
+            dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)
             del dh
-            # The gradients reaching gate's and up's outputs, in the layer's dtype (a no-op
-            # but in the mixed mode: autograd's cast of g's and u's fp32 gradient).
-            dgate = None if dgate is None else dgate.to(lo)
-            dup = None if dup is None else dup.to(lo)
             # gate and up projections (their inputs: x, through each one's own mask).
             dxa_g = dxa_u = None
             if need_dg:

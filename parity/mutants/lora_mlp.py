@@ -4,8 +4,8 @@ MUTANTS = [
     Mutant("lora_mlp", "up_grad_takes_gate_grad", "the up projection's LoRA gradients use d_gate instead of d_up",
            old="dAu, dBu, dxa_u = lora_backward(dup, xd2,", new="dAu, dBu, dxa_u = lora_backward(dgate, xd2,"),
     Mutant("lora_mlp", "backward_ignores_approximate", "the activation's backward always takes exact GELU",
-           old="dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du)",
-           new="dgate, dup = _act_backward(dh, g, u, activation, False, need_dg, need_du)"),
+           old="dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)",
+           new="dgate, dup = _act_backward(dh, g, u, activation, False, need_dg, need_du, lo)"),
     Mutant("lora_mlp", "down_dA_without_dropout", "dAd is taken against h instead of the dropped-out h",
-           old="_, hd = layer_inputs(h, keep_d, inv, lo)", new="hd = h.to(lo)"),
+           old="hd = layer_inputs(h, keep_d, inv, lo)[1]", new="hd = h.to(lo)"),
 ]
