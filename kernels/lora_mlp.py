@@ -217,8 +217,9 @@ def lora_mlp(x: torch.Tensor, Wg, Ag: torch.Tensor, Bg: torch.Tensor, Wu, Au: to
     ``approximate`` ``"none"`` or ``"tanh"``). With ``dropout`` p > 0:
     ``dropout_mask`` bool [2, *x.shape] (gate, up) and ``dropout_mask_down`` bool
     [*x.shape[:-1], intermediate], True = kept, drawn from ``generator`` when None.
-    x may be float32 on a bf16/fp16 layer (QLoRA under autocast): the projections'
-    outputs, the activation, y and dX are then float32 (``_lora.py``)."""
+    x may be float32 on a bf16/fp16 layer (QLoRA under autocast): gate's and up's outputs,
+    y and dX are then float32, and the activation is computed in fp32 and rounded to the
+    layer's dtype where down_proj casts it (``_lora.py``)."""
     op = "lora_mlp"
     C.check_float(op, "x", x)
     L.check_options(op, scaling, dropout)
