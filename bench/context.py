@@ -97,7 +97,12 @@ def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: in
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = write_checkpoint(shape, out / f"base-{shape}")
+    # A limit beyond the shape's position limit raises it (and names the checkpoint for it, so
+    # a shorter one written earlier is not reused): the search then measures memory there.
+    positions = SHAPES[shape]["max_position_embeddings"]
+    raised = limit if limit > positions else None
+    checkpoint = write_checkpoint(shape, out / (f"base-{shape}" + (f"-pos{raised}" if raised else "")),
+                                  positions=raised)
     rows = []
     for mode in modes:
         for stack in stacks:
@@ -110,8 +115,8 @@ def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: in
                 return r
 
             rows.append({"mode": mode, "stack": stack, **search(trial, start, limit, granularity)})
-    return {"shape": shape, "shape_dims": SHAPES[shape], "batch": 1, "start": start, "limit": limit,
-            "granularity": granularity, "steps": steps, "rows": rows}
+    return {"shape": shape, "shape_dims": SHAPES[shape], "positions_raised_to": raised, "batch": 1,
+            "start": start, "limit": limit, "granularity": granularity, "steps": steps, "rows": rows}
 
 
 def markdown(result: dict, env: dict, command: str) -> str:
@@ -119,7 +124,10 @@ def markdown(result: dict, env: dict, command: str) -> str:
              f"- **Command:** `{command}`",
              f"- **Model:** `{result['shape']}` with random weights; LoRA r16 on all seven projections; QLoRA: "
              f"bitsandbytes NF4, double quant; batch 1, {result.get('steps', 2)} steps per trial, each trial in its own "
-             "process.",
+             "process." + (f" Its position limit ({result['shape_dims']['max_position_embeddings']}) is raised to "
+                           f"{result['positions_raised_to']} for this search: beyond what the real model was trained "
+                           "on, so lengths past it measure memory and speed only."
+                           if result.get("positions_raised_to") else ""),
              f"- **Search:** doubling from {result['start']} tokens up to {result['limit']}, then bisection down to "
              f"{result.get('granularity', 1024)} tokens; a length \"does not fit\" only when training ran out of GPU "
              "memory.",

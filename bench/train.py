@@ -148,9 +148,11 @@ def steady_rate(losses: list[dict], steps: int, tokens_per_step: int | None = No
     return out
 
 
-def write_checkpoint(shape: str, out: Path, seed: int = 0) -> Path:
+def write_checkpoint(shape: str, out: Path, seed: int = 0, positions: int | None = None) -> Path:
     """A Llama checkpoint of ``shape`` with random weights (bf16 on CUDA, else fp32)
-    and our offline tokenizer, as safetensors; written once and reused."""
+    and our offline tokenizer, as safetensors; written once and reused. ``positions``
+    raises the config's ``max_position_embeddings`` to at least that many (the context
+    search beyond the shape's limit; the weights and the RoPE frequencies are the same)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -162,6 +164,7 @@ def write_checkpoint(shape: str, out: Path, seed: int = 0) -> Path:
     tok = default_tokenizer()
     dims = dict(SHAPES[shape])
     dims["vocab_size"] = max(dims["vocab_size"], len(tok))
+    dims["max_position_embeddings"] = max(dims["max_position_embeddings"], positions or 0)
     config = LlamaConfig(**dims, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32

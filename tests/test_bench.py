@@ -380,6 +380,31 @@ def test_context_suite_passes_its_search_options(monkeypatch, tmp_path, capsys):
     assert "--max-seq" in capsys.readouterr().err
 
 
+def test_context_search_beyond_the_shapes_positions_raises_them_and_says_so(tmp_path, monkeypatch):
+    """--max-seq above the shape's max_position_embeddings: the search's checkpoint gets that
+    many positions (a checkpoint of its own, not the shorter one), and the report says that
+    lengths past the real limit measure memory and speed only."""
+    import json
+
+    from workbench.bench import context, train as tbench
+
+    monkeypatch.setattr(context, "train_trial", lambda *a, **k: (lambda seq: {"fits": True, "step_s": 1.0}))
+    result = context.run("tiny", ["lora"], ["hf"], tmp_path, start=256, limit=1024, steps=1,
+                         progress=lambda _: None)
+    config = json.loads((tmp_path / "base-tiny-pos1024" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 1024 and result["positions_raised_to"] == 1024
+    assert result["rows"][0]["max_fit"] == 1024
+    env = {"device": "cpu", "date": "today", "torch": "t", "cuda": "c", "triton": "t", "transformers": "t",
+           "peft": "p"}
+    assert "position limit (512) is raised to 1024" in context.markdown(result, env, "cmd")
+    # Within the shape's limit nothing changes: the plain checkpoint, its own positions.
+    result = context.run("tiny", ["lora"], ["hf"], tmp_path, start=256, limit=512, steps=1, progress=lambda _: None)
+    assert result["positions_raised_to"] is None
+    assert json.loads((tmp_path / "base-tiny" / "config.json").read_text())["max_position_embeddings"] == 512
+    assert "is raised" not in context.markdown(result, env, "cmd")
+    assert tbench.SHAPES["tiny"]["max_position_embeddings"] == 512  # the shape table itself is untouched
+
+
 def test_context_trial_tells_out_of_memory_from_other_failures(tmp_path, monkeypatch):
     """A trial runs `workbench train`; only the train stage's out-of-memory message
     means "does not fit"."""
