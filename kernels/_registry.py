@@ -97,6 +97,7 @@ class KernelSpec:
             "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
             "outputs": list(self.outputs),
             "grads": list(self.grads),
+            "deltas": list(self.outputs) if self.ablate is not None else [],
             "options": list(self.options),
             "summary": self.summary,
         }

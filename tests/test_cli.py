@@ -40,6 +40,10 @@ def test_kernels_json_lists_memory_kernels(capsys):
         assert by_name[name]["grads"], name
     assert "hidden" in by_name["fused_linear_cross_entropy"]["grads"]
     assert by_name["nf4_dequant"]["grads"] == []  # frozen weights: nothing to differentiate
+    # The LoRA kernels also compare the change their adapters make (the harness's delta: comparisons).
+    for name in ("lora_o", "lora_qkv", "lora_mlp"):
+        assert by_name[name]["deltas"] == by_name[name]["outputs"], name
+    assert by_name["rms_norm"]["deltas"] == []
 
 
 def test_kernels_table_names_every_kernel(capsys):

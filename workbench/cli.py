@@ -36,7 +36,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     width = max(len(r["name"]) for r in rows)
     print(f"{'kernel'.ljust(width)}  dtypes                       compares")
     for r in rows:
-        compares = ", ".join([f"out:{o}" for o in r["outputs"]] + [f"d{g}" for g in r["grads"]])
+        compares = ", ".join([f"out:{o}" for o in r["outputs"]] + [f"delta:{o}" for o in r["deltas"]]
+                             + [f"d{g}" for g in r["grads"]])
         print(f"{r['name'].ljust(width)}  {', '.join(r['dtypes']).ljust(27)}  {compares}")
         print(f"{''.ljust(width)}  reference: {r['reference']}")
         if r["options"]:
