@@ -171,11 +171,19 @@ def _deltas(spec: KernelSpec, inputs, dtype: torch.dtype, block, outs: tuple) ->
     for name, full, ablated in zip(spec.outputs, zip(*outs), zip(kern, base, exact)):
         if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (*full, *ablated)):
             continue
-        k, b, e = (f.detach().double() - a.double() for f, a in zip(full, ablated))
-        out_dtype, scale = full[0].dtype, _rms(full[2]) / max(_rms(e), torch.finfo(torch.float64).tiny)
-        found.append(compare(f"delta:{name}", k, b, e, dtype, unit=UNIT_ROUNDOFF.get(out_dtype),
-                             floor_scale=2.0 * max(1.0, scale)))
+        found.append(compare_delta(f"delta:{name}", full, ablated, dtype, full[0].dtype))
     return found
+
+
+def compare_delta(name: str, full: tuple, ablated: tuple, dtype: torch.dtype,
+                  out_dtype: torch.dtype) -> Comparison:
+    """The doctrine on an output's change: ``full`` and ``ablated`` are (kernel, baseline,
+    exact) outputs with and without a term, ``out_dtype`` the dtype the kernel returned
+    them in (its roundoff is the outputs' floor, carried to the change's scale: see
+    :func:`_deltas`). Shared by the parity harness and whole-model tests."""
+    k, b, e = (f.detach().double() - a.detach().double() for f, a in zip(full, ablated))
+    scale = _rms(full[2]) / max(_rms(e), torch.finfo(torch.float64).tiny)
+    return compare(name, k, b, e, dtype, unit=UNIT_ROUNDOFF.get(out_dtype), floor_scale=2.0 * max(1.0, scale))
 
 
 def _rms(t: torch.Tensor) -> float:
