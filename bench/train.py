@@ -13,6 +13,8 @@ Stacks:
             backend); flash-attn itself is not installed. Reports say "HF + SDPA".
   ``ours``  the same, with ``workbench.patch`` applied after the adapter is attached.
   ``hf-gc``, ``ours-gc``  each of the above with gradient checkpointing.
+  ``ours-offload``  ours with offloaded checkpointing (``gradient_checkpointing: offload``,
+            workbench.offload: the layers' inputs wait in pinned host memory).
   ``liger`` HF + SDPA with Liger-Kernel's RMSNorm, RoPE and SwiGLU, applied the way a TRL
             user gets them (``use_liger_kernel``); TRL 1.16 keeps its own chunked LM-head
             loss and refuses Liger's fused linear cross-entropy. Runs when liger-kernel is
@@ -54,6 +56,7 @@ SHAPES = {
 MODES = ("lora", "qlora")
 STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "hf-gc": "HF + SDPA + gradient checkpointing",
           "ours": "ours (workbench.patch)", "ours-gc": "ours + gradient checkpointing",
+          "ours-offload": "ours + offloaded checkpointing",
           "liger": "Liger-Kernel via TRL (layer kernels)", "unsloth": "Unsloth (FastLanguageModel via TRL)",
           "unsloth-gc": "Unsloth + its offloaded checkpointing"}
 #: Stacks that run only where their package is installed (skipped, and said so, elsewhere).
@@ -185,7 +188,8 @@ def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, see
     wrapped-packed, enough rows generated for every step; TRL's packing leaves one shorter
     sequence per 1000 rows), else one short built-in row per sequence."""
     training = {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "seed": seed, "logging_steps": 1,
-                "warmup_ratio": 0.0, "schedule": "constant", "gradient_checkpointing": stack.endswith("-gc")}
+                "warmup_ratio": 0.0, "schedule": "constant",
+                "gradient_checkpointing": "offload" if stack.endswith("-offload") else stack.endswith("-gc")}
     data = {}
     if seq:
         training.update(packing="wrapped", max_seq_len=seq)
@@ -311,7 +315,7 @@ def _ratio(hf: dict, other: dict, key: str) -> float | None:
     return hf[key] / other[key] if hf.get(key) and other.get(key) else None
 
 
-STYLES = {"hf": "-", "hf-gc": "-.", "ours": "--", "ours-gc": ":"}
+STYLES = {"hf": "-", "hf-gc": "-.", "ours": "--", "ours-gc": ":", "ours-offload": (0, (1, 3))}
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -406,7 +410,8 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         f"{env['transformers']}, peft {env['peft']}, trl {env.get('trl')}, bitsandbytes {env.get('bitsandbytes')}",
         "- **Stacks:** `hf` is transformers + PEFT with `attn_implementation=\"sdpa\"` (PyTorch's flash "
         "backend on CUDA bf16, the \"HF + FA2\" baseline; flash-attn is not installed); `ours` adds "
-        "`workbench.patch`; `-gc` turns on gradient checkpointing; `liger` is HF + SDPA with Liger-Kernel's "
+        "`workbench.patch`; `-gc` turns on gradient checkpointing, `-offload` checkpointing with the layers' inputs "
+        "in pinned host memory (`workbench.offload`); `liger` is HF + SDPA with Liger-Kernel's "
         "RMSNorm/RoPE/SwiGLU applied by TRL's `use_liger_kernel` (TRL keeps its chunked LM-head loss); "
         "`unsloth` is Unsloth's FastLanguageModel (its model, LoRA kernels and loss) in the same TRL loop, "
         "`unsloth-gc` with its offloaded checkpointing. With packing, Unsloth concatenates each batch into one "

@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", type=int, default=1024, metavar="TOKENS",
                    help="context suite: bisect until the longest fit and the first miss are this close (default 1024)")
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
-    p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc,liger,unsloth,unsloth-gc (default all "
+    p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc,ours-offload,liger,unsloth,unsloth-gc (default all "
                    "that can run here: liger needs liger-kernel and CUDA; unsloth needs CUDA and unsloth, installed "
                    "or in the site folder named by WORKBENCH_UNSLOTH_SITE; hf is the baseline)")
     p.add_argument("--run", metavar="DIR", help="train/context/accuracy suites: where the runs go (default "

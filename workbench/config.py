@@ -13,7 +13,8 @@ against the config file's folder (the file can travel with its data).
     lora:         r, alpha, dropout, target_modules, use_rslora
     quantization: null, or {type: nf4, double_quant, compute_dtype}
     training:     max_steps or epochs, batch_size, grad_accum, lr, schedule, warmup_ratio, weight_decay,
-                  max_grad_norm, seed, gradient_checkpointing, max_seq_len, packing, logging_steps
+                  max_grad_norm, seed, gradient_checkpointing (false, true, or offload: the checkpointed
+                  layers' inputs wait in host memory), max_seq_len, packing, logging_steps
     eval:         max_rows, max_new_tokens (greedy generation on the test split, base and adapter)
     kernels:      "auto" (on with CUDA, off on the CPU), true, false, or {switch: bool} (workbench.patch);
                   "liger": Liger-Kernel's layer kernels through TRL instead of ours (a comparison stack;
@@ -85,7 +86,9 @@ class TrainingConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
-    gradient_checkpointing: bool = False
+    # true: recompute each layer in the backward; "offload": and keep the layers' inputs in
+    # host memory meanwhile (workbench.offload; with kernels: unsloth, Unsloth's own offloading).
+    gradient_checkpointing: typing.Union[bool, str] = False
     max_seq_len: int = 256
     # false: one row per sequence (padded per batch). "wrapped": rows concatenated and cut
     # into sequences of exactly max_seq_len (full-length batches for speed and memory
@@ -219,7 +222,8 @@ def _validate(cfg: Config) -> None:
             raise UserError("kernels: unsloth trains only (Unsloth's model generates after its own for_inference "
                             "switch, which this harness does not drive); set eval.max_rows: 0 and score the "
                             "adapter with workbench eval.")
-    _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))  # true: TRL's default, bfd
+    _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))
+    _check_choice("training.gradient_checkpointing", t.gradient_checkpointing, (False, True, "offload"))  # true: TRL's default, bfd
 
 
 def _resolve_paths(value, base: Path):

@@ -268,7 +268,7 @@ def load_model(cfg: Config, base: str):
         keep_portable_4bit_layout(model)
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.training.gradient_checkpointing))
     return model
 
 
@@ -549,7 +549,9 @@ def sft_config(cfg: Config, output_dir: str):
         seed=t.seed,
         data_seed=t.seed,
         # Unsloth switches its own (offloaded) checkpointing on in get_peft_model; TRL's would replace it.
-        gradient_checkpointing=t.gradient_checkpointing and cfg.kernels != "unsloth",
+        gradient_checkpointing=bool(t.gradient_checkpointing) and cfg.kernels != "unsloth",
+        # offload moves what reentrant checkpointing saves (workbench.offload); otherwise the default
+        gradient_checkpointing_kwargs={"use_reentrant": True} if _offloads(cfg) else None,
         max_length=t.max_seq_len,
         packing=bool(t.packing),
         packing_strategy=_packing_strategy(t.packing),
@@ -595,6 +597,11 @@ def batch_fingerprint(inputs) -> dict:
         kept = targets != -100
         out.update(targets=int(kept.sum()), target_sum=int(targets[kept].sum()))
     return out
+
+
+def _offloads(cfg: Config) -> bool:
+    """Offloaded checkpointing by workbench.offload (Unsloth brings its own)."""
+    return cfg.training.gradient_checkpointing == "offload" and cfg.kernels != "unsloth"
 
 
 def _packing_strategy(packing) -> str:
@@ -697,10 +704,18 @@ def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: st
             return loss
 
     data = training_dataset(cfg, tok, train_rows)
+    callbacks = list(callbacks)
+    offload = None
+    if _offloads(cfg):
+        from workbench import offload as offload_mod
+
+        offload = offload_mod.ActivationOffload()
+        callbacks.append(offload_mod.trainer_callback(offload))
     with _old_checkpointing_name():
         trainer = GuardedSFTTrainer(model=model, args=sft_config(cfg, output_dir), train_dataset=data,
-                                    processing_class=tok, callbacks=list(callbacks))
+                                    processing_class=tok, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our LossLog prints one line per logging step instead
+    trainer.activation_offload = offload
     return trainer
 
 
@@ -717,7 +732,9 @@ def _oom_message(cfg: Config) -> str:
     hints = [f"training.batch_size (now {t.batch_size}; raise training.grad_accum to keep the effective batch)",
              f"training.max_seq_len (now {t.max_seq_len})"]
     if not t.gradient_checkpointing:
-        hints.append("set training.gradient_checkpointing: true")
+        hints.append("set training.gradient_checkpointing: true (or offload)")
+    elif t.gradient_checkpointing is True and cfg.kernels != "unsloth":
+        hints.append("set training.gradient_checkpointing: offload (the layers' inputs wait in host memory)")
     if cfg.quantization is None:
         hints.append("load the base in 4 bits with quantization: {type: nf4} (QLoRA)")
     return "ran out of GPU memory while training; reduce " + ", or ".join(hints) + "."
@@ -837,6 +854,10 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
         kernel_report["calls_in_training"] = {k: n - calls_before.get(k, 0) for k, n in sorted(calls.items())
                                               if n > calls_before.get(k, 0)}
         _log(f"kernel calls in training: {kernel_report['calls_in_training'] or 'none (every call fell back)'}")
+    moved = _offload_record(trainer)
+    if moved and moved["first_step"]:
+        _log(f"offloaded checkpointing: {moved['first_step']['tensors']} layer inputs, "
+             f"{moved['first_step']['gib']:.3f} GiB a step, waited in host memory")
     if not main:
         _wait_for_everyone(state)  # until the main process has written the adapter and the record
         return manifest.stage(run, "train")
@@ -873,6 +894,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
         "steps": result.global_step,
         "final_loss": loss_log.rows[-1]["loss"] if loss_log.rows else None,
         "data_fingerprint": getattr(trainer, "batch_fingerprints", None),  # this process's first micro-batches
+        "offload": _offload_record(trainer),  # offloaded checkpointing: what it moved to host memory
         "train_loss": result.training_loss,
         "eval": {k: v["accuracy"] for k, v in evals.items()},
         "tokens": tokens,
@@ -888,6 +910,15 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     _log(f"done in {timings['total_s']:.1f}s; adapter in {run / 'adapter'}")
     _wait_for_everyone(state)
     return record
+
+
+def _offload_record(trainer) -> dict | None:
+    offload = getattr(trainer, "activation_offload", None)
+    if offload is None:
+        return None
+    from workbench.offload import record
+
+    return record(offload)
 
 
 def _outputs(cfg: Config) -> list[str]:
