@@ -445,10 +445,8 @@ def test_wrapped_packing_fills_every_sequence_and_bad_values_are_refused(tmp_pat
                                  "training.max_steps=3"), run)
     tokens = [r["tokens"] for r in loss_rows(run)]
     per_step = [b - a for a, b in zip([0, *tokens], tokens)]
-    # Every sequence is 48 tokens but the one remainder of the cut (anywhere, the data
-    # is shuffled), so each step holds more than 3 full sequences and at most 4.
-    assert all(3 * 48 < n <= 4 * 48 for n in per_step), per_step
-    assert sum(n < 4 * 48 for n in per_step) <= 1, per_step
+    # Every sequence is 48 tokens (the remainder of the cut is dropped).
+    assert per_step == [4 * 48] * 3, per_step
     # The first micro-batches' fingerprints count what TRL counts, and fewer targets than
     # tokens (each sequence's first token is no target; the prompts are masked).
     prints = json.loads((run / "manifest.json").read_text())["stages"]["train"]["data_fingerprint"]
@@ -459,6 +457,24 @@ def test_wrapped_packing_fills_every_sequence_and_bad_values_are_refused(tmp_pat
     assert loss_rows(unpacked)[0]["tokens"] <= 3 * 48   # the built-in rows are short: ~25 tokens each
     with pytest.raises(UserError, match="training.packing"):
         quick_config("training.packing=greedy")
+
+
+def test_wrapped_packing_fills_sequences_longer_than_a_thousand_rows():
+    """At a max_seq_len beyond what 1000 rows hold (TRL's map batch; the built-in rows have
+    ~27 tokens), TRL's own wrapping would leave only remainders of ~27K tokens: the context
+    search at 131072 measured those. Every sequence here holds max_seq_len tokens: the rows
+    concatenated, in order, labels alongside."""
+    cfg = quick_config("training.packing=wrapped", "training.max_seq_len=40000", "data.builtin_rows=3200")
+    rows = train.load_data(cfg)["train"]
+    tok = wtok.default_tokenizer()
+    packed = train.training_dataset(cfg, tok, rows)
+    unpacked = train.training_dataset(quick_config("training.max_seq_len=4096"), tok, rows)
+    flat_ids = [i for r in unpacked["input_ids"] for i in r]
+    flat_labels = [i for r in unpacked["labels"] for i in r]
+    assert len(flat_ids) // 40000 >= 2 and len(flat_ids) % 40000  # two full sequences and a remainder
+    assert [len(r) for r in packed["input_ids"]] == [40000] * (len(flat_ids) // 40000)
+    assert [i for r in packed["input_ids"] for i in r] == flat_ids[:len(packed) * 40000]
+    assert [i for r in packed["labels"] for i in r] == flat_labels[:len(packed) * 40000]
 
 
 @pytest.mark.parametrize("sets", [["training.packing=wrapped", "training.max_seq_len=48"],
@@ -472,7 +488,7 @@ def test_every_stack_gets_the_batches_trl_makes_of_the_text_rows(tmp_path, monke
     1000-row map batches end inside the data; max_seq_len 26 cuts some answers and drops
     the rows it leaves without one."""
     import datasets
-    from trl import SFTTrainer
+    from trl import SFTTrainer, pack_dataset
 
     cfg = quick_config("training.batch_size=4", "data.builtin_rows=1200", *sets)
     rows = train.load_data(cfg)["train"]
@@ -481,7 +497,15 @@ def test_every_stack_gets_the_batches_trl_makes_of_the_text_rows(tmp_path, monke
     with train._old_checkpointing_name():
         args = train.sft_config(cfg, str(tmp_path / "trl"))
         args.dataset_kwargs = None  # TRL prepares the text rows itself
+        wrapped = cfg.training.packing == "wrapped"
+        if wrapped:  # TRL tokenizes and labels; the wrapping in one batch is ours (training_dataset)
+            args.packing, args.max_length = False, None
         theirs = SFTTrainer(model=default.build_model(tok), args=args, train_dataset=text, processing_class=tok)
+    if wrapped:
+        rows_tokens = theirs.train_dataset.select_columns(["input_ids", "labels"])
+        full = pack_dataset(rows_tokens, 48, "wrapped", map_kwargs={"batch_size": len(rows_tokens)})
+        theirs.train_dataset = full.select(range(len(full) - 1))  # the remainder (1200 rows are not a multiple)
+        assert len(full[len(full) - 1]["input_ids"]) < 48
 
     def prepare_again(*args, **kwargs):
         raise AssertionError("the trainer prepared the prepared dataset again")

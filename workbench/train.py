@@ -621,8 +621,13 @@ def training_dataset(cfg: Config, tok, rows: list[dict]):
     exactly what TRL made of the same rows: the prompt (with the generation prompt) and the
     whole chat tokenized by the chat template; the answer starts where the two first differ;
     unpacked rows cut to max_seq_len (keeping the start) and dropped when no target is left;
-    packing by TRL's ``pack_dataset`` in this process (wrapped: one shorter sequence per 1000
-    rows, where its map batches end)."""
+    packing by TRL's ``pack_dataset`` in this process.
+
+    One deliberate difference, for ``wrapped`` (the benchmarks' packing, whose promise is
+    sequences of exactly max_seq_len): TRL wraps each 1000-row map batch on its own, leaving a
+    shorter sequence where each batch ends, and at a max_seq_len beyond 1000 rows' tokens
+    (~27K built-in tokens) every sequence is such a remainder. Here the rows are wrapped in one
+    batch and the one remainder at the end is dropped when a full sequence exists."""
     import datasets
     from trl import pack_dataset
 
@@ -652,7 +657,14 @@ def training_dataset(cfg: Config, tok, rows: list[dict]):
                         "(the prompts fill it); raise training.max_seq_len.")
     datasets.disable_progress_bars()
     data = datasets.Dataset.from_dict({"input_ids": ids_rows, "labels": label_rows})
-    return pack_dataset(data, t.max_seq_len, _packing_strategy(t.packing)) if t.packing else data
+    if not t.packing:
+        return data
+    if t.packing != "wrapped":
+        return pack_dataset(data, t.max_seq_len, _packing_strategy(t.packing))
+    packed = pack_dataset(data, t.max_seq_len, "wrapped", map_kwargs={"batch_size": len(data)})
+    if len(packed) > 1 and len(packed[len(packed) - 1]["input_ids"]) < t.max_seq_len:
+        packed = packed.select(range(len(packed) - 1))
+    return packed
 
 
 def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=()):
