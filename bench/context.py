@@ -78,9 +78,12 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
         wall = round(time.perf_counter() - t0, 1)
         if proc.returncode == 0:
             rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
-            if rec.get("tokens") != steps * seq:  # batch 1: every step one full sequence, or it measured less
-                return {"error": f"the trial trained on {rec.get('tokens')} tokens in {steps} step(s), not "
-                                 f"{steps} x {seq}", "wall_s": wall}
+            # Batch 1: each fingerprinted micro-batch (workbench.train.batch_fingerprint, recorded
+            # for every stack, Unsloth's too, whose log has no token count) is one full sequence.
+            held = [fp.get("tokens") for fp in rec.get("data_fingerprint") or []]
+            if not held or any(n != seq for n in held):
+                return {"error": f"the trial's first micro-batches held {held or 'no recorded'} tokens, not {seq} "
+                                 "each", "wall_s": wall}
             return {"fits": True, "wall_s": wall, "peak_memory_gib": rec.get("peak_memory_gib"),
                     "peak_reserved_gib": rec.get("peak_reserved_gib"),
                     "step_s": round(rec["timings"]["train_s"] / rec["steps"], 4) if rec.get("steps") else None}

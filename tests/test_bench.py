@@ -433,8 +433,8 @@ def test_context_trial_tells_out_of_memory_from_other_failures(tmp_path, monkeyp
 
 def test_context_trial_that_trained_shorter_sequences_is_an_error_not_a_fit(tmp_path, monkeypatch):
     """A trial "fits" only when its steps trained full sequences of the length tried (the
-    record's token count): before the wrapped packing was fixed, trials at 131072 trained on
-    ~53K-token sequences and reported the memory of those as 131072's."""
+    fingerprints of its micro-batches): before the wrapped packing was fixed, trials at 131072
+    trained on ~26.5K-token sequences and reported the memory of those as 131072's."""
     import subprocess
 
     from workbench.bench import context
@@ -443,16 +443,17 @@ def test_context_trial_that_trained_shorter_sequences_is_an_error_not_a_fit(tmp_
         run_dir = Path(cmd[cmd.index("--run") + 1])
         run_dir.mkdir(parents=True, exist_ok=True)
         seq = int(run_dir.name.rsplit("-", 1)[1])
-        tokens = 2 * seq if seq == 4096 else 2 * 53000
+        held = seq if seq == 4096 else 26500
         (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": {
-            "tokens": tokens, "steps": 2, "peak_memory_gib": 1.0, "peak_reserved_gib": 1.5,
-            "timings": {"train_s": 2.0}}}}))
+            "tokens": None,  # Unsloth's log has no token count: the fingerprints are what counts
+            "data_fingerprint": [{"tokens": held, "token_sum": 1}, {"tokens": held, "token_sum": 2}],
+            "steps": 2, "peak_memory_gib": 1.0, "peak_reserved_gib": 1.5, "timings": {"train_s": 2.0}}}}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
     monkeypatch.setattr(context.subprocess, "run", fake_run)
     trial = context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path, steps=2)
     assert trial(4096)["fits"] is True
     r = trial(131072)
-    assert "fits" not in r and r["error"] == "the trial trained on 106000 tokens in 2 step(s), not 2 x 131072"
+    assert "fits" not in r and r["error"] == "the trial's first micro-batches held [26500, 26500] tokens, not 131072 each"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")
