@@ -197,8 +197,8 @@ def previous_report(report_dir: Path, doc: dict, current_name: str | None = None
             other = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(other, dict) or not _comparable(other, doc):
-            continue
+        if not isinstance(other, dict) or not _comparable(other, doc) or other.get("complete") is False:
+            continue  # another setup, or a run stopped midway (its missing rows are no baseline)
         date, time_utc = _when(other)
         if now_date and (date > now_date or (date == now_date and now_time and time_utc > now_time)):
             continue  # measured after doc: not a previous report

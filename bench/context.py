@@ -96,9 +96,12 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
 
 
 def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: int = 131072,
-        granularity: int = 1024, steps: int = 2, progress: Callable[[str], None] = print) -> dict:
+        granularity: int = 1024, steps: int = 2, progress: Callable[[str], None] = print,
+        partial: Callable[[dict], None] | None = None) -> dict:
     """Search every (mode, stack). ``steps`` optimizer steps per trial: the first step allocates
-    the optimizer state, the second shows a peak that persists beyond it."""
+    the optimizer state, the second shows a peak that persists beyond it. ``partial`` gets the
+    result so far after every trial but the last, marked ``incomplete``, the (mode, stack) in
+    search with what its trials have shown yet, so a search stopped midway leaves a report."""
     from workbench.bench.train import SHAPES, write_checkpoint
 
     out = Path(out).resolve()
@@ -110,23 +113,42 @@ def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: in
     checkpoint = write_checkpoint(shape, out / (f"base-{shape}" + (f"-pos{raised}" if raised else "")),
                                   positions=raised)
     rows = []
+    head = {"shape": shape, "shape_dims": SHAPES[shape], "positions_raised_to": raised, "batch": 1,
+            "start": start, "limit": limit, "granularity": granularity, "steps": steps}
+    planned = len(modes) * len(stacks)
     for mode in modes:
         for stack in stacks:
             base = train_trial(checkpoint, mode, stack, out, steps)
+            done: list[dict] = []
 
-            def trial(seq, base=base, mode=mode, stack=stack):
+            def trial(seq, base=base, mode=mode, stack=stack, done=done):
                 progress(f"[bench context] {shape} {mode} {stack}: {seq} tokens")
                 r = base(seq)
                 progress(f"[bench context]   {'fits' if r.get('fits') else r.get('error') or 'out of memory'}")
+                done.append({"seq": seq, **r})
+                if partial is not None:
+                    partial({**head, "rows": [*rows, _searching(mode, stack, done, granularity)],
+                             "incomplete": {"done": len(rows), "planned": planned}})
                 return r
 
             rows.append({"mode": mode, "stack": stack, **search(trial, start, limit, granularity)})
-    return {"shape": shape, "shape_dims": SHAPES[shape], "positions_raised_to": raised, "batch": 1,
-            "start": start, "limit": limit, "granularity": granularity, "steps": steps, "rows": rows}
+    return {**head, "rows": rows}
+
+
+def _searching(mode: str, stack: str, trials: list[dict], granularity: int) -> dict:
+    """A row for a search still under way: the longest length that fitted and the shortest
+    that did not, so far."""
+    fits = [t["seq"] for t in trials if t.get("fits")]
+    misses = [t["seq"] for t in trials if t.get("fits") is False]
+    return {"mode": mode, "stack": stack, "max_fit": max(fits, default=None), "first_miss": min(misses, default=None),
+            "granularity": granularity, "trials": list(trials), "error": None, "searching": True}
 
 
 def markdown(result: dict, env: dict, command: str) -> str:
+    from workbench.bench.train import incomplete_line
+
     lines = [f"# Maximum context — {env['device']} — {env['date']}", "",
+             *incomplete_line(result, "(mode, stack) searches"),
              f"- **Command:** `{command}`",
              f"- **Model:** `{result['shape']}` with random weights; LoRA r16 on all seven projections; QLoRA: "
              f"bitsandbytes NF4, double quant; batch 1, {result.get('steps', 2)} steps per trial, each trial in its own "
@@ -145,10 +167,13 @@ def markdown(result: dict, env: dict, command: str) -> str:
     for r in result["rows"]:
         best = next((t for t in r["trials"] if t["seq"] == r["max_fit"] and t.get("fits")), {})
         peak, reserved, step = (best.get(k) for k in ("peak_memory_gib", "peak_reserved_gib", "step_s"))
-        miss = r["first_miss"] or (f"(none up to {result['limit']})" if r["max_fit"] and not r["error"] else "—")
+        searching = r.get("searching")
+        miss = r["first_miss"] or (f"(none up to {result['limit']})" if r["max_fit"] and not r["error"]
+                                   and not searching else "—")
+        note = r["error"] or ("search not finished: the bounds so far" if searching else "")
         lines.append(f"| {r['mode']} | {r['stack']} | {r['max_fit'] or '—'} | {miss} | "
                      f"{_num(peak, '.2f')} | {_num(reserved, '.2f')} | {_num(step, '.2f')} | {len(r['trials'])} | "
-                     f"{r['error'] or ''} |")
+                     f"{note} |")
     return "\n".join(lines) + "\n"
 
 

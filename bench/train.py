@@ -157,13 +157,33 @@ def write_checkpoint(shape: str, out: Path, seed: int = 0, positions: int | None
     raises the config's ``max_position_embeddings`` to at least that many (the context
     search beyond the shape's limit; the weights and the RoPE frequencies are the same)."""
     import torch
+
+    if (out / "config.json").exists():
+        return out
+    if torch.cuda.is_available():
+        # In a process of its own: building it here would leave this process, which only
+        # launches the runs, holding the model's memory in its caching allocator (15 GiB for
+        # the 8B) and a CUDA context, taken from every run's device for the whole suite.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        code = ("import sys; from pathlib import Path; from workbench.bench.train import write_checkpoint_here; "
+                "write_checkpoint_here(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) or None)")
+        proc = subprocess.run([sys.executable, "-c", code, shape, str(out), str(seed), str(positions or 0)],
+                              capture_output=True, text=True, cwd=out.parent)
+        if proc.returncode != 0:
+            raise RuntimeError(f"writing the {shape} checkpoint failed: "
+                               f"{(proc.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+        return out
+    return write_checkpoint_here(shape, out, seed, positions)
+
+
+def write_checkpoint_here(shape: str, out: Path, seed: int = 0, positions: int | None = None) -> Path:
+    """:func:`write_checkpoint`'s work, in this process."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from workbench import atomic
     from workbench.tokenizer import default_tokenizer
 
-    if (out / "config.json").exists():
-        return out
     tok = default_tokenizer()
     dims = dict(SHAPES[shape])
     dims["vocab_size"] = max(dims["vocab_size"], len(tok))
@@ -207,7 +227,10 @@ def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, see
 
 def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | os.PathLike = "runs/bench-train",
         modes=MODES, stacks=tuple(STACKS), seed: int = 0, seq: int | None = None,
-        progress: Callable[[str], None] = print) -> dict:
+        progress: Callable[[str], None] = print, partial: Callable[[dict], None] | None = None) -> dict:
+    """Every (mode, stack) run, one process each. ``partial`` gets the result so far after each
+    run, marked ``incomplete`` (runs done and planned), so a command stopped midway leaves a
+    report of what it measured."""
     import yaml
 
     out = Path(out).resolve()
@@ -250,8 +273,25 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
                     row["tokens_per_s"] = round(row["steps"] * per_step / row["train_s"], 1)
                 row.update(steady_rate(losses, steps, per_step))
             results.append(row)
+            if partial is not None and len(results) < len(modes) * len(stacks):
+                partial({**_result(shape, steps, batch, seed, seq, modes, results, skipped),
+                         "incomplete": {"done": len(results), "planned": len(modes) * len(stacks)}})
+    return _result(shape, steps, batch, seed, seq, modes, results, skipped)
+
+
+def _result(shape, steps, batch, seed, seq, modes, results, skipped) -> dict:
     return {"shape": shape, "shape_dims": SHAPES[shape], "steps": steps, "batch": batch, "seed": seed, "seq": seq,
-            "modes": list(modes), "runs": results, "comparisons": compare(results), "skipped_stacks": skipped}
+            "modes": list(modes), "runs": list(results), "comparisons": compare(results), "skipped_stacks": skipped}
+
+
+def incomplete_line(result: dict, what: str) -> list[str]:
+    """The banner of a report written before its command finished (``result["incomplete"]``)."""
+    todo = result.get("incomplete")
+    if not todo:
+        return []
+    return [f"> **Incomplete:** written after {todo['done']} of {todo['planned']} {what}; the command had not "
+            "finished (it was stopped, or is still running). The rows below are final; the missing ones were "
+            "not measured.", ""]
 
 
 def compare(results: list[dict]) -> list[dict]:
@@ -397,6 +437,7 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
     lines = [
         f"# Training runs — {env['device']} — {env['date']}",
         "",
+        *incomplete_line(result, "runs"),
         f"- **Command:** `{command}`",
         f"- **Model:** `{result['shape']}` with random weights {result['shape_dims']} (vocab raised to the "
         "tokenizer's when smaller), LoRA r16 alpha 16 on all seven projections; QLoRA: bitsandbytes NF4, "

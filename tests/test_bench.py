@@ -366,12 +366,15 @@ def test_context_suite_passes_its_search_options(monkeypatch, tmp_path, capsys):
                                       "peak_reserved_gib": 44.5, "step_s": 61.0}]}]}
     from workbench import envinfo
 
+    from workbench import cli
+
     env = envinfo.environment()  # this machine's, taken before CUDA is faked below
-    monkeypatch.setattr(envinfo, "environment", lambda: dict(env, device="Fake GPU"))
+    monkeypatch.setattr(cli, "_environment_of_a_child", lambda: dict(env, device="Fake GPU"))
     monkeypatch.setattr(context, "run", fake_run)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert main(["bench", "--suite", "context", "--stacks", "ours-gc", "--seq", "32768", "--max-seq", "131072",
                  "--granularity", "8192", "--steps", "1", "--report", str(tmp_path)]) == 0
+    assert callable(seen.pop("partial"))  # the report is rewritten after every trial
     assert seen == {"start": 32768, "limit": 131072, "granularity": 8192, "steps": 1, "shape": "llama3.1-8b",
                     "modes": ["qlora"], "stacks": ["ours-gc"]}
     text = next(tmp_path.glob("*.md")).read_text()
@@ -460,3 +463,127 @@ def test_context_trial_that_trained_shorter_sequences_is_an_error_not_a_fit(tmp_
 def test_context_suite_needs_cuda(capsys):
     assert main(["bench", "--suite", "context"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def _fake_train_runs(monkeypatch, stop_at: int):
+    """Stand-in for the suites' `workbench train` children: each writes a finished run's
+    manifest and loss log; call ``stop_at`` raises SystemExit(143) as SIGTERM does under
+    workbench.cli's handler. Other commands (the environment's child) run for real."""
+    import subprocess
+
+    real = subprocess.run
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        if "train" not in cmd or "--run" not in cmd:
+            return real(cmd, **kwargs)
+        calls.append(cmd)
+        if len(calls) == stop_at:
+            raise SystemExit(143)
+        run_dir = Path(cmd[cmd.index("--run") + 1])
+        (run_dir / "train").mkdir(parents=True, exist_ok=True)
+        (run_dir / "train" / "loss.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": 5.0 - s, "elapsed": s * 0.5, "tokens": 64 * s}) + "\n"
+                    for s in (1, 2, 3)))
+        (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": {
+            "tokens": 192, "tokens_per_s": 100.0, "peak_memory_gib": None, "steps": 3, "final_loss": 2.0,
+            "timings": {"train_s": 1.5}, "data_fingerprint": [{"tokens": 64, "token_sum": 1}]}}}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    return calls
+
+
+def test_a_train_suite_stopped_midway_leaves_a_report_of_the_runs_it_finished(tmp_path, monkeypatch):
+    """After each run the report is rewritten (atomically), marked incomplete until the last:
+    a command killed by its time limit keeps what it measured, says so, and is no baseline
+    for the next report's comparison."""
+    from workbench.bench import compare
+
+    calls = _fake_train_runs(monkeypatch, stop_at=3)
+    report = tmp_path / "reports"
+    with pytest.raises(SystemExit):
+        main(["bench", "--suite", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,hf-gc,ours,ours-gc",
+              "--steps", "3", "--batch", "2", "--run", str(tmp_path / "runs"), "--report", str(report)])
+    assert len(calls) == 3
+    [json_path] = report.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    assert doc["complete"] is False and doc["incomplete"] == {"done": 2, "planned": 4}
+    assert [r["stack"] for r in doc["runs"]] == ["hf", "hf-gc"]
+    text = json_path.with_suffix(".md").read_text()
+    assert "**Incomplete:** written after 2 of 4 runs" in text and "| lora | hf-gc |" in text
+    assert json_path.with_suffix(".png").is_file()
+    assert compare.previous_report(report, {**doc, "complete": True}, "other.json") is None
+
+    # The same command run to its end: a complete report, which a later report may take as its baseline.
+    _fake_train_runs(monkeypatch, stop_at=0)
+    assert main(["bench", "--suite", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,hf-gc,ours,ours-gc",
+                 "--steps", "3", "--batch", "2", "--run", str(tmp_path / "runs"), "--report", str(report)]) == 0
+    doc = json.loads(json_path.read_text())
+    assert doc["complete"] is True and "incomplete" not in doc and len(doc["runs"]) == 4
+    assert "Incomplete" not in json_path.with_suffix(".md").read_text()
+    assert compare.previous_report(report, {**doc, "environment": {**doc["environment"], "time_utc": "9"}},
+                                   "other.json") == json_path
+
+
+def test_a_context_search_reports_its_bounds_after_every_trial(tmp_path, monkeypatch):
+    from workbench.bench import context
+
+    fits_up_to = {"hf": 4096, "ours": 16384}
+    monkeypatch.setattr(context, "train_trial", lambda checkpoint, mode, stack, out, steps: (
+        lambda seq: {"fits": seq <= fits_up_to[stack], "step_s": 1.0}))
+    partials = []
+    result = context.run("tiny", ["lora"], ["hf", "ours"], tmp_path, start=1024, limit=32768, granularity=1024,
+                         steps=1, progress=lambda _: None, partial=partials.append)
+    assert [r["max_fit"] for r in result["rows"]] == [4096, 16384] and "incomplete" not in result
+    # After hf's third trial (1024, 2048, 4096 fit): its bounds so far, no row of ours yet.
+    third = partials[2]
+    assert third["incomplete"] == {"done": 0, "planned": 2}
+    assert [(r["stack"], r["max_fit"], r["first_miss"], r["searching"]) for r in third["rows"]] == [
+        ("hf", 4096, None, True)]
+    env = {"device": "cpu", "date": "today", "torch": "t", "cuda": "c", "triton": "t", "transformers": "t",
+           "peft": "p"}
+    text = context.markdown(third, env, "cmd")
+    assert "**Incomplete:** written after 0 of 2 (mode, stack) searches" in text
+    assert "| lora | hf | 4096 | — |" in text and "search not finished: the bounds so far" in text
+    # Once hf's search has ended, its row is final and ours is the one in search.
+    later = next(p for p in partials if len(p["rows"]) == 2)
+    assert later["rows"][0] == result["rows"][0] and later["rows"][1]["searching"]
+
+
+def test_sigterm_stops_a_suite_as_an_exception_and_the_handler_is_put_back():
+    import signal
+
+    from workbench.cli import _stopped_by_signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        with _stopped_by_signal():
+            handler = signal.getsignal(signal.SIGTERM)
+            assert handler is not before
+            handler(signal.SIGTERM, None)  # as the interpreter calls it on a SIGTERM (none is sent here)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_with_cuda_the_suite_process_writes_no_checkpoint_itself(tmp_path, monkeypatch):
+    """The process that launches the runs never builds the model on the GPU: the checkpoint is
+    written by a child, so no memory of it stays cached in the launcher during the runs."""
+    import subprocess
+
+    from workbench.bench import train as tbench
+
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        out = Path(cmd[4])
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(tbench.subprocess, "run", fake_run)
+    monkeypatch.setattr(tbench, "write_checkpoint_here", lambda *a, **k: pytest.fail("built in the launcher"))
+    path = tbench.write_checkpoint("tiny", tmp_path / "base-tiny", 3, positions=1024)
+    assert path == tmp_path / "base-tiny" and len(seen) == 1
+    assert "write_checkpoint_here" in seen[0][2] and seen[0][3:] == ["tiny", str(path), "3", "1024"]
+    assert tbench.write_checkpoint("tiny", tmp_path / "base-tiny") == path and len(seen) == 1  # reused

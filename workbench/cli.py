@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -181,13 +184,43 @@ def _against_previous(report_dir: Path, doc: dict, name: str) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _stopped_by_signal():
+    """SIGTERM (`timeout`, a CI job's limit) raises SystemExit in the main thread, as Ctrl-C
+    raises KeyboardInterrupt: ``subprocess.run`` then kills the run in flight (an orphan would
+    keep the GPU), and the report written after the last finished run stays."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _environment_of_a_child() -> dict:
+    """envinfo.environment(), gathered by a child process: the train and context suites only
+    launch runs, and must not hold a CUDA context on the device their runs measure."""
+    code = "import json; from workbench.envinfo import environment; print(json.dumps(environment()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())  # not a folder whose modules could shadow packages
+    if proc.returncode != 0:
+        raise RuntimeError(f"reading the environment failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _bench_train(args: argparse.Namespace) -> int:
     """Training runs with and without our kernels, each in its own process (bench/train.py)."""
     import torch
 
     from workbench import atomic
     from workbench.bench import train as tbench
-    from workbench.envinfo import _version, environment
+    from workbench.envinfo import _version
 
     shape = "llama3.2-1b" if args.shape == "llama3-8b" else args.shape  # the kernel suite's default shape
     if shape not in tbench.SHAPES:
@@ -206,18 +239,26 @@ def _bench_train(args: argparse.Namespace) -> int:
         if missing:
             raise UserError("cannot run " + "; ".join(f"--stacks {k}: {v}" for k, v in missing.items())
                             + ". Leave it out (without --stacks, unavailable optional stacks are skipped).")
-    result = tbench.run(shape, steps=args.steps or 30, batch=args.batch, out=args.run or "runs/bench-train",
-                        modes=modes, stacks=stacks, seq=args.seq or None)
-    env = environment()
+    env = _environment_of_a_child()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = _stem(env, args)
     out = Path(args.report if args.report != "reports/kernels" else "reports/train")
-    png = tbench.plot(result, out / f"{stem}.png")
-    doc = {"suite": "train", "environment": env, "command": args.command_line, **result}
-    text = (tbench.markdown(result, env, args.command_line, png.name) + "\n"
-            + _against_previous(out, doc, f"{stem}.json"))
-    atomic.write_json(out / f"{stem}.json", doc)
-    atomic.write_text(out / f"{stem}.md", text)
+
+    def write(result: dict) -> str:
+        png = tbench.plot(result, out / f"{stem}.png")
+        doc = {"suite": "train", "environment": env, "command": args.command_line, **result,
+               "complete": "incomplete" not in result}
+        text = tbench.markdown(result, env, args.command_line, png.name)
+        if doc["complete"]:
+            text += "\n" + _against_previous(out, doc, f"{stem}.json")
+        atomic.write_json(out / f"{stem}.json", doc)
+        atomic.write_text(out / f"{stem}.md", text)
+        return text
+
+    with _stopped_by_signal():
+        result = tbench.run(shape, steps=args.steps or 30, batch=args.batch, out=args.run or "runs/bench-train",
+                            modes=modes, stacks=stacks, seq=args.seq or None, partial=write)
+    text = write(result)
     print(text)
     print(f"train report: {out / (stem + '.md')}")
     return 0 if all(r["exit_code"] == 0 for r in result["runs"]) else 1
@@ -245,7 +286,7 @@ def _bench_context(args: argparse.Namespace) -> int:
 
     from workbench import atomic
     from workbench.bench import context, train as tbench
-    from workbench.envinfo import _version, environment
+    from workbench.envinfo import _version
 
     shape = "llama3.1-8b" if args.shape == "llama3-8b" else args.shape  # the suite's default: the 8B
     if shape not in tbench.SHAPES:
@@ -260,16 +301,23 @@ def _bench_context(args: argparse.Namespace) -> int:
     if start < 1 or limit < start or granularity < 1 or steps < 1:
         raise UserError(f"the context search needs 1 <= --seq ({start}) <= --max-seq ({limit}), --granularity >= 1 "
                         f"({granularity}) and --steps >= 1 ({steps}).")
-    result = context.run(shape, modes, stacks, args.run or "runs/bench-context", start=start, limit=limit,
-                         granularity=granularity, steps=steps)
-    env = environment()
+    env = _environment_of_a_child()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = _stem(env, args)
     out = Path(args.report if args.report != "reports/kernels" else "reports/context")
-    atomic.write_json(out / f"{stem}.json", {"suite": "context", "environment": env, "command": args.command_line,
-                                             **result})
-    text = context.markdown(result, env, args.command_line)
-    atomic.write_text(out / f"{stem}.md", text)
+
+    def write(result: dict) -> str:
+        atomic.write_json(out / f"{stem}.json", {"suite": "context", "environment": env,
+                                                 "command": args.command_line, **result,
+                                                 "complete": "incomplete" not in result})
+        text = context.markdown(result, env, args.command_line)
+        atomic.write_text(out / f"{stem}.md", text)
+        return text
+
+    with _stopped_by_signal():
+        result = context.run(shape, modes, stacks, args.run or "runs/bench-context", start=start, limit=limit,
+                             granularity=granularity, steps=steps, partial=write)
+    text = write(result)
     print(text)
     print(f"context report: {out / (stem + '.md')}")
     return 0 if all(r["error"] is None for r in result["rows"]) else 1
