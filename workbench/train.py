@@ -552,6 +552,10 @@ def sft_config(cfg: Config, output_dir: str):
         gradient_checkpointing=bool(t.gradient_checkpointing) and cfg.kernels != "unsloth",
         # offload moves what reentrant checkpointing saves (workbench.offload); otherwise the default
         gradient_checkpointing_kwargs={"use_reentrant": True} if _offloads(cfg) else None,
+        # DDP's unused-parameter search marks the checkpointed layers' parameters (out of sight in
+        # a reentrant forward) ready, and their gradients in the recompute mark them again; every
+        # LoRA parameter takes part in every step, so the search is off there.
+        ddp_find_unused_parameters=False if _offloads(cfg) else None,
         max_length=t.max_seq_len,
         packing=bool(t.packing),
         packing_strategy=_packing_strategy(t.packing),
