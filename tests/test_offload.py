@@ -85,7 +85,10 @@ def test_non_reentrant_checkpointing_is_refused_and_a_model_without_checkpointin
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     n = offload_mod.install(model, offload)
     assert n >= LAYERS and offload_mod.install(model, offload) == n  # a second install wraps nothing twice
+    other = offload_mod.ActivationOffload()  # another's install replaces the hooks, not stacks them
+    assert offload_mod.install(model, other) == n
     layer = model.base_model.model.model.layers[0]
+    assert layer._gradient_checkpointing_func.workbench_offload is other
     assert isinstance(layer._gradient_checkpointing_func.wrapped, functools.partial)
     assert layer._gradient_checkpointing_func.wrapped.func is checkpoint
 

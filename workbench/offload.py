@@ -116,6 +116,7 @@ def install(model, offload: ActivationOffload) -> int:
         if getattr(func, "workbench_offload", None) is offload:
             wrapped += 1
             continue
+        func = getattr(func, "wrapped", func) if hasattr(func, "workbench_offload") else func  # another's hooks
         if not _reentrant(func):
             raise ValueError(f"{type(module).__name__} checkpoints with {func!r}, not reentrant checkpointing "
                              "(use_reentrant=True), whose saved inputs offloading moves.")
