@@ -16,7 +16,8 @@ import torch  # noqa: E402
 from workbench import config, manifest, offload as offload_mod, train  # noqa: E402
 from workbench.errors import UserError  # noqa: E402
 
-from test_train import _rows_of_unequal_length, _tiny_peft_model, one_torch_thread_per_xdist_worker, quick_config  # noqa: E402,F401
+from test_train import (_rows_of_unequal_length, _tiny_peft_model, one_torch_thread_per_xdist_worker,  # noqa: E402,F401
+                        quick_config, torchrun_train)
 
 LAYERS = 4  # the built-in tiny Llama's decoder layers
 
@@ -155,23 +156,8 @@ def test_offloaded_checkpointing_trains_under_a_distributed_launch(tmp_path):
     """Two processes under torchrun (gloo on this CPU, as `accelerate launch` starts DDP):
     reentrant checkpointing with the offload hooks inside DDP's backward. Both ranks train the
     same 3 steps; the record is the main rank's, one input per layer and step moved."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "launch.py"
     run = tmp_path / "run"
-    script.write_text(
-        "import sys\nfrom workbench.cli import main\n"
-        f"sys.exit(main(['train', '--run', {str(run)!r}, '--set', 'training.max_steps=3', '--set', "
-        "'training.batch_size=2', '--set', 'training.logging_steps=1', '--set', 'eval.max_rows=0', '--set', "
-        "'data.builtin_rows=32', '--set', 'kernels=false', '--set', 'training.gradient_checkpointing=offload']))\n")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if torch.cuda.device_count() < 2:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    out = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun_train(tmp_path, run, "kernels=false", "training.gradient_checkpointing=offload")
     rec = manifest.require_stage(run, "train", "")
     assert rec["processes"] == 2 and rec["steps"] == 3
     assert rec["offload"]["first_step"]["tensors"] == LAYERS

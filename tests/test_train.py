@@ -404,21 +404,17 @@ def test_kernels_true_on_the_cpu_runs_our_kernels_in_training(tmp_path):
     assert calls["fused_linear_cross_entropy"] == 1
 
 
-def test_a_distributed_launch_trains_with_ddp_and_one_process_writes_the_run(tmp_path):
-    """Two processes under torchrun (what `accelerate launch` starts on a multi-GPU
-    host; gloo on this CPU), with our kernels: the Trainer trains with DDP through the
-    patched model and our fused loss, and only the main process prints and writes the
-    run directory, which ends complete and consistent."""
+def torchrun_train(tmp_path, run, *sets):
+    """`workbench train` of 3 steps (batch 2, 32 built-in rows) in two processes under torchrun,
+    with ``sets`` as --set overrides; asserts that it succeeded and returns the process."""
     import subprocess
     import sys
 
     script = tmp_path / "launch.py"
-    run = tmp_path / "run"
-    script.write_text(
-        "import sys\nfrom workbench.cli import main\n"
-        f"sys.exit(main(['train', '--run', {str(run)!r}, '--set', 'training.max_steps=3', '--set', "
-        "'training.batch_size=2', '--set', 'training.logging_steps=1', '--set', 'eval.max_rows=0', '--set', "
-        "'data.builtin_rows=32', '--set', 'kernels=true']))\n")
+    overrides = ["training.max_steps=3", "training.batch_size=2", "training.logging_steps=1", "eval.max_rows=0",
+                 "data.builtin_rows=32", *sets]
+    args = ["train", "--run", str(run)] + [a for kv in overrides for a in ("--set", kv)]
+    script.write_text(f"import sys\nfrom workbench.cli import main\nsys.exit(main({args!r}))\n")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if torch.cuda.device_count() < 2:
@@ -427,6 +423,16 @@ def test_a_distributed_launch_trains_with_ddp_and_one_process_writes_the_run(tmp
         env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_a_distributed_launch_trains_with_ddp_and_one_process_writes_the_run(tmp_path):
+    """Two processes under torchrun (what `accelerate launch` starts on a multi-GPU
+    host; gloo on this CPU), with our kernels: the Trainer trains with DDP through the
+    patched model and our fused loss, and only the main process prints and writes the
+    run directory, which ends complete and consistent."""
+    run = tmp_path / "run"
+    out = torchrun_train(tmp_path, run, "kernels=true")
     assert out.stderr.count("train: step 1/3") == 1 and out.stdout.count("run directory:") == 1, out.stderr[-2000:]
     rec = manifest.require_stage(run, "train", "")
     assert manifest.verify_outputs(run, "train") == []
