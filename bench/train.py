@@ -132,9 +132,8 @@ def steady_rate(losses: list[dict], steps: int, tokens_per_step: int | None = No
     from loss.jsonl's per-step ``elapsed`` (seconds since training began) and cumulative
     ``tokens``. Empty when fewer than two logged steps follow the warm-up.
     ``tokens_per_step``: the count to use where the log has none (Unsloth's trainer logs
-    no token count; with wrapped packing a step holds batch x seq tokens, less where one of
-    its sequences is the short end of a 1000-row map batch that TRL's packing wraps on its own:
-    one sequence in about 1000 rows' worth, so the estimate runs high by well under 1 %)."""
+    no token count; with wrapped packing every sequence is full, so a step holds exactly batch
+    x seq tokens)."""
     warm = max(1, int(steps * WARMUP_FRACTION))
     rows = [r for r in losses if isinstance(r.get("elapsed"), (int, float)) and (r.get("step") or 0) >= warm]
     if len(rows) < 2 or rows[-1]["step"] <= rows[0]["step"] or rows[-1]["elapsed"] <= rows[0]["elapsed"]:
@@ -162,8 +161,9 @@ def write_checkpoint(shape: str, out: Path, seed: int = 0, positions: int | None
         return out
     if torch.cuda.is_available():
         # In a process of its own: building it here would leave this process, which only
-        # launches the runs, holding the model's memory in its caching allocator (15 GiB for
-        # the 8B) and a CUDA context, taken from every run's device for the whole suite.
+        # launches the runs, holding the model's memory in its caching allocator (the 8B is
+        # built in fp32, ~30 GiB, then cast) and a CUDA context, taken from every run's device
+        # for the whole suite.
         out.parent.mkdir(parents=True, exist_ok=True)
         code = ("import sys; from pathlib import Path; from workbench.bench.train import write_checkpoint_here; "
                 "write_checkpoint_here(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) or None)")
@@ -205,8 +205,8 @@ _MIN_ROW_TOKENS = 12   # measured: 24 to 30 (mean 26.6) with our tokenizer
 
 def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, seed: int, seq: int | None) -> dict:
     """One stack's training config. ``seq``: sequences of that many tokens (the built-in rows
-    wrapped-packed, enough rows generated for every step; TRL's packing leaves one shorter
-    sequence per 1000 rows), else one short built-in row per sequence."""
+    wrapped-packed, every sequence full, enough rows generated for every step), else one short
+    built-in row per sequence."""
     training = {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "seed": seed, "logging_steps": 1,
                 "warmup_ratio": 0.0, "schedule": "constant",
                 "gradient_checkpointing": "offload" if stack.endswith("-offload") else stack.endswith("-gc")}

@@ -222,8 +222,8 @@ def _validate(cfg: Config) -> None:
             raise UserError("kernels: unsloth trains only (Unsloth's model generates after its own for_inference "
                             "switch, which this harness does not drive); set eval.max_rows: 0 and score the "
                             "adapter with workbench eval.")
-    _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))
-    _check_choice("training.gradient_checkpointing", t.gradient_checkpointing, (False, True, "offload"))  # true: TRL's default, bfd
+    _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))  # true: TRL's default, bfd
+    _check_choice("training.gradient_checkpointing", t.gradient_checkpointing, (False, True, "offload"))
 
 
 def _resolve_paths(value, base: Path):

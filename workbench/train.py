@@ -268,7 +268,8 @@ def load_model(cfg: Config, base: str):
         keep_portable_4bit_layout(model)
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.training.gradient_checkpointing))
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(cfg.training.gradient_checkpointing))
     return model
 
 
