@@ -7,12 +7,19 @@ last length that fitted and the first that ran out of memory is bisected down to
 ``granularity`` tokens. A trial "does not fit" only when the train stage reports running
 out of GPU memory; any other failure stops that stack's search and is reported as such,
 so a crash is never mistaken for a memory limit.
+
+With ``devices`` (several GPUs of one host), the (mode, stack) searches run at the same time,
+one per GPU: each device takes the next search in the order given, and each trial is still a
+process alone on its GPU (``CUDA_VISIBLE_DEVICES``), so a trial's memory is its own. A search
+is about memory, not speed, so sharing the host does not change what it measures.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -60,11 +67,58 @@ def search(trial: Callable[[int], dict], start: int = 2048, limit: int = 131072,
     return {"max_fit": fit, "first_miss": miss, "granularity": granularity, "trials": trials, "error": error}
 
 
-def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int = 2) -> Callable[[int], dict]:
-    """A trial function for :func:`search`: one ``workbench train`` process at batch 1."""
+#: Trial processes running now, so that a search stopped in the main thread can end those its
+#: other threads started (a child left running would keep its GPU).
+_CHILDREN: set[subprocess.Popen] = set()
+_KILLED: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+class Stopped(Exception):
+    """A trial killed because the suite was stopped: it measured nothing."""
+
+
+def _run_child(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, **kwargs)``, with the process known
+    to :func:`_kill_children` while it runs; killed if this thread is interrupted."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            stdout, stderr = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
+                killed = proc in _KILLED
+                _KILLED.discard(proc)
+    if killed:
+        raise Stopped(f"stopped: {cmd[-1]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _kill_children() -> None:
+    with _CHILDREN_LOCK:
+        running = list(_CHILDREN)
+        _KILLED.update(running)
+    for proc in running:
+        proc.kill()
+
+
+def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int = 2,
+                device: str | None = None) -> Callable[[int], dict]:
+    """A trial function for :func:`search`: one ``workbench train`` process at batch 1, on
+    ``device`` (a ``CUDA_VISIBLE_DEVICES`` value) when one is given."""
     import yaml
 
     from workbench.bench.train import _config, stack_env
+
+    env = stack_env(stack)
+    if device is not None:
+        env = {**(env or os.environ), "CUDA_VISIBLE_DEVICES": device}
 
     def trial(seq: int) -> dict:
         run_dir = out / f"{mode}-{stack}-{seq}"
@@ -72,9 +126,8 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
         cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, 1, 0, seq)))
         t0 = time.perf_counter()
         # cwd=out: from the repository root, kernels/ would answer transformers' probe for the hub `kernels`.
-        proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                               "--run", str(run_dir)], capture_output=True, text=True, cwd=out,
-                              env=stack_env(stack))
+        proc = _run_child([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
+                           "--run", str(run_dir)], cwd=out, env=env)
         wall = round(time.perf_counter() - t0, 1)
         if proc.returncode == 0:
             rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
@@ -97,11 +150,13 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
 
 def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: int = 131072,
         granularity: int = 1024, steps: int = 2, progress: Callable[[str], None] = print,
-        partial: Callable[[dict], None] | None = None) -> dict:
+        partial: Callable[[dict], None] | None = None, devices: list[str] | None = None) -> dict:
     """Search every (mode, stack). ``steps`` optimizer steps per trial: the first step allocates
     the optimizer state, the second shows a peak that persists beyond it. ``partial`` gets the
-    result so far after every trial but the last, marked ``incomplete``, the (mode, stack) in
-    search with what its trials have shown yet, so a search stopped midway leaves a report."""
+    result so far after every trial but the last, marked ``incomplete``, each (mode, stack) in
+    search with what its trials have shown yet, so a search stopped midway leaves a report.
+    ``devices``: ``CUDA_VISIBLE_DEVICES`` values; with more than one, that many searches run at
+    once, one per device (the rows keep the order of ``modes`` x ``stacks``)."""
     from workbench.bench.train import SHAPES, write_checkpoint
 
     out = Path(out).resolve()
@@ -112,36 +167,116 @@ def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: in
     raised = limit if limit > positions else None
     checkpoint = write_checkpoint(shape, out / (f"base-{shape}" + (f"-pos{raised}" if raised else "")),
                                   positions=raised)
-    rows = []
     head = {"shape": shape, "shape_dims": SHAPES[shape], "positions_raised_to": raised, "batch": 1,
             "start": start, "limit": limit, "granularity": granularity, "steps": steps}
-    planned = len(modes) * len(stacks)
-    for mode in modes:
-        for stack in stacks:
-            base = train_trial(checkpoint, mode, stack, out, steps)
-            done: list[dict] = []
+    if devices:
+        head["devices"] = list(devices)
+    planned = [(mode, stack) for mode in modes for stack in stacks]
+    rows: dict[tuple[str, str], dict] = {}      # finished searches
+    searching: dict[tuple[str, str], tuple[list[dict], str | None]] = {}  # (trials so far, device)
+    lock = threading.Lock()
 
-            def trial(seq, base=base, mode=mode, stack=stack, done=done):
-                progress(f"[bench context] {shape} {mode} {stack}: {seq} tokens")
-                r = base(seq)
-                progress(f"[bench context]   {'fits' if r.get('fits') else r.get('error') or 'out of memory'}")
+    def snapshot() -> dict:
+        shown = []
+        for key in planned:
+            if key in rows:
+                shown.append(rows[key])
+            elif key in searching:
+                done, device = searching[key]
+                shown.append(_searching(*key, done, granularity, device))
+        return {**head, "rows": shown, "incomplete": {"done": len(rows), "planned": len(planned)}}
+
+    def search_one(mode: str, stack: str, device: str | None) -> None:
+        base = train_trial(checkpoint, mode, stack, out, steps, device)
+        done: list[dict] = []
+        where = f"GPU {device}: " if device is not None and len(devices) > 1 else ""
+        with lock:
+            searching[(mode, stack)] = (done, device)
+
+        def trial(seq):
+            progress(f"[bench context] {where}{shape} {mode} {stack}: {seq} tokens")
+            r = base(seq)
+            progress(f"[bench context] {where}  {mode} {stack} {seq}: "
+                     f"{'fits' if r.get('fits') else r.get('error') or 'out of memory'}")
+            with lock:
                 done.append({"seq": seq, **r})
                 if partial is not None:
-                    partial({**head, "rows": [*rows, _searching(mode, stack, done, granularity)],
-                             "incomplete": {"done": len(rows), "planned": planned}})
-                return r
+                    partial(snapshot())
+            return r
 
-            rows.append({"mode": mode, "stack": stack, **search(trial, start, limit, granularity)})
-    return {**head, "rows": rows}
+        row = {"mode": mode, "stack": stack, **search(trial, start, limit, granularity)}
+        if device is not None:
+            row["device"] = device
+        with lock:
+            rows[(mode, stack)] = row
+            del searching[(mode, stack)]
+
+    if not devices or len(devices) == 1:
+        for mode, stack in planned:
+            search_one(mode, stack, devices[0] if devices else None)
+    else:
+        _in_parallel(planned, devices, search_one)
+    return {**head, "rows": [rows[key] for key in planned]}
 
 
-def _searching(mode: str, stack: str, trials: list[dict], granularity: int) -> dict:
+def _in_parallel(planned: list[tuple[str, str]], devices: list[str], search_one) -> None:
+    """One thread per device, each taking the next (mode, stack) until none is left. A
+    stop in the main thread (SIGTERM under workbench.cli, Ctrl-C) kills the trials in flight
+    and no further trial starts; a failure in a thread is raised here once all have ended."""
+    queue = list(planned)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    take = threading.Lock()
+
+    ended = {d: threading.Event() for d in devices}
+
+    def worker(device: str) -> None:
+        try:
+            while not stop.is_set():
+                with take:
+                    if not queue:
+                        return
+                    mode, stack = queue.pop(0)
+                try:
+                    search_one(mode, stack, device)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    if not stop.is_set():
+                        failures.append(exc)
+                    stop.set()
+                    return
+        finally:
+            ended[device].set()
+
+    threads = [threading.Thread(target=worker, args=(d,), name=f"context-search-{d}") for d in devices]
+    for t in threads:
+        t.start()
+    # The main thread waits on events, not Thread.join: before Python 3.13 a join interrupted
+    # by a signal can leave the thread looking finished, and a later join returns at once.
+    try:
+        for event in ended.values():
+            while not event.wait(timeout=0.5):
+                pass
+    except BaseException:
+        stop.set()
+        _kill_children()
+        for event in ended.values():
+            while not event.wait(timeout=0.5):
+                _kill_children()  # a trial started after the first kill
+        raise
+    if failures:
+        raise failures[0]
+
+
+def _searching(mode: str, stack: str, trials: list[dict], granularity: int, device: str | None = None) -> dict:
     """A row for a search still under way: the longest length that fitted and the shortest
     that did not, so far."""
     fits = [t["seq"] for t in trials if t.get("fits")]
     misses = [t["seq"] for t in trials if t.get("fits") is False]
-    return {"mode": mode, "stack": stack, "max_fit": max(fits, default=None), "first_miss": min(misses, default=None),
-            "granularity": granularity, "trials": list(trials), "error": None, "searching": True}
+    row = {"mode": mode, "stack": stack, "max_fit": max(fits, default=None), "first_miss": min(misses, default=None),
+           "granularity": granularity, "trials": list(trials), "error": None, "searching": True}
+    if device is not None:
+        row["device"] = device
+    return row
 
 
 def markdown(result: dict, env: dict, command: str) -> str:
@@ -159,6 +294,10 @@ def markdown(result: dict, env: dict, command: str) -> str:
              f"- **Search:** doubling from {result['start']} tokens up to {result['limit']}, then bisection down to "
              f"{result.get('granularity', 1024)} tokens; a length \"does not fit\" only when training ran out of GPU "
              "memory.",
+             *([f"- **GPUs:** {len(result['devices'])} of this host (`CUDA_VISIBLE_DEVICES` "
+                f"{', '.join(result['devices'])}), one search on each at a time; each trial is a process alone on "
+                "its GPU, so its memory is its own. The note column names each search's GPU."]
+               if len(result.get("devices") or []) > 1 else []),
              f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, transformers "
              f"{env['transformers']}, peft {env['peft']}", "",
              "| mode | stack | longest that fits | first that does not | peak GiB at the longest | reserved GiB "
@@ -171,6 +310,8 @@ def markdown(result: dict, env: dict, command: str) -> str:
         miss = r["first_miss"] or (f"(none up to {result['limit']})" if r["max_fit"] and not r["error"]
                                    and not searching else "—")
         note = r["error"] or ("search not finished: the bounds so far" if searching else "")
+        if len(result.get("devices") or []) > 1 and r.get("device") is not None:
+            note = "; ".join(filter(None, [f"GPU {r['device']}", note]))
         lines.append(f"| {r['mode']} | {r['stack']} | {r['max_fit'] or '—'} | {miss} | "
                      f"{_num(peak, '.2f')} | {_num(reserved, '.2f')} | {_num(step, '.2f')} | {len(r['trials'])} | "
                      f"{note} |")

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 import os
+import sys
 
 import pytest
 
@@ -376,7 +377,7 @@ def test_context_suite_passes_its_search_options(monkeypatch, tmp_path, capsys):
                  "--granularity", "8192", "--steps", "1", "--report", str(tmp_path)]) == 0
     assert callable(seen.pop("partial"))  # the report is rewritten after every trial
     assert seen == {"start": 32768, "limit": 131072, "granularity": 8192, "steps": 1, "shape": "llama3.1-8b",
-                    "modes": ["qlora"], "stacks": ["ours-gc"]}
+                    "modes": ["qlora"], "stacks": ["ours-gc"], "devices": None}
     text = next(tmp_path.glob("*.md")).read_text()
     assert "bisection down to 8192 tokens" in text and "1 steps per trial" in text
     assert "| qlora | ours-gc | 131072 | (none up to 131072) | 40.00 | 44.50 | 61.00 | 1 |" in text
@@ -425,7 +426,7 @@ def test_context_trial_tells_out_of_memory_from_other_failures(tmp_path, monkeyp
     def fake_run(cmd, **kwargs):
         code, err = next(answers)
         return subprocess.CompletedProcess(cmd, code, "", err)
-    monkeypatch.setattr(context.subprocess, "run", fake_run)
+    monkeypatch.setattr(context, "_run_child", fake_run)
     trial = context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path)
     assert trial(4096) == {"fits": False, "wall_s": pytest.approx(0, abs=5)}
     r = trial(8192)
@@ -452,7 +453,7 @@ def test_context_trial_that_trained_shorter_sequences_is_an_error_not_a_fit(tmp_
             "data_fingerprint": [{"tokens": held, "token_sum": 1}, {"tokens": held, "token_sum": 2}],
             "steps": 2, "peak_memory_gib": 1.0, "peak_reserved_gib": 1.5, "timings": {"train_s": 2.0}}}}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(context.subprocess, "run", fake_run)
+    monkeypatch.setattr(context, "_run_child", fake_run)
     trial = context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path, steps=2)
     assert trial(4096)["fits"] is True
     r = trial(131072)
@@ -529,7 +530,7 @@ def test_a_context_search_reports_its_bounds_after_every_trial(tmp_path, monkeyp
     from workbench.bench import context
 
     fits_up_to = {"hf": 4096, "ours": 16384}
-    monkeypatch.setattr(context, "train_trial", lambda checkpoint, mode, stack, out, steps: (
+    monkeypatch.setattr(context, "train_trial", lambda checkpoint, mode, stack, out, steps, device: (
         lambda seq: {"fits": seq <= fits_up_to[stack], "step_s": 1.0}))
     partials = []
     result = context.run("tiny", ["lora"], ["hf", "ours"], tmp_path, start=1024, limit=32768, granularity=1024,
@@ -587,3 +588,145 @@ def test_with_cuda_the_suite_process_writes_no_checkpoint_itself(tmp_path, monke
     assert path == tmp_path / "base-tiny" and len(seen) == 1
     assert "write_checkpoint_here" in seen[0][2] and seen[0][3:] == ["tiny", str(path), "3", "1024"]
     assert tbench.write_checkpoint("tiny", tmp_path / "base-tiny") == path and len(seen) == 1  # reused
+
+
+# --------------------------------------------------------------------------- context search on several GPUs
+def test_context_searches_on_several_gpus_run_at_once_each_on_its_own(tmp_path, monkeypatch):
+    """--devices 0,1: two searches at a time, one per GPU; the rows keep the order of the
+    stacks given, each says its GPU, and the report says how the GPUs were shared."""
+    import threading
+    import time
+
+    from workbench.bench import context
+
+    fits_up_to = {"hf-gc": 4096, "ours-gc": 16384, "ours-offload": 32768}
+    both_started = threading.Barrier(2, timeout=20)  # broken (a test failure) if the first two are not concurrent
+    first = set()
+    made = []
+
+    def fake_trial(checkpoint, mode, stack, out, steps, device):
+        made.append((stack, device))
+
+        def trial(seq):
+            if stack not in first:
+                first.add(stack)
+                if len(first) <= 2:
+                    both_started.wait()
+            if stack == "ours-gc":
+                time.sleep(0.2)  # the long search: hf-gc's GPU is free first
+            return {"fits": seq <= fits_up_to[stack], "step_s": 1.0, "peak_memory_gib": seq / 1024}
+        return trial
+    monkeypatch.setattr(context, "train_trial", fake_trial)
+    partials = []
+    result = context.run("tiny", ["qlora"], list(fits_up_to), tmp_path, start=1024, limit=32768, granularity=1024,
+                         steps=1, progress=lambda _: None, partial=partials.append, devices=["0", "1"])
+    assert [r["stack"] for r in result["rows"]] == ["hf-gc", "ours-gc", "ours-offload"]
+    assert [r["max_fit"] for r in result["rows"]] == [4096, 16384, 32768] and "incomplete" not in result
+    assert result["devices"] == ["0", "1"] and {r["device"] for r in result["rows"]} <= {"0", "1"}
+    assert made[:2] in ([("hf-gc", "0"), ("ours-gc", "1")], [("ours-gc", "1"), ("hf-gc", "0")])
+    # ours-offload went to whichever GPU finished first: hf-gc's (fewer trials).
+    assert made[2] == ("ours-offload", "0") and result["rows"][2]["device"] == "0"
+    # Every partial report lists the rows in the given order, never one twice.
+    for doc in partials:
+        stacks = [r["stack"] for r in doc["rows"]]
+        assert stacks == [s for s in fits_up_to if s in stacks]
+    assert len(partials) == sum(len(r["trials"]) for r in result["rows"])
+    env = {"device": "cpu", "date": "today", "torch": "t", "cuda": "c", "triton": "t", "transformers": "t",
+           "peft": "p"}
+    text = context.markdown(result, env, "cmd")
+    assert "**GPUs:** 2 of this host (`CUDA_VISIBLE_DEVICES` 0, 1), one search on each at a time" in text
+    assert "| qlora | ours-gc | 16384 | 17408 | 16.00 | — | 1.00 | 10 | GPU 1 |" in text
+
+
+def test_a_context_trial_runs_on_the_gpu_it_is_given(tmp_path, monkeypatch):
+    import subprocess
+
+    from workbench.bench import context
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(kwargs)
+        return subprocess.CompletedProcess(cmd, 1, "", "boom")
+    monkeypatch.setattr(context, "_run_child", fake_run)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path, device="1")(4096)
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "1" and seen["env"]["PATH"] == os.environ["PATH"]
+    context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path)(4096)
+    assert seen["env"] is None  # no device: the suite's own environment, as before
+
+
+def test_a_stop_during_parallel_searches_kills_their_trials(tmp_path):
+    """SIGTERM (SystemExit under workbench.cli) reaches only the main thread: the trials the
+    other threads started are killed, and no further search begins."""
+    import signal
+    import time
+
+    from workbench.bench import context
+
+    started, stopped = [], []
+
+    def search_one(mode, stack, device):
+        started.append(stack)
+        try:
+            context._run_child([sys.executable, "-c", "import time; time.sleep(60)"])
+        except context.Stopped:  # not a result: a search records no trial for it
+            stopped.append(stack)
+            raise
+
+    def stop(signum, frame):
+        raise SystemExit(143)
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SystemExit):
+            context._in_parallel([("qlora", "a"), ("qlora", "b"), ("qlora", "c")], ["0", "1"], search_one)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - t0 < 30  # the sleeping children were killed, not waited for
+    assert sorted(started) == ["a", "b"] and sorted(stopped) == ["a", "b"]
+    assert not context._CHILDREN and not context._KILLED
+
+
+def test_a_failing_search_on_one_gpu_is_raised_after_the_others_end():
+    from workbench.bench import context
+
+    ended = []
+
+    def search_one(mode, stack, device):
+        if stack == "bad":
+            raise RuntimeError("the checkpoint is unreadable")
+        ended.append(stack)
+    with pytest.raises(RuntimeError, match="unreadable"):
+        context._in_parallel([("lora", "bad"), ("lora", "good")], ["0", "1"], search_one)
+    assert ended in (["good"], [])  # the other search may have started; none starts after the failure
+
+
+def test_context_suite_devices_are_checked_and_follow_cuda_visible_devices(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from workbench import cli, envinfo
+    from workbench.bench import context
+
+    seen = {}
+
+    def fake_run(shape, modes, stacks, out, **kwargs):
+        seen.update(kwargs)
+        return {"shape": shape, "shape_dims": {}, "batch": 1, "start": 1, "limit": 2, "granularity": 1, "steps": 1,
+                "rows": []}
+    env = envinfo.environment()
+    monkeypatch.setattr(cli, "_environment_of_a_child", lambda: dict(env, device="Fake GPU"))
+    monkeypatch.setattr(context, "run", fake_run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    args = ["bench", "--suite", "context", "--report", str(tmp_path), "--run", str(tmp_path / "runs")]
+    assert main([*args, "--devices", "0,1"]) == 0 and seen["devices"] == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert main([*args, "--devices", "1,0"]) == 0 and seen["devices"] == ["6", "4"]
+    for bad in ("0,2", "0,0", "x"):
+        seen.clear()
+        assert main([*args, "--devices", bad]) == 2 and not seen
+        assert "--devices takes distinct GPU indices below 2" in capsys.readouterr().err

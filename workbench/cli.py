@@ -301,6 +301,17 @@ def _bench_context(args: argparse.Namespace) -> int:
     if start < 1 or limit < start or granularity < 1 or steps < 1:
         raise UserError(f"the context search needs 1 <= --seq ({start}) <= --max-seq ({limit}), --granularity >= 1 "
                         f"({granularity}) and --steps >= 1 ({steps}).")
+    devices = [d.strip() for d in (args.devices or "").split(",") if d.strip()] or None
+    if devices is not None:
+        count = torch.cuda.device_count()  # counts what CUDA_VISIBLE_DEVICES leaves visible
+        wrong = [d for d in devices if not d.isdigit() or int(d) >= count]
+        if wrong or len(set(devices)) != len(devices):
+            raise UserError(f"--devices takes distinct GPU indices below {count} (this process sees {count} GPUs); "
+                            f"got {args.devices!r}.")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:  # the children's CUDA_VISIBLE_DEVICES replaces this one: name the same GPUs
+            ids = [v.strip() for v in visible.split(",")]
+            devices = [ids[int(d)] for d in devices]
     env = _environment_of_a_child()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = _stem(env, args)
@@ -316,7 +327,7 @@ def _bench_context(args: argparse.Namespace) -> int:
 
     with _stopped_by_signal():
         result = context.run(shape, modes, stacks, args.run or "runs/bench-context", start=start, limit=limit,
-                             granularity=granularity, steps=steps, partial=write)
+                             granularity=granularity, steps=steps, partial=write, devices=devices)
     text = write(result)
     print(text)
     print(f"context report: {out / (stem + '.md')}")
@@ -398,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "starts (default 2048)")
     p.add_argument("--granularity", type=int, default=1024, metavar="TOKENS",
                    help="context suite: bisect until the longest fit and the first miss are this close (default 1024)")
+    p.add_argument("--devices", metavar="IDS", help="context suite: comma-separated GPU indices (e.g. 0,1); the "
+                   "(mode, stack) searches then run at the same time, one per GPU, each trial alone on its GPU "
+                   "(default: one after another on the GPU the suite's processes see)")
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
     p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc,ours-offload,liger,unsloth,unsloth-gc (default all "
                    "that can run here: liger needs liger-kernel and CUDA; unsloth needs CUDA and unsloth, installed "
