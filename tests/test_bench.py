@@ -726,6 +726,7 @@ def test_context_suite_devices_are_checked_and_follow_cuda_visible_devices(monke
     assert main([*args, "--devices", "0,1"]) == 0 and seen["devices"] == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert main([*args, "--devices", "1,0"]) == 0 and seen["devices"] == ["6", "4"]
+    assert main([*args, "--devices", "all"]) == 0 and seen["devices"] == ["4", "6"]
     for bad in ("0,2", "0,0", "x"):
         seen.clear()
         assert main([*args, "--devices", bad]) == 2 and not seen

@@ -304,6 +304,8 @@ def _bench_context(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in (args.devices or "").split(",") if d.strip()] or None
     if devices is not None:
         count = torch.cuda.device_count()  # counts what CUDA_VISIBLE_DEVICES leaves visible
+        if devices == ["all"]:
+            devices = [str(i) for i in range(count)]
         wrong = [d for d in devices if not d.isdigit() or int(d) >= count]
         if wrong or len(set(devices)) != len(devices):
             raise UserError(f"--devices takes distinct GPU indices below {count} (this process sees {count} GPUs); "
@@ -409,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "starts (default 2048)")
     p.add_argument("--granularity", type=int, default=1024, metavar="TOKENS",
                    help="context suite: bisect until the longest fit and the first miss are this close (default 1024)")
-    p.add_argument("--devices", metavar="IDS", help="context suite: comma-separated GPU indices (e.g. 0,1); the "
+    p.add_argument("--devices", metavar="IDS", help="context suite: comma-separated GPU indices (e.g. 0,1) or all; the "
                    "(mode, stack) searches then run at the same time, one per GPU, each trial alone on its GPU "
                    "(default: one after another on the GPU the suite's processes see)")
     p.add_argument("--modes", help="train suite: lora,qlora (default both)")
