@@ -153,7 +153,7 @@ def run(shape: str, modes, stacks, out: str | Path, start: int = 2048, limit: in
         partial: Callable[[dict], None] | None = None, devices: list[str] | None = None) -> dict:
     """Search every (mode, stack). ``steps`` optimizer steps per trial: the first step allocates
     the optimizer state, the second shows a peak that persists beyond it. ``partial`` gets the
-    result so far after every trial but the last, marked ``incomplete``, each (mode, stack) in
+    result so far after every trial, marked ``incomplete``, each (mode, stack) in
     search with what its trials have shown yet, so a search stopped midway leaves a report.
     ``devices``: ``CUDA_VISIBLE_DEVICES`` values; with more than one, that many searches run at
     once, one per device (the rows keep the order of ``modes`` x ``stacks``)."""
