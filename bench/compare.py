@@ -8,7 +8,11 @@ row is matched by its key and read as a ratio new / old:
   graphs or events) are refused, and a row timed differently in the two is not compared;
 * train: ``(mode, stack)`` -> ``steady_step_s``, ``step_s`` and ``peak_memory_gib``
   (lower is better), ``steady_tokens_per_s`` and ``tokens_per_s`` (higher is better)
-  and ``final_loss`` (must not move); a metric one of the reports lacks is skipped.
+  and ``final_loss`` (must not move); a metric one of the reports lacks is skipped;
+* context: ``(mode, stack)`` -> ``max_fit``, the longest sequence that fitted (any
+  shrink is a regression: with the same start and granularity the search visits the same
+  lengths), and ``peak_memory_gib@L`` for every length L that fitted in both reports
+  (lower is better); the searches' start, limit and granularity must match.
 
 A time or memory that got worse by more than its threshold, a loss that moved by
 more than its band, a row that ran before and fails or is missing now: each is a
@@ -29,8 +33,9 @@ METRICS = {
     "kernels": {"fwd_ms": 1, "fwd_bwd_ms": 1, "peak_extra_gib": 1},
     "train": {"steady_step_s": 1, "steady_tokens_per_s": -1, "step_s": 1, "tokens_per_s": -1, "peak_memory_gib": 1,
               "final_loss": 0},
+    "context": {"max_fit": -1},  # and peak_memory_gib@L per length (_context_metrics)
 }
-KEYS = {"kernels": ("kernel", "shape", "stack"), "train": ("mode", "stack")}
+KEYS = {"kernels": ("kernel", "shape", "stack"), "train": ("mode", "stack"), "context": ("mode", "stack")}
 
 #: Default thresholds. Measured on the H200 (reports/regress/2026-11-29-*: the same
 #: command run twice): kernel rows of 3 ms or more repeated within 7 %, most within
@@ -41,6 +46,8 @@ KEYS = {"kernels": ("kernel", "shape", "stack"), "train": ("mode", "stack")}
 #: only with the arithmetic (the train suite's own stacks agree within ~2e-3), so a
 #: 1 % move means the numbers changed.
 DEFAULT_THRESHOLDS = {"time": 0.10, "memory": 0.02, "loss": 0.01}
+#: A context search's longest fit may not shrink at all (both searches visit the same lengths).
+FIT_THRESHOLD = 0.0
 #: Growth of a peak below this is not a regression whatever its ratio: the
 #: caching allocator rounds blocks to 2 MiB, so a near-zero peak can double.
 MEMORY_FLOOR_GIB = 4 / 1024
@@ -66,20 +73,42 @@ def load(path: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err.msg}); pass the .json that `workbench bench` wrote.") from None
     if doc.get("suite") not in METRICS:
-        raise UserError(f"{path} is not a kernels or train benchmark report (suite {doc.get('suite')!r}).")
+        raise UserError(f"{path} is not a kernels, train or context benchmark report (suite {doc.get('suite')!r}).")
     return doc
 
 
 def _kind(metric: str) -> str:
     if metric == "final_loss":
         return "loss"
+    if metric == "max_fit":
+        return "fit"
     return "memory" if "gib" in metric else "time"
 
 
 def _rows(doc: dict) -> dict[tuple, dict]:
     suite = doc["suite"]
-    rows = doc["rows"] if suite == "kernels" else doc["runs"]
+    rows = doc["runs"] if suite == "train" else doc["rows"]
+    if suite == "context":
+        rows = [_context_metrics(r) for r in rows]
     return {tuple(r.get(k) for k in KEYS[suite]): r for r in rows}
+
+
+def _context_metrics(row: dict) -> dict:
+    """A context row with its peak at every length that fitted, as ``peak_memory_gib@L``."""
+    out = dict(row)
+    for t in row.get("trials") or []:
+        if t.get("fits"):
+            out[f"peak_memory_gib@{t['seq']}"] = t.get("peak_memory_gib")
+    return out
+
+
+def _metrics(suite: str, row: dict, now: dict) -> dict[str, int]:
+    metrics = dict(METRICS[suite])
+    if suite == "context":
+        lengths = sorted({int(k.split("@")[1]) for k in row if k.startswith("peak_memory_gib@")}
+                         & {int(k.split("@")[1]) for k in now if k.startswith("peak_memory_gib@")})
+        metrics.update({f"peak_memory_gib@{n}": 1 for n in lengths})
+    return metrics
 
 
 def _failed(row: dict) -> bool:
@@ -103,6 +132,12 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
             raise UserError(f"the reports were measured on different {what}s ({a!r} vs {b!r}); ratios across them "
                             "say nothing about a regression. Compare runs of one device and shape, or pass "
                             "--allow-other-device to see the ratios anyway.")
+    if suite == "context":
+        search = ("start", "limit", "granularity", "steps")
+        if any(old.get(k) != new.get(k) for k in search):
+            raise UserError("the context searches differ in " + ", ".join(
+                f"{k} ({old.get(k)} vs {new.get(k)})" for k in search if old.get(k) != new.get(k))
+                + "; their longest fits are not comparable. Compare searches run with the same options.")
     if suite == "kernels" and _timing(old) != _timing(new) and not allow_other_device:
         raise UserError(f"the reports were timed differently ({_timing(old)} vs {_timing(new)}: CUDA graphs leave "
                         "out the launch overhead that CUDA events include); compare runs of one timing, or pass "
@@ -124,12 +159,16 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
             changes.append(Change(key, "-", None, None, None, False,
                                   f"timed with {row.get('timing')} before and {now.get('timing')} now: not compared"))
             continue
-        for metric, worse in METRICS[suite].items():
+        if suite == "context" and row.get("max_fit") is not None and now.get("max_fit") is None:
+            changes.append(Change(key, "max_fit", row["max_fit"], None, None, True,
+                                  f"fitted {row['max_fit']} tokens before, not even the start now"))
+            continue
+        for metric, worse in _metrics(suite, row, now).items():
             a, b = _number(row.get(metric)), _number(now.get(metric))
             if a is None or b is None or a == 0:
                 continue
             ratio = b / a
-            limit = limits[_kind(metric)]
+            limit = FIT_THRESHOLD if _kind(metric) == "fit" else limits[_kind(metric)]
             if worse == 0:
                 bad = abs(ratio - 1) > limit
             else:
@@ -152,7 +191,8 @@ def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new
              f"- **Baseline:** `{old_path}` ({old['environment'].get('device')}, {old['environment'].get('date')})",
              f"- **Current:** `{new_path}` ({new['environment'].get('device')}, {new['environment'].get('date')})",
              f"- **Thresholds:** time +{limits['time']:.0%}, memory +{limits['memory']:.0%}, "
-             f"final loss ±{limits['loss']:.0%}",
+             f"final loss ±{limits['loss']:.0%}" + ("; the longest fit may not shrink" if old["suite"] == "context"
+                                                      else ""),
              f"- **Verdict:** {'REGRESSION (' + str(len(bad)) + ')' if bad else 'no regression'}", "",
              "| row | metric | baseline | current | ratio | |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for c in changes:
@@ -160,15 +200,17 @@ def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new
         if c.ratio is None:
             lines.append(f"| {row} | {c.metric} | | | | {f'**{c.note}**' if c.regression else c.note} |")
         else:
-            lines.append(f"| {row} | {c.metric} | {c.old:.4g} | {c.new:.4g} | {c.ratio:.3f}× | "
+            spec = ".0f" if c.metric == "max_fit" else ".4g"
+            lines.append(f"| {row} | {c.metric} | {c.old:{spec}} | {c.new:{spec}} | {c.ratio:.3f}× | "
                          f"{'**regression**' if c.regression else ''} |")
     return "\n".join(lines) + "\n"
 
 
 #: Settings that decide what a report measured, besides the device: two reports that
 #: differ in one of them are not a baseline for each other (kernels: shape, dtype, timing;
-#: train: shape, batch, seq, steps, seed, modes). A key absent from both matches.
-SETUP = ("shape", "dtype", "timing", "batch", "seq", "steps", "seed", "modes")
+#: train: shape, batch, seq, steps, seed, modes; context: shape, steps and the search's
+#: start, limit and granularity). A key absent from both matches.
+SETUP = ("shape", "dtype", "timing", "batch", "seq", "steps", "seed", "modes", "start", "limit", "granularity")
 
 
 def _comparable(old: dict, new: dict) -> bool:

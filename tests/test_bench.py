@@ -289,6 +289,53 @@ def _flagged_lines(text):
     return [line for line in text.splitlines() if "**" in line and line.startswith("| ")]
 
 
+CONTEXT_REPORT = "reports/context/2026-11-30-nvidia-h200-full-262144.json"
+
+
+def test_regress_on_context_reports_flags_a_shorter_fit_and_more_memory_at_a_length(tmp_path, capsys):
+    """Context searches compare by their longest fit (which may not shrink) and their peak
+    at every length that fitted in both; a search that fits nothing now is flagged too."""
+    def unchanged(doc):
+        pass
+    old, same = _report_pair(tmp_path, CONTEXT_REPORT, unchanged)
+    assert main(["regress", old, same]) == 0
+    out = capsys.readouterr().out
+    assert "the longest fit may not shrink" in out and _flagged_lines(out) == []
+    assert "| qlora / ours-gc | max_fit | 147456 | 147456 | 1.000× |" in out
+    assert "| qlora / ours-offload | peak_memory_gib@262144 | 94.91 | 94.91 | 1.000× |" in out
+
+    def worse(doc):
+        ours_gc = next(r for r in doc["rows"] if r["stack"] == "ours-gc")
+        ours_gc["max_fit"], ours_gc["first_miss"] = 131072, 147456
+        ours_gc["trials"][-1]["fits"] = False  # 147456 now runs out of memory
+        offload = next(r for r in doc["rows"] if r["stack"] == "ours-offload")
+        offload["trials"][2]["peak_memory_gib"] *= 1.05  # 131072: 5 % more
+        hf = next(r for r in doc["rows"] if r["stack"] == "hf-gc")
+        hf["trials"][0]["peak_memory_gib"] *= 1.01  # within the 2 % memory threshold
+        unsloth = next(r for r in doc["rows"] if r["stack"] == "unsloth-gc")
+        unsloth["max_fit"], unsloth["first_miss"] = None, 32768
+        for t in unsloth["trials"]:
+            t["fits"] = False
+    (tmp_path / "w").mkdir()
+    old, new = _report_pair(tmp_path / "w", CONTEXT_REPORT, worse)
+    assert main(["regress", old, new]) == 1
+    flagged = _flagged_lines(capsys.readouterr().out)
+    assert len(flagged) == 3, flagged
+    assert any("ours-gc | max_fit | 147456 | 131072" in f for f in flagged)
+    assert any("ours-offload | peak_memory_gib@131072" in f and "1.050×" in f for f in flagged)
+    assert any("unsloth-gc | max_fit" in f and "not even the start now" in f for f in flagged)
+    # A longer fit is no regression.
+    (tmp_path / "b").mkdir()
+    old, new = _report_pair(tmp_path / "b", CONTEXT_REPORT, lambda doc: doc["rows"][1].update(max_fit=155648))
+    assert main(["regress", old, new]) == 0
+
+
+def test_regress_refuses_context_searches_run_with_other_options(tmp_path, capsys):
+    old, new = _report_pair(tmp_path, CONTEXT_REPORT, lambda doc: doc.update(granularity=8192))
+    assert main(["regress", old, new]) == 2
+    assert "the context searches differ in granularity (16384 vs 8192)" in capsys.readouterr().err
+
+
 def test_kernel_timing_choices():
     import torch
 
@@ -381,6 +428,7 @@ def test_context_suite_passes_its_search_options(monkeypatch, tmp_path, capsys):
     text = next(tmp_path.glob("*.md")).read_text()
     assert "bisection down to 8192 tokens" in text and "1 steps per trial" in text
     assert "| qlora | ours-gc | 131072 | (none up to 131072) | 40.00 | 44.50 | 61.00 | 1 |" in text
+    assert "## Against the previous report" in text and "No earlier context report" in text
     assert main(["bench", "--suite", "context", "--seq", "4096", "--max-seq", "2048"]) == 2
     assert "--max-seq" in capsys.readouterr().err
 

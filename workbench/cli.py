@@ -320,10 +320,12 @@ def _bench_context(args: argparse.Namespace) -> int:
     out = Path(args.report if args.report != "reports/kernels" else "reports/context")
 
     def write(result: dict) -> str:
-        atomic.write_json(out / f"{stem}.json", {"suite": "context", "environment": env,
-                                                 "command": args.command_line, **result,
-                                                 "complete": "incomplete" not in result})
+        doc = {"suite": "context", "environment": env, "command": args.command_line, **result,
+               "complete": "incomplete" not in result}
         text = context.markdown(result, env, args.command_line)
+        if doc["complete"]:
+            text += "\n" + _against_previous(out, doc, f"{stem}.json")
+        atomic.write_json(out / f"{stem}.json", doc)
         atomic.write_text(out / f"{stem}.md", text)
         return text
 
