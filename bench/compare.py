@@ -159,6 +159,10 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
             changes.append(Change(key, "-", None, None, None, False,
                                   f"timed with {row.get('timing')} before and {now.get('timing')} now: not compared"))
             continue
+        if suite == "context" and now.get("searching"):
+            changes.append(Change(key, "-", None, None, None, True,
+                                  "search not finished in the new report (stopped midway): not compared"))
+            continue
         if suite == "context" and row.get("max_fit") is not None and now.get("max_fit") is None:
             changes.append(Change(key, "max_fit", row["max_fit"], None, None, True,
                                   f"fitted {row['max_fit']} tokens before, not even the start now"))

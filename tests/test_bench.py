@@ -330,6 +330,16 @@ def test_regress_on_context_reports_flags_a_shorter_fit_and_more_memory_at_a_len
     assert main(["regress", old, new]) == 0
 
 
+def test_regress_on_a_context_search_stopped_midway_says_so(tmp_path, capsys):
+    def stopped(doc):
+        doc["rows"][3].update(searching=True, max_fit=131072, trials=doc["rows"][3]["trials"][:3])
+        doc["complete"] = False
+    old, new = _report_pair(tmp_path, CONTEXT_REPORT, stopped)
+    assert main(["regress", old, new]) == 1
+    flagged = _flagged_lines(capsys.readouterr().out)
+    assert len(flagged) == 1 and "ours-offload" in flagged[0] and "search not finished" in flagged[0]
+
+
 def test_regress_refuses_context_searches_run_with_other_options(tmp_path, capsys):
     old, new = _report_pair(tmp_path, CONTEXT_REPORT, lambda doc: doc.update(granularity=8192))
     assert main(["regress", old, new]) == 2
