@@ -157,3 +157,23 @@ def forced_block(block: int | None):
 
 def forced() -> int | None:
     return _FORCED_BLOCK
+
+
+# Row-block override for the parity suite: kernels that form a large buffer a block of
+# rows at a time at real sizes (lora_mlp's backward) take blocks of this many rows
+# instead, so the blocked path runs on the few rows the CPU interpreter can afford.
+_FORCED_ROWS: int | None = None
+
+
+@contextmanager
+def forced_rows(rows: int | None):
+    global _FORCED_ROWS
+    previous, _FORCED_ROWS = _FORCED_ROWS, rows
+    try:
+        yield
+    finally:
+        _FORCED_ROWS = previous
+
+
+def forced_row_block() -> int | None:
+    return _FORCED_ROWS

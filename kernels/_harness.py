@@ -20,6 +20,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 #: Params keys the harness consumes itself (never passed to make_inputs' tensors).
 BLOCK_KEY = "_block"
+ROWS_KEY = "_rows"  # a forced row block (_common.forced_rows), for kernels that block their rows
 
 
 @dataclass
@@ -84,10 +85,12 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
     device = device or default_device()
     params = dict(params)
     block = params.pop(BLOCK_KEY, None)
+    rows = params.pop(ROWS_KEY, None)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     inputs = spec.make_inputs(params, dtype, device, gen)
     grad_names = tuple(inputs.requires_grad)
-    report = CaseReport(spec.name, dtype, {**params, **({BLOCK_KEY: block} if block else {})}, seed)
+    report = CaseReport(spec.name, dtype, {**params, **({BLOCK_KEY: block} if block else {}),
+                                           **({ROWS_KEY: rows} if rows else {})}, seed)
 
     # Baseline first: it fixes output shapes, from which upstream grads are drawn.
     base_leaves = _leaves(inputs.tensors, grad_names, None)
@@ -110,7 +113,7 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
 
     snapshot = {n: t.detach().clone() for n, t in inputs.tensors.items() if t is not None}
     kern_leaves = _leaves(inputs.tensors, grad_names, None)
-    with _common.poisoned_outputs(), _common.forced_block(block):
+    with _common.poisoned_outputs(), _common.forced_block(block), _common.forced_rows(rows):
         kern_outs = _forward_backward(spec.fn, kern_leaves, inputs.options,
                                       [None if g is None else g.to(dtype) for g in upstream])
 
@@ -128,7 +131,7 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
         report.comparisons.append(compare(f"out:{name}", k, b, e, dtype))
 
     if spec.ablate is not None:
-        report.comparisons += _deltas(spec, inputs, dtype, block, (kern_outs, base_outs, exact_outs))
+        report.comparisons += _deltas(spec, inputs, dtype, block, (kern_outs, base_outs, exact_outs), rows)
 
     for name in spec.grads:
         if name not in grad_names:
@@ -148,7 +151,7 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
     return report
 
 
-def _deltas(spec: KernelSpec, inputs, dtype: torch.dtype, block, outs: tuple) -> list[Comparison]:
+def _deltas(spec: KernelSpec, inputs, dtype: torch.dtype, block, outs: tuple, rows=None) -> list[Comparison]:
     """``delta:<output>``: each output's change when ``spec.ablate`` removes a term of
     it, for the kernel, the baseline and the exact pass alike (forward only, in fp64,
     where the difference of two outputs is exact). Judged by ``compare``: at most
@@ -165,7 +168,7 @@ def _deltas(spec: KernelSpec, inputs, dtype: torch.dtype, block, outs: tuple) ->
                                         compute_dtype=torch.float32), len(spec.outputs))
         exact = _as_tuple(spec.reference(**_leaves(tensors, (), torch.float64), **inputs.options,
                                          compute_dtype=torch.float64), len(spec.outputs))
-        with _common.poisoned_outputs(), _common.forced_block(block):
+        with _common.poisoned_outputs(), _common.forced_block(block), _common.forced_rows(rows):
             kern = _as_tuple(spec.fn(**_leaves(tensors, (), None), **inputs.options), len(spec.outputs))
     found = []
     for name, full, ablated in zip(spec.outputs, zip(*outs), zip(kern, base, exact)):

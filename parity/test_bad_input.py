@@ -9,7 +9,7 @@ from hypothesis import find
 
 from workbench.kernels import PROFILE_LIMITS, registry
 from workbench.kernels._common import KernelInputError
-from workbench.kernels._harness import BLOCK_KEY, default_device
+from workbench.kernels._harness import BLOCK_KEY, ROWS_KEY, default_device
 
 # Bad input is built where the kernels run (CUDA, or the CPU under the interpreter):
 # otherwise the CPU-tensor check answers first and the test checks nothing else.
@@ -22,6 +22,7 @@ def smallest_inputs(spec, dtype=torch.float32):
     """The minimal case of the kernel's own strategy (hypothesis shrinks to it deterministically)."""
     params = dict(find(spec.params(PROFILE_LIMITS["ci"]), lambda _: True))
     params.pop(BLOCK_KEY, None)
+    params.pop(ROWS_KEY, None)
     gen = torch.Generator().manual_seed(0)
     return spec.make_inputs(params, dtype, DEVICE, gen)
 

@@ -4,8 +4,14 @@ MUTANTS = [
     Mutant("lora_mlp", "up_grad_takes_gate_grad", "the up projection's LoRA gradients use d_gate instead of d_up",
            old="dAu, dBu, dxa_u = lora_backward(dup, xd2,", new="dAu, dBu, dxa_u = lora_backward(dgate, xd2,"),
     Mutant("lora_mlp", "backward_ignores_approximate", "the activation's backward always takes exact GELU",
-           old="dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)",
-           new="dgate, dup = _act_backward(dh, g, u, activation, False, need_dg, need_du, lo)"),
+           old="return _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)",
+           new="return _act_backward(dh, g, u, activation, False, need_dg, need_du, lo)"),
+    Mutant("lora_mlp", "dh_blocks_misaligned", "a block of dh rows takes the previous block's upstream gradient",
+           old="dh = add_input_grad(None, dy2[rows], w, dxa_d[rows],",
+           new="dh = add_input_grad(None, dy2[max(0, start - step):max(0, start - step) + rows.stop - start], "
+               "w, dxa_d[rows],"),
+    Mutant("lora_mlp", "dh_blocks_drop_dropout", "the blocked dh leaves out down's dropout mask",
+           old="Ad, None if keep_d is None else keep_d[rows], inv,", new="Ad, None, inv,"),
     Mutant("lora_mlp", "down_dA_without_dropout", "dAd is taken against h instead of the dropped-out h",
            old="hd = layer_inputs(h, keep_d, inv, lo)[1]", new="hd = h.to(lo)"),
 ]
