@@ -23,10 +23,11 @@ dAd), xa of each projection [N, r] (if its dB), each A (if the gradient flows
 through its input) and B (if its dA or its input's gradient), each W (likewise;
 the parameter or the quantized object, never a dequantised copy).
 
-In the backward, down's input gradient dh [N, intermediate] (fp32 in the mixed mode)
-is formed a block of rows at a time (``DH_BLOCK_BYTES``) and consumed at once by the
-activation's backward, so at long context it never exists whole beside g, u, d_gate
-and d_up. Each row of dh is the same arithmetic either way.
+At long context the backward past down's weights runs a block of rows at a time
+(``DH_BLOCK_BYTES``): down's input gradient dh [N, intermediate] (fp32 in the mixed
+mode), d_gate, d_up and their LoRA branches' scaled gradients are never whole beside the
+saved g and u. Each row's arithmetic is the same; dBg and dBu add the blocks' products in
+fp32 and round once, as one GEMM's fp32 accumulator does.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from . import _strategies as S
 from ._registry import Inputs, KernelSpec, Limits
 from .geglu import APPROXIMATE_MODES, _geglu_bwd, _geglu_fwd
 from .lora_o import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
-                     saved_input)
+                     saved_input, scaled_grad)
 from .swiglu import _block, _contiguous, _swiglu_bwd, _swiglu_fwd
 
 ACTIVATIONS = ("swiglu", "geglu")
@@ -120,27 +121,69 @@ def _dh_block_rows(n_cols: int, dtype: torch.dtype) -> int:
     return forced if forced is not None else max(1, DH_BLOCK_BYTES // (max(1, n_cols) * dtype.itemsize))
 
 
-def _gate_up_grads(dy2, w, dxa_d, Ad, keep_d, inv, g, u, activation, tanh, need_dg, need_du, lo):
-    """(d_gate, d_up), each in the layer's dtype: dh = down's input gradient, then the
-    activation's backward, over blocks of rows (``DH_BLOCK_BYTES``)."""
+def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activation, tanh, xs, keep_g, keep_u,
+                                Ag, Bg, xa_g, wg, Au, Bu, xa_u, wu, scaling, inv, lo, x_dtype,
+                                need_x, need_ag, need_bg, need_au, need_bu):
+    """(dAg, dBg, dAu, dBu, dx) as the unblocked backward computes them, with dh, d_gate,
+    d_up and their LoRA branches' scaled gradients formed ``step`` rows at a time: each
+    row's arithmetic is the same. dB sums over every row: the blocks' products are added
+    in fp32 and rounded once, as a single GEMM's fp32 accumulator is. dA is the full
+    dxa's product, after the blocks."""
     n_rows, inter = g.shape
-    step = _dh_block_rows(inter, g.dtype)
-    if n_rows <= step:
-        dh = add_input_grad(None, dy2, w, dxa_d, Ad, keep_d, inv, g.dtype)
-        return _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)
-    dgate = C.empty((n_rows, inter), lo, g.device) if need_dg else None
-    dup = C.empty((n_rows, inter), lo, g.device) if need_du else None
+    dev = g.device
+    need_dg, need_du = need_x or need_ag or need_bg, need_x or need_au or need_bu
+    branches = []  # per projection: (name, need_a, saved xa, A, B, W, keep, dB accumulator, dxa) or None
+    for name, needed, need_a, need_b, xa, A, B, W, keep in (
+            ("g", need_dg, need_ag, need_bg, xa_g, Ag, Bg, wg, keep_g),
+            ("u", need_du, need_au, need_bu, xa_u, Au, Bu, wu, keep_u)):
+        if not needed:
+            branches.append(None)
+            continue
+        r = B.shape[1]
+        acc = torch.zeros((inter, r), dtype=torch.float32, device=dev) if need_b else None
+        dxa = C.empty((n_rows, r), lo, dev) if (need_a or need_x) else None
+        branches.append((name, need_a, xa, A, B, W, keep, acc, dxa))
+    dx = C.empty((n_rows, wg.shape[1]), x_dtype, dev) if need_x else None
     for start in range(0, n_rows, step):
         rows = slice(start, min(n_rows, start + step))
-        dh = add_input_grad(None, dy2[rows], w, dxa_d[rows], Ad, None if keep_d is None else keep_d[rows], inv,
+        dh = add_input_grad(None, dy2[rows], wd, dxa_d[rows], Ad, None if keep_d is None else keep_d[rows], inv,
                             g.dtype)
-        dg_b, du_b = _act_backward(dh, g[rows], u[rows], activation, tanh, need_dg, need_du, lo)
+        grads = _act_backward(dh, g[rows], u[rows], activation, tanh, need_dg, need_du, lo)
         del dh
-        if need_dg:
-            dgate[rows] = dg_b
-        if need_du:
-            dup[rows] = du_b
-    return dgate, dup
+        first = True
+        for branch, d_b in zip(branches, grads):
+            if branch is None:
+                continue
+            _, _, xa, A, B, W, keep, acc, dxa = branch
+            ds = scaled_grad(d_b, scaling)  # as lora_backward, on this block's rows
+            if acc is not None:  # products of 16-bit values are exact in fp32
+                acc.addmm_(ds.t().float(), xa[rows].float())
+            dxa_b = None
+            if dxa is not None:
+                dxa_b = dxa[rows]
+                torch.mm(ds, B, out=dxa_b)
+            del ds
+            if need_x:
+                keep_b = None if keep is None else keep[rows]
+                if first:
+                    dx[rows] = add_input_grad(None, d_b, W, dxa_b, A, keep_b, inv, x_dtype)
+                else:
+                    add_input_grad(dx[rows], d_b, W, dxa_b, A, keep_b, inv, x_dtype)
+                first = False
+        del grads
+    out = []
+    for branch in branches:
+        if branch is None:
+            out += [None, None]
+            continue
+        name, need_a, _, A, B, _, keep, acc, dxa = branch
+        dA = None
+        if need_a:
+            xd2 = branch_input(xs, keep, inv, lo)
+            dA = C.empty((dxa.shape[1], xd2.shape[1]), lo, dev)
+            torch.mm(dxa.t(), xd2, out=dA)
+        out += [dA, None if acc is None else acc.to(lo)]
+    return (*out, dx)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -224,12 +267,23 @@ class _LoraMLP(torch.autograd.Function):
         dAg = dBg = dAu = dBu = dx = None
         if need_dh:
             w = L.dense(op, "Wd", wd_s if wd_s is not None else wd_q, lo, (d_out, inter))
+            step = _dh_block_rows(inter, g.dtype)
+            if dy2.shape[0] > step:  # long sequences: dh, d_gate and d_up never whole (DH_BLOCK_BYTES)
+                wg = L.dense(op, "Wg", wg_s if wg_s is not None else wg_q, lo, (inter, d_in)) if need_x else None
+                wu = L.dense(op, "Wu", wu_s if wu_s is not None else wu_q, lo, (inter, d_in)) if need_x else None
+                dAg, dBg, dAu, dBu, dx = _gate_up_backward_in_blocks(
+                    step, dy2, w, dxa_d, Ad, keep_d, g, u, activation, tanh, xs, keep_g, keep_u,
+                    Ag, Bg, xa_g, wg, Au, Bu, xa_u, wu, scaling, inv, lo, x_dtype,
+                    need_x, need_ag, need_bg, need_au, need_bu)
+                return (None if dx is None else dx.view(shape), None, dAg, dBg, None, dAu, dBu, None, dAd, dBd) \
+                    + (None,) * 6
+            dh = add_input_grad(None, dy2, w, dxa_d, Ad, keep_d, inv, g.dtype)
+            del w, dxa_d
             # The gradients reaching gate's and up's outputs, written in the layer's dtype: in
             # the mixed mode that is autograd's cast of g's and u's fp32 gradients (rounded once
             # from the kernel's fp32 math; the fp32 gradients are never formed).
-            dgate, dup = _gate_up_grads(dy2, w, dxa_d, Ad, keep_d, inv, g, u, activation, tanh, need_dg, need_du,
-                                        lo)
-            del w, dxa_d
+            dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)
+            del dh
             # gate and up projections (their inputs: x, through each one's own mask).
             dxa_g = dxa_u = None
             if need_dg:

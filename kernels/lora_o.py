@@ -204,6 +204,17 @@ def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype |
     return result, xa
 
 
+def scaled_grad(dy2, s: float) -> torch.Tensor:
+    """The gradient reaching lora_B's output: dy * scaling, rounded to dy's dtype (PEFT's
+    ``* scaling``, backward)."""
+    n, out = dy2.shape
+    ds = C.empty((n, out), dy2.dtype, dy2.device)
+    if n * out:
+        grid, block = _launch_grid(n * out)
+        _scale_fwd[grid](dy2, ds, dy2.stride(0), out, n * out, s, CONTIG=_contiguous(out, dy2), BLOCK=block)
+    return ds
+
+
 def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dxa: bool):
     """(dA, dB, dxa) of one LoRA linear, each None unless asked for. ``hd2`` is
     the (dropped-out) input of the LoRA branch, needed only for dA; ``xa`` only
@@ -212,10 +223,7 @@ def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dx
     if not (need_a or need_b or need_dxa):
         return dA, dB, dxa
     n, out = dy2.shape
-    ds = C.empty((n, out), dy2.dtype, dy2.device)
-    if n * out:
-        grid, block = _launch_grid(n * out)
-        _scale_fwd[grid](dy2, ds, dy2.stride(0), out, n * out, s, CONTIG=_contiguous(out, dy2), BLOCK=block)
+    ds = scaled_grad(dy2, s)
     if need_b:
         dB = C.empty((out, xa.shape[1]), dy2.dtype, dy2.device)
         torch.mm(ds.t(), xa, out=dB)
