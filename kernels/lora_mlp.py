@@ -139,7 +139,7 @@ def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activati
         if not needed:
             branches.append(None)
             continue
-        r = B.shape[1]
+        r = (B if B is not None else xa).shape[1]  # B is saved only when dA or dX needs it
         acc = torch.zeros((inter, r), dtype=torch.float32, device=dev) if need_b else None
         dxa = C.empty((n_rows, r), lo, dev) if (need_a or need_x) else None
         branches.append((name, need_a, xa, A, B, W, keep, acc, dxa))
