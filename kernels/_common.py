@@ -140,40 +140,33 @@ def num_warps(block: int) -> int:
     return max(4, min(16, block // 256))
 
 
-# Block override for the parity suite: a small forced block keeps the looped
-# code paths tested on the tiny shapes the CPU interpreter can afford.
-_FORCED_BLOCK: int | None = None
+# Overrides for the parity suite, so that the looped and blocked code paths run on the
+# tiny shapes the CPU interpreter can afford: "block", a small forced block width for
+# the row-wise kernels; "rows", a forced row block for kernels that form a large buffer
+# a block of rows at a time at real sizes (lora_mlp's backward).
+_FORCED: dict[str, int | None] = {"block": None, "rows": None}
 
 
 @contextmanager
-def forced_block(block: int | None):
-    global _FORCED_BLOCK
-    previous, _FORCED_BLOCK = _FORCED_BLOCK, block
+def _forcing(key: str, value: int | None):
+    previous, _FORCED[key] = _FORCED[key], value
     try:
         yield
     finally:
-        _FORCED_BLOCK = previous
+        _FORCED[key] = previous
+
+
+def forced_block(block: int | None):
+    return _forcing("block", block)
 
 
 def forced() -> int | None:
-    return _FORCED_BLOCK
+    return _FORCED["block"]
 
 
-# Row-block override for the parity suite: kernels that form a large buffer a block of
-# rows at a time at real sizes (lora_mlp's backward) take blocks of this many rows
-# instead, so the blocked path runs on the few rows the CPU interpreter can afford.
-_FORCED_ROWS: int | None = None
-
-
-@contextmanager
 def forced_rows(rows: int | None):
-    global _FORCED_ROWS
-    previous, _FORCED_ROWS = _FORCED_ROWS, rows
-    try:
-        yield
-    finally:
-        _FORCED_ROWS = previous
+    return _forcing("rows", rows)
 
 
 def forced_row_block() -> int | None:
-    return _FORCED_ROWS
+    return _FORCED["rows"]
