@@ -156,7 +156,7 @@ def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activati
                 continue
             _, _, xa, A, B, W, keep, acc, dxa = branch
             ds = scaled_grad(d_b, scaling)  # as lora_backward, on this block's rows
-            if acc is not None:  # products of 16-bit values are exact in fp32
+            if acc is not None:  # accumulated in fp32 across blocks (16-bit products are exact in fp32)
                 acc.addmm_(ds.t().float(), xa[rows].float())
             dxa_b = None
             if dxa is not None:
