@@ -110,6 +110,13 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
     exact_outs = _forward_backward(spec.reference, exact_leaves, inputs.options,
                                    [None if g is None else g.to(dtype).double() for g in upstream],
                                    compute_dtype=torch.float64)
+    # The conditioning of each output: the exact pass again, every floating input moved by
+    # one fp32 unit roundoff (a random sign per element), as fp32 math inside a kernel
+    # moves its intermediates (_tolerance's docstring).
+    noisy_leaves = _leaves(_perturbed(inputs.tensors, seed), grad_names, None)
+    noisy_outs = _forward_backward(spec.reference, noisy_leaves, inputs.options,
+                                   [None if g is None else g.to(dtype).double() for g in upstream],
+                                   compute_dtype=torch.float64)
 
     snapshot = {n: t.detach().clone() for n, t in inputs.tensors.items() if t is not None}
     kern_leaves = _leaves(inputs.tensors, grad_names, None)
@@ -123,12 +130,12 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
                                       f"{len(kern_outs)}, reference {len(exact_outs)}"))
         return report
 
-    for name, k, b, e in zip(spec.outputs, kern_outs, base_outs, exact_outs):
+    for name, k, b, e, c in zip(spec.outputs, kern_outs, base_outs, exact_outs, noisy_outs):
         if isinstance(e, torch.Tensor) and not e.is_floating_point():
             ok = isinstance(k, torch.Tensor) and torch.equal(k.cpu(), e.cpu())
             report.comparisons.append(Comparison(f"out:{name}", ok, message="" if ok else "integer output differs"))
             continue
-        report.comparisons.append(compare(f"out:{name}", k, b, e, dtype))
+        report.comparisons.append(compare(f"out:{name}", k, b, e, dtype, perturbed=c))
 
     if spec.ablate is not None:
         report.comparisons += _deltas(spec, inputs, dtype, block, (kern_outs, base_outs, exact_outs), rows)
@@ -137,7 +144,8 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
         if name not in grad_names:
             continue
         report.comparisons.append(compare(
-            f"grad:{name}", kern_leaves[name].grad, base_leaves[name].grad, exact_leaves[name].grad, dtype))
+            f"grad:{name}", kern_leaves[name].grad, base_leaves[name].grad, exact_leaves[name].grad, dtype,
+            perturbed=noisy_leaves[name].grad))
     for name, t in inputs.tensors.items():
         if t is not None and name not in grad_names and kern_leaves[name].grad is not None:
             report.comparisons.append(Comparison(f"grad:{name}", False,
@@ -149,6 +157,20 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
         if not same:
             report.comparisons.append(Comparison(f"input:{name}", False, message="kernel modified its input in place"))
     return report
+
+
+def _perturbed(tensors: dict, seed: int) -> dict:
+    """fp64 copies of the floating tensors, each element times (1 +- u_fp32)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    u = UNIT_ROUNDOFF[torch.float32]
+    out = {}
+    for name, t in tensors.items():
+        if t is None or not t.is_floating_point():
+            out[name] = t
+            continue
+        sign = torch.randint(0, 2, t.shape, generator=gen).to(t.device, torch.float64) * 2 - 1
+        out[name] = t.detach().double() * (1 + u * sign)
+    return out
 
 
 def _deltas(spec: KernelSpec, inputs, dtype: torch.dtype, block, outs: tuple, rows=None) -> list[Comparison]:

@@ -46,3 +46,45 @@ def test_an_exact_result_passes_and_five_ulps_off_fails():
     off[3] += 5 * 2.0 ** -10                         # 5 ulps: beyond the floor of 2 units + 16 fp32 units
     assert compare("y", torch_out.clone(), torch_out, exact, F16).ok
     assert not compare("y", off.to(torch.float32).to(F16), torch_out, exact, F16).ok
+
+
+def _cancelling_sum(n=127, seed=0):
+    """A dot product whose terms cancel: sum(a * b) with a tiny result next to its terms."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    b[-1] = -(a[:-1] * b[:-1]).sum() / a[-1] + 1e-3  # the sum is 1e-3 times a[-1], its terms ~1
+    return a, b
+
+
+def test_a_cancelling_sum_gets_the_room_its_conditioning_gives_and_no_more():
+    """One ulp of difference in the terms (fp32 math computing them another way) moves a
+    cancelling sum by far more than the sum's own rounding: the perturbed exact pass
+    measures that, and the bound follows it. A baseline that landed close by luck does not
+    shrink the bound below it; an error well past it still fails."""
+    from workbench.kernels._tolerance import UNIT_ROUNDOFF
+
+    a, b = _cancelling_sum()
+    exact = (a * b).sum().reshape(1)
+    u = UNIT_ROUNDOFF[torch.float32]
+    sign = torch.where(torch.arange(a.numel()) % 2 == 0, 1.0, -1.0).double()
+    terms_one_ulp_off = (a * (1 + u * sign) * b).sum().reshape(1)  # what a correct fp32 kernel can give
+    perturbed = (a * (1 - u * sign) * b).sum().reshape(1)          # the harness's conditioning pass
+    lucky = exact.float()                                           # a baseline exact to fp32
+    kernel = terms_one_ulp_off.float()
+    assert not compare("g", kernel, lucky, exact, torch.float32).ok          # without the conditioning
+    assert compare("g", kernel, lucky, exact, torch.float32, perturbed=perturbed).ok
+    wrong = (exact + 20 * (perturbed - exact).abs()).float()
+    assert not compare("g", wrong, lucky, exact, torch.float32, perturbed=perturbed).ok
+
+
+def test_a_well_conditioned_output_gains_nothing_from_its_conditioning():
+    """Its perturbed pass moves by ~u_fp32, far below the floor (18 u_fp32): an error past
+    the floor fails with the conditioning as without it."""
+    exact = _exact(1.0, 2.0, -3.0)
+    perturbed = exact * (1 + 2.0**-24)
+    off = (exact * (1 + 30 * 2.0**-23)).float()  # 30 fp32 ulps = 60 u_fp32
+    without = compare("g", off, exact.float(), exact, torch.float32)
+    with_cond = compare("g", off, exact.float(), exact, torch.float32, perturbed=perturbed)
+    assert not without.ok and not with_cond.ok
+    assert with_cond.bound - without.bound < 2 * 2.0**-24 * 4
