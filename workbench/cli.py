@@ -184,6 +184,20 @@ def _against_previous(report_dir: Path, doc: dict, name: str) -> str:
     return text
 
 
+def _write_suite_report(out: Path, stem: str, suite: str, env: dict, command: str, result: dict, text: str) -> str:
+    """A train or context report (JSON and Markdown), rewritten atomically after every run
+    or trial: ``complete`` false while the result is marked incomplete, and only a complete
+    report ends with its comparison against the previous one."""
+    from workbench import atomic
+
+    doc = {"suite": suite, "environment": env, "command": command, **result, "complete": "incomplete" not in result}
+    if doc["complete"]:
+        text += "\n" + _against_previous(out, doc, f"{stem}.json")
+    atomic.write_json(out / f"{stem}.json", doc)
+    atomic.write_text(out / f"{stem}.md", text)
+    return text
+
+
 @contextlib.contextmanager
 def _stopped_by_signal():
     """SIGTERM (`timeout`, a CI job's limit) raises SystemExit in the main thread, as Ctrl-C
@@ -218,7 +232,6 @@ def _bench_train(args: argparse.Namespace) -> int:
     """Training runs with and without our kernels, each in its own process (bench/train.py)."""
     import torch
 
-    from workbench import atomic
     from workbench.bench import train as tbench
     from workbench.envinfo import _version
 
@@ -246,14 +259,8 @@ def _bench_train(args: argparse.Namespace) -> int:
 
     def write(result: dict) -> str:
         png = tbench.plot(result, out / f"{stem}.png")
-        doc = {"suite": "train", "environment": env, "command": args.command_line, **result,
-               "complete": "incomplete" not in result}
-        text = tbench.markdown(result, env, args.command_line, png.name)
-        if doc["complete"]:
-            text += "\n" + _against_previous(out, doc, f"{stem}.json")
-        atomic.write_json(out / f"{stem}.json", doc)
-        atomic.write_text(out / f"{stem}.md", text)
-        return text
+        return _write_suite_report(out, stem, "train", env, args.command_line, result,
+                                   tbench.markdown(result, env, args.command_line, png.name))
 
     with _stopped_by_signal():
         result = tbench.run(shape, steps=args.steps or 30, batch=args.batch, out=args.run or "runs/bench-train",
@@ -284,7 +291,6 @@ def _bench_context(args: argparse.Namespace) -> int:
     """The longest training sequence that fits, per mode and stack (bench/context.py)."""
     import torch
 
-    from workbench import atomic
     from workbench.bench import context, train as tbench
     from workbench.envinfo import _version
 
@@ -320,14 +326,8 @@ def _bench_context(args: argparse.Namespace) -> int:
     out = Path(args.report if args.report != "reports/kernels" else "reports/context")
 
     def write(result: dict) -> str:
-        doc = {"suite": "context", "environment": env, "command": args.command_line, **result,
-               "complete": "incomplete" not in result}
-        text = context.markdown(result, env, args.command_line)
-        if doc["complete"]:
-            text += "\n" + _against_previous(out, doc, f"{stem}.json")
-        atomic.write_json(out / f"{stem}.json", doc)
-        atomic.write_text(out / f"{stem}.md", text)
-        return text
+        return _write_suite_report(out, stem, "context", env, args.command_line, result,
+                                   context.markdown(result, env, args.command_line))
 
     with _stopped_by_signal():
         result = context.run(shape, modes, stacks, args.run or "runs/bench-context", start=start, limit=limit,
