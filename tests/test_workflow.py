@@ -62,5 +62,5 @@ def test_every_workbench_command_of_the_nightly_workflow_parses(argv):
 
 def test_the_files_the_workflow_names_exist():
     text = WORKFLOW.read_text()
-    for path in sorted(set(re.findall(r"\b((?:scripts|workbench/configs)/[\w./-]+)", text))):
+    for path in sorted(set(re.findall(r"\b((?:scripts|src/workbench/configs)/[\w./-]+)", text))):
         assert (ROOT / path).is_file(), path

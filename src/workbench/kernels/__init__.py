@@ -5,15 +5,6 @@ Import as ``workbench.kernels``. Every public module here defines one ``SPEC``;
 """
 from __future__ import annotations
 
-if __name__ != "workbench.kernels":  # pragma: no cover - guard against a second module object
-    raise ImportError(
-        f"this package must be imported as 'workbench.kernels', not {__name__!r}. "
-        "Install the project (pip install -e .) and import workbench.kernels; a bare "
-        "'kernels' on sys.path is another distribution's name. (transformers probes for that "
-        "distribution when it is imported: run the `workbench` command, or `python -m` from "
-        "any folder but the repository root, so that the root is not on sys.path.)"
-    )
-
 import importlib
 import pkgutil
 

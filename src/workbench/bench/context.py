@@ -125,9 +125,8 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
         cfg_path = out / f"{mode}-{stack}-{seq}.yaml"
         cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, 1, 0, seq)))
         t0 = time.perf_counter()
-        # cwd=out: from the repository root, kernels/ would answer transformers' probe for the hub `kernels`.
         proc = _run_child([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                           "--run", str(run_dir)], cwd=out, env=env)
+                           "--run", str(run_dir)], env=env)
         wall = round(time.perf_counter() - t0, 1)
         if proc.returncode == 0:
             rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]

@@ -1,4 +1,4 @@
-"""workbench.eval (the top-level `eval/` folder): see the module docstrings."""
+"""workbench.eval: lm-eval tasks, the GGUF model class and the eval stage (see the module docstrings)."""
 from __future__ import annotations
 
 if __name__ != "workbench.eval":  # pragma: no cover - guard against a second module object

@@ -168,7 +168,7 @@ def write_checkpoint(shape: str, out: Path, seed: int = 0, positions: int | None
         code = ("import sys; from pathlib import Path; from workbench.bench.train import write_checkpoint_here; "
                 "write_checkpoint_here(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) or None)")
         proc = subprocess.run([sys.executable, "-c", code, shape, str(out), str(seed), str(positions or 0)],
-                              capture_output=True, text=True, cwd=out.parent)
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"writing the {shape} checkpoint failed: "
                                f"{(proc.stderr.strip().splitlines() or ['(no output)'])[-1]}")
@@ -247,10 +247,8 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
             progress(f"[bench train] {shape} {mode} {stack}: {steps} steps, batch {batch}"
                      + (f" x {seq} tokens" if seq else ""))
             t0 = time.perf_counter()
-            # cwd=out: `python -m` puts its cwd on sys.path, and from the repository root the
-            # folder kernels/ would answer transformers' probe for the hub's `kernels` package.
             proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                                   "--run", str(run_dir)], capture_output=True, text=True, cwd=out,
+                                   "--run", str(run_dir)], capture_output=True, text=True,
                                   env=stack_env(stack))
             row = {"mode": mode, "stack": stack, "label": STACKS[stack], "wall_s": round(time.perf_counter() - t0, 1),
                    "exit_code": proc.returncode}

@@ -2,7 +2,7 @@
 
 Seven gates, each measured, compared with a threshold and given PASS, FAIL or N/A
 (with the reason); the defaults, and what each gate checks, are documented in
-``workbench/configs/gates.yaml`` (a ``--gates`` file of the same shape overrides them):
+``src/workbench/configs/gates.yaml`` (a ``--gates`` file of the same shape overrides them):
 
     parity       the parity tests of the kernels the run trained with, on this device
     merge        merged model == adapter on its base (logits on the held-out rows, recomputed)
@@ -93,7 +93,7 @@ def _overlay(defaults: dict, data, where: str, path: Path) -> dict:
 
 
 def load_gates(path: str | os.PathLike | None = None) -> dict:
-    """The shipped gates (``workbench/configs/gates.yaml``), with ``path``'s values on top."""
+    """The shipped gates (``src/workbench/configs/gates.yaml``), with ``path``'s values on top."""
     import yaml
 
     from workbench.config import read_yaml_file

@@ -1,4 +1,4 @@
-"""workbench.export (the top-level `export/` folder): see the module docstrings."""
+"""workbench.export: merge, GGUF writing, llama.cpp quantization and verification (see the module docstrings)."""
 from __future__ import annotations
 
 if __name__ != "workbench.export":  # pragma: no cover - guard against a second module object

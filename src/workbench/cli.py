@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 from workbench.errors import UserError  # noqa: E402  (re-exported for callers of the CLI)

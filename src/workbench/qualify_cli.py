@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
                                        "performance) gates; exit 0 only when every gate passes")
     p.add_argument("--run", required=True, metavar="DIR", help="the run directory (after train, merge, export, eval)")
     p.add_argument("--gates", metavar="YAML",
-                   help="gate thresholds overriding the defaults (workbench/configs/gates.yaml documents them)")
+                   help="gate thresholds overriding the defaults (src/workbench/configs/gates.yaml documents them)")
     p.add_argument("--parity-report", metavar="JSON",
                    help="a `workbench parity --report` JSON made on this device, instead of running the parity "
                         "tests of the run's kernels; it must test each of them in every dtype, with 0 failures")

@@ -223,11 +223,9 @@ def run(config: dict | str | os.PathLike | None = None, out: str | os.PathLike =
                "config": str(cfg_path), "train_exit_code": None, "eval_exit_code": None, "exit_code": None}
         say(f"[bench accuracy] seed {seed} {stack}: train {max_steps or base['training']['epochs']} "
             f"{'steps' if max_steps else 'epochs'}")
-        # cwd=out: `python -m` puts its cwd on sys.path, and from the repository root the
-        # folder kernels/ would answer transformers' probe for the hub's `kernels` package.
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                               "--run", str(run_dir)], capture_output=True, text=True, cwd=out, **spawn)
+                               "--run", str(run_dir)], capture_output=True, text=True, **spawn)
         row["train_wall_s"], row["train_exit_code"] = round(time.perf_counter() - t0, 1), proc.returncode
         if proc.returncode != 0:
             row["error"] = f"train: {_last_line(proc.stderr)}"
@@ -240,8 +238,7 @@ def run(config: dict | str | os.PathLike | None = None, out: str | os.PathLike =
             say(f"[bench accuracy] seed {seed} {stack}: lm-eval on the adapter")
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "workbench", "eval", "--run", str(run_dir),
-                                   "--models", "adapter", *eval_args], capture_output=True, text=True, cwd=out,
-                                  **spawn)
+                                   "--models", "adapter", *eval_args], capture_output=True, text=True, **spawn)
             row["eval_wall_s"], row["eval_exit_code"] = round(time.perf_counter() - t0, 1), proc.returncode
             if proc.returncode != 0:
                 row["error"] = f"eval: {_last_line(proc.stderr)}"
