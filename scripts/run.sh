@@ -7,10 +7,19 @@
 # RUN_DIR/manifest.json, so running this again skips what is up to date and resumes
 # after a failure. Extra arguments go to `workbench run` (e.g. --force export). Then
 # `workbench qualify` gates the run (RUN_DIR/qualify/verdict.md); the exit code is
-# non-zero when a stage or a gate fails.
+# non-zero when a stage or a gate fails. The libraries' messages go to RUN_DIR/logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,interpreter,export
 run="${RUN_DIR:-runs/default}"
-.venv/bin/workbench run --run "$run" "$@"
-.venv/bin/workbench qualify --run "$run"
+status=0
+.venv/bin/workbench run --run "$run" "$@" || status=$?
+[ -f "$run/manifest.json" ] || exit "$status"
+echo
+verdict=$(mktemp)
+trap 'rm -f "$verdict"' EXIT
+.venv/bin/workbench qualify --run "$run" >"$verdict" 2>&1 || status=$?
+grep -E '^verdict:' "$verdict" || cat "$verdict"
+echo "qualify: every gate in $run/qualify/verdict.md"
+echo "report: $run/report/report.md"
+exit "$status"

@@ -64,3 +64,11 @@ def test_the_files_the_workflow_names_exist():
     text = WORKFLOW.read_text()
     for path in sorted(set(re.findall(r"\b((?:scripts|src/workbench/configs)/[\w./-]+)", text))):
         assert (ROOT / path).is_file(), path
+
+
+def test_the_nightly_tries_the_newest_versions():
+    # The lock keeps a fresh clone on the tested set; the nightly's CPU job is what
+    # notices a new release that breaks the suite.
+    runs = [step.get("run", "") for step in _steps("latest-versions")]
+    assert any(r.strip() == "bash scripts/test.sh --latest" for r in runs), runs
+    assert "--latest" in (ROOT / "scripts" / "test.sh").read_text()

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench import atomic, manifest
+from workbench import atomic, console, manifest
 from workbench.errors import UserError
 from workbench.train import PICKLE_SUFFIXES
 
@@ -55,7 +55,7 @@ _BRING = {"train": "workbench merge --run DIR --adapter FOLDER [--base FOLDER]",
 
 
 def _say(text: str) -> None:
-    print(text, flush=True)
+    console.say(text)
 
 
 def _text_sha256(text: str) -> str:

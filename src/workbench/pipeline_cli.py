@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
+
+from workbench import console
+from workbench.errors import UserError
 
 STAGE_NAMES = ("train", "merge", "export", "eval", "report")
 
@@ -70,16 +77,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = Path(args.run) if args.run else DEFAULT_RUN
     quants, thresholds = _export_settings(args, run)
     cfg, limit = _settings(args, run)
-    result = run_pipeline(cfg, run, force=args.force, quants=quants, eval_limit=limit, thresholds=thresholds,
-                          config_given=bool(args.config or args.overrides), command=args.command_line)
-    print()
-    print(summary(result))
-    print()
-    print(f"report: {result.run / 'report' / 'report.md'}")
-    print(f"run directory: {result.run} (manifest.json lists every artifact with its hash)")
+    # The libraries' own messages (warnings, progress bars, llama.cpp's log) go to a log
+    # file, kept in RUN/logs/ when the run directory exists; the stage lines stay on screen.
+    fd, tmp = tempfile.mkstemp(prefix="workbench-run-", suffix=".log")
+    os.close(fd)
+    try:
+        with console.quiet(tmp):
+            result = run_pipeline(cfg, run, force=args.force, quants=quants, eval_limit=limit,
+                                  thresholds=thresholds, config_given=bool(args.config or args.overrides),
+                                  command=args.command_line)
+    except Exception as err:
+        log = _keep_log(Path(tmp), run)
+        if log is not None and not isinstance(err, UserError):
+            console.progress(f"workbench: the libraries' messages of this run are in {log}")
+        raise
+    log = _keep_log(Path(tmp), run)
+    console.say()
+    console.say(summary(result))
+    console.say()
+    if log is not None:
+        console.say(f"libraries' messages: {log}")
+    console.say(f"run directory: {result.run} (manifest.json lists every artifact with its hash)")
     if result.exit_code:
-        print("workbench: a GGUF failed its export verification (see the report); it is not fit to ship.")
+        console.say("workbench: a GGUF failed its export verification (see the report); it is not fit to ship.")
+    console.say(f"report: {result.run / 'report' / 'report.md'}")
     return result.exit_code
+
+
+def _keep_log(tmp: Path, run: Path) -> Path | None:
+    """Move the run's log into RUN/logs/ (a new file each time); an empty one, or one of a
+    run directory that was never made, is dropped."""
+    try:
+        if tmp.stat().st_size == 0 or not run.is_dir():
+            return None
+        (run / "logs").mkdir(exist_ok=True)
+        dest = run / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-run.log"
+        shutil.move(str(tmp), dest)
+        return dest.resolve()
+    except OSError:
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def add_parser(sub) -> None:

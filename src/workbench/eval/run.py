@@ -21,11 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from workbench import atomic, manifest
+from workbench import atomic, console, manifest
 from workbench.errors import UserError
 
 from . import compare, models, suite
@@ -37,7 +36,7 @@ BOOTSTRAP_ITERS = 1000
 
 
 def log(msg: str) -> None:
-    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+    console.progress(f"[eval] {msg}")
 
 
 def choose_models(artifacts: dict[str, models.Artifact], wanted: list[str] | None) -> list[str]:

@@ -23,11 +23,10 @@ import errno
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from workbench import atomic, manifest
+from workbench import atomic, console, manifest
 from workbench.errors import UserError
 
 from .compare import hf_logits, logit_metrics, windows
@@ -36,7 +35,7 @@ _STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def log(msg: str) -> None:
-    print(f"[merge] {msg}", file=sys.stderr, flush=True)
+    console.progress(f"[merge] {msg}")
 
 
 def require_run(run: Path) -> None:

@@ -13,10 +13,9 @@ its thresholds, otherwise "failed_verification" (the report says which metric).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from workbench import atomic, manifest
+from workbench import atomic, console, manifest
 from workbench.envinfo import _version
 from workbench.errors import UserError
 
@@ -28,7 +27,7 @@ CHOICES = ("f16", "bf16", "q8_0", "q4_k_m")
 
 
 def log(msg: str) -> None:
-    print(f"[export] {msg}", file=sys.stderr, flush=True)
+    console.progress(f"[export] {msg}")
 
 
 def parse_quants(text: str) -> list[str]:
