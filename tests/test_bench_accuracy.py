@@ -232,15 +232,15 @@ def test_a_failing_training_is_a_row_with_its_error_not_a_crash(tmp_path):
 
 
 def test_run_bookkeeping_with_stub_processes(tmp_path, monkeypatch):
-    """The commands run() launches (cwd outside the repository), what it reads back, and
+    """The commands run() launches, what it reads back, and
     a failing eval: the row keeps the train numbers, records the eval's last stderr line
     and exit code, and the suite goes on to the next run."""
     import subprocess
 
     calls = []
 
-    def fake_run(argv, capture_output, text, cwd):
-        calls.append((argv, cwd))
+    def fake_run(argv, capture_output, text):
+        calls.append(argv)
         stage, run_dir = argv[3], __import__("pathlib").Path(argv[argv.index("--run") + 1])
         if stage == "train":
             cfg = yaml.safe_load(open(argv[argv.index("--config") + 1]))
@@ -263,11 +263,11 @@ def test_run_bookkeeping_with_stub_processes(tmp_path, monkeypatch):
     (tmp_path / "out" / "hf-seed0" / "train").mkdir(parents=True)   # an earlier invocation's: removed first
     result = acc.run(None, tmp_path / "out", steps=2, tasks=["wb_synthetic_mc"], limit=4, progress=lambda _: None)
     out = (tmp_path / "out").resolve()
-    assert [(a[3], a[-1] if a[3] == "train" else a[5], cwd) for a, cwd in calls][:2] == [
-        ("train", str(out / "hf-seed0"), out), ("eval", str(out / "hf-seed0"), out)]
-    assert calls[1][0][4:] == ["--run", str(out / "hf-seed0"), "--models", "adapter", "--tasks", "wb_synthetic_mc",
+    assert [(a[3], a[-1] if a[3] == "train" else a[5]) for a in calls][:2] == [
+        ("train", str(out / "hf-seed0")), ("eval", str(out / "hf-seed0"))]
+    assert calls[1][4:] == ["--run", str(out / "hf-seed0"), "--models", "adapter", "--tasks", "wb_synthetic_mc",
                                "--limit", "4"]
-    assert len(calls) == 8 and all(cwd == out for _, cwd in calls)
+    assert len(calls) == 8
     runs = {(r["stack"], r["seed"]): r for r in result["runs"]}
     ok, bad = runs[("ours", 0)], runs[("ours", 1)]
     assert (ok["exit_code"], ok["step_s"], ok["heldout_rows"], ok["documents"]) == (0, 0.5, 4, {"wb_synthetic_mc": 4})
@@ -312,8 +312,8 @@ class FakeStages:
     def __call__(self, argv, *args, **kwargs):
         if list(argv[1:3]) != ["-m", "workbench"]:
             return REAL_RUN(argv, *args, **kwargs)
-        extra = {k: v for k, v in kwargs.items() if k not in ("capture_output", "text", "cwd")}
-        assert not args and kwargs["capture_output"] and kwargs["text"] and Path(kwargs["cwd"]).is_dir()
+        extra = {k: v for k, v in kwargs.items() if k not in ("capture_output", "text")}
+        assert not args and kwargs["capture_output"] and kwargs["text"]
         stage, run_dir = argv[3], Path(argv[argv.index("--run") + 1])
         stack, seed = run_dir.name.split("-seed")
         seed, ours = int(seed), stack == "ours"

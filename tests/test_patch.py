@@ -505,3 +505,26 @@ def test_trl_fused_lm_head_takes_over_its_own_calls():
     finally:
         hf.forward = ours
         unpatch_model(model)
+
+
+def test_a_hub_kernelized_model_keeps_our_kernels_through_train():
+    # transformers >= 5.25 with the `kernels` package marks a loaded model use_kernels and
+    # re-kernelizes it at every model.train(), which pops each layer's instance forward: the
+    # Trainer's first train() silently dropped our norms. patch_model turns that off first.
+    pytest.importorskip("kernels")
+    model = plain("llama")
+    model._use_kernels = True   # as from_pretrained leaves it when USE_HUB_KERNELS is not off
+    patch_model(model, rope=False, mlp=False, loss=False, lora=False)
+    assert not model.use_kernels
+    model.train()
+    before = kernel_calls().get("rms_norm", 0)
+    ids = torch.randint(0, VOCAB, (1, 8), device=DEVICE)
+    model(input_ids=ids)
+    assert kernel_calls().get("rms_norm", 0) > before
+    unpatch_model(model)
+
+
+def test_offline_turns_hub_kernels_off():
+    import os
+
+    assert os.environ.get("USE_HUB_KERNELS") == "0"   # enforce_offline() at import, above

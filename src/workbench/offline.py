@@ -10,6 +10,10 @@ import os
 from pathlib import Path
 
 OFFLINE_VARS = {
+    # transformers >= 5.25 with the `kernels` package fetches layer code from the Hub and
+    # swaps it into every model it loads (and again at each model.train()). Downloaded code
+    # never runs here, and it would replace our own kernels' forwards.
+    "USE_HUB_KERNELS": "0",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

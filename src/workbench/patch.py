@@ -1025,6 +1025,16 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, m
         raise UserError(f"this model is already patched with {existing.report.options}; call "
                         f"workbench.unpatch(model) before patching it with {options}.")
 
+    if getattr(root, "use_kernels", False) and callable(getattr(root, "reset_kernels", None)):
+        # transformers (>= 5.25, with the `kernels` package) kernelizes a model it loads with
+        # Hub kernels by default and again at every model.train(), replacing each layer's
+        # forward: ours would be dropped at the Trainer's first train(). Back to the torch
+        # layers (where USE_HUB_KERNELS=0 forbids even that call, nothing was swapped in
+        # since: only the flag that re-kernelizes is left to clear), then ours.
+        try:
+            root.reset_kernels()
+        except ValueError:
+            root._use_kernels = False
     plan = _plan(root, fam, options)
     held = [(fam.module, "apply_rotary_pos_emb")] if plan.report.count("rope") else []
     installed: list[nn.Module] = []
