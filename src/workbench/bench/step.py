@@ -9,9 +9,12 @@ The loop is the one peers publish, with no TRL and no dataloader around it::
 AdamW over the trainable (LoRA) parameters; one batch of random tokens from a fixed seed,
 the same in every process. Every (shape, mode, autocast, stack) runs in its own process
 (bench/child.py) from the same random-weight checkpoint (bench/train.write_checkpoint);
-the stacks are bench/stacks.py's strategies. Per record: the median step time after the
-warm-up, tokens/s, MFU against the device's bf16 matmul rate measured in that process
-(FLOPs: :func:`flops_per_step`), peak allocated and reserved memory, the loss at every step
+the stacks are bench/stacks.py's strategies, named as in the train suite: the optional ones
+(liger, unsloth) are skipped with the reason where they cannot run, and Unsloth's processes
+get WORKBENCH_UNSLOTH_SITE first on PYTHONPATH (bench/train.stack_env). Per record: the
+median step time after the warm-up, tokens/s, MFU against the device's bf16 matmul rate
+measured in that process (FLOPs: :func:`flops_per_step`), peak allocated and reserved
+memory, the loss at every step
 and its agreement with hf (the train suite's band); with ``profile``, a few more steps under
 torch.profiler: the top kernels per step and the share of the step the GPU sits idle.
 Nothing here asserts a speed: the numbers go to reports/step/.
@@ -93,6 +96,9 @@ def run(shapes, modes, stacks, autocasts=("on",), batch: int = 4, seq: int = 204
     """Every (shape, mode, autocast, stack) in its own process, hf first in each group.
     ``partial`` gets the result so far after each record, marked ``incomplete``.
     ``profile_dir``: profile ``profile_steps`` more steps of each record, their CSV and trace there."""
+    from workbench.offline import enforce_offline
+
+    enforce_offline()  # in os.environ, so every process this launches (the checkpoint's too) runs offline
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     names, skipped = tbench.available_stacks(stacks)
@@ -453,7 +459,9 @@ def _profile_section(rows: list[dict]) -> list[str]:
         lines.append(f"- `{r['stack']}`: {p['wall_ms_per_step']:.2f} ms a profiled step, busy "
                      f"{p['busy_ms_per_step']:.2f} ms, idle {idle}; every entry in [{p['csv']}]({p['csv']}), "
                      f"the trace in [{p['trace']}]({p['trace']})")
-    lines += ["", "| # | " + " | ".join(f"{r['stack']}: name | ms/step | share | calls/step" for r in shown) + " |",
+    lines += ["", "The profiler's own overhead lengthens a profiled step (compare it with the timed s/step above), so "
+              "the idle share is an upper bound.",
+              "", "| # | " + " | ".join(f"{r['stack']}: name | ms/step | share | calls/step" for r in shown) + " |",
               "| ---: | " + " | ".join("--- | ---: | ---: | ---:" for _ in shown) + " |"]
     for i in range(max(len(r["profile"]["top"]) for r in shown)):
         cells = []
