@@ -188,8 +188,8 @@ def _against_previous(report_dir: Path, doc: dict, name: str) -> str:
 
 
 def _write_suite_report(out: Path, stem: str, suite: str, env: dict, command: str, result: dict, text: str) -> str:
-    """A train or context report (JSON and Markdown), rewritten atomically after every run
-    or trial: ``complete`` false while the result is marked incomplete, and only a complete
+    """A train, context or step report (JSON and Markdown), rewritten atomically after every run,
+    trial or record: ``complete`` false while the result is marked incomplete, and only a complete
     report ends with its comparison against the previous one."""
     from workbench import atomic
 
@@ -358,7 +358,7 @@ def _bench_step(args: argparse.Namespace) -> int:
     from workbench.bench import step as sbench, train as tbench
     from workbench.envinfo import _version
 
-    shapes = [s for s in (args.shape or "llama3.2-1b").split(",") if s]
+    shapes = list(dict.fromkeys(s for s in (args.shape or "llama3.2-1b").split(",") if s))
     unknown = [s for s in shapes if s not in tbench.SHAPES]
     if unknown or not shapes:
         raise UserError(f"unknown model shape(s) {', '.join(unknown) or repr(args.shape)} for the step suite; use "
