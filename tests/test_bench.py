@@ -745,7 +745,8 @@ def test_a_stop_during_parallel_searches_kills_their_trials(tmp_path):
         signal.signal(signal.SIGALRM, previous)
     assert time.monotonic() - t0 < 30  # the sleeping children were killed, not waited for
     assert sorted(started) == ["a", "b"] and sorted(stopped) == ["a", "b"]
-    assert not context._CHILDREN and not context._KILLED
+    from workbench.bench import child
+    assert not child._CHILDREN and not child._KILLED
 
 
 def test_a_failing_search_on_one_gpu_is_raised_after_the_others_end():

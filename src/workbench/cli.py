@@ -134,26 +134,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_context(args)
     if args.suite == "accuracy":
         return _bench_accuracy(args)
+    if args.suite == "step":
+        return _bench_step(args)
     if args.suite != "kernels":
-        raise UserError(f"unknown suite {args.suite!r}; available: kernels, train, context, accuracy.")
-    if args.shape not in kbench.SHAPES:
-        raise UserError(f"unknown shape set {args.shape!r}; use one of {', '.join(kbench.SHAPES)}.")
+        raise UserError(f"unknown suite {args.suite!r}; available: kernels, train, context, accuracy, step.")
+    shape = args.shape or "llama3-8b"
+    if shape not in kbench.SHAPES:
+        raise UserError(f"unknown shape set {shape!r}; use one of {', '.join(kbench.SHAPES)}.")
     if args.dtype not in DTYPES:
         raise UserError(f"unknown dtype {args.dtype!r}; use one of {', '.join(DTYPES)}.")
     only = [k for k in (args.only or "").split(",") if k]
     unknown = sorted(set(only) - set(registry()))
     if unknown:
         raise UserError(f"unknown kernel(s) {', '.join(unknown)}; see `workbench kernels`.")
-    if not torch.cuda.is_available() and args.shape != "tiny":
+    if not torch.cuda.is_available() and shape != "tiny":
         raise UserError("kernel benchmarks need a CUDA device; on the CPU only `--shape tiny` runs (a smoke test).")
-    result = kbench.run(args.shape, DTYPES[args.dtype], only or None, compile_reference=not args.no_compile,
+    result = kbench.run(shape, DTYPES[args.dtype], only or None, compile_reference=not args.no_compile,
                         timing=args.timing)
     env = environment()
     env["liger_kernel"] = _version("liger-kernel")
     command = args.command_line
     doc = {"suite": "kernels", "environment": env, "command": command, **result}
     stem = _stem(env, args)
-    out = Path(args.report)
+    out = Path(args.report or "reports/kernels")
     png = kbench.plot(result, out / f"{stem}.png", env)
     text = kbench.markdown(result, env, command, png.name) + "\n" + _against_previous(out, doc, f"{stem}.json")
     atomic.write_json(out / f"{stem}.json", doc)
@@ -185,8 +188,8 @@ def _against_previous(report_dir: Path, doc: dict, name: str) -> str:
 
 
 def _write_suite_report(out: Path, stem: str, suite: str, env: dict, command: str, result: dict, text: str) -> str:
-    """A train or context report (JSON and Markdown), rewritten atomically after every run
-    or trial: ``complete`` false while the result is marked incomplete, and only a complete
+    """A train, context or step report (JSON and Markdown), rewritten atomically after every run,
+    trial or record: ``complete`` false while the result is marked incomplete, and only a complete
     report ends with its comparison against the previous one."""
     from workbench import atomic
 
@@ -235,13 +238,39 @@ def _bench_train(args: argparse.Namespace) -> int:
     from workbench.bench import train as tbench
     from workbench.envinfo import _version
 
-    shape = "llama3.2-1b" if args.shape == "llama3-8b" else args.shape  # the kernel suite's default shape
+    shape = args.shape or "llama3.2-1b"
     if shape not in tbench.SHAPES:
         raise UserError(f"unknown model shape {shape!r} for the train suite; use one of {', '.join(tbench.SHAPES)}.")
-    if not torch.cuda.is_available() and shape != "tiny":
+    if not torch.cuda.is_available() and not shape.startswith("tiny"):
         raise UserError("training benchmarks of real model shapes need a CUDA device; on the CPU use --shape tiny.")
+    modes, stacks = _modes_and_stacks(args)
+    env = _environment_of_a_child()
+    env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
+    stem = _stem(env, args)
+    out = Path(args.report or "reports/train")
+
+    def write(result: dict) -> str:
+        png = tbench.plot(result, out / f"{stem}.png")
+        return _write_suite_report(out, stem, "train", env, args.command_line, result,
+                                   tbench.markdown(result, env, args.command_line, png.name))
+
+    with _stopped_by_signal():
+        result = tbench.run(shape, steps=args.steps or 30, batch=8 if args.batch is None else args.batch,
+                            out=args.run or "runs/bench-train",
+                            modes=modes, stacks=stacks, seq=args.seq or None, partial=write)
+    text = write(result)
+    print(text)
+    print(f"train report: {out / (stem + '.md')}")
+    return 0 if all(r["exit_code"] == 0 for r in result["runs"]) else 1
+
+
+def _modes_and_stacks(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """--modes and --stacks of the train and step suites: every mode and every stack that can
+    run here by default; hf always (the baseline); a stack named that cannot run is an error."""
+    from workbench.bench import train as tbench
+
     modes = [m for m in (args.modes or ",".join(tbench.MODES)).split(",") if m]
-    if set(modes) - set(tbench.MODES):
+    if not modes or set(modes) - set(tbench.MODES):
         raise UserError(f"unknown mode(s) in --modes; use {', '.join(tbench.MODES)}.")
     stacks = [s for s in (args.stacks or ",".join(tbench.STACKS)).split(",") if s]
     if set(stacks) - set(tbench.STACKS) or "hf" not in stacks:
@@ -252,23 +281,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         if missing:
             raise UserError("cannot run " + "; ".join(f"--stacks {k}: {v}" for k, v in missing.items())
                             + ". Leave it out (without --stacks, unavailable optional stacks are skipped).")
-    env = _environment_of_a_child()
-    env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
-    stem = _stem(env, args)
-    out = Path(args.report if args.report != "reports/kernels" else "reports/train")
-
-    def write(result: dict) -> str:
-        png = tbench.plot(result, out / f"{stem}.png")
-        return _write_suite_report(out, stem, "train", env, args.command_line, result,
-                                   tbench.markdown(result, env, args.command_line, png.name))
-
-    with _stopped_by_signal():
-        result = tbench.run(shape, steps=args.steps or 30, batch=args.batch, out=args.run or "runs/bench-train",
-                            modes=modes, stacks=stacks, seq=args.seq or None, partial=write)
-    text = write(result)
-    print(text)
-    print(f"train report: {out / (stem + '.md')}")
-    return 0 if all(r["exit_code"] == 0 for r in result["runs"]) else 1
+    return modes, stacks
 
 
 def cmd_regress(args: argparse.Namespace) -> int:
@@ -294,7 +307,7 @@ def _bench_context(args: argparse.Namespace) -> int:
     from workbench.bench import context, train as tbench
     from workbench.envinfo import _version
 
-    shape = "llama3.1-8b" if args.shape == "llama3-8b" else args.shape  # the suite's default: the 8B
+    shape = args.shape or "llama3.1-8b"
     if shape not in tbench.SHAPES:
         raise UserError(f"unknown model shape {shape!r} for the context suite; use one of {', '.join(tbench.SHAPES)}.")
     if not torch.cuda.is_available():
@@ -323,7 +336,7 @@ def _bench_context(args: argparse.Namespace) -> int:
     env = _environment_of_a_child()
     env["trl"], env["bitsandbytes"] = _version("trl"), _version("bitsandbytes")
     stem = _stem(env, args)
-    out = Path(args.report if args.report != "reports/kernels" else "reports/context")
+    out = Path(args.report or "reports/context")
 
     def write(result: dict) -> str:
         return _write_suite_report(out, stem, "context", env, args.command_line, result,
@@ -336,6 +349,57 @@ def _bench_context(args: argparse.Namespace) -> int:
     print(text)
     print(f"context report: {out / (stem + '.md')}")
     return 0 if all(r["error"] is None for r in result["rows"]) else 1
+
+
+def _bench_step(args: argparse.Namespace) -> int:
+    """The plain training loop per stack: s/step, tokens/s, MFU, memory, losses (bench/step.py)."""
+    import torch
+
+    from workbench.bench import step as sbench, train as tbench
+    from workbench.envinfo import _version
+
+    shapes = list(dict.fromkeys(s for s in (args.shape or "llama3.2-1b").split(",") if s))
+    unknown = [s for s in shapes if s not in tbench.SHAPES]
+    if unknown or not shapes:
+        raise UserError(f"unknown model shape(s) {', '.join(unknown) or repr(args.shape)} for the step suite; use "
+                        f"one or more (comma-separated) of {', '.join(tbench.SHAPES)}.")
+    if not torch.cuda.is_available() and not all(s.startswith("tiny") for s in shapes):
+        raise UserError("step benchmarks of real model shapes need a CUDA device; on the CPU use --shape tiny "
+                        "(or tiny-qwen3).")
+    modes, stacks = _modes_and_stacks(args)
+    autocast = args.autocast or "on"
+    if autocast not in ("on", "off", "both"):
+        raise UserError(f"--autocast takes on, off or both, not {autocast!r}.")
+    batch = 4 if args.batch is None else args.batch
+    seq = 2048 if args.seq is None else args.seq
+    steps = 10 if args.steps is None else args.steps
+    warmup = 3 if args.warmup is None else args.warmup
+    if batch < 1 or seq < 2 or steps < 1 or warmup < 0:
+        raise UserError(f"the step suite needs --batch >= 1 ({batch}), --seq >= 2 ({seq}), --steps >= 1 ({steps}) "
+                        f"and --warmup >= 0 ({warmup}).")
+    short = [s for s in shapes if tbench.SHAPES[s]["max_position_embeddings"] < seq]
+    if short:
+        raise UserError(f"--seq {seq} is beyond the position limit of {', '.join(short)} "
+                        f"({min(tbench.SHAPES[s]['max_position_embeddings'] for s in short)}); use a shorter --seq.")
+    env = _environment_of_a_child()
+    env["bitsandbytes"], env["liger_kernel"] = _version("bitsandbytes"), _version("liger-kernel")
+    stem = _stem(env, args)
+    out = Path(args.report or "reports/step")
+
+    def write(result: dict) -> str:
+        png = sbench.plot(result, out / f"{stem}.png")
+        return _write_suite_report(out, stem, "step", env, args.command_line, result,
+                                   sbench.markdown(result, env, args.command_line, png.name))
+
+    with _stopped_by_signal():
+        result = sbench.run(shapes, modes, stacks, ("on", "off") if autocast == "both" else (autocast,), batch=batch,
+                            seq=seq, steps=steps, warmup=warmup, out=args.run or "runs/bench-step",
+                            profile_dir=out / f"{stem}-profile" if args.profile else None,
+                            profile_steps=sbench.PROFILE_STEPS, partial=write)
+    text = write(result)
+    print(text)
+    print(f"step report: {out / (stem + '.md')}")
+    return 0 if all(r["exit_code"] == 0 for r in result["rows"]) else 1
 
 
 def _bench_accuracy(args: argparse.Namespace) -> int:
@@ -356,7 +420,7 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     env = environment()
     env["trl"], env["lm_eval"] = _version("trl"), _version("lm-eval")
     stem = _stem(env, args)
-    out = Path(args.report if args.report != "reports/kernels" else "reports/accuracy")
+    out = Path(args.report or "reports/accuracy")
     png = abench.plot(result, out / f"{stem}.png")
     atomic.write_json(out / f"{stem}.json", {"suite": "accuracy", "environment": env, "command": args.command_line,
                                              **result})
@@ -390,9 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="micro-benchmark the kernels against PyTorch, torch.compile and Liger")
     p.add_argument("--suite", default="kernels", help="benchmark suite: kernels, train (training runs with "
-                   "and without our kernels), context (the longest sequence a training step fits in) or accuracy (lm-eval "
-                   "of HF- and ours-trained adapters against the seed-to-seed noise)")
-    p.add_argument("--shape", default="llama3-8b", help="shape set: llama3-8b, llama3.2-1b, qwen3-4b, tiny (CPU smoke test)")
+                   "and without our kernels), context (the longest sequence a training step fits in), accuracy "
+                   "(lm-eval of HF- and ours-trained adapters against the seed-to-seed noise) or step (the plain "
+                   "training loop peers publish, per stack: s/step, tokens/s, MFU, peak memory and every step's loss "
+                   "against hf; "
+                   "writes reports/step/<date>-<device>[-tag].md/.json/.png, and with --profile a -profile folder of "
+                   "per-record kernel CSVs and Chrome traces)")
+    p.add_argument("--shape", help="kernels suite: shape set llama3-8b (default), llama3.2-1b, qwen3-4b, tiny (CPU "
+                   "smoke test); train, context and step suites: model shape llama3.2-1b (train and step default), "
+                   "llama3.1-8b (context default), qwen3-1.7b, tiny, tiny-qwen3 (CPU); step: several, comma-separated")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--only", help="comma-separated kernel names")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile stack")
@@ -400,14 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels suite on CUDA: graph (default; each call replayed from a CUDA graph, launch overhead "
                         "excluded) or events (one call between CUDA events, launch overhead included)")
     p.add_argument("--tag", help="appended to the report's file name: <date>-<device>-<tag>")
-    p.add_argument("--report", default="reports/kernels", metavar="DIR",
-                   help="where <date>-<device>.md/.json go (the train suite: reports/train)")
+    p.add_argument("--report", metavar="DIR",
+                   help="where <date>-<device>.md/.json go (default reports/<suite>)")
     p.add_argument("--steps", type=int, help="train suite: optimizer steps per run (default 30); context suite: "
-                   "per trial (default 2); accuracy suite: override the config's max_steps")
-    p.add_argument("--batch", type=int, default=8, help="train suite: batch size")
-    p.add_argument("--seq", type=int, default=0, metavar="TOKENS",
+                   "per trial (default 2); accuracy suite: override the config's max_steps; step suite: timed steps "
+                   "(default 10)")
+    p.add_argument("--warmup", type=int, help="step suite: untimed steps before the timed ones (default 3)")
+    p.add_argument("--batch", type=int, help="train suite: batch size (default 8); step suite: (default 4)")
+    p.add_argument("--seq", type=int, metavar="TOKENS",
                    help="train suite: sequences of exactly TOKENS tokens (the built-in rows packed; e.g. 2048 for "
-                        "the 4 x 2048 shape); default: one short row per sequence")
+                        "the 4 x 2048 shape; default: one short row per sequence); step suite: random tokens per "
+                        "sequence (default 2048)")
+    p.add_argument("--autocast", help="step suite: on (default: bf16 autocast around forward and loss, as the "
+                   "Trainer with bf16=True), off (the bf16 model without autocast) or both")
+    p.add_argument("--profile", action="store_true", help="step suite: profile a few steps of every record after "
+                   "its timed ones (torch.profiler): top kernels per step and the GPU's idle share in the report, "
+                   "a CSV and a Chrome trace per record in <report>/<date>-<device>[-tag]-profile/")
     p.add_argument("--max-seq", type=int, default=131072, metavar="TOKENS",
                    help="context suite: the longest sequence tried (default 131072); --seq is where the doubling "
                         "starts (default 2048)")
@@ -416,11 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", metavar="IDS", help="context suite: comma-separated GPU indices (e.g. 0,1) or all; the "
                    "(mode, stack) searches then run at the same time, one per GPU, each trial alone on its GPU "
                    "(default: one after another on the GPU the suite's processes see)")
-    p.add_argument("--modes", help="train suite: lora,qlora (default both)")
-    p.add_argument("--stacks", help="train suite: hf,hf-gc,ours,ours-gc,ours-offload,liger,unsloth,unsloth-gc (default all "
+    p.add_argument("--modes", help="train and step suites: lora,qlora (default both)")
+    p.add_argument("--stacks", help="train and step suites: hf,hf-gc,ours,ours-gc,ours-offload,liger,unsloth,"
+                   "unsloth-gc (default all "
                    "that can run here: liger needs liger-kernel and CUDA; unsloth needs CUDA and unsloth, installed "
                    "or in the site folder named by WORKBENCH_UNSLOTH_SITE; hf is the baseline)")
-    p.add_argument("--run", metavar="DIR", help="train/context/accuracy suites: where the runs go (default "
+    p.add_argument("--run", metavar="DIR", help="train/context/accuracy/step suites: where the runs go (default "
                    "runs/bench-<suite>)")
     p.add_argument("--config", metavar="YAML", help="accuracy suite: the training config (default: the built-in run)")
     p.add_argument("--seeds", default="0,1", help="accuracy suite: comma-separated seeds (two or more measure "

@@ -12,7 +12,10 @@ row is matched by its key and read as a ratio new / old:
 * context: ``(mode, stack)`` -> ``max_fit``, the longest sequence that fitted (any
   shrink is a regression: with the same start and granularity the search visits the same
   lengths), and ``peak_memory_gib@L`` for every length L that fitted in both reports
-  (lower is better); the searches' start, limit and granularity must match.
+  (lower is better); the searches' start, limit and granularity must match;
+* step: ``(shape, mode, autocast, stack)`` -> ``step_s``, ``peak_alloc_gib`` and
+  ``peak_reserved_gib`` (lower is better), ``tokens_per_s`` (higher is better) and
+  ``final_loss`` (must not move).
 
 A time or memory that got worse by more than its threshold, a loss that moved by
 more than its band, a row that ran before and fails or is missing now: each is a
@@ -34,8 +37,10 @@ METRICS = {
     "train": {"steady_step_s": 1, "steady_tokens_per_s": -1, "step_s": 1, "tokens_per_s": -1, "peak_memory_gib": 1,
               "final_loss": 0},
     "context": {"max_fit": -1},  # and peak_memory_gib@L per length (_context_metrics)
+    "step": {"step_s": 1, "tokens_per_s": -1, "peak_alloc_gib": 1, "peak_reserved_gib": 1, "final_loss": 0},
 }
-KEYS = {"kernels": ("kernel", "shape", "stack"), "train": ("mode", "stack"), "context": ("mode", "stack")}
+KEYS = {"kernels": ("kernel", "shape", "stack"), "train": ("mode", "stack"), "context": ("mode", "stack"),
+        "step": ("shape", "mode", "autocast", "stack")}
 
 #: Default thresholds. Measured on the H200 (reports/regress/2026-11-29-*: the same
 #: command run twice): kernel rows of 3 ms or more repeated within 7 %, most within
@@ -73,7 +78,8 @@ def load(path: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err.msg}); pass the .json that `workbench bench` wrote.") from None
     if doc.get("suite") not in METRICS:
-        raise UserError(f"{path} is not a kernels, train or context benchmark report (suite {doc.get('suite')!r}).")
+        raise UserError(f"{path} is not a kernels, train, context or step benchmark report "
+                        f"(suite {doc.get('suite')!r}).")
     return doc
 
 
@@ -214,8 +220,10 @@ def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new
 #: Settings that decide what a report measured, besides the device: two reports that
 #: differ in one of them are not a baseline for each other (kernels: shape, dtype, timing;
 #: train: shape, batch, seq, steps, seed, modes; context: shape, steps and the search's
-#: start, limit and granularity). A key absent from both matches.
-SETUP = ("shape", "dtype", "timing", "batch", "seq", "steps", "seed", "modes", "start", "limit", "granularity")
+#: start, limit and granularity; step: also the warm-up and the autocast settings). A key absent
+#: from both matches.
+SETUP = ("shape", "dtype", "timing", "batch", "seq", "steps", "seed", "modes", "start", "limit", "granularity",
+         "warmup", "autocast")
 
 
 def _comparable(old: dict, new: dict) -> bool:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+from workbench.bench.child import Stopped, kill_children as _kill_children, run_child as _run_child  # noqa: F401
 
 #: What the train stage says when a step ran out of GPU memory (workbench.train._oom_message).
 OOM_MARK = "ran out of GPU memory"
@@ -65,47 +66,6 @@ def search(trial: Callable[[int], dict], start: int = 2048, limit: int = 131072,
             lo, hi = (mid, hi) if r["fits"] else (lo, mid)
         fit, miss = lo, hi
     return {"max_fit": fit, "first_miss": miss, "granularity": granularity, "trials": trials, "error": error}
-
-
-#: Trial processes running now, so that a search stopped in the main thread can end those its
-#: other threads started (a child left running would keep its GPU).
-_CHILDREN: set[subprocess.Popen] = set()
-_KILLED: set[subprocess.Popen] = set()
-_CHILDREN_LOCK = threading.Lock()
-
-
-class Stopped(Exception):
-    """A trial killed because the suite was stopped: it measured nothing."""
-
-
-def _run_child(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True, **kwargs)``, with the process known
-    to :func:`_kill_children` while it runs; killed if this thread is interrupted."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
-        with _CHILDREN_LOCK:
-            _CHILDREN.add(proc)
-        try:
-            stdout, stderr = proc.communicate()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            with _CHILDREN_LOCK:
-                _CHILDREN.discard(proc)
-                killed = proc in _KILLED
-                _KILLED.discard(proc)
-    if killed:
-        raise Stopped(f"stopped: {cmd[-1]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-
-
-def _kill_children() -> None:
-    with _CHILDREN_LOCK:
-        running = list(_CHILDREN)
-        _KILLED.update(running)
-    for proc in running:
-        proc.kill()
 
 
 def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int = 2,
