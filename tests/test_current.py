@@ -1,8 +1,9 @@
-"""reports/CURRENT.md and the reports' index (workbench.bench.current).
+"""reports/CURRENT.md, the reports' index and the README's headline numbers (workbench.bench.current).
 
-The first test is the only one that reads reports/: CURRENT.md and the index in README.md must be
-what `workbench reports current` makes of the archive, so a report committed without regenerating
-them fails here. Everything else runs on the small archive in tests/fixtures/reports/.
+The first test is the only one that reads reports/: CURRENT.md, the index in reports/README.md
+and the headline table in README.md must be what `workbench reports current` makes of the archive,
+so a report committed without regenerating them fails here. Everything else runs on the small
+archive in tests/fixtures/reports/.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def test_committed_current_and_index_match_the_archive():
     hint = "out of date: run `workbench reports current` and commit reports/CURRENT.md and reports/README.md"
     assert (reports / "CURRENT.md").read_text() == current.render_current(reports), f"reports/CURRENT.md is {hint}"
     assert (reports / "README.md").read_text() == current.render_readme(reports), f"the reports' index is {hint}"
+    readme = current.render_project_readme(reports)
+    assert readme is not None, "README.md has lost its generated headline-numbers section"
+    assert (REPO_ROOT / "README.md").read_text() == readme, f"README.md's headline table is {hint} and README.md"
 
 
 # --------------------------------------------------------------------------- the fixture archive
@@ -110,6 +114,23 @@ def test_write_current_and_the_cli(tmp_path, capsys):
     assert (archive / "README.md").read_text() == "mine\n"
     assert cli.main(["reports", "current", "--reports", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_project_readme_gets_the_current_table_with_links_into_the_archive(tmp_path):
+    archive = tmp_path / "reports"
+    shutil.copytree(FIXTURES, archive)
+    start, end = current.HEADLINES_START, current.HEADLINES_END
+    (tmp_path / "README.md").write_text(f"# Project\n\n{start}\nold\n{end}\n\n## More\n")
+    assert tmp_path / "README.md" in [p.resolve() for p in current.write_current(archive)]
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith(f"# Project\n\n{start}") and readme.endswith(f"{end}\n\n## More\n")
+    assert "old" not in readme
+    assert ("| [2026-01-03-gpu-x](reports/train/2026-01-03-gpu-x.json) "
+            "([notes](reports/train/2026-01-03-gpu-x.notes.md)) |") in readme
+    # a README.md without the section is not touched
+    (tmp_path / "README.md").write_text("# Project\n")
+    current.write_current(archive)
+    assert (tmp_path / "README.md").read_text() == "# Project\n"
 
 
 def test_after_report_regenerates_only_an_archive(tmp_path):
