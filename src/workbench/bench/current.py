@@ -100,7 +100,7 @@ def load(reports_dir: str | Path) -> list[Entry]:
     """Every report under ``reports_dir/<folder>/``: a .md (not a .notes.md) or a .json."""
     root = Path(reports_dir)
     entries = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         stems = sorted({p.name[:-len(p.suffix)] for p in folder.iterdir() if p.suffix in (".md", ".json")
                         and not p.name.endswith(".notes.md") and not p.name.startswith(".")})
         for stem in stems:
