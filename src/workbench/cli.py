@@ -478,9 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "suite does this after writing a report. Example: workbench reports current")
     reports_sub = p.add_subparsers(dest="reports_command", metavar="ACTION", required=True)
     q = reports_sub.add_parser("current", help="write DIR/CURRENT.md and the index in DIR/README.md",
-                               description="Write DIR/CURRENT.md and the generated index section of DIR/README.md "
-                               "from DIR/<suite>/*.json (a README.md without that section is left alone). Exit 0; "
-                               "2 when DIR does not exist.")
+                               description="Write DIR/CURRENT.md, the generated index section of DIR/README.md and "
+                               "the headline-numbers section of the README.md above DIR (the project's) from "
+                               "DIR/<suite>/*.json; a README.md without its section is left alone. Exit 0; 2 when DIR "
+                               "does not exist.")
     q.add_argument("--reports", default="reports", metavar="DIR", help="the report archive (default: reports)")
     q.set_defaults(func=cmd_reports)
 
