@@ -112,6 +112,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
         md, js = parity_report.write(Path(args.report), parity_report.load_stats(stats),
                                      args.command_line,
                                      time.perf_counter() - start, code, last)
+    _refresh_current(js)
     print(f"parity report: {md} and {js}")
     return code
 
@@ -161,6 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     text = kbench.markdown(result, env, command, png.name) + "\n" + _against_previous(out, doc, f"{stem}.json")
     atomic.write_json(out / f"{stem}.json", doc)
     atomic.write_text(out / f"{stem}.md", text)
+    _refresh_current(out / f"{stem}.json")
     print(text)
     print(f"kernel report: {out / (stem + '.md')}, {out / (stem + '.json')} and {png}")
     return 0
@@ -198,7 +200,17 @@ def _write_suite_report(out: Path, stem: str, suite: str, env: dict, command: st
         text += "\n" + _against_previous(out, doc, f"{stem}.json")
     atomic.write_json(out / f"{stem}.json", doc)
     atomic.write_text(out / f"{stem}.md", text)
+    if doc["complete"]:  # an incomplete report is never current
+        _refresh_current(out / f"{stem}.json")
     return text
+
+
+def _refresh_current(report: Path) -> None:
+    """After a suite wrote ``<reports>/<suite>/<stem>.*``: regenerate ``<reports>/CURRENT.md`` and
+    the index in ``<reports>/README.md`` (bench/current.py)."""
+    from workbench.bench import current
+
+    current.after_report(report)
 
 
 @contextlib.contextmanager
@@ -296,6 +308,7 @@ def cmd_regress(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         atomic.write_text(args.out, text)
+        _refresh_current(Path(args.out))  # the index lists <reports>/regress/*.md
         print(f"regression report: {args.out}")
     return 1 if any(c.regression for c in changes) else 0
 
@@ -426,9 +439,24 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
                                              **result})
     text = abench.markdown(result, env, args.command_line, png.name)
     atomic.write_text(out / f"{stem}.md", text)
+    _refresh_current(out / f"{stem}.json")
     print(text)
     print(f"accuracy report: {out / (stem + '.md')}")
     return 0 if result["ok"] else 1
+
+
+# --------------------------------------------------------------------------- reports
+def cmd_reports(args: argparse.Namespace) -> int:
+    """``workbench reports current``: CURRENT.md and the index of a report archive, from its reports."""
+    from workbench.bench import current
+
+    root = Path(args.reports)
+    if not root.is_dir():
+        raise UserError(f"the reports folder {root} does not exist; pass --reports DIR, the folder that holds "
+                        "<suite>/<date>-<device>.json (reports/ in a checkout).")
+    for path in current.write_current(root):
+        print(f"wrote {path}")
+    return 0
 
 
 # --------------------------------------------------------------------------- main
@@ -522,6 +550,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other-device", action="store_true", help="compare reports of different devices/shapes")
     p.add_argument("--out", metavar="FILE.md", help="also write the comparison as Markdown")
     p.set_defaults(func=cmd_regress)
+
+    p = sub.add_parser("reports", help="today's numbers from the report archive (reports/CURRENT.md)",
+                       description="Regenerate a report archive's CURRENT.md (the newest complete report of each "
+                       "suite, device and setup, with its headline numbers) and the index in its README.md. Each "
+                       "suite does this after writing a report. Example: workbench reports current")
+    reports_sub = p.add_subparsers(dest="reports_command", metavar="ACTION", required=True)
+    q = reports_sub.add_parser("current", help="write DIR/CURRENT.md and the index in DIR/README.md",
+                               description="Write DIR/CURRENT.md, the generated index section of DIR/README.md and "
+                               "the headline-numbers section of the README.md above DIR (the project's) from "
+                               "DIR/<suite>/*.json; a README.md without its section is left alone. Exit 0; 2 when DIR "
+                               "does not exist.")
+    q.add_argument("--reports", default="reports", metavar="DIR", help="the report archive (default: reports)")
+    q.set_defaults(func=cmd_reports)
 
     # Pipeline stages: each module is light to import and defines add_parser(sub);
     # its handler imports the heavy stack (transformers, TRL, llama.cpp) only when run.

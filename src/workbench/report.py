@@ -203,7 +203,9 @@ def _num(v, digits: int = 4) -> str:
     return str(v).replace("|", "\\|")
 
 
-def _table(head: list[str], rows: list[list]) -> list[str]:
+def table(head: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the project's one table helper (run reports, the reports'
+    CURRENT.md and index). Cells go through :func:`_num`: None is "—", "|" is escaped."""
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
             *("| " + " | ".join(_num(c) for c in row) + " |" for row in rows)]
 
@@ -267,7 +269,7 @@ def _md_train(sec: dict, plots: dict) -> list[str]:
             + (f", {sec['quantization']['type']} QLoRA" if sec.get("quantization") else "") + f"); LoRA r {lora.get('r')},"
             f" alpha {lora.get('alpha')}; data {ds.get('source')} ({ds.get('train_rows')} train / "
             f"{ds.get('test_rows')} held-out rows).", ""]
-    text += _table(["training", "value"], rows) + [""]
+    text += table(["training", "value"], rows) + [""]
     if "loss" in plots:
         text += [f"![training loss]({plots['loss']})", ""]
     return text
@@ -280,7 +282,7 @@ def _md_merge(sec: dict, plots: dict) -> list[str]:
     text = [f"Saved as {sec['dtype']}. Reference: {sec.get('reference')}, on {sec.get('eval_tokens')} held-out "
             "tokens.", ""]
     rows = [[k, *(m.get(key) for key, _ in VERIFY_KEYS)] for k, m in sec["artifacts"].items()]
-    text += _table(["artifact", *(label for _, label in VERIFY_KEYS)], rows) + [""]
+    text += table(["artifact", *(label for _, label in VERIFY_KEYS)], rows) + [""]
     if sec.get("nf4_vs_16bit"):
         n = sec["nf4_vs_16bit"]
         text += [f"QLoRA: perplexity merged into 16-bit {_num(n['ppl_merged_16bit'])}, merged into the dequantized "
@@ -298,13 +300,13 @@ def _md_export(sec: dict, plots: dict) -> list[str]:
         status = "passed" if f["passed"] else "FAILED: " + "; ".join(f.get("failures") or [])
         rows.append([f"`{Path(f['file']).name}`", _size(f["bytes"]), *(m.get(key) for key, _ in VERIFY_KEYS),
                      f.get("tokenizer_mismatches"), status])
-    text += _table(["file", "size", *(f"llama.cpp {label}" for _, label in VERIFY_KEYS), "tokenizer mismatches",
+    text += table(["file", "size", *(f"llama.cpp {label}" for _, label in VERIFY_KEYS), "tokenizer mismatches",
                     "verification"], rows) + [""]
     tf_rows = [[kind, *((f.get("transformers") or {}).get(key) for key, _ in VERIFY_KEYS[:4])]
                for kind, f in sec["files"].items() if (f.get("transformers") or {}).get("supported")]
     if tf_rows:
         text += ["Read back by transformers (gguf loader):", ""]
-        text += _table(["type", *(label for _, label in VERIFY_KEYS[:4])], tf_rows) + [""]
+        text += table(["type", *(label for _, label in VERIFY_KEYS[:4])], tf_rows) + [""]
     if "verification" in plots:
         text += [f"![verification]({plots['verification']})", ""]
     return text
@@ -325,12 +327,12 @@ def _md_eval(sec: dict, plots: dict) -> list[str]:
     for f in sec["flags"]:
         flags.setdefault(f["model"], []).append(f"{_short(f['metric'])} {f['change']:+.3g} beyond ±{f['tolerance']:g}")
     rows = [[m, *(metrics[m].get(c) for c in columns), "; ".join(flags.get(m, []))] for m in _ordered(metrics)]
-    text += _table(["model", *map(_short, columns), "flags (vs adapter)"], rows) + [""]
+    text += table(["model", *map(_short, columns), "flags (vs adapter)"], rows) + [""]
     if sec["change_vs_f16"]:
         text += ["Change of each quantized GGUF against the lossless f16 GGUF (same runtime, so this is the "
                  "quantization alone; scores absolute, perplexities relative):", ""]
         vs = sec["change_vs_f16"]
-        text += _table(["GGUF", *map(_short, columns)], [[k, *(vs[k].get(c) for c in columns)] for k in vs]) + [""]
+        text += table(["GGUF", *map(_short, columns)], [[k, *(vs[k].get(c) for c in columns)] for k in vs]) + [""]
     if sec.get("skipped"):
         text += ["Not evaluated: " + "; ".join(f"{k} ({v})" for k, v in sec["skipped"].items()) + ".", ""]
     if "eval" in plots:
@@ -557,4 +559,4 @@ def summary_table(run: str | Path) -> str:
             kl = (f.get("llama_cpp") or {}).get("kl_mean")
             check = ("ok" if f.get("passed") else "FAILED") + (f", KL {kl:.2g}" if kl is not None else "")
         rows.append([m, *(metrics.get(m, {}).get(c) for c in keep), check])
-    return "\n".join(_table(["model", *map(_short, keep), "GGUF verification"], rows))
+    return "\n".join(table(["model", *map(_short, keep), "GGUF verification"], rows))

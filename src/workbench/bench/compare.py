@@ -241,7 +241,8 @@ def _when(doc: dict) -> tuple[str, str]:
 
 def previous_report(report_dir: Path, doc: dict, current_name: str | None = None) -> Path | None:
     """The newest report in ``report_dir`` of ``doc``'s suite, device and setup that was
-    measured no later than ``doc``, other than ``current_name``; by ``time_utc``, else date."""
+    measured no later than ``doc``, other than ``current_name``; by ``time_utc``, else date. A report
+    stopped midway (``complete`` false) or marked ``superseded_by`` a later one is never the baseline."""
     skip = Path(current_name).name if current_name else None
     now_date, now_time = _when(doc)
     best: tuple[tuple, Path] | None = None
@@ -252,8 +253,9 @@ def previous_report(report_dir: Path, doc: dict, current_name: str | None = None
             other = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(other, dict) or not _comparable(other, doc) or other.get("complete") is False:
-            continue  # another setup, or a run stopped midway (its missing rows are no baseline)
+        if (not isinstance(other, dict) or not _comparable(other, doc) or other.get("complete") is False
+                or other.get("superseded_by")):
+            continue  # another setup, a run stopped midway (its missing rows are no baseline), or superseded
         date, time_utc = _when(other)
         if now_date and (date > now_date or (date == now_date and now_time and time_utc > now_time)):
             continue  # measured after doc: not a previous report
