@@ -480,12 +480,12 @@ def _callbacks():
 
     class LossLog(TrainerCallback):
         """Writes train/loss.jsonl (rewritten atomically at each logging step) and prints a
-        progress line at the first logging step and then about every tenth of the run
+        progress line at the first logging step and then about every fifth of the run
         (the file has every logging step; the screen needs only the trend)."""
 
         def __init__(self, path: Path, total_steps: int):
             self.path, self.total, self.rows, self.start = path, total_steps, [], time.perf_counter()
-            self.shown_tenth = -1
+            self.shown_fifth = -1
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
@@ -498,10 +498,10 @@ def _callbacks():
                    "elapsed": round(time.perf_counter() - self.start, 3)}
             self.rows.append(row)
             atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-            tenth = 10 * row["step"] // max(self.total, 1)
-            if tenth == self.shown_tenth:
+            fifth = 5 * row["step"] // max(self.total, 1)
+            if fifth == self.shown_fifth:
                 return
-            self.shown_tenth = tenth
+            self.shown_fifth = fifth
             rate = (row["tokens"] or 0) / max(row["elapsed"], 1e-9)
             _log(f"step {row['step']}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                  f"grad_norm {float(row['grad_norm'] or 0):.3f} tokens {int(row['tokens'] or 0)} "

@@ -49,9 +49,11 @@ def choose_models(artifacts: dict[str, models.Artifact], wanted: list[str] | Non
                                 "drop it from --models or make it first.")
         return wanted
     chosen = []
+    exported = any(artifacts[k].path is not None for k in models.GGUF_KINDS)
     for kind in models.KINDS:
         if artifacts[kind].path is None:
-            log(f"skipping {kind}: {artifacts[kind].missing}")
+            if kind in models.HF_KINDS or not exported:   # a type the export left out needs no word
+                log(f"skipping {kind}: {artifacts[kind].missing}")
         else:
             chosen.append(kind)
     if not chosen:
@@ -147,7 +149,6 @@ def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[
     try:
         for i, kind in enumerate(chosen, 1):
             art = artifacts[kind]
-            log(f"[{i}/{len(chosen)}] {kind}: {art.path}" + (f" ({art.note})" if art.note else ""))
             t0 = time.perf_counter()
             lm = _lm_for(kind, run, artifacts, state, length)
             results = evaluate(lm, manager, names, limit, chat_template)
@@ -158,7 +159,8 @@ def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[
             metrics[kind] = compare.metrics_of(results)
             timings[f"{kind}_s"] = round(time.perf_counter() - t0, 3)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics[kind].items())
-            log(f"[{i}/{len(chosen)}] {kind}: {shown} ({timings[f'{kind}_s']:.1f}s)")
+            log(f"[{i}/{len(chosen)}] {kind}" + (f" ({art.note})" if art.note else "")
+                + f": {shown} ({timings[f'{kind}_s']:.1f}s)")
     except BaseException as err:
         # Results files are being replaced: an earlier eval record no longer describes RUN/eval.
         manifest.record_stage(run, "eval", {"status": "failed", "error": f"{type(err).__name__}: {err}"[:500],
