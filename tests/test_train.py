@@ -61,7 +61,7 @@ def test_default_run_lifts_heldout_accuracy_far_above_the_untrained_base(tmp_pat
                 "adapter/adapter_model.safetensors", "train/loss.jsonl", "train/eval.json",
                 "data/train.jsonl", "data/test.jsonl"):
         assert (run / rel).is_file(), rel
-    assert rec["base_model"] == str(run / "base")
+    assert rec["base_model"] == "base"   # inside the run: recorded relative to it (the run can move)
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(run / "base")
     assert rec["family"] == "llama" and rec["quantization"] is None
 
