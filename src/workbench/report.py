@@ -116,6 +116,7 @@ def _export(run: Path, rec: dict) -> dict:
                        "llama_cpp": entry.get("llama_cpp"), "transformers": entry.get("transformers"),
                        "tokenizer_mismatches": entry.get("tokenizer_mismatches"),
                        "failures": full.get("failures", []), "fallbacks": full.get("fallbacks"),
+                       "fallback_note": full.get("fallback_note") or entry.get("fallback_note"),
                        "thresholds": (report.get("thresholds") or {}).get(kind)}
     return {"arch": report.get("arch"), "reference": "the merged HF model in fp32 on the same held-out tokens",
             "eval_tokens": (report.get("eval") or {}).get("tokens"), "passed": report.get("passed"), "files": files}
@@ -305,6 +306,10 @@ def _md_export(sec: dict, plots: dict) -> list[str]:
     if tf_rows:
         text += ["Read back by transformers (gguf loader):", ""]
         text += _table(["type", *(label for _, label in VERIFY_KEYS[:4])], tf_rows) + [""]
+    notes = [f["fallback_note"] for f in sec["files"].values() if f.get("fallback_note")]
+    if notes:
+        text += [f"**Quantization fell back:** {'; '.join(notes)}. The file is named after the type asked for, but "
+                 "its numbers are those of the types it holds.", ""]
     if "verification" in plots:
         text += [f"![verification]({plots['verification']})", ""]
     return text
@@ -506,6 +511,13 @@ def render(run: str | Path, command: str | None = None) -> dict:
     if not (run / manifest.MANIFEST).is_file():
         raise UserError(f"{run} has no {manifest.MANIFEST}, so no stage has run there; run `workbench run --run "
                         f"{run}` first.")
+    with manifest.lock(run):
+        return _render(run, command)
+
+
+def _render(run: Path, command: str | None) -> dict:
+    from workbench.envinfo import _version
+
     hashes = input_hashes(run)
     data = collect(run, command)
     secs = data["sections"]
@@ -536,6 +548,12 @@ def render(run: str | Path, command: str | None = None) -> dict:
             "png": [folder / name for name in plots.values()], "missing": data["missing"]}
 
 
+def _nominal(kind: str) -> set:
+    from workbench.export.quantize import QUANTS
+
+    return QUANTS[kind][1] if kind in QUANTS else set()
+
+
 def summary_table(run: str | Path) -> str:
     """A short Markdown table of each evaluated model's key numbers (and each GGUF's
     verification), or "" when nothing was evaluated or exported."""
@@ -556,5 +574,7 @@ def summary_table(run: str | Path) -> str:
             f = files[m]
             kl = (f.get("llama_cpp") or {}).get("kl_mean")
             check = ("ok" if f.get("passed") else "FAILED") + (f", KL {kl:.2g}" if kl is not None else "")
+            if f.get("fallback_note"):
+                check += ", fallback types (not " + "/".join(sorted(_nominal(m))) + ")"
         rows.append([m, *(metrics.get(m, {}).get(c) for c in keep), check])
     return "\n".join(_table(["model", *map(_short, keep), "GGUF verification"], rows))
