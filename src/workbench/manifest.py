@@ -147,6 +147,41 @@ def attempt(run: str | os.PathLike, name: str) -> dict | None:
     return read(run).get("attempts", {}).get(name)
 
 
+def settle_attempts(run: str | os.PathLike) -> None:
+    """Tries still noted as "running" belong to a process that is gone (the caller holds the
+    run's lock): note them as "killed"."""
+    data = read(run)
+    stale = {name: a for name, a in data.get("attempts", {}).items() if (a or {}).get("status") == "running"}
+    if stale:
+        for name, a in stale.items():
+            data["attempts"][name] = {**a, "status": "killed",
+                                      "error": "the try was killed; the complete record was kept"}
+        atomic.write_json(Path(run) / MANIFEST, data)
+
+
+def clean_leftovers(run: str | os.PathLike) -> list[str]:
+    """Remove what killed writers leave in the run: temp names (``.*.partial``, files or
+    folders, at any depth), the train stage's staging folder and the trainer scratch
+    folders of older versions (``train/.trainer.*``). Only call it holding the run's lock:
+    then none of them belongs to a live process. Returns what was removed (relative)."""
+    import shutil
+
+    run = Path(run)
+    if not run.is_dir():
+        return []
+    found = [p for p in run.rglob(".*.partial")] + list((run / "train").glob(".trainer.*"))
+    removed = []
+    for path in sorted(found, key=lambda p: len(p.parts)):
+        if not path.exists() and not path.is_symlink():
+            continue   # inside a folder already removed
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.relative_to(run).as_posix())
+    return removed
+
+
 def relative(run: str | os.PathLike, path: str | os.PathLike) -> str:
     """``path`` relative to the run when it lies inside it (so the run can move), else absolute."""
     run, path = Path(run).resolve(), Path(path).resolve()

@@ -319,6 +319,13 @@ def run_pipeline(cfg, run: str | Path, *, force: str | None = None, quants=DEFAU
 
 
 def _run_pipeline(cfg, run: Path, force, quants, eval_limit, thresholds, config_given, command) -> PipelineResult:
+    # What a killed command left (temp names, a train's staging folder, tries noted as
+    # running) is no one's now that we hold the lock.
+    manifest.settle_attempts(run)
+    cleaned = manifest.clean_leftovers(run)
+    if cleaned:
+        _say(f"removed what an interrupted command left: {', '.join(cleaned[:5])}"
+             + (f" and {len(cleaned) - 5} more" if len(cleaned) > 5 else ""))
     brought = _user_provided(run)
     if brought is not None:
         what = STAGES[brought]

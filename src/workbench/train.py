@@ -42,7 +42,7 @@ from pathlib import Path
 
 from workbench import atomic, manifest, synthetic
 from workbench.config import Config
-from workbench.errors import UserError
+from workbench.errors import UserError, reason
 
 
 #: False in the non-main processes of a distributed launch (accelerate launch,
@@ -199,9 +199,8 @@ def _read_file(path: str) -> list[dict]:
         try:
             rows = pd.read_parquet(p).to_dict(orient="records")
         except Exception as err:   # pyarrow raises its own kinds (ArrowInvalid, ...) for a file that is no parquet
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise UserError(f"{p} is not a readable parquet file ({first}); write it with pandas' to_parquet, or "
-                            "give a .jsonl file.") from None
+            raise UserError(f"{p} is not a readable parquet file ({reason(err)}); write it with pandas' to_parquet, "
+                            "or give a .jsonl file.") from None
     else:
         raise UserError(f"dataset file {p} is neither .jsonl nor .parquet; convert it to one of those.")
     if not rows:
@@ -901,20 +900,6 @@ def check_target_modules(cfg: Config, model) -> None:
 STAGING = ".train.partial"
 
 
-def _clean_leftovers(run: Path) -> None:
-    """What a killed train leaves: its staging folder, trainer scratch folders of older
-    versions (train/.trainer.*), and atomic writers' temp names. Only called under the
-    run's lock, so none of them belongs to a live process."""
-    shutil.rmtree(run / STAGING, ignore_errors=True)
-    for folder in (run, run / "train", run / "data"):
-        if folder.is_dir():
-            for stale in [*folder.glob(".trainer.*"), *folder.glob(".*.partial")]:
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
-
-
 def _move_in(staging: Path, run: Path, rels: list[str]) -> None:
     """Rename each staged output into the run (a folder replaces the old folder whole)."""
     for rel in rels:
@@ -961,7 +946,7 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
         _refuse_brought(run)   # again, now that no other process can change the run
         staging = run / STAGING
         if main:
-            _clean_leftovers(run)
+            manifest.clean_leftovers(run)   # a killed train's staging folder (.train.partial) among them
             staging.mkdir(parents=True)
             manifest.note_attempt(run, "train", "running", pid=os.getpid())
         kept = manifest.has_complete(run, "train")

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from workbench.errors import UserError
+from workbench.errors import UserError, reason
 
 #: quant name -> (llama_cpp ftype constant, the types a tensor nominally gets)
 QUANTS = {
@@ -99,7 +99,7 @@ def _failure(src: Path, dst: Path, quant: str, code: int, cause: str | None) -> 
     if shutil.disk_usage(dst.parent).free < needed or "no space left" in (cause or "").lower():
         return (f"no space left on the device while quantizing {src.name} to {quant} in {dst.parent}; free space "
                 f"there and rerun `workbench export` ({src.name} is intact, no partial file was kept).")
-    said = f"llama.cpp said: {cause[:200].rstrip('.')}" if cause else "llama.cpp logged no reason"
+    said = f"llama.cpp said: {reason(cause)}" if cause else "llama.cpp logged no reason"
     return (f"llama.cpp could not quantize {src.name} to {quant} (return code {code}; {said}); {src.name} is intact, "
             f"so fix the cause or drop {quant} from --quant.")
 
