@@ -88,7 +88,9 @@ def check_stage(finished, tmp_path: Path, stage: str, seed: int) -> None:
 
     run = finished.copy(tmp_path / f"{stage}-{seed}")
     what = kill_at_random_point(run, stage, seed, finished.durations.get(stage, 2.0), tmp_path / "killed.err")
-    assert_nothing_finished_looking_is_partial(run)
+    what["left"] = assert_nothing_finished_looking_is_partial(run)
+    print(f"{stage} seed {seed}: killed {what['delay']}s into the stage"
+          + ("" if what["landed"] else " (it had already finished)") + f"; temp names left: {what['left'] or 'none'}")
 
     rerun = subprocess.run([sys.executable, "-m", "workbench", "run", "--run", str(run)], capture_output=True,
                            text=True, env=workbench_env(), cwd=run.parent, timeout=900)
