@@ -477,7 +477,7 @@ def test_parity_gate_runs_exactly_the_kernels_the_run_used_and_reads_a_report(co
     (report,) = (run / "qualify" / "parity").glob("*.json")
 
     def from_report(doc):
-        path = tmp_path / "parity.json"
+        path = report.parent / "variant.json"   # next to the junit XML the report names
         path.write_text(json.dumps(doc))
         return qualify.gate_parity(qualify.Context(run, qualify.load_gates(None), path, None))
 

@@ -128,6 +128,7 @@ def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[
         raise UserError(f"--tasks names no task; give comma-separated names, e.g. {','.join(suite.SHIPPED_TASKS)}.")
     limits = compare.load_tolerances(tolerances)
     include = [Path(p).resolve() for p in include]
+    suite.check_task_folders(include)
     with manifest.lock(run):
         return _run_eval(run, tasks, model_kinds, include, limit, limits, chat_template, start)
 
@@ -135,7 +136,6 @@ def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[
 def _run_eval(run: Path, tasks, model_kinds, include, limit, limits, chat_template, start) -> dict:
     artifacts = models.locate(run)
     chosen = choose_models(artifacts, model_kinds)
-    suite.check_task_folders(include)
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)   # its INFO lines would drown the progress
     train = manifest.stage(run, "train")
