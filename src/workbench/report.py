@@ -91,7 +91,8 @@ def _train(run: Path, rec: dict) -> dict:
         "tokens": rec.get("tokens"), "tokens_per_s": rec.get("tokens_per_s"), "train_s": t.get("train_s"),
         "total_s": t.get("total_s"), "peak_memory_gib": rec.get("peak_memory_gib"),
         "peak_rss_mib": rec.get("peak_rss_mib"), "heldout_accuracy": rec.get("eval", {}),
-        "base_model": rec.get("base_model"), "family": rec.get("family"), "quantization": rec.get("quantization"),
+        "base_model": str(manifest.resolve(run, rec["base_model"])) if rec.get("base_model") else None,
+        "family": rec.get("family"), "quantization": rec.get("quantization"),
         "lora": rec.get("lora"), "dataset": rec.get("dataset"), "kernels": bool(rec.get("kernels")),
         "loss_curve": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens", "elapsed")} for r in loss],
     }
