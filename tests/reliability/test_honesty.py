@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from reliability_support import invoke, write_checkpoint
+from reliability_support import invoke
 
 
 def _with_kernels(run: Path, kernels=("rms_norm",)) -> None:
