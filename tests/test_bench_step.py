@@ -3,7 +3,6 @@ on the tiny shape (ours' kernels in the Triton interpreter), and the parts that 
 No timing is asserted: on the CPU the numbers mean nothing."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 

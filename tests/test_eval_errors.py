@@ -91,7 +91,7 @@ def test_a_tolerances_file_with_unknown_keys_or_values_is_refused(run, tmp_path,
     bad.write_text("q4_k_m: {score: 0.1, ppl: 0.1}\n")
     assert "is not understood; kinds: merged, f16, bf16, q8_0, q4_k_m" in _fails(capsys, run, "--tolerances", str(bad))
     bad.write_text("f16: {score: -1}\n")
-    assert "f16.score must be a number >= 0, got -1." in _fails(capsys, run, "--tolerances", str(bad))
+    assert "f16.score must be a finite number >= 0, got -1." in _fails(capsys, run, "--tolerances", str(bad))
 
 
 def test_a_missing_run_directory(tmp_path, capsys):

@@ -4,6 +4,7 @@ stages) fail exactly the gates that must catch them, with a clear message, and t
 other gates still run; the parity, eval and performance gates read what they should."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -342,17 +343,31 @@ def test_a_changed_base_model_outside_the_run_fails_the_hash_gate(copy, tmp_path
     assert next(c for c in result["checks"] if c["item"] == "train")["status"] == "PASS", result["message"]
 
 
-def _parity_doc(kernel="rms_norm", dtypes=("float32", "float16", "bfloat16"), examples=2, **agg):
-    """A `workbench parity --report` JSON of one kernel, made on this device."""
-    from workbench.envinfo import device_name
+def _parity_doc(folder, kernel="rms_norm", dtypes=("float32", "float16", "bfloat16"), examples=2, **agg):
+    """A `workbench parity --report` JSON of one kernel, made on this device with this
+    checkout's kernel sources, and its junit XML in ``folder`` (where the JSON goes)."""
+    import hashlib
 
+    from workbench import parity_report
+    from workbench.envinfo import environment
+
+    env = environment()
     rows = [{"kernel": kernel, "dtype": d, "examples": examples, "seconds": 0.1, "ok": True, "profile": "ci"}
             for d in dtypes]
     kernels = {kernel: {"examples": examples * len(rows), "seconds": 0.1 * len(rows), "tests": len(rows),
                         "failed": 0, **agg}}
-    return {"suite": "parity", "environment": {"device": device_name()}, "command": "workbench parity",
+    cases = "".join(f'<testcase classname="parity.test_parity" name="test_parity[{kernel}-{d}]" time="0.1"/>'
+                    for d in dtypes)
+    xml = (f'<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="0" '
+           f'skipped="0" tests="{len(dtypes)}">{cases}</testsuite></testsuites>').encode()
+    (Path(folder) / "parity.junit.xml").write_bytes(xml)
+    return {"suite": "parity", "environment": {"device": env["device"]}, "command": "workbench parity",
             "exit_code": 0, "kernels": {k: {n: v for n, v in a.items() if v is not None} for k, a in kernels.items()},
-            "properties": rows}
+            "properties": rows,
+            "counts": {"tests": len(dtypes), "passed": len(dtypes), "failed": 0, "errors": 0, "skipped": 0},
+            "junit": {"file": "parity.junit.xml", "sha256": hashlib.sha256(xml).hexdigest()},
+            "versions": {k: env[k] for k in parity_report.VERSION_KEYS}, "device": env["device"],
+            "kernel_sources": parity_report.kernel_sources()}
 
 
 def test_a_parity_report_must_cover_every_dtype_with_a_recorded_zero_failures(copy, tmp_path):
@@ -368,16 +383,16 @@ def test_a_parity_report_must_cover_every_dtype_with_a_recorded_zero_failures(co
             gates.write_text(gates_text)
         return qualify.gate_parity(qualify.Context(run, qualify.load_gates(gates), path, None))
 
-    assert gate(_parity_doc())["status"] == "PASS"
-    partial = gate(_parity_doc(dtypes=("float32",)))
+    assert gate(_parity_doc(tmp_path))["status"] == "PASS"
+    partial = gate(_parity_doc(tmp_path, dtypes=("float32",)))
     assert partial["status"] == "FAIL"
     assert "the report does not test rms_norm in float16, bfloat16" in partial["message"]
-    unrecorded = gate(_parity_doc(failed=None))
+    unrecorded = gate(_parity_doc(tmp_path, failed=None))
     assert unrecorded["status"] == "FAIL" and "records no failure count for rms_norm" in unrecorded["message"]
-    few = gate(_parity_doc(examples=2), "parity: {examples: 5}\n")
+    few = gate(_parity_doc(tmp_path, examples=2), "parity: {examples: 5}\n")
     assert few["status"] == "FAIL"
     assert "fewer hypothesis examples than the gates' parity.examples (5)" in few["message"]
-    assert gate(_parity_doc(examples=5), "parity: {examples: 5}\n")["status"] == "PASS"
+    assert gate(_parity_doc(tmp_path, examples=5), "parity: {examples: 5}\n")["status"] == "PASS"
 
 
 def test_a_parity_report_or_baseline_that_is_no_json_object_is_bad_input(copy, tmp_path, capsys):
@@ -462,7 +477,7 @@ def test_parity_gate_runs_exactly_the_kernels_the_run_used_and_reads_a_report(co
     (report,) = (run / "qualify" / "parity").glob("*.json")
 
     def from_report(doc):
-        path = tmp_path / "parity.json"
+        path = report.parent / "variant.json"   # next to the junit XML the report names
         path.write_text(json.dumps(doc))
         return qualify.gate_parity(qualify.Context(run, qualify.load_gates(None), path, None))
 

@@ -61,7 +61,7 @@ def test_default_run_lifts_heldout_accuracy_far_above_the_untrained_base(tmp_pat
                 "adapter/adapter_model.safetensors", "train/loss.jsonl", "train/eval.json",
                 "data/train.jsonl", "data/test.jsonl"):
         assert (run / rel).is_file(), rel
-    assert rec["base_model"] == str(run / "base")
+    assert rec["base_model"] == "base"   # inside the run: recorded relative to it (the run can move)
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(run / "base")
     assert rec["family"] == "llama" and rec["quantization"] is None
 
@@ -220,7 +220,7 @@ def test_qlora_trains_an_nf4_double_quant_base(tmp_path):
     assert rec["quantization"] == {"type": "nf4", "double_quant": True, "compute_dtype": compute}
     assert all(r["loss"] == r["loss"] and r["loss"] < 100 for r in loss_rows(run))  # finite
     # The base really was 4-bit NF4 with double quantization.
-    model = train.load_model(cfg, rec["base_model"])
+    model = train.load_model(cfg, str(manifest.resolve(run, rec["base_model"])))   # "base": inside the run
     linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linears) == 4 * 7  # every attention and MLP projection of the 4 layers
     assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in linears)

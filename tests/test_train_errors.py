@@ -232,7 +232,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_adapter(tmp_path, capsy
                         "--run", str(run))
     line = error_line(err)
     assert code == 2
-    assert "the loss became" in line and "Lower training.lr" in line
+    assert "the loss became" in line and "lower training.lr" in line
     assert not (run / "adapter").exists()  # only a finished run writes adapter/
     rec = manifest.stage(run, "train")
     assert rec["status"] == "failed" and rec["last_good_adapter"] == "train/last_good_adapter"

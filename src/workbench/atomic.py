@@ -48,13 +48,24 @@ def directory(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists():  # a folder cannot be renamed onto a non-empty one: move it aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=".partial", dir=path.parent))
-            os.replace(path, old)
-        os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace(src: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename the finished file or folder ``src`` (on the same file system) to ``path``,
+    replacing what is there. A folder cannot be renamed onto a non-empty one, so an old
+    folder is moved aside under a ``.partial`` name first and removed after; a kill
+    between the two renames leaves ``path`` missing, never half of each."""
+    src, path = Path(src), Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if path.is_dir() and not path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=".partial", dir=path.parent))
+        os.replace(path, old)
+    os.replace(src, path)
     if old is not None:
         shutil.rmtree(old)
+    return path

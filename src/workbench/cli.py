@@ -100,7 +100,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "stats.jsonl"
+        junit = Path(tmp) / "junit.xml"
         env["PARITY_STATS"] = str(stats)
+        cmd.append(f"--junitxml={junit}")   # the counts the report records, and the file whose hash it carries
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         last = ""
@@ -111,7 +113,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
         code = proc.wait()
         md, js = parity_report.write(Path(args.report), parity_report.load_stats(stats),
                                      args.command_line,
-                                     time.perf_counter() - start, code, last)
+                                     time.perf_counter() - start, code, last, junit=junit)
     _refresh_current(js)
     print(f"parity report: {md} and {js}")
     return code
@@ -601,6 +603,31 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"workbench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The state left is consistent (every artifact is written under a temp name and
+        # renamed; the interrupted stage is recorded as such): say so, exit 130 (128 + SIGINT).
+        print("workbench: interrupted; nothing that looks finished was left half-written, and running the same "
+              "command again resumes.", file=sys.stderr)
+        return 130
+    except OSError as err:
+        # The file system refused (full disk, read-only or vanished folder, permissions): one
+        # sentence naming the file, never a traceback from deep inside a library.
+        print(f"workbench: error: {os_error_sentence(err)}", file=sys.stderr)
+        return 2
+
+
+def os_error_sentence(err: OSError) -> str:
+    """One sentence for an OSError: what the system said, the file, what to do."""
+    import errno
+
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where}; free some space and run the same command again (what was "
+                "being written was not kept).")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"the file system refused a write{where}: {err.strerror}; make the folder writable or use another one."
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{reason}{where}; check the path, its permissions and free space, then run the same command again."
 
 
 if __name__ == "__main__":  # pragma: no cover

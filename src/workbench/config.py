@@ -26,6 +26,7 @@ against the config file's folder (the file can travel with its data).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -205,6 +206,18 @@ def _validate(cfg: Config) -> None:
                        ("eval.max_new_tokens", cfg.eval.max_new_tokens), ("data.builtin_rows", cfg.data.builtin_rows)):
         if value is not None and value < 1:
             raise UserError(f"config key {key!r} must be at least 1, got {value}.")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise UserError(f"config key 'training.lr' must be a number above 0, got {t.lr} (0 would train an adapter "
+                        "that never changes); e.g. 2e-4.")
+    if t.epochs is not None and not (math.isfinite(t.epochs) and t.epochs > 0):
+        raise UserError(f"config key 'training.epochs' must be a number above 0, got {t.epochs}.")
+    for key, value in (("training.warmup_ratio", t.warmup_ratio), ("training.weight_decay", t.weight_decay),
+                       ("training.max_grad_norm", t.max_grad_norm), ("lora.alpha", cfg.lora.alpha)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"config key {key!r} must be a finite number of at least 0, got {value}.")
+    if t.warmup_ratio >= 1:
+        raise UserError(f"config key 'training.warmup_ratio' must be below 1 (a fraction of the steps), got "
+                        f"{t.warmup_ratio}.")
     if not 0 <= cfg.lora.dropout < 1:
         raise UserError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}.")
     if not 0 < cfg.data.eval_fraction < 1:

@@ -101,6 +101,21 @@ def _arch(name: str) -> dict:
     return BUILTIN_MODELS[name]
 
 
+def model_config(tokenizer, name: str = BUILTIN_MODEL):
+    """The LlamaConfig of the built-in model ``name`` for ``tokenizer``."""
+    arch = _arch(name)
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        dtype="float32",
+        **arch,
+    )
+
+
 def build_model(tokenizer, name: str = BUILTIN_MODEL):
     """The untrained built-in Llama ``name`` (a key of :data:`BUILTIN_MODELS`) for
     ``tokenizer`` (its vocab size and special ids), identical for identical tokenizers."""
@@ -109,16 +124,9 @@ def build_model(tokenizer, name: str = BUILTIN_MODEL):
 
     enforce_offline()
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        dtype="float32",
-        **arch,
-    )
+    config = model_config(tokenizer, name)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)

@@ -49,6 +49,10 @@ STAGES = ("train", "merge", "export", "eval", "report")
 DEFAULT_QUANTS = ("f16", "q8_0", "q4_k_m")
 DEFAULT_RUN = Path("runs") / "default"
 
+#: What `workbench export --merged` copies from a user's folder: weights, configs and
+#: tokenizer files. Never Python (a checkpoint's modeling_*.py) and never pickles.
+COPIED_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
+
 #: How a user brings the artifact of a stage, for messages.
 _BRING = {"train": "workbench merge --run DIR --adapter FOLDER [--base FOLDER]",
           "merge": "workbench export --run DIR --merged FOLDER"}
@@ -77,7 +81,7 @@ def _status_problem(rec: dict | None, name: str, settled: tuple[str, ...] = ("co
     if status == "running":
         return f"the last {name} did not finish (killed or interrupted)"
     error = rec.get("error")
-    return f"the last {name} ended {status}" + (f" ({error})" if error else "")
+    return f"the last {name} ended {status}" + (f" ({str(error)[:200]})" if error else "")
 
 
 def _outputs_problem(run: Path, name: str) -> str | None:
@@ -93,7 +97,7 @@ def check_train(run: Path, cfg) -> str | None:
     problem = _status_problem(rec, "train")
     if problem:
         return problem
-    hashes = rec.get("input_hashes", {})
+    hashes = rec.get("input_hashes") or {}
     if hashes.get("config") != _text_sha256(config_mod.dump(cfg)):
         return "the config changed (--config / --set)" if hashes.get("config") else "its record has no config hash"
     if not cfg.builtin_model and hashes.get("base_model") != manifest.hash_tree(cfg.model.path):
@@ -287,6 +291,8 @@ def _mark_failed(run: Path, name: str, err: BaseException) -> None:
     """Make sure the manifest does not describe the stage by an earlier record (or as
     still running) after it failed midway. Train and eval record their own failures,
     with details, which are kept; merge, export and report do not."""
+    if name == "train":
+        return   # run_train notes its own tries, and keeps a previous complete record
     rec = manifest.stage(run, name)
     if (rec or {}).get("status") != "failed":
         message = str(err) or type(err).__name__
@@ -308,7 +314,18 @@ def run_pipeline(cfg, run: str | Path, *, force: str | None = None, quants=DEFAU
     if eval_limit is not None and eval_limit < 1:
         raise UserError(f"--eval-limit must be at least 1, got {eval_limit}.")
     _require_dir_or_nothing(run)
-    run.mkdir(parents=True, exist_ok=True)
+    with manifest.lock(run):
+        return _run_pipeline(cfg, run, force, quants, eval_limit, thresholds, config_given, command)
+
+
+def _run_pipeline(cfg, run: Path, force, quants, eval_limit, thresholds, config_given, command) -> PipelineResult:
+    # What a killed command left (temp names, a train's staging folder, tries noted as
+    # running) is no one's now that we hold the lock.
+    manifest.settle_attempts(run)
+    cleaned = manifest.clean_leftovers(run)
+    if cleaned:
+        _say(f"removed what an interrupted command left: {', '.join(cleaned[:5])}"
+             + (f" and {len(cleaned) - 5} more" if len(cleaned) > 5 else ""))
     brought = _user_provided(run)
     if brought is not None:
         what = STAGES[brought]
@@ -410,10 +427,11 @@ def _run_stage(name: str, run: Path, cfg, quants: list[str], eval_limit: int | N
         manifest.record_stage(run, "export", {**rec, "thresholds_file": str(Path(thresholds).resolve())
                                               if thresholds else None})
         failed = [k for k, e in report["files"].items() if not e["passed"]]
+        notes = "".join(f"; {e['fallback_note']}" for e in report["files"].values() if e.get("fallback_note"))
         if failed:
             return (f"FAILED verification: {', '.join(failed)} (see {run / 'export' / 'export_report.json'}); "
-                    "evaluating and reporting anyway")
-        return f"{', '.join(report['files'])} written and verified"
+                    f"evaluating and reporting anyway{notes}")
+        return f"{', '.join(report['files'])} written and verified{notes}"
     if name == "eval":
         from workbench.eval.run import run_eval
 
@@ -461,9 +479,6 @@ def bring_adapter(run: str | Path, adapter: str | Path, base: str | Path | None 
                   tokenizer: str | Path | None = None) -> dict:
     """Copy a user's PEFT LoRA adapter (and its tokenizer) into ``run`` and record a
     user-provided train stage, so that ``workbench merge`` and later stages run on it."""
-    from workbench import tokenizer as wtok
-    from workbench.envinfo import _version
-
     run, adapter = Path(run).resolve(), Path(adapter).resolve()
     if not adapter.is_dir() or not (adapter / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json); pass the "
@@ -475,8 +490,11 @@ def bring_adapter(run: str | Path, adapter: str | Path, base: str | Path | None 
                         "re-save it with save_pretrained(..., safe_serialization=True).")
     try:
         acfg = json.loads((adapter / "adapter_config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{adapter / 'adapter_config.json'} is not valid JSON ({err.msg}); fix or re-save it.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{adapter / 'adapter_config.json'} is not valid JSON ({getattr(err, 'msg', err)}); fix or "
+                        "re-save it.") from None
+    if not isinstance(acfg, dict):
+        raise UserError(f"{adapter / 'adapter_config.json'} is not a JSON object; fix or re-save the adapter.")
     if acfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"--adapter {adapter} is a {acfg.get('peft_type')} adapter; merge folds LoRA adapters "
                         "only, so bring a LoRA adapter.")
@@ -495,10 +513,20 @@ def bring_adapter(run: str | Path, adapter: str | Path, base: str | Path | None 
         raise UserError(f"neither {adapter} nor {base} holds a tokenizer; pass --tokenizer FOLDER (tokenizer.json "
                         "+ tokenizer_config.json).")
     tok = _load_tokenizer(tok_src, "--tokenizer")
+    from workbench.export.merge import check_adapter_covers
+
+    check_adapter_covers(adapter, base)
     _require_dir_or_nothing(run)
     if run.exists():
         _refuse_over_pipeline_run(run, ("train",), "adapter")
-    run.mkdir(parents=True, exist_ok=True)
+    with manifest.lock(run):
+        _refuse_over_pipeline_run(run, ("train",), "adapter")
+        return _copy_adapter(run, adapter, acfg, base, base_config, tok_src, tok)
+
+
+def _copy_adapter(run: Path, adapter: Path, acfg: dict, base: Path, base_config: dict, tok_src: Path, tok) -> dict:
+    from workbench import tokenizer as wtok
+    from workbench.envinfo import _version
 
     with atomic.directory(run / "adapter") as tmp:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -522,8 +550,6 @@ def bring_adapter(run: str | Path, adapter: str | Path, base: str | Path | None 
 def bring_merged(run: str | Path, merged: str | Path) -> dict:
     """Copy a user's merged (or any full) HF checkpoint into ``run`` as merge/merged and
     record a user-provided merge stage, so that ``workbench export`` and later stages run on it."""
-    from workbench import tokenizer as wtok
-    from workbench.envinfo import _version
     from workbench.export.merge import stored_dtype
 
     run, merged = Path(run).resolve(), Path(merged).resolve()
@@ -536,11 +562,19 @@ def bring_merged(run: str | Path, merged: str | Path) -> dict:
     _require_dir_or_nothing(run)
     if run.exists():
         _refuse_over_pipeline_run(run, ("train", "merge"), "merged model")
-    run.mkdir(parents=True, exist_ok=True)
+    with manifest.lock(run):
+        _refuse_over_pipeline_run(run, ("train", "merge"), "merged model")
+        return _copy_merged(run, merged, tok, dtype)
+
+
+def _copy_merged(run: Path, merged: Path, tok, dtype: str) -> dict:
+    from workbench import tokenizer as wtok
+    from workbench.envinfo import _version
+
     target = run / "merge" / "merged"
     with atomic.directory(target) as tmp:
-        for f in sorted(merged.iterdir()):
-            if f.is_file() and f.suffix not in PICKLE_SUFFIXES:
+        for f in sorted(merged.iterdir()):   # data only: never code (*.py) or pickles
+            if f.is_file() and f.suffix in COPIED_SUFFIXES:
                 shutil.copy2(f, tmp / f.name)
     wtok.save_tokenizer(tok, run / "tokenizer")
     record = {

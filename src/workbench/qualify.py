@@ -84,12 +84,20 @@ def _overlay(defaults: dict, data, where: str, path: Path) -> dict:
                 raise UserError(f"gates file {path}: {here} must be true or false, got {value!r}.")
             out[key] = value
         elif isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise UserError(f"gates file {path}: {here} must be a number >= 0, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise UserError(f"gates file {path}: {here} must be a finite number >= 0, got {value!r}.")
+            if key in _FRACTIONS and value > 1:
+                raise UserError(f"gates file {path}: {here} is a fraction of positions, between 0 and 1, got "
+                                f"{value!r}.")
             out[key] = value
         else:   # a null default (parity.profile, parity.examples): checked by load_gates
             out[key] = value
     return out
+
+
+#: Gate keys that are fractions (a limit above 1 could never be met).
+_FRACTIONS = ("top1_agreement",)
 
 
 def load_gates(path: str | os.PathLike | None = None) -> dict:
@@ -355,11 +363,92 @@ def _parity_from_report(path: Path, kernels: list[str], threshold: str, gates: d
         measured = {"tests": agg.get("tests"), "examples": agg.get("examples"), "failed": agg.get("failed")} \
             if isinstance(agg, dict) else "not covered"
         checks.append(_check(k, FAIL if problems else PASS, measured, "0 failures", problems))
-    if doc.get("exit_code") not in (0, None) and all(c["status"] == PASS for c in checks):
-        checks.append(_check("suite", FAIL, {"exit_code": doc.get("exit_code")}, "exit code 0",
-                             [f"the parity run in {path.name} failed ({doc.get('pytest_summary', '')})"]))
+    cases, problems = _parity_provenance(path, doc, rerun)
+    for check in checks:
+        k = check["item"]
+        mine = _kernel_source_problems(doc, k, rerun)
+        if cases is not None and k in specs:
+            for d in [str(x).removeprefix("torch.") for x in specs[k].dtypes]:
+                outcome = cases.get(f"test_parity[{k}-{d}]")
+                if outcome != "passed":
+                    mine.append(f"its junit XML has no passed test_parity[{k}-{d}] ("
+                                f"{outcome or 'not run'}); {rerun}")
+        if mine:
+            check["problems"] += mine
+            check["status"] = FAIL
+    if problems:
+        checks.append(_check("report", FAIL, {"exit_code": doc.get("exit_code"), "counts": doc.get("counts")},
+                             "exit code 0, 0 failed, junit XML and versions of this environment", problems,
+                             f"exit code {doc.get('exit_code')}"))
     result = _combine("parity", checks, threshold, f"from {path} ({doc.get('command', '')})")
     return result
+
+
+def _kernel_source_problems(doc: dict, kernel: str, rerun: str) -> list[str]:
+    """The report's record of ``kernel``'s source (and the shared kernel code) against this checkout's."""
+    from workbench.parity_report import kernel_sources
+
+    here = kernel_sources()
+    recorded = doc.get("kernel_sources") if isinstance(doc.get("kernel_sources"), dict) else {}
+    out = []
+    for key, what in ((kernel, f"the source of {kernel}"), ("_support", "the shared kernel code (kernels/_*.py)")):
+        mine = recorded.get(key) if isinstance(recorded.get(key), dict) else {}
+        if key not in here:
+            continue
+        if not mine.get("sha256"):
+            out.append(f"the report records no sha256 of {what}; {rerun}")
+        elif mine["sha256"] != here[key]["sha256"]:
+            out.append(f"the report tested other kernel sources: {what} ({here[key]['file']}) differs from this "
+                       f"checkout's; {rerun}")
+    return out
+
+
+def _parity_provenance(path: Path, doc: dict, rerun: str) -> tuple[dict | None, list[str]]:
+    """Whether the report is what `workbench parity --report` writes, for this environment:
+    exit code 0; counts with tests passed and none failed; the junit XML next to it, with
+    the recorded sha256 and the same counts; the torch/triton/workbench versions of this
+    environment. Returns the junit XML's {test name: outcome} (None when unreadable) and
+    the problems."""
+    from workbench.envinfo import environment
+    from workbench.parity_report import VERSION_KEYS, junit_counts, sha256
+
+    problems = []
+    code = doc.get("exit_code")
+    if isinstance(code, bool) or code != 0:
+        problems.append(f"the parity run's pytest exit code is {code!r}, not 0 ({doc.get('pytest_summary', '')})")
+    counts = doc.get("counts")
+    if not isinstance(counts, dict) or not all(isinstance(counts.get(k), int) and not isinstance(counts.get(k), bool)
+                                               for k in ("tests", "passed", "failed", "errors", "skipped")):
+        problems.append(f"the report records no pytest counts (tests, passed, failed, errors, skipped); {rerun}")
+        counts = None
+    elif counts["failed"] or counts["errors"] or not counts["passed"]:
+        problems.append(f"pytest counted {counts['passed']} passed, {counts['failed']} failed and {counts['errors']} "
+                        "errors")
+    cases = None
+    junit = doc.get("junit") if isinstance(doc.get("junit"), dict) else {}
+    name = junit.get("file")
+    xml = path.parent / name if isinstance(name, str) and name and "/" not in name and "\\" not in name else None
+    if xml is None or not junit.get("sha256"):
+        problems.append(f"the report names no junit XML with its sha256; {rerun}")
+    elif not xml.is_file():
+        problems.append(f"its junit XML {name} is not next to it; keep the report's files together, or {rerun}")
+    elif sha256(xml) != junit["sha256"]:
+        problems.append(f"its junit XML {name} is not the one the report was written with (sha256 differs); {rerun}")
+    else:
+        try:
+            found = junit_counts(xml)
+        except ValueError as err:
+            problems.append(f"its junit XML {name} is {err}; {rerun}")
+        else:
+            cases = found.pop("cases")
+            if counts is not None and found != {k: counts[k] for k in found}:
+                problems.append(f"its counts ({counts}) are not those of its junit XML ({found})")
+    env = environment()
+    recorded = doc.get("versions") if isinstance(doc.get("versions"), dict) else {}
+    other = [f"{k} {recorded.get(k)!r} (here {env.get(k)!r})" for k in VERSION_KEYS if recorded.get(k) != env.get(k)]
+    if other:
+        problems.append(f"the report was made with other versions: {', '.join(other)}; {rerun}")
+    return cases, problems
 
 
 def _parity_run(ctx: Context, kernels: list[str], threshold: str) -> GateResult:
@@ -390,7 +479,9 @@ def _parity_run(ctx: Context, kernels: list[str], threshold: str) -> GateResult:
         env["PARITY_EXAMPLES"] = str(ctx.gates["parity"]["examples"])
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ids]
+    junit_dir = tempfile.mkdtemp()
+    junit = Path(junit_dir) / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *ids]
     log(f"running the parity tests of {', '.join(kernels)} ({len(ids)} tests, profile {profile})")
     out_dir = ctx.run / OUT_DIR / "parity"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -402,7 +493,8 @@ def _parity_run(ctx: Context, kernels: list[str], threshold: str) -> GateResult:
         lines = [ln.strip().strip("= ") for ln in proc.stdout.splitlines() if ln.strip()]
         stats = parity_report.load_stats(Path(env["PARITY_STATS"]))
         md, js = parity_report.write(out_dir, stats, " ".join(cmd), time.perf_counter() - start, proc.returncode,
-                                     lines[-1] if lines else "")
+                                     lines[-1] if lines else "", junit=junit)
+    shutil.rmtree(junit_dir, ignore_errors=True)
     ctx._cache["parity_files"] = [md, js]
     checks = []
     for k in kernels:
@@ -518,7 +610,11 @@ def gate_gguf(ctx: Context) -> GateResult:
             measured["note"] = "sha256 differs from the export record"
         checks.append(_check(entry["path"], FAIL if problems else PASS, measured, limits, problems))
     limits_text = "; ".join(f"{k}: {_limits_text(gates['thresholds'][k])}" for k in files if k in gates["thresholds"])
-    return _combine("gguf", checks, limits_text)
+    notes = [entry["fallback_note"] for entry in files.values() if entry.get("fallback_note")]
+    result = _combine("gguf", checks, limits_text, "; ".join(f"note: {n}" for n in notes))
+    if notes and result["status"] == FAIL:
+        result["message"] += "; " + "; ".join(f"note: {n}" for n in notes)
+    return result
 
 
 # --------------------------------------------------------------------------- 4. eval
@@ -745,13 +841,13 @@ def gate_hashes(ctx: Context) -> GateResult:
 
 # --------------------------------------------------------------------------- 7. performance
 def train_performance(train: dict) -> dict:
-    env = train.get("environment") or {}
+    env = train.get("environment") if isinstance(train.get("environment"), dict) else {}
     return {"device": env.get("device"), "tokens_per_s": train.get("tokens_per_s"),
             "peak_memory_gib": train.get("peak_memory_gib"), "peak_rss_mib": train.get("peak_rss_mib")}
 
 
 def _baseline_performance(doc: dict) -> dict | None:
-    if isinstance(doc.get("stages"), dict) and doc["stages"].get("train"):       # a run's manifest.json
+    if isinstance(doc.get("stages"), dict) and isinstance(doc["stages"].get("train"), dict):  # a manifest.json
         return train_performance(doc["stages"]["train"])
     if isinstance(doc.get("train_performance"), dict):                           # a qualify verdict.json
         return doc["train_performance"]
@@ -765,6 +861,15 @@ def _baseline_from(path: Path) -> dict:
     base = _baseline_performance(_read_json_object(path, "--baseline", BASELINE_SHAPE))
     if base is None:
         raise UserError(f"--baseline {path} holds no train performance; {BASELINE_SHAPE}.")
+    for key in ("tokens_per_s", "peak_memory_gib", "peak_rss_mib"):
+        value = base.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise UserError(f"--baseline {path}: {key} is {value!r}, where a number (or null) belongs; "
+                            f"{BASELINE_SHAPE} as workbench wrote it.")
+    if base.get("device") is not None and not isinstance(base.get("device"), str):
+        raise UserError(f"--baseline {path}: device is {base.get('device')!r}, where a name belongs; "
+                        f"{BASELINE_SHAPE} as workbench wrote it.")
     return base
 
 
@@ -853,6 +958,8 @@ def table(gates: list[dict]) -> str:
         measured = g["measured"] if g["status"] != NA else g["message"]
         lines.append(f"| {g['name']} | {g['status']} | {cell(measured)} | {cell(g['threshold'])} |")
     failed = [f"- **{g['name']}** failed: {g['message']}" for g in gates if g["status"] == FAIL]
+    failed += [f"- **{g['name']}** {g['message']}" for g in gates
+               if g["status"] == PASS and str(g["message"]).startswith("note: ")]
     return "\n".join(lines + ([""] + failed if failed else []))
 
 
@@ -862,11 +969,13 @@ def run_qualify(run: str | os.PathLike, gates: str | os.PathLike | None = None,
                 command: str | None = None) -> dict:
     """Every gate on ``run``; writes RUN/qualify/verdict.{json,md}, records the
     "qualify" stage, and returns the verdict (``verdict["passed"]``)."""
-    from workbench.envinfo import environment
     from workbench.offline import enforce_offline
 
     enforce_offline()
     run = Path(run).resolve()
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR that `workbench train` "
+                        "wrote.")
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist; pass the --run DIR that `workbench train` wrote.")
     manifest.read(run)   # an unreadable manifest is the user's to fix (UserError), not seven failed gates
@@ -882,6 +991,13 @@ def run_qualify(run: str | os.PathLike, gates: str | os.PathLike | None = None,
         path = Path(baseline)
         _baseline_from(path)
         extra["--baseline"] = path.resolve()
+    with manifest.lock(run):
+        return _qualify(run, gates, config, extra, command)
+
+
+def _qualify(run: Path, gates, config: dict, extra: dict, command: str | None) -> dict:
+    from workbench.envinfo import environment
+
     ctx = Context(run, config, extra.get("--parity-report"), extra.get("--baseline"))
     import transformers
 

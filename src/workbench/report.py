@@ -91,7 +91,8 @@ def _train(run: Path, rec: dict) -> dict:
         "tokens": rec.get("tokens"), "tokens_per_s": rec.get("tokens_per_s"), "train_s": t.get("train_s"),
         "total_s": t.get("total_s"), "peak_memory_gib": rec.get("peak_memory_gib"),
         "peak_rss_mib": rec.get("peak_rss_mib"), "heldout_accuracy": rec.get("eval", {}),
-        "base_model": rec.get("base_model"), "family": rec.get("family"), "quantization": rec.get("quantization"),
+        "base_model": str(manifest.resolve(run, rec["base_model"])) if rec.get("base_model") else None,
+        "family": rec.get("family"), "quantization": rec.get("quantization"),
         "lora": rec.get("lora"), "dataset": rec.get("dataset"), "kernels": bool(rec.get("kernels")),
         "loss_curve": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens", "elapsed")} for r in loss],
     }
@@ -116,6 +117,7 @@ def _export(run: Path, rec: dict) -> dict:
                        "llama_cpp": entry.get("llama_cpp"), "transformers": entry.get("transformers"),
                        "tokenizer_mismatches": entry.get("tokenizer_mismatches"),
                        "failures": full.get("failures", []), "fallbacks": full.get("fallbacks"),
+                       "fallback_note": full.get("fallback_note") or entry.get("fallback_note"),
                        "thresholds": (report.get("thresholds") or {}).get(kind)}
     return {"arch": report.get("arch"), "reference": "the merged HF model in fp32 on the same held-out tokens",
             "eval_tokens": (report.get("eval") or {}).get("tokens"), "passed": report.get("passed"), "files": files}
@@ -307,6 +309,10 @@ def _md_export(sec: dict, plots: dict) -> list[str]:
     if tf_rows:
         text += ["Read back by transformers (gguf loader):", ""]
         text += table(["type", *(label for _, label in VERIFY_KEYS[:4])], tf_rows) + [""]
+    notes = [f["fallback_note"] for f in sec["files"].values() if f.get("fallback_note")]
+    if notes:
+        text += [f"**Quantization fell back:** {'; '.join(notes)}. The file is named after the type asked for, but "
+                 "its numbers are those of the types it holds.", ""]
     if "verification" in plots:
         text += [f"![verification]({plots['verification']})", ""]
     return text
@@ -496,7 +502,6 @@ def render(run: str | Path, command: str | None = None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    from workbench.envinfo import _version
 
     run = Path(run).resolve()
     if run.exists() and not run.is_dir():
@@ -508,6 +513,13 @@ def render(run: str | Path, command: str | None = None) -> dict:
     if not (run / manifest.MANIFEST).is_file():
         raise UserError(f"{run} has no {manifest.MANIFEST}, so no stage has run there; run `workbench run --run "
                         f"{run}` first.")
+    with manifest.lock(run):
+        return _render(run, command)
+
+
+def _render(run: Path, command: str | None) -> dict:
+    from workbench.envinfo import _version
+
     hashes = input_hashes(run)
     data = collect(run, command)
     secs = data["sections"]
@@ -538,6 +550,12 @@ def render(run: str | Path, command: str | None = None) -> dict:
             "png": [folder / name for name in plots.values()], "missing": data["missing"]}
 
 
+def _nominal(kind: str) -> set:
+    from workbench.export.quantize import QUANTS
+
+    return QUANTS[kind][1] if kind in QUANTS else set()
+
+
 def summary_table(run: str | Path) -> str:
     """A short Markdown table of each evaluated model's key numbers (and each GGUF's
     verification), or "" when nothing was evaluated or exported."""
@@ -558,5 +576,7 @@ def summary_table(run: str | Path) -> str:
             f = files[m]
             kl = (f.get("llama_cpp") or {}).get("kl_mean")
             check = ("ok" if f.get("passed") else "FAILED") + (f", KL {kl:.2g}" if kl is not None else "")
+            if f.get("fallback_note"):
+                check += ", fallback types (not " + "/".join(sorted(_nominal(m))) + ")"
         rows.append([m, *(metrics.get(m, {}).get(c) for c in keep), check])
     return "\n".join(table(["model", *map(_short, keep), "GGUF verification"], rows))

@@ -1,8 +1,9 @@
 """The train stage: LoRA / QLoRA fine-tuning through TRL's SFTTrainer.
 
 ``run_train(config, run_dir)`` checks everything it can before writing anything
-(model folder, safetensors, architecture, data files and columns), then writes
-into the run directory:
+(model folder, safetensors, architecture, tokenizer against the embedding, target
+modules, data files, columns and lengths), then builds in RUN/.train.partial and
+renames into the run directory only when training and saving succeeded:
 
     config.yaml          the resolved config
     base/                the generated base (built-in default only)
@@ -11,16 +12,18 @@ into the run directory:
     data/test.jsonl      the held-out rows (what later stages evaluate on)
     train/loss.jsonl     one line per logging step: step, loss, lr, grad_norm, tokens, elapsed
     train/eval.json      greedy-generation accuracy on the test split, base and adapter
-    adapter/             the PEFT adapter (renamed into place only when all of the above succeeded)
+    adapter/             the PEFT adapter
 
-and records the "train" stage in the manifest. Training is completion-only: the
+and records the "train" stage in the manifest. A retrain that is refused, fails or is
+killed leaves the previous complete train (record and files) as it was; the try is
+noted under the manifest's "attempts". Training is completion-only: the
 loss covers the assistant's answer and its closing EOS, never the prompt.
 
 Failures say what to change: a non-finite loss stops training and keeps the last
 adapter whose loss was finite in ``train/last_good_adapter/`` (not ``adapter/``,
 which only a finished run writes); running out of GPU memory names the knobs that
-reduce memory. Either way the manifest's train record says "failed".
-"""
+reduce memory. Either way the try is recorded as "failed" (the train record of a first
+train, else its attempt beside the kept record)."""
 from __future__ import annotations
 
 import contextlib
@@ -33,14 +36,13 @@ import random
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 from workbench import atomic, console, manifest, synthetic
 from workbench.config import Config
-from workbench.errors import UserError
+from workbench.errors import UserError, reason
 
 
 #: False in the non-main processes of a distributed launch (accelerate launch,
@@ -101,25 +103,87 @@ def check_model_folder(path, name: str = "model path",
                         "(pickles can run code), so convert the checkpoint to safetensors first "
                         "(save_pretrained(..., safe_serialization=True)).")
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{folder / 'config.json'} is not valid JSON ({err.msg}); fix or replace it.") from None
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{folder / 'config.json'} is not valid JSON ({getattr(err, 'msg', err)}); fix or replace "
+                        "it.") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / 'config.json'} is not a JSON object; fix or replace it with the checkpoint's "
+                        "config.json.")
+    refuse_custom_code(folder, name)
     config["family"] = family_of(SimpleNamespace(model_type=config.get("model_type")))
+    for f in sorted(folder.glob("*.safetensors")):
+        check_safetensors(f)
     return config
+
+
+def refuse_custom_code(folder: Path, name: str) -> None:
+    """A checkpoint whose config.json or tokenizer_config.json declares its own Python
+    code (``auto_map``, ``trust_remote_code``) is refused: workbench never runs code
+    that came with a checkpoint, nor copies it into a run (README, "What happens when
+    things go wrong")."""
+    for file in ("config.json", "tokenizer_config.json"):
+        path = folder / file
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):
+            continue   # config.json is checked on its own; a broken tokenizer config fails its loader
+        if isinstance(data, dict) and (data.get("auto_map") or data.get("trust_remote_code")):
+            key = "auto_map" if data.get("auto_map") else "trust_remote_code"
+            raise UserError(f"{name} {folder} declares custom code ({key} in {file}), which workbench never runs or "
+                            "copies; use a checkpoint of a supported architecture without auto_map (re-save it with "
+                            "save_pretrained after loading it as that architecture).")
+
+
+def check_safetensors(path: Path) -> None:
+    """A UserError unless ``path`` is a whole safetensors file: an 8-byte header length, a
+    JSON header, and the data its tensors' offsets reach (a truncated download fails
+    here, before anything is written, rather than deep inside a loader)."""
+    hint = "re-download or re-save it (save_pretrained(..., safe_serialization=True))"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise UserError(f"{path} is not a safetensors file ({size} bytes, "
+                                f"{'empty' if size == 0 else 'no readable header'}); {hint}.")
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a safetensors file (its header is not JSON); {hint}.") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header is not a JSON object); {hint}.")
+    try:
+        end = max([int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"], default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise UserError(f"{path} is not a safetensors file (a tensor entry of its header has no data_offsets); "
+                        f"{hint}.") from None
+    if 8 + n + end > size:
+        raise UserError(f"{path} is truncated ({size} bytes, its header describes {8 + n + end}); {hint}.")
 
 
 # --------------------------------------------------------------------------- data
 PROMPT_COMPLETION = ("prompt", "completion")
+#: Message roles a row may use (the chat templates and the held-out eval know these).
+ROLES = ("system", "user", "assistant")
 MESSAGES = ("messages",)
 
 
 def _read_file(path: str) -> list[dict]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"dataset file {p} is a folder; set data.train / data.test to .jsonl or .parquet files.")
     if not p.is_file():
         raise UserError(f"dataset file {p} does not exist; check data.train / data.test in the config.")
     if p.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            line = p.read_bytes()[:err.start].count(b"\n") + 1
+            raise UserError(f"{p} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); save it as "
+                            "UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -132,7 +196,11 @@ def _read_file(path: str) -> list[dict]:
     elif p.suffix == ".parquet":
         import pandas as pd
 
-        rows = pd.read_parquet(p).to_dict(orient="records")
+        try:
+            rows = pd.read_parquet(p).to_dict(orient="records")
+        except Exception as err:   # pyarrow raises its own kinds (ArrowInvalid, ...) for a file that is no parquet
+            raise UserError(f"{p} is not a readable parquet file ({reason(err)}); write it with pandas' to_parquet, "
+                            "or give a .jsonl file.") from None
     else:
         raise UserError(f"dataset file {p} is neither .jsonl nor .parquet; convert it to one of those.")
     if not rows:
@@ -147,6 +215,10 @@ def _messages(value, where: str) -> list[dict]:
     if not isinstance(value, list) or not value or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
         raise UserError(f"{where} must be a string or a non-empty list of {{role, content}} messages.")
+    unknown = [m["role"] for m in value if m["role"] not in ROLES]
+    if unknown:
+        raise UserError(f"{where} has a message with role {unknown[0]!r}; the roles are {', '.join(ROLES)} (rename "
+                        "it, e.g. human to user).")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -175,6 +247,9 @@ def normalize_rows(rows: list[dict], path: str) -> list[dict]:
             completion = row.get("completion")
             completion = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
                           else _messages(completion, f"{where} 'completion'"))
+        if not any(m["role"] == "user" for m in prompt):
+            raise UserError(f"{where}: the prompt has no user message (the held-out eval asks each row's last user "
+                            "message); give every prompt one.")
         answer = row.get("answer")
         answer = answer if isinstance(answer, str) else "".join(m["content"] for m in completion)
         out.append({"prompt": prompt, "completion": completion, "skill": str(row.get("skill") or "all"),
@@ -295,11 +370,7 @@ def attach_lora(cfg: Config, model):
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.lora
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in lc.target_modules if m not in present]
-    if missing:
-        raise UserError(f"lora.target_modules names {', '.join(missing)}, which this model does not have; "
-                        "use module names of its linear layers (e.g. q_proj, v_proj).")
+    check_target_modules(cfg, model)
     if cfg.kernels == "unsloth":
         return _unsloth_attach(cfg, model)
     config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
@@ -619,7 +690,7 @@ def _packing_strategy(packing) -> str:
     return packing if isinstance(packing, str) else "bfd"  # true: TRL's default
 
 
-def training_dataset(cfg: Config, tok, rows: list[dict]):
+def training_dataset(cfg: Config, tok, rows: list[dict], stats: dict | None = None):
     """The training rows as TRL's SFTTrainer prepares them, prepared here once for every
     stack: ``input_ids`` and ``labels`` (-100 but on the answer and its EOS), packed as
     ``training.packing`` says (bfd adds ``seq_lengths``). sft_config tells TRL to take them
@@ -638,12 +709,15 @@ def training_dataset(cfg: Config, tok, rows: list[dict]):
     sequences of exactly max_seq_len): TRL wraps each 1000-row map batch on its own, leaving a
     shorter sequence where each batch ends, and at a max_seq_len beyond 1000 rows' tokens
     (~27K built-in tokens) every sequence is such a remainder. Here the rows are wrapped in one
-    batch and the one remainder at the end is dropped when a full sequence exists."""
+    batch and the one remainder at the end is dropped when a full sequence exists.
+
+    Rows longer than max_seq_len are said, with how many: unpacked, they are cut (and left out
+    when no answer token is left); bfd packing cuts them too. ``stats`` (a dict) gets the counts."""
     import datasets
     from trl import pack_dataset
 
     t = cfg.training
-    ids_rows, label_rows, renders_apart = [], [], 0
+    ids_rows, label_rows, renders_apart, too_long, dropped = [], [], 0, 0, 0
     for row in rows:
         prompt = tok.apply_chat_template(row["prompt"], tokenize=True, return_dict=True,
                                          add_generation_prompt=True)["input_ids"]
@@ -654,18 +728,27 @@ def training_dataset(cfg: Config, tok, rows: list[dict]):
             start += 1
         renders_apart += start < len(prompt)
         labels = [-100] * start + ids[start:]
+        too_long += len(ids) > t.max_seq_len
         if not t.packing:  # packing cuts at max_seq_len itself
             ids, labels = ids[:t.max_seq_len], labels[:t.max_seq_len]
             if all(label == -100 for label in labels):
+                dropped += 1
                 continue
         ids_rows.append(ids)
         label_rows.append(labels)
     if renders_apart:
         _log(f"note: in {renders_apart} row(s) the chat template renders the prompt alone otherwise than before "
              "its answer; there the targets start where the two first differ (as in TRL)")
+    if stats is not None:
+        stats.update(rows=len(rows), longer_than_max_seq_len=too_long, dropped_no_answer_token=dropped)
     if not ids_rows:
         raise UserError(f"training.max_seq_len ({t.max_seq_len} tokens) leaves no answer token in any training row "
                         "(the prompts fill it); raise training.max_seq_len.")
+    if too_long and t.packing != "wrapped":
+        _log(f"note: {too_long} of {len(rows)} training row(s) are longer than training.max_seq_len "
+             f"({t.max_seq_len} tokens) and were cut to it"
+             + (f"; {dropped} of them kept no answer token and are left out" if dropped else "")
+             + "; raise training.max_seq_len to train on them whole")
     datasets.disable_progress_bars()
     data = datasets.Dataset.from_dict({"input_ids": ids_rows, "labels": label_rows})
     if not t.packing:
@@ -678,9 +761,10 @@ def training_dataset(cfg: Config, tok, rows: list[dict]):
     return packed
 
 
-def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=()):
-    """An SFTTrainer over ``train_rows`` whose training step raises NonFiniteLoss
-    before a non-finite loss can reach the optimizer."""
+def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=(), dataset=None):
+    """An SFTTrainer over ``train_rows`` (or the ``dataset`` training_dataset made of
+    them) whose training step raises NonFiniteLoss before a non-finite loss can reach
+    the optimizer."""
     import torch
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
@@ -726,7 +810,7 @@ def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: st
                 raise NonFiniteLoss(self.state.global_step + 1, float(loss))
             return loss
 
-    data = training_dataset(cfg, tok, train_rows)
+    data = dataset if dataset is not None else training_dataset(cfg, tok, train_rows)
     callbacks = list(callbacks)
     offload = None
     if _offloads(cfg):
@@ -776,48 +860,167 @@ def _prepare(cfg: Config) -> tuple[dict | None, dict]:
     return model_info, data
 
 
+def _check_model_fits(cfg: Config, tok, model_info: dict | None) -> None:
+    """What the model and the config must agree on, checked on the model's config alone
+    (an empty model on the meta device, no weights loaded): the tokenizer's ids have
+    embedding rows, and every lora.target_modules name is a module of the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from workbench import default
+
+    if cfg.builtin_model:
+        config = default.model_config(tok, cfg.model.path)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"the config.json of {cfg.model.path} cannot be read as a model config "
+                            f"({str(err).splitlines()[0][:200]}); use a checkpoint of a supported architecture."
+                            ) from None
+    rows = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    if rows and len(tok) > rows:
+        raise UserError(f"the tokenizer of {cfg.model.path} has {len(tok)} ids but the model's embedding has "
+                        f"{rows} rows, so some ids have no embedding; use the tokenizer the checkpoint was saved "
+                        "with.")
+    if cfg.kernels == "unsloth":
+        return   # Unsloth builds its own model; its get_peft_model names what it cannot target
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{cfg.model.path} cannot be built as a causal language model "
+                        f"({str(err).splitlines()[0][:200]}); use a checkpoint of a supported architecture.") from None
+    check_target_modules(cfg, model)
+
+
+def check_target_modules(cfg: Config, model) -> None:
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.lora.target_modules if m not in present]
+    if missing:
+        raise UserError(f"lora.target_modules names {', '.join(missing)}, which this model does not have; "
+                        "use module names of its linear layers (e.g. q_proj, v_proj).")
+
+
+#: Where a train stage builds its outputs until they are complete (one at a time: RUN/.lock).
+STAGING = ".train.partial"
+
+
+def _move_in(staging: Path, run: Path, rels: list[str]) -> None:
+    """Rename each staged output into the run (a folder replaces the old folder whole)."""
+    for rel in rels:
+        if (staging / rel).exists():
+            atomic.replace(staging / rel, run / rel)
+
+
 def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     """Train a LoRA adapter as configured, write it and its records into
-    ``run_dir``, and return the manifest's train record."""
+    ``run_dir``, and return the manifest's train record.
+
+    Everything that can be checked without training is checked before the run directory
+    is touched. The outputs are then built in RUN/.train.partial and renamed into place
+    only when training and saving succeeded, so a refused, failed or killed retrain
+    leaves the run's previous complete train record and its files as they were (the try
+    is noted under the manifest's ``attempts``)."""
     from workbench.offline import enforce_offline
 
     enforce_offline()
     global _MAIN
     state = _distributed_state()
     main = _MAIN = state is None or state.is_main_process
-    start = time.perf_counter()
     run = Path(run_dir).resolve()
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory; pass a directory (a new one, or one that "
+                        "`workbench train` made).")
+    _refuse_brought(run)
+    model_info, data = _prepare(cfg)
+
+    import transformers
+    from workbench import tokenizer as wtok
+
+    transformers.logging.set_verbosity_error()
+    if cfg.builtin_model:
+        tok = wtok.default_tokenizer()
+        family = "llama"
+    else:
+        tok, family = load_tokenizer(cfg, cfg.model.path), model_info["family"]
+    _check_model_fits(cfg, tok, model_info)
+    stats: dict = {}
+    dataset = training_dataset(cfg, tok, data["train"], stats)
+
+    with manifest.lock(run) if main else contextlib.nullcontext():
+        _refuse_brought(run)   # again, now that no other process can change the run
+        staging = run / STAGING
+        if main:
+            manifest.clean_leftovers(run)   # a killed train's staging folder (.train.partial) among them
+            staging.mkdir(parents=True)
+            manifest.note_attempt(run, "train", "running", pid=os.getpid())
+        kept = manifest.has_complete(run, "train")
+        try:
+            return _train(cfg, run, staging, state, main, tok, family, data, dataset, stats)
+        except BaseException as err:
+            if main:
+                _after_failure(run, staging, kept, err)
+            raise
+
+
+def _refuse_brought(run: Path) -> None:
     brought = [name for name, rec in manifest.read(run).get("stages", {}).items()
-               if isinstance(rec, dict) and rec.get("user_provided")] if run.is_dir() else []
+               if rec.get("user_provided")] if run.is_dir() else []
     if brought:
         raise UserError(f"{run} holds a {' and a '.join(brought)} stage you brought (user-provided), so training "
                         "there would mix a new adapter with it; use a new --run directory for a training run.")
-    model_info, data = _prepare(cfg)
 
+
+def _after_failure(run: Path, staging: Path, kept: bool, err: BaseException) -> None:
+    """A train that stopped: note how (unless it noted it itself, as a non-finite loss or
+    running out of memory do). With a previous complete train kept, its files stay and the
+    staged ones go; a first train's staged files are moved in (there is nothing to keep),
+    so its tokenizer, data and base sit next to train/last_good_adapter."""
+    try:
+        now = manifest.attempt(run, "train") if kept else manifest.stage(run, "train")
+        if (now or {}).get("status") == "running":
+            if isinstance(err, UserError):
+                status, error = "refused", str(err)
+            elif isinstance(err, KeyboardInterrupt):
+                status, error = "interrupted", "interrupted (Ctrl-C)"
+            else:
+                status, error = "failed", f"{type(err).__name__}: {err}"
+            manifest.note_attempt(run, "train", status, error=error[:500])
+        if not kept:
+            _move_in(staging, run, [*_staged_outputs(), "train/loss.jsonl"])
+        elif (staging / "train" / "loss.jsonl").is_file():
+            atomic.replace(staging / "train" / "loss.jsonl", run / "train" / "failed_loss.jsonl")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staged_outputs() -> list[str]:
+    """What a failed first train moves in: everything but the adapter (only a finished
+    train writes adapter/) and the loss log (the caller decides)."""
+    return ["config.yaml", "base", "tokenizer", "data"]
+
+
+def _train(cfg: Config, run: Path, staging: Path, state, main: bool, tok, family: str, data: dict, dataset,
+           stats: dict) -> dict:
     import torch
     import transformers
     from workbench import config as config_mod, default, tokenizer as wtok
 
-    transformers.logging.set_verbosity_error()
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        # Until this run completes, later stages must not take an older adapter here for its result.
-        manifest.record_stage(run, "train", {"status": "running"})
-        atomic.write_text(run / "config.yaml", config_mod.dump(cfg))
+    start = time.perf_counter()
     timings = {}
-
     _log("preparing tokenizer, base model and data")
-    if cfg.builtin_model:
-        tok = wtok.default_tokenizer()
-        base = str(default.write_base(tok, run / "base", cfg.model.path) if main else run / "base")
-        family = "llama"
-    else:
-        base, family = cfg.model.path, model_info["family"]
-        tok = load_tokenizer(cfg, base)
     if main:
-        wtok.save_tokenizer(tok, run / "tokenizer")
-        synthetic.write_jsonl(data["train"], run / "data" / "train.jsonl")
-        synthetic.write_jsonl(data["test"], run / "data" / "test.jsonl")
+        atomic.write_text(staging / "config.yaml", config_mod.dump(cfg))
+    if cfg.builtin_model:
+        base = str(default.write_base(tok, staging / "base", cfg.model.path) if main else staging / "base")
+        base_record = "base"   # inside the run: recorded relative to it, so the run can move
+    else:
+        base = base_record = cfg.model.path
+    if main:
+        wtok.save_tokenizer(tok, staging / "tokenizer")
+        synthetic.write_jsonl(data["train"], staging / "data" / "train.jsonl")
+        synthetic.write_jsonl(data["test"], staging / "data" / "test.jsonl")
     _wait_for_everyone(state)  # the other processes load the base the main one wrote
     test_rows = data["test"][:cfg.eval.max_rows] if main else []
 
@@ -825,8 +1028,8 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
     t0 = time.perf_counter()
     model = load_model(cfg, base)
     timings["load_s"] = round(time.perf_counter() - t0, 3)
-    _log(f"loaded {family} base {base} ({sum(p.numel() for p in model.parameters()):,} parameters"
-         f"{', NF4' if cfg.quantization else ''})")
+    _log(f"loaded {family} base {cfg.model.path if cfg.builtin_model else base} "
+         f"({sum(p.numel() for p in model.parameters()):,} parameters{', NF4' if cfg.quantization else ''})")
 
     evals = {}
     if test_rows:
@@ -849,29 +1052,28 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
                                                              if cfg.training.gradient_checkpointing else "")}
 
     steps = total_steps(cfg, len(data["train"]))
-    shutil.rmtree(run / "train" / "last_good_adapter", ignore_errors=True)  # from an earlier failed run
     LossLog, Snapshots = _callbacks()
-    loss_log, snapshots = LossLog(run / "train" / "loss.jsonl", steps), Snapshots(model)
-    (run / "train").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".trainer.", dir=run / "train") as scratch:  # nothing is saved there
-        trainer = make_trainer(cfg, model, tok, data["train"], scratch, [loss_log, snapshots])
-        _log(f"training {steps} steps on {len(data['train'])} rows (batch {cfg.training.batch_size} x "
-             f"accumulation {cfg.training.grad_accum})")
+    loss_log, snapshots = LossLog(staging / "train" / "loss.jsonl", steps), Snapshots(model)
+    (staging / "train").mkdir(exist_ok=True)
+    scratch = staging / "trainer"   # nothing is saved there (save_strategy "no"); removed with the staging folder
+    trainer = make_trainer(cfg, model, tok, data["train"], str(scratch), [loss_log, snapshots], dataset=dataset)
+    _log(f"training {steps} steps on {len(data['train'])} rows (batch {cfg.training.batch_size} x "
+         f"accumulation {cfg.training.grad_accum})")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    calls_before = importlib.import_module("workbench.patch").kernel_calls() if options else {}
+    t0 = time.perf_counter()
+    try:
+        result = trainer.train()
+    except NonFiniteLoss as err:
+        _fail_non_finite(cfg, run, model, snapshots, err)
+    except torch.OutOfMemoryError:
+        del trainer
         if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        calls_before = importlib.import_module("workbench.patch").kernel_calls() if options else {}
-        t0 = time.perf_counter()
-        try:
-            result = trainer.train()
-        except NonFiniteLoss as err:
-            _fail_non_finite(cfg, run, model, snapshots, err)
-        except torch.OutOfMemoryError:
-            del trainer
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            _fail(run, "out of memory", {})
-            raise UserError(_oom_message(cfg)) from None
-        timings["train_s"] = round(time.perf_counter() - t0, 3)
+            torch.cuda.empty_cache()
+        _fail(run, "out of memory", {})
+        raise UserError(_oom_message(cfg)) from None
+    timings["train_s"] = round(time.perf_counter() - t0, 3)
     if options:  # what actually ran during training (a patched module can still fall back per call)
         calls = importlib.import_module("workbench.patch").kernel_calls()
         kernel_report["calls_in_training"] = {k: n - calls_before.get(k, 0) for k, n in sorted(calls.items())
@@ -886,32 +1088,49 @@ def run_train(cfg: Config, run_dir: str | os.PathLike) -> dict:
         return manifest.stage(run, "train")
     tokens = int(loss_log.rows[-1]["tokens"] or 0) if loss_log.rows else 0
 
-    with atomic.directory(run / "adapter") as adapter_tmp:
-        model.save_pretrained(adapter_tmp, safe_serialization=True)
-        if test_rows:
-            t0 = time.perf_counter()
-            evals["adapter"] = accuracy(model, tok, test_rows, cfg.eval.max_new_tokens)
-            timings["eval_adapter_s"] = round(time.perf_counter() - t0, 3)
-            _log(f"adapter accuracy on {len(test_rows)} held-out rows: {evals['adapter']['accuracy']:.3f} "
-                 f"(base {evals['base']['accuracy']:.3f})")
-        atomic.write_json(run / "train" / "eval.json", evals or {"skipped": "eval.max_rows is 0"})
+    adapter_tmp = staging / "adapter"
+    model.save_pretrained(adapter_tmp, safe_serialization=True)
+    # PEFT names the folder the base was loaded from (here the staging folder): name where it will be.
+    adapter_config = adapter_tmp / "adapter_config.json"
+    acfg = json.loads(adapter_config.read_text())
+    acfg["base_model_name_or_path"] = str(run / "base") if cfg.builtin_model else base
+    adapter_config.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+    if test_rows:
+        t0 = time.perf_counter()
+        evals["adapter"] = accuracy(model, tok, test_rows, cfg.eval.max_new_tokens)
+        timings["eval_adapter_s"] = round(time.perf_counter() - t0, 3)
+        _log(f"adapter accuracy on {len(test_rows)} held-out rows: {evals['adapter']['accuracy']:.3f} "
+             f"(base {evals['base']['accuracy']:.3f})")
+    atomic.write_json(staging / "train" / "eval.json", evals or {"skipped": "eval.max_rows is 0"})
+
+    # Complete: the staged outputs replace the old ones, the adapter last but one and the
+    # config last (a kill in between leaves the old record, whose output hashes no longer
+    # match, so the next run trains again).
+    shutil.rmtree(scratch, ignore_errors=True)
+    _move_in(staging, run, ["base", "tokenizer", "data", "train/loss.jsonl", "train/eval.json", "adapter",
+                            "config.yaml"])
+    shutil.rmtree(run / "train" / "last_good_adapter", ignore_errors=True)  # from an earlier failed run
+    (run / "train" / "failed_loss.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
     timings["total_s"] = round(time.perf_counter() - start, 3)
 
     record = {
-        "inputs": {"config": "config.yaml", "base_model": base, "dataset": data["info"]},
+        "inputs": {"config": "config.yaml", "base_model": base_record, "dataset": data["info"]},
         "input_hashes": {
             "config": manifest.sha256_file(run / "config.yaml"),
-            "base_model": manifest.hash_tree(base),
+            "base_model": manifest.hash_tree(manifest.resolve(run, base_record)),
             "train_data": manifest.sha256_file(run / "data" / "train.jsonl"),
             "test_data": manifest.sha256_file(run / "data" / "test.jsonl"),
         },
-        "base_model": base,
+        "base_model": base_record,
         "family": family,
         "quantization": quantization_record(cfg),
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "target_modules": list(cfg.lora.target_modules), "use_rslora": cfg.lora.use_rslora},
         "dataset": {**data["info"], "train_rows": len(data["train"]), "test_rows": len(data["test"]),
-                    "train": "data/train.jsonl", "test": "data/test.jsonl"},
+                    "train": "data/train.jsonl", "test": "data/test.jsonl",
+                    "rows_longer_than_max_seq_len": stats.get("longer_than_max_seq_len", 0),
+                    "rows_left_out_no_answer_token": stats.get("dropped_no_answer_token", 0)},
         "kernels": kernel_report,
         "processes": state.num_processes if state is not None else 1,  # data-parallel ranks
         "steps": result.global_step,
@@ -958,7 +1177,7 @@ def _versions() -> dict:
 
 def _fail(run: Path, reason: str, extra: dict) -> None:
     if _MAIN:
-        manifest.record_stage(run, "train", {"status": "failed", "error": reason, **extra})
+        manifest.note_attempt(run, "train", "failed", error=reason, **extra)
 
 
 def _fail_non_finite(cfg: Config, run: Path, model, snapshots, err: NonFiniteLoss):
@@ -968,9 +1187,12 @@ def _fail_non_finite(cfg: Config, run: Path, model, snapshots, err: NonFiniteLos
     if snapshots.restore() and _MAIN:
         with atomic.directory(run / "train" / "last_good_adapter") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
+            acfg = json.loads((tmp / "adapter_config.json").read_text())
+            acfg["base_model_name_or_path"] = str(run / "base") if cfg.builtin_model else cfg.model.path
+            (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
         extra.update(last_good_adapter="train/last_good_adapter", last_good_step=snapshots.good_step)
         where = (f"the adapter after {snapshots.good_step} step(s), the last with a finite loss, is in "
                  f"{run / 'train' / 'last_good_adapter'}")
     _fail(run, f"non-finite loss at step {err.step}", extra)
-    raise UserError(f"training stopped: the loss became {err.value} at step {err.step}; {where}. Lower "
+    raise UserError(f"training stopped: the loss became {err.value} at step {err.step}; {where}; lower "
                     f"training.lr (now {cfg.training.lr:g}) or check the data for broken rows.") from None

@@ -68,8 +68,9 @@ def load_tolerances(path: str | Path | None) -> dict:
             raise UserError(f"tolerances file {path}: {kind!r}: {limits!r} is not understood; kinds: "
                             f"{', '.join(tolerances)}; each maps score and/or perplexity to a number.")
         for key, value in limits.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise UserError(f"tolerances file {path}: {kind}.{key} must be a number >= 0, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise UserError(f"tolerances file {path}: {kind}.{key} must be a finite number >= 0, got {value!r}.")
             tolerances[kind][key] = float(value)
     return tolerances
 

@@ -118,6 +118,9 @@ def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[
     enforce_offline()
     start = time.perf_counter()
     run = Path(run).resolve()
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR that `workbench train` "
+                        "wrote.")
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist; pass the --run DIR that `workbench train` wrote.")
     if limit is not None and limit < 1:
@@ -126,9 +129,14 @@ def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[
         raise UserError(f"--tasks names no task; give comma-separated names, e.g. {','.join(suite.SHIPPED_TASKS)}.")
     limits = compare.load_tolerances(tolerances)
     include = [Path(p).resolve() for p in include]
+    suite.check_task_folders(include)
+    with manifest.lock(run):
+        return _run_eval(run, tasks, model_kinds, include, limit, limits, chat_template, start)
+
+
+def _run_eval(run: Path, tasks, model_kinds, include, limit, limits, chat_template, start) -> dict:
     artifacts = models.locate(run)
     chosen = choose_models(artifacts, model_kinds)
-    suite.check_task_folders(include)
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)   # its INFO lines would drown the progress
     train = manifest.stage(run, "train")
@@ -181,7 +189,7 @@ def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[
     from workbench.envinfo import _version
 
     record = manifest.record_stage(run, "eval", {
-        "inputs": {k: str(artifacts[k].path) for k in chosen},
+        "inputs": {k: manifest.relative(run, artifacts[k].path) for k in chosen},
         "input_hashes": hashes,
         "models": chosen,
         "skipped": {k: a.missing for k, a in artifacts.items() if k not in chosen and a.missing},

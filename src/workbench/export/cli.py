@@ -33,6 +33,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = run_export(args.run, quants, thresholds=args.thresholds)
     for kind, entry in report["files"].items():
         status = "ok" if entry["passed"] else "FAILED: " + "; ".join(entry["failures"])
+        if entry.get("fallback_note"):
+            status += f" (note: {entry['fallback_note']})"
         print(f"{entry['file']}: {status}")
     print(f"export report: {args.run}/export/export_report.json")
     if not report["passed"]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,21 @@ def _tensors(merged: Path, config: dict):
         raise UserError(f"{merged} has no lm_head.weight although config.json says the embeddings are not tied.")
 
 
+def no_space(err: OSError) -> bool:
+    """A full disk, also where numpy's short write ("N requested and M written") carries no errno."""
+    return err.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        err.errno is None and "requested and" in str(err) and "written" in str(err))
+
+
+def write_error(err: OSError, path: Path, command: str) -> UserError:
+    """One sentence for an OSError while writing ``path`` (the temp file is already gone)."""
+    if no_space(err):
+        return UserError(f"no space left on the device while writing {path.name}; free space on {path.parent} and "
+                         f"rerun `{command}` (no partial file was kept).")
+    return UserError(f"could not write {path.name} ({err.strerror or err}); check {path.parent} (permissions, free "
+                     f"space) and rerun `{command}` (no partial file was kept).")
+
+
 def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir: str | Path | None = None) -> dict:
     """Write ``merged`` (a HF checkpoint folder) as a GGUF of ``out_type`` (f16/bf16)
     at ``out_path``. Returns facts for the report: arch, pre-tokenizer, tensor count, notes."""
@@ -103,8 +119,10 @@ def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir
     meta = vocab.load(tokenizer_dir or merged, config["vocab_size"])
     ftype = gguf.LlamaFileType.MOSTLY_F16 if out_type == "f16" else gguf.LlamaFileType.MOSTLY_BF16
 
-    tmp = out_path.with_name(f".{out_path.name}.partial")
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
     try:
         writer.add_name(merged.name)
@@ -126,11 +144,13 @@ def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir
             os.fsync(fh.fileno())
         os.replace(tmp, out_path)
     except BaseException as err:
-        writer.close()
+        try:
+            writer.close()
+        except OSError:
+            pass   # closing flushes, and a full disk refuses that too
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise UserError(f"no space left on the device while writing {out_path.name}; free space on "
-                            f"{out_path.parent} and rerun `workbench export` (no partial file was kept).") from None
+        if isinstance(err, OSError):
+            raise write_error(err, out_path, "workbench export") from None
         raise
     return {"arch": family, "gguf_arch": writer.arch, "pre_tokenizer": meta.pre, "tensors": count,
             "vocab_padded": meta.padded, "add_bos": meta.add_bos, "special_ids": meta.special_ids,

@@ -39,20 +39,24 @@ def log(msg: str) -> None:
 
 
 def require_run(run: Path) -> None:
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR that `workbench train` "
+                        "wrote.")
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist; pass the --run DIR that `workbench train` wrote.")
 
 
 def base_model_path(run: Path, train: dict) -> Path:
-    """The base checkpoint folder: the train record's base_model, else the adapter's
-    base_model_name_or_path when it is a local folder."""
+    """The base checkpoint folder: the train record's base_model (relative to the run
+    when it lies inside it), else the adapter's base_model_name_or_path when it is a
+    local folder."""
     candidates = [train.get("base_model")]
     adapter_config = run / "adapter" / "adapter_config.json"
     if adapter_config.is_file():
         candidates.append(json.loads(adapter_config.read_text()).get("base_model_name_or_path"))
     for c in candidates:
-        if c and (Path(c).is_dir() or (run / c).is_dir()):
-            base = Path(c) if Path(c).is_dir() else run / c
+        if c and isinstance(c, str) and manifest.resolve(run, c).is_dir():
+            base = manifest.resolve(run, c)
             if not any(base.glob("*.safetensors")):
                 raise UserError(f"base model {base} has no .safetensors weights; only safetensors are loaded — "
                                 "convert the checkpoint to safetensors first.")
@@ -80,6 +84,86 @@ def _require_adapter(run: Path) -> Path:
         raise UserError(f"{adapter} has no adapter_config.json + adapter_model.safetensors; "
                         "rerun `workbench train --run DIR` (only safetensors adapters are loaded).")
     return adapter
+
+
+#: How many keys a coverage refusal names.
+_NAMED = 3
+
+
+def check_adapter_covers(adapter: Path, base: Path) -> None:
+    """Refuse (UserError) an adapter that does not fit ``base`` exactly, before anything is
+    merged: every linear layer of the base that its target_modules name must have its
+    lora_A/lora_B pair, every adapter tensor must belong to a layer of the base, and the
+    shapes must fit the layer (A: r x in, B: out x r). PEFT only warns about missing
+    keys and leaves its random initialisation in their place."""
+    import re
+
+    from safetensors import safe_open
+
+    from workbench.train import check_safetensors
+
+    try:
+        acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{adapter / 'adapter_config.json'} is not valid JSON ({err}); fix or re-save the "
+                        "adapter.") from None
+    check_safetensors(adapter / "adapter_model.safetensors")
+    base_shapes = {}
+    for f in sorted(base.glob("*.safetensors")):
+        check_safetensors(f)
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                base_shapes[key] = list(fh.get_slice(key).get_shape())
+    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as fh:
+        adapter_shapes = {key: list(fh.get_slice(key).get_shape()) for key in fh.keys()}
+
+    targets = acfg.get("target_modules") or []
+    exclude = acfg.get("exclude_modules") or []
+    layers = acfg.get("layers_to_transform")
+    layers = {layers} if isinstance(layers, int) else set(layers or [])
+
+    def targeted(module: str) -> bool:
+        def named(spec) -> bool:
+            if isinstance(spec, str):
+                return re.fullmatch(spec, module) is not None or module == spec or module.endswith("." + spec)
+            return any(module == t or module.endswith("." + t) for t in spec)
+        if not named(targets) or (exclude and named(exclude)):
+            return False
+        if layers:
+            found = re.search(r"\.(\d+)\.", module)
+            return found is not None and int(found.group(1)) in layers
+        return True
+
+    prefix = "base_model.model."
+    expected = {}
+    for key, shape in base_shapes.items():
+        if key.endswith(".weight") and len(shape) == 2 and targeted(key[:-len(".weight")]):
+            module = key[:-len(".weight")]
+            expected[f"{prefix}{module}.lora_A.weight"] = ("A", shape)
+            expected[f"{prefix}{module}.lora_B.weight"] = ("B", shape)
+    missing = sorted(k for k in expected if k not in adapter_shapes)
+    unexpected, wrong = [], []
+    for key, shape in sorted(adapter_shapes.items()):
+        if key in expected:
+            part, (out_features, in_features) = expected[key]
+            if len(shape) != 2 or (part == "A" and shape[1] != in_features) or (part == "B" and shape[0] != out_features):
+                wrong.append(f"{key} {shape} (the base's layer is {out_features} x {in_features})")
+        elif not (key.startswith(prefix) and key[len(prefix):] in base_shapes):
+            unexpected.append(key)   # (a modules_to_save tensor names a tensor of the base)
+
+    def few(keys) -> str:
+        return ", ".join(keys[:_NAMED]) + (f" and {len(keys) - _NAMED} more" if len(keys) > _NAMED else "")
+
+    fix = "merge it into the base it was trained on (--base FOLDER)"
+    if missing:
+        raise UserError(f"the adapter in {adapter} does not cover the base {base}: {len(missing)} LoRA tensor(s) "
+                        f"of layers its target_modules name are missing ({few(missing)}); {fix}.")
+    if unexpected:
+        raise UserError(f"the adapter in {adapter} does not fit the base {base}: {len(unexpected)} tensor(s) name "
+                        f"no layer of the base ({few(unexpected)}); {fix}.")
+    if wrong:
+        raise UserError(f"the adapter in {adapter} does not fit the base {base}: {len(wrong)} tensor(s) have the "
+                        f"wrong shape ({few(wrong)}); {fix}.")
 
 
 def _with_adapter(model, adapter: Path):
@@ -132,7 +216,6 @@ def save_atomically(model, dtype: str, tok_dir: Path, final: Path) -> None:
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    old = final.with_name(f".{final.name}.old")
     try:
         model.to(getattr(torch, dtype)).save_pretrained(str(tmp), safe_serialization=True)
         for f in tok_dir.iterdir():
@@ -141,16 +224,15 @@ def save_atomically(model, dtype: str, tok_dir: Path, final: Path) -> None:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        atomic.replace(tmp, final)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"no space left on the device while writing {final}; free space on {final.parent} "
                             "and rerun `workbench merge` (the earlier stages are untouched).") from None
+        if isinstance(err, OSError):
+            raise UserError(f"could not write {final} ({err.strerror or err}); check {final.parent} (free space, "
+                            "permissions) and rerun `workbench merge` (the earlier stages are untouched).") from None
         raise
 
 
@@ -162,14 +244,20 @@ def _evaluate_saved(folder: Path, ref, wins, device: str) -> dict:
 def run_merge(run: str | Path, heldout: str | None = None) -> dict:
     """The merge stage. ``heldout``: the text perplexity is measured on (default:
     the built-in synthetic held-out split). Returns the report."""
-    import torch
-    from transformers import AutoTokenizer
 
     from workbench.offline import enforce_offline
 
     enforce_offline()
     run = Path(run)
     require_run(run)
+    with manifest.lock(run):
+        return _run_merge(run, heldout)
+
+
+def _run_merge(run: Path, heldout: str | None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
     train = manifest.require_stage(run, "train", "run `workbench train --run DIR` first, or bring your own adapter "
                                    "with `workbench merge --run DIR --adapter FOLDER --base FOLDER`.")
     adapter = _require_adapter(run)
@@ -177,6 +265,7 @@ def run_merge(run: str | Path, heldout: str | None = None) -> dict:
     if not (tok_dir / "tokenizer.json").is_file():
         raise UserError(f"{tok_dir} has no tokenizer.json; the train stage writes it — rerun `workbench train`.")
     base = base_model_path(run, train)
+    check_adapter_covers(adapter, base)
     dtype = stored_dtype(base)
     quant = train.get("quantization")
     if quant and quant.get("type") != "nf4":
@@ -194,8 +283,11 @@ def run_merge(run: str | Path, heldout: str | None = None) -> dict:
     if not wins:
         raise UserError("the held-out text is too short to measure perplexity (fewer than 2 tokens).")
     out_dir = run / "merge"
-    for stale in out_dir.glob(".*.partial"):   # left by a killed merge
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out_dir.glob(".*.partial"):   # left by a killed merge (we hold the run's lock)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
     if quant:
         log(f"reference: adapter on the NF4 base {base} (bitsandbytes, compute {quant.get('compute_dtype')})")
@@ -214,7 +306,7 @@ def run_merge(run: str | Path, heldout: str | None = None) -> dict:
         ref = hf_logits(peft_model, wins)
     save_atomically(peft_model.merge_and_unload(), dtype, tok_dir, out_dir / "merged")
     del peft_model
-    report = {"base_model": str(base), "dtype": dtype, "quantization": quant, "reference": reference,
+    report = {"base_model": manifest.relative(run, base), "dtype": dtype, "quantization": quant, "reference": reference,
               "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
     log("comparing merge/merged with the reference")
     report["merged"] = _evaluate_saved(out_dir / "merged", ref, wins, device)
@@ -243,7 +335,7 @@ def run_merge(run: str | Path, heldout: str | None = None) -> dict:
             log(f"{key}: KL mean {m['kl_mean']:.3g}, top-1 {m['top1_agreement']:.4f}, "
                 f"max |dlogit| {m['max_abs_logit_diff']:.3g}, ppl {m['ppl']:.4g} vs {m['ppl_ref']:.4g}")
     manifest.record_stage(run, "merge", {
-        "inputs": {"adapter": "adapter", "base_model": str(base), "tokenizer": "tokenizer"},
+        "inputs": {"adapter": "adapter", "base_model": manifest.relative(run, base), "tokenizer": "tokenizer"},
         "input_hashes": {"adapter": manifest.hash_tree(adapter), "tokenizer": manifest.hash_tree(tok_dir),
                          "base_model": manifest.hash_tree(base)},
         "dtype": dtype, "quantization": quant, "merged_dir": "merge/merged",

@@ -62,14 +62,19 @@ def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None
     enforce_offline()
     run = Path(run)
     require_run(run)
+    with manifest.lock(run):
+        return _run_export(run, quants, thresholds, heldout)
+
+
+def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
     merged = _merged_folder(run)
     limits = verify.load_thresholds(thresholds)
     config = json.loads((merged / "config.json").read_text())
     archs.check_exportable(config)   # refuse before writing anything
     out = run / "export"
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.partial"):
-        stale.unlink()
+    for stale in out.glob(".*.partial"):   # a killed export's (we hold the run's lock)
+        stale.unlink(missing_ok=True)
 
     floats = [q for q in quants if q in gguf_writer.FLOAT_TYPES]
     quantized = [q for q in quants if q in quantize.QUANTS]
@@ -101,7 +106,8 @@ def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None
         entries[kind] = {"path": path.relative_to(run).as_posix(), **manifest.file_record(path), "type": kind,
                          "passed": entry["passed"], "llama_cpp": entry["llama_cpp"],
                          "tokenizer_mismatches": len(entry["tokenizer"]["mismatches"]),
-                         "transformers": entry["transformers"]}
+                         "transformers": entry["transformers"],
+                         **({"fallback_note": entry["fallback_note"]} if entry.get("fallback_note") else {})}
     manifest.record_stage(run, "export", {
         "status": "complete" if report["passed"] else "failed_verification",
         "inputs": {"merged": merged.relative_to(run).as_posix()},
@@ -143,6 +149,11 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
         if kind in types:
             entry["tensor_types"] = {n: t["type"] for n, t in types[kind].items()}
             entry["fallbacks"] = quantize.fallbacks(types[kind], kind)
+            entry["matrices"] = sum(len(t["shape"]) > 1 for t in types[kind].values())
+            note = quantize.fallback_note(kind, entry)
+            if note:
+                entry["fallback_note"] = note
+                log(f"note: {note}")
         m = checks["llama_cpp"]
         log(f"{path.name}: KL mean {m['kl_mean']:.3g}, top-1 {m['top1_agreement']:.4f}, max |dlogit| "
             f"{m['max_abs_logit_diff']:.3g}, ppl delta {m['ppl_rel_delta']:+.2e}"

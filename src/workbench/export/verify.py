@@ -15,6 +15,7 @@ with the same shape overrides them (``workbench export --thresholds FILE``).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -73,7 +74,13 @@ def load_thresholds(path: str | Path | None) -> dict:
         if quant not in thresholds or unknown:
             raise UserError(f"thresholds file {path}: unknown type {quant!r} or metric(s) {sorted(unknown)}; "
                             f"types: {', '.join(thresholds)}; metrics: {', '.join(DEFAULT_THRESHOLDS['f16'])}.")
-        thresholds[quant].update({k: float(v) for k, v in limits.items()})
+        for key, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (key == "top1_agreement" and value > 1):
+                raise UserError(f"thresholds file {path}: {quant}.{key} must be a finite number >= 0"
+                                + (" and at most 1 (a fraction)" if key == "top1_agreement" else "")
+                                + f", got {value!r}.")
+            thresholds[quant][key] = float(value)
     return thresholds
 
 
