@@ -244,7 +244,6 @@ def _evaluate_saved(folder: Path, ref, wins, device: str) -> dict:
 def run_merge(run: str | Path, heldout: str | None = None) -> dict:
     """The merge stage. ``heldout``: the text perplexity is measured on (default:
     the built-in synthetic held-out split). Returns the report."""
-
     from workbench.offline import enforce_offline
 
     enforce_offline()
