@@ -5,12 +5,13 @@ import sys
 
 import pytest
 
+from workbench.bench import child
 from workbench.cli import main
 
 
 def test_kernel_bench_smoke_writes_a_report_without_errors(tmp_path, capsys):
     # The CPU path only proves the harness end to end (tiny shapes, interpreter); GPU numbers come from `device`.
-    code = main(["bench", "--shape", "tiny", "--only", "rms_norm,swiglu,cross_entropy", "--report", str(tmp_path),
+    code = main(["bench", "kernels", "--shape", "tiny", "--only", "rms_norm,swiglu,cross_entropy", "--report", str(tmp_path),
                  "--tag", "smoke"])
     assert code == 0
     (js,) = tmp_path.glob("*.json")
@@ -27,14 +28,21 @@ def test_kernel_bench_smoke_writes_a_report_without_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["bench", "--suite", "inference"], "unknown suite"),
-    (["bench", "--shape", "llama3-8b"], "need a CUDA device"),
-    (["bench", "--shape", "tiny", "--only", "nope"], "unknown kernel"),
-    (["bench", "--shape", "tiny", "--only", "rms_norm", "--tag", "../x"], "part of a file name"),
+    (["bench", "kernels", "--shape", "llama3-8b"], "need a CUDA device"),
+    (["bench", "kernels", "--shape", "tiny", "--only", "nope"], "unknown kernel"),
+    (["bench", "kernels", "--shape", "tiny", "--only", "rms_norm", "--tag", "../x"], "part of a file name"),
 ])
 def test_bench_user_errors(args, message, capsys):
+    if "CUDA" in message and __import__("torch").cuda.is_available():
+        pytest.skip("the message is about machines without CUDA")
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_suite_is_a_subcommand_and_an_unknown_one_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "inference"])
+    assert stop.value.code == 2 and "invalid choice: 'inference'" in capsys.readouterr().err
 
 
 def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_path):
@@ -62,7 +70,7 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
            "peft": "x"}
     png = tbench.plot(result, tmp_path / "curves.png")
     assert png.stat().st_size > 1000
-    text = tbench.markdown(result, env, "workbench bench --suite train", png.name)
+    text = tbench.markdown(result, env, "workbench bench train", png.name)
     assert "| lora | ours | 3 | 0.00e+00 | 1.00e-03 | 0.00e+00 | — | 2.00x | 0.50 | agrees |" in text
     assert "| lora | ours-gc | 3 | 0.00e+00 | 5.00e-02 | 5.00e-02 | — | 1.33x (whole run) | 0.20 | **DIFFERS** |" in text
     # What a flag says about its cause: other data (the first batches' fingerprints), or a
@@ -87,7 +95,7 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
     runs[1]["kernels"] = {"swapped": {"rms_norm": {"LlamaRMSNorm": 5}, "rope": {"x": 2}},
                           "calls_in_training": {"lora_o": 6}}
     runs[2]["kernels"] = {"swapped": {"rms_norm": {"LlamaRMSNorm": 5}}, "calls_in_training": {}}
-    text = tbench.markdown(result, env, "workbench bench --suite train", png.name)
+    text = tbench.markdown(result, env, "workbench bench train", png.name)
     row = next(line for line in text.splitlines() if line.startswith("| lora | ours (workbench.patch) |"))
     assert row.endswith("| lora_o ×6 |") and "rms_norm" not in row
     assert "| none ran (every call fell back) |" in text
@@ -99,7 +107,7 @@ def test_batch_fingerprint_ignores_the_layout_and_sees_the_data():
     another label mask or another token gives another."""
     import torch
 
-    from workbench.train import batch_fingerprint
+    from workbench.data import batch_fingerprint
 
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
@@ -142,11 +150,12 @@ def test_optional_train_stacks_are_skipped_with_a_reason_and_refused_when_asked_
     assert "liger" not in run and skipped.pop("liger") == "liger-kernel is not installed"
     assert set(skipped) == {"unsloth", "unsloth-gc"} and "WORKBENCH_UNSLOTH_SITE" in skipped["unsloth"]
     assert {"hf", "hf-gc", "ours", "ours-gc"} <= set(run)
-    assert tbench._config(__import__("pathlib").Path("/x"), "lora", "liger", 3, 2, 0, None)["kernels"] == "liger"
-    assert tbench._config(__import__("pathlib").Path("/x"), "lora", "ours-gc", 3, 2, 0, None)["kernels"] is True
-    assert tbench._config(__import__("pathlib").Path("/x"), "lora", "hf-gc", 3, 2, 0, None)["kernels"] is False
+    # Our kernels are the ours stacks' only: the peers' are the stack's to apply (bench/stacks.py).
+    assert tbench.config_for(Path("/x"), "lora", "liger", 3, 2, 0, None)["kernels"] is False
+    assert tbench.config_for(Path("/x"), "lora", "ours-gc", 3, 2, 0, None)["kernels"] is True
+    assert tbench.config_for(Path("/x"), "lora", "hf-gc", 3, 2, 0, None)["kernels"] is False
     # Asked for by name, a stack that cannot run is an error, not a quiet skip.
-    assert main(["bench", "--suite", "train", "--shape", "tiny", "--stacks", "hf,liger"]) == 2
+    assert main(["bench", "train", "--shape", "tiny", "--stacks", "hf,liger"]) == 2
     assert "--stacks liger: liger-kernel is not installed" in capsys.readouterr().err
 
 
@@ -173,28 +182,29 @@ def test_unsloth_stacks_run_from_their_own_site(monkeypatch, tmp_path):
     assert run == ["hf", "unsloth", "unsloth-gc"] and not skipped
     assert tbench.stack_env("unsloth-gc")["PYTHONPATH"] == f"{site.resolve()}{os.pathsep}/main/site"
     assert tbench.stack_env("ours") is None and tbench.stack_env("liger") is None
-    cfg = tbench._config(tmp_path, "qlora", "unsloth-gc", 3, 2, 0, 64)
-    assert cfg["kernels"] == "unsloth" and cfg["training"]["gradient_checkpointing"] is True
+    cfg = tbench.config_for(tmp_path, "qlora", "unsloth-gc", 3, 2, 0, 64)
+    assert cfg["kernels"] is False and cfg["training"]["gradient_checkpointing"] is True
+    assert child.train_command("x.yaml", "run", "unsloth-gc")[2:5] == ["workbench.bench.train_child", "--stack",
+                                                                        "unsloth-gc"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")
 def test_train_suite_needs_cuda_for_real_shapes(capsys):
     from workbench.cli import main
 
-    assert main(["bench", "--suite", "train", "--shape", "llama3.2-1b"]) == 2
+    assert main(["bench", "train", "--shape", "llama3.2-1b"]) == 2
     assert "need a CUDA device" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- workbench regress
-KERNEL_REPORT = "reports/kernels/2026-11-23-nvidia-h100-80gb-hbm3.json"
-TRAIN_REPORT = "reports/train/2026-11-23-nvidia-h100-80gb-hbm3.json"
+FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+KERNEL_REPORT = str(FIXTURES / "kernels-2026-11-23-nvidia-h100-80gb-hbm3.json")
+TRAIN_REPORT = str(FIXTURES / "train-2026-11-23-nvidia-h100-80gb-hbm3.json")
 
 
 def _report_pair(tmp_path, source, edit):
-    """The committed H100 report as baseline, and a copy changed by ``edit`` as the new run."""
-    from workbench.cli import REPO_ROOT
-
-    doc = json.loads((REPO_ROOT / source).read_text())
+    """A real H100 report (a copy of the archive's) as baseline, and a copy changed by ``edit`` as the new run."""
+    doc = json.loads(Path(source).read_text())
     old = tmp_path / "old.json"
     old.write_text(json.dumps(doc))
     edit(doc)
@@ -289,7 +299,7 @@ def _flagged_lines(text):
     return [line for line in text.splitlines() if "**" in line and line.startswith("| ")]
 
 
-CONTEXT_REPORT = "reports/context/2026-11-30-nvidia-h200-full-262144.json"
+CONTEXT_REPORT = str(FIXTURES / "context-2026-11-30-nvidia-h200-full-262144.json")
 
 
 def test_regress_on_context_reports_flags_a_shorter_fit_and_more_memory_at_a_length(tmp_path, capsys):
@@ -423,14 +433,13 @@ def test_context_suite_passes_its_search_options(monkeypatch, tmp_path, capsys):
                           "trials": [{"seq": 131072, "fits": True, "peak_memory_gib": 40.0,
                                       "peak_reserved_gib": 44.5, "step_s": 61.0}]}]}
     from workbench import envinfo
-
-    from workbench import cli
+    from workbench.cli import bench as bench_cli
 
     env = envinfo.environment()  # this machine's, taken before CUDA is faked below
-    monkeypatch.setattr(cli, "_environment_of_a_child", lambda: dict(env, device="Fake GPU"))
+    monkeypatch.setattr(bench_cli, "environment_of_a_child", lambda: dict(env, device="Fake GPU"))
     monkeypatch.setattr(context, "run", fake_run)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert main(["bench", "--suite", "context", "--stacks", "ours-gc", "--seq", "32768", "--max-seq", "131072",
+    assert main(["bench", "context", "--stacks", "ours-gc", "--seq", "32768", "--max-seq", "131072",
                  "--granularity", "8192", "--steps", "1", "--report", str(tmp_path)]) == 0
     assert callable(seen.pop("partial"))  # the report is rewritten after every trial
     assert seen == {"start": 32768, "limit": 131072, "granularity": 8192, "steps": 1, "shape": "llama3.1-8b",
@@ -439,7 +448,7 @@ def test_context_suite_passes_its_search_options(monkeypatch, tmp_path, capsys):
     assert "bisection down to 8192 tokens" in text and "1 steps per trial" in text
     assert "| qlora | ours-gc | 131072 | (none up to 131072) | 40.00 | 44.50 | 61.00 | 1 |" in text
     assert "## Against the previous report" in text and "No earlier context report" in text
-    assert main(["bench", "--suite", "context", "--seq", "4096", "--max-seq", "2048"]) == 2
+    assert main(["bench", "context", "--seq", "4096", "--max-seq", "2048"]) == 2
     assert "--max-seq" in capsys.readouterr().err
 
 
@@ -473,18 +482,18 @@ def test_context_trial_tells_out_of_memory_from_other_failures(tmp_path, monkeyp
     means "does not fit"."""
     import subprocess
 
-    from workbench.bench import context
-    from workbench.train import _oom_message
     from workbench import config
+    from workbench.bench import child, context
+    from workbench.trainer import oom_message
 
-    assert context.OOM_MARK in _oom_message(config.load(None))
-    answers = iter([(2, "train: ...\nworkbench: error: " + _oom_message(config.load(None))),
+    assert context.OOM_MARK in oom_message(config.load(None))
+    answers = iter([(2, "train: ...\nworkbench: error: " + oom_message(config.load(None))),
                     (1, "Traceback ...\nRuntimeError: CUDA error: an illegal memory access")])
 
     def fake_run(cmd, **kwargs):
         code, err = next(answers)
         return subprocess.CompletedProcess(cmd, code, "", err)
-    monkeypatch.setattr(context, "_run_child", fake_run)
+    monkeypatch.setattr(child, "run_child", fake_run)
     trial = context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path)
     assert trial(4096) == {"fits": False, "wall_s": pytest.approx(0, abs=5)}
     r = trial(8192)
@@ -499,7 +508,7 @@ def test_context_trial_that_trained_shorter_sequences_is_an_error_not_a_fit(tmp_
     trained on ~26.5K-token sequences and reported the memory of those as 131072's."""
     import subprocess
 
-    from workbench.bench import context
+    from workbench.bench import child, context
 
     def fake_run(cmd, **kwargs):
         run_dir = Path(cmd[cmd.index("--run") + 1])
@@ -511,7 +520,7 @@ def test_context_trial_that_trained_shorter_sequences_is_an_error_not_a_fit(tmp_
             "data_fingerprint": [{"tokens": held, "token_sum": 1}, {"tokens": held, "token_sum": 2}],
             "steps": 2, "peak_memory_gib": 1.0, "peak_reserved_gib": 1.5, "timings": {"train_s": 2.0}}}}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(context, "_run_child", fake_run)
+    monkeypatch.setattr(child, "run_child", fake_run)
     trial = context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path, steps=2)
     assert trial(4096)["fits"] is True
     r = trial(131072)
@@ -520,22 +529,22 @@ def test_context_trial_that_trained_shorter_sequences_is_an_error_not_a_fit(tmp_
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")
 def test_context_suite_needs_cuda(capsys):
-    assert main(["bench", "--suite", "context"]) == 2
+    assert main(["bench", "context"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
 def _fake_train_runs(monkeypatch, stop_at: int):
-    """Stand-in for the suites' `workbench train` children: each writes a finished run's
+    """Stand-in for the suites' training children (bench/child.py): each writes a finished run's
     manifest and loss log; call ``stop_at`` raises SystemExit(143) as SIGTERM does under
-    workbench.cli's handler. Other commands (the environment's child) run for real."""
+    workbench.cli's handler."""
     import subprocess
 
-    real = subprocess.run
+    from workbench.bench import child
+
     calls = []
 
     def fake_run(cmd, **kwargs):
-        if "train" not in cmd or "--run" not in cmd:
-            return real(cmd, **kwargs)
+        assert "workbench.bench.train_child" in cmd and "--run" in cmd
         calls.append(cmd)
         if len(calls) == stop_at:
             raise SystemExit(143)
@@ -548,7 +557,7 @@ def _fake_train_runs(monkeypatch, stop_at: int):
             "tokens": 192, "tokens_per_s": 100.0, "peak_memory_gib": None, "steps": 3, "final_loss": 2.0,
             "timings": {"train_s": 1.5}, "data_fingerprint": [{"tokens": 64, "token_sum": 1}]}}}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(child, "run_child", fake_run)
     return calls
 
 
@@ -561,7 +570,7 @@ def test_a_train_suite_stopped_midway_leaves_a_report_of_the_runs_it_finished(tm
     calls = _fake_train_runs(monkeypatch, stop_at=3)
     report = tmp_path / "reports"
     with pytest.raises(SystemExit):
-        main(["bench", "--suite", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,hf-gc,ours,ours-gc",
+        main(["bench", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,hf-gc,ours,ours-gc",
               "--steps", "3", "--batch", "2", "--run", str(tmp_path / "runs"), "--report", str(report)])
     assert len(calls) == 3
     [json_path] = report.glob("*.json")
@@ -575,7 +584,7 @@ def test_a_train_suite_stopped_midway_leaves_a_report_of_the_runs_it_finished(tm
 
     # The same command run to its end: a complete report, which a later report may take as its baseline.
     _fake_train_runs(monkeypatch, stop_at=0)
-    assert main(["bench", "--suite", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,hf-gc,ours,ours-gc",
+    assert main(["bench", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,hf-gc,ours,ours-gc",
                  "--steps", "3", "--batch", "2", "--run", str(tmp_path / "runs"), "--report", str(report)]) == 0
     doc = json.loads(json_path.read_text())
     assert doc["complete"] is True and "incomplete" not in doc and len(doc["runs"]) == 4
@@ -612,11 +621,11 @@ def test_a_context_search_reports_its_bounds_after_every_trial(tmp_path, monkeyp
 def test_sigterm_stops_a_suite_as_an_exception_and_the_handler_is_put_back():
     import signal
 
-    from workbench.cli import _stopped_by_signal
+    from workbench.cli.common import stopped_by_signal
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
-        with _stopped_by_signal():
+        with stopped_by_signal():
             handler = signal.getsignal(signal.SIGTERM)
             assert handler is not before
             handler(signal.SIGTERM, None)  # as the interpreter calls it on a SIGTERM (none is sent here)
@@ -706,7 +715,7 @@ def test_a_context_trial_runs_on_the_gpu_it_is_given(tmp_path, monkeypatch):
     def fake_run(cmd, **kwargs):
         seen.update(kwargs)
         return subprocess.CompletedProcess(cmd, 1, "", "boom")
-    monkeypatch.setattr(context, "_run_child", fake_run)
+    monkeypatch.setattr(child, "run_child", fake_run)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     context.train_trial(tmp_path / "base", "qlora", "ours", tmp_path, device="1")(4096)
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "1" and seen["env"]["PATH"] == os.environ["PATH"]
@@ -720,15 +729,15 @@ def test_a_stop_during_parallel_searches_kills_their_trials(tmp_path):
     import signal
     import time
 
-    from workbench.bench import context
+    from workbench.bench import child, context
 
     started, stopped = [], []
 
     def search_one(mode, stack, device):
         started.append(stack)
         try:
-            context._run_child([sys.executable, "-c", "import time; time.sleep(60)"])
-        except context.Stopped:  # not a result: a search records no trial for it
+            child.run_child([sys.executable, "-c", "import time; time.sleep(60)"])
+        except child.Stopped:  # not a result: a search records no trial for it
             stopped.append(stack)
             raise
 
@@ -745,7 +754,6 @@ def test_a_stop_during_parallel_searches_kills_their_trials(tmp_path):
         signal.signal(signal.SIGALRM, previous)
     assert time.monotonic() - t0 < 30  # the sleeping children were killed, not waited for
     assert sorted(started) == ["a", "b"] and sorted(stopped) == ["a", "b"]
-    from workbench.bench import child
     assert not child._CHILDREN and not child._KILLED
 
 
@@ -766,8 +774,9 @@ def test_a_failing_search_on_one_gpu_is_raised_after_the_others_end():
 def test_context_suite_devices_are_checked_and_follow_cuda_visible_devices(monkeypatch, tmp_path, capsys):
     import torch
 
-    from workbench import cli, envinfo
+    from workbench import envinfo
     from workbench.bench import context
+    from workbench.cli import bench as bench_cli
 
     seen = {}
 
@@ -776,12 +785,12 @@ def test_context_suite_devices_are_checked_and_follow_cuda_visible_devices(monke
         return {"shape": shape, "shape_dims": {}, "batch": 1, "start": 1, "limit": 2, "granularity": 1, "steps": 1,
                 "rows": []}
     env = envinfo.environment()
-    monkeypatch.setattr(cli, "_environment_of_a_child", lambda: dict(env, device="Fake GPU"))
+    monkeypatch.setattr(bench_cli, "environment_of_a_child", lambda: dict(env, device="Fake GPU"))
     monkeypatch.setattr(context, "run", fake_run)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    args = ["bench", "--suite", "context", "--report", str(tmp_path), "--run", str(tmp_path / "runs")]
+    args = ["bench", "context", "--report", str(tmp_path), "--run", str(tmp_path / "runs")]
     assert main([*args, "--devices", "0,1"]) == 0 and seen["devices"] == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert main([*args, "--devices", "1,0"]) == 0 and seen["devices"] == ["6", "4"]

@@ -206,7 +206,7 @@ def test_markdown_and_plot(tmp_path):
     result = _result(runs)
     env = {"device": "NVIDIA H200", "date": "2026-01-01", "torch": "x", "cuda": "13.0", "triton": "3.6.0",
            "transformers": "x", "peft": "x", "trl": "x", "lm_eval": "0.4.13"}
-    text = acc.markdown(result, env, "workbench bench --suite accuracy", "acc.png")
+    text = acc.markdown(result, env, "workbench bench accuracy", "acc.png")
     assert "| wb_heldout_ppl word_perplexity | 10 | 10.3 | +3.00% | 10.5 | 10.4 | -0.95% | 5.00% | 0.97% | 1.00% " \
            "| within noise |" in text
     assert "| wb_synthetic_mc acc | 0.8 | 0.78 | -0.0200 | 0.7 | 0.5 | -0.2000 | 0.1000 | 0.2800 |" in text
@@ -239,7 +239,7 @@ def test_run_bookkeeping_with_stub_processes(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run(argv, capture_output, text):
+    def fake_run(argv, **kwargs):
         calls.append(argv)
         stage, run_dir = argv[3], __import__("pathlib").Path(argv[argv.index("--run") + 1])
         if stage == "train":
@@ -259,7 +259,7 @@ def test_run_bookkeeping_with_stub_processes(tmp_path, monkeypatch):
             "n-samples": {"wb_synthetic_mc": {"original": 156, "effective": 4}}}))
         return subprocess.CompletedProcess(argv, 0, "", "")
 
-    monkeypatch.setattr(acc.subprocess, "run", fake_run)
+    monkeypatch.setattr(acc.child, "run_child", fake_run)
     (tmp_path / "out" / "hf-seed0" / "train").mkdir(parents=True)   # an earlier invocation's: removed first
     result = acc.run(None, tmp_path / "out", steps=2, tasks=["wb_synthetic_mc"], limit=4, progress=lambda _: None)
     out = (tmp_path / "out").resolve()
@@ -284,7 +284,7 @@ def test_a_skipped_train_eval_is_not_compared_but_a_lost_one_is_missing(tmp_path
     # eval.max_rows: 0 -> the train record's eval is {} in every run: no held-out accuracy row at all.
     (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"train": {
         "steps": 2, "timings": {"train_s": 1.0}, "final_loss": 1.0, "eval": {}}}}))
-    r = acc._metrics_of_run(tmp_path)
+    r = acc._metrics_of_run(tmp_path, json.loads((tmp_path / "manifest.json").read_text())["stages"]["train"])
     assert "heldout_accuracy" not in r and r["step_s"] == 0.5
     runs = [row(s, seed, {}, final_loss=1.0 + seed) for seed in (0, 1) for s in ("hf", "ours")]
     assert [c["metric"] for c in acc.compare(runs)] == [acc.FINAL_LOSS]
@@ -293,27 +293,21 @@ def test_a_skipped_train_eval_is_not_compared_but_a_lost_one_is_missing(tmp_path
 
 
 # --------------------------------------------------------------------------- --jobs
-REAL_RUN = subprocess.run
-
-
 class FakeStages:
-    """subprocess.run as run() calls it: writes what the real train and eval processes
-    would, with numbers that depend on the seed and stack (ours seed 1's eval fails),
+    """bench/child.py's run_child as run() calls it: writes what the real train and eval
+    processes would, with numbers that depend on the seed and stack (ours seed 1's eval fails),
     after a pause that is twice as long for hf (so pipelines finish out of the serial
     order); records every call's extra arguments (env) and the most calls in flight at
-    once. ``barrier``: every call waits there for another one (fails if none comes).
-    Any other command (the CLI's environment probe) goes to the real subprocess.run."""
+    once. ``barrier``: every call waits there for another one (fails if none comes)."""
 
     def __init__(self, pause=0.0, barrier=None):
         self.pause, self.barrier, self.lock = pause, barrier, threading.Lock()
         self.active = self.max_active = 0
         self.calls = []
 
-    def __call__(self, argv, *args, **kwargs):
-        if list(argv[1:3]) != ["-m", "workbench"]:
-            return REAL_RUN(argv, *args, **kwargs)
-        extra = {k: v for k, v in kwargs.items() if k not in ("capture_output", "text")}
-        assert not args and kwargs["capture_output"] and kwargs["text"]
+    def __call__(self, argv, **kwargs):
+        assert list(argv[1:3]) == ["-m", "workbench"]
+        extra = kwargs
         stage, run_dir = argv[3], Path(argv[argv.index("--run") + 1])
         stack, seed = run_dir.name.split("-seed")
         seed, ours = int(seed), stack == "ours"
@@ -362,9 +356,9 @@ def test_jobs_give_the_serial_runs_in_the_serial_order(tmp_path, monkeypatch):
     monkeypatch.setattr(acc.os, "cpu_count", lambda: 8)
     serial_fake, parallel_fake = FakeStages(pause=0.02), FakeStages(pause=0.02)
     lines = {1: [], 2: []}
-    monkeypatch.setattr(acc.subprocess, "run", serial_fake)
+    monkeypatch.setattr(acc.child, "run_child", serial_fake)
     serial = acc.run(None, tmp_path, steps=2, progress=lines[1].append)
-    monkeypatch.setattr(acc.subprocess, "run", parallel_fake)
+    monkeypatch.setattr(acc.child, "run_child", parallel_fake)
     parallel = acc.run(None, tmp_path, steps=2, progress=lines[2].append, jobs=2)
     assert [(r["stack"], r["seed"]) for r in parallel["runs"]] == [("hf", 0), ("ours", 0), ("hf", 1), ("ours", 1)]
     assert _untimed(parallel["runs"]) == _untimed(serial["runs"])
@@ -380,7 +374,7 @@ def test_jobs_give_the_serial_runs_in_the_serial_order(tmp_path, monkeypatch):
     for n in (1, 2):
         named = [line for line in lines[n] if line.startswith("[bench accuracy] seed ")]
         assert len(named) == 9 and "[bench accuracy] seed 1 ours: failed: eval: workbench: error: eval broke" in named
-    assert all(extra == {} for _, _, extra in serial_fake.calls)                # inherited, as before --jobs
+    assert all(extra.get("env") is None for _, _, extra in serial_fake.calls)   # inherited, as before --jobs
     envs = [extra["env"] for _, _, extra in parallel_fake.calls]
     assert len(envs) == 8 and all(e["OMP_NUM_THREADS"] == e["MKL_NUM_THREADS"] == "4" for e in envs)
     assert envs[0]["PATH"] == acc.os.environ["PATH"]                           # the rest of ours is kept
@@ -390,19 +384,19 @@ def test_jobs_run_pipelines_at_the_same_time(tmp_path, monkeypatch):
     """Every stage waits at a barrier for another one: only concurrent pipelines get past
     it (one after another, the first call times out and the suite raises)."""
     fake = FakeStages(barrier=threading.Barrier(2, timeout=5))
-    monkeypatch.setattr(acc.subprocess, "run", fake)
+    monkeypatch.setattr(acc.child, "run_child", fake)
     result = acc.run(None, tmp_path, steps=2, progress=lambda _: None, jobs=2)
     assert fake.max_active == 2 and len(fake.calls) == 8
     assert [r["exit_code"] for r in result["runs"]] == [0, 0, 0, 3]
     serial = FakeStages(pause=0.01)
-    monkeypatch.setattr(acc.subprocess, "run", serial)
+    monkeypatch.setattr(acc.child, "run_child", serial)
     acc.run(None, tmp_path, steps=2, progress=lambda _: None)
     assert serial.max_active == 1                                                # jobs=1: one at a time
 
 
 def test_with_jobs_the_report_says_speed_is_not_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(acc.os, "cpu_count", lambda: 3)                      # 3 // 2 = 1 thread each
-    monkeypatch.setattr(acc.subprocess, "run", FakeStages())
+    monkeypatch.setattr(acc.child, "run_child", FakeStages())
     serial = acc.run(None, tmp_path, steps=2, progress=lambda _: None)
     parallel = acc.run(None, tmp_path, steps=2, progress=lambda _: None, jobs=2)
     assert serial["speed_measured"] is True and serial["speed_note"] is None
@@ -425,7 +419,7 @@ def test_with_jobs_the_report_says_speed_is_not_measured(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("jobs", [0, -1, 1.5, True, "2"])
 def test_jobs_below_one_or_not_an_integer_are_refused(tmp_path, monkeypatch, jobs):
-    monkeypatch.setattr(acc.subprocess, "run", FakeStages())
+    monkeypatch.setattr(acc.child, "run_child", FakeStages())
     with pytest.raises(UserError, match=r"jobs \(--jobs\) must be a whole number of at least 1, got .*; pass 1"):
         acc.run(None, tmp_path, steps=2, progress=lambda _: None, jobs=jobs)
     assert not any(tmp_path.iterdir())                                           # refused before anything ran
@@ -437,12 +431,12 @@ def test_cli_jobs(tmp_path, monkeypatch, capsys):
     from workbench.cli import main
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")      # what the CLI would set on a CPU host; restored afterwards
-    monkeypatch.setattr(acc.subprocess, "run", FakeStages())
-    assert main(["bench", "--suite", "accuracy", "--jobs", "0", "--run", str(tmp_path / "runs")]) == 2
+    monkeypatch.setattr(acc.child, "run_child", FakeStages())
+    assert main(["bench", "accuracy", "--jobs", "0", "--run", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("workbench: error: jobs (--jobs) must be a whole number of at least 1, got 0;")
     assert len(err.splitlines()) == 1
-    code = main(["bench", "--suite", "accuracy", "--jobs", "2", "--steps", "2", "--run", str(tmp_path / "runs"),
+    code = main(["bench", "accuracy", "--jobs", "2", "--steps", "2", "--run", str(tmp_path / "runs"),
                  "--report", str(tmp_path / "report")])
     assert code == 1                                                             # ours seed 1's eval failed
     (report,) = (tmp_path / "report").glob("*.json")

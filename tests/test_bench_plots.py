@@ -1,17 +1,18 @@
 """The bench suites' plots (kernels roofline and timings, train curves and bars) and the
-"against the previous report" section, from the committed H100 reports."""
+"against the previous report" section, from copies of two archived H100 reports (tests/fixtures/bench)."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
 from workbench.bench import compare as cmp
 from workbench.bench import kernels as kbench
 from workbench.bench import train as tbench
-from workbench.cli import REPO_ROOT
 
-KERNEL_REPORT = REPO_ROOT / "reports/kernels/2026-11-23-nvidia-h100-80gb-hbm3.json"
-TRAIN_REPORT = REPO_ROOT / "reports/train/2026-11-23-nvidia-h100-80gb-hbm3.json"
+FIXTURES = Path(__file__).parent / "fixtures" / "bench"   # copies of two archived H100 reports
+KERNEL_REPORT = FIXTURES / "kernels-2026-11-23-nvidia-h100-80gb-hbm3.json"
+TRAIN_REPORT = FIXTURES / "train-2026-11-23-nvidia-h100-80gb-hbm3.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,4 +1,4 @@
-"""The step suite (`workbench bench --suite step`) on the CPU: one end-to-end run of hf and ours
+"""The step suite (`workbench bench step`) on the CPU: one end-to-end run of hf and ours
 on the tiny shape (ours' kernels in the Triton interpreter), and the parts that need no run.
 No timing is asserted: on the CPU the numbers mean nothing."""
 import json
@@ -14,7 +14,7 @@ def test_step_suite_runs_hf_and_ours_and_writes_its_report(tmp_path, monkeypatch
 
     monkeypatch.setattr(step, "PROFILE_STEPS", 1)  # the launcher sends it to the children
     report = tmp_path / "reports"
-    assert main(["bench", "--suite", "step", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,ours",
+    assert main(["bench", "step", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,ours",
                  "--autocast", "off", "--batch", "1", "--seq", "32", "--warmup", "2", "--steps", "2", "--profile",
                  "--run", str(tmp_path / "runs"), "--report", str(report), "--tag", "smoke"]) == 0
     (js,) = report.glob("*.json")
@@ -96,7 +96,7 @@ def test_a_missing_optional_stack_is_skipped_with_its_reason_and_refused_by_name
            "peft": "p"}
     assert "**Not run:** `liger` (liger-kernel is not installed)" in step.markdown(result, env, "cmd", "x.png")
     # Asked for by name, a stack that cannot run is an error, not a quiet skip.
-    assert main(["bench", "--suite", "step", "--shape", "tiny", "--stacks", "hf,liger"]) == 2
+    assert main(["bench", "step", "--shape", "tiny", "--stacks", "hf,liger"]) == 2
     assert "--stacks liger: liger-kernel is not installed" in capsys.readouterr().err
 
 
@@ -104,7 +104,7 @@ def test_a_step_suite_stopped_midway_leaves_a_report_of_what_it_measured(tmp_pat
     _fake_rows(monkeypatch, stop_at=3)
     report = tmp_path / "reports"
     with pytest.raises(SystemExit):
-        main(["bench", "--suite", "step", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,ours",
+        main(["bench", "step", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,ours",
               "--autocast", "both", "--seq", "32", "--run", str(tmp_path / "runs"), "--report", str(report)])
     (js,) = report.glob("*.json")
     doc = json.loads(js.read_text())
@@ -144,14 +144,14 @@ def test_flops_and_mfu_on_a_hand_computed_example():
     (["--modes", "full"], "unknown mode(s)"),
 ])
 def test_step_suite_user_errors(args, message, capsys):
-    assert main(["bench", "--suite", "step", "--shape", "tiny", *args]) == 2
+    assert main(["bench", "step", "--shape", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")
 def test_step_suite_needs_cuda_for_real_shapes(capsys):
-    assert main(["bench", "--suite", "step", "--shape", "qwen3-1.7b"]) == 2
+    assert main(["bench", "step", "--shape", "qwen3-1.7b"]) == 2
     assert "need a CUDA device" in capsys.readouterr().err
 
 

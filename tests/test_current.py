@@ -168,11 +168,11 @@ def test_the_suites_regenerate_current_after_writing_a_report(tmp_path, capsys):
     result = {k: v for k, v in newer.items() if k not in ("suite", "environment", "command", "complete")}
     result["comparisons"] = [{**result["comparisons"][1], "speedup": 1.75}]
     # a report stopped midway leaves CURRENT.md alone (it is never current)
-    cli._write_suite_report(archive / "train", "2026-01-05-gpu-x", "train", env, "cmd",
+    cli.common.write_suite_report(archive / "train", "2026-01-05-gpu-x", "train", env, "cmd",
                             {**result, "incomplete": "stopped"}, "# text\n")
     assert not (archive / "CURRENT.md").exists()
     # the complete one is written, then CURRENT.md and the index name it
-    cli._write_suite_report(archive / "train", "2026-01-05-gpu-x", "train", env, "cmd", result, "# text\n")
+    cli.common.write_suite_report(archive / "train", "2026-01-05-gpu-x", "train", env, "cmd", result, "# text\n")
     row = "**ours 1.75× / 0.60×**; unsloth failed | [2026-01-05-gpu-x](train/2026-01-05-gpu-x.md)"
     assert row in (archive / "CURRENT.md").read_text()
     # a regression check written into the archive's regress/ folder enters the index

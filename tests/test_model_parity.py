@@ -315,7 +315,7 @@ def test_training_curve_matches_unpatched():
 def _qlora_pair(tmp_path, seed: int = 4):
     """A bitsandbytes NF4 (double-quantized) llama with a LoRA adapter, and the dense
     fp64 model holding exactly its dequantized weights and the same adapter."""
-    from workbench.train import keep_portable_4bit_layout
+    from workbench.models import keep_portable_4bit_layout
 
     torch.manual_seed(seed)
     # intermediate 192 (not the tiny 96): bitsandbytes 0.50.2's native CPU

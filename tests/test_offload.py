@@ -13,7 +13,7 @@ enforce_offline()
 
 import torch  # noqa: E402
 
-from workbench import config, manifest, offload as offload_mod, train  # noqa: E402
+from workbench import config, manifest, models, offload as offload_mod, train, trainer as trainer_mod  # noqa: E402
 from workbench.errors import UserError  # noqa: E402
 
 from test_train import (_rows_of_unequal_length, _tiny_peft_model, one_torch_thread_per_xdist_worker,  # noqa: E402,F401
@@ -36,7 +36,7 @@ def _two_steps(tmp_path, checkpointing: str):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
-    trainer = train.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / checkpointing),
+    trainer = trainer_mod.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / checkpointing),
                                  [Capture()])
     trainer.train()
     return grads, [r["loss"] for r in trainer.state.log_history if "loss" in r], trainer
@@ -79,7 +79,7 @@ def test_non_reentrant_checkpointing_is_refused_and_a_model_without_checkpointin
     model, _ = _tiny_peft_model(cfg)
     offload = offload_mod.ActivationOffload()
     assert offload_mod.install(model, offload) == 0  # checkpointing is off
-    with train._old_checkpointing_name():
+    with models.old_checkpointing_name():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="not reentrant"):
         offload_mod.install(model, offload)
@@ -105,7 +105,7 @@ def test_the_train_stage_records_what_it_offloaded_and_the_config_takes_only_kno
                            tmp_path / "plain")["offload"] is None
     with pytest.raises(UserError, match="training.gradient_checkpointing.*use one of False, True, offload"):
         config.load(None, ["training.gradient_checkpointing=sometimes"])
-    hint = train._oom_message(quick_config("training.gradient_checkpointing=true"))
+    hint = trainer_mod.oom_message(quick_config("training.gradient_checkpointing=true"))
     assert "gradient_checkpointing: offload" in hint
 
 

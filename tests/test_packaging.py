@@ -87,7 +87,8 @@ def test_the_wheel_maps_the_folders_into_one_namespace(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("parity_workbench-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "workbench/kernels/rms_norm.py" in names and "workbench/cli.py" in names
+    assert "workbench/kernels/rms_norm.py" in names and "workbench/cli/__init__.py" in names
+    assert "workbench/cli/bench.py" in names and "workbench/bench/train_child.py" in names
     # The YAML the stages load at run time: configs, the qualify gates, lm-eval tasks.
     for data in ("workbench/configs/default.yaml", "workbench/configs/gates.yaml",
                  "workbench/eval/tasks/wb_synthetic_mc.yaml"):

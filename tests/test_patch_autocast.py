@@ -106,7 +106,7 @@ def _qlora_trainer_pair(tmp_path, seed: int = 30, family_name: str = "llama"):
     dense model holding exactly its values (the 4-bit weights dequantized)."""
     import bitsandbytes.functional as bnbf
 
-    from workbench.train import keep_portable_4bit_layout
+    from workbench.models import keep_portable_4bit_layout
 
     torch.manual_seed(seed)
     # intermediate 192: bitsandbytes' CPU dequantize_4bit needs in_features % 64 == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from _export_run import build_merged_run, build_run
-from workbench import manifest, pipeline
+from workbench import manifest, pipeline, stages
 from workbench.cli import main
 from workbench.errors import UserError
 
@@ -86,20 +86,23 @@ def test_run_completes_then_skips_forces_resumes_and_retrains_on_a_changed_confi
     from workbench import config
 
     cfg = config.load(None, [kv for kv in SMALL[:10] if kv != "--set"])
-    assert "did not finish" in pipeline.check_train(run, cfg)
+
+    def why(name, **settings):   # what the pipeline asks each stage before running it
+        return stages.why_run(run, stages.get(name), stages.Settings(**settings))
+    assert "did not finish" in why("train", cfg=cfg)
     data["stages"]["train"]["status"] = "complete"
     (run / "manifest.json").write_text(json.dumps(data))
-    assert pipeline.check_train(run, cfg) is None
+    assert why("train", cfg=cfg) is None
     cfg.training.lr = 1e-3
-    assert pipeline.check_train(run, cfg) == "the config changed (--config / --set)"
-    assert pipeline.check_export(run, ["f16"]).startswith("it exported f16, q8_0, q4_k_m")
+    assert why("train", cfg=cfg) == "the config changed (--config / --set)"
+    assert why("export", quants=["f16"]).startswith("it exported f16, q8_0, q4_k_m")
     gguf = run / "export" / "model-q8_0.gguf"
     saved = gguf.read_bytes()
     gguf.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
-    assert "model-q8_0.gguf changed since the export stage wrote it" in pipeline.check_export(run, ["f16", "q8_0", "q4_k_m"])
-    assert pipeline.check_eval(run, 4) == "the q8_0 model changed since the last eval"
+    assert "model-q8_0.gguf changed since the export stage wrote it" in why("export", quants=["f16", "q8_0", "q4_k_m"])
+    assert why("eval", eval_limit=4) == "the q8_0 model changed since the last eval"
     gguf.write_bytes(saved)
-    assert pipeline.check_eval(run, 4) is None and pipeline.check_eval(run, 5).startswith("it ran with limit 4")
+    assert why("eval", eval_limit=4) is None and why("eval", eval_limit=5).startswith("it ran with limit 4")
 
     # 3. --force export: export, eval and report run again; train and merge are untouched.
     adapter_mtime = (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
@@ -230,7 +233,7 @@ def test_merge_a_user_adapter_then_run_the_rest(tmp_path, capsys, user_adapter):
                  "--tokenizer", str(src / "tokenizer")]) == 0
     train = manifest.stage(run, "train")
     assert train["user_provided"] is True and train["base_model"] == str(base.resolve())
-    assert train["inputs"]["adapter"] == str((src / "adapter").resolve())
+    assert train["source"]["adapter"] == str((src / "adapter").resolve()) and train["inputs"]["adapter"] == "adapter"
     assert train["input_hashes"]["adapter"] == manifest.hash_tree(run / "adapter")
     assert train["input_hashes"]["base_model"] == manifest.hash_tree(base)
     assert train["lora"]["r"] == 4 and train["lora"]["alpha"] == 8
@@ -282,7 +285,7 @@ def test_export_a_user_merged_model_and_report_it(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["export", "--run", str(run), "--merged", str(src), "--quant", "f16"]) == 0
     merge = manifest.stage(run, "merge")
-    assert merge["user_provided"] is True and merge["inputs"]["merged"] == str(src.resolve())
+    assert merge["user_provided"] is True and merge["source"]["merged"] == str(src.resolve())
     assert merge["input_hashes"]["merged"] == manifest.hash_tree(run / "merge" / "merged") == manifest.hash_tree(src)
     assert merge["dtype"] == "float32"
     export = manifest.stage(run, "export")

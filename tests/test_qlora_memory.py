@@ -64,8 +64,8 @@ def base(tmp_path_factory):
 
 
 def _load(path, mode: str, checkpointing: bool):
-    """As workbench.train's load_model + attach_lora build it for training."""
-    from workbench.train import keep_portable_4bit_layout
+    """As workbench.models' load_model + attach_lora build it for training."""
+    from workbench.models import keep_portable_4bit_layout
 
     if mode == "qlora":
         quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

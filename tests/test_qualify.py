@@ -332,12 +332,12 @@ def test_a_changed_base_model_outside_the_run_fails_the_hash_gate(copy, tmp_path
     result, check = train_check()
     assert check["status"] == "FAIL" and check["problems"][0].startswith(f"its input {base} is missing")
 
-    # A brought adapter's record names the folder it was copied from, with the copy's hash:
-    # the copy is checked as an output, the source may be gone.
+    # A brought adapter's record names its copy in the run as the input, and the folder it was
+    # copied from as its source: the copy is checked, the source may be gone.
     run = copy("brought")
     train = manifest.stage(run, "train")
-    _edit_record(run, "train", user_provided=True,
-                 inputs={**train["inputs"], "adapter": str(tmp_path / "gone")},
+    _edit_record(run, "train", user_provided=True, source={"adapter": str(tmp_path / "gone")},
+                 inputs={**train["inputs"], "adapter": "adapter"},
                  input_hashes={**train["input_hashes"], "adapter": manifest.hash_tree(run / "adapter")})
     result = qualify.gate_hashes(qualify.Context(run, qualify.load_gates(None), None, None))
     assert next(c for c in result["checks"] if c["item"] == "train")["status"] == "PASS", result["message"]
@@ -413,14 +413,15 @@ def test_a_parity_report_or_baseline_that_is_no_json_object_is_bad_input(copy, t
 
 
 def test_a_brought_merged_model_has_no_training_and_no_adapter_to_check(built, tmp_path):
-    from workbench.pipeline import _expected_tasks, bring_merged
+    from workbench.eval.suite import default_tasks
+    from workbench.pipeline import bring_merged
 
     run = tmp_path / "brought"
     bring_merged(run, built / "merge" / "merged")
     run = run.resolve()
     merged = manifest.stage(built, "eval")["metrics"]["merged"]
     manifest.record_stage(run, "eval", {"models": ["merged"], "metrics": {"merged": merged},
-                                        "tasks": _expected_tasks(run), "include": [], "chat_template": True,
+                                        "tasks": default_tasks(run), "include": [], "chat_template": True,
                                         "limit": None,
                                         "input_hashes": {"merged": manifest.hash_tree(run / "merge" / "merged")}})
     baseline = built / manifest.MANIFEST

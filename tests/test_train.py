@@ -12,7 +12,8 @@ enforce_offline()
 
 import torch  # noqa: E402
 
-from workbench import config, default, manifest, synthetic, tokenizer as wtok, train  # noqa: E402
+from workbench import checks, config, data as data_mod, default, manifest, models, synthetic, tokenizer as wtok, train  # noqa: E402
+from workbench import trainer as trainer_mod  # noqa: E402
 from workbench.cli import main  # noqa: E402
 from workbench.errors import UserError  # noqa: E402
 
@@ -101,7 +102,7 @@ def _tiny_peft_model(cfg):
     tok = wtok.default_tokenizer()
     model = default.build_model(tok)
     torch.manual_seed(0)  # LoRA's A is drawn from the global RNG
-    model = train.attach_lora(cfg, model)
+    model = models.attach_lora(cfg, model)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero, which would leave A's gradient zero
             torch.nn.init.normal_(p, std=0.05)
@@ -128,7 +129,7 @@ def _one_step_gradients(batch_size, grad_accum, tmp_path):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
-    trainer = train.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / f"out{batch_size}"),
+    trainer = trainer_mod.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / f"out{batch_size}"),
                                  [Capture()])
     trainer.train()
     return grads, trainer.state.log_history[0]["loss"], trainer, model
@@ -191,7 +192,7 @@ def test_gradient_checkpointing_switch_recomputes_the_forward(tmp_path):
             return _forward(*args, **kwargs)
 
         mlp.forward = counting_forward
-        trainer = train.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / str(on)))
+        trainer = trainer_mod.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / str(on)))
         trainer.train()
         calls[on] = len(count)
     # Without checkpointing the layer runs once per step; with it, again during backward.
@@ -220,7 +221,7 @@ def test_qlora_trains_an_nf4_double_quant_base(tmp_path):
     assert rec["quantization"] == {"type": "nf4", "double_quant": True, "compute_dtype": compute}
     assert all(r["loss"] == r["loss"] and r["loss"] < 100 for r in loss_rows(run))  # finite
     # The base really was 4-bit NF4 with double quantization.
-    model = train.load_model(cfg, str(manifest.resolve(run, rec["base_model"])))   # "base": inside the run
+    model = models.load_model(cfg, str(manifest.resolve(run, rec["base_model"])))   # "base": inside the run
     linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linears) == 4 * 7  # every attention and MLP projection of the 4 layers
     assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in linears)
@@ -267,14 +268,14 @@ def test_parquet_rows_in_either_format_become_chat_rows(tmp_path):
     path = tmp_path / "pc.parquet"
     pd.DataFrame({"prompt": ["What is 1 plus 1?", "Say hi."], "completion": ["2", "hi"]}).to_parquet(path)
     cfg = config.load(None, [f"data.train={path}", f"data.test={path}"])
-    rows = train._load_paths(cfg.data.train)
+    rows = data_mod.load_paths(cfg.data.train)
     assert rows[0] == {"prompt": [{"role": "user", "content": "What is 1 plus 1?"}],
                        "completion": [{"role": "assistant", "content": "2"}], "skill": "all", "answer": "2"}
     # A messages column (parquet stores it as arrays of structs) splits at the last assistant turn.
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
             {"role": "assistant", "content": "Hello."}]
     pd.DataFrame({"messages": [chat]}).to_parquet(path)
-    (row,) = train._load_paths(str(path))
+    (row,) = data_mod.load_paths(str(path))
     assert row["prompt"] == chat[:2] and row["completion"] == chat[2:] and row["answer"] == "Hello."
 
 
@@ -283,7 +284,7 @@ def test_user_train_rows_that_repeat_a_test_prompt_are_dropped(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "test.jsonl").write_text(json.dumps(rows[2]) + "\n")
     cfg = config.load(None, [f"data.train={tmp_path / 'train.jsonl'}", f"data.test={tmp_path / 'test.jsonl'}"])
-    data = train.load_data(cfg)
+    data = data_mod.load_data(cfg)
     assert [r["answer"] for r in data["train"]] == ["a0", "a1", "a3", "a4", "a5"]
     assert data["info"]["dropped_train_rows_in_test"] == 1
 
@@ -304,13 +305,13 @@ def test_config_defaults_overrides_and_relative_paths(tmp_path):
 
 def test_kernels_auto_means_on_with_cuda_and_off_without(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.kernels_enabled(config.load(None)) is None
+    assert models.kernels_enabled(config.load(None)) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     from workbench import patch
 
-    assert train.kernels_enabled(config.load(None)) == dict.fromkeys(patch.OPTIONS, True)
-    assert train.kernels_enabled(config.load(None, ["kernels=false"])) is None
-    assert train.kernels_enabled(config.load(None, ["kernels={rope: false}"]))["rope"] is False
+    assert models.kernels_enabled(config.load(None)) == dict.fromkeys(patch.OPTIONS, True)
+    assert models.kernels_enabled(config.load(None, ["kernels=false"])) is None
+    assert models.kernels_enabled(config.load(None, ["kernels={rope: false}"]))["rope"] is False
 
 
 def test_shipped_example_configs_parse_and_the_default_one_is_the_default():
@@ -356,14 +357,14 @@ def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
-    trainer = train.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / "out"), [Capture()])
+    trainer = trainer_mod.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / "out"), [Capture()])
     before = patch.kernel_calls().get("fused_linear_cross_entropy", 0)
     trainer.train()
     assert patch.kernel_calls().get("fused_linear_cross_entropy", 0) == before + 2  # one per micro-batch
     logged = trainer.state.log_history[0]
     assert "mean_token_accuracy" not in logged  # TRL's head (which computes it) did not run
 
-    big = train.make_trainer(quick_config("training.batch_size=4", *FP32), ref_model, tok,
+    big = trainer_mod.make_trainer(quick_config("training.batch_size=4", *FP32), ref_model, tok,
                              _rows_of_unequal_length(), str(tmp_path / "ref"))
     ref_model.to(big.args.device)
     batch = next(iter(big.get_train_dataloader()))
@@ -456,7 +457,7 @@ def test_wrapped_packing_fills_every_sequence_and_bad_values_are_refused(tmp_pat
     # The first micro-batches' fingerprints count what TRL counts, and fewer targets than
     # tokens (each sequence's first token is no target; the prompts are masked).
     prints = json.loads((run / "manifest.json").read_text())["stages"]["train"]["data_fingerprint"]
-    assert [fp["tokens"] for fp in prints] == per_step[:train.FINGERPRINT_BATCHES]
+    assert [fp["tokens"] for fp in prints] == per_step[:data_mod.FINGERPRINT_BATCHES]
     assert all(0 < fp["targets"] < fp["tokens"] - 3 and fp["token_sum"] > 0 for fp in prints)
     unpacked = tmp_path / "unpacked"
     train.run_train(quick_config("training.max_seq_len=48", "training.batch_size=4", "training.max_steps=1"), unpacked)
@@ -471,10 +472,10 @@ def test_wrapped_packing_fills_sequences_longer_than_a_thousand_rows():
     search at 131072 measured those. Every sequence here holds max_seq_len tokens: the rows
     concatenated, in order, labels alongside."""
     cfg = quick_config("training.packing=wrapped", "training.max_seq_len=40000", "data.builtin_rows=3200")
-    rows = train.load_data(cfg)["train"]
+    rows = data_mod.load_data(cfg)["train"]
     tok = wtok.default_tokenizer()
-    packed = train.training_dataset(cfg, tok, rows)
-    unpacked = train.training_dataset(quick_config("training.max_seq_len=4096"), tok, rows)
+    packed = data_mod.training_dataset(cfg, tok, rows)
+    unpacked = data_mod.training_dataset(quick_config("training.max_seq_len=4096"), tok, rows)
     flat_ids = [i for r in unpacked["input_ids"] for i in r]
     flat_labels = [i for r in unpacked["labels"] for i in r]
     assert len(flat_ids) // 40000 >= 2 and len(flat_ids) % 40000  # two full sequences and a remainder
@@ -497,11 +498,11 @@ def test_every_stack_gets_the_batches_trl_makes_of_the_text_rows(tmp_path, monke
     from trl import SFTTrainer, pack_dataset
 
     cfg = quick_config("training.batch_size=4", "data.builtin_rows=1200", *sets)
-    rows = train.load_data(cfg)["train"]
+    rows = data_mod.load_data(cfg)["train"]
     tok = wtok.default_tokenizer()
     text = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    with train._old_checkpointing_name():
-        args = train.sft_config(cfg, str(tmp_path / "trl"))
+    with models.old_checkpointing_name():
+        args = trainer_mod.sft_config(cfg, str(tmp_path / "trl"))
         args.dataset_kwargs = None  # TRL prepares the text rows itself
         wrapped = cfg.training.packing == "wrapped"
         if wrapped:  # TRL tokenizes and labels; the wrapping in one batch is ours (training_dataset)
@@ -517,7 +518,7 @@ def test_every_stack_gets_the_batches_trl_makes_of_the_text_rows(tmp_path, monke
         raise AssertionError("the trainer prepared the prepared dataset again")
 
     monkeypatch.setattr(SFTTrainer, "_prepare_dataset", prepare_again)
-    ours = train.make_trainer(cfg, default.build_model(tok), tok, rows, str(tmp_path / "ours"))
+    ours = trainer_mod.make_trainer(cfg, default.build_model(tok), tok, rows, str(tmp_path / "ours"))
     columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in theirs.train_dataset.column_names]
     assert ours.train_dataset.column_names == columns
     for column in columns:
@@ -525,7 +526,7 @@ def test_every_stack_gets_the_batches_trl_makes_of_the_text_rows(tmp_path, monke
     for n, (a, b) in enumerate(zip(ours.get_train_dataloader(), theirs.get_train_dataloader())):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a), n
-        assert train.batch_fingerprint(a) == train.batch_fingerprint(b)
+        assert data_mod.batch_fingerprint(a) == data_mod.batch_fingerprint(b)
         if n == 4:
             break
 
@@ -533,7 +534,7 @@ def test_every_stack_gets_the_batches_trl_makes_of_the_text_rows(tmp_path, monke
 def test_a_max_seq_len_that_the_prompts_fill_is_refused():
     cfg = quick_config("training.max_seq_len=12")  # every built-in prompt is longer
     with pytest.raises(UserError, match="leaves no answer token in any training row"):
-        train.training_dataset(cfg, wtok.default_tokenizer(), train.load_data(cfg)["train"])
+        data_mod.training_dataset(cfg, wtok.default_tokenizer(), data_mod.load_data(cfg)["train"])
 
 
 # --------------------------------------------------------------------------- the larger built-in
@@ -564,7 +565,7 @@ def test_config_takes_every_builtin_model_and_names_them_for_an_unknown_one(tmp_
         config.load(None, ["model.path=builtin:nope"])
     # A missing folder's error names the built-in models too.
     with pytest.raises(UserError, match="builtin:tiny-llama.*builtin:small-llama"):
-        train.check_model_folder(tmp_path / "missing")
+        checks.check_model_folder(tmp_path / "missing")
 
 
 def test_shipped_accuracy_gpu_config_validates_and_uses_the_small_builtin():

@@ -130,96 +130,13 @@ def test_kernels_unavailable_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-def test_liger_kernels_without_liger_or_cuda_is_a_clear_error(tmp_path, capsys):
-    # `kernels: liger` (the train bench's Liger stack) needs liger-kernel and CUDA; neither
-    # may be silently replaced by plain HF, or the stack's numbers would be HF's.
-    code, err = run_cli(capsys, *QUICK, "--set", "kernels=liger", "--run", str(tmp_path / "run"))
+@pytest.mark.parametrize("other", ["liger", "unsloth"])
+def test_kernels_means_our_kernels_only(tmp_path, capsys, other):
+    # The benchmarks' comparison stacks are no setting of the product (workbench.bench.stacks).
+    code, err = run_cli(capsys, *QUICK, "--set", f"kernels={other}", "--run", str(tmp_path / "run"))
     assert code == 2
-    line = error_line(err)
-    assert "kernels: liger needs" in line and ("liger-kernel package" in line or "CUDA device" in line)
+    assert f"config key 'kernels' is '{other}'; use auto, true, false or a mapping" in error_line(err)
     assert not (tmp_path / "run").exists()
-
-
-def test_liger_kernels_reach_trl_as_use_liger_kernel():
-    from workbench import config as config_mod
-    from workbench.train import sft_config
-
-    assert sft_config(config_mod.load(None, ["kernels=liger"]), "/tmp/x").use_liger_kernel is True
-    assert sft_config(config_mod.load(None, ["kernels=true"]), "/tmp/x").use_liger_kernel is False
-
-
-def test_unsloth_kernels_without_unsloth_is_a_clear_error(tmp_path, capsys):
-    # `kernels: unsloth` (the train bench's Unsloth stacks) must never quietly train plain HF.
-    code, err = run_cli(capsys, *QUICK, "--set", "kernels=unsloth", "--run", str(tmp_path / "run"))
-    assert code == 2
-    line = error_line(err)
-    assert "kernels: unsloth needs" in line and "unsloth-host-packages.txt" in line
-    assert not (tmp_path / "run").exists()
-    # Unsloth's model generates only after its own for_inference switch: no in-run accuracy eval.
-    code, err = run_cli(capsys, *QUICK, "--set", "kernels=unsloth", "--set", "eval.max_rows=4",
-                        "--run", str(tmp_path / "run"))
-    assert code == 2 and "set eval.max_rows: 0" in error_line(err)
-
-
-class _FakeFastLanguageModel:
-    """Records what the harness asks of Unsloth (its real package needs CUDA)."""
-    calls: list = []
-
-    @classmethod
-    def from_pretrained(cls, **kwargs):
-        cls.calls.append(("from_pretrained", kwargs))
-        model = torch.nn.Module()
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            model.add_module(name, torch.nn.Identity())
-        return model, "tokenizer"
-
-    @classmethod
-    def get_peft_model(cls, model, **kwargs):
-        cls.calls.append(("get_peft_model", kwargs))
-        return ("peft", model)
-
-
-@pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_unsloth_loads_and_attaches_as_configured(monkeypatch, quantized, checkpointing):
-    import types
-
-    from workbench import config as config_mod
-    from workbench import train
-
-    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=_FakeFastLanguageModel))
-    _FakeFastLanguageModel.calls = []
-    sets = ["kernels=unsloth", "eval.max_rows=0", f"training.gradient_checkpointing={str(checkpointing).lower()}",
-            "training.max_seq_len=512", "training.seed=7", "lora.r=8", "lora.alpha=32", "model.dtype=bfloat16"]
-    if quantized:
-        sets.append("quantization={type: nf4}")
-    cfg = config_mod.load(None, sets)
-    base = train.load_model(cfg, "/base")
-    assert train.attach_lora(cfg, base) == ("peft", base)
-    (_, load), (_, attach) = _FakeFastLanguageModel.calls
-    mode = "unsloth" if checkpointing else False
-    assert load["model_name"] == "/base" and load["max_seq_length"] == 512 and load["dtype"] is torch.bfloat16
-    assert (load["load_in_4bit"], load["load_in_16bit"]) == (quantized, not quantized)
-    assert load["use_gradient_checkpointing"] == attach["use_gradient_checkpointing"] == mode
-    assert load["trust_remote_code"] is False and attach["random_state"] == load["random_state"] == 7
-    assert (attach["r"], attach["lora_alpha"], attach["lora_dropout"]) == (8, 32, cfg.lora.dropout)
-    assert attach["target_modules"] == list(cfg.lora.target_modules) and attach["bias"] == "none"
-    # Unsloth's own checkpointing is switched in get_peft_model; TRL's would replace it.
-    assert train.sft_config(cfg, "/tmp/x").gradient_checkpointing is False
-    plain = config_mod.load(None, [f"training.gradient_checkpointing={str(checkpointing).lower()}"])
-    assert train.sft_config(plain, "/tmp/x").gradient_checkpointing is checkpointing
-
-
-def test_unsloth_is_imported_before_the_data_and_model_checks(monkeypatch):
-    """Unsloth patches transformers, TRL and PEFT when imported, so it must come first."""
-    from workbench import config as config_mod
-    from workbench import train
-
-    order = []
-    monkeypatch.setattr(train, "unsloth_check", lambda: order.append("unsloth") or "x")
-    monkeypatch.setattr(train, "load_data", lambda cfg: order.append("data") or {})
-    train._prepare(config_mod.load(None, ["kernels=unsloth", "eval.max_rows=0"]))
-    assert order == ["unsloth", "data"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_finite_adapter(tmp_path, capsys):

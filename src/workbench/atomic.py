@@ -1,5 +1,6 @@
-"""Atomic artifact writes: a temp file in the same folder, fsync, then rename.
-A killed writer never leaves a file that looks finished."""
+"""Atomic artifact writes, the project's one way to write a file or folder: a temp name in
+the same folder, fsync, then rename. A killed writer never leaves a file that looks finished,
+only ``.*.partial`` names, which the next command holding the run's lock removes."""
 from __future__ import annotations
 
 import contextlib
@@ -10,23 +11,33 @@ import tempfile
 from pathlib import Path
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+@contextlib.contextmanager
+def file(path: str | os.PathLike):
+    """Yield a temp file name next to ``path`` for a writer to fill (a library that writes to a
+    path of its own: GGUFWriter, llama.cpp's quantizer); on success it is synced and renamed to
+    ``path``, on an exception it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -48,6 +59,8 @@ def directory(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync(f)
         replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,3 +82,11 @@ def replace(src: str | os.PathLike, path: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old)
     return path
+
+
+def move_in(staging: str | os.PathLike, dest: str | os.PathLike, rels: list[str]) -> None:
+    """Rename each of ``rels`` that exists under the folder ``staging`` to the same place under
+    ``dest`` (:func:`replace`: a folder replaces the old folder whole)."""
+    for rel in rels:
+        if (Path(staging) / rel).exists():
+            replace(Path(staging) / rel, Path(dest) / rel)

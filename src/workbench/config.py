@@ -16,12 +16,9 @@ against the config file's folder (the file can travel with its data).
                   max_grad_norm, seed, gradient_checkpointing (false, true, or offload: the checkpointed
                   layers' inputs wait in host memory), max_seq_len, packing, logging_steps
     eval:         max_rows, max_new_tokens (greedy generation on the test split, base and adapter)
-    kernels:      "auto" (on with CUDA, off on the CPU), true, false, or {switch: bool} (workbench.patch);
-                  "liger": Liger-Kernel's layer kernels through TRL instead of ours (a comparison stack;
-                  needs liger-kernel and a CUDA device); "unsloth": Unsloth's FastLanguageModel loads the
-                  base and attaches the LoRA (its patched model, kernels and loss; with
-                  gradient_checkpointing, its offloaded checkpointing), trained through the same TRL loop
-                  (a comparison stack; needs unsloth, whose trl/datasets pins differ from ours, and CUDA)
+    kernels:      our Triton kernels: "auto" (on with CUDA, off on the CPU), true, false, or
+                  {switch: bool} per kernel (workbench.patch). (The benchmarks' comparison stacks,
+                  other projects' kernels, are no config of the product: workbench.bench.stacks.)
 """
 from __future__ import annotations
 
@@ -88,7 +85,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     # true: recompute each layer in the backward; "offload": and keep the layers' inputs in
-    # host memory meanwhile (workbench.offload; with kernels: unsloth, Unsloth's own offloading).
+    # host memory meanwhile (workbench.offload).
     gradient_checkpointing: typing.Union[bool, str] = False
     max_seq_len: int = 256
     # false: one row per sequence (padded per batch). "wrapped": rows concatenated and cut
@@ -229,12 +226,9 @@ def _validate(cfg: Config) -> None:
     if cfg.quantization is not None:
         _check_choice("quantization.type", cfg.quantization.type, ("nf4",))
         _check_choice("quantization.compute_dtype", cfg.quantization.compute_dtype, DTYPES)
-    if isinstance(cfg.kernels, str):
-        _check_choice("kernels", cfg.kernels, ("auto", "liger", "unsloth"))
-        if cfg.kernels == "unsloth" and cfg.eval.max_rows:
-            raise UserError("kernels: unsloth trains only (Unsloth's model generates after its own for_inference "
-                            "switch, which this harness does not drive); set eval.max_rows: 0 and score the "
-                            "adapter with workbench eval.")
+    if isinstance(cfg.kernels, str) and cfg.kernels != "auto":
+        raise UserError(f"config key 'kernels' is {cfg.kernels!r}; use auto, true, false or a mapping of kernel "
+                        "switches (e.g. {rope: false}).")
     _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))  # true: TRL's default, bfd
     _check_choice("training.gradient_checkpointing", t.gradient_checkpointing, (False, True, "offload"))
 
@@ -325,3 +319,9 @@ def dump(cfg: Config) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def of_run(run: str | os.PathLike) -> Config:
+    """The config a run was trained with (its config.yaml), else the built-in default."""
+    path = Path(run) / "config.yaml"
+    return load(path) if path.is_file() else load(None)

@@ -7,11 +7,17 @@ import platform
 import re
 
 
-def _version(dist: str) -> str | None:
+def version(dist: str) -> str | None:
+    """The installed version of the distribution ``dist``, or None."""
     try:
         return _md.version(dist)
     except _md.PackageNotFoundError:
         return None
+
+
+def versions(*dists: str) -> dict:
+    """{distribution: its installed version or None} for each of ``dists``."""
+    return {d: version(d) for d in dists}
 
 
 def device_name() -> str:
@@ -41,12 +47,12 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "peft": _version("peft"),
-        "numpy": _version("numpy"),
-        "hypothesis": _version("hypothesis"),
-        "workbench": _version("parity-workbench"),
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "numpy": version("numpy"),
+        "hypothesis": version("hypothesis"),
+        "workbench": version("parity-workbench"),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -101,6 +101,17 @@ def stage(run: str | os.PathLike, name: str) -> dict | None:
     return read(run).get("stages", {}).get(name)
 
 
+def require_run(run: str | os.PathLike, made_by: str = "that `workbench train` wrote") -> Path:
+    """``run`` resolved, when it is an existing run directory; otherwise a UserError saying to
+    pass the --run DIR ``made_by`` ("that `workbench train` wrote")."""
+    run = Path(run).resolve()
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR {made_by}.")
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist; pass the --run DIR {made_by}.")
+    return run
+
+
 def require_stage(run: str | os.PathLike, name: str, hint: str) -> dict:
     rec = stage(run, name)
     if not rec or rec.get("status") != "complete":

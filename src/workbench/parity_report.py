@@ -1,4 +1,4 @@
-"""Markdown + JSON report of one parity-suite run (reports/parity/<date>-<device>.*).
+"""Markdown + JSON report of one parity-suite run (<report dir>/<date>-<device>.*).
 
 The JSON carries what makes it checkable against a checkout and an environment
 (``workbench qualify --parity-report`` checks all of it): pytest's exit code and its
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import atomic
 from .envinfo import environment
+from .markdown import table
 
 #: The versions a report must share with the environment that reads it.
 VERSION_KEYS = ("torch", "triton", "workbench")
@@ -130,11 +131,10 @@ def write(out_dir: Path, stats: list[dict], command: str, wall_seconds: float, e
         f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
         f"transformers {env['transformers']}, hypothesis {env['hypothesis']}, python {env['python']}",
         "",
-        "| kernel | dtype tests | examples | seconds | failed |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        *table(["kernel", "dtype tests", "examples", "seconds", "failed"],
+               [[name, str(agg["tests"]), str(agg["examples"]), f"{agg['seconds']:.1f}", str(agg["failed"])]
+                for name, agg in sorted(by_kernel.items())], align="lrrrr"),
     ]
-    for name, agg in sorted(by_kernel.items()):
-        lines.append(f"| {name} | {agg['tests']} | {agg['examples']} | {agg['seconds']:.1f} | {agg['failed']} |")
     lines += ["", "Each example compares every output and every gradient against the fp64 reference, "
               "bounded by PyTorch's own error in the same dtype (see parity/README.md).", ""]
     md = atomic.write_text(out_dir / f"{stem}.md", "\n".join(lines))

@@ -52,10 +52,9 @@ What is swapped (per family: workbench/families.py):
   mode where every 4-bit base of the group computes in autocast's dtype
   (:func:`_mixed_dtype`): the GEMMs in that dtype, and the base product and the
   LoRA term summed in fp32 and returned in fp32, as bitsandbytes and PEFT do. (A
-  sum in the compute dtype rounds away an adapter's first, small updates: measured
-  on the H200, 2026-11-30, 1B shape, the loss 1.2e-2 off HF's after the first step,
-  reports/train/2026-11-30-nvidia-h200-qlora-2.md; the parity suite's ``delta:``
-  comparisons now check that the LoRA term survives.)
+  sum in the compute dtype rounds away an adapter's first, small updates, which a
+  train-suite run on a GPU showed as a loss off HF's after the first step; the parity
+  suite's ``delta:`` comparisons check that the LoRA term survives.)
 
 Not swapped: attention itself (HF's eager/SDPA/flash path), embeddings, residual
 adds, LoRA layers with DoRA or another PEFT variant, lora_bias, several active

@@ -32,8 +32,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from workbench import atomic, manifest
+from workbench import atomic, manifest, stages
 from workbench.errors import UserError
+from workbench.markdown import num, table as markdown_table
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 GATES_FILE = Path(str(resources.files("workbench") / "configs" / "gates.yaml"))   # package data
@@ -272,9 +273,9 @@ class Context:
     def merged_logits(self):
         if "merged_logits" not in self._cache:
             from workbench.export.compare import hf_logits
-            from workbench.export.merge import _load_base
+            from workbench.models import load_base
 
-            model = _load_base(self.merged_dir(), self.device)
+            model = load_base(self.merged_dir(), self.device)
             self._cache["merged_logits"] = hf_logits(model, self.windows())
         return self._cache["merged_logits"]
 
@@ -457,7 +458,7 @@ def _parity_run(ctx: Context, kernels: list[str], threshold: str) -> GateResult:
     import torch
 
     from workbench import parity_report
-    from workbench.cli import REPO_ROOT
+    from workbench.cli.common import REPO_ROOT
     from workbench.kernels import registry
 
     tests = REPO_ROOT / "parity" / "test_parity.py"
@@ -519,8 +520,9 @@ def _parity_run(ctx: Context, kernels: list[str], threshold: str) -> GateResult:
 def gate_merge(ctx: Context) -> GateResult:
     from workbench.eval.models import adapter_model
     from workbench.export.compare import hf_logits, logit_metrics
-    from workbench.export.merge import _load_base, _require_adapter, _with_adapter, base_model_path
+    from workbench.export.merge import base_model_path, require_adapter
     from workbench.export.verify import failures
+    from workbench.models import load_base, with_adapter
 
     if ctx.brought_merged():
         raise UserError(BROUGHT_MERGED + ".")
@@ -529,9 +531,9 @@ def gate_merge(ctx: Context) -> GateResult:
     if limits is None:
         raise UserError(f"the gates have no merge limits for dtype {rec.get('dtype')!r}; add merge.{rec.get('dtype')} "
                         "to the gates file.")
-    base, adapter = base_model_path(ctx.run, train), _require_adapter(ctx.run)
+    base, adapter = base_model_path(ctx.run, train), require_adapter(ctx.run)
     wins = ctx.windows()
-    pairs = [("merge/merged", ctx.merged_dir(), lambda: _with_adapter(_load_base(base, ctx.device), adapter),
+    pairs = [("merge/merged", ctx.merged_dir(), lambda: with_adapter(load_base(base, ctx.device), adapter),
               "adapter on the base (fp32)")]
     nf4 = ctx.run / "merge" / "merged_from_nf4"
     if train.get("quantization") and (nf4 / "config.json").is_file():
@@ -541,7 +543,7 @@ def gate_merge(ctx: Context) -> GateResult:
     for item, folder, reference, what in pairs:
         log(f"merge: {item} vs the {what}")
         ref = hf_logits(reference(), wins)
-        test = ctx.merged_logits() if folder == ctx.merged_dir() else hf_logits(_load_base(folder, ctx.device), wins)
+        test = ctx.merged_logits() if folder == ctx.merged_dir() else hf_logits(load_base(folder, ctx.device), wins)
         m = logit_metrics(ref, test, wins)
         measured = {k: m[k] for k in ("kl_mean", "top1_agreement", "ppl_rel_delta", "max_abs_logit_diff")}
         problems = failures(m, limits)
@@ -686,11 +688,11 @@ def _metric_problems(mine: dict, reference: dict) -> list[str]:
 def _eval_options_problems(run: Path, rec: dict) -> list[str]:
     """The eval must have run what `workbench eval --run DIR` runs by default: every
     shipped task the held-out rows have documents for, no custom tasks, the chat template."""
-    from workbench.pipeline import _expected_tasks
+    from workbench.eval.suite import default_tasks
 
     rerun = "rerun `workbench eval --run DIR`"
     out = []
-    expected = _expected_tasks(run)
+    expected = default_tasks(run)
     ran = rec.get("tasks") or []
     missing = [t for t in expected if t not in ran]
     if missing:
@@ -770,12 +772,13 @@ def gate_tokenizer(ctx: Context) -> GateResult:
 # --------------------------------------------------------------------------- 6. hashes
 def artifact_table(run: Path, hash_tree=manifest.hash_tree) -> tuple[dict, list[str]]:
     """{stage: {rel: {sha256, bytes, state}}} for every stage's recorded outputs
-    (state ok / missing / changed), and the problems (verify_outputs' messages and
-    recorded inputs, inside the run or not, that are missing or whose hash changed)."""
-    stages = manifest.read(run).get("stages", {})
+    (state ok / missing / changed), and the problems: verify_outputs' messages, and what each
+    stage says of its recorded inputs (:meth:`workbench.stages.Stage.drift`: those inside the run
+    or not that are missing or whose hash changed; for the report, the records it rendered)."""
+    records = manifest.read(run).get("stages", {})
     table, problems = {}, []
-    for name, rec in stages.items():
-        if name == "qualify":
+    for name, rec in records.items():
+        if name not in stages.PIPELINE:
             continue
         found = manifest.verify_outputs(run, name)
         problems += [f"{name}: {p}" for p in found]
@@ -787,41 +790,8 @@ def artifact_table(run: Path, hash_tree=manifest.hash_tree) -> tuple[dict, list[
                     state = "missing" if p.endswith("is missing") else "changed"
             rows[rel] = {"sha256": meta.get("sha256"), "bytes": meta.get("bytes"), "state": state}
         table[name] = rows
-        problems += [f"{name}: {p}" for p in _input_problems(run, name, rec, hash_tree)]
+        problems += [f"{name}: {p}" for p in stages.get(name).drift(run, rec, hash_tree)]
     return table, problems
-
-
-#: The input a user-provided stage copied into the run (`workbench merge --adapter`,
-#: `workbench export --merged`): its recorded path is where it came from, its hash
-#: that of the copy, which the stage's outputs check; the source may be gone.
-_COPIED = {"train": "adapter", "merge": "merged"}
-
-
-def _input_problems(run: Path, name: str, rec: dict, hash_tree=manifest.hash_tree) -> list[str]:
-    """Recorded inputs with a recorded hash, relative to the run or absolute (a user's
-    base model or data outside it), that are missing or whose hash changed since the
-    stage ran. Hashes of what a stage read without a path (the training rows) are the
-    stage's own business. The report's inputs are the other stages' manifest records,
-    not files."""
-    if name == "report":
-        from workbench.report import input_hashes
-
-        now = input_hashes(run)
-        return [f"the report predates the current {stage} record (rerun `workbench report --run DIR`)"
-                for stage, want in (rec.get("input_hashes") or {}).items() if now.get(stage) != want]
-    out = []
-    inputs = rec.get("inputs") or {}
-    redo = "restore it, or bring it again" if rec.get("user_provided") else f"rerun `workbench {name} --run DIR`"
-    for key, want in (rec.get("input_hashes") or {}).items():
-        recorded = inputs.get(key)
-        if not isinstance(recorded, str) or not recorded or (rec.get("user_provided") and _COPIED.get(name) == key):
-            continue
-        path = Path(recorded) if Path(recorded).is_absolute() else run / recorded
-        if not path.exists():
-            out.append(f"its input {recorded} is missing ({redo})")
-        elif hash_tree(path) != want:
-            out.append(f"its input {recorded} changed since the {name} stage read it ({redo})")
-    return out
 
 
 def gate_hashes(ctx: Context) -> GateResult:
@@ -917,9 +887,6 @@ GATES = [("parity", gate_parity), ("merge", gate_merge), ("gguf", gate_gguf), ("
 
 # --------------------------------------------------------------------------- report
 def markdown(verdict: dict) -> str:
-    def cell(text) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
-
     env = verdict["environment"]
     lines = [f"# Qualification — {verdict['run']} — {verdict['verdict']}", "",
              f"- **Verdict:** {verdict['verdict']} ({verdict['summary']})",
@@ -931,36 +898,34 @@ def markdown(verdict: dict) -> str:
     for g in verdict["gates"]:
         lines += [f"## {g['name']}: {g['status']} — {g['title']}", ""]
         if g["message"]:
-            lines += [cell(g["message"]), ""]
+            lines += [num(g["message"]), ""]
         if g["checks"]:
-            lines += ["| item | status | measured | threshold | problems |", "| --- | --- | --- | --- | --- |"]
-            for c in g["checks"]:
-                threshold = _limits_text(c["threshold"]) if isinstance(c["threshold"], dict) else c["threshold"]
-                lines.append(f"| {cell(c['item'])} | {c['status']} | {cell(_full(c['measured']))} | "
-                             f"{cell('' if threshold is None else threshold)} | {cell('; '.join(c['problems']))} |")
-            lines.append("")
-    lines += ["## Artifact hashes", "", "| stage | file | bytes | sha256 | state |", "| --- | --- | ---: | --- | --- |"]
-    for stage, rows in verdict["artifacts"].items():
-        for rel, r in rows.items():
-            lines.append(f"| {stage} | {cell(rel)} | {r['bytes']} | `{r['sha256']}` | {r['state']} |")
+            rows = [[c["item"], c["status"], _full(c["measured"]),
+                     _limits_text(c["threshold"]) if isinstance(c["threshold"], dict) else
+                     "" if c["threshold"] is None else str(c["threshold"]),
+                     "; ".join(c["problems"])] for c in g["checks"]]
+            lines += [*markdown_table(["item", "status", "measured", "threshold", "problems"], rows, align="lllll"), ""]
+    rows = [[stage, rel, str(r["bytes"]), f"`{r['sha256']}`", r["state"]]
+            for stage, files in verdict["artifacts"].items() for rel, r in files.items()]
+    lines += ["## Artifact hashes", "", *markdown_table(["stage", "file", "bytes", "sha256", "state"], rows,
+                                                        align="llrll")]
     lines += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
     return "\n".join(lines)
 
 
 def table(gates: list[dict]) -> str:
-    """The gate table: gate, status, measured, threshold (Markdown)."""
+    """The gate table: gate, status, measured, threshold (Markdown), then what failed."""
     def cell(text, width: int = 160) -> str:
-        text = str(text).replace("|", "\\|").replace("\n", " ")
+        text = str(text)
         return text if len(text) <= width else text[:width - 1] + "…"
 
-    lines = ["| gate | status | measured | threshold |", "| --- | --- | --- | --- |"]
-    for g in gates:
-        measured = g["measured"] if g["status"] != NA else g["message"]
-        lines.append(f"| {g['name']} | {g['status']} | {cell(measured)} | {cell(g['threshold'])} |")
+    rows = [[g["name"], g["status"], cell(g["measured"] if g["status"] != NA else g["message"]), cell(g["threshold"])]
+            for g in gates]
     failed = [f"- **{g['name']}** failed: {g['message']}" for g in gates if g["status"] == FAIL]
     failed += [f"- **{g['name']}** {g['message']}" for g in gates
                if g["status"] == PASS and str(g["message"]).startswith("note: ")]
-    return "\n".join(lines + ([""] + failed if failed else []))
+    return "\n".join(markdown_table(["gate", "status", "measured", "threshold"], rows, align="llll")
+                     + ([""] + failed if failed else []))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -972,12 +937,7 @@ def run_qualify(run: str | os.PathLike, gates: str | os.PathLike | None = None,
     from workbench.offline import enforce_offline
 
     enforce_offline()
-    run = Path(run).resolve()
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR that `workbench train` "
-                        "wrote.")
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist; pass the --run DIR that `workbench train` wrote.")
+    run = manifest.require_run(run)
     manifest.read(run)   # an unreadable manifest is the user's to fix (UserError), not seven failed gates
     config = load_gates(gates)
     extra = {}
@@ -1043,16 +1003,23 @@ def _qualify(run: Path, gates, config: dict, extra: dict, command: str | None) -
     out = run / OUT_DIR
     files = [atomic.write_json(out / "verdict.json", verdict), atomic.write_text(out / "verdict.md", markdown(verdict))]
     files += ctx._cache.get("parity_files", [])
-    inputs = {k: str(v) for k, v in (("gates", gates and Path(gates).resolve()),
-                                     ("parity_report", ctx.parity_report), ("baseline", ctx.baseline)) if v}
-    manifest.record_stage(run, "qualify", {
+    found = {k: Path(v).resolve() for k, v in (("gates", gates), ("parity_report", ctx.parity_report),
+                                               ("baseline", ctx.baseline)) if v}
+    stages.record(run, STAGE, None, {
         "status": "complete" if passed else "failed_qualification",
         "passed": passed,
-        "inputs": inputs,
-        "input_hashes": {k: manifest.sha256_file(v) for k, v in inputs.items()},
         "gates": {r["name"]: r["status"] for r in results},
         "timings": {r["name"]: r["seconds"] for r in results} | {"total_s": verdict["seconds"]},
-        "outputs": manifest.outputs_record(run, files),
-    })
+    }, found=found, outputs=files)
     log(f"verdict {verdict['verdict']} in {verdict['seconds']:.1f}s: {out / 'verdict.md'}")
     return verdict
+
+
+class QualifyStage(stages.Stage):
+    """Reads the run's records and artifacts, and the files given (gates, parity report,
+    baseline); writes qualify/. Not a pipeline stage: `workbench qualify` runs it on its own."""
+
+    name = "qualify"
+
+
+STAGE = QualifyStage()

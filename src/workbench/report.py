@@ -23,34 +23,27 @@ records it rendered (what `workbench run` compares to skip it).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
-from workbench import atomic, manifest
+from workbench import atomic, manifest, stages
+from workbench.envinfo import versions
 from workbench.errors import UserError
+from workbench.eval.models import GGUF_KINDS, KINDS as MODEL_ORDER
+from workbench.markdown import num as _num, table
 
-SECTIONS = ("train", "merge", "export", "eval")
+#: The stages the report renders: every stage before it.
+SECTIONS = stages.NAMES[:stages.NAMES.index("report")]
 TITLES = {"train": "Training", "merge": "Merge", "export": "Export (GGUF)", "eval": "Evaluation"}
 HOW = {"train": "`workbench train --run DIR` (or bring an adapter: `workbench merge --run DIR --adapter FOLDER`)",
        "merge": "`workbench merge --run DIR` (or bring a merged model: `workbench export --run DIR --merged FOLDER`)",
        "export": "`workbench export --run DIR`", "eval": "`workbench eval --run DIR`"}
 #: Stage states whose numbers are rendered (an export that failed verification has numbers worth seeing).
 RENDERED = ("complete", "user_provided", "failed_verification")
-MODEL_ORDER = ("base", "adapter", "merged", "f16", "bf16", "q8_0", "q4_k_m")
-GGUF_KINDS = ("f16", "bf16", "q8_0", "q4_k_m")
 VERIFY_KEYS = (("kl_mean", "KL mean"), ("kl_max", "KL max"), ("top1_agreement", "top-1"),
                ("max_abs_logit_diff", "max abs Δlogit"), ("ppl", "ppl"), ("ppl_ref", "ppl ref"),
                ("ppl_rel_delta", "ppl Δrel"))
-
-
-def input_hashes(run: str | Path) -> dict:
-    """sha256 of each rendered stage's manifest record (what the report depends on)."""
-    stages = manifest.read(run).get("stages", {})
-    return {name: hashlib.sha256(json.dumps(stages[name], sort_keys=True).encode()).hexdigest()
-            for name in SECTIONS if name in stages}
 
 
 # --------------------------------------------------------------------------- collecting
@@ -129,7 +122,7 @@ def _eval(rec: dict) -> dict:
     metrics = rec.get("metrics") or {}
     vs_f16 = {}
     if "f16" in metrics:
-        for kind in ("bf16", "q8_0", "q4_k_m"):
+        for kind in GGUF_KINDS[1:]:
             if kind in metrics:
                 vs_f16[kind] = {c: compare.change(v, metrics["f16"][c], compare.metric_kind(c))
                                 for c, v in metrics[kind].items() if metrics["f16"].get(c) is not None}
@@ -142,13 +135,13 @@ def _eval(rec: dict) -> dict:
 def collect(run: str | Path, command: str | None = None) -> dict:
     """The report's data (what report.json holds)."""
     run = Path(run)
-    stages = manifest.read(run).get("stages", {})
+    records = manifest.read(run).get("stages", {})
     data = {"run": str(run.resolve()), "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": command, "stages": {}, "missing": [], "sections": {}}
     for name in SECTIONS:
-        rec = stages.get(name)
+        rec = records.get(name)
         state = _state(rec)
-        if name == "train" and rec is None and (stages.get("merge") or {}).get("user_provided"):
+        if name == "train" and rec is None and (records.get("merge") or {}).get("user_provided"):
             state = "not_needed"   # the user brought a merged model: nothing was trained here
         data["stages"][name] = state
         if state == "not_needed":
@@ -161,7 +154,7 @@ def collect(run: str | Path, command: str | None = None) -> dict:
         body = {"train": lambda: _train(run, rec), "merge": lambda: _merge(run, rec),
                 "export": lambda: _export(run, rec), "eval": lambda: _eval(rec)}[name]()
         data["sections"][name] = {"status": state, **_env(rec), **body}
-    data["stale"] = _stale(run, stages, data["stages"])
+    data["stale"] = _stale(run, records, data["stages"])
     for name, root in data["stale"].items():
         data["stages"][name] = "stale"
         data["sections"][name]["stale"] = (f"made from an earlier {root}; rerun `workbench run --run "
@@ -169,49 +162,27 @@ def collect(run: str | Path, command: str | None = None) -> dict:
     return data
 
 
-def _stale(run: Path, stages: dict, states: dict) -> dict:
+def _stale(run: Path, records: dict, states: dict) -> dict:
     """{stage: the earliest stage it was made from an earlier version of}, for each rendered
     stage whose recorded input hashes no longer match what its upstream stages left in the
     run (the pipeline's own check), or whose upstream stage is stale, failed or unfinished."""
-    from workbench.pipeline import MADE_BY, STAGES, changed_inputs
-
     stale: dict[str, str] = {}
-    for name in ("merge", "export", "eval"):
+    for name in SECTIONS[1:]:
         if states[name] not in RENDERED or states[name] == "user_provided":
             continue
-        roots = [MADE_BY[name][key] for key in changed_inputs(run, name, strict=False)]
+        stage = stages.get(name)
+        roots = [stage.upstream[key] for key in stages.changed_inputs(run, stage, strict=False, upstream_only=True)]
         for up in SECTIONS[:SECTIONS.index(name)]:
             if up in stale:
                 roots.append(stale[up])
-            elif stages.get(up) is not None and states[up] not in RENDERED:
+            elif records.get(up) is not None and states[up] not in RENDERED:
                 roots.append(up)   # failed or still running: what this stage used came from an earlier one
         if roots:
-            stale[name] = min(roots, key=STAGES.index)
+            stale[name] = min(roots, key=stages.NAMES.index)
     return stale
 
 
 # --------------------------------------------------------------------------- formatting
-def _num(v, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.{digits - 1}e}"
-        return f"{v:.{digits}g}"
-    return str(v).replace("|", "\\|")
-
-
-def table(head: list[str], rows: list[list]) -> list[str]:
-    """A Markdown table's lines: the project's one table helper (run reports, the reports'
-    CURRENT.md and index). Cells go through :func:`_num`: None is "—", "|" is escaped."""
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-            *("| " + " | ".join(_num(c) for c in row) + " |" for row in rows)]
-
-
 def _provenance(sec: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in sec["versions"].items())
     return f"*Device: {sec['device']}; {versions}; finished {sec.get('finished_utc') or '?'}.*"
@@ -503,13 +474,7 @@ def render(run: str | Path, command: str | None = None) -> dict:
 
     matplotlib.use("Agg")
 
-    run = Path(run).resolve()
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR of a `workbench run` or "
-                        "`workbench train`.")
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist; pass the --run DIR of a `workbench run` or "
-                        "`workbench train`.")
+    run = manifest.require_run(run, "of a `workbench run` or `workbench train`")
     if not (run / manifest.MANIFEST).is_file():
         raise UserError(f"{run} has no {manifest.MANIFEST}, so no stage has run there; run `workbench run --run "
                         f"{run}` first.")
@@ -518,9 +483,7 @@ def render(run: str | Path, command: str | None = None) -> dict:
 
 
 def _render(run: Path, command: str | None) -> dict:
-    from workbench.envinfo import _version
-
-    hashes = input_hashes(run)
+    found = STAGE.inputs(run, stages.Settings())   # the stage records it renders, as they are now
     data = collect(run, command)
     secs = data["sections"]
     done = {n: s for n, s in secs.items() if s.get("status") in RENDERED}
@@ -539,15 +502,41 @@ def _render(run: Path, command: str | None) -> dict:
             (tmp / name).write_bytes(images[key])
         (tmp / "report.md").write_text(markdown(data, plots), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    manifest.record_stage(run, "report", {
-        "inputs": {n: f"manifest.json stages.{n}" for n in hashes},
-        "input_hashes": hashes,
-        "missing": data["missing"],
-        "versions": {d: _version(d) for d in ("matplotlib", "parity-workbench")},
-        "outputs": manifest.outputs_record(run, [folder]),
-    })
+    stages.record(run, STAGE, None, {"rendered": list(found), "missing": data["missing"],
+                                     "versions": versions("matplotlib", "parity-workbench")}, found=found)
     return {"md": folder / "report.md", "json": folder / "report.json",
             "png": [folder / name for name in plots.values()], "missing": data["missing"]}
+
+
+class ReportStage(stages.Stage):
+    """Reads the records of the stages it renders; writes report/."""
+
+    name = "report"
+    upstream = {name: name for name in SECTIONS}
+
+    def inputs(self, run: Path, settings: stages.Settings) -> dict:
+        records = manifest.read(run).get("stages", {})
+        return {name: records[name] for name in SECTIONS if name in records}
+
+    def outputs(self, run: Path, settings: stages.Settings) -> list[Path]:
+        return [run / "report"]
+
+    def reason(self, run: Path, changed: list[str], rec: dict, settings: stages.Settings) -> str:
+        return "the stage records it renders changed"
+
+    def drift(self, run: Path, rec: dict, hash_tree=manifest.hash_tree) -> list[str]:
+        now = stages.hashes(self.inputs(run, stages.Settings()))
+        return [f"the report predates the current {name} record (rerun `workbench report --run DIR`)"
+                for name, want in (rec.get("input_hashes") or {}).items() if now.get(name) != want]
+
+    def run(self, run: Path, settings: stages.Settings) -> dict:
+        return render(run, command=settings.command)
+
+    def summary(self, run: Path, paths: dict) -> str:
+        return f"{paths['md']}"
+
+
+STAGE = ReportStage()
 
 
 def _nominal(kind: str) -> set:

@@ -181,6 +181,11 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
     return [f"{question(r)}\n{r['answer']}" for r in build(seed)["train"]]
 
 
+def jsonl_text(rows: list[dict]) -> str:
+    """Rows as JSON lines: what :func:`write_jsonl` writes (and the train stage hashes)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
     """Write rows as JSON lines, atomically."""
-    return atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return atomic.write_text(path, jsonl_text(rows))

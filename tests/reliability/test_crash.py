@@ -31,7 +31,7 @@ def assert_nothing_finished_looking_is_partial(run: Path) -> list[str]:
     a killed writer left (which the next command removes)."""
     from gguf import GGUFReader
 
-    from workbench.train import check_safetensors
+    from workbench.checks import check_safetensors
 
     leftovers = []
     for path in sorted(run.rglob("*")):

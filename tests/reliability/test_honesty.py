@@ -94,6 +94,7 @@ def test_workbench_parity_report_records_the_junit_xml_and_the_counts(tmp_path, 
     import os
 
     from workbench import cli
+    from workbench.cli import parity as parity_cli
 
     seen = {}
 
@@ -112,7 +113,7 @@ def test_workbench_parity_report_records_the_junit_xml_and_the_counts(tmp_path, 
         def wait(self):
             return 0
 
-    monkeypatch.setattr(cli.subprocess, "Popen", FakePytest)
+    monkeypatch.setattr(parity_cli.subprocess, "Popen", FakePytest)
     out = tmp_path / "reports"
     assert cli.main(["parity", "--kernel", "rms_norm", "--report", str(out)]) == 0
     assert any(a.startswith("--junitxml=") for a in seen["cmd"])
@@ -159,14 +160,14 @@ def test_a_copied_and_a_moved_run_use_their_own_files(finished, tmp_path, capfd)
 
 
 def test_rows_longer_than_max_seq_len_are_counted_and_said(capsys):
-    from workbench import config, synthetic, train
+    from workbench import config, data, synthetic
     from workbench.tokenizer import default_tokenizer
 
     rows = synthetic.build(seed=0, train_rows=64)["train"][:20]
     long = {**rows[0], "prompt": [{"role": "user", "content": "word " * 300}]}   # the prompt alone fills 256
     cut = {**rows[1], "completion": [{"role": "assistant", "content": "7 " * 300}]}   # the answer is cut
     stats = {}
-    data = train.training_dataset(config.load(None), default_tokenizer(), rows + [long, cut], stats)
+    data = data.training_dataset(config.load(None), default_tokenizer(), rows + [long, cut], stats)
     assert stats == {"rows": 22, "longer_than_max_seq_len": 2, "dropped_no_answer_token": 1} and len(data) == 21
     err = capsys.readouterr().err
     assert "2 of 22 training row(s) are longer than training.max_seq_len (256 tokens)" in err

@@ -41,7 +41,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -49,7 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from workbench.bench import child
 from workbench.errors import UserError
+from workbench.markdown import table
 
 STACKS = {"hf": "HF (transformers + PEFT, kernels off)", "ours": "ours (workbench.patch, kernels on)"}
 SEEDS = (0, 1)
@@ -114,13 +115,8 @@ def run_config(base: dict, stack: str, seed: int, steps: int | None = None) -> d
 
 
 # --------------------------------------------------------------------------- running
-def _last_line(text: str) -> str:
-    return (text.strip().splitlines() or ["(no output)"])[-1]
-
-
-def _metrics_of_run(run_dir: Path) -> dict:
-    """What one finished run's files say (see the module docstring for the files)."""
-    record = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
+def _metrics_of_run(run_dir: Path, record: dict) -> dict:
+    """What one finished run's train ``record`` and files say (see the module docstring for the files)."""
     steps, train_s = record.get("steps"), (record.get("timings") or {}).get("train_s")
     row = {"tokens_per_s": record.get("tokens_per_s"), "peak_memory_gib": record.get("peak_memory_gib"),
            "train_s": train_s, "steps": steps, "step_s": round(train_s / steps, 4) if steps and train_s else None,
@@ -203,7 +199,6 @@ def run(config: dict | str | os.PathLike | None = None, out: str | os.PathLike =
     pairs = [(seed, stack) for seed in seeds for stack in stacks]
     workers = min(jobs, len(pairs))
     env, threads = _child_env(workers)
-    spawn = {"env": env} if env is not None else {}    # jobs=1: the processes inherit our environment, as before
     lock = threading.Lock()
 
     def say(line: str) -> None:                        # one line at a time, whichever pipeline speaks
@@ -223,25 +218,23 @@ def run(config: dict | str | os.PathLike | None = None, out: str | os.PathLike =
                "config": str(cfg_path), "train_exit_code": None, "eval_exit_code": None, "exit_code": None}
         say(f"[bench accuracy] seed {seed} {stack}: train {max_steps or base['training']['epochs']} "
             f"{'steps' if max_steps else 'epochs'}")
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                               "--run", str(run_dir)], capture_output=True, text=True, **spawn)
-        row["train_wall_s"], row["train_exit_code"] = round(time.perf_counter() - t0, 1), proc.returncode
-        if proc.returncode != 0:
-            row["error"] = f"train: {_last_line(proc.stderr)}"
+        trained = child.train(cfg_path, run_dir, env=env)
+        row["train_wall_s"], row["train_exit_code"] = trained.wall_s, trained.exit_code
+        if trained.error:
+            row["error"] = f"train: {trained.error}"
         else:
             try:
-                row.update(_metrics_of_run(run_dir))
+                row.update(_metrics_of_run(run_dir, trained.record))
             except (OSError, ValueError, KeyError, TypeError) as err:
                 row["error"] = f"train: unreadable record ({type(err).__name__}: {err})"
         if "error" not in row:
             say(f"[bench accuracy] seed {seed} {stack}: lm-eval on the adapter")
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "workbench", "eval", "--run", str(run_dir),
-                                   "--models", "adapter", *eval_args], capture_output=True, text=True, **spawn)
+            proc = child.run_child([sys.executable, "-m", "workbench", "eval", "--run", str(run_dir),
+                                    "--models", "adapter", *eval_args], env=env)
             row["eval_wall_s"], row["eval_exit_code"] = round(time.perf_counter() - t0, 1), proc.returncode
             if proc.returncode != 0:
-                row["error"] = f"eval: {_last_line(proc.stderr)}"
+                row["error"] = f"eval: {child.last_line(proc.stderr)}"
             else:
                 try:
                     row["metrics"], row["documents"] = _eval_metrics(run_dir)
@@ -483,17 +476,17 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
         lines.append(f"- **CPU:** our kernels ran in Triton's interpreter (~{INTERPRETER_TOKENS_PER_S} tokens/s); "
                      "speed and memory here say nothing about the kernels.")
     # Under --jobs > 1 the runs' times were taken while others shared the device: not shown.
-    lines += ["", "## Runs", "",
-              "| seed | stack | exit | steps | " + ("step s | tokens/s | " if timed else "")
-              + "peak GiB | final loss | held-out acc | note |",
-              "| ---: | --- | ---: | ---: | " + ("---: | ---: | " if timed else "") + "---: | ---: | ---: | --- |"]
+    rows = []
     for r in result["runs"]:
         k = r.get("kernels") or {}
         swapped = ", ".join(f"{name} ×{sum(per.values())}" for name, per in (k.get("swapped") or {}).items())
-        times = f"| {_fmt(r.get('step_s'), '.4f')} | {_fmt(r.get('tokens_per_s'), '.0f')} " if timed else ""
-        lines.append(f"| {r['seed']} | {r['stack']} | {_fmt(r.get('exit_code'), '')} | {_fmt(r.get('steps'), '')} "
-                     + times + f"| {_fmt(r.get('peak_memory_gib'), '.2f')} | {_fmt(r.get('final_loss'), '.4f')} "
-                     f"| {_fmt(r.get('heldout_accuracy'), '.3f')} | {r.get('error') or swapped} |")
+        times = [_fmt(r.get("step_s"), ".4f"), _fmt(r.get("tokens_per_s"), ".0f")] if timed else []
+        rows.append([str(r["seed"]), r["stack"], _fmt(r.get("exit_code"), ""), _fmt(r.get("steps"), ""), *times,
+                     _fmt(r.get("peak_memory_gib"), ".2f"), _fmt(r.get("final_loss"), ".4f"),
+                     _fmt(r.get("heldout_accuracy"), ".3f"), r.get("error") or swapped])
+    lines += ["", "## Runs", "",
+              *table(["seed", "stack", "exit", "steps", *(["step s", "tokens/s"] if timed else []), "peak GiB",
+                      "final loss", "held-out acc", "note"], rows, align="rlrr" + ("rr" if timed else "") + "rrrl")]
     if not timed:
         lines += ["", "## Speed: not measured in this run", "",
                   f"Up to {jobs} (seed, stack) pipelines ran at once (`--jobs {jobs}`), so every run's step time and "
@@ -503,15 +496,14 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
         memory = [s for s in result.get("speed") or [] if s.get("memory_ratio") is not None]
         if memory:
             lines += ["", "Peak GPU memory is each process's own (`torch.cuda.max_memory_allocated`), which the "
-                      "other processes do not change:", "", "| seed | peak memory (ours/hf) |", "| ---: | ---: |"]
-            lines += [f"| {s['seed']} | {_fmt(s['memory_ratio'], '.2f')} |" for s in memory]
+                      "other processes do not change:", "",
+                      *table(["seed", "peak memory (ours/hf)"],
+                             [[str(s["seed"]), _fmt(s["memory_ratio"], ".2f")] for s in memory], align="rr")]
     elif result.get("speed"):
         lines += ["", "## Speed and memory (ours against hf, same seed)", "",
-                  "| seed | speed (hf/ours step time) | tokens/s (ours/hf) | peak memory (ours/hf) |",
-                  "| ---: | ---: | ---: | ---: |"]
-        for s in result["speed"]:
-            lines.append(f"| {s['seed']} | {_fmt(s['speedup'], '.2f')}x | {_fmt(s['tokens_per_s_ratio'], '.2f')} "
-                         f"| {_fmt(s['memory_ratio'], '.2f')} |")
+                  *table(["seed", "speed (hf/ours step time)", "tokens/s (ours/hf)", "peak memory (ours/hf)"],
+                         [[str(s["seed"]), f"{_fmt(s['speedup'], '.2f')}x", _fmt(s["tokens_per_s_ratio"], ".2f"),
+                           _fmt(s["memory_ratio"], ".2f")] for s in result["speed"]], align="rrrr")]
     seeds = result["seeds"]
     lines += ["", "## Accuracy (ours against hf)", "",
               "A metric is within noise when, at every seed, |ours − hf| ≤ max(seed noise, floor): the seed noise "
@@ -520,10 +512,8 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
               "one seed would excuse itself); the floor is what the eval can "
               "resolve: 2·sqrt(p(1−p)/n), at least 1/n, for a score over n documents; "
               f"{RELATIVE_FLOOR:.0%} relative for perplexities and losses (their differences are relative). A failed "
-              "run or a missing/NaN value is `missing`, a single seed `noise not measured`; neither passes.", "",
-              "| metric | " + " | ".join(f"hf s{s} | ours s{s} | Δ s{s}" for s in seeds)
-              + " | noise hf | noise ours | floor | verdict |",
-              "| --- | " + " | ".join("---: | ---: | ---:" for _ in seeds) + " | ---: | ---: | ---: | --- |"]
+              "run or a missing/NaN value is `missing`, a single seed `noise not measured`; neither passes.", ""]
+    rows = []
     for c in result["comparisons"]:
         kind, cells = c["kind"], []
         for p in c["per_seed"]:
@@ -532,10 +522,12 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
         verdict = c["verdict"] if c["verdict"] == WITHIN else f"**{c['verdict'].upper()}**"
         if c.get("direction"):
             verdict += f" ({c['direction']})"
-        lines.append(f"| {c['metric']} | " + " | ".join(cells)
-                     + f" | {_diff_fmt(c['noise'].get('hf'), kind).lstrip('+')} "
-                     f"| {_diff_fmt(c['noise'].get('ours'), kind).lstrip('+')} "
-                     f"| {_diff_fmt(max(floors), kind).lstrip('+') if floors else '—'} | {verdict} |")
+        rows.append([c["metric"], *cells, _diff_fmt(c["noise"].get("hf"), kind).lstrip("+"),
+                     _diff_fmt(c["noise"].get("ours"), kind).lstrip("+"),
+                     _diff_fmt(max(floors), kind).lstrip("+") if floors else "—", verdict])
+    lines += table(["metric", *(f"{stack} s{s}" for s in seeds for stack in ("hf", "ours", "Δ")), "noise hf",
+                    "noise ours", "floor", "verdict"],
+                   rows, align="l" + "rrr" * len(seeds) + "rrrl")
     ok = result.get("ok", passed(result["runs"], result["comparisons"]))
     lines += ["", f"**Result:** {'every metric within run-to-run noise' if ok else 'NOT within noise (see above)'}."]
     if png_name:

@@ -15,17 +15,15 @@ is about memory, not speed, so sharing the host does not change what it measures
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
-from workbench.bench.child import Stopped, kill_children as _kill_children, run_child as _run_child  # noqa: F401
+from workbench.bench import child
+from workbench.markdown import table
 
-#: What the train stage says when a step ran out of GPU memory (workbench.train._oom_message).
+#: What the train stage says when a step ran out of GPU memory (workbench.trainer.oom_message).
 OOM_MARK = "ran out of GPU memory"
 
 
@@ -70,11 +68,11 @@ def search(trial: Callable[[int], dict], start: int = 2048, limit: int = 131072,
 
 def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int = 2,
                 device: str | None = None) -> Callable[[int], dict]:
-    """A trial function for :func:`search`: one ``workbench train`` process at batch 1, on
-    ``device`` (a ``CUDA_VISIBLE_DEVICES`` value) when one is given."""
+    """A trial function for :func:`search`: one training process at batch 1 on ``stack``
+    (bench/child.py), on ``device`` (a ``CUDA_VISIBLE_DEVICES`` value) when one is given."""
     import yaml
 
-    from workbench.bench.train import _config, stack_env
+    from workbench.bench.train import config_for, stack_env
 
     env = stack_env(stack)
     if device is not None:
@@ -83,26 +81,22 @@ def train_trial(checkpoint: Path, mode: str, stack: str, out: Path, steps: int =
     def trial(seq: int) -> dict:
         run_dir = out / f"{mode}-{stack}-{seq}"
         cfg_path = out / f"{mode}-{stack}-{seq}.yaml"
-        cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, 1, 0, seq)))
-        t0 = time.perf_counter()
-        proc = _run_child([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                           "--run", str(run_dir)], env=env)
-        wall = round(time.perf_counter() - t0, 1)
-        if proc.returncode == 0:
-            rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
-            # Batch 1: each fingerprinted micro-batch (workbench.train.batch_fingerprint, recorded
+        cfg_path.write_text(yaml.safe_dump(config_for(checkpoint, mode, stack, steps, 1, 0, seq)))
+        trained = child.train(cfg_path, run_dir, stack, env=env)
+        if trained.record is not None:
+            rec = trained.record
+            # Batch 1: each fingerprinted micro-batch (workbench.data.batch_fingerprint, recorded
             # for every stack, Unsloth's too, whose log has no token count) is one full sequence.
             held = [fp.get("tokens") for fp in rec.get("data_fingerprint") or []]
             if not held or any(n != seq for n in held):
                 return {"error": f"the trial's first micro-batches held {held or 'no recorded'} tokens, not {seq} "
-                                 "each", "wall_s": wall}
-            return {"fits": True, "wall_s": wall, "peak_memory_gib": rec.get("peak_memory_gib"),
+                                 "each", "wall_s": trained.wall_s}
+            return {"fits": True, "wall_s": trained.wall_s, "peak_memory_gib": rec.get("peak_memory_gib"),
                     "peak_reserved_gib": rec.get("peak_reserved_gib"),
                     "step_s": round(rec["timings"]["train_s"] / rec["steps"], 4) if rec.get("steps") else None}
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        if OOM_MARK in proc.stderr:
-            return {"fits": False, "wall_s": wall}
-        return {"error": f"exit code {proc.returncode}: {last}", "wall_s": wall}
+        if OOM_MARK in trained.stderr:
+            return {"fits": False, "wall_s": trained.wall_s}
+        return {"error": f"exit code {trained.exit_code}: {trained.error}", "wall_s": trained.wall_s}
 
     return trial
 
@@ -217,10 +211,10 @@ def _in_parallel(planned: list[tuple[str, str]], devices: list[str], search_one)
                 pass
     except BaseException:
         stop.set()
-        _kill_children()
+        child.kill_children()
         for event in ended.values():
             while not event.wait(timeout=0.5):
-                _kill_children()  # a trial started after the first kill
+                child.kill_children()  # a trial started after the first kill
         raise
     if failures:
         raise failures[0]
@@ -258,10 +252,8 @@ def markdown(result: dict, env: dict, command: str) -> str:
                 "its GPU, so its memory is its own. The note column names each search's GPU."]
                if len(result.get("devices") or []) > 1 else []),
              f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, transformers "
-             f"{env['transformers']}, peft {env['peft']}", "",
-             "| mode | stack | longest that fits | first that does not | peak GiB at the longest | reserved GiB "
-             "| step s at the longest | trials | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             f"{env['transformers']}, peft {env['peft']}", ""]
+    rows = []
     for r in result["rows"]:
         best = next((t for t in r["trials"] if t["seq"] == r["max_fit"] and t.get("fits")), {})
         peak, reserved, step = (best.get(k) for k in ("peak_memory_gib", "peak_reserved_gib", "step_s"))
@@ -271,9 +263,10 @@ def markdown(result: dict, env: dict, command: str) -> str:
         note = r["error"] or ("search not finished: the bounds so far" if searching else "")
         if len(result.get("devices") or []) > 1 and r.get("device") is not None:
             note = "; ".join(filter(None, [f"GPU {r['device']}", note]))
-        lines.append(f"| {r['mode']} | {r['stack']} | {r['max_fit'] or '—'} | {miss} | "
-                     f"{_num(peak, '.2f')} | {_num(reserved, '.2f')} | {_num(step, '.2f')} | {len(r['trials'])} | "
-                     f"{note} |")
+        rows.append([r["mode"], r["stack"], str(r["max_fit"] or "—"), str(miss), _num(peak, ".2f"),
+                     _num(reserved, ".2f"), _num(step, ".2f"), str(len(r["trials"])), note])
+    lines += table(["mode", "stack", "longest that fits", "first that does not", "peak GiB at the longest",
+                    "reserved GiB", "step s at the longest", "trials", "note"], rows, align="llrrrrrrl")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench import atomic
-from workbench.report import table
+from workbench.markdown import table
 
 #: Suites in the order CURRENT.md lists them; a folder of another name is in the index only.
 SUITES = ("kernels", "train", "step", "context", "accuracy", "parity")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.kernels import registry
+from workbench.markdown import table
 
 Builder = Callable[[torch.device, torch.dtype], "Case"]
 
@@ -218,9 +219,9 @@ def _nf4_cases(s: dict, device, dtype) -> list[Case]:
 #: calls unrolled) and replayed, so the time is the device's work alone, without the
 #: Python and launch overhead of each call (triton's ``do_bench_cudagraph``). In
 #: training the CPU runs ahead of the GPU and that overhead hides behind earlier
-#: kernels; in a micro-benchmark of a sub-millisecond step it does not, and on the
-#: H200 it made such rows move by up to 2.2x between two runs of one command
-#: (reports/regress/2026-11-29-*). "events": one call between CUDA events, L2 flushed
+#: kernels; in a micro-benchmark of a sub-millisecond step it does not, and such rows
+#: moved by about 2x between two runs of one command (the kernels regress reports).
+#: "events": one call between CUDA events, L2 flushed
 #: before each (triton's ``do_bench``): launch overhead included. A case whose callables
 #: cannot be captured (one of them synchronizes with the host, say) is timed with
 #: events in every stack, so its ratios still compare like with like; the row says so.
@@ -446,24 +447,21 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
         + " `vs torch` is the torch stack's time over this row's, same run and same timing (forward only for "
         "nf4_dequant, which has no gradient); peak is the extra memory of one forward+backward.",
         "",
-        "| kernel | shape | stack | fwd ms | fwd+bwd ms | vs torch (fwd+bwd) | peak extra GiB | note |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    def step_ms(r):  # forward + backward, or the forward where nothing is differentiable
-        return r["fwd_bwd_ms"] if r["fwd_bwd_ms"] is not None else r["fwd_ms"]
-
-    torch_ms = {r["kernel"]: step_ms(r) for r in result["rows"]
+    torch_ms = {r["kernel"]: _step_ms(r) for r in result["rows"]
                 if r["stack"] == "torch" or r["stack"].startswith("torch (")}
 
     def fmt(v, spec=".3f"):
         return "—" if v is None else format(v, spec)
 
+    rows = []
     for r in result["rows"]:
-        base, mine = torch_ms.get(r["kernel"]), step_ms(r)
+        base, mine = torch_ms.get(r["kernel"]), _step_ms(r)
         ratio = f"{base / mine:.2f}x" if base and mine and r["stack"] != "floor" else ""
-        lines.append(f"| {r['kernel']} | {r['shape']} | {r['stack']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} "
-                     f"| {ratio} | {fmt(r['peak_extra_gib'], '.2f')} "
-                     f"| {r['error'] or (r.get('extra') or {}).get('timing_note') or ''} |")
+        rows.append([r["kernel"], r["shape"], r["stack"], fmt(r["fwd_ms"]), fmt(r["fwd_bwd_ms"]), ratio,
+                     fmt(r["peak_extra_gib"], ".2f"), r["error"] or (r.get("extra") or {}).get("timing_note") or ""])
+    lines += table(["kernel", "shape", "stack", "fwd ms", "fwd+bwd ms", "vs torch (fwd+bwd)", "peak extra GiB", "note"],
+                   rows, align="lllrrrrl")
     if png_name:
         lines += ["", f"![roofline of our kernels and time per kernel and stack]({png_name})"]
     return "\n".join(lines) + "\n"

@@ -1,64 +1,72 @@
-"""The stacks of the step suite (bench/step.py) as small strategies.
+"""The comparison stacks of the benchmarks, as strategies.
 
-Each stack knows how to load the base, attach the LoRA, and apply its kernels and its
-checkpointing, for a plain training loop that is not the product's. Loading and attaching
-go through the product's own loaders (``workbench.train.load_model`` / ``attach_lora``),
-configured by the train suite's per-stack config (``bench.train._config``): a stack here is
-the model the train suite trains, built the same way; only the loop around it differs.
-What the Trainer would add (checkpointing, Liger's patch) is done here, not in the product.
+A stack is the product's :class:`workbench.models.Stack` (how the training recipe loads the
+base, attaches the LoRA, applies kernels and sets the trainer's arguments) with what a
+comparison needs on top: ``hf`` is transformers + PEFT as they come, ``ours`` adds our
+kernels, ``liger`` and ``unsloth`` are the peers'. The train, context and accuracy suites
+hand a stack to the training recipe in a child process (``python -m
+workbench.bench.train_child``); the step suite builds the model with the same steps and runs
+its own plain loop around it (:meth:`Stack.build`). The product's training path knows none of
+the peers: the config's ``kernels:`` means our kernels only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import importlib.metadata
 from pathlib import Path
 
+from workbench import models
+from workbench.errors import UserError
 
-@dataclass(frozen=True)
-class Stack:
-    """transformers + PEFT as they come (``hf``), optionally with checkpointing."""
 
-    name: str
-    label: str
-    #: False, True (transformers' checkpointing) or "offload" (workbench.offload).
-    checkpointing: bool | str = False
+class Stack(models.Stack):
+    """transformers + PEFT as they come (``hf``), optionally with checkpointing; ``ours``
+    differs only by its config (``kernels: true``, :func:`workbench.bench.train.config_for`)."""
 
-    def prepare(self) -> None:
-        """What must happen before transformers is imported in the measuring process."""
+    def __init__(self, name: str, label: str, checkpointing: bool | str = False):
+        self.name, self.label = name, label
+        #: False, True (transformers' checkpointing) or "offload" (workbench.offload).
+        self.checkpointing = checkpointing
 
+    def prepare(self, cfg=None) -> None:
+        """What must happen in the measuring process before transformers is imported (with the
+        run's config, when there is one)."""
+
+    # ---- the step suite's plain loop
     def config(self, checkpoint: Path, mode: str, seq: int, seed: int):
         from workbench import config
-        from workbench.bench.train import _config
+        from workbench.bench.train import config_for
 
-        raw = _config(checkpoint, mode, self.name, 1, 1, seed, seq)
+        raw = config_for(checkpoint, mode, self.name, 1, 1, seed, seq)
         raw["data"] = {}  # no data is read: the loop feeds random tokens
         return config.from_dict(raw)
 
     def build(self, checkpoint: Path, mode: str, seq: int, seed: int):
-        """(the PEFT model in training mode, what was applied to it)."""
+        """(the PEFT model in training mode, what was applied to it), as the recipe builds it."""
         import transformers
-
-        from workbench.train import attach_lora, load_model
 
         cfg = self.config(checkpoint, mode, seq, seed)
         transformers.logging.set_verbosity_error()
         transformers.set_seed(seed)
-        model = load_model(cfg, str(checkpoint))
+        model = self.load(cfg, str(checkpoint))
         transformers.set_seed(seed)  # the LoRA init draws from the global RNG, as in run_train
-        model = attach_lora(cfg, model)
-        info = {"checkpointing": self.enable_checkpointing(model), "kernels": self.apply_kernels(cfg, model)}
+        model = self.attach(cfg, model)
+        info = {"checkpointing": self.enable_checkpointing(model), "kernels": self.loop_kernels(cfg, model)}
         model.config.use_cache = False  # a training step has no use for a KV cache
         model.train()
         return model, info
+
+    def loop_kernels(self, cfg, model) -> dict | None:
+        """The kernels of a plain loop (no Trainer to apply them): the recipe's."""
+        return self.kernels(cfg, model)
 
     def enable_checkpointing(self, model) -> str | None:
         """As the Trainer does for a PEFT model (TRL adds the input grads): the Trainer's kwargs,
         reentrant for offloading, whose hooks see only what reentrant checkpointing saves."""
         if not self.checkpointing:
             return None
-        from workbench.train import _old_checkpointing_name
-
         offload = self.checkpointing == "offload"
-        with _old_checkpointing_name():
+        with models.old_checkpointing_name():
             model.enable_input_require_grads()
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True} if offload
                                                 else None)
@@ -68,7 +76,6 @@ class Stack:
         if not offload:
             return how
         from workbench import offload as offload_mod
-        from workbench.errors import UserError
 
         hooks = offload_mod.ActivationOffload()
         try:
@@ -80,9 +87,6 @@ class Stack:
         model.activation_offload = hooks  # step.py reports what it moved
         return how + f", inputs offloaded to host memory ({hooks.modules} checkpointing modules)"
 
-    def apply_kernels(self, cfg, model) -> dict | None:
-        return None
-
     def frozen_weights_in(self, model, dtype) -> None:
         """Without autocast: the frozen float weights in ``dtype`` (for QLoRA,
         prepare_model_for_kbit_training upcast the norms, embeddings and head to fp32 for the
@@ -93,28 +97,27 @@ class Stack:
                 p.data = p.data.to(dtype)
 
 
-class Ours(Stack):
-    """``workbench.patch`` on the PEFT model, as ``workbench train`` applies it."""
-
-    def apply_kernels(self, cfg, model) -> dict | None:
-        from workbench.train import apply_kernels, kernels_enabled
-
-        return apply_kernels(model, kernels_enabled(cfg))
-
-
 class Liger(Stack):
-    """Liger-Kernel with its own defaults for the model's family (for Llama and Qwen3: RoPE,
-    RMSNorm, SwiGLU and the fused linear cross-entropy), the patch a user of a plain loop
-    applies; the train suite's TRL path refuses the fused loss and keeps TRL's."""
+    """Liger-Kernel. In the recipe, TRL applies its RMSNorm, RoPE and SwiGLU (``use_liger_kernel``;
+    TRL 1.16 keeps its own chunked LM-head loss and refuses Liger's fused linear cross-entropy).
+    In the step suite's plain loop, Liger's defaults for the model's family (for Llama and Qwen3:
+    RoPE, RMSNorm, SwiGLU and the fused linear cross-entropy), the patch a user of a plain loop
+    applies."""
 
-    def prepare(self) -> None:
-        from workbench.train import liger_check
+    def prepare(self, cfg=None) -> None:
+        liger_version()
 
-        liger_check()
+    def check(self, cfg) -> None:
+        liger_version()
 
-    def apply_kernels(self, cfg, model) -> dict | None:
-        import importlib.metadata
+    def trainer_args(self, cfg) -> dict:
+        return {"use_liger_kernel": True}
 
+    def kernels(self, cfg, model) -> dict | None:
+        return {"engine": "liger-kernel", "version": liger_version(),
+                "applied_by": "TRL SFTTrainer use_liger_kernel (layer kernels; TRL's chunked LM-head loss)"}
+
+    def loop_kernels(self, cfg, model) -> dict | None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model.get_base_model())  # what transformers' Trainer calls
@@ -124,34 +127,120 @@ class Liger(Stack):
 
 
 class Unsloth(Stack):
-    """Unsloth's FastLanguageModel: its model, LoRA kernels and loss, its own checkpointing
-    (offloaded, ``use_gradient_checkpointing="unsloth"``) for ``-gc``. The product's loaders
-    call it when the config says ``kernels: unsloth``."""
+    """Unsloth's FastLanguageModel loads the base (NF4 with double quant for QLoRA, as ours) and
+    attaches the LoRA, with its own patched model, LoRA kernels and loss, and its own offloaded
+    checkpointing for ``-gc`` (``use_gradient_checkpointing="unsloth"``); the recipe's TRL loop
+    trains it. Its trainer replaces TRL's data preparation with its own (unsloth_zoo's
+    ``sft_prepare_dataset``), which the recipe's pre-tokenized rows skip: without them it would
+    pack in worker processes, each wrapping its share of the rows on its own, and so cut the
+    sequences elsewhere. Unsloth wants to be imported before transformers, TRL and PEFT
+    (:meth:`prepare`)."""
 
-    def prepare(self) -> None:
-        from workbench.train import unsloth_check
+    own_checkpointing = True
+    packages = ("unsloth",)
 
-        unsloth_check()  # imports unsloth, which must come before transformers and PEFT
+    def prepare(self, cfg=None) -> None:
+        if cfg is not None:
+            self.check(cfg)   # imports unsloth too
+        else:
+            unsloth_version()
+
+    def check(self, cfg) -> None:
+        if cfg.eval.max_rows:
+            raise UserError("the unsloth stack trains only (Unsloth's model generates after its own for_inference "
+                            "switch, which this harness does not drive); set eval.max_rows: 0 and score the "
+                            "adapter with workbench eval.")
+        unsloth_version()
+
+    def check_model(self, cfg, tok) -> None:
+        from workbench.checks import check_model_fits
+
+        check_model_fits(cfg, tok, build=False)  # Unsloth builds its own model; get_peft_model names what it lacks
+
+    def _common(self, cfg) -> dict:
+        """Arguments Unsloth's load and attach both take: its checkpointing, switched per run
+        (off, or its offloaded "unsloth" mode), the sequence length and the seed."""
+        return {"use_gradient_checkpointing": "unsloth" if cfg.training.gradient_checkpointing else False,
+                "max_seq_length": cfg.training.max_seq_len or 2048, "random_state": cfg.training.seed}
+
+    def load(self, cfg, base: str):
+        """The base through Unsloth: bf16 for LoRA, bitsandbytes NF4 (double quant) for QLoRA."""
+        from unsloth import FastLanguageModel
+
+        q = models.quantization_record(cfg)
+        model, _tok = FastLanguageModel.from_pretrained(
+            model_name=base, dtype=models.dtype(cfg.model.dtype), load_in_4bit=q is not None,
+            load_in_16bit=q is None, full_finetuning=False, trust_remote_code=False, **self._common(cfg))
+        return model
+
+    def attach(self, cfg, model):
+        from unsloth import FastLanguageModel
+
+        from workbench.checks import check_target_modules
+
+        check_target_modules(cfg, model)
+        lc = cfg.lora
+        return FastLanguageModel.get_peft_model(
+            model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+            bias="none", use_rslora=lc.use_rslora, **self._common(cfg))
+
+    def kernels(self, cfg, model) -> dict | None:
+        return {"engine": "unsloth", "version": importlib.metadata.version("unsloth"),
+                "applied_by": "Unsloth FastLanguageModel.from_pretrained + get_peft_model (its model, LoRA "
+                              "kernels and loss)" + (", its offloaded gradient checkpointing"
+                                                    if cfg.training.gradient_checkpointing else "")}
 
     def enable_checkpointing(self, model) -> str | None:
         return "unsloth (offloaded)" if self.checkpointing else None  # switched on by get_peft_model
-
-    def apply_kernels(self, cfg, model) -> dict | None:
-        import importlib.metadata
-
-        return {"engine": "unsloth", "version": importlib.metadata.version("unsloth"),
-                "applied_by": "FastLanguageModel.from_pretrained + get_peft_model"}
 
     def frozen_weights_in(self, model, dtype) -> None:
         """As Unsloth loads them: its kernels expect its own dtypes."""
 
 
+def liger_version() -> str:
+    """Liger-Kernel's version, after checking that it and a CUDA device are here."""
+    import torch
+
+    try:
+        version = importlib.metadata.version("liger-kernel")
+        importlib.import_module("liger_kernel.transformers")
+    except (ImportError, importlib.metadata.PackageNotFoundError) as err:
+        raise UserError(f"the liger stack needs the liger-kernel package ({err}); pip install liger-kernel, or "
+                        "leave the stack out.") from None
+    if not torch.cuda.is_available():
+        raise UserError("the liger stack needs a CUDA device (Liger-Kernel has no CPU path); leave it out here.")
+    return version
+
+
+def unsloth_version() -> str:
+    """Unsloth's version, after importing it (before transformers, TRL and PEFT) on a CUDA device."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        raise UserError("the unsloth stack needs the unsloth package, which pins trl <= 1.15 and datasets < 5 (ours: "
+                        "trl 1.16, datasets 5): install it in its own environment, or build its site with "
+                        "scripts/build_wheelhouse.sh .site-unsloth scripts/unsloth-host-packages.txt and name it "
+                        "in WORKBENCH_UNSLOTH_SITE; or leave the stack out.")
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("the unsloth stack needs a CUDA device (Unsloth has no CPU path); leave it out here.")
+        importlib.import_module("unsloth")
+        return importlib.metadata.version("unsloth")
+    except UserError:
+        raise
+    except Exception as err:  # Unsloth checks its environment at import and raises many kinds
+        raise UserError(f"the unsloth stack could not import unsloth ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); check its versions against "
+                        "scripts/unsloth-host-packages.txt, or leave the stack out.") from None
+
+
 STACKS = {s.name: s for s in (
     Stack("hf", "HF + SDPA (transformers + PEFT)"),
     Stack("hf-gc", "HF + SDPA + gradient checkpointing", checkpointing=True),
-    Ours("ours", "ours (workbench.patch)"),
-    Ours("ours-gc", "ours + gradient checkpointing", checkpointing=True),
-    Ours("ours-offload", "ours + offloaded checkpointing", checkpointing="offload"),
+    Stack("ours", "ours (workbench.patch)"),
+    Stack("ours-gc", "ours + gradient checkpointing", checkpointing=True),
+    Stack("ours-offload", "ours + offloaded checkpointing", checkpointing="offload"),
     Liger("liger", "Liger-Kernel (its defaults, fused linear CE)"),
     Unsloth("unsloth", "Unsloth (FastLanguageModel)"),
     Unsloth("unsloth-gc", "Unsloth + its offloaded checkpointing", checkpointing=True),

@@ -1,4 +1,4 @@
-"""The plain-loop training step, per stack: ``workbench bench --suite step``.
+"""The plain-loop training step, per stack: ``workbench bench step``.
 
 The loop is the one peers publish, with no TRL and no dataloader around it::
 
@@ -17,7 +17,7 @@ measured in that process (FLOPs: :func:`flops_per_step`), peak allocated and res
 memory, the loss at every step
 and its agreement with hf (the train suite's band); with ``profile``, a few more steps under
 torch.profiler: the top kernels per step and the share of the step the GPU sits idle.
-Nothing here asserts a speed: the numbers go to reports/step/.
+Nothing here asserts a speed: the numbers go to the suite's report.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from typing import Callable
 
 from workbench.bench import train as tbench
 from workbench.bench.stacks import STACKS
+from workbench.markdown import table
 
 LR = 2e-4  # the train suite's
 AUTOCAST = ("on", "off")
@@ -104,7 +105,7 @@ def run(shapes, modes, stacks, autocasts=("on",), batch: int = 4, seq: int = 204
     names, skipped = tbench.available_stacks(stacks)
     for stack, why in skipped.items():
         progress(f"[bench step] {stack}: skipped ({why})")
-    lora = tbench._config(out, "lora", "hf", 1, 1, seed, seq)["lora"]
+    lora = tbench.config_for(out, "lora", "hf", 1, 1, seed, seq)["lora"]
     head = {"shape": ",".join(shapes), "shapes": list(shapes), "shape_dims": {s: tbench.SHAPES[s] for s in shapes},
             "batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "seed": seed, "lr": LR, "lora": lora,
             "modes": list(modes), "autocast": list(autocasts), "stacks": names, "skipped_stacks": skipped,
@@ -205,12 +206,13 @@ def child(spec_path: str) -> int:
     import torch
 
     from workbench import atomic
-    from workbench.envinfo import _version, device_name
-    from workbench.train import _dtype, batch_fingerprint
+    from workbench.data import batch_fingerprint
+    from workbench.envinfo import device_name, versions
+    from workbench.models import dtype as model_dtype
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = _dtype("auto")  # the product's: bf16 on a CUDA device, fp32 on the CPU
+    dtype = model_dtype("auto")  # the product's: bf16 on a CUDA device, fp32 on the CPU
     model, info = stack.build(Path(spec["checkpoint"]), spec["mode"], spec["seq"], spec["seed"])
     autocast = spec["autocast"] == "on"
     if not autocast:
@@ -261,8 +263,7 @@ def child(spec_path: str) -> int:
         "trainable_params": sum(p.numel() for p in params), **info,
         "kernel_calls": {k: n - calls.get(k, 0) for k, n in sorted(_kernel_calls().items()) if n > calls.get(k, 0)}
         or None,
-        "versions": {name: _version(name) for name in ("torch", "triton", "transformers", "peft", "bitsandbytes",
-                                                        "liger-kernel", "unsloth")},
+        "versions": versions("torch", "triton", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth"),
     }
     if offload is not None:
         from workbench.offload import record
@@ -338,14 +339,13 @@ def profile_steps(step: Callable, n: int, sync: Callable, cuda: bool, dest: Path
                      for r in rows)
     dest.parent.mkdir(parents=True, exist_ok=True)
     csv_path = atomic.write_text(dest.parent / f"{dest.name}.csv", table.getvalue())
-    tmp = dest.parent / f".{dest.name}.trace.json.partial"
-    prof.export_chrome_trace(str(tmp))
     trace = dest.parent / f"{dest.name}.trace.json"
-    if tmp.stat().st_size > GZIP_ABOVE:
-        trace = atomic.write_bytes(trace.with_name(trace.name + ".gz"), gzip.compress(tmp.read_bytes()))
-        tmp.unlink()
-    else:
-        os.replace(tmp, trace)
+    with atomic.file(trace) as tmp:
+        prof.export_chrome_trace(str(tmp))
+    if trace.stat().st_size > GZIP_ABOVE:
+        gz = atomic.write_bytes(trace.with_name(trace.name + ".gz"), gzip.compress(trace.read_bytes()))
+        trace.unlink()
+        trace = gz
     return {"steps": n, "measure": "CUDA kernels (and copies), device time" if cuda else "CPU ops, self time",
             "wall_ms_per_step": wall_us / n / 1e3, "busy_ms_per_step": busy_us / n / 1e3,
             "idle_share": max(0.0, 1.0 - busy_us / wall_us) if wall_us else None,
@@ -417,24 +417,25 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         lines += [f"## {shape} · {mode.upper()} · autocast {autocast}", "",
                   *([f"Measured bf16 matmul rate R: {min(rates):.0f} to {max(rates):.0f} TFLOP/s across these "
                      "processes (each record's MFU uses its own).", ""] if rates else []),
-                  "| stack | s/step | speed × hf | tokens/s | MFU | peak alloc. GiB | peak reserved GiB | step-1 rel. "
-                  "loss diff | max rel. loss diff | same data | loss |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+                  ]
+        cells = []
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['stack']} | failed (exit {r['exit_code']}): {r['error'].replace('|', '/')} "
-                             "| | | | | | | | | |")
+                cells.append([r["stack"], f"failed (exit {r['exit_code']}): {r['error'].replace('|', '/')}",
+                              *[""] * 9])
                 continue
             c = comparisons.get((*group, r["stack"]))
             speed = "1" if r["stack"] == "hf" else f(c and c["speedup"], ".2f")
-            verdict = "baseline" if r["stack"] == "hf" else (tbench._verdict(c) if c else "— (no hf record)")
+            verdict = "baseline" if r["stack"] == "hf" else (tbench.verdict(c) if c else "— (no hf record)")
             same = "—" if not c else {True: "yes", False: "**no**"}[c["same_data"]]
             mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "—"
-            lines.append(f"| {r['stack']} | {f(r['step_s'], '.4f')} | {speed} | {f(r['tokens_per_s'], '.0f')} "
-                         f"| {mfu} "
-                         f"| {f(r.get('peak_alloc_gib'), '.2f')} | {f(r.get('peak_reserved_gib'), '.2f')} "
-                         f"| {f(c and c['first_rel_loss_diff'], '.2e')} | {f(c and c['max_rel_loss_diff'], '.2e')} "
-                         f"| {same} | {verdict} |")
+            cells.append([r["stack"], f(r["step_s"], ".4f"), speed, f(r["tokens_per_s"], ".0f"), mfu,
+                          f(r.get("peak_alloc_gib"), ".2f"), f(r.get("peak_reserved_gib"), ".2f"),
+                          f(c and c["first_rel_loss_diff"], ".2e"), f(c and c["max_rel_loss_diff"], ".2e"), same,
+                          verdict])
+        lines += table(["stack", "s/step", "speed × hf", "tokens/s", "MFU", "peak alloc. GiB", "peak reserved GiB",
+                        "step-1 rel. loss diff", "max rel. loss diff", "same data", "loss"], cells,
+                       align="lrrrrrrrrll")
         lines += ["", *_profile_section(rows), ""]
     lines += [f"![speed and memory against hf]({png_name})", ""]
     return "\n".join(lines)
@@ -461,21 +462,22 @@ def _profile_section(rows: list[dict]) -> list[str]:
                      f"the trace in [{p['trace']}]({p['trace']})")
     lines += ["", "The profiler's own overhead lengthens a profiled step (compare it with the timed s/step above), so "
               "the idle share is an upper bound.",
-              "", "| # | " + " | ".join(f"{r['stack']}: name | ms/step | share | calls/step" for r in shown) + " |",
-              "| ---: | " + " | ".join("--- | ---: | ---: | ---:" for _ in shown) + " |"]
+              ""]
+    rows = []
     for i in range(max(len(r["profile"]["top"]) for r in shown)):
-        cells = []
+        cells = [str(i + 1)]
         for r in shown:
             top = r["profile"]["top"]
             if i < len(top):
                 k = top[i]
                 name = k["name"] if len(k["name"]) <= 70 else k["name"][:67] + "..."
-                cells.append(f"`{name.replace('|', '/').replace('`', '')}` | {k['ms_per_step']:.3f} "
-                             f"| {100 * k['share']:.1f} % | {k['calls_per_step']:g}")
+                cells += [f"`{name.replace('|', '/').replace('`', '')}`", f"{k['ms_per_step']:.3f}",
+                          f"{100 * k['share']:.1f} %", f"{k['calls_per_step']:g}"]
             else:
-                cells.append(" | | | ")
-        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-    return lines
+                cells += [""] * 4
+        rows.append(cells)
+    head = [f"{h}" for r in shown for h in (f"{r['stack']}: name", "ms/step", "share", "calls/step")]
+    return lines + table(["#", *head], rows, align="r" + "lrrr" * len(shown))
 
 
 def plot(result: dict, path: Path) -> Path:

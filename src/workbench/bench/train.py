@@ -1,8 +1,9 @@
 """End-to-end training runs: the same LoRA / QLoRA config with and without our kernels.
 
-Each (mode, stack) pair trains through the real harness (``workbench train``: TRL's
-SFTTrainer + PEFT, bitsandbytes NF4 for QLoRA) in its OWN process, so one stack's
-allocator state, compiled kernels or patches cannot leak into another's numbers.
+Each (mode, stack) pair trains through the product's training recipe (workbench.train: TRL's
+SFTTrainer + PEFT, bitsandbytes NF4 for QLoRA) with the model built by the stack's strategy
+(bench/stacks.py), in its OWN process (``python -m workbench.bench.train_child``), so one
+stack's allocator state, compiled kernels or patches cannot leak into another's numbers.
 The base is a checkpoint built from a real model's config with random weights
 (shapes decide speed and memory) and our offline tokenizer; all runs share it, the
 data (the built-in synthetic skills) and the seed.
@@ -29,17 +30,19 @@ Reported per run: the per-step loss curve, tokens/s, step time, peak allocated
 memory; per mode and stack: the loss agreement with hf (max |difference| over the
 logged steps, relative to the loss; flagged outside LOSS_BAND) and the speed and
 memory ratios, same run.
-Nothing here asserts a speed: the numbers go to reports/train/.
+Nothing here asserts a speed: the numbers go to the suite's report.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
+
+from workbench.bench import child
+from workbench.data import FINGERPRINT_BATCHES
+from workbench.markdown import table
 
 #: Real configs (random weights), Llama unless ``model_type`` says otherwise. The tiny ones keep the
 #: CPU smoke tests fast.
@@ -118,20 +121,20 @@ def available_stacks(stacks=tuple(STACKS)) -> tuple[list[str], dict[str, str]]:
 
 #: A stack whose logged losses differ from hf's by more than this (relative, at any
 #: logged step) is flagged, whatever its speed. bf16's unit roundoff is 2^-8 (3.9e-3);
-#: seeded runs of one config on the H100 (1B shape, 30 steps) differed by at most
-#: 2.1e-3 between hf and ours (reports/train/2026-11-23-*); 1e-2 admits that
-#: reordering with room and still catches a changed loss or gradient.
+#: seeded runs of one config differ between hf and ours by reordering within about
+#: that (the train reports' comparison tables); 1e-2 admits it with room and still
+#: catches a changed loss or gradient.
 LOSS_BAND = 1e-2
 #: At step 1 every stack evaluates the same base model (LoRA's B starts at zero) on its
-#: first batch, so only the forward's rounding separates the losses: on the H200 hf, ours
-#: and Liger agreed within 2.5e-5 there (LoRA and QLoRA, 1B, 4 x 2048). A step-1 difference
+#: first batch, so only the forward's rounding separates the losses (the train reports'
+#: step-1 column: far below bf16's roundoff for stacks fed the same data). A step-1 difference
 #: above bf16's unit roundoff, 2^-8, is not rounding: the stack fed other data (see the
 #: fingerprints) or computes another loss. It explains a flag; it does not raise one.
 FIRST_STEP_BAND = 2.0 ** -8
 #: The first steps of a run carry one-time costs: Triton compiling our kernels, cuBLAS
 #: choosing its algorithms, TRL building its LM head, the caching allocator growing.
-#: On the H200 (2026-11-29, 20 steps of 4 x 2048 tokens) they were a large share of the
-#: whole run and swapped the order of the stacks, so speed is measured after them: from
+#: In a short run they are a large share of the whole and can swap the order of the
+#: stacks (a train report's notes show it), so speed is measured after them: from
 #: the logged step ``max(1, steps * WARMUP_FRACTION)`` to the last one.
 WARMUP_FRACTION = 0.2
 
@@ -214,10 +217,11 @@ def write_checkpoint_here(shape: str, out: Path, seed: int = 0, positions: int |
 _MIN_ROW_TOKENS = 12   # measured: 24 to 30 (mean 26.6) with our tokenizer
 
 
-def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, seed: int, seq: int | None) -> dict:
+def config_for(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, seed: int, seq: int | None) -> dict:
     """One stack's training config. ``seq``: sequences of that many tokens (the built-in rows
     wrapped-packed, every sequence full, enough rows generated for every step), else one short
-    built-in row per sequence."""
+    built-in row per sequence. Our kernels are on for the ``ours`` stacks only; the others' are
+    the stack's to apply (workbench.bench.stacks)."""
     training = {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "seed": seed, "logging_steps": 1,
                 "warmup_ratio": 0.0, "schedule": "constant",
                 "gradient_checkpointing": "offload" if stack.endswith("-offload") else stack.endswith("-gc")}
@@ -232,7 +236,7 @@ def _config(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, see
         "quantization": {"type": "nf4", "double_quant": True} if mode == "qlora" else None,
         "training": training,
         "eval": {"max_rows": 0},
-        "kernels": {"ours": True, "liger": "liger", "unsloth": "unsloth"}.get(stack.split("-")[0], False),
+        "kernels": stack.split("-")[0] == "ours",
     }
 
 
@@ -254,21 +258,17 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
         for stack in stacks:
             run_dir = out / f"{mode}-{stack}"
             cfg_path = out / f"{mode}-{stack}.yaml"
-            cfg_path.write_text(yaml.safe_dump(_config(checkpoint, mode, stack, steps, batch, seed, seq)))
+            cfg_path.write_text(yaml.safe_dump(config_for(checkpoint, mode, stack, steps, batch, seed, seq)))
             progress(f"[bench train] {shape} {mode} {stack}: {steps} steps, batch {batch}"
                      + (f" x {seq} tokens" if seq else ""))
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(cfg_path),
-                                   "--run", str(run_dir)], capture_output=True, text=True,
-                                  env=stack_env(stack))
-            row = {"mode": mode, "stack": stack, "label": STACKS[stack], "wall_s": round(time.perf_counter() - t0, 1),
-                   "exit_code": proc.returncode}
-            if proc.returncode != 0:
-                row["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            trained = child.train(cfg_path, run_dir, stack, env=stack_env(stack))
+            row = {"mode": mode, "stack": stack, "label": STACKS[stack], "wall_s": trained.wall_s,
+                   "exit_code": trained.exit_code}
+            if trained.error:
+                row["error"] = trained.error
                 progress(f"[bench train]   failed: {row['error']}")
             else:
-                record = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
-                losses = [json.loads(line) for line in (run_dir / "train" / "loss.jsonl").read_text().splitlines()]
+                record, losses = trained.record, trained.losses
                 row.update(tokens_per_s=record.get("tokens_per_s"), peak_memory_gib=record.get("peak_memory_gib"),
                            peak_reserved_gib=record.get("peak_reserved_gib"),
                            train_s=record["timings"].get("train_s"), steps=record.get("steps"),
@@ -306,7 +306,7 @@ def incomplete_line(result: dict, what: str) -> list[str]:
 def compare(results: list[dict]) -> list[dict]:
     """Per mode, every other stack against hf, same run. A stack whose loss leaves
     LOSS_BAND is flagged (``loss_differs``), however fast it is. ``same_data``: whether
-    its first micro-batches' fingerprints (workbench.train.batch_fingerprint) equal hf's
+    its first micro-batches' fingerprints (workbench.data.batch_fingerprint) equal hf's
     (None where a run has none); ``first_rel_loss_diff``: the difference at step 1, where
     the weights are still the same in every stack (FIRST_STEP_BAND)."""
     out = []
@@ -347,7 +347,7 @@ def loss_agreement(hf_curve, other_curve) -> dict:
             "loss_differs": bool(diffs) and not all(d <= LOSS_BAND for d in diffs)}
 
 
-def _verdict(c: dict) -> str:
+def verdict(c: dict) -> str:
     """The loss column: agrees, or DIFFERS with what the run shows about why."""
     if not c["loss_differs"]:
         return "agrees"
@@ -358,12 +358,6 @@ def _verdict(c: dict) -> str:
         return ("**DIFFERS**: already at step 1, same weights" + (" and same data" if c.get("same_data") else "")
                 + ": another forward or loss")
     return "**DIFFERS**"
-
-
-def _fingerprint_batches() -> int:
-    from workbench.train import FINGERPRINT_BATCHES
-
-    return FINGERPRINT_BATCHES
 
 
 def _ratio(hf: dict, other: dict, key: str) -> float | None:
@@ -475,7 +469,7 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "padding-free row; by its source (2026.10.9), under wrapped packing each sequence keeps its own causal "
         "attention there, as in the other stacks.",
         "- **Same data:** every run records sums over the token ids and loss targets of its first "
-        f"{_fingerprint_batches()} micro-batches (independent of how rows are laid out); `same data` says whether a "
+        f"{FINGERPRINT_BATCHES} micro-batches (independent of how rows are laid out); `same data` says whether a "
         "stack's equal hf's.",
         *(["- **Not run:** " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped_stacks"].items()) + "."]
           if result.get("skipped_stacks") else []),
@@ -487,10 +481,8 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "- **Memory:** peak allocated by tensors (`torch.cuda.max_memory_allocated`) and peak reserved by the "
         "caching allocator (`max_memory_reserved`, what the device must have) over the whole training.",
         "",
-        "| mode | stack | exit | steps | steady step s | steady tokens/s | whole-run step s | peak alloc. GiB "
-        "| peak reserved GiB | final loss | kernel calls in training |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    rows = []
     for r in result["runs"]:
         k = r.get("kernels") or {}
         ran = k.get("calls_in_training")
@@ -500,23 +492,25 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
             swapped = ", ".join(f"{name} ×{sum(per.values())} patched" for name, per in (k.get("swapped") or {}).items())
         if k.get("engine"):
             swapped = f"{k['engine']} {k.get('version', '')}".strip() + (f" (trl {r['trl']})" if r.get("trl") else "")
-        lines.append(f"| {r['mode']} | {r['label']} | {r['exit_code']} | {r.get('steps', '—')} "
-                     f"| {f(r.get('steady_step_s'), '.4f')} | {f(r.get('steady_tokens_per_s'), '.0f')} "
-                     f"| {f(r.get('step_s'), '.4f')} | {f(r.get('peak_memory_gib'), '.2f')} "
-                     f"| {f(r.get('peak_reserved_gib'), '.2f')} "
-                     f"| {f(r.get('final_loss'), '.4f')} | {swapped or r.get('error', '')} |")
+        rows.append([r["mode"], r["label"], str(r["exit_code"]), str(r.get("steps", "—")),
+                     f(r.get("steady_step_s"), ".4f"), f(r.get("steady_tokens_per_s"), ".0f"), f(r.get("step_s"), ".4f"),
+                     f(r.get("peak_memory_gib"), ".2f"), f(r.get("peak_reserved_gib"), ".2f"),
+                     f(r.get("final_loss"), ".4f"), swapped or r.get("error", "")])
+    lines += table(["mode", "stack", "exit", "steps", "steady step s", "steady tokens/s", "whole-run step s",
+                    "peak alloc. GiB", "peak reserved GiB", "final loss", "kernel calls in training"], rows,
+                   align="llrrrrrrrrl")
     lines += ["", f"Each stack against `hf` (losses must agree within {LOSS_BAND:g} relative at every logged step; "
               "a stack outside that band is flagged, not celebrated). At step 1 the weights are the same in every "
-              f"stack, so a step-1 difference above {FIRST_STEP_BAND:.2g} (bf16's unit roundoff) is not rounding:", "",
-              "| mode | stack | steps compared | step-1 rel. loss diff | max rel. loss diff | final rel. loss diff "
-              "| same data | speed (hf/stack step time) | peak memory (stack/hf) | loss |",
-              "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+              f"stack, so a step-1 difference above {FIRST_STEP_BAND:.2g} (bf16's unit roundoff) is not rounding:", ""]
+    rows = []
     for c in result["comparisons"]:
         measure = "" if c.get("speed_measure", "steady") == "steady" else f" ({c['speed_measure']})"
-        same = {True: "yes", False: "**no**", None: "—"}[c.get("same_data")]
-        lines.append(f"| {c['mode']} | {c['stack']} | {c['steps_compared']} | {f(c.get('first_rel_loss_diff'), '.2e')} "
-                     f"| {f(c['max_rel_loss_diff'], '.2e')} "
-                     f"| {f(c['final_rel_loss_diff'], '.2e')} | {same} | {f(c['speedup'], '.2f')}x{measure} "
-                     f"| {f(c['memory_ratio'], '.2f')} | {_verdict(c)} |")
+        rows.append([c["mode"], c["stack"], str(c["steps_compared"]), f(c.get("first_rel_loss_diff"), ".2e"),
+                     f(c["max_rel_loss_diff"], ".2e"), f(c["final_rel_loss_diff"], ".2e"),
+                     {True: "yes", False: "**no**", None: "—"}[c.get("same_data")],
+                     f"{f(c['speedup'], '.2f')}x{measure}", f(c["memory_ratio"], ".2f"), verdict(c)])
+    lines += table(["mode", "stack", "steps compared", "step-1 rel. loss diff", "max rel. loss diff",
+                    "final rel. loss diff", "same data", "speed (hf/stack step time)", "peak memory (stack/hf)", "loss"],
+                   rows, align="llrrrrlrrl")
     lines += ["", f"![loss curves]({png_name})", ""]
     return "\n".join(lines)

@@ -155,13 +155,14 @@ def table(rows: dict[str, dict[str, float]], tolerances: dict):
 
 
 def markdown(frame) -> str:
-    """A GitHub-style table (pandas' to_markdown needs the optional tabulate)."""
+    """A GitHub-style table (pandas' to_markdown needs the optional tabulate): numbers to 4
+    significant digits, a missing value empty."""
     def cell(v) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return ""
-        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    head = list(frame.columns)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    from workbench.markdown import table
+
+    return "\n".join(table(list(frame.columns), [[cell(v) for v in row] for row in frame.itertuples(index=False)])) \
+        + "\n"

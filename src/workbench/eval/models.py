@@ -20,9 +20,10 @@ from pathlib import Path
 
 from workbench import manifest
 from workbench.errors import UserError
+from workbench.export import GGUF_TYPES
 
 HF_KINDS = ("base", "adapter", "merged")
-GGUF_KINDS = ("f16", "bf16", "q8_0", "q4_k_m")
+GGUF_KINDS = GGUF_TYPES
 KINDS = HF_KINDS + GGUF_KINDS
 
 #: Longest window evaluated: a long-context model's full context (e.g. 128k)
@@ -153,14 +154,14 @@ def adapter_model(run: Path, base_path: Path, train: dict, base_model=None):
     """The run's adapter on its base as trained: on ``base_model`` (loaded from
     ``base_path`` if not given; modified in place), or, for a QLoRA run, on the
     base quantized to NF4 the way the train record says."""
-    from workbench.export.merge import _load_nf4_base, _with_adapter
+    from workbench.models import load_nf4_base, with_adapter
 
     quant = train.get("quantization")
     if quant:
-        base_model = _load_nf4_base(base_path, quant, _device())
+        base_model = load_nf4_base(base_path, quant, _device())
     elif base_model is None:
         base_model = load_hf(base_path)
-    return _with_adapter(base_model, run / "adapter")
+    return with_adapter(base_model, run / "adapter")
 
 
 def hflm(model, tokenizer, length: int):

@@ -24,7 +24,8 @@ import shutil
 import time
 from pathlib import Path
 
-from workbench import atomic, console, manifest
+from workbench import atomic, console, manifest, stages
+from workbench.envinfo import versions
 from workbench.errors import UserError
 
 from . import compare, models, suite
@@ -117,12 +118,7 @@ def run_eval(run: str | Path, tasks: list[str] | None = None, model_kinds: list[
 
     enforce_offline()
     start = time.perf_counter()
-    run = Path(run).resolve()
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR that `workbench train` "
-                        "wrote.")
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist; pass the --run DIR that `workbench train` wrote.")
+    run = manifest.require_run(run)
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}.")
     if tasks is not None and not tasks:
@@ -149,11 +145,14 @@ def _run_eval(run: Path, tasks, model_kinds, include, limit, limits, chat_templa
     suite.load_tasks(manager, names)
     log(f"tasks {', '.join(names)} on {len(rows)} held-out rows from {source}; models {', '.join(chosen)}")
 
-    hashes = {k: artifacts[k].hash() for k in chosen}   # what was evaluated, before it can change
+    settings = stages.Settings(eval_limit=limit, eval_tasks=names, eval_models=chosen, include=include,
+                               chat_template=chat_template)
+    found = STAGE.inputs(run, settings)
+    hashed = stages.hashes(found)   # what was evaluated, before it can change
     timings = {"setup_s": round(time.perf_counter() - start, 3)}
     length = models.max_length(artifacts)
     state = {"train": train or {}}
-    metrics, outputs = {}, []
+    metrics = {}
     try:
         for i, kind in enumerate(chosen, 1):
             art = artifacts[kind]
@@ -163,7 +162,8 @@ def _run_eval(run: Path, tasks, model_kinds, include, limit, limits, chat_templa
             if hasattr(lm, "close"):
                 lm.close()
             del lm
-            outputs += write_results(eval_dir / kind, results)
+            shutil.rmtree(eval_dir / kind, ignore_errors=True)   # the folder holds this eval's results only
+            write_results(eval_dir / kind, results)
             metrics[kind] = compare.metrics_of(results)
             timings[f"{kind}_s"] = round(time.perf_counter() - t0, 3)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics[kind].items())
@@ -178,19 +178,15 @@ def _run_eval(run: Path, tasks, model_kinds, include, limit, limits, chat_templa
         state.clear()
 
     frame, flags = compare.table(metrics, limits)
-    outputs.append(atomic.write_text(eval_dir / "comparison.csv", frame.to_csv(index=False)))
-    outputs.append(atomic.write_text(eval_dir / "comparison.md", compare.markdown(frame)))
+    atomic.write_text(eval_dir / "comparison.csv", frame.to_csv(index=False))
+    atomic.write_text(eval_dir / "comparison.md", compare.markdown(frame))
     for stale in (eval_dir / k for k in models.KINDS if k not in chosen):
         shutil.rmtree(stale, ignore_errors=True)
     for flag in flags:
         log(f"{flag['model']}: {flag['metric']} changed by {flag['change']:+.4g} vs the adapter, "
             f"beyond its tolerance ±{flag['tolerance']:g}")
     timings["total_s"] = round(time.perf_counter() - start, 3)
-    from workbench.envinfo import _version
-
-    record = manifest.record_stage(run, "eval", {
-        "inputs": {k: manifest.relative(run, artifacts[k].path) for k in chosen},
-        "input_hashes": hashes,
+    record = stages.record(run, STAGE, settings, {
         "models": chosen,
         "skipped": {k: a.missing for k, a in artifacts.items() if k not in chosen and a.missing},
         "tasks": names,
@@ -203,8 +199,50 @@ def _run_eval(run: Path, tasks, model_kinds, include, limit, limits, chat_templa
         "tolerances": limits,
         "flags": flags,
         "timings": timings,
-        "versions": {d: _version(d) for d in ("lm-eval", "llama-cpp-python", "transformers", "peft", "torch")},
-        "outputs": manifest.outputs_record(run, [*outputs, eval_dir / "data", eval_dir / "tasks"]),
-    })
+        "versions": versions("lm-eval", "llama-cpp-python", "transformers", "peft", "torch"),
+    }, found=found, hashed=hashed)
     log(f"done in {timings['total_s']:.1f}s; table in {eval_dir / 'comparison.md'}")
     return record
+
+
+class EvalStage(stages.Stage):
+    """Reads every model it evaluates (the base, the adapter, the merged model, the GGUFs), the
+    tasks, the limit and its options; writes eval/."""
+
+    name = "eval"
+    upstream = {"base": "train", "adapter": "train", "merged": "merge", **{k: "export" for k in models.GGUF_KINDS}}
+    OPTIONS = ("tasks", "include", "chat_template")
+
+    def inputs(self, run: Path, settings: stages.Settings) -> dict:
+        artifacts = models.locate(run)
+        kinds = settings.eval_models or [k for k in models.KINDS if artifacts[k].path is not None]
+        return {"limit": settings.eval_limit, "tasks": list(settings.eval_tasks or suite.default_tasks(run)),
+                "include": [str(Path(p).resolve()) for p in settings.include],
+                "chat_template": settings.chat_template, **{k: artifacts[k].path for k in kinds}}
+
+    def outputs(self, run: Path, settings: stages.Settings) -> list[Path]:
+        found = self.inputs(run, settings)
+        return [*(run / "eval" / k for k in models.KINDS if k in found), run / "eval" / "comparison.csv",
+                run / "eval" / "comparison.md", run / "eval" / "data", run / "eval" / "tasks"]
+
+    def reason(self, run: Path, changed: list[str], rec: dict, settings: stages.Settings) -> str:
+        if "limit" in changed:
+            return f"it ran with limit {rec.get('limit')}, this run asks for {settings.eval_limit}"
+        if set(changed) & set(self.OPTIONS):
+            return "it ran with other tasks or options than `workbench run` uses"
+        now = [k for k in self.inputs(run, settings) if k in models.KINDS]
+        if sorted(rec.get("models", [])) != sorted(now):
+            return f"it evaluated {', '.join(rec.get('models', []))}; the run now has {', '.join(now)}"
+        return f"the {changed[0]} model changed since the last eval"
+
+    def run(self, run: Path, settings: stages.Settings) -> dict:
+        return run_eval(run, tasks=settings.eval_tasks, model_kinds=settings.eval_models, include=settings.include,
+                        limit=settings.eval_limit, tolerances=settings.tolerances,
+                        chat_template=settings.chat_template)
+
+    def summary(self, run: Path, rec: dict) -> str:
+        flags = rec.get("flags", [])
+        return f"{len(rec['models'])} models" + (f", {len(flags)} change(s) beyond tolerance" if flags else "")
+
+
+STAGE = EvalStage()

@@ -76,6 +76,16 @@ def turn_end(run: Path) -> str | None:
     return full[len(prompt + marker):]
 
 
+def default_tasks(run: Path) -> list[str]:
+    """The tasks `workbench eval --run DIR` runs without --tasks: every shipped task the run's
+    held-out rows have documents for."""
+    from workbench import manifest
+
+    rows, _ = load_test_rows(run, manifest.stage(run, "train"))
+    counts = {name: len(docs) for name, docs in task_docs(rows).items()}
+    return [t for t in SHIPPED_TASKS if counts.get(t)]
+
+
 def task_docs(rows: list[dict], choice_end: str = "") -> dict[str, list[dict]]:
     """The documents of each shipped task. Multiple choice needs distractors,
     which only the built-in skills define, so it covers those rows only; each

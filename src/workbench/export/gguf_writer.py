@@ -9,21 +9,21 @@ write (e.g. a full disk) never leaves a finished-looking GGUF.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from workbench import atomic, export
 from workbench.errors import UserError
 
 from . import archs, vocab
 
 #: GGUF output types this writer produces directly (the quantized ones come from llama.cpp).
-FLOAT_TYPES = ("f16", "bf16")
+FLOAT_TYPES = export.FLOAT_TYPES
 
 
 def _permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -119,39 +119,31 @@ def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir
     meta = vocab.load(tokenizer_dir or merged, config["vocab_size"])
     ftype = gguf.LlamaFileType.MOSTLY_F16 if out_type == "f16" else gguf.LlamaFileType.MOSTLY_BF16
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
+    count, arch_name = 0, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)]
     try:
-        writer.add_name(merged.name)
-        writer.add_file_type(ftype)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_vocab_size(config["vocab_size"])
-        archs.add_hparams(writer, config)
-        meta.add_to(writer)
-        count = 0
-        for name, t in _tensors(merged, config):
-            array, raw_type = _to_numpy(t, out_type)
-            writer.add_tensor(name, array, raw_dtype=raw_type)
-            count += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    except BaseException as err:
-        try:
-            writer.close()
-        except OSError:
-            pass   # closing flushes, and a full disk refuses that too
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise write_error(err, out_path, "workbench export") from None
-        raise
-    return {"arch": family, "gguf_arch": writer.arch, "pre_tokenizer": meta.pre, "tensors": count,
+        with atomic.file(out_path) as tmp:
+            writer = gguf.GGUFWriter(tmp, arch_name)
+            try:
+                writer.add_name(merged.name)
+                writer.add_file_type(ftype)
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                writer.add_vocab_size(config["vocab_size"])
+                archs.add_hparams(writer, config)
+                meta.add_to(writer)
+                for name, t in _tensors(merged, config):
+                    array, raw_type = _to_numpy(t, out_type)
+                    writer.add_tensor(name, array, raw_dtype=raw_type)
+                    count += 1
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file(progress=False)
+                writer.close()
+            except BaseException:
+                with contextlib.suppress(OSError):   # closing flushes, and a full disk refuses that too
+                    writer.close()
+                raise
+    except OSError as err:
+        raise write_error(err, out_path, "workbench export") from None
+    return {"arch": family, "gguf_arch": arch_name, "pre_tokenizer": meta.pre, "tensors": count,
             "vocab_padded": meta.padded, "add_bos": meta.add_bos, "special_ids": meta.special_ids,
             "notes": notes + meta.notes}

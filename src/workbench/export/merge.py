@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from workbench import atomic, console, manifest
+from workbench import atomic, console, manifest, stages
+from workbench.envinfo import versions
 from workbench.errors import UserError
+from workbench.models import load_base, load_nf4_base, with_adapter
 
 from .compare import hf_logits, logit_metrics, windows
 
@@ -36,14 +36,6 @@ _STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 def log(msg: str) -> None:
     console.progress(f"[merge] {msg}")
-
-
-def require_run(run: Path) -> None:
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--run {run} is a file, not a run directory; pass the --run DIR that `workbench train` "
-                        "wrote.")
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist; pass the --run DIR that `workbench train` wrote.")
 
 
 def base_model_path(run: Path, train: dict) -> Path:
@@ -78,7 +70,8 @@ def stored_dtype(base: Path) -> str:
     raise UserError(f"base model {base} has no float32/bfloat16/float16 weights to merge into.")
 
 
-def _require_adapter(run: Path) -> Path:
+def require_adapter(run: Path) -> Path:
+    """RUN/adapter, when it holds a safetensors PEFT adapter."""
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"{adapter} has no adapter_config.json + adapter_model.safetensors; "
@@ -100,7 +93,7 @@ def check_adapter_covers(adapter: Path, base: Path) -> None:
 
     from safetensors import safe_open
 
-    from workbench.train import check_safetensors
+    from workbench.checks import check_safetensors
 
     try:
         acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
@@ -166,40 +159,6 @@ def check_adapter_covers(adapter: Path, base: Path) -> None:
                         f"wrong shape ({few(wrong)}); {fix}.")
 
 
-def _with_adapter(model, adapter: Path):
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
-    except (ValueError, RuntimeError, KeyError) as err:
-        raise UserError(f"the adapter in {adapter} does not fit the base model ({str(err).splitlines()[0]}); "
-                        "merge it with the base it was trained on.") from None
-
-
-def _load_base(base: Path, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True).to(device).eval()
-
-
-def _load_nf4_base(base: Path, quant: dict, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant.get("type", "nf4"),
-        bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-        bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype") or "float32"),
-    )
-    from workbench.train import keep_portable_4bit_layout
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=config, dtype=torch.float32,
-                                                 device_map={"": device}, use_safetensors=True).eval()
-    keep_portable_4bit_layout(model)  # the reference is the dequantize-then-matmul that training ran
-    return model
-
-
 def dequantized_weights(nf4_model) -> dict:
     """{module name: fp32 weight} for every bitsandbytes 4-bit linear layer, dequantized
     with bitsandbytes itself (the exact values the QLoRA forward pass multiplies by)."""
@@ -209,36 +168,28 @@ def dequantized_weights(nf4_model) -> dict:
             for name, m in nf4_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
-def save_atomically(model, dtype: str, tok_dir: Path, final: Path) -> None:
-    """save_pretrained (safetensors) + the run's tokenizer into a temp folder next to
-    ``final``, then swap it in."""
+def save_merged(model, dtype: str, tok_dir: Path, final: Path) -> None:
+    """save_pretrained (safetensors, in ``dtype``) + the run's tokenizer, written atomically as
+    ``final``; a full disk or a refused write is one sentence."""
     import torch
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
-        model.to(getattr(torch, dtype)).save_pretrained(str(tmp), safe_serialization=True)
-        for f in tok_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        atomic.replace(tmp, final)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        with atomic.directory(final) as tmp:
+            model.to(getattr(torch, dtype)).save_pretrained(str(tmp), safe_serialization=True)
+            for f in tok_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"no space left on the device while writing {final}; free space on {final.parent} "
                             "and rerun `workbench merge` (the earlier stages are untouched).") from None
-        if isinstance(err, OSError):
-            raise UserError(f"could not write {final} ({err.strerror or err}); check {final.parent} (free space, "
-                            "permissions) and rerun `workbench merge` (the earlier stages are untouched).") from None
-        raise
+        raise UserError(f"could not write {final} ({err.strerror or err}); check {final.parent} (free space, "
+                        "permissions) and rerun `workbench merge` (the earlier stages are untouched).") from None
 
 
 def _evaluate_saved(folder: Path, ref, wins, device: str) -> dict:
     """Metrics of the model as saved on disk (not the in-memory object that was saved)."""
-    return logit_metrics(ref, hf_logits(_load_base(folder, device), wins), wins)
+    return logit_metrics(ref, hf_logits(load_base(folder, device), wins), wins)
 
 
 def run_merge(run: str | Path, heldout: str | None = None) -> dict:
@@ -247,8 +198,7 @@ def run_merge(run: str | Path, heldout: str | None = None) -> dict:
     from workbench.offline import enforce_offline
 
     enforce_offline()
-    run = Path(run)
-    require_run(run)
+    run = manifest.require_run(run)
     with manifest.lock(run):
         return _run_merge(run, heldout)
 
@@ -259,12 +209,13 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
 
     train = manifest.require_stage(run, "train", "run `workbench train --run DIR` first, or bring your own adapter "
                                    "with `workbench merge --run DIR --adapter FOLDER --base FOLDER`.")
-    adapter = _require_adapter(run)
+    adapter = require_adapter(run)
     tok_dir = run / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         raise UserError(f"{tok_dir} has no tokenizer.json; the train stage writes it — rerun `workbench train`.")
     base = base_model_path(run, train)
     check_adapter_covers(adapter, base)
+    found = STAGE.inputs(run, stages.Settings())
     dtype = stored_dtype(base)
     quant = train.get("quantization")
     if quant and quant.get("type") != "nf4":
@@ -290,9 +241,9 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
 
     if quant:
         log(f"reference: adapter on the NF4 base {base} (bitsandbytes, compute {quant.get('compute_dtype')})")
-        nf4 = _load_nf4_base(base, quant, device)
+        nf4 = load_nf4_base(base, quant, device)
         deq = dequantized_weights(nf4)   # before PEFT wraps the layers (and renames them)
-        ref = hf_logits(_with_adapter(nf4, adapter), wins)
+        ref = hf_logits(with_adapter(nf4, adapter), wins)
         del nf4
         reference = f"adapter on the NF4-quantized base (bitsandbytes, compute dtype {quant.get('compute_dtype')})"
     else:
@@ -300,10 +251,10 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
         reference = "adapter on the base, unmerged, in fp32"
 
     log(f"merging into the base's weights (fp32 arithmetic, saved as {dtype})")
-    peft_model = _with_adapter(_load_base(base, device), adapter)
+    peft_model = with_adapter(load_base(base, device), adapter)
     if not quant:
         ref = hf_logits(peft_model, wins)
-    save_atomically(peft_model.merge_and_unload(), dtype, tok_dir, out_dir / "merged")
+    save_merged(peft_model.merge_and_unload(), dtype, tok_dir, out_dir / "merged")
     del peft_model
     report = {"base_model": manifest.relative(run, base), "dtype": dtype, "quantization": quant, "reference": reference,
               "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
@@ -313,12 +264,12 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
 
     if quant:
         log("merging into the dequantized NF4 weights")
-        model = _load_base(base, device)
+        model = load_base(base, device)
         modules = dict(model.named_modules())
         with torch.no_grad():
             for name, weight in deq.items():
                 modules[name].weight.copy_(weight.to(device))
-        save_atomically(_with_adapter(model, adapter).merge_and_unload(), dtype, tok_dir, out_dir / "merged_from_nf4")
+        save_merged(with_adapter(model, adapter).merge_and_unload(), dtype, tok_dir, out_dir / "merged_from_nf4")
         del model
         report["merged_from_nf4"] = _evaluate_saved(out_dir / "merged_from_nf4", ref, wins, device)
         a, b = report["merged"]["ppl"], report["merged_from_nf4"]["ppl"]
@@ -333,20 +284,38 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
             m = report[key]
             log(f"{key}: KL mean {m['kl_mean']:.3g}, top-1 {m['top1_agreement']:.4f}, "
                 f"max |dlogit| {m['max_abs_logit_diff']:.3g}, ppl {m['ppl']:.4g} vs {m['ppl_ref']:.4g}")
-    manifest.record_stage(run, "merge", {
-        "inputs": {"adapter": "adapter", "base_model": manifest.relative(run, base), "tokenizer": "tokenizer"},
-        "input_hashes": {"adapter": manifest.hash_tree(adapter), "tokenizer": manifest.hash_tree(tok_dir),
-                         "base_model": manifest.hash_tree(base)},
+    stages.record(run, STAGE, None, {
         "dtype": dtype, "quantization": quant, "merged_dir": "merge/merged",
         "metrics": {k: report[k] for k in ("merged", "merged_from_nf4", "nf4_vs_16bit") if k in report},
-        "versions": _versions(),
-        "outputs": manifest.outputs_record(run, outputs),
-    })
+        "versions": versions("torch", "transformers", "peft", "safetensors", "bitsandbytes", "parity-workbench"),
+    }, found=found, outputs=outputs)
     return report
 
 
-def _versions() -> dict:
-    from workbench.envinfo import _version
+class MergeStage(stages.Stage):
+    """Reads the train stage's adapter and tokenizer and the base it trained on; writes merge/."""
 
-    return {d: _version(d) for d in ("torch", "transformers", "peft", "safetensors", "bitsandbytes",
-                                     "parity-workbench")}
+    name = "merge"
+    upstream = {"adapter": "train", "tokenizer": "train", "base_model": "train"}
+    labels = {"base_model": "base model"}
+
+    def inputs(self, run: Path, settings: stages.Settings) -> dict:
+        try:
+            base = base_model_path(run, manifest.stage(run, "train") or {})
+        except (UserError, OSError, ValueError):   # ValueError: an adapter_config.json that is not JSON
+            base = None
+        return {"adapter": run / "adapter", "tokenizer": run / "tokenizer", "base_model": base}
+
+    def outputs(self, run: Path, settings: stages.Settings) -> list[Path]:
+        nf4 = (manifest.stage(run, "train") or {}).get("quantization")
+        return [run / "merge" / p for p in ("merged", *(["merged_from_nf4"] if nf4 else []), "merge_report.json")]
+
+    def run(self, run: Path, settings: stages.Settings) -> dict:
+        return run_merge(run)
+
+    def summary(self, run: Path, report: dict) -> str:
+        m = report["merged"]
+        return f"KL mean {m['kl_mean']:.3g}, top-1 {m['top1_agreement']:.4f} vs the unmerged adapter"
+
+
+STAGE = MergeStage()

@@ -11,11 +11,11 @@ naming the ones outside the quant's nominal types.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from workbench import atomic
+from workbench.export import FLOAT_TYPES, GGUF_TYPES
 from workbench.errors import UserError, reason
 
 #: quant name -> (llama_cpp ftype constant, the types a tensor nominally gets)
@@ -23,6 +23,7 @@ QUANTS = {
     "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", {"Q8_0"}),
     "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", {"Q4_K", "Q6_K"}),
 }
+assert tuple(QUANTS) == tuple(t for t in GGUF_TYPES if t not in FLOAT_TYPES), "export.GGUF_TYPES lists the types"
 
 
 def quantize(src: str | Path, dst: str | Path, quant: str) -> None:
@@ -33,9 +34,6 @@ def quantize(src: str | Path, dst: str | Path, quant: str) -> None:
     import llama_cpp
 
     src, dst = Path(src), Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp)
     # llama.cpp logs every tensor at INFO through llama-cpp-python's logger; keep errors only.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     # While quantizing, its log goes to us instead: out of the terminal, but its last lines
@@ -46,19 +44,16 @@ def quantize(src: str | Path, dst: str | Path, quant: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTS[quant][0])
     try:
-        code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if code != 0:
-            raise UserError(_failure(src, dst, quant, code, lines.cause()))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dst)
+        with atomic.file(dst) as tmp:
+            code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            if code != 0:
+                raise UserError(_failure(src, dst, quant, code, lines.cause()))
     except OSError as err:
         from .gguf_writer import write_error
 
         raise write_error(err, dst, "workbench export") from None
     finally:
         _restore_log(llama_cpp)
-        tmp.unlink(missing_ok=True)
 
 
 def _restore_log(llama_cpp) -> None:

@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workbench import atomic, console, manifest
-from workbench.envinfo import _version
+from workbench import atomic, console, manifest, stages
+from workbench.envinfo import versions
 from workbench.errors import UserError
 
-from . import archs, gguf_writer, quantize, verify
+from . import DEFAULT_TYPES, GGUF_TYPES, archs, gguf_writer, quantize, verify
 from .compare import hf_logits, windows
-from .merge import require_run
-
-CHOICES = ("f16", "bf16", "q8_0", "q4_k_m")
 
 
 def log(msg: str) -> None:
@@ -32,10 +29,20 @@ def log(msg: str) -> None:
 
 def parse_quants(text: str) -> list[str]:
     wanted = [q.strip().lower() for q in text.split(",") if q.strip()]
-    unknown = [q for q in wanted if q not in CHOICES]
+    unknown = [q for q in wanted if q not in GGUF_TYPES]
     if unknown or not wanted:
-        raise UserError(f"unknown --quant value(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(CHOICES)}.")
-    return [q for q in CHOICES if q in wanted]
+        raise UserError(f"unknown --quant value(s) {', '.join(unknown) or '(none)'}; choose from "
+                        f"{', '.join(GGUF_TYPES)}.")
+    return [q for q in GGUF_TYPES if q in wanted]
+
+
+def planned(quants) -> list[str]:
+    """The GGUF types an export of ``quants`` writes, in order: those asked for, and f16 as the
+    quantized types' source when no 16-bit type is asked for."""
+    wanted = set(quants)
+    if wanted - set(gguf_writer.FLOAT_TYPES) and not wanted & set(gguf_writer.FLOAT_TYPES):
+        wanted.add("f16")
+    return [q for q in GGUF_TYPES if q in wanted]
 
 
 def _merged_folder(run: Path) -> Path:
@@ -60,8 +67,7 @@ def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None
     from workbench.offline import enforce_offline
 
     enforce_offline()
-    run = Path(run)
-    require_run(run)
+    run = manifest.require_run(run)
     with manifest.lock(run):
         return _run_export(run, quants, thresholds, heldout)
 
@@ -69,6 +75,8 @@ def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None
 def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
     merged = _merged_folder(run)
     limits = verify.load_thresholds(thresholds)
+    settings = stages.Settings(quants=quants, thresholds=thresholds)
+    found = STAGE.inputs(run, settings)   # what this export reads, hashed before it is read
     config = json.loads((merged / "config.json").read_text())
     archs.check_exportable(config)   # refuse before writing anything
     out = run / "export"
@@ -76,10 +84,8 @@ def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
     for stale in out.glob(".*.partial"):   # a killed export's (we hold the run's lock)
         stale.unlink(missing_ok=True)
 
-    floats = [q for q in quants if q in gguf_writer.FLOAT_TYPES]
-    quantized = [q for q in quants if q in quantize.QUANTS]
-    if quantized and not floats:
-        floats = ["f16"]
+    floats = [q for q in planned(quants) if q in gguf_writer.FLOAT_TYPES]
+    quantized = [q for q in planned(quants) if q in quantize.QUANTS]
     files: dict[str, Path] = {}
     facts = {}
     for kind in floats:
@@ -108,14 +114,13 @@ def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
                          "tokenizer_mismatches": len(entry["tokenizer"]["mismatches"]),
                          "transformers": entry["transformers"],
                          **({"fallback_note": entry["fallback_note"]} if entry.get("fallback_note") else {})}
-    manifest.record_stage(run, "export", {
+    stages.record(run, STAGE, settings, {
         "status": "complete" if report["passed"] else "failed_verification",
-        "inputs": {"merged": merged.relative_to(run).as_posix()},
-        "input_hashes": {"merged": manifest.hash_tree(merged)},
         "files": entries,
-        "versions": {d: _version(d) for d in ("gguf", "llama-cpp-python", "transformers", "torch", "parity-workbench")},
-        "outputs": manifest.outputs_record(run, [*files.values(), out / "export_report.json"]),
-    })
+        # A bare `workbench run --run DIR` exports with these thresholds again.
+        "thresholds_file": str(Path(thresholds).resolve()) if thresholds else None,
+        "versions": versions("gguf", "llama-cpp-python", "transformers", "torch", "parity-workbench"),
+    }, found=found)
     return report
 
 
@@ -162,3 +167,55 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
         passed &= not problems
     return {"files": result, "passed": passed,
             "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
+
+
+class ExportStage(stages.Stage):
+    """Reads the merged model, the GGUF types asked for and the verification thresholds;
+    writes export/."""
+
+    name = "export"
+    upstream = {"merged": "merge"}
+    labels = {"merged": "merged model"}
+    #: An export whose GGUF failed verification is settled too: redoing it with the same inputs,
+    #: types and thresholds fails the same way (the pipeline still exits 1).
+    settled = ("complete", "failed_verification")
+
+    def inputs(self, run: Path, settings: stages.Settings) -> dict:
+        merge = manifest.stage(run, "merge") or {}
+        return {"merged": run / merge.get("merged_dir", "merge/merged"),
+                "types": planned(settings.quants or DEFAULT_TYPES),
+                "thresholds": verify.load_thresholds(settings.thresholds)}
+
+    def outputs(self, run: Path, settings: stages.Settings) -> list[Path]:
+        return [*(run / "export" / f"model-{q}.gguf" for q in planned(settings.quants or DEFAULT_TYPES)),
+                run / "export" / "export_report.json"]
+
+    def reason(self, run: Path, changed: list[str], rec: dict, settings: stages.Settings) -> str:
+        if "types" in changed:
+            asked = planned(settings.quants or DEFAULT_TYPES)
+            return f"it exported {', '.join(rec.get('files', {})) or 'nothing'}, this run asks for {', '.join(asked)}"
+        if changed[0] == "thresholds":
+            return "it was verified against other thresholds" + (f" than {settings.thresholds}" if settings.thresholds
+                                                                 else " than the defaults")
+        return super().reason(run, changed, rec, settings)
+
+    def skipped(self, run: Path, rec: dict) -> tuple[str, int] | None:
+        failed = [k for k, e in (rec.get("files") or {}).items() if not e.get("passed", True)]
+        if rec.get("status") != "failed_verification":
+            return None
+        return (f"skipped: verified before: {len(failed)} GGUF(s) failed ({', '.join(failed)}; same inputs, types "
+                "and thresholds, so exporting again would fail the same way)", 1 if failed else 0)
+
+    def run(self, run: Path, settings: stages.Settings) -> dict:
+        return run_export(run, list(settings.quants or DEFAULT_TYPES), thresholds=settings.thresholds)
+
+    def summary(self, run: Path, report: dict) -> str:
+        failed = [k for k, e in report["files"].items() if not e["passed"]]
+        notes = "".join(f"; {e['fallback_note']}" for e in report["files"].values() if e.get("fallback_note"))
+        if failed:
+            return (f"FAILED verification: {', '.join(failed)} (see {run / 'export' / 'export_report.json'}); evaluating and "
+                    f"reporting anyway{notes}")
+        return f"{', '.join(report['files'])} written and verified{notes}"
+
+
+STAGE = ExportStage()

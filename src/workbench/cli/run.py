@@ -1,4 +1,4 @@
-"""`workbench run` and `workbench report` (light: stages load their stack when they run)."""
+"""``workbench run``: the whole pipeline, resumable (workbench.pipeline)."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +8,41 @@ import tempfile
 import time
 from pathlib import Path
 
-from workbench import console
+from workbench import console, stages
+from workbench.cli.common import command, ensure_interpreter_if_no_gpu
 from workbench.errors import UserError
+from workbench.export import DEFAULT_TYPES, GGUF_TYPES
 
-STAGE_NAMES = ("train", "merge", "export", "eval", "report")
+
+def add_parser(sub) -> None:
+    p = command(sub, "run", help="the whole pipeline: train, merge, export, eval, report (resumable; default: "
+                                 "the built-in tiny run on the CPU in minutes)",
+                description="Run train, merge, export, eval and report into one run directory. Each stage is "
+                "skipped when its record still describes the run (complete, the same input hashes, its outputs "
+                "intact), so the same command resumes where a run stopped; once a stage runs, every stage after "
+                "it runs too. A bare `workbench run --run DIR` takes the run's own config, GGUF types, thresholds "
+                "and eval limit. The libraries' messages go to RUN/logs/.",
+                writes=["everything `workbench train`, `merge`, `export`, `eval` and `report` write, into RUN",
+                        "RUN/logs/<time>-run.log: the libraries' messages"],
+                exits=["0  every stage is complete", "1  a GGUF failed its export verification (the report says "
+                       "which; not fit to ship)"],
+                example="workbench run --run runs/default --set training.max_steps=50")
+    p.add_argument("--config", metavar="YAML", help="training config (default: the run's own config.yaml when it "
+                   "has one, else the built-in default run)")
+    p.add_argument("--run", metavar="DIR", help="run directory (default: runs/default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of --config (or of the built-in default), e.g. --set "
+                        "training.max_steps=50 (repeatable)")
+    p.add_argument("--force", choices=stages.NAMES, metavar="STAGE",
+                   help=f"redo this stage and every one after it ({', '.join(stages.NAMES)})")
+    p.add_argument("--quant", help="GGUF types to export (default: as in the run's last export, else "
+                   f"{','.join(DEFAULT_TYPES)}; f16, the lossless reference, is always made; any of "
+                   f"{', '.join(GGUF_TYPES)})")
+    p.add_argument("--thresholds", metavar="YAML", help="export verification limits per GGUF type, overriding the "
+                   "defaults (as `workbench export --thresholds`; default: as in the run's last export)")
+    p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate only the first N documents of each task "
+                   "(0: every document; default: as in the run's last eval, else every document)")
+    p.set_defaults(func=run)
 
 
 def _settings(args: argparse.Namespace, run: Path):
@@ -33,8 +64,6 @@ def _settings(args: argparse.Namespace, run: Path):
         if limit:
             print(f"eval limit: {limit} documents per task, as in this run's last eval (--eval-limit 0 for all)")
     elif args.eval_limit < 0:
-        from workbench.errors import UserError
-
         raise UserError(f"--eval-limit must be 0 (every document) or more, got {args.eval_limit}.")
     else:
         limit = args.eval_limit or None
@@ -47,7 +76,6 @@ def _export_settings(args: argparse.Namespace, run: Path):
     file the pipeline recorded), else the defaults."""
     from workbench import manifest
     from workbench.export.stage import parse_quants
-    from workbench.pipeline import DEFAULT_QUANTS
 
     export = (manifest.stage(run, "export") or {}) if run.is_dir() else {}
     if args.quant is not None:
@@ -56,7 +84,7 @@ def _export_settings(args: argparse.Namespace, run: Path):
         quants = parse_quants(",".join(export["files"]))
         print(f"GGUF types: {', '.join(quants)}, as in this run's last export (pass --quant to change)")
     else:
-        quants = list(DEFAULT_QUANTS)
+        quants = list(DEFAULT_TYPES)
     thresholds = args.thresholds
     if thresholds is None and export.get("thresholds_file"):
         if Path(export["thresholds_file"]).is_file():
@@ -68,30 +96,28 @@ def _export_settings(args: argparse.Namespace, run: Path):
     return quants, thresholds
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from workbench.cli import _ensure_interpreter_if_no_gpu
-
-    _ensure_interpreter_if_no_gpu()  # `kernels: true` on a CPU runs them in Triton's interpreter
+def run(args: argparse.Namespace) -> int:
+    ensure_interpreter_if_no_gpu()  # `kernels: true` on a CPU runs them in Triton's interpreter
     from workbench.pipeline import DEFAULT_RUN, run_pipeline, summary
 
-    run = Path(args.run) if args.run else DEFAULT_RUN
-    quants, thresholds = _export_settings(args, run)
-    cfg, limit = _settings(args, run)
+    run_dir = Path(args.run) if args.run else DEFAULT_RUN
+    quants, thresholds = _export_settings(args, run_dir)
+    cfg, limit = _settings(args, run_dir)
     # The libraries' own messages (warnings, progress bars, llama.cpp's log) go to a log
     # file, kept in RUN/logs/ when the run directory exists; the stage lines stay on screen.
     fd, tmp = tempfile.mkstemp(prefix="workbench-run-", suffix=".log")
     os.close(fd)
     try:
         with console.quiet(tmp):
-            result = run_pipeline(cfg, run, force=args.force, quants=quants, eval_limit=limit,
+            result = run_pipeline(cfg, run_dir, force=args.force, quants=quants, eval_limit=limit,
                                   thresholds=thresholds, config_given=bool(args.config or args.overrides),
                                   command=args.command_line)
     except Exception as err:
-        log = _keep_log(Path(tmp), run)
+        log = _keep_log(Path(tmp), run_dir)
         if log is not None and not isinstance(err, UserError):
             console.progress(f"workbench: the libraries' messages of this run are in {log}")
         raise
-    log = _keep_log(Path(tmp), run)
+    log = _keep_log(Path(tmp), run_dir)
     console.say()
     console.say(summary(result))
     console.say()
@@ -118,37 +144,3 @@ def _keep_log(tmp: Path, run: Path) -> Path | None:
         return None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="the whole pipeline: train, merge, export, eval, report (resumable; default: "
-                                   "the built-in tiny run on the CPU in minutes)")
-    p.add_argument("--config", metavar="YAML", help="training config (default: the run's own config.yaml when it "
-                   "has one, else the built-in default run)")
-    p.add_argument("--run", metavar="DIR", help="run directory (default: runs/default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key of --config (or of the built-in default), e.g. --set "
-                        "training.max_steps=50 (repeatable)")
-    p.add_argument("--force", choices=STAGE_NAMES, metavar="STAGE",
-                   help="redo this stage and every one after it (train, merge, export, eval, report)")
-    p.add_argument("--quant", help="GGUF types to export (default: as in the run's last export, else "
-                   "f16,q8_0,q4_k_m; f16, the lossless reference, is always made)")
-    p.add_argument("--thresholds", metavar="YAML", help="export verification limits per GGUF type, overriding the "
-                   "defaults (as `workbench export --thresholds`; default: as in the run's last export)")
-    p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate only the first N documents of each task "
-                   "(0: every document; default: as in the run's last eval, else every document)")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("report", help="render a run's report (Markdown, JSON, PNG plots) into RUN/report/")
-    p.add_argument("--run", required=True, metavar="DIR", help="the run directory")
-    p.set_defaults(func=cmd_report)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from workbench import report
-
-    paths = report.render(args.run, command=args.command_line)
-    print(f"report: {paths['md']} (and {paths['json'].name}, {', '.join(p.name for p in paths['png']) or 'no plots'})")
-    if paths["missing"]:
-        print(f"missing stages: {', '.join(paths['missing'])} (the report says how to make them)")
-    return 0

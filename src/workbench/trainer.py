@@ -1,0 +1,265 @@
+"""The trainer: TRL's SFTTrainer for one run's config, guarded against non-finite losses,
+logging each step to train/loss.jsonl, keeping the last finite adapter, taking our fused
+loss where TRL would compute its plain one, and offloading checkpointed activations when
+the config asks.
+
+Imported by the training recipe when it trains (it imports torch, transformers and TRL).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from workbench import atomic, distributed, manifest
+from workbench.config import Config
+from workbench.data import FINGERPRINT_BATCHES, batch_fingerprint, packing_strategy, training_dataset
+from workbench.distributed import log
+from workbench.errors import UserError
+from workbench.models import Stack, dtype, old_checkpointing_name
+
+
+class NonFiniteLoss(Exception):
+    """Raised from the training step, before the optimizer could apply the step's
+    non-finite gradients; run_train turns it into a UserError."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss {value} at step {step}")
+        self.step, self.value = step, value
+
+
+class LossLog(TrainerCallback):
+    """Writes train/loss.jsonl (rewritten atomically at each logging step) and prints a
+    progress line at the first logging step and then about every fifth of the run
+    (the file has every logging step; the screen needs only the trend)."""
+
+    def __init__(self, path: Path, total_steps: int):
+        self.path, self.total, self.rows, self.start = path, total_steps, [], time.perf_counter()
+        self.shown_fifth = -1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+               "grad_norm": logs.get("grad_norm"), "tokens": logs.get("num_tokens"),
+               "elapsed": round(time.perf_counter() - self.start, 3)}
+        self.rows.append(row)
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        fifth = 5 * row["step"] // max(self.total, 1)
+        if fifth == self.shown_fifth:
+            return
+        self.shown_fifth = fifth
+        rate = (row["tokens"] or 0) / max(row["elapsed"], 1e-9)
+        log(f"step {row['step']}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+            f"grad_norm {float(row['grad_norm'] or 0):.3f} tokens {int(row['tokens'] or 0)} "
+            f"({rate:.0f} tok/s) {row['elapsed']:.1f}s")
+
+
+class Snapshots(TrainerCallback):
+    """Keeps a copy of the trainable (adapter) weights as they were at the start
+    of the last step whose loss was finite: the last good adapter."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.pending = self.good = None
+        self.good_step = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.pending = [p.detach().clone() for p in self.params]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.good, self.good_step = self.pending, state.global_step - 1
+
+    def restore(self) -> bool:
+        if self.good is None:
+            return False
+        for p, saved in zip(self.params, self.good):
+            p.data.copy_(saved)
+        return True
+
+
+def sft_config(cfg: Config, output_dir: str, stack: Stack | None = None):
+    """TRL's SFTConfig for this run: completion-only loss, no hub, no checkpoints, and what the
+    stack sets on top. The data comes tokenized and packed (:func:`training_dataset`), so the
+    trainer leaves it as it is; ``packing`` still picks the collator (padding-free for bfd)."""
+    stack = stack or Stack()
+    t = cfg.training
+    cuda = torch.cuda.is_available()
+    model_dtype = dtype(cfg.model.dtype)
+    args = dict(
+        output_dir=output_dir,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        num_train_epochs=t.epochs if t.epochs is not None else 1.0,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.schedule,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        # A stack with checkpointing of its own switches it on itself; TRL's would replace it.
+        gradient_checkpointing=bool(t.gradient_checkpointing) and not stack.own_checkpointing,
+        # offload moves what reentrant checkpointing saves (workbench.offload); otherwise the default
+        gradient_checkpointing_kwargs={"use_reentrant": True} if offloads(cfg, stack) else None,
+        # DDP's unused-parameter search marks the checkpointed layers' parameters (out of sight in
+        # a reentrant forward) ready, and their gradients in the recompute mark them again; every
+        # LoRA parameter takes part in every step, so the search is off there.
+        ddp_find_unused_parameters=False if offloads(cfg, stack) else None,
+        max_length=t.max_seq_len,
+        packing=bool(t.packing),
+        packing_strategy=packing_strategy(t.packing),
+        dataset_kwargs={"skip_prepare_dataset": True},  # training_dataset prepared it
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        completion_only_loss=True,
+        use_cpu=not cuda,
+        bf16=cuda and model_dtype == torch.bfloat16,
+        fp16=cuda and model_dtype == torch.float16,
+        report_to="none",
+        save_strategy="no",
+        push_to_hub=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return SFTConfig(**{**args, **stack.trainer_args(cfg)})
+
+
+def offloads(cfg: Config, stack: Stack | None = None) -> bool:
+    """Offloaded checkpointing by workbench.offload (not where the stack brings its own)."""
+    return cfg.training.gradient_checkpointing == "offload" and not (stack or Stack()).own_checkpointing
+
+
+class GuardedSFTTrainer(SFTTrainer):
+    """An SFTTrainer whose training step raises NonFiniteLoss before a non-finite loss can
+    reach the optimizer, fingerprints its first micro-batches, and takes our fused loss
+    where TRL would compute its plain one."""
+
+    def _our_loss_applies(self) -> bool:
+        """TRL computes its plain NLL loss through its own chunked LM head
+        (``fused_lm_head=True``), which bypasses our fused linear cross-entropy.
+        When our loss is patched in and TRL would take that plain path, take
+        ours instead; every other TRL loss (custom compute_loss_func, label
+        smoothing, DFT, MoE aux loss, sequence parallelism) stays TRL's."""
+        patch = sys.modules.get("workbench.patch")
+        sp = getattr(self.accelerator, "parallelism_config", None)
+        return (patch is not None and patch.fused_loss_patched(self.model)
+                and self.compute_loss_func is None and self.label_smoother is None
+                and self.args.loss_type == "nll" and not self.aux_loss_enabled
+                and not (sp is not None and getattr(sp, "sp_enabled", False)))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._our_loss_applies():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Same reduction as TRL's plain path: summed token NLL / num_items_in_batch
+        # (all ranks' tokens under gradient accumulation), else the mean over
+        # this batch's labelled tokens. TRL's entropy/token-accuracy metrics need
+        # the logits this path never forms, so they are not logged.
+        outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        mode = "train" if self.model.training else "eval"
+        if mode == "train" and "attention_mask" in inputs:
+            seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += seen // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        prints = self.__dict__.setdefault("batch_fingerprints", [])
+        if len(prints) < FINGERPRINT_BATCHES and "input_ids" in inputs:
+            prints.append(batch_fingerprint(inputs))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(self.state.global_step + 1, float(loss))
+        return loss
+
+
+def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=(), dataset=None,
+                 stack: Stack | None = None):
+    """A :class:`GuardedSFTTrainer` over ``train_rows`` (or the ``dataset`` training_dataset
+    made of them), with offloaded checkpointing when the config asks for it."""
+    data = dataset if dataset is not None else training_dataset(cfg, tok, train_rows)
+    callbacks = list(callbacks)
+    offload = None
+    if offloads(cfg, stack):
+        from workbench import offload as offload_mod
+
+        offload = offload_mod.ActivationOffload()
+        callbacks.append(offload_mod.trainer_callback(offload))
+    with old_checkpointing_name():
+        trainer = GuardedSFTTrainer(model=model, args=sft_config(cfg, output_dir, stack), train_dataset=data,
+                                    processing_class=tok, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # our LossLog prints one line per logging step instead
+    trainer.activation_offload = offload
+    return trainer
+
+
+def total_steps(cfg: Config, n_rows: int) -> int:
+    t = cfg.training
+    if t.max_steps is not None:
+        return t.max_steps
+    return math.ceil(math.ceil(n_rows / t.batch_size) / t.grad_accum * t.epochs)
+
+
+def oom_message(cfg: Config, stack: Stack | None = None) -> str:
+    """What to reduce after running out of GPU memory, in one sentence."""
+    t, ours = cfg.training, not (stack or Stack()).own_checkpointing   # (offloading is our checkpointing's)
+    hints = [f"training.batch_size (now {t.batch_size}; raise training.grad_accum to keep the effective batch)",
+             f"training.max_seq_len (now {t.max_seq_len})"]
+    if not t.gradient_checkpointing:
+        hints.append("set training.gradient_checkpointing: true" + (" (or offload)" if ours else ""))
+    elif t.gradient_checkpointing is True and ours:
+        hints.append("set training.gradient_checkpointing: offload (the layers' inputs wait in host memory)")
+    if cfg.quantization is None:
+        hints.append("load the base in 4 bits with quantization: {type: nf4} (QLoRA)")
+    return "ran out of GPU memory while training; reduce " + ", or ".join(hints) + "."
+
+
+def offload_record(trainer) -> dict | None:
+    """What offloaded checkpointing moved to host memory (None: it was off)."""
+    offload = getattr(trainer, "activation_offload", None)
+    if offload is None:
+        return None
+    from workbench.offload import record
+
+    return record(offload)
+
+
+# --------------------------------------------------------------------------- the adapter
+def save_adapter(model, folder: Path, run: Path, cfg: Config) -> None:
+    """``model``'s adapter into ``folder``, naming the base where it lies in ``run`` (PEFT names the
+    folder the base was loaded from, the staging folder for the built-in base)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    acfg = json.loads((folder / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = str(run / "base") if cfg.builtin_model else cfg.model.path
+    (folder / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+
+
+def keep_last_good_adapter(cfg: Config, run: Path, model, snapshots, err) -> None:
+    """After a non-finite loss: save the last adapter whose loss was finite (if any), note the
+    failed try, and stop with a UserError."""
+    extra = {"failed_step": err.step}
+    where = "no step had a finite loss, so there is no adapter to keep"
+    if snapshots.restore() and distributed.is_main():
+        with atomic.directory(run / "train" / "last_good_adapter") as tmp:
+            save_adapter(model, tmp, run, cfg)
+        extra.update(last_good_adapter="train/last_good_adapter", last_good_step=snapshots.good_step)
+        where = (f"the adapter after {snapshots.good_step} step(s), the last with a finite loss, is in "
+                 f"{run / 'train' / 'last_good_adapter'}")
+    if distributed.is_main():
+        manifest.note_attempt(run, "train", "failed", error=f"non-finite loss at step {err.step}", **extra)
+    raise UserError(f"training stopped: the loss became {err.value} at step {err.step}; {where}; lower "
+                    f"training.lr (now {cfg.training.lr:g}) or check the data for broken rows.") from None
