@@ -80,11 +80,11 @@ def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, dy_stride, x_str
                     n_rows, n_cols, inv_n, rows_per_prog,
                     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
                     BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every product below in int64 (parity/int64_offsets.py)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, n_rows)
-    dw_row = DW_PART + pid.to(tl.int64) * n_cols
-    db_row = DB_PART + pid.to(tl.int64) * n_cols
+    dw_row = DW_PART + pid * n_cols
+    db_row = DB_PART + pid * n_cols
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols

@@ -65,10 +65,10 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride,
                   n_rows, n_cols, rows_per_prog, offset,
                   GEMMA: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
                   BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every product below in int64 (parity/int64_offsets.py)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, n_rows)
-    dw_row = DW_PART + pid.to(tl.int64) * n_cols
+    dw_row = DW_PART + pid * n_cols
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
