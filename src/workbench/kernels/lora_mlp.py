@@ -412,11 +412,10 @@ EXAMPLES = (
     # draws take it in a third of the cases, but with a dropout and all seven gradients rarely.
     Example(_case(x_fp32=False, b_scale=1.0, dropout=0.25, _rows=3), "the blocked backward of long sequences "
             "(row blocks of 3) with dropout masks, every gradient", dtypes=(torch.float32,)),
-    # Many tokens in one block. (The blocked backward's dB, summed in fp32 across row blocks, would
-    # need ~300 blocks for a bf16 accumulator to show: ~25 s under the interpreter, ~7 launches a
-    # block. The gpu profile draws forced row blocks of 1-5 rows over up to 16k tokens.)
-    Example(_case(batch=1, tokens=512, d_in=8, inter=8, d_out=8, x_fp32=False, b_scale=1.0), L.MANY_TOKENS,
-            dtypes=(torch.bfloat16,)),
+    # (dA and dB are torch's GEMMs over the tokens; the kernel's own reduction across tokens is the
+    # blocked backward's dB, summed in fp32 across row blocks: a bf16 accumulator there needs ~300
+    # blocks to show, ~25 s under the interpreter at ~7 launches a block. The gpu profile draws
+    # forced row blocks of 1-5 rows over up to 16k tokens.)
 )
 
 

@@ -367,7 +367,7 @@ EXAMPLES = (
     Example(_case(), L.MIXED_SMALL_ADAPTER, dtypes=(torch.bfloat16,)),
     Example(_case(dropout=0.1, strided=True, _dy="strided"), L.MIXED_SMALL_ADAPTER + " (with dropout)",
             dtypes=(torch.bfloat16,)),
-    Example(_case(batch=1, tokens=512, d_in=8, d_out=8, x_fp32=False, b_scale=1.0), L.MANY_TOKENS,
+    Example(_case(batch=1, tokens=256, d_in=8, d_out=8, x_fp32=False, b_scale=1.0), L.MANY_TOKENS,
             dtypes=(torch.bfloat16,)),
 )
 

@@ -180,7 +180,7 @@ def _case(**over) -> dict:
 
 EXAMPLES = (
     Example(_case(), L.MIXED_SMALL_ADAPTER, dtypes=(torch.bfloat16,)),
-    Example(_case(batch=1, tokens=512, d_in=8, x_fp32=False, b_scale=1.0), L.MANY_TOKENS, dtypes=(torch.bfloat16,)),
+    Example(_case(batch=1, tokens=256, d_in=8, x_fp32=False, b_scale=1.0), L.MANY_TOKENS, dtypes=(torch.bfloat16,)),
 )
 
 
