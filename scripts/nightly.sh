@@ -6,7 +6,9 @@
 #
 # Usage: scripts/nightly.sh [--short] [--dry-run] [--reports DIR] [--previous DIR] [--runs DIR]
 #   --short      a quick end-to-end run (about 8 minutes on one H100): 3 parity examples per
-#                (kernel, dtype), the 1B shapes without torch.compile, a few training steps, the
+#                (kernel, dtype) without the mutation self-test (each mutant compiles its own
+#                kernels: run scripts/gpu_parity.sh for it), the 1B shapes without torch.compile,
+#                a few training steps, the
 #                built-in accuracy run at 2 seeds and 40 steps, a context search from 2k to 4k
 #                tokens. Reports go to reports/nightly-short/<suite> (never mixed with the
 #                nightly ones) unless --reports says otherwise. Its verdicts are smoke-test
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
     --reports) reports="$2"; shift ;;
     --previous) previous="$2"; shift ;;
     --runs) runs="$2"; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "nightly.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -59,12 +61,14 @@ step() {  # step NAME CMD...: run (or, with --dry-run, print) one command; remem
 
 if [ "$short" = 1 ]; then
   export PARITY_EXAMPLES="${PARITY_EXAMPLES:-3}"
+  parity=(-k "not mutant")
   kernels=(--shape llama3.2-1b --no-compile)
   train=(--shape "$TRAIN_SHAPE" --batch 1 --seq 512 --steps 3 --stacks hf,ours)
   accuracy=(--seeds 0,1 --steps 40 --limit 20 --jobs 4)
   context=(--shape llama3.2-1b --modes qlora --stacks hf-gc,ours-gc --seq 2048 --max-seq 4096 --granularity 2048
            --steps 1 --devices all)
 else
+  parity=()
   kernels=(--shape "$KERNEL_SHAPE")
   train=(--shape "$TRAIN_SHAPE" --batch 4 --seq 2048 --steps 30)
   # The GPU's larger synthetic setup (builtin:small-llama, 1000 steps, bf16; 142 s on an H200,
@@ -79,7 +83,7 @@ fi
 [ "$dry" = 1 ] || { mkdir -p "$reports" "$runs"; nvidia-smi --query-gpu=name,driver_version,memory.total \
   --format=csv,noheader 2>/dev/null || true; }
 
-step parity bash scripts/gpu_parity.sh "$reports/parity"
+step parity bash scripts/gpu_parity.sh "$reports/parity" "${parity[@]}"
 step kernels "$PY" -m workbench bench --suite kernels "${kernels[@]}" --report "$reports/kernels"
 step train "$PY" -m workbench bench --suite train "${train[@]}" --run "$runs/bench-train" --report "$reports/train"
 step accuracy "$PY" -m workbench bench --suite accuracy "${accuracy[@]}" --run "$runs/bench-accuracy" \
