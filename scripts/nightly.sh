@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     --reports) reports="$2"; shift ;;
     --previous) previous="$2"; shift ;;
     --runs) runs="$2"; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "nightly.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
