@@ -361,8 +361,9 @@ def _params(draw, limits: Limits) -> dict:
     cap = L.dim_cap(limits)
     d_in, inter, d_out = draw(S.dim(1, cap)), draw(S.dim(1, cap)), draw(S.dim(1, cap))
     cfg = draw(L.lora_config([d_in, inter, d_out]))
-    # A forced small block runs one interpreter program per few elements of [N, inter]: fewer tokens then.
-    batch, tokens = draw(L.rows(limits, max(d_in, inter, d_out), cap=limits.max_rows if block is None else 16))
+    # A forced small block runs one interpreter program per few elements of [N, inter]: fewer tokens then
+    # (and every case runs twice, with and without the adapters, for the delta comparisons).
+    batch, tokens = draw(L.rows(limits, max(d_in, inter, d_out), cap=limits.max_rows if block is None else 8))
     activation = draw(st.sampled_from(("swiglu", "geglu", "geglu")))  # geglu has two modes
     return {
         "batch": batch, "tokens": tokens, "d_in": d_in, "inter": inter, "d_out": d_out, **cfg,
