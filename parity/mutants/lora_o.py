@@ -28,4 +28,14 @@ MUTANTS = [
            new="t = _to(tl.where(keep != 0, t, 0.0), DX.dtype.element_ty).to(tl.float32)"),
     Mutant("lora_o", "dropout_ignores_row_stride", "the dropout kernel reads a row-strided x as if contiguous",
            old="x_off = _offset(idx, n_cols, x_stride, CONTIG)", new="x_off = idx"),
+    Mutant("lora_o", "dx_lora_term_summed_in_layer_dtype", "mixed mode (fp32 x, bf16 layer): dX's LoRA term added "
+           "to the base term in the layer's dtype, where autograd sums the two 16-bit gradients in fp32: a small "
+           "adapter's term is rounded away while dX stays within a bf16 roundoff; only the gradient delta sees it",
+           old="tl.store(DX + idx, _to(dx + t, DX.dtype.element_ty), mask=mask)",
+           new="tl.store(DX + idx, _to(_to(dx + t, T.dtype.element_ty).to(tl.float32), DX.dtype.element_ty), "
+               "mask=mask)",
+           dtypes=(torch.bfloat16,)),
+    Mutant("lora_o", "scaled_dy_read_as_contiguous", "the backward's dy * scaling reads dy as if contiguous: a "
+           "strided or expanded upstream gradient is read wrong",
+           old="CONTIG=_contiguous(out, dy2), BLOCK=block)", new="CONTIG=True, BLOCK=block)"),
 ]

@@ -11,4 +11,8 @@ MUTANTS = [
            new="u_off = _offset(idx, n_cols, g_stride, CONTIG)", count=2),
     Mutant("swiglu", "backward_sigmoid_sign_flipped", "the backward's sigmoid computed as 1 / (1 + exp(g))",
            old="sig = 1.0 / (1.0 + tl.exp(-g))", new="sig = 1.0 / (1.0 + tl.exp(g))"),
+    Mutant("swiglu", "dy_assumed_contiguous", "the backward's contiguity check leaves out dy: a strided or expanded "
+           "upstream gradient (torch.cat([swiglu(g, u), other], -1)) is read as if dense",
+           old="CONTIG=_contiguous(n_cols, dy2, g2, u_arg), BLOCK=block)",
+           new="CONTIG=_contiguous(n_cols, g2, u_arg), BLOCK=block)"),
 ]

@@ -302,5 +302,15 @@ def ablate_adapters(*names: str):
     return ablate
 
 
+#: Why the LoRA kernels' targeted examples (``EXAMPLES`` of lora_o, lora_qkv, lora_mlp) exist.
+MIXED_SMALL_ADAPTER = ("the mixed mode (fp32 x, bf16 layer) with an adapter 2^-10 the base's size: its terms of "
+                       "the output and of dX sit below half a bf16 ulp of the base's, which autograd's fp32 sums "
+                       "keep and a sum in the layer's dtype loses (delta:y, delta:grad:x); the ci profile's draws "
+                       "meet the three flags together in one example in 13")
+MANY_TOKENS = ("256 tokens in bf16: dA and dB are sums over every token, where a 16-bit accumulator shows "
+               "(ci's random draws have at most 48 x 3); the sums are torch's GEMMs today, the example is "
+               "there for any reduction the kernel takes over")
+
+
 def draw_keep(shape: tuple[int, ...], dropout: float, device, gen) -> torch.Tensor:
     return (torch.rand(shape, generator=gen) >= dropout).to(device)

@@ -28,9 +28,10 @@ import triton.language as tl
 from hypothesis import strategies as st
 
 from . import _common as C
-from ._registry import Inputs, KernelSpec, Limits
+from ._registry import Example, Inputs, KernelSpec, Limits
 from .swiglu import _block, _contiguous, _offset, _rows
 from .swiglu import _make_inputs as swiglu_make_inputs
+from .swiglu import EXAMPLES as SWIGLU_EXAMPLES
 from .swiglu import _params as swiglu_params
 
 APPROXIMATE_MODES = ("none", "tanh")
@@ -190,6 +191,11 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
     return inputs
 
 
+#: SwiGLU's, in both GELU forms.
+EXAMPLES = tuple(Example({**e.params, "approximate": a}, e.why, e.dtypes, e.seed)
+                 for e in SWIGLU_EXAMPLES for a in APPROXIMATE_MODES)
+
+
 SPEC = KernelSpec(
     name="geglu",
     fn=geglu,
@@ -200,4 +206,5 @@ SPEC = KernelSpec(
     grads=("gate", "up"),
     options=("approximate: none|tanh",),
     summary="GeGLU gelu(gate) * up (exact erf or tanh GELU), elementwise over any shape.",
+    examples=EXAMPLES,
 )

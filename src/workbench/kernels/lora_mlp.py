@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _lora as L
 from . import _strategies as S
-from ._registry import Inputs, KernelSpec, Limits
+from ._registry import Example, Inputs, KernelSpec, Limits
 from .geglu import APPROXIMATE_MODES, _geglu_bwd, _geglu_fwd
 from .lora_o import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
                      saved_input, scaled_grad)
@@ -361,8 +361,9 @@ def _params(draw, limits: Limits) -> dict:
     cap = L.dim_cap(limits)
     d_in, inter, d_out = draw(S.dim(1, cap)), draw(S.dim(1, cap)), draw(S.dim(1, cap))
     cfg = draw(L.lora_config([d_in, inter, d_out]))
-    # A forced small block runs one interpreter program per few elements of [N, inter]: fewer tokens then.
-    batch, tokens = draw(L.rows(limits, max(d_in, inter, d_out), cap=limits.max_rows if block is None else 16))
+    # A forced small block runs one interpreter program per few elements of [N, inter]: fewer tokens then
+    # (and every case runs twice, with and without the adapters, for the delta comparisons).
+    batch, tokens = draw(L.rows(limits, max(d_in, inter, d_out), cap=limits.max_rows if block is None else 8))
     activation = draw(st.sampled_from(("swiglu", "geglu", "geglu")))  # geglu has two modes
     return {
         "batch": batch, "tokens": tokens, "d_in": d_in, "inter": inter, "d_out": d_out, **cfg,
@@ -399,6 +400,26 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                             "approximate": p["approximate"], "dropout": p["dropout"]}, grads)
 
 
+def _case(**over) -> dict:
+    return {"batch": 2, "tokens": 5, "d_in": 12, "inter": 10, "d_out": 8, "r": 2, "alpha": 16.0, "rslora": False,
+            "scaling": 8.0, "dropout": 0.0, "activation": "swiglu", "approximate": "none", "scale": 1.0,
+            "b_scale": 2.0**-10, "x_fp32": True, "strided": False, "grad_x": True, "grad_adapters": [True] * 6,
+            "_block": None, "_rows": None, **over}
+
+
+EXAMPLES = (
+    Example(_case(), L.MIXED_SMALL_ADAPTER, dtypes=(torch.bfloat16,)),
+    # The blocked backward (10 rows in blocks of 3) with dropout, every gradient asked for: random
+    # draws take it in a third of the cases, but with a dropout and all seven gradients rarely.
+    Example(_case(x_fp32=False, b_scale=1.0, dropout=0.25, _rows=3), "the blocked backward of long sequences "
+            "(row blocks of 3) with dropout masks, every gradient", dtypes=(torch.float32,)),
+    # (dA and dB are torch's GEMMs over the tokens; the kernel's own reduction across tokens is the
+    # blocked backward's dB, summed in fp32 across row blocks: a bf16 accumulator there needs ~300
+    # blocks to show, ~25 s under the interpreter at ~7 launches a block. The gpu profile draws
+    # forced row blocks of 1-5 rows over up to 16k tokens.)
+)
+
+
 SPEC = KernelSpec(
     name="lora_mlp",
     fn=lora_mlp,
@@ -412,4 +433,5 @@ SPEC = KernelSpec(
              "fp32 x on a 16-bit layer (QLoRA under autocast)"),
     summary="PEFT LoRA gated MLP in one Function: cuBLAS GEMMs, Triton SwiGLU/GeGLU recomputed in the backward.",
     ablate=L.ablate_adapters("Bg", "Bu", "Bd"),
+    examples=EXAMPLES,
 )

@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _lora as L
 from . import _strategies as S
-from ._registry import Inputs, KernelSpec, Limits
+from ._registry import Example, Inputs, KernelSpec, Limits
 from .swiglu import _block, _contiguous, _offset
 
 
@@ -357,6 +357,21 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                   {"scaling": p["scaling"], "dropout": p["dropout"]}, grads)
 
 
+def _case(**over) -> dict:
+    return {"batch": 2, "tokens": 5, "d_in": 12, "d_out": 10, "r": 2, "alpha": 16.0, "rslora": False, "scaling": 8.0,
+            "dropout": 0.0, "scale": 1.0, "b_scale": 2.0**-10, "x_fp32": True, "strided": False,
+            "grad_x": True, "grad_A": True, "grad_B": True, "_block": None, **over}
+
+
+EXAMPLES = (
+    Example(_case(), L.MIXED_SMALL_ADAPTER, dtypes=(torch.bfloat16,)),
+    Example(_case(dropout=0.1, strided=True, _dy="strided"), L.MIXED_SMALL_ADAPTER + " (with dropout)",
+            dtypes=(torch.bfloat16,)),
+    Example(_case(batch=1, tokens=256, d_in=8, d_out=8, x_fp32=False, b_scale=1.0), L.MANY_TOKENS,
+            dtypes=(torch.bfloat16,)),
+)
+
+
 SPEC = KernelSpec(
     name="lora_o",
     fn=lora_o,
@@ -369,4 +384,5 @@ SPEC = KernelSpec(
              "W: tensor or .dequantize() object (NF4)", "fp32 x on a 16-bit layer (QLoRA under autocast)"),
     summary="PEFT LoRA linear on a frozen (or NF4) weight: cuBLAS GEMMs, Triton dropout; dX/dA/dB, never dW.",
     ablate=L.ablate_adapters("B"),
+    examples=EXAMPLES,
 )

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _strategies as S
 from ._harness import maybe_strided, randn
-from ._registry import Inputs, KernelSpec, Limits
+from ._registry import Example, Inputs, KernelSpec, Limits
 
 #: Elements per program on the GPU (8 per thread at 4 warps: two 128-bit loads in fp32).
 BLOCK_CAP = 1024
@@ -184,6 +184,20 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                    "up": maybe_strided(up, p["strided_up"], gen)}, {}, grads)
 
 
+def _case(**over) -> dict:
+    return {"shape": [2, 5, 33], "gate_scale": 1.0, "up_scale": 1.0, "strided_gate": False, "strided_up": False,
+            "grad_gate": True, "grad_up": True, "_block": None, **over}
+
+
+#: Contiguous gate and up with a strided (torch.cat's) or expanded (a sum's) upstream gradient:
+#: the layout where a contiguity fast path that forgets dy reads it wrong. The random draws
+#: pair a non-dense dy with two dense inputs in about one example in six.
+EXAMPLES = (
+    Example(_case(_dy="strided"), "dense inputs, a strided upstream gradient (torch.cat([swiglu(g, u), other], -1))"),
+    Example(_case(_dy="expanded", shape=[7, 33]), "dense inputs, an expanded (stride-0) upstream gradient"),
+)
+
+
 SPEC = KernelSpec(
     name="swiglu",
     fn=swiglu,
@@ -194,4 +208,5 @@ SPEC = KernelSpec(
     grads=("gate", "up"),
     options=(),
     summary="SwiGLU silu(gate) * up, elementwise over any shape; row-strided inputs without copies.",
+    examples=EXAMPLES,
 )
