@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The nightly GPU job, end to end: the parity suite (gpu profile, mutation self-test and the
-# >2^31-element cases included), the kernels, train, accuracy and context suites, and the
-# regression check of tonight's kernels, train and context reports against the previous night's.
+# >2^31-element cases included), the kernels, train, step, accuracy and context suites, and the
+# regression check of tonight's kernels, train, step and context reports against the previous night's.
 # .github/workflows/nightly-gpu.yml calls it; anyone on a GPU host can too.
 #
 # Usage: scripts/nightly.sh [--short] [--dry-run] [--reports DIR] [--previous DIR] [--runs DIR]
@@ -64,6 +64,7 @@ if [ "$short" = 1 ]; then
   parity=(-k "not mutant")
   kernels=(--shape llama3.2-1b --no-compile)
   train=(--shape "$TRAIN_SHAPE" --batch 1 --seq 512 --steps 3 --stacks hf,ours)
+  stepsuite=(--shape llama3.2-1b --modes lora --stacks hf,ours --autocast on --batch 1 --seq 512 --warmup 1 --steps 3)
   accuracy=(--seeds 0,1 --steps 40 --limit 20 --jobs 4)
   context=(--shape llama3.2-1b --modes qlora --stacks hf-gc,ours-gc --seq 2048 --max-seq 4096 --granularity 2048
            --steps 1 --devices all)
@@ -71,6 +72,8 @@ else
   parity=()
   kernels=(--shape "$KERNEL_SHAPE")
   train=(--shape "$TRAIN_SHAPE" --batch 4 --seq 2048 --steps 30)
+  # The plain loop peers publish, every stack, with and without autocast, and each stack's profile.
+  stepsuite=(--shape "$TRAIN_SHAPE" --modes lora,qlora --stacks hf,ours,liger,unsloth --autocast both --profile)
   # The GPU's larger synthetic setup (builtin:small-llama, 1000 steps, bf16; 142 s on an H200,
   # 2026-11-30). Four seeds measure the noise better than two; eight pipelines at once fit it
   # on one GPU (speed is the train suite's job, so this report's is not measured).
@@ -86,15 +89,16 @@ fi
 step parity bash scripts/gpu_parity.sh "$reports/parity" "${parity[@]}"
 step kernels "$PY" -m workbench bench --suite kernels "${kernels[@]}" --report "$reports/kernels"
 step train "$PY" -m workbench bench --suite train "${train[@]}" --run "$runs/bench-train" --report "$reports/train"
+step step "$PY" -m workbench bench --suite step "${stepsuite[@]}" --run "$runs/bench-step" --report "$reports/step"
 step accuracy "$PY" -m workbench bench --suite accuracy "${accuracy[@]}" --run "$runs/bench-accuracy" \
   --report "$reports/accuracy"
 step context "$PY" -m workbench bench --suite context "${context[@]}" --run "$runs/bench-context" \
   --report "$reports/context"
 
-# Regression check of tonight's kernels, train and context reports (the newest JSON of each)
+# Regression check of tonight's kernels, train, step and context reports (the newest JSON of each)
 # against the previous night's (the first night, or a failed run, has nothing to compare).
 [ "$dry" = 1 ] || mkdir -p "$reports/regress"
-for suite in kernels train context; do
+for suite in kernels train step context; do
   new=$(ls -t "$reports/$suite"/*.json 2>/dev/null | head -n 1 || true)
   old="$previous/$suite.json"
   if [ "$dry" = 1 ]; then

@@ -70,8 +70,8 @@ def test_the_workflow_runs_the_nightly_script():
 def test_the_nightly_script_runs_every_suite_and_parity(flags):
     commands = _script_commands(*flags)
     suites = {c[c.index("--suite") + 1] for c in commands if c[0] == "bench"}
-    assert suites == {"kernels", "train", "accuracy", "context"}
-    assert sum(c[0] == "regress" for c in commands) == 3
+    assert suites == {"kernels", "train", "step", "accuracy", "context"}
+    assert sum(c[0] == "regress" for c in commands) == 4
     assert any(line.startswith("bash scripts/gpu_parity.sh ") for line in _script_lines(*flags))
 
 
