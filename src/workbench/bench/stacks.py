@@ -152,6 +152,7 @@ STACKS = {s.name: s for s in (
     Ours("ours", "ours (workbench.patch)"),
     Ours("ours-gc", "ours + gradient checkpointing", checkpointing=True),
     Ours("ours-offload", "ours + offloaded checkpointing", checkpointing="offload"),
+    Ours("ours-bf16", "ours, adapter in the base's dtype (adapter_as_autocast)"),
     Liger("liger", "Liger-Kernel (its defaults, fused linear CE)"),
     Unsloth("unsloth", "Unsloth (FastLanguageModel)"),
     Unsloth("unsloth-gc", "Unsloth + its offloaded checkpointing", checkpointing=True),
