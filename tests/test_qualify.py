@@ -473,7 +473,12 @@ def test_parity_gate_runs_exactly_the_kernels_the_run_used_and_reads_a_report(co
     result = qualify.gate_parity(ctx)                      # rms_norm only: rope swapped nothing
     assert result["status"] == "PASS", result
     (check,) = result["checks"]
-    assert check["item"] == "rms_norm" and check["measured"] == {"tests": 3, "examples": 6, "failed": 0}
+    # 2 drawn examples per dtype, and the kernel's targeted ones (registry Example) on top.
+    from workbench import kernels as registered
+
+    spec = registered.get("rms_norm")
+    targeted = sum(len(e.dtypes or spec.dtypes) for e in spec.examples)
+    assert check["item"] == "rms_norm" and check["measured"] == {"tests": 3, "examples": 6 + targeted, "failed": 0}
     (report,) = (run / "qualify" / "parity").glob("*.json")
 
     def from_report(doc):
