@@ -176,3 +176,26 @@ def test_an_adapter_of_another_base_is_refused(tmp_path):
     with pytest.raises(UserError, match="do not fit the base weight"):
         adapter_gguf.write(run / "adapter", other / "base", tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_every_gguf_has_a_modelfile_next_to_it_whose_files_exist(exported):
+    from workbench.export import modelfile
+    from workbench.tokenizer import default_tokenizer
+
+    run, report = exported
+    out = run / "export"
+    assert sorted(p.name for p in out.glob("*.Modelfile")) == ["adapter-f16.Modelfile", "model-f16.Modelfile"]
+    assert report["modelfiles"]["template"] and report["modelfiles"]["stops"] == ["<|im_end|>", "<|im_start|>"]
+    tok = default_tokenizer()
+    conv = [{"role": "user", "content": "What is 3 plus 4?"}]
+    for path in out.glob("*.Modelfile"):
+        parsed = modelfile.parse(path.read_text())
+        assert (out / parsed["FROM"]).is_file()
+        if path.name.startswith("adapter"):
+            assert parsed["FROM"] == "./base-f16.gguf" and parsed["ADAPTER"] == "./adapter-f16.gguf"
+            assert (out / parsed["ADAPTER"]).is_file()
+        else:
+            assert parsed["FROM"] == "./model-f16.gguf" and parsed["ADAPTER"] is None
+        assert modelfile.ollama_text(parsed["TEMPLATE"], conv) == tok.apply_chat_template(
+            conv, tokenize=False, add_generation_prompt=True)
+        assert ("num_ctx", "128") in parsed["PARAMETER"]   # the test model's max_position_embeddings
