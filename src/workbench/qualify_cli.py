@@ -13,6 +13,7 @@ def cmd_qualify(args: argparse.Namespace) -> int:
     print(plain(verdict["gates"]))
     print(f"verdict: {verdict['verdict']} ({verdict['summary']})")
     print(f"report: {args.run}/qualify/verdict.md and {args.run}/qualify/verdict.json")
+    print(f"`workbench report --run {args.run}` links this verdict from the run report ({args.run}/report/report.md).")
     return 0 if verdict["passed"] else 1
 
 
