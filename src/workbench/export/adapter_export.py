@@ -204,8 +204,12 @@ def write_modelfiles(run: Path, out: Path, files: dict[str, Path], merged: Path,
         text = modelfile.render(path.name, translation, what=f" (the merged model, {kind})", **common)
         written[kind] = atomic.write_text(out / f"{path.stem}.Modelfile", text)
     if adapter is not None:
+        q8 = (adapter.get("bases") or {}).get("q8_0") or {}
+        notes = (f"{q8['file']} (smaller) was verified with this adapter too (KL "
+                 f"{q8['llama_cpp']['kl_mean']:.2g}, top-1 {q8['llama_cpp']['top1_agreement']:.3f} against the HF "
+                 "adapter); change FROM to use it.",) if q8.get("passed") else ()
         text = modelfile.render("base-f16.gguf", translation, adapter=adapter["file"],
-                                what=" on the base model's f16 GGUF", **common)
+                                what=" on the base model's f16 GGUF", notes=notes, **common)
         written["adapter"] = atomic.write_text(out / f"{Path(adapter['file']).stem}.Modelfile", text)
     log(f"Ollama Modelfiles: {', '.join(p.name for p in written.values())}"
         + ("" if translation.template else f" (no TEMPLATE: {translation.note})"))

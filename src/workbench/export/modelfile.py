@@ -178,7 +178,7 @@ def _quote(value: str) -> str:
 
 
 def render(gguf_name: str, translation: Translation, *, adapter: str | None = None, num_ctx: int | None = None,
-           max_new_tokens: int | None = None, what: str = "") -> str:
+           max_new_tokens: int | None = None, what: str = "", notes: tuple[str, ...] = ()) -> str:
     """The Modelfile's text. ``gguf_name``: the FROM file (the base GGUF with ``adapter``)."""
     lines = [f"# Ollama Modelfile for {adapter or gguf_name}{what}, written by `workbench export`.",
              f"# Use: ollama create NAME -f {Path(adapter or gguf_name).stem}.Modelfile && ollama run NAME",
@@ -186,6 +186,7 @@ def render(gguf_name: str, translation: Translation, *, adapter: str | None = No
     if adapter:
         lines += ["# The LoRA adapter, applied to the base GGUF above at load time (llama.cpp's GGUF LoRA format).",
                   f"ADAPTER ./{adapter}"]
+    lines += [f"# {n}" for n in notes]
     if translation.template is not None:
         lines += [f"# TEMPLATE: {translation.note}.", f'TEMPLATE """{translation.template}"""']
     else:
