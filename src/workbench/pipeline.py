@@ -204,7 +204,9 @@ def check_export(run: Path, quants: list[str], thresholds: str | Path | None = N
     if verified != load_thresholds(thresholds):
         return "it was verified against other thresholds" + (f" than {thresholds}" if thresholds else
                                                              " than the defaults")
-    return _outputs_problem(run, "export")
+    from workbench.export.adapter_export import problem as adapter_problem
+
+    return adapter_problem(run, rec, thresholds) or _outputs_problem(run, "export")
 
 
 def _expected_tasks(run: Path) -> list[str]:
@@ -284,7 +286,8 @@ def _require_dir_or_nothing(run: Path) -> None:
 def _export_failures(run: Path) -> list[str]:
     """The GGUF types the export record says failed their verification."""
     rec = manifest.stage(run, "export") or {}
-    return [k for k, e in (rec.get("files") or {}).items() if not e.get("passed", True)]
+    adapter = ["adapter"] if not (rec.get("adapter") or {}).get("passed", True) else []
+    return [k for k, e in (rec.get("files") or {}).items() if not e.get("passed", True)] + adapter
 
 
 def _mark_failed(run: Path, name: str, err: BaseException) -> None:
@@ -421,17 +424,19 @@ def _run_stage(name: str, run: Path, cfg, quants: list[str], eval_limit: int | N
     if name == "export":
         from workbench.export.stage import run_export
 
-        report = run_export(run, quants, thresholds=thresholds)
+        report = run_export(run, quants, thresholds=thresholds, adapter_gguf=True)
         # Remembered for a bare `workbench run --run DIR` (as --quant: the record's files).
         rec = manifest.stage(run, "export")
         manifest.record_stage(run, "export", {**rec, "thresholds_file": str(Path(thresholds).resolve())
                                               if thresholds else None})
         failed = [k for k, e in report["files"].items() if not e["passed"]]
+        failed += ["adapter"] if not (report.get("adapter") or {}).get("passed", True) else []
         notes = "".join(f"; {e['fallback_note']}" for e in report["files"].values() if e.get("fallback_note"))
         if failed:
             return (f"FAILED verification: {', '.join(failed)} (see {run / 'export' / 'export_report.json'}); "
                     f"evaluating and reporting anyway{notes}")
-        return f"{', '.join(report['files'])} written and verified{notes}"
+        shipped = [*report["files"], *(["adapter"] if (report.get("adapter") or {}).get("passed") else [])]
+        return f"{', '.join(shipped)} written and verified{notes}"
     if name == "eval":
         from workbench.eval.run import run_eval
 

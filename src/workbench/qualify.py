@@ -1,12 +1,15 @@
 """`workbench qualify`: the release gate before an adapter ships.
 
-Seven gates, each measured, compared with a threshold and given PASS, FAIL or N/A
+Eight gates, each measured, compared with a threshold and given PASS, FAIL or N/A
 (with the reason); the defaults, and what each gate checks, are documented in
 ``src/workbench/configs/gates.yaml`` (a ``--gates`` file of the same shape overrides them):
 
     parity       the parity tests of the kernels the run trained with, on this device
     merge        merged model == adapter on its base (logits on the held-out rows, recomputed)
-    gguf         each GGUF within its KL / top-1 / perplexity limits (export report; recomputed when small)
+    gguf         each GGUF within its KL / top-1 / perplexity limits (export report; recomputed when small,
+                 on the export stage's own held-out windows)
+    adapter_gguf the GGUF LoRA adapter, applied by llama.cpp to the base GGUFs, within its limits against the
+                 HF adapter (export report; recomputed when small); fails when it is missing
     eval         lm-eval changes against the adapter within tolerance (the eval stage's results, of every
                  shipped task, with the chat template; a missing or non-finite metric fails)
     tokenizer    HF tokenizer and each GGUF's llama.cpp vocabulary: identical ids, exact detokenization
@@ -34,6 +37,8 @@ from pathlib import Path
 
 from workbench import atomic, manifest
 from workbench.errors import UserError
+from workbench.qualify_adapter import export_windows, gate_adapter_gguf, merged_logits_on_export_windows, \
+    windows_label
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 GATES_FILE = Path(str(resources.files("workbench") / "configs" / "gates.yaml"))   # package data
@@ -42,6 +47,7 @@ TITLES = {
     "parity": "kernel parity on this device",
     "merge": "merged model matches the adapter",
     "gguf": "GGUF files within their limits",
+    "adapter_gguf": "GGUF LoRA adapter applied by llama.cpp within its limits",
     "eval": "lm-eval changes within tolerance",
     "tokenizer": "tokenizer round trip is exact",
     "hashes": "artifact hashes match the manifest",
@@ -550,7 +556,8 @@ def gate_merge(ctx: Context) -> GateResult:
                             "model); rerun `workbench merge --run DIR`")
         checks.append(_check(item, FAIL if problems else PASS, measured, limits, problems))
     return _combine("merge", checks, f"{rec.get('dtype')}: {_limits_text(limits)}",
-                    f"{sum(len(w) for w in wins)} held-out tokens")
+                    f"on {sum(len(w) for w in wins)} tokens of the run's held-out rows with the chat template (the "
+                    "merge stage measured plain question/answer text)")
 
 
 # --------------------------------------------------------------------------- 3. gguf
@@ -592,13 +599,14 @@ def gate_gguf(ctx: Context) -> GateResult:
         same = manifest.sha256_file(path) == entry.get("sha256")
         if path.stat().st_size <= gates["recompute_max_mib"] * 2**20:
             log(f"gguf: recomputing {entry['path']} in llama.cpp against the merged model")
+            wins = export_windows(ctx)   # the export stage's tokens: "now" measures what "export" measured
             try:
-                llm = LlamaCpp(path, n_ctx=max(len(w) for w in ctx.windows()))
+                llm = LlamaCpp(path, n_ctx=max(len(w) for w in wins))
             except (ValueError, RuntimeError, OSError) as err:
                 problems.append(f"llama.cpp cannot open it ({str(err).splitlines()[0][:200]})")
             else:
                 try:
-                    now = logit_metrics(ctx.merged_logits(), llm.logits(ctx.windows()), ctx.windows())
+                    now = logit_metrics(merged_logits_on_export_windows(ctx), llm.logits(wins), wins)
                 finally:
                     llm.close()
                 measured.update({f"now {k}": now[k] for k in limits})
@@ -611,7 +619,8 @@ def gate_gguf(ctx: Context) -> GateResult:
         checks.append(_check(entry["path"], FAIL if problems else PASS, measured, limits, problems))
     limits_text = "; ".join(f"{k}: {_limits_text(gates['thresholds'][k])}" for k in files if k in gates["thresholds"])
     notes = [entry["fallback_note"] for entry in files.values() if entry.get("fallback_note")]
-    result = _combine("gguf", checks, limits_text, "; ".join(f"note: {n}" for n in notes))
+    where = windows_label(ctx) if any("now kl_mean" in (c["measured"] or {}) for c in checks) else ""
+    result = _combine("gguf", checks, limits_text, "; ".join([f"note: {n}" for n in notes] + [where] * bool(where)))
     if notes and result["status"] == FAIL:
         result["message"] += "; " + "; ".join(f"note: {n}" for n in notes)
     return result
@@ -911,7 +920,8 @@ def gate_performance(ctx: Context) -> GateResult:
                     f"baseline {ctx.baseline}")
 
 
-GATES = [("parity", gate_parity), ("merge", gate_merge), ("gguf", gate_gguf), ("eval", gate_eval),
+GATES = [("parity", gate_parity), ("merge", gate_merge), ("gguf", gate_gguf), ("adapter_gguf", gate_adapter_gguf),
+         ("eval", gate_eval),
          ("tokenizer", gate_tokenizer), ("hashes", gate_hashes), ("performance", gate_performance)]
 
 
@@ -949,9 +959,8 @@ def markdown(verdict: dict) -> str:
 
 def table(gates: list[dict]) -> str:
     """The gate table: gate, status, measured, threshold (Markdown)."""
-    def cell(text, width: int = 160) -> str:
-        text = str(text).replace("|", "\\|").replace("\n", " ")
-        return text if len(text) <= width else text[:width - 1] + "…"
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| gate | status | measured | threshold |", "| --- | --- | --- | --- |"]
     for g in gates:

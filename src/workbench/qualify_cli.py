@@ -5,19 +5,21 @@ import argparse
 
 
 def cmd_qualify(args: argparse.Namespace) -> int:
-    from workbench.qualify import table, run_qualify
+    from workbench.qualify import run_qualify
+    from workbench.verdict_text import plain
 
     verdict = run_qualify(args.run, gates=args.gates, parity_report=args.parity_report, baseline=args.baseline,
                           command=getattr(args, "command_line", None))
-    print(table(verdict["gates"]))
+    print(plain(verdict["gates"]))
     print(f"verdict: {verdict['verdict']} ({verdict['summary']})")
     print(f"report: {args.run}/qualify/verdict.md and {args.run}/qualify/verdict.json")
+    print(f"`workbench report --run {args.run}` links this verdict from the run report ({args.run}/report/report.md).")
     return 0 if verdict["passed"] else 1
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("qualify", help="the release gate: parity, merge, GGUF, eval, tokenizer, hash (and "
-                                       "performance) gates; exit 0 only when every gate passes")
+    p = sub.add_parser("qualify", help="the release gate: parity, merge, GGUF, adapter GGUF, eval, tokenizer, "
+                                       "hash (and performance) gates; exit 0 only when every gate passes")
     p.add_argument("--run", required=True, metavar="DIR", help="the run directory (after train, merge, export, eval)")
     p.add_argument("--gates", metavar="YAML",
                    help="gate thresholds overriding the defaults (src/workbench/configs/gates.yaml documents them)")

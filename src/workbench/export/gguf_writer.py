@@ -49,13 +49,20 @@ def _to_numpy(t: torch.Tensor, out_type: str):
     return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), gguf.GGMLQuantizationType.BF16
 
 
+def name_map(config: dict):
+    """gguf-py's HF -> GGUF tensor-name map for this checkpoint (shared with the LoRA adapter writer)."""
+    import gguf
+
+    _, arch = archs.arch_for(config)
+    return gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.gguf_arch), config["num_hidden_layers"])
+
+
 def _tensors(merged: Path, config: dict):
     """(gguf name, tensor) pairs in file order, transformed for llama.cpp."""
-    import gguf
     from safetensors import safe_open
 
     family, arch = archs.arch_for(config)
-    names = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.gguf_arch), config["num_hidden_layers"])
+    names = name_map(config)
     files = sorted(merged.glob("*.safetensors"))
     if not files:
         raise UserError(f"{merged} has no .safetensors weights; rerun `workbench merge`.")

@@ -9,6 +9,12 @@ under a temp name and renamed when complete, so a killed export leaves only
 the 16-bit files intact. The manifest's "export" record lists every file (hash,
 size, type, verification numbers); it is "complete" only when every file passed
 its thresholds, otherwise "failed_verification" (the report says which metric).
+
+With ``adapter_gguf`` (``workbench export --adapter-gguf``; ``workbench run`` always
+asks for it) the run's LoRA adapter is also written as a GGUF LoRA adapter, with the
+base model's f16/q8_0 GGUFs it applies to, and verified in llama.cpp against the HF
+adapter on its base; and every GGUF gets an Ollama Modelfile next to it
+(workbench.export.adapter_export, workbench.export.modelfile).
 """
 from __future__ import annotations
 
@@ -19,8 +25,8 @@ from workbench import atomic, console, manifest
 from workbench.envinfo import _version
 from workbench.errors import UserError
 
-from . import archs, gguf_writer, quantize, verify
-from .compare import hf_logits, windows
+from . import adapter_export, archs, gguf_writer, quantize, verify
+from .compare import hf_logits
 from .merge import require_run
 
 CHOICES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -54,23 +60,27 @@ def _merged_folder(run: Path) -> Path:
 
 
 def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None = None,
-               heldout: str | None = None) -> dict:
+               heldout: str | None = None, adapter_gguf: bool = False) -> dict:
     """The export stage; returns the report (``report["passed"]`` says whether every
-    file met its thresholds)."""
+    file met its thresholds). ``adapter_gguf``: also the LoRA adapter as a GGUF adapter
+    with its base GGUFs, verified in llama.cpp (workbench.export.adapter_export)."""
     from workbench.offline import enforce_offline
 
     enforce_offline()
     run = Path(run)
     require_run(run)
     with manifest.lock(run):
-        return _run_export(run, quants, thresholds, heldout)
+        return _run_export(run, quants, thresholds, heldout, adapter_gguf)
 
 
-def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
+def _run_export(run: Path, quants: list[str], thresholds, heldout, adapter_gguf: bool = False) -> dict:
     merged = _merged_folder(run)
     limits = verify.load_thresholds(thresholds)
     config = json.loads((merged / "config.json").read_text())
     archs.check_exportable(config)   # refuse before writing anything
+    if adapter_gguf and not adapter_export.not_applicable(run):
+        adapter_export.load_thresholds(thresholds)
+        adapter_export.refuse_early(run)
     out = run / "export"
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial"):   # a killed export's (we hold the run's lock)
@@ -98,6 +108,7 @@ def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
               "pre_tokenizer": facts.get("pre_tokenizer"), "notes": facts.get("notes", []),
               "source_for_quants": source.name if quantized else None, "thresholds": limits, "files": {}}
     report.update(_verify_all(merged, files, types, limits, heldout))
+    extra, extra_paths = adapter_export.extend(run, out, merged, files, report, adapter_gguf, thresholds, heldout)
     atomic.write_json(out / "export_report.json", report)
 
     entries = {}
@@ -113,8 +124,9 @@ def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
         "inputs": {"merged": merged.relative_to(run).as_posix()},
         "input_hashes": {"merged": manifest.hash_tree(merged)},
         "files": entries,
+        **extra,
         "versions": {d: _version(d) for d in ("gguf", "llama-cpp-python", "transformers", "torch", "parity-workbench")},
-        "outputs": manifest.outputs_record(run, [*files.values(), out / "export_report.json"]),
+        "outputs": manifest.outputs_record(run, [*files.values(), *extra_paths, out / "export_report.json"]),
     })
     return report
 
@@ -123,13 +135,13 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if heldout is None:
-        from workbench.synthetic import heldout_text
+    from workbench.synthetic import heldout_text
 
-        heldout = heldout_text()
+    text_is_default = heldout is None or heldout == heldout_text()
+    heldout = heldout_text() if heldout is None else heldout
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    window = min(verify.EVAL_WINDOW, json.loads((merged / "config.json").read_text())["max_position_embeddings"])
-    wins = windows(tokenizer(heldout)["input_ids"], window, verify.EVAL_TOKENS)
+    wins, window = verify.heldout_windows(tokenizer, json.loads((merged / "config.json").read_text())
+                                          ["max_position_embeddings"], heldout)
     device = "cuda" if torch.cuda.is_available() else "cpu"   # llama.cpp itself runs on the CPU here
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, use_safetensors=True)
     model = model.to(device).eval()
@@ -161,4 +173,5 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
         result[kind] = entry
         passed &= not problems
     return {"files": result, "passed": passed,
-            "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
+            "eval": {"tokens": sum(len(w) for w in wins), "window": window, "ids_sha256": verify.ids_sha256(wins),
+                     "text": adapter_export.HELDOUT if text_is_default else "the held-out text given to run_export"}}
