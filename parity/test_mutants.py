@@ -49,7 +49,8 @@ def test_there_are_enough_mutants():
 
 
 # A crash of the kernel under test is a kill, and the session goes on after it.
-_LAUNCHER = "def _block(n_elements: int) -> int:\n"
+_LAUNCHER = ("def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) "
+             "-> torch.Tensor:\n")
 
 
 def _synthetic(name: str, line: str) -> dict:

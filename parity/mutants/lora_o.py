@@ -27,7 +27,7 @@ MUTANTS = [
            old="t = _to(tl.where(keep != 0, t * scale, 0.0), DX.dtype.element_ty).to(tl.float32)",
            new="t = _to(tl.where(keep != 0, t, 0.0), DX.dtype.element_ty).to(tl.float32)"),
     Mutant("lora_o", "dropout_ignores_row_stride", "the dropout kernel reads a row-strided x as if contiguous",
-           old="x_off = _offset(idx, n_cols, x_stride, CONTIG)", new="x_off = idx"),
+           old="x_off = offset(idx, n_cols, x_stride, CONTIG)", new="x_off = idx"),
     Mutant("lora_o", "dx_lora_term_summed_in_layer_dtype", "mixed mode (fp32 x, bf16 layer): dX's LoRA term added "
            "to the base term in the layer's dtype, where autograd sums the two 16-bit gradients in fp32: a small "
            "adapter's term is rounded away while dX stays within a bf16 roundoff; only the gradient delta sees it",
@@ -37,5 +37,5 @@ MUTANTS = [
            dtypes=(torch.bfloat16,)),
     Mutant("lora_o", "scaled_dy_read_as_contiguous", "the backward's dy * scaling reads dy as if contiguous: a "
            "strided or expanded upstream gradient is read wrong",
-           old="CONTIG=_contiguous(out, dy2), BLOCK=block)", new="CONTIG=True, BLOCK=block)"),
+           old="CONTIG=E.contiguous(out, dy2), BLOCK=block)", new="CONTIG=True, BLOCK=block)"),
 ]

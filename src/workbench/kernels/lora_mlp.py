@@ -11,8 +11,9 @@ With ``dropout`` p > 0 each projection has its own keep-mask (PEFT's dropout
 modules draw independently): ``dropout_mask`` bool [2, *x.shape] for gate and
 up, ``dropout_mask_down`` bool [*x.shape[:-1], intermediate] for down's input h.
 
-The activation and its backward are the Triton kernels of ``swiglu.py`` /
-``geglu.py`` (fp32 math, one rounding, as HF's ``act_fn(gate) * up``); the
+The activation and its backward are ``swiglu_forward`` / ``swiglu_backward`` and
+``geglu_forward`` / ``geglu_backward`` (the launch functions of ``swiglu.py`` /
+``geglu.py``: fp32 math, one rounding, as HF's ``act_fn(gate) * up``); the
 projections are the cuBLAS building blocks of ``lora_o``. As in Unsloth, h is
 not saved: the backward recomputes it from g and u (one elementwise kernel),
 and only when dAd needs it.
@@ -32,17 +33,16 @@ fp32 and round once, as one GEMM's fp32 accumulator does.
 from __future__ import annotations
 
 import torch
-import triton
 from hypothesis import strategies as st
 
 from . import _common as C
 from . import _lora as L
 from . import _strategies as S
 from ._registry import Example, Inputs, KernelSpec, Limits
-from .geglu import APPROXIMATE_MODES, _geglu_bwd, _geglu_fwd
+from .geglu import APPROXIMATE_MODES, geglu_backward, geglu_forward
 from .lora_o import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
                      saved_input, scaled_grad)
-from .swiglu import _block, _contiguous, _swiglu_bwd, _swiglu_fwd
+from .swiglu import swiglu_backward, swiglu_forward
 
 ACTIVATIONS = ("swiglu", "geglu")
 
@@ -74,45 +74,30 @@ def _unstage(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-# --------------------------------------------------------------------------- activation launchers
-def _act_forward(g2, u2, activation: str, tanh: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """h = act(g) * u through the Triton kernel of swiglu.py / geglu.py, in fp32 math,
-    rounded once to ``dtype`` (g's by default)."""
-    n_rows, n_cols = g2.shape
-    n = n_rows * n_cols
+# --------------------------------------------------------------------------- activation
+def _act_forward(g2, u2, activation: str, approximate: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """h = act(g) * u through ``swiglu_forward`` / ``geglu_forward``, in fp32 math, rounded
+    once to ``dtype`` (g's by default)."""
     dtype = dtype or g2.dtype
-    h = _act_buffer(n_rows, n_cols, dtype, g2.device)
-    if n:
-        block = _block(n)
-        grid = (triton.cdiv(n, block),)
-        contig = _contiguous(n_cols, g2, u2)
-        if activation == "swiglu":
-            _swiglu_fwd[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, n, CONTIG=contig, BLOCK=block)
-        else:
-            _geglu_fwd[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, n,
-                             TANH=tanh, CONTIG=contig, BLOCK=block)
+    h = _act_buffer(*g2.shape, dtype, g2.device)
+    if activation == "swiglu":
+        swiglu_forward(g2, u2, out=h)
+    else:
+        geglu_forward(g2, u2, approximate, out=h)
     return _unstage(h, dtype)
 
 
-def _act_backward(dh2, g2, u2, activation: str, tanh: bool, need_dg: bool, need_du: bool,
+def _act_backward(dh2, g2, u2, activation: str, approximate: str, need_dg: bool, need_du: bool,
                   dtype: torch.dtype | None = None):
-    """(dg, du) of h = act(g) * u through the Triton kernel of swiglu.py / geglu.py, in
-    fp32 math, each rounded once to ``dtype`` (g's by default)."""
-    n_rows, n_cols = g2.shape
-    n = n_rows * n_cols
+    """(dg, du) of h = act(g) * u through ``swiglu_backward`` / ``geglu_backward``, in fp32
+    math, each rounded once to ``dtype`` (g's by default)."""
     dtype = dtype or g2.dtype
-    dg = _act_buffer(n_rows, n_cols, dtype, g2.device) if need_dg else None
-    du = _act_buffer(n_rows, n_cols, dtype, g2.device) if need_du else None
-    if n and (need_dg or need_du):
-        block = _block(n)
-        grid = (triton.cdiv(n, block),)
-        contig = _contiguous(n_cols, dh2, g2, u2)
-        args = (dh2, g2, u2, dg if need_dg else dh2, du if need_du else dh2,
-                dh2.stride(0), g2.stride(0), u2.stride(0), n_cols, n)
-        if activation == "swiglu":
-            _swiglu_bwd[grid](*args, COMPUTE_DG=need_dg, COMPUTE_DU=need_du, CONTIG=contig, BLOCK=block)
-        else:
-            _geglu_bwd[grid](*args, TANH=tanh, COMPUTE_DG=need_dg, COMPUTE_DU=need_du, CONTIG=contig, BLOCK=block)
+    dg = _act_buffer(*g2.shape, dtype, g2.device) if need_dg else None
+    du = _act_buffer(*g2.shape, dtype, g2.device) if need_du else None
+    if activation == "swiglu":
+        swiglu_backward(dh2, g2, u2, need_dg, need_du, dg, du)
+    else:
+        geglu_backward(dh2, g2, u2, approximate, need_dg, need_du, dg, du)
     return _unstage(dg, dtype), _unstage(du, dtype)
 
 
@@ -121,8 +106,8 @@ def _dh_block_rows(n_cols: int, dtype: torch.dtype) -> int:
     return forced if forced is not None else max(1, DH_BLOCK_BYTES // (max(1, n_cols) * dtype.itemsize))
 
 
-def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activation, tanh, xs, keep_g, keep_u,
-                                Ag, Bg, xa_g, wg, Au, Bu, xa_u, wu, scaling, inv, lo, x_dtype,
+def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activation, approximate, xs,
+                                keep_g, keep_u, Ag, Bg, xa_g, wg, Au, Bu, xa_u, wu, scaling, inv, lo, x_dtype,
                                 need_x, need_ag, need_bg, need_au, need_bu):
     """(dAg, dBg, dAu, dBu, dx) as the unblocked backward computes them, with dh, d_gate,
     d_up and their LoRA branches' scaled gradients formed ``step`` rows at a time: each
@@ -148,7 +133,7 @@ def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activati
         rows = slice(start, min(n_rows, start + step))
         dh = add_input_grad(None, dy2[rows], wd, dxa_d[rows], Ad, None if keep_d is None else keep_d[rows], inv,
                             g.dtype)
-        grads = _act_backward(dh, g[rows], u[rows], activation, tanh, need_dg, need_du, lo)
+        grads = _act_backward(dh, g[rows], u[rows], activation, approximate, need_dg, need_du, lo)
         del dh
         first = True
         for branch, d_b in zip(branches, grads):
@@ -189,7 +174,8 @@ def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activati
 # --------------------------------------------------------------------------- autograd
 class _LoraMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, scaling, dropout, activation, tanh):
+    def forward(ctx, x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, scaling, dropout, activation,
+                approximate):
         op = "lora_mlp"
         shape, lo = x.shape, Ag.dtype
         d_in, inter, d_out = shape[-1], Bg.shape[0], Bd.shape[0]
@@ -218,7 +204,7 @@ class _LoraMLP(torch.autograd.Function):
         w = L.dense(op, "Wu", Wu, lo, (inter, d_in))
         u, xa_u = lora_forward(xc, xd2, w, Au, Bu, scaling, out_dtype=x.dtype)
         del w, xd2
-        h = _act_forward(g, u, activation, tanh, lo if keep_d2 is None else None)
+        h = _act_forward(g, u, activation, approximate, lo if keep_d2 is None else None)
         hc, hd = layer_inputs(h, keep_d2, inv, lo)
         w = L.dense(op, "Wd", Wd, lo, (d_out, inter))
         y, xa_d = lora_forward(hc, hd, w, Ad, Bd, scaling, out_dtype=x.dtype)
@@ -237,7 +223,7 @@ class _LoraMLP(torch.autograd.Function):
             Au if need_x else None, Bu if (need_au or need_x) else None, xa_u if need_bu else None, wu_s,
             Ad if need_dh else None, Bd if (need_ad or need_dh) else None, xa_d if need_bd else None, wd_s)
         ctx.quantized = (wg_q, wu_q, wd_q)
-        ctx.meta = (shape, inter, d_out, scaling, inv, activation, tanh, x.dtype, lo)
+        ctx.meta = (shape, inter, d_out, scaling, inv, activation, approximate, x.dtype, lo)
         return y.view(*shape[:-1], d_out)
 
     @staticmethod
@@ -245,7 +231,7 @@ class _LoraMLP(torch.autograd.Function):
         op = "lora_mlp"
         (xs, keep_g, keep_u, keep_d, g, u,
          Ag, Bg, xa_g, wg_s, Au, Bu, xa_u, wu_s, Ad, Bd, xa_d, wd_s) = ctx.saved_tensors
-        shape, inter, d_out, scaling, inv, activation, tanh, x_dtype, lo = ctx.meta
+        shape, inter, d_out, scaling, inv, activation, approximate, x_dtype, lo = ctx.meta
         wg_q, wu_q, wd_q = ctx.quantized
         d_in = shape[-1]
         need = ctx.needs_input_grad
@@ -259,7 +245,7 @@ class _LoraMLP(torch.autograd.Function):
         # down projection: its input h = act(g) * u is recomputed, only for dAd.
         hd = None
         if need_ad:
-            h = _act_forward(g, u, activation, tanh, lo if keep_d is None else None)
+            h = _act_forward(g, u, activation, approximate, lo if keep_d is None else None)
             hd = layer_inputs(h, keep_d, inv, lo)[1]  # (no name for the other: it would outlive ``del hd``)
             del h
         dAd, dBd, dxa_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
@@ -272,7 +258,7 @@ class _LoraMLP(torch.autograd.Function):
                 wg = L.dense(op, "Wg", wg_s if wg_s is not None else wg_q, lo, (inter, d_in)) if need_x else None
                 wu = L.dense(op, "Wu", wu_s if wu_s is not None else wu_q, lo, (inter, d_in)) if need_x else None
                 dAg, dBg, dAu, dBu, dx = _gate_up_backward_in_blocks(
-                    step, dy2, w, dxa_d, Ad, keep_d, g, u, activation, tanh, xs, keep_g, keep_u,
+                    step, dy2, w, dxa_d, Ad, keep_d, g, u, activation, approximate, xs, keep_g, keep_u,
                     Ag, Bg, xa_g, wg, Au, Bu, xa_u, wu, scaling, inv, lo, x_dtype,
                     need_x, need_ag, need_bg, need_au, need_bu)
                 return (None if dx is None else dx.view(shape), None, dAg, dBg, None, dAu, dBu, None, dAd, dBd) \
@@ -282,7 +268,7 @@ class _LoraMLP(torch.autograd.Function):
             # The gradients reaching gate's and up's outputs, written in the layer's dtype: in
             # the mixed mode that is autograd's cast of g's and u's fp32 gradients (rounded once
             # from the kernel's fp32 math; the fp32 gradients are never formed).
-            dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)
+            dgate, dup = _act_backward(dh, g, u, activation, approximate, need_dg, need_du, lo)
             del dh
             # gate and up projections (their inputs: x, through each one's own mask).
             dxa_g = dxa_u = None
@@ -331,7 +317,7 @@ def lora_mlp(x: torch.Tensor, Wg, Ag: torch.Tensor, Bg: torch.Tensor, Wu, Au: to
     keep_gu = L.keep_mask(op, "dropout_mask", dropout_mask, dropout, (2, *x.shape), x, generator)
     keep_d = L.keep_mask(op, "dropout_mask_down", dropout_mask_down, dropout, (*x.shape[:-1], inter), x, generator)
     return _LoraMLP.apply(x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, float(scaling), float(dropout),
-                          activation, approximate == "tanh")
+                          activation, approximate)
 
 
 # --------------------------------------------------------------------------- reference

@@ -40,7 +40,7 @@ parameter itself, or the quantized object -- never a dequantised copy). Nothing
 of size [N, out] is kept and xd is recomputed from x and the 1-byte mask.
 
 The Triton kernels are elementwise over a flat index (a 1-D grid of blocks of
-up to 1024 elements, int64 offsets, as swiglu.py); x itself may be row-strided
+up to 1024 elements, int64 offsets, ``_elementwise.py``); x itself may be row-strided
 and is read in place. bf16 results are rounded to nearest even by ``_to``.
 """
 from __future__ import annotations
@@ -51,10 +51,11 @@ import triton.language as tl
 from hypothesis import strategies as st
 
 from . import _common as C
+from . import _elementwise as E
 from . import _lora as L
 from . import _strategies as S
+from ._elementwise import offset
 from ._registry import Example, Inputs, KernelSpec, Limits
-from .swiglu import _block, _contiguous, _offset
 
 
 # --------------------------------------------------------------------------- Triton
@@ -74,7 +75,7 @@ def _to(x, DT: tl.constexpr):
     return y
 
 
-# All four are elementwise over a flat index in blocks (a 1-D grid, as swiglu.py):
+# All four are elementwise over a flat index in blocks (a 1-D grid, ``_elementwise.py``):
 # buffers we allocate are contiguous; only x itself may be row-strided, and
 # _dropout_fwd maps the flat index back to (row, col) for it.
 @triton.jit
@@ -82,7 +83,7 @@ def _dropout_fwd(X, KEEP, Y, x_stride, n_cols, n_elements, scale, CONTIG: tl.con
     # Y = X * keep * scale (PEFT's nn.Dropout on the LoRA branch's input), one rounding.
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    x_off = _offset(idx, n_cols, x_stride, CONTIG)
+    x_off = offset(idx, n_cols, x_stride, CONTIG)
     x = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
     keep = tl.load(KEEP + idx, mask=mask, other=0)
     tl.store(Y + idx, _to(tl.where(keep != 0, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
@@ -106,7 +107,7 @@ def _scale_fwd(DY, DS, dy_stride, n_cols, n_elements, s, CONTIG: tl.constexpr, B
     # DS = DY * s: the gradient reaching lora_B's output (the backward of `* scaling`).
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    dy_off = _offset(idx, n_cols, dy_stride, CONTIG)
+    dy_off = offset(idx, n_cols, dy_stride, CONTIG)
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(DS + idx, _to(dy * s, DS.dtype.element_ty), mask=mask)
 
@@ -126,11 +127,6 @@ def _grad_add(DX, T, KEEP, n_elements, scale, HAS_KEEP: tl.constexpr, BLOCK: tl.
 
 
 # --------------------------------------------------------------------------- launchers
-def _launch_grid(n: int):
-    block = _block(n)
-    return (triton.cdiv(n, block),), block
-
-
 def dropout_apply(h2: torch.Tensor, keep2: torch.Tensor | None, scale: float,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """xd = h * keep * scale as a fresh [rows, cols] tensor (``h2`` itself when no mask),
@@ -142,9 +138,9 @@ def dropout_apply(h2: torch.Tensor, keep2: torch.Tensor | None, scale: float,
     n = n_rows * n_cols
     out = C.empty((n_rows, n_cols), dtype or h2.dtype, h2.device)
     if n:
-        grid, block = _launch_grid(n)
+        grid, block = E.grid(n)
         _dropout_fwd[grid](h2, keep2.view(torch.uint8), out, h2.stride(0), n_cols, n, scale,
-                           CONTIG=_contiguous(n_cols, h2), BLOCK=block)
+                           CONTIG=E.contiguous(n_cols, h2), BLOCK=block)
     return out
 
 
@@ -153,7 +149,7 @@ def grad_add(dx2: torch.Tensor, t2: torch.Tensor, keep2: torch.Tensor | None = N
     (both contiguous buffers we own)."""
     n = dx2.numel()
     if n:
-        grid, block = _launch_grid(n)
+        grid, block = E.grid(n)
         _grad_add[grid](dx2, t2, t2 if keep2 is None else keep2.view(torch.uint8), n, scale,
                         HAS_KEEP=keep2 is not None, BLOCK=block)
 
@@ -199,7 +195,7 @@ def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype |
     torch.mm(xa, B.t(), out=lora)
     result = y if out_dtype in (None, h2.dtype) else C.empty((n, out), out_dtype, h2.device)
     if n * out:
-        grid, block = _launch_grid(n * out)
+        grid, block = E.grid(n * out)
         _lora_add[grid](y, lora, result, n * out, s, BLOCK=block)
     return result, xa
 
@@ -210,8 +206,8 @@ def scaled_grad(dy2, s: float) -> torch.Tensor:
     n, out = dy2.shape
     ds = C.empty((n, out), dy2.dtype, dy2.device)
     if n * out:
-        grid, block = _launch_grid(n * out)
-        _scale_fwd[grid](dy2, ds, dy2.stride(0), out, n * out, s, CONTIG=_contiguous(out, dy2), BLOCK=block)
+        grid, block = E.grid(n * out)
+        _scale_fwd[grid](dy2, ds, dy2.stride(0), out, n * out, s, CONTIG=E.contiguous(out, dy2), BLOCK=block)
     return ds
 
 
