@@ -14,9 +14,9 @@ up, ``dropout_mask_down`` bool [*x.shape[:-1], intermediate] for down's input h.
 The activation and its backward are ``swiglu_forward`` / ``swiglu_backward`` and
 ``geglu_forward`` / ``geglu_backward`` (the launch functions of ``swiglu.py`` /
 ``geglu.py``: fp32 math, one rounding, as HF's ``act_fn(gate) * up``); the
-projections are the cuBLAS building blocks of ``lora_o``. As in Unsloth, h is
-not saved: the backward recomputes it from g and u (one elementwise kernel),
-and only when dAd needs it.
+projections are the building blocks of one LoRA linear (``_lora_ops.py``). As in
+Unsloth, h is not saved: the backward recomputes it from g and u (one elementwise
+kernel), and only when dAd needs it.
 
 Saved for backward: x (if dAg or dAu), the keep-masks (with dropout), g and u
 [N, intermediate] (if anything upstream of the activation needs a gradient, or
@@ -38,10 +38,10 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _lora as L
 from . import _strategies as S
+from ._lora_ops import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
+                        saved_input, scaled_grad)
 from ._registry import Example, Inputs, KernelSpec, Limits
 from .geglu import APPROXIMATE_MODES, geglu_backward, geglu_forward
-from .lora_o import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
-                     saved_input, scaled_grad)
 from .swiglu import swiglu_backward, swiglu_forward
 
 ACTIVATIONS = ("swiglu", "geglu")
