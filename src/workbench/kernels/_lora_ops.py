@@ -222,22 +222,24 @@ def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dx
     return dA, dB, dxa
 
 
-def add_input_grad(dx, dy2, w, dxa, A, keep2, scale: float, dtype: torch.dtype | None = None):
+def add_input_grad(dx, dy2, w, dxa, A, keep2, scale: float, dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None):
     """The input gradient of one LoRA linear, dy2 w + dropout'(dxa A), each term
-    rounded and summed as autograd sums them: into a new buffer (of ``dtype``, the
-    input's: dy2's by default, fp32 in the mixed mode) when ``dx`` is None, else
-    accumulated into ``dx``."""
+    rounded and summed as autograd sums them: accumulated into ``dx``, or when ``dx``
+    is None written to ``out`` (a contiguous buffer of the input's dtype) or to a new
+    buffer of ``dtype`` (the input's: dy2's by default, fp32 in the mixed mode)."""
     n, d_in = dy2.shape[0], w.shape[1]
     t = C.empty((n, d_in), dy2.dtype, dy2.device)
-    if dx is None and dtype in (None, dy2.dtype):
-        dx = C.empty((n, d_in), dy2.dtype, dy2.device)
-        torch.mm(dy2, w, out=dx)
+    if dx is None:
+        dx = C.empty((n, d_in), dtype or dy2.dtype, dy2.device) if out is None else out
+        if dx.dtype == dy2.dtype:
+            torch.mm(dy2, w, out=dx)
+        else:
+            torch.mm(dy2, w, out=t)
+            dx.copy_(t)  # the branch's 16-bit gradient, upcast exactly
     else:
         torch.mm(dy2, w, out=t)
-        if dx is None:
-            dx = t.to(dtype)  # the branch's 16-bit gradient, upcast exactly
-        else:
-            grad_add(dx, t)
+        grad_add(dx, t)
     torch.mm(dxa, A, out=t)
     grad_add(dx, t, keep2, scale)
     return dx
