@@ -11,8 +11,10 @@ first, so that the rule needs no judgement of which products can grow.
 
 Taint follows assignments in statement order (both branches of an ``if``, loop bodies
 twice), ``range`` bounds into the loop variable, arithmetic, ``tl.minimum``/``maximum``/
-``where``, subscripts, and calls of other jit functions of the same file (into their
-parameters, until nothing changes). The GPU profile's dedicated >2^31-element cases
+``where``, subscripts, and calls of other jit functions (into their parameters, until
+nothing changes): of the same file, and of the sibling modules it imports them from
+(``from ._elementwise import offset``, or ``from . import _elementwise as E`` and
+``E.offset(...)``), whose shared helpers several kernels call. The GPU profile's dedicated >2^31-element cases
 (``parity/large.py``) are the dynamic counterpart.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 #: Calls whose result carries the taint of their arguments (index arithmetic).
 _PROPAGATING = {"minimum", "maximum", "where", "multiple_of", "max_contiguous", "abs", "cdiv"}
@@ -57,15 +60,22 @@ def _call_name(node: ast.Call) -> str:
     return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
 
 
-class _Function:
-    """One pass over a jit function with a given set of tainted parameters."""
+#: A jit function: (file, name).
+_Key = tuple[str, str]
 
-    def __init__(self, node: ast.FunctionDef, source: str, file: str, tainted_params: set[str], jit_names: set[str]):
+
+class _Function:
+    """One pass over a jit function with a given set of tainted parameters. ``scope`` maps
+    the callable names of its file (``"_to"``, or ``("E", "offset")`` for a module alias)
+    to the jit functions they are."""
+
+    def __init__(self, node: ast.FunctionDef, source: str, file: str, tainted_params: set[str],
+                 scope: dict[str | tuple[str, str], _Key]):
         self.node, self.source, self.file = node, source, file
         self.tainted = set(tainted_params)
-        self.jit_names = jit_names
+        self.scope = scope
         self.findings: dict[tuple[int, int], Finding] = {}
-        self.calls: list[tuple[str, int | str]] = []  # (callee, positional index or keyword) of tainted arguments
+        self.calls: list[tuple[_Key, int | str]] = []  # (callee, positional index or keyword) of tainted arguments
 
     def run(self) -> None:
         self._block(self.node.body)
@@ -179,33 +189,95 @@ class _Function:
             return bool(args and args[0]) and not (dtype is not None and _is_int64(dtype))
         if name == "range" or name == "static_range":
             return any(args)
-        if name in self.jit_names and isinstance(node.func, ast.Name):
+        callee = self._callee(node.func)
+        if callee is not None:
             for i, t in enumerate(args):
                 if t:
-                    self.calls.append((name, i))
+                    self.calls.append((callee, i))
             for k, t in kwargs.items():
                 if t and k:
-                    self.calls.append((name, k))
+                    self.calls.append((callee, k))
             return any(args) or any(kwargs.values())
         if name in _PROPAGATING:
             return any(args) or any(kwargs.values())
         return False
 
 
-def findings_in_source(source: str, file: str = "<source>") -> list[Finding]:
-    """Every int32 program_id product in the ``@triton.jit`` functions of ``source``."""
-    tree = ast.parse(source)
-    funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and _is_jit(n)}
-    params = {name: [a.arg for a in (*f.args.posonlyargs, *f.args.args)] for name, f in funcs.items()}
-    tainted: dict[str, set[str]] = {name: set() for name in funcs}
-    results: dict[str, list[Finding]] = {}
+    def _callee(self, func) -> _Key | None:
+        if isinstance(func, ast.Name):
+            return self.scope.get(func.id)
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            return self.scope.get((func.value.id, func.attr))
+        return None
+
+
+#: The source of a sibling module by name (``"_elementwise"``), or None when there is none.
+Resolve = Callable[[str], "str | None"]
+
+
+@dataclass
+class _Module:
+    file: str
+    source: str
+    funcs: dict[str, ast.FunctionDef]
+    scope: dict[str | tuple[str, str], _Key]
+
+
+def _modules(source: str, file: str, resolve: Resolve | None) -> dict[str, _Module]:
+    """The file and the sibling modules whose jit functions it calls, transitively, by file."""
+    found: dict[str, _Module] = {}
+    pending = [(file, source)]
+    while pending:
+        file, source = pending.pop()
+        if file in found:
+            continue
+        tree = ast.parse(source)
+        funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and _is_jit(n)}
+        scope: dict[str | tuple[str, str], _Key] = {name: (file, name) for name in funcs}
+        found[file] = _Module(file, source, funcs, scope)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 1 and resolve is not None):
+                continue
+            for alias in node.names:
+                module = node.module or alias.name  # from .m import f / from . import m
+                text = resolve(module)
+                if text is None:
+                    continue
+                other = f"{module}.py"
+                pending.append((other, text))
+                local = alias.asname or alias.name
+                if node.module:
+                    scope.setdefault(local, (other, alias.name))
+                else:
+                    found[file].scope.update({(local, name): (other, name) for name in _jit_names(text)})
+    # an import names a function, which may not be jit: keep only the jit ones
+    for module in found.values():
+        module.scope = {k: v for k, v in module.scope.items() if v[0] in found and v[1] in found[v[0]].funcs}
+    return found
+
+
+def _jit_names(source: str) -> set[str]:
+    return {n.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and _is_jit(n)}
+
+
+def findings_in_source(source: str, file: str = "<source>", resolve: Resolve | None = None) -> list[Finding]:
+    """Every int32 program_id product in the ``@triton.jit`` functions of ``source``, and in
+    the jit functions it calls from the sibling modules ``resolve`` finds when taint flows into
+    them (their own findings are their own file's)."""
+    modules = _modules(source, file, resolve)
+    funcs = {(m.file, name): (node, m) for m in modules.values() for name, node in m.funcs.items()}
+    params = {key: [a.arg for a in (*node.args.posonlyargs, *node.args.args)] for key, (node, _) in funcs.items()}
+    tainted: dict[_Key, set[str]] = {key: set() for key in funcs}
+    results: dict[_Key, list[Finding]] = {}
     changed = True
     while changed:
         changed = False
-        for name, node in funcs.items():
-            fn = _Function(node, source, file, tainted[name], set(funcs))
+        for key, (node, module) in funcs.items():
+            if key[0] != file and not tainted[key]:
+                continue
+            fn = _Function(node, module.source, module.file, tainted[key], module.scope)
             fn.run()
-            results[name] = list(fn.findings.values())
+            results[key] = list(fn.findings.values())
             for callee, where in fn.calls:
                 names = params[callee]
                 param = names[where] if isinstance(where, int) and where < len(names) else where
@@ -215,5 +287,13 @@ def findings_in_source(source: str, file: str = "<source>") -> list[Finding]:
     return sorted((f for fs in results.values() for f in fs), key=lambda f: (f.file, f.line))
 
 
+def siblings(directory: Path) -> Resolve:
+    """Resolve the sibling modules of the files in ``directory``."""
+    def resolve(module: str) -> str | None:
+        path = directory / f"{module}.py"
+        return path.read_text() if path.is_file() else None
+    return resolve
+
+
 def findings_in_file(path: Path) -> list[Finding]:
-    return findings_in_source(path.read_text(), path.name)
+    return findings_in_source(path.read_text(), path.name, siblings(path.parent))

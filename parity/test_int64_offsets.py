@@ -80,3 +80,22 @@ def test_taint_follows_calls_of_other_jit_functions():
            "    p = X + _offset(tl.program_id(0).to(tl.int64), stride)\n")
     found = findings_in_source(_HEAD + src)
     assert [(f.function, f.expr) for f in found] == [("_offset", "i * stride")]
+
+
+def test_taint_follows_calls_into_sibling_modules(tmp_path):
+    # A shared helper in another file (``_elementwise.offset``), called by name or through a module alias.
+    (tmp_path / "_shared.py").write_text(_HEAD + "@triton.jit\ndef offset(i, stride):\n    return i * stride\n")
+    (tmp_path / "by_name.py").write_text(_HEAD + "from ._shared import offset\n\n"
+                                         "@triton.jit\ndef _k(X, stride):\n"
+                                         "    p = X + offset(tl.program_id(0), stride)\n")
+    (tmp_path / "by_alias.py").write_text(_HEAD + "from . import _shared as E\n\n"
+                                          "@triton.jit\ndef _k(X, stride):\n"
+                                          "    p = X + E.offset(tl.program_id(0), stride)\n")
+    (tmp_path / "cast.py").write_text(_HEAD + "from ._shared import offset\n\n"
+                                      "@triton.jit\ndef _k(X, stride):\n"
+                                      "    p = X + offset(tl.program_id(0).to(tl.int64), stride)\n")
+    for name in ("by_name", "by_alias"):
+        found = findings_in_file(tmp_path / f"{name}.py")
+        assert [(f.file, f.function, f.expr) for f in found] == [("_shared.py", "offset", "i * stride")], name
+    assert findings_in_file(tmp_path / "cast.py") == []
+    assert findings_in_file(tmp_path / "_shared.py") == []  # untainted on its own

@@ -12,7 +12,7 @@ import torch
 
 from ._support import profile
 from .mutant_worker import Worker
-from .mutants import Mutant, all_mutants
+from .mutants import Mutant, all_mutants, load
 
 MUTANTS = all_mutants()
 
@@ -49,7 +49,9 @@ def test_there_are_enough_mutants():
 
 
 # A crash of the kernel under test is a kill, and the session goes on after it.
-_LAUNCHER = "def _block(n_elements: int) -> int:\n"
+_LAUNCHER = ("def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) "
+             "-> torch.Tensor:\n")
+_CRASH = "raise RuntimeError('CUDA error: an illegal memory access was encountered')"
 
 
 def _synthetic(name: str, line: str) -> dict:
@@ -57,11 +59,19 @@ def _synthetic(name: str, line: str) -> dict:
     return {**dataclasses.asdict(m), "dtypes": ["float32"]}
 
 
+#: A function of the shared LoRA building blocks that lora_o calls in its forward.
+_SHARED = "def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype | None = None):\n"
+
+
+def _shared(kernel: str, name: str, line: str) -> Mutant:
+    return Mutant(kernel, name, "planted in a shared module", old=_SHARED, new=_SHARED + f"    {line}\n",
+                  module="_lora_ops")
+
+
 @pytest.mark.parametrize(("name", "line", "by"), [
     ("segfault", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "worker process (signal 11)"),
     ("abort", "import os; os.abort()", "worker process (signal 6)"),
-    ("illegal_address", "raise RuntimeError('CUDA error: an illegal memory access was encountered')",
-     "the kernel crashed"),
+    ("illegal_address", _CRASH, "the kernel crashed"),
 ])
 def test_a_crashing_kernel_counts_as_killed_and_the_session_goes_on(name, line, by, worker):
     verdict = worker.judge({"mutant": _synthetic(name, line)})
@@ -70,6 +80,31 @@ def test_a_crashing_kernel_counts_as_killed_and_the_session_goes_on(name, line, 
     # the next judgement runs in a fresh worker, and a correct kernel still passes there
     again = worker.judge({"mutant": _synthetic("harmless", "pass")})
     assert again.outcome == "survived", _fmt(again)
+
+
+def test_a_mutant_of_a_shared_module_reaches_the_kernel_under_test(worker):
+    # The planted crash is in _lora_ops.lora_forward: it kills lora_o only if the kernel copy calls the copy.
+    m = _shared("lora_o", "shared_crash", _CRASH)
+    verdict = worker.judge({"mutant": {**dataclasses.asdict(m), "dtypes": ["float32"]}})
+    assert verdict.outcome == "crashed" and "the kernel crashed" in verdict.by, _fmt(verdict)
+
+
+def test_a_shared_module_is_patched_in_a_copy_only():
+    import workbench.kernels._lora_ops as ops
+    import workbench.kernels.lora_o as lora_o
+
+    real = ops.lora_forward
+    spec = load(_shared("lora_o", "shared_copy", "pass"))
+    fn_globals = spec.fn.__globals__
+    assert fn_globals["lora_forward"] is not real and fn_globals["lora_forward"].__module__.endswith("_lora_ops")
+    assert fn_globals["lora_backward"] is not ops.lora_backward  # every name imported from it, not only the patched
+    assert ops.lora_forward is real and lora_o.lora_forward is real  # the real modules are untouched
+
+
+def test_a_mutant_of_a_module_its_kernel_does_not_import_is_an_error(worker):
+    m = _shared("swiglu", "not_imported", "pass")
+    verdict = worker.judge({"mutant": {**dataclasses.asdict(m), "dtypes": ["float32"]}})
+    assert verdict.outcome == "error" and "does not import" in verdict.detail, _fmt(verdict)
 
 
 def test_a_stale_mutant_is_an_error_not_a_kill(worker):

@@ -6,11 +6,9 @@ protocol, input validation, the dropout-mask plumbing, the PEFT-equivalent
 reference of one LoRA linear, and the strategy / input builders.
 
 The LoRA math itself (the forward and backward building blocks of one LoRA
-linear, and the dropout Triton kernels) lives in ``lora_o.py``, the kernel of a
-single LoRA linear, and ``lora_qkv`` / ``lora_mlp`` import it from there (as
-``geglu`` imports from ``swiglu``). It is kept in a registered file on purpose:
-the mutation self-test patches only the registered kernel file, so math placed
-here could not be reached by a planted bug.
+linear, and their Triton kernels) lives in ``_lora_ops.py``, which the three
+kernels import; planted bugs reach it there (a mutant may name the module it
+patches, ``parity/mutants/__init__.py``).
 
 Semantics (PEFT's ``LoraLayer`` on a frozen ``nn.Linear``)::
 

@@ -10,12 +10,12 @@ With ``dropout`` p > 0 each projection has its own keep-mask, as PEFT's three
 dropout modules draw independently: ``dropout_mask`` is bool [3, *x.shape]
 (q, k, v; True = kept).
 
-Each projection runs the LoRA building blocks of ``lora_o`` (cuBLAS GEMMs, the
-LoRA add as the GEMM epilogue, Triton dropout kernels). x is saved once for the
+Each projection runs the LoRA building blocks of ``_lora_ops.py`` (cuBLAS GEMMs,
+the LoRA add as the GEMM epilogue, Triton dropout kernels). x is saved once for the
 three dA (and only if some A needs its gradient); dx is one buffer accumulated
 over the three projections: dy_q Wq + dy_k Wk + dy_v Wv plus the three LoRA
-terms, each rounded and added by ``lora_o``'s Triton ``_grad_add`` (masked by
-its projection's dropout). Each projection's dequantised W lives only for its
+terms, each rounded and added by the Triton ``_grad_add`` (masked by its
+projection's dropout). Each projection's dequantised W lives only for its
 own GEMM.
 
 Saved for backward: x (if any dA), the [3, ...] keep-mask (with dropout), per
@@ -31,8 +31,8 @@ from . import _common as C
 from . import _lora as L
 from . import _strategies as S
 from ._harness import randn
+from ._lora_ops import add_input_grad, branch_input, dropout_apply, lora_backward, lora_forward, saved_input
 from ._registry import Example, Inputs, KernelSpec, Limits
-from .lora_o import add_input_grad, branch_input, dropout_apply, lora_backward, lora_forward, saved_input
 
 _NAMES = ("q", "k", "v")
 
