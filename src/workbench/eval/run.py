@@ -206,5 +206,4 @@ def _run_eval(run: Path, tasks, model_kinds, include, limit, limits, chat_templa
         "versions": {d: _version(d) for d in ("lm-eval", "llama-cpp-python", "transformers", "peft", "torch")},
         "outputs": manifest.outputs_record(run, [*outputs, eval_dir / "data", eval_dir / "tasks"]),
     })
-    log(f"done in {timings['total_s']:.1f}s; table in {eval_dir / 'comparison.md'}")
     return record

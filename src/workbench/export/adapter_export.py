@@ -162,11 +162,9 @@ def verify_adapter(run: Path, base: Path, path: Path, bases: dict, limits: dict,
     config = json.loads((base / "config.json").read_text())
     wins, window = verify.heldout_windows(tokenizer, config["max_position_embeddings"], heldout)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    log("reference: the adapter on its base in transformers (fp32)")
     ref = hf_logits(_with_adapter(_load_base(base, device), run / "adapter"), wins)
     out = {}
     for kind, base_path in bases.items():
-        log(f"verifying {path.name} on {base_path.name} in llama.cpp against the HF adapter")
         llm = verify.LlamaCpp(base_path, n_ctx=max(len(w) for w in wins), lora_path=path)
         try:
             m = logit_metrics(ref, llm.logits(wins), wins)

@@ -148,7 +148,6 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
     ref = hf_logits(model, wins)
     result, passed = {}, True
     for kind, path in files.items():
-        log(f"verifying {path.name} against the HF merged model")
         checks = verify.verify(path, model, tokenizer, wins, ref, heldout)
         problems = [f"llama.cpp {p}" for p in verify.failures(checks["llama_cpp"], limits[kind])]
         if checks["transformers"]["supported"]:
