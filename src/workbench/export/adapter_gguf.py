@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -196,12 +194,7 @@ def write(adapter: str | Path, base: str | Path, out_path: str | Path, out_type:
     alpha = stored_alpha(cfg, ranks)
     ftype = gguf.LlamaFileType.MOSTLY_F16 if out_type == "f16" else gguf.LlamaFileType.ALL_F32
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
-    try:
+    with gguf_writer.gguf_file(out_path, arch, "workbench export --adapter-gguf") as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(f"{adapter.name} (LoRA adapter of {base.name})")
         writer.add_file_type(ftype)
@@ -210,22 +203,6 @@ def write(adapter: str | Path, base: str | Path, out_path: str | Path, out_type:
         for name, a, b, _ in rows:
             writer.add_tensor(f"{name}.lora_a", _array(a, out_type, f"{name}.lora_a"))
             writer.add_tensor(f"{name}.lora_b", _array(b, out_type, f"{name}.lora_b"))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    except BaseException as err:
-        try:
-            writer.close()
-        except OSError:
-            pass
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise gguf_writer.write_error(err, out_path, "workbench export --adapter-gguf") from None
-        raise
     return {"gguf_arch": writer.arch, "type": out_type, "alpha": alpha, "lora_alpha": cfg.get("lora_alpha"),
             "use_rslora": bool(cfg.get("use_rslora")), "ranks": sorted(ranks), "layers": len(rows),
             "tensors": 2 * len(rows), "targets": sorted({h.split(".")[-2] for _, _, _, h in rows})}

@@ -9,6 +9,7 @@ write (e.g. a full disk) never leaves a finished-looking GGUF.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -109,6 +110,38 @@ def write_error(err: OSError, path: Path, command: str) -> UserError:
                      f"space) and rerun `{command}` (no partial file was kept).")
 
 
+@contextlib.contextmanager
+def gguf_file(out_path: Path, arch, command: str):
+    """A GGUFWriter for ``out_path`` (``arch``: an archs entry): the block adds metadata and
+    tensors; on leaving it the file is written under a temporary name, synced and renamed in,
+    so a failure (a full disk included) leaves no partial file under the final name."""
+    import gguf
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_path)
+    except BaseException as err:
+        try:
+            writer.close()
+        except OSError:
+            pass   # closing flushes, and a full disk refuses that too
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(err, out_path, command) from None
+        raise
+
+
 def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir: str | Path | None = None) -> dict:
     """Write ``merged`` (a HF checkpoint folder) as a GGUF of ``out_type`` (f16/bf16)
     at ``out_path``. Returns facts for the report: arch, pre-tokenizer, tensor count, notes."""
@@ -126,12 +159,7 @@ def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir
     meta = vocab.load(tokenizer_dir or merged, config["vocab_size"])
     ftype = gguf.LlamaFileType.MOSTLY_F16 if out_type == "f16" else gguf.LlamaFileType.MOSTLY_BF16
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
-    try:
+    with gguf_file(out_path, arch, "workbench export") as writer:
         writer.add_name(merged.name)
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -143,22 +171,6 @@ def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir
             array, raw_type = _to_numpy(t, out_type)
             writer.add_tensor(name, array, raw_dtype=raw_type)
             count += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    except BaseException as err:
-        try:
-            writer.close()
-        except OSError:
-            pass   # closing flushes, and a full disk refuses that too
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise write_error(err, out_path, "workbench export") from None
-        raise
     return {"arch": family, "gguf_arch": writer.arch, "pre_tokenizer": meta.pre, "tensors": count,
             "vocab_padded": meta.padded, "add_bos": meta.add_bos, "special_ids": meta.special_ids,
             "notes": notes + meta.notes}
