@@ -23,11 +23,15 @@ _log: IO[str] | None = None
 _NO_BARS = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-def progress(line: str) -> None:
-    """One progress line: to stderr, or to the terminal (and the log) inside quiet()."""
-    print(line, file=_err or sys.stderr, flush=True)
+def progress(line: str, detail: bool = False) -> None:
+    """One progress line: to stderr, or to the terminal (and the log) inside quiet().
+    ``detail``: a stage's inner step, which inside quiet() goes to the log alone (the
+    pipeline's own stage lines already say what runs)."""
     if _log is not None:
         print(line, file=_log, flush=True)
+        if detail:
+            return
+    print(line, file=_err or sys.stderr, flush=True)
 
 
 def say(line: str = "") -> None:

@@ -50,9 +50,10 @@ from workbench.errors import UserError, reason
 _MAIN = True
 
 
-def _log(message: str) -> None:
+def _log(message: str, detail: bool = False) -> None:
+    """``detail``: an inner step that `workbench run` keeps in its log (console.progress)."""
     if _MAIN:
-        console.progress(f"train: {message}")
+        console.progress(f"train: {message}", detail=detail)
 
 
 def _distributed_state():
@@ -485,7 +486,7 @@ def _unsloth_attach(cfg: Config, model):
 
 def apply_kernels(model, options: dict) -> dict:
     report = importlib.import_module("workbench.patch").patch_model(model, **options)
-    _log(str(report).replace("\n", "\n       "))
+    _log(str(report).replace("\n", "\n       "), detail=True)
     return report.to_dict()
 
 
@@ -1009,7 +1010,7 @@ def _train(cfg: Config, run: Path, staging: Path, state, main: bool, tok, family
 
     start = time.perf_counter()
     timings = {}
-    _log("preparing tokenizer, base model and data")
+    _log("preparing tokenizer, base model and data", detail=True)
     if main:
         atomic.write_text(staging / "config.yaml", config_mod.dump(cfg))
     if cfg.builtin_model:
@@ -1078,7 +1079,8 @@ def _train(cfg: Config, run: Path, staging: Path, state, main: bool, tok, family
         calls = importlib.import_module("workbench.patch").kernel_calls()
         kernel_report["calls_in_training"] = {k: n - calls_before.get(k, 0) for k, n in sorted(calls.items())
                                               if n > calls_before.get(k, 0)}
-        _log(f"kernel calls in training: {kernel_report['calls_in_training'] or 'none (every call fell back)'}")
+        _log(f"kernel calls in training: {kernel_report['calls_in_training'] or 'none (every call fell back)'}",
+             detail=True)
     moved = _offload_record(trainer)
     if moved and moved["first_step"]:
         _log(f"offloaded checkpointing: {moved['first_step']['tensors']} layer inputs, "
@@ -1149,7 +1151,7 @@ def _train(cfg: Config, run: Path, staging: Path, state, main: bool, tok, family
         "outputs": manifest.outputs_record(run, [run / p for p in _outputs(cfg)]),
     }
     record = manifest.record_stage(run, "train", record)
-    _log(f"done in {timings['total_s']:.1f}s; adapter in {run / 'adapter'}")
+    _log(f"done in {timings['total_s']:.1f}s; adapter in {run / 'adapter'}", detail=True)
     _wait_for_everyone(state)
     return record
 

@@ -59,7 +59,7 @@ HELDOUT = "workbench.synthetic.heldout_text(): the built-in held-out rows as pla
 
 
 def log(msg: str) -> None:
-    console.progress(f"[export] {msg}")
+    console.progress(f"[export] {msg}", detail=True)
 
 
 def load_thresholds(path: str | Path | None) -> dict:

@@ -35,7 +35,7 @@ _STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def log(msg: str) -> None:
-    console.progress(f"[merge] {msg}")
+    console.progress(f"[merge] {msg}", detail=True)
 
 
 def require_run(run: Path) -> None:

@@ -33,7 +33,7 @@ CHOICES = ("f16", "bf16", "q8_0", "q4_k_m")
 
 
 def log(msg: str) -> None:
-    console.progress(f"[export] {msg}")
+    console.progress(f"[export] {msg}", detail=True)
 
 
 def parse_quants(text: str) -> list[str]:
