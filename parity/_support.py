@@ -6,7 +6,8 @@ import os
 import time
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from workbench.kernels import PROFILE_LIMITS, KernelSpec
 from workbench.kernels import _strategies as S
@@ -26,20 +27,34 @@ def repro_command(spec: KernelSpec, dtype: torch.dtype, params: dict, seed: int)
             f"--params '{json.dumps(params, sort_keys=True)}'")
 
 
+def case_params(spec: KernelSpec, limits) -> st.SearchStrategy[dict]:
+    """The kernel's own params plus, for a differentiable kernel, the harness's upstream
+    gradient draws (layout and scale, ``S.upstream``): every kernel gets them alike."""
+    params = spec.params(limits)
+    if not spec.differentiable:
+        return params
+    return st.tuples(params, S.upstream()).map(lambda pair: {**pair[0], **pair[1]})
+
+
 def check_property(spec: KernelSpec, dtype: torch.dtype, **settings_overrides) -> None:
     """Run the parity property of ``spec`` in ``dtype`` under the active profile.
     Raises AssertionError (via hypothesis) on the first counterexample."""
     limits = PROFILE_LIMITS[profile()]
     count = {"examples": 0}
 
-    @settings(**settings_overrides)
-    @given(params=spec.params(limits), seed=S.seed())
     def prop(params, seed):
         count["examples"] += 1
         report = run_case(spec, params, dtype, seed)
         if not report.ok:
             raise AssertionError(report.describe() + "\nreproduce with:\n  "
                                  + repro_command(spec, dtype, params, seed))
+
+    prop = given(params=case_params(spec, limits), seed=S.seed())(prop)
+    # The spec's targeted cases run first, in every profile (explicit examples count
+    # towards no budget and are never skipped: see KernelSpec.examples).
+    for ex in reversed(spec.examples_for(dtype)):
+        prop = example(params=ex.params, seed=ex.seed)(prop)
+    prop = settings(**settings_overrides)(prop)
 
     start, ok = time.perf_counter(), False
     try:

@@ -1,41 +1,14 @@
-"""Parity suite set-up. Runs before anything imports triton.
-
-Without CUDA, Triton's CPU interpreter is switched on here (it must be set before
-triton is first imported). The hypothesis profile comes from PARITY_PROFILE:
-``ci`` (CPU interpreter, small shapes), ``gpu`` (real shapes) or ``nightly``.
-"""
-import os
-
+"""Parity suite set-up. Runs before anything imports triton: the interpreter switch and
+the hypothesis profiles live in ``_profiles.py`` (shared with the mutation worker)."""
 import torch
+from hypothesis import settings
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
-
-_COMMON = dict(
-    deadline=None,
-    print_blob=True,
-    # Inputs are built from a drawn seed, so hypothesis' data-size checks do not apply.
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
-# ci: a fixed (derandomized) sequence keeps CI reproducible; the budget keeps the
-# whole suite within a few minutes on 2 cores under the interpreter.
-settings.register_profile("ci", max_examples=int(os.environ.get("PARITY_EXAMPLES", 20)), derandomize=True,
-                          database=None, **_COMMON)
-settings.register_profile("gpu", max_examples=int(os.environ.get("PARITY_EXAMPLES", 60)), **_COMMON)
-settings.register_profile("nightly", max_examples=int(os.environ.get("PARITY_EXAMPLES", 500)), **_COMMON)
-
-PROFILE = os.environ.get("PARITY_PROFILE") or ("gpu" if torch.cuda.is_available() else "ci")
-if PROFILE not in ("ci", "gpu", "nightly"):
-    raise RuntimeError(f"PARITY_PROFILE must be ci, gpu or nightly, not {PROFILE!r}")
-settings.load_profile(PROFILE)
-
-#: Phases used where a failure is expected (mutation self-test): no shrinking.
-NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
+from ._profiles import NO_SHRINK, PROFILE  # noqa: F401  (NO_SHRINK: imported from here by tests)
 
 
 def pytest_report_header(config):
+    import os
+
     interp = os.environ.get("TRITON_INTERPRET", "0")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return [f"parity profile: {PROFILE} (max_examples={settings.default.max_examples}); "

@@ -1,11 +1,12 @@
 """lora_mlp's backward in row blocks (long sequences), for each gradient asked for alone.
 
-The property suite draws forced row blocks (``_rows``) among its other options, but which
-gradients are asked for is drawn too, and a combination can go undrawn for a long time:
-the GPU profile found that dBu asked for without dAu or dX (up's B is then not saved)
-crashed the blocked path, where the CPU budget never drew it. Here every gradient is
-asked for alone, and all together, in every dtype, against the same reference and
-tolerances as the property."""
+The backward past down's weights is one loop over row blocks: one block at training
+shapes, several at long context. The property suite draws forced row blocks (``_rows``)
+among its other options, but which gradients are asked for is drawn too, and a
+combination can go undrawn for a long time: the GPU profile found that dBu asked for
+without dAu or dX (up's B is then not saved) crashed the blocked backward, where the CPU
+budget never drew it. Here every gradient is asked for alone, and all together, in every
+dtype, over several blocks, against the same reference and tolerances as the property."""
 import pytest
 import torch
 
@@ -19,11 +20,11 @@ ALONE = [("x",)] + [(a,) for a in ADAPTERS]
 CASES = ALONE + [("x", *ADAPTERS), ("Ag", "Bg", "Bu", "Ad", "Bd")]  # the last: the GPU's counterexample
 
 
-def _params(grads: tuple[str, ...], dropout: float) -> dict:
+def _params(grads: tuple[str, ...], dropout: float, rows: int | None = 3) -> dict:
     return {"batch": 2, "tokens": 5, "d_in": 6, "inter": 7, "d_out": 5, "r": 2, "alpha": 4.0, "rslora": False,
             "scaling": 2.0, "dropout": dropout, "activation": "swiglu", "approximate": "none", "scale": 1.0,
             "b_scale": 1.0, "x_fp32": False, "strided": False, "grad_x": "x" in grads,
-            "grad_adapters": [a in grads for a in ADAPTERS], "_block": None, "_rows": 3}
+            "grad_adapters": [a in grads for a in ADAPTERS], "_block": None, "_rows": rows}
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -35,8 +36,12 @@ def test_each_gradient_of_the_blocked_backward(grads, dtype):
         assert any(c.name.startswith("grad:") for c in report.comparisons)
 
 
-def test_the_blocked_path_is_taken(monkeypatch):
-    """Ten rows in blocks of three: four blocks (not one whole block)."""
+@pytest.mark.parametrize(("rows", "blocks"), [(3, [3, 3, 3, 1]), (None, [10])],
+                         ids=["blocks_of_3", "training_shape"])
+def test_the_blocks_taken(monkeypatch, rows, blocks):
+    """Ten rows in blocks of three: four blocks; without a forced row block (the training
+    shapes' case): one block of every row. Each in the case's run and again in its run
+    without the adapters (the delta comparisons')."""
     from workbench.kernels import lora_mlp
 
     calls = []
@@ -46,5 +51,5 @@ def test_the_blocked_path_is_taken(monkeypatch):
         calls.append(g.shape[0])
         return real(dh, g, *args, **kwargs)
     monkeypatch.setattr(lora_mlp, "_act_backward", counted)
-    report = run_case(SPEC, _params(("x", *ADAPTERS), 0.0), torch.float32, seed=1)
-    assert report.ok and calls == [3, 3, 3, 1]
+    report = run_case(SPEC, _params(("x", *ADAPTERS), 0.0, rows), torch.float32, seed=1)
+    assert report.ok and calls == blocks * 2

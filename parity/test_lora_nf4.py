@@ -12,7 +12,7 @@ from workbench.kernels import PROFILE_LIMITS
 from workbench.kernels import _common
 from workbench.kernels import _strategies as S
 from workbench.kernels import nf4
-from workbench.kernels._harness import BLOCK_KEY, _forward_backward, _leaves, default_device
+from workbench.kernels._harness import BLOCK_KEY, _forward_backward, _leaves, default_device, upstream_layout
 from workbench.kernels._tolerance import compare
 from workbench.kernels.lora_o import SPEC
 
@@ -29,17 +29,19 @@ def _run(params: dict, dtype: torch.dtype, seed: int) -> list:
     quantized = nf4.NF4Weight.quantize(inputs.tensors["W"])
     tensors = {**inputs.tensors, "W": quantized.dequantize()}
     names = tuple(inputs.requires_grad)
-    up = torch.randn((*tensors["x"].shape[:-1], params["d_out"]), generator=gen, dtype=torch.float32).to(device)
+    # A dense upstream at scale 1: layouts and scales are the registered property's business.
+    up = [upstream_layout((*tensors["x"].shape[:-1], params["d_out"]), "dense", gen)]
 
     base = _leaves(tensors, names, None)
-    base_out = _forward_backward(SPEC.reference, base, inputs.options, [up.to(dtype)], compute_dtype=torch.float32)
+    base_out = _forward_backward(SPEC.reference, base, inputs.options, up, 1.0, dtype, device,
+                                 compute_dtype=torch.float32)
     exact = _leaves(tensors, names, torch.float64)
-    exact_out = _forward_backward(SPEC.reference, exact, inputs.options, [up.to(dtype).double()],
+    exact_out = _forward_backward(SPEC.reference, exact, inputs.options, up, 1.0, dtype, device,
                                   compute_dtype=torch.float64)
     kern = _leaves(tensors, names, None)
     kern["W"] = quantized
     with _common.poisoned_outputs(), _common.forced_block(block):
-        kern_out = _forward_backward(SPEC.fn, kern, inputs.options, [up.to(dtype)])
+        kern_out = _forward_backward(SPEC.fn, kern, inputs.options, up, 1.0, dtype, device)
 
     results = [compare("out:y", kern_out[0], base_out[0], exact_out[0], dtype)]
     results += [compare(f"grad:{n}", kern[n].grad, base[n].grad, exact[n].grad, dtype) for n in names]

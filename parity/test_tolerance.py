@@ -1,4 +1,5 @@
 """The yardstick itself: compare() accepts what correct rounding allows and nothing else."""
+import pytest
 import torch
 
 from workbench.kernels._tolerance import compare
@@ -88,3 +89,65 @@ def test_a_well_conditioned_output_gains_nothing_from_its_conditioning():
     with_cond = compare("g", off, exact.float(), exact, torch.float32, perturbed=perturbed)
     assert not without.ok and not with_cond.ok
     assert with_cond.bound - without.bound < 2 * 2.0**-24 * 4
+
+
+def _pytorch_orders(a32: torch.Tensor, b32: torch.Tensor) -> list[torch.Tensor]:
+    """PyTorch's own fp32 results of sum(a * b), in equally valid orders of summation."""
+    prod = a32 * b32
+    blocked = torch.stack([c.sum() for c in prod.split(16)]).sum()  # a blocked kernel's order
+    return [prod.sum(), torch.dot(a32, b32), (a32[None] @ b32[:, None])[0, 0], torch.cumsum(prod, 0)[-1], blocked]
+
+
+SEEDS = range(12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_conditioning_cannot_swallow_an_error_4x_past_pytorchs_own(seed):
+    """On a cancelling output (a sum of 127 terms ~1 down to ~1e-3), the conditioning term is
+    what lets a correct fp32 kernel pass where the baseline landed close by luck. It must not
+    let a bug through: a kernel 4x (and a little) past PyTorch's own error fails. PyTorch's
+    own error there is the larger of its realised error and the conditioning (the doctrine's
+    measure), and that measure is honest: the conditioning never exceeds the worst of
+    PyTorch's own equally valid fp32 summation orders by more than 4x. So the room it gives
+    is room PyTorch's arithmetic itself needs, and an error past 4x of it fails."""
+    from workbench.kernels._harness import _perturbed
+
+    a, b = _cancelling_sum(seed=seed)
+    a32, b32 = a.float(), b.float()
+    exact = (a32.double() * b32.double()).sum().reshape(1)
+    baseline = (a32 * b32).sum().reshape(1)                     # PyTorch's own result
+    moved = _perturbed({"a": a32, "b": b32}, seed)              # the harness's conditioning pass
+    perturbed = (moved["a"] * moved["b"]).sum().reshape(1)
+    b_err, c_err = (abs(t.double().item() - exact.item()) for t in (baseline, perturbed))
+    worst_order = max(abs(t.double().item() - exact.item()) for t in _pytorch_orders(a32, b32))
+    assert c_err <= 4 * worst_order, (c_err, worst_order)
+    own = max(b_err, c_err)
+    sign = 1.0 if seed % 2 else -1.0
+
+    def judged(err: float):
+        kernel = (exact + sign * err).float()
+        return compare("dA", kernel, baseline, exact, torch.float32, perturbed=perturbed)
+
+    assert not judged(4.2 * own).ok, judged(4.2 * own).line()
+    assert judged(3.8 * own).ok, judged(3.8 * own).line()  # the bound sits at 4x: no slack hides behind it
+    # A real bug of the kind that hides in a cancelling sum: one product rounded through bf16.
+    buggy = (a32 * b32).double()
+    buggy[seed] = (a32[seed] * b32[seed]).bfloat16().double()
+    result = compare("dA", buggy.sum().reshape(1).float(), baseline, exact, torch.float32, perturbed=perturbed)
+    assert not result.ok, result.line()
+
+
+def test_the_conditioning_is_active_on_cancelling_sums():
+    """The test above means something only where the conditioning sets the bound (it exceeds
+    the baseline's error): on some of its seeds it does."""
+    from workbench.kernels._harness import _perturbed
+
+    active = 0
+    for seed in SEEDS:
+        a, b = _cancelling_sum(seed=seed)
+        a32, b32 = a.float(), b.float()
+        exact = (a32.double() * b32.double()).sum().item()
+        moved = _perturbed({"a": a32, "b": b32}, seed)
+        c_err = abs((moved["a"] * moved["b"]).sum().item() - exact)
+        active += c_err > abs((a32 * b32).sum().double().item() - exact)
+    assert active >= 3, active

@@ -40,9 +40,11 @@ def test_kernels_json_lists_memory_kernels(capsys):
         assert by_name[name]["grads"], name
     assert "hidden" in by_name["fused_linear_cross_entropy"]["grads"]
     assert by_name["nf4_dequant"]["grads"] == []  # frozen weights: nothing to differentiate
-    # The LoRA kernels also compare the change their adapters make (the harness's delta: comparisons).
+    # The LoRA kernels also compare the change their adapters make to every output and gradient
+    # (the harness's delta: comparisons).
     for name in ("lora_o", "lora_qkv", "lora_mlp"):
-        assert by_name[name]["deltas"] == by_name[name]["outputs"], name
+        r = by_name[name]
+        assert r["deltas"] == [*r["outputs"], *(f"grad:{g}" for g in r["grads"])], name
     assert by_name["rms_norm"]["deltas"] == []
 
 

@@ -228,4 +228,5 @@ def test_a_hard_kill_leftover_is_cleaned_by_the_next_export(tmp_path):
     (run / "export").mkdir()
     (run / "export" / ".model-q8_0.gguf.partial").write_bytes(b"GGUF half written")
     run_export(run, ["f16"], heldout=heldout())
-    assert sorted(p.name for p in (run / "export").iterdir()) == ["export_report.json", "model-f16.gguf"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["export_report.json", "model-f16.Modelfile",
+                                                                  "model-f16.gguf"]

@@ -225,6 +225,40 @@ def test_autocast_with_fp32_adapter_matches_unpatched():
     assert not bad, "\n".join(bad)
 
 
+def test_adapter_as_autocast_outside_autocast_matches_hf_under_autocast():
+    """The same bf16 base and fp32 adapter: outside autocast PEFT computes the adapter in fp32
+    and the LoRA kernels stay out by default; with ``adapter_as_autocast`` they run there, and
+    the model computes what the unpatched model computes under bf16 autocast (the Trainer's
+    bf16=True), judged at bf16's roundoff as the autocast test above."""
+    torch.manual_seed(5)
+    base = transformers.LlamaForCausalLM(tiny_config("llama", vocab_size=VOCAB, initializer_range=INIT_STD))
+    model = peft.get_peft_model(base.to(DEVICE, torch.bfloat16), _lora_config())
+    _randomise_b(model, 6)
+    inputs, labels = make_batch(4)
+    with fp64_softmax():
+        exact = run(copy.deepcopy(model).double(), inputs, labels)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        baseline = run(model, inputs, labels)
+    before = kernel_calls()
+    patch_model(model)                       # default: PEFT's fp32 adapter path stays PEFT's
+    try:
+        run(model, inputs, labels)
+    finally:
+        unpatch_model(model)
+    assert not {"lora_qkv", "lora_o", "lora_mlp"} & ran_since(before).keys()
+    before = kernel_calls()
+    patch_model(model, adapter_as_autocast=True)
+    try:
+        kernel = run(model, inputs, labels)
+    finally:
+        unpatch_model(model)
+    assert {"lora_qkv", "lora_o", "lora_mlp"} <= ran_since(before).keys()
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert all(g.dtype == torch.float32 for g in kernel["grads"].values())
+    bad = judge("adapter_as_autocast llama", kernel, baseline, exact, torch.bfloat16)
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.parametrize("loss_kwargs", [
     {"num_items_in_batch": "tensor"},   # gradient accumulation: sum / N over the whole batch
     {"ignore_index": 7},                # a non-default ignore index (token 7 and -100 differ)

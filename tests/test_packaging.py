@@ -57,7 +57,10 @@ def test_no_folder_of_ours_answers_for_kernels_or_eval_from_any_repo_folder():
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout)
     assert len(found) == 2 * len(dirs) and str(ROOT / "tests") in dirs and str(ROOT / "parity") in dirs
-    ours = {k: v for k, v in found.items() if v and Path(v).resolve().is_relative_to(ROOT) and ".venv" not in Path(v).parts}
+    # An installed distribution may live in a virtual environment inside the checkout
+    # (.venv, .venv-latest): site-packages is not ours.
+    ours = {k: v for k, v in found.items()
+            if v and Path(v).resolve().is_relative_to(ROOT) and "site-packages" not in Path(v).parts}
     assert not ours, ours
     assert all(v is None for k, v in found.items() if k.endswith(":eval")), found
 

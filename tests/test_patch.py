@@ -355,8 +355,12 @@ def test_bad_options_are_user_errors():
 
 def test_kernels_config_switch():
     assert options_from_config(None) is None and options_from_config(False) is None
-    assert options_from_config(True) == dict.fromkeys(OPTIONS, True)
-    assert options_from_config({"loss": False}) == {**dict.fromkeys(OPTIONS, True), "loss": False}
+    every = {**dict.fromkeys(OPTIONS, True), "adapter_as_autocast": False}   # numerics as PEFT's unless asked
+    assert options_from_config(True) == every
+    assert options_from_config({"loss": False}) == {**every, "loss": False}
+    assert options_from_config({"adapter_as_autocast": True}) == {**every, "adapter_as_autocast": True}
+    with pytest.raises(UserError, match="adapter_as_autocast must be true or false"):
+        options_from_config({"adapter_as_autocast": "bf16"})
     with pytest.raises(UserError, match="unknown switch"):
         options_from_config({"flash": True})
     with pytest.raises(UserError, match="must be true or false"):

@@ -52,6 +52,9 @@ def test_run_completes_then_skips_forces_resumes_and_retrains_on_a_changed_confi
     assert rec["train"]["steps"] == 3 and len((run / "train" / "loss.jsonl").read_text().splitlines()) == 3
     assert sorted(rec["export"]["files"]) == ["f16", "q4_k_m", "q8_0"]   # f16: the lossless reference
     assert all(f["passed"] for f in rec["export"]["files"].values())
+    # ... and the adapter as a GGUF LoRA adapter on the base's GGUFs, verified in llama.cpp, with Modelfiles.
+    assert rec["export"]["adapter"]["passed"] and set(rec["export"]["adapter"]["bases"]) == {"f16", "q8_0"}
+    assert sorted(rec["export"]["modelfiles"]) == ["adapter", "f16", "q4_k_m", "q8_0"]
     assert rec["eval"]["models"] == ["base", "adapter", "merged", "f16", "q8_0", "q4_k_m"] and rec["eval"]["limit"] == 4
     assert rec["report"]["missing"] == [] and set(rec["report"]["input_hashes"]) == {"train", "merge", "export", "eval"}
     for name in ("report.md", "report.json", "loss.png", "verification.png", "eval.png"):

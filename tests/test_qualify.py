@@ -60,7 +60,7 @@ def statuses(verdict):
     return {g["name"]: g["status"] for g in verdict["gates"]}
 
 
-GOOD = {"parity": "N/A", "merge": "PASS", "gguf": "PASS", "eval": "PASS", "tokenizer": "PASS", "hashes": "PASS",
+GOOD = {"parity": "N/A", "merge": "PASS", "gguf": "PASS", "adapter_gguf": "PASS", "eval": "PASS", "tokenizer": "PASS", "hashes": "PASS",
         "performance": "N/A"}
 
 
@@ -70,9 +70,11 @@ def test_a_qualified_run_passes_every_gate_and_writes_its_verdict(copy, capsys):
     stages_before = manifest.read(run)["stages"]
     assert main(["qualify", "--run", str(run)]) == 0
     out, err = capsys.readouterr()
+    lines = out.splitlines()
     for name in qualify.TITLES:
-        assert f"| {name} |" in out                           # the final table
+        assert any(line.startswith(f"{name} ") for line in lines), name   # the final table, plain text
         assert f"] {name}: " in err                            # progress per gate
+    assert "\\|" not in out and "…" not in out               # no Markdown escapes, nothing cut off
     assert "verdict: PASS" in out
 
     verdict = json.loads((run / "qualify" / "verdict.json").read_text())
@@ -89,6 +91,14 @@ def test_a_qualified_run_passes_every_gate_and_writes_its_verdict(copy, capsys):
         assert c["measured"]["now kl_mean"] <= c["threshold"]["kl_mean"]
         assert c["measured"]["export kl_mean"] <= c["threshold"]["kl_mean"]
     assert gates["gguf"]["checks"][0]["measured"]["now kl_mean"] < 1e-5      # f16
+    # Recomputed on the export stage's own tokens, so it measures what the export measured.
+    for c in gates["gguf"]["checks"] + gates["adapter_gguf"]["checks"]:
+        assert c["measured"]["now kl_mean"] == pytest.approx(c["measured"]["export kl_mean"], rel=1e-6)
+    assert "export stage's 512 held-out tokens" in gates["gguf"]["message"]
+    # The adapter GGUF that `workbench run` ships, applied by llama.cpp to the f16 and q8_0 base.
+    assert [c["item"] for c in gates["adapter_gguf"]["checks"]] == [
+        "export/adapter-f16.gguf on export/base-f16.gguf", "export/adapter-f16.gguf on export/base-q8_0.gguf"]
+    assert gates["adapter_gguf"]["checks"][0]["measured"]["now kl_mean"] < 1e-5
     # Eval: every shipped model's changes against the adapter.
     assert [c["item"] for c in gates["eval"]["checks"]] == ["merged", *QUANTS]
     assert all(abs(c["measured"]["wb_synthetic_mc acc Δ"]) <= c["threshold"]["score"] for c in gates["eval"]["checks"])
@@ -171,6 +181,31 @@ def test_a_swapped_adapter_fails_the_merge_and_hash_gates(copy):
         f"{c['item']}: {p}" for c in gates["hashes"]["checks"] for p in c["problems"])
     assert gates["eval"]["status"] == "FAIL" and "adapter model changed" in gates["eval"]["message"]
     assert gates["gguf"]["status"] == gates["tokenizer"]["status"] == "PASS"
+    # The adapter GGUF was made from the original adapter: llama.cpp applying it no longer matches.
+    assert gates["adapter_gguf"]["status"] == "FAIL" and "recomputed: kl_mean" in gates["adapter_gguf"]["message"]
+
+
+def test_a_missing_or_corrupted_adapter_gguf_fails_its_gate(copy, monkeypatch):
+    from workbench.export import adapter_gguf
+
+    run = copy()
+    rec = manifest.stage(run, "export")
+    _edit_record(run, "export", adapter=None)
+    gate = qualify.gate_adapter_gguf(qualify.Context(run, qualify.load_gates(None), None, None))
+    assert gate["status"] == "FAIL" and "wrote no adapter GGUF" in gate["message"]
+    assert "`workbench export --run DIR --adapter-gguf`" in gate["message"]
+
+    _edit_record(run, "export", adapter=rec["adapter"])
+    original = adapter_gguf.tensors
+    monkeypatch.setattr(adapter_gguf, "tensors", lambda *a: [(n, x, 10 * y, h) for n, x, y, h in original(*a)])
+    adapter_gguf.write(run / "adapter", run / "base", run / "export" / "adapter-f16.gguf")   # B x 10
+    verdict = qualify.run_qualify(run)
+    gate = by_name(verdict)["adapter_gguf"]
+    assert gate["status"] == "FAIL"
+    for check in gate["checks"]:
+        assert check["measured"]["note"] == "sha256 differs from the export record"
+        assert check["measured"]["now kl_mean"] > 100 * check["threshold"]["kl_mean"]
+    assert "export/adapter-f16.gguf changed since the export stage wrote it" in by_name(verdict)["hashes"]["message"]
 
 
 def test_a_wrong_tokenizer_fails_the_tokenizer_gate(copy):
@@ -195,7 +230,8 @@ def test_a_deleted_file_is_named_by_the_hash_gate(copy, capsys):
     (run / "merge" / "merged" / "tokenizer_config.json").unlink()
     assert main(["qualify", "--run", str(run)]) == 1
     out = capsys.readouterr().out
-    assert "| hashes | FAIL |" in out and "verdict: FAIL (failed: eval, hashes)" in out
+    assert any(line.startswith("hashes ") and "FAIL" in line for line in out.splitlines())
+    assert "verdict: FAIL (failed: eval, hashes)" in out
     verdict = json.loads((run / "qualify" / "verdict.json").read_text())
     hashes = by_name(verdict)["hashes"]
     assert "merge: merge/merged/tokenizer_config.json is missing" in hashes["message"]
@@ -232,6 +268,8 @@ def test_missing_stages_fail_their_gates_with_the_command_that_makes_them(copy, 
     gates = by_name(json.loads((run / "qualify" / "verdict.json").read_text()))
     for name in ("gguf", "tokenizer"):
         assert gates[name]["status"] == "FAIL" and "run `workbench export --run DIR`" in gates[name]["message"]
+    assert gates["adapter_gguf"]["status"] == "FAIL"
+    assert "run `workbench export --run DIR --adapter-gguf`" in gates["adapter_gguf"]["message"]
     assert gates["eval"]["status"] == "FAIL" and "run `workbench eval --run DIR`" in gates["eval"]["message"]
     assert gates["merge"]["status"] == gates["hashes"]["status"] == "PASS"
 
@@ -439,6 +477,7 @@ def test_a_brought_merged_model_has_no_training_and_no_adapter_to_check(built, t
     assert gates["merge"]["status"] == "FAIL" and gates["merge"]["message"] == brought + "."
     assert gates["eval"]["status"] == "FAIL" and gates["eval"]["checks"][0]["problems"] == [brought]
     assert all("workbench train" not in g["message"] for g in verdict["gates"])
+    assert gates["adapter_gguf"]["status"] == "N/A" and "has no adapter" in gates["adapter_gguf"]["message"]
 
 
 # --------------------------------------------------------------------------- gates one by one
@@ -474,7 +513,12 @@ def test_parity_gate_runs_exactly_the_kernels_the_run_used_and_reads_a_report(co
     result = qualify.gate_parity(ctx)                      # rms_norm only: rope swapped nothing
     assert result["status"] == "PASS", result
     (check,) = result["checks"]
-    assert check["item"] == "rms_norm" and check["measured"] == {"tests": 3, "examples": 6, "failed": 0}
+    # 2 drawn examples per dtype, and the kernel's targeted ones (registry Example) on top.
+    from workbench import kernels as registered
+
+    spec = registered.get("rms_norm")
+    targeted = sum(len(e.dtypes or spec.dtypes) for e in spec.examples)
+    assert check["item"] == "rms_norm" and check["measured"] == {"tests": 3, "examples": 6 + targeted, "failed": 0}
     (report,) = (run / "qualify" / "parity").glob("*.json")
 
     def from_report(doc):
@@ -498,6 +542,9 @@ def test_gate_thresholds_come_from_the_gates_file(built, tmp_path, capsys):
     defaults = qualify.load_gates(None)
     # The shipped GGUF and eval limits are the export and eval stages' own defaults.
     assert defaults["gguf"]["thresholds"] == DEFAULT_THRESHOLDS
+    from workbench.export.adapter_export import DEFAULT_THRESHOLDS as ADAPTER_THRESHOLDS
+
+    assert defaults["adapter_gguf"]["thresholds"] == ADAPTER_THRESHOLDS
     assert defaults["eval"]["tolerances"] == DEFAULT_TOLERANCES
 
     strict = tmp_path / "strict.yaml"

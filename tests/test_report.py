@@ -58,7 +58,7 @@ def _rest(run):
     manifest.record_stage(run, "eval", {
         "environment": ENV, "versions": {"lm-eval": "0.4.13"}, "models": list(metrics),
         "tasks": ["wb_synthetic_mc", "wb_heldout_ppl"], "limit": None, "metrics": metrics,
-        "data": {"documents": {"wb_synthetic_mc": 156}}, "skipped": {"q8_0": "no q8_0 GGUF yet"},
+        "data": {"documents": {"wb_synthetic_mc": 156}}, "skipped": {"q8_0": "no q8_0 GGUF yet", "merged": "no merged model yet"},
         "flags": [{"model": "q4_k_m", "metric": "wb_synthetic_mc acc", "change": -0.1, "tolerance": 0.05}]})
 
 
@@ -92,7 +92,8 @@ def test_full_report_has_every_section_its_numbers_and_readable_plots(tmp_path, 
     # Evaluation: the table, the flags, and q4_k_m against the lossless f16.
     assert "| q4_k_m | 22 | 0.8 | synthetic_mc acc -0.1 beyond ±0.05 |" in md
     assert "Change of each quantized GGUF against the lossless f16 GGUF" in md
-    assert "Not evaluated: q8_0 (no q8_0 GGUF yet)." in md
+    # A GGUF type the export was not asked for is no news; a model that is missing is.
+    assert "Not evaluated: merged (no merged model yet)." in md and "no q8_0 GGUF" not in md
     data = json.loads((run / "report" / "report.json").read_text())
     assert data["missing"] == [] and data["stages"]["export"] == "failed_verification"
     vs = data["sections"]["eval"]["change_vs_f16"]["q4_k_m"]

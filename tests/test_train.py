@@ -309,7 +309,8 @@ def test_kernels_auto_means_on_with_cuda_and_off_without(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     from workbench import patch
 
-    assert models.kernels_enabled(config.load(None)) == dict.fromkeys(patch.OPTIONS, True)
+    assert models.kernels_enabled(config.load(None)) == {**dict.fromkeys(patch.OPTIONS, True),
+                                                          patch.ADAPTER_AS_AUTOCAST: False}
     assert models.kernels_enabled(config.load(None, ["kernels=false"])) is None
     assert models.kernels_enabled(config.load(None, ["kernels={rope: false}"]))["rope"] is False
 

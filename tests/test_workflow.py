@@ -1,8 +1,11 @@
 """The nightly GPU workflow runs on a self-hosted runner that CI never reaches: its commands
 are checked here against the CLI they call, so a renamed flag, a stack or shape that no
-longer exists, or a missing script fails on every change instead of on the next night."""
+longer exists, or a missing script fails on every change instead of on the next night.
+The job's body is scripts/nightly.sh: its commands (nightly and ``--short``) come from its
+``--dry-run``, and any workbench command left in the workflow itself is checked as well."""
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from workbench.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "nightly-gpu.yml"
+NIGHTLY = ROOT / "scripts" / "nightly.sh"
 
 
 def _steps(job: str) -> list[dict]:
@@ -26,22 +30,49 @@ def _shell(text: str) -> str:
     return re.sub(r"\$\{\{[^}]*\}\}", "X", text)
 
 
-def _workbench_commands() -> list[list[str]]:
+def _words(line: str) -> list[str] | None:
+    line = line.split(" || ")[0].strip()
+    if "-m workbench " not in line:
+        return None
+    words = shlex.split(line)
+    return words[words.index("workbench") + 1:]
+
+
+def _workflow_commands() -> list[list[str]]:
     commands = []
     for step in _steps("gpu"):
         for line in _shell(step.get("run", "")).splitlines():
-            line = line.split(" || ")[0].strip()
-            if "-m workbench " not in line:
-                continue
-            words = shlex.split(line)
-            commands.append(words[words.index("workbench") + 1:])
+            if (words := _words(line)) is not None:
+                commands.append(words)
     return commands
 
 
-def test_the_nightly_workflow_runs_every_suite():
-    suites = {c[1] for c in _workbench_commands() if c[0] == "bench"}
-    assert suites == {"kernels", "train", "accuracy", "context"}
-    assert any(c[0] == "regress" for c in _workbench_commands())
+def _script_commands(*flags: str) -> list[list[str]]:
+    out = subprocess.run(["bash", str(NIGHTLY), "--dry-run", *flags], capture_output=True, text=True, check=True)
+    return [w for w in map(_words, out.stdout.splitlines()) if w is not None]
+
+
+def _script_lines(*flags: str) -> list[str]:
+    out = subprocess.run(["bash", str(NIGHTLY), "--dry-run", *flags], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def _workbench_commands() -> list[list[str]]:
+    return _workflow_commands() + _script_commands() + _script_commands("--short")
+
+
+def test_the_workflow_runs_the_nightly_script():
+    runs = " ".join(step.get("run", "") for step in _steps("gpu"))
+    assert "scripts/nightly.sh" in runs
+
+
+@pytest.mark.parametrize("flags", [(), ("--short",)], ids=["nightly", "short"])
+def test_the_nightly_script_runs_every_suite_and_parity(flags):
+    commands = _script_commands(*flags)
+    suites = {c[1] for c in commands if c[0] == "bench"}
+    assert suites == {"kernels", "train", "step", "accuracy", "context"}
+    assert sum(c[0] == "regress" for c in commands) == 4
+    assert any(line.startswith("bash scripts/gpu_parity.sh ") for line in _script_lines(*flags))
 
 
 @pytest.mark.parametrize("argv", _workbench_commands(), ids=lambda a: " ".join(a[:3]))
@@ -49,6 +80,10 @@ def test_every_workbench_command_of_the_nightly_workflow_parses(argv):
     args = build_parser().parse_args(argv)  # an unknown flag or a bad choice: SystemExit
     if argv[0] == "bench":
         assert args.suite == argv[1]
+        if args.suite == "kernels":
+            from workbench.bench import kernels as kbench
+
+            assert args.shape in kbench.SHAPES, args.shape
         if args.suite in ("train", "context"):
             assert args.shape in tbench.SHAPES
             for stack in (args.stacks or "").split(","):
@@ -62,7 +97,7 @@ def test_every_workbench_command_of_the_nightly_workflow_parses(argv):
 
 
 def test_the_files_the_workflow_names_exist():
-    text = WORKFLOW.read_text()
+    text = WORKFLOW.read_text() + NIGHTLY.read_text()
     for path in sorted(set(re.findall(r"\b((?:scripts|src/workbench/configs)/[\w./-]+)", text))):
         assert (ROOT / path).is_file(), path
 

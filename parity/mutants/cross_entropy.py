@@ -33,4 +33,16 @@ MUTANTS = [
            "the forward's vocab mask off by one: the last logit is left out of the lse",
            old="mask = cols < n_cols\n            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)\n            if SOFTCAP:\n                th, _",
            new="mask = cols < n_cols - 1\n            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)\n            if SOFTCAP:\n                th, _"),
+    Mutant("cross_entropy", "row_upstream_assumed_contiguous",
+           "reduction='none': the per-row upstream gradient read with stride 1 (a strided one, or the stride-0 "
+           "gradient of loss_rows.mean(), is read wrong)",
+           old="return g, (g.stride(0) if g.dim() else 0)", new="return g, (1 if g.dim() else 0)"),
+    Mutant("cross_entropy", "int32_row_offset",
+           "the forward's row offset program_id * row stride formed in int32: wraps past 2^31 elements "
+           "(the static int64 check kills it on the CPU, the 2^31 case on the GPU)",
+           old="row = tl.program_id(0).to(tl.int64)\n    x_row = X + row * x_stride\n    t = tl.load(T + row)\n"
+               "    if t == ignore_index:\n        # Skip",
+           new="row = tl.program_id(0)\n    x_row = X + row * x_stride\n    t = tl.load(T + row)\n"
+               "    if t == ignore_index:\n        # Skip",
+           large="cross_entropy"),
 ]

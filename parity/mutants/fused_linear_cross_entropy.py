@@ -1,3 +1,5 @@
+import torch
+
 from . import Mutant
 
 K = "fused_linear_cross_entropy"
@@ -32,4 +34,8 @@ MUTANTS = [
     Mutant(K, "recompute_without_bias",
            "the backward recomputes the chunk's logits without the bias (softmax inconsistent with the saved lse)",
            old="F.linear(h_c, weight, bias)    # recomputed", new="F.linear(h_c, weight)    # recomputed"),
+    Mutant(K, "fp16_dlogits_in_forward",
+           "fp16 forms its gradients in the forward for an upstream of 1, as bf16 does: dlogits of a loss divided "
+           "by thousands (num_items_in_batch) are fp16 subnormals, and GradScaler's scale comes too late",
+           old="and hidden.dtype != torch.float16)", new=")", dtypes=(torch.float16,)),
 ]

@@ -2,10 +2,10 @@ from . import Mutant
 
 MUTANTS = [
     Mutant("lora_mlp", "up_grad_takes_gate_grad", "the up projection's LoRA gradients use d_gate instead of d_up",
-           old="dAu, dBu, dxa_u = lora_backward(dup, xd2,", new="dAu, dBu, dxa_u = lora_backward(dgate, xd2,"),
+           old="ds = scaled_grad(d_b, scaling)", new="ds = scaled_grad(grads[0], scaling)"),
     Mutant("lora_mlp", "backward_ignores_approximate", "the activation's backward always takes exact GELU",
-           old="dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)",
-           new="dgate, dup = _act_backward(dh, g, u, activation, False, need_dg, need_du, lo)"),
+           old="grads = _act_backward(dh, g[rows], u[rows], activation, approximate,",
+           new='grads = _act_backward(dh, g[rows], u[rows], activation, "none",'),
     Mutant("lora_mlp", "dh_blocks_misaligned", "a block of dh rows takes the previous block's upstream gradient",
            old="dh = add_input_grad(None, dy2[rows], wd, dxa_d[rows],",
            new="dh = add_input_grad(None, dy2[max(0, start - step):max(0, start - step) + rows.stop - start], "

@@ -1,3 +1,5 @@
+import torch
+
 from . import Mutant
 
 MUTANTS = [
@@ -13,4 +15,9 @@ MUTANTS = [
     Mutant("lora_qkv", "bias_dropped", "the frozen q/k/v biases (Qwen2) are not added",
            old="y, xa = lora_forward(xc, xd2, w, A, B, scaling, bias, out_dtype=x.dtype)",
            new="y, xa = lora_forward(xc, xd2, w, A, B, scaling, out_dtype=x.dtype)"),
+    Mutant("lora_qkv", "dx_accumulated_in_layer_dtype", "mixed mode: dX of q, k and v accumulated in the layer's "
+           "bf16, where autograd sums the six 16-bit gradients in fp32: the LoRA terms of a small adapter are "
+           "rounded away while dX stays within bf16 roundoffs; only the gradient delta sees it",
+           old="dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv, x_dtype)",
+           new="dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv, lo)", dtypes=(torch.bfloat16,)),
 ]

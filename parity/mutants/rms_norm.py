@@ -1,3 +1,5 @@
+import torch
+
 from . import Mutant
 
 MUTANTS = [
@@ -14,4 +16,13 @@ MUTANTS = [
     Mutant("rms_norm", "eps_outside_sqrt", "eps added outside the square root",
            old="rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)",
            new="rstd = 1.0 / (tl.sqrt(tl.sum(x * x, axis=0) / n_cols) + eps)"),
+    Mutant("rms_norm", "dw_accumulated_in_input_dtype", "dW accumulated over a program's rows in the input "
+           "dtype (a 16-bit accumulator in bf16): loses ~sqrt(rows) roundoffs, visible from some tens of rows a program",
+           old="dw_acc += dy * x_hat", new="dw_acc = (dw_acc + dy * x_hat).to(X.dtype.element_ty).to(tl.float32)",
+           dtypes=(torch.bfloat16,)),
+    Mutant("rms_norm", "sum_of_squares_accumulated_in_input_dtype", "the looped path's sum of x^2 accumulated "
+           "in the input dtype: a 16-bit accumulator over the row's blocks (ci's random rows span at most 20 "
+           "blocks, and the base suite let it through in bf16)",
+           old="acc += x * x", new="acc = (acc + x * x).to(X.dtype.element_ty).to(tl.float32)",
+           dtypes=(torch.bfloat16,)),
 ]

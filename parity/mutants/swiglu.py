@@ -7,8 +7,12 @@ MUTANTS = [
            old="tl.store(DU + idx, (dy * (g / (1.0 + tl.exp(-g)))).to(DU.dtype.element_ty), mask=mask)",
            new="tl.store(DU + idx, (dy * g).to(DU.dtype.element_ty), mask=mask)"),
     Mutant("swiglu", "up_row_stride_from_gate", "up addressed with gate's row stride (non-contiguous inputs)",
-           old="u_off = _offset(idx, n_cols, u_stride, CONTIG)",
-           new="u_off = _offset(idx, n_cols, g_stride, CONTIG)", count=2),
+           old="u_off = offset(idx, n_cols, u_stride, CONTIG)",
+           new="u_off = offset(idx, n_cols, g_stride, CONTIG)", count=2),
     Mutant("swiglu", "backward_sigmoid_sign_flipped", "the backward's sigmoid computed as 1 / (1 + exp(g))",
            old="sig = 1.0 / (1.0 + tl.exp(-g))", new="sig = 1.0 / (1.0 + tl.exp(g))"),
+    Mutant("swiglu", "dy_assumed_contiguous", "the backward's contiguity check leaves out dy: a strided or expanded "
+           "upstream gradient (torch.cat([swiglu(g, u), other], -1)) is read as if dense",
+           old="CONTIG=E.contiguous(n_cols, dh, gate, u_arg), BLOCK=block)",
+           new="CONTIG=E.contiguous(n_cols, gate, u_arg), BLOCK=block)"),
 ]

@@ -23,11 +23,15 @@ _log: IO[str] | None = None
 _NO_BARS = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-def progress(line: str) -> None:
-    """One progress line: to stderr, or to the terminal (and the log) inside quiet()."""
-    print(line, file=_err or sys.stderr, flush=True)
+def progress(line: str, detail: bool = False) -> None:
+    """One progress line: to stderr, or to the terminal (and the log) inside quiet().
+    ``detail``: a stage's inner step, which inside quiet() goes to the log alone (the
+    pipeline's own stage lines already say what runs)."""
     if _log is not None:
         print(line, file=_log, flush=True)
+        if detail:
+            return
+    print(line, file=_err or sys.stderr, flush=True)
 
 
 def say(line: str = "") -> None:
@@ -35,14 +39,15 @@ def say(line: str = "") -> None:
     print(line, file=_out or sys.stdout, flush=True)
 
 
-def _keep(stream: IO[str], fd: int) -> IO[str]:
-    """A stream to where ``stream`` writes now, unaffected by redirecting ``fd``."""
+def _keep(stream: IO[str], fd: int) -> tuple[IO[str], bool]:
+    """(a stream to where ``stream`` writes now, unaffected by redirecting ``fd``; whether
+    it is a copy made here, to close afterwards)."""
     try:
         if stream.fileno() == fd:
-            return os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
+            return os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace"), True
     except (AttributeError, OSError, ValueError):
         pass
-    return stream   # not backed by the descriptor (a test's capture): writes there stay put
+    return stream, False   # not backed by the descriptor (a test's capture): the caller's, never closed
 
 
 @contextlib.contextmanager
@@ -55,7 +60,7 @@ def quiet(log_path: str | os.PathLike) -> Iterator[Path]:
     log_path = Path(log_path)
     sys.stdout.flush()
     sys.stderr.flush()
-    out, err = _keep(sys.stdout, 1), _keep(sys.stderr, 2)
+    (out, out_copy), (err, err_copy) = _keep(sys.stdout, 1), _keep(sys.stderr, 2)
     saved = os.dup(1), os.dup(2)
     log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
     env_before = {k: os.environ.get(k) for k in _NO_BARS}
@@ -71,8 +76,8 @@ def quiet(log_path: str | os.PathLike) -> Iterator[Path]:
         for fd, copy in zip((1, 2), saved):
             os.dup2(copy, fd)
             os.close(copy)
-        for stream, original in ((out, sys.stdout), (err, sys.stderr)):
-            if stream is not original:
+        for stream, copy in ((out, out_copy), (err, err_copy)):
+            if copy:
                 stream.close()
         _out, _err, _log = None, None, None
         log.close()

@@ -39,7 +39,8 @@ def wait_for_everyone(state) -> None:
         state.wait_for_everyone()
 
 
-def log(message: str) -> None:
-    """A training progress line, from the main process only."""
+def log(message: str, detail: bool = False) -> None:
+    """A training progress line, from the main process only. ``detail``: an inner step that
+    `workbench run` keeps in its log (console.progress)."""
     if _main:
-        console.progress(f"train: {message}")
+        console.progress(f"train: {message}", detail=detail)

@@ -132,7 +132,7 @@ def kernels_enabled(cfg: Config) -> dict | None:
 def apply_kernels(model, options: dict) -> dict:
     """workbench.patch on ``model`` with ``options``; its report (what was swapped, what not and why)."""
     report = importlib.import_module("workbench.patch").patch_model(model, **options)
-    log(str(report).replace("\n", "\n       "))
+    log(str(report).replace("\n", "\n       "), detail=True)
     return report.to_dict()
 
 

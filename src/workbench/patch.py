@@ -103,6 +103,9 @@ log = logging.getLogger(__name__)
 
 #: The switches of :func:`patch_model`, all on by default.
 OPTIONS = ("rms_norm", "rope", "mlp", "loss", "lora", "nf4")
+#: Not a kernel but a choice of numerics (patch_model's docstring): an fp32 adapter on a 16-bit
+#: base computed in the base's dtype outside autocast too, as autocast computes it. Off by default.
+ADAPTER_AS_AUTOCAST = "adapter_as_autocast"
 
 _STATE = "_workbench_patch"     # per swapped module: what was installed, to undo it
 _ROOT = "_workbench_patched"    # on the transformers model: the report and the swapped modules
@@ -250,6 +253,7 @@ class _Swap:
     fn: object                      # the function bound as the instance's forward
     had_forward: bool = False       # whether the instance had its own forward before
     previous: object = None         # that forward (e.g. another library's wrapper)
+    adapter_as_autocast: bool = False   # patch_model's switch of that name
 
 
 @dataclass
@@ -545,11 +549,13 @@ class _AsDtype:
         return self.weight.dequantize().to(self.dtype)
 
 
-def _lora_operands(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None):
+def _lora_operands(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None,
+                   as_autocast: bool = False):
     """(W, A, B, bias, scaling, dropout p) of one LoRA layer for a call on ``x``, each in
     the dtype the layer computes in (``dtype``: x's own, or the 16-bit one of the
     kernels' mixed mode, :func:`_mixed_dtype`), or None when this call must take
-    PEFT's own path."""
+    PEFT's own path. ``as_autocast``: an fp32 adapter on a 16-bit base computes in the
+    base's dtype outside autocast as well (patch_model's ``adapter_as_autocast``)."""
     if layer.merged or layer.disable_adapters:
         return None
     name = _adapter(layer)
@@ -564,9 +570,11 @@ def _lora_operands(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None 
     if a.dtype != dt:
         # PEFT under autocast: x is cast to the adapter's fp32, and autocast casts it and
         # the fp32 A and B to its dtype for each matmul: the same as A, B in that dtype.
-        if not (_autocast_adapter(a.dtype, dt) and _autocast_to(x, dt)):
+        if not (_autocast_adapter(a.dtype, dt) and (as_autocast or _autocast_to(x, dt))):
             _warn_once("adapter-dtype", f"workbench LoRA kernels bypassed: the adapter is {a.dtype} and the "
-                                        f"activations {x.dtype} outside autocast; PEFT's code runs instead.")
+                                        f"activations {x.dtype} outside autocast; PEFT's code runs instead "
+                                        f"(patch with {ADAPTER_AS_AUTOCAST}=True to compute the adapter in "
+                                        f"{x.dtype}, as autocast would).")
             return None
         a, b = a.to(dt), b.to(dt)
     if bias is not None and _is_bnb_4bit(base) and bias.dtype != dt and _plain(bias) \
@@ -600,7 +608,7 @@ def _count_nf4(layers) -> None:
 
 def _lora_single(layer: nn.Module, x: torch.Tensor):
     mixed = _mixed_dtype([layer], x)
-    ops = _lora_operands(layer, x, mixed)
+    ops = _lora_operands(layer, x, mixed, layer.__dict__[_STATE].adapter_as_autocast)
     if ops is None or ops[3] is not None or not _runnable(x, autocast_ok=mixed is not None, kernel="lora_o",
                                                           quantized=_on_4bit([layer])):
         return None
@@ -616,14 +624,14 @@ def _on_4bit(layers) -> bool:
     return any(_is_bnb_4bit(getattr(m, "base_layer", m)) for m in layers)
 
 
-def _lora_group(layers, x: torch.Tensor, kernel: str):
+def _lora_group(layers, x: torch.Tensor, kernel: str, as_autocast: bool = False):
     """Operands of every layer of a fused group, or None; the group shares one
     scaling and one dropout probability (and one dtype: x's, or the mixed mode's for
     all of them)."""
     mixed = _mixed_dtype(layers, x)
     if not _runnable(x, autocast_ok=mixed is not None, kernel=kernel, quantized=_on_4bit(layers)):
         return None
-    ops = [_lora_operands(layer, x, mixed) for layer in layers]
+    ops = [_lora_operands(layer, x, mixed, as_autocast) for layer in layers]
     if any(o is None for o in ops) or len({(o[4], o[5]) for o in ops}) != 1:
         return None
     return ops
@@ -688,7 +696,7 @@ def _qkv_output(call: _AttentionCall, names: tuple[str, str, str], index: int, x
     """This projection's output from one lora_qkv call on ``x`` (run on first use), or None."""
     if call.x is not x:
         layers = [getattr(call.attention, n) for n in names]
-        ops = _lora_group(layers, x, "lora_qkv")
+        ops = _lora_group(layers, x, "lora_qkv", call.attention.__dict__[_STATE].adapter_as_autocast)
         if ops is None:
             return None
         (wq, aq, bq, biq, s, p), (wk, ak, bk, bik, _, _), (wv, av, bv, biv, _, _) = ops
@@ -722,7 +730,7 @@ def _mlp_forward(self, x, *args, **kwargs):
         return _original(self, x, *args, **kwargs)
     if swap.fused:
         layers = [getattr(self, n) for n in swap.projs]
-        ops = _lora_group(layers, x, "lora_mlp")
+        ops = _lora_group(layers, x, "lora_mlp", swap.adapter_as_autocast)
         if ops is not None:
             (wg, ag, bg, _, s, p), (wu, au, bu, _, _, _), (wd, ad, bd, _, _, _) = ops
             activation, approximate = swap.activation
@@ -975,20 +983,22 @@ def _plan_loss(plan: _Plan, root: nn.Module, fam: Family) -> None:
 def options_from_config(value) -> dict[str, bool] | None:
     """patch_model's options from a training config's ``kernels:`` value: ``true``
     (every kernel), ``false`` or absent (``None``: do not patch), or a mapping of
-    some of :data:`OPTIONS` to booleans (the others stay on)."""
+    some of :data:`OPTIONS` to booleans (the others stay on) and, optionally,
+    ``adapter_as_autocast`` (off unless given)."""
     if value is None or value is False:
         return None
     if value is True:
-        return dict.fromkeys(OPTIONS, True)
+        return {**dict.fromkeys(OPTIONS, True), ADAPTER_AS_AUTOCAST: False}
     if isinstance(value, dict):
-        unknown = sorted(set(value) - set(OPTIONS))
+        switches = (*OPTIONS, ADAPTER_AS_AUTOCAST)
+        unknown = sorted(set(value) - set(switches))
         if unknown:
             raise UserError(f"kernels: unknown switch(es) {', '.join(map(str, unknown))}; the switches are "
-                            f"{', '.join(OPTIONS)}.")
+                            f"{', '.join(switches)}.")
         bad = [k for k, v in value.items() if not isinstance(v, bool)]
         if bad:
             raise UserError(f"kernels: {bad[0]} must be true or false, got {value[bad[0]]!r}.")
-        return {**dict.fromkeys(OPTIONS, True), **value}
+        return {**dict.fromkeys(OPTIONS, True), ADAPTER_AS_AUTOCAST: False, **value}
     raise UserError(f"kernels: must be true, false or a mapping of {', '.join(OPTIONS)} to true/false, "
                     f"got {value!r}.")
 
@@ -1001,15 +1011,26 @@ class _Root:
 
 
 def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True,
-                loss: bool = True, lora: bool = True, nf4: bool = True) -> PatchReport:
+                loss: bool = True, lora: bool = True, nf4: bool = True,
+                adapter_as_autocast: bool = False) -> PatchReport:
     """Swap the math of ``model`` (a transformers causal LM of a supported family,
     optionally wrapped by PEFT, optionally on a bitsandbytes 4-bit base) for our
     kernels, in place. Returns what was swapped and what fell back, and why.
 
+    ``adapter_as_autocast`` chooses numerics, not kernels. PEFT keeps an adapter in fp32 on
+    a 16-bit base and, outside autocast, computes its branch in fp32 (x cast up, fp32
+    GEMMs, the sum cast back); the LoRA kernels then stay out and PEFT's code runs. With
+    the switch on, such an adapter computes in the base's dtype outside autocast too,
+    exactly as ``torch.autocast`` to that dtype computes it (the Trainer's ``bf16=True``):
+    the adapter's matmuls, its scaling and the sum in bf16, the gradients of A and B
+    formed in bf16 and accumulated into the fp32 parameters. Off by default, so a patched
+    model follows the numerics its unpatched twin follows.
+
     Patching an already patched model with the same switches returns its report
     and changes nothing; with other switches it raises UserError (unpatch first).
     """
-    options = dict(rms_norm=rms_norm, rope=rope, mlp=mlp, loss=loss, lora=lora, nf4=nf4)
+    options = dict(rms_norm=rms_norm, rope=rope, mlp=mlp, loss=loss, lora=lora, nf4=nf4,
+                   adapter_as_autocast=adapter_as_autocast)
     for key, value in options.items():
         if not isinstance(value, bool):
             raise UserError(f"patch option {key} must be true or false, got {value!r}.")
@@ -1035,6 +1056,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, m
         except ValueError:
             root._use_kernels = False
     plan = _plan(root, fam, options)
+    for _, swap in plan.swaps:
+        swap.adapter_as_autocast = adapter_as_autocast
     held = [(fam.module, "apply_rotary_pos_emb")] if plan.report.count("rope") else []
     installed: list[nn.Module] = []
     try:  # all or nothing

@@ -113,7 +113,8 @@ def run_pipeline(cfg, run: str | Path, *, force: str | None = None, quants=DEFAU
     if eval_limit is not None and eval_limit < 1:
         raise UserError(f"--eval-limit must be at least 1, got {eval_limit}.")
     _require_dir_or_nothing(run)
-    settings = stages.Settings(cfg=cfg, quants=quants, thresholds=thresholds, eval_limit=eval_limit, command=command)
+    settings = stages.Settings(cfg=cfg, quants=quants, thresholds=thresholds, adapter_gguf=True, eval_limit=eval_limit,
+                               command=command)
     with manifest.lock(run):
         return run_stages(run, stages.pipeline(), settings, force=force, config_given=config_given)
 

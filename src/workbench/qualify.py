@@ -1,12 +1,15 @@
 """`workbench qualify`: the release gate before an adapter ships.
 
-Seven gates, each measured, compared with a threshold and given PASS, FAIL or N/A
+Eight gates, each measured, compared with a threshold and given PASS, FAIL or N/A
 (with the reason); the defaults, and what each gate checks, are documented in
 ``src/workbench/configs/gates.yaml`` (a ``--gates`` file of the same shape overrides them):
 
     parity       the parity tests of the kernels the run trained with, on this device
     merge        merged model == adapter on its base (logits on the held-out rows, recomputed)
-    gguf         each GGUF within its KL / top-1 / perplexity limits (export report; recomputed when small)
+    gguf         each GGUF within its KL / top-1 / perplexity limits (export report; recomputed when small,
+                 on the export stage's own held-out windows)
+    adapter_gguf the GGUF LoRA adapter, applied by llama.cpp to the base GGUFs, within its limits against the
+                 HF adapter (export report; recomputed when small); fails when it is missing
     eval         lm-eval changes against the adapter within tolerance (the eval stage's results, of every
                  shipped task, with the chat template; a missing or non-finite metric fails)
     tokenizer    HF tokenizer and each GGUF's llama.cpp vocabulary: identical ids, exact detokenization
@@ -35,6 +38,8 @@ from pathlib import Path
 from workbench import atomic, manifest, stages
 from workbench.errors import UserError
 from workbench.markdown import num, table as markdown_table
+from workbench.qualify_adapter import export_windows, gate_adapter_gguf, merged_logits_on_export_windows, \
+    windows_label
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 GATES_FILE = Path(str(resources.files("workbench") / "configs" / "gates.yaml"))   # package data
@@ -43,6 +48,7 @@ TITLES = {
     "parity": "kernel parity on this device",
     "merge": "merged model matches the adapter",
     "gguf": "GGUF files within their limits",
+    "adapter_gguf": "GGUF LoRA adapter applied by llama.cpp within its limits",
     "eval": "lm-eval changes within tolerance",
     "tokenizer": "tokenizer round trip is exact",
     "hashes": "artifact hashes match the manifest",
@@ -150,7 +156,7 @@ class GateResult(dict):
                          message=message, checks=checks or [])
 
 
-def _check(item: str, status: str, measured=None, threshold=None, problems=(), short: str | None = None) -> dict:
+def item_check(item: str, status: str, measured=None, threshold=None, problems=(), short: str | None = None) -> dict:
     """One measured item of a gate; ``short``: the measured value in a few words (default: from ``measured``)."""
     return {"item": item, "status": status, "measured": measured, "threshold": threshold, "problems": list(problems),
             "short": _short(measured) if short is None else short}
@@ -166,7 +172,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _limits_text(limits: dict) -> str:
+def limits_text(limits: dict) -> str:
     return ", ".join(f"{_SHORT_NAMES.get(k, k)} {'>=' if k == 'top1_agreement' else '<='} {_fmt(v)}"
                      for k, v in limits.items())
 
@@ -177,7 +183,7 @@ def _full(measured) -> str:
     return "" if measured is None else _fmt(measured)
 
 
-def _combine(name: str, checks: list[dict], threshold: str = "", ok_message: str = "") -> GateResult:
+def combine(name: str, checks: list[dict], threshold: str = "", ok_message: str = "") -> GateResult:
     status = FAIL if any(c["status"] == FAIL for c in checks) else PASS
     problems = [f"{c['item']}: {p}" for c in checks for p in c["problems"]]
     measured = "; ".join(f"{c['item']}: {c['short']}" for c in checks if c["short"])
@@ -212,7 +218,7 @@ class Context:
         self.run, self.gates = run, gates
         self.parity_report, self.baseline = parity_report, baseline
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._cache: dict = {}
+        self.cache: dict = {}
 
     def stage(self, name: str) -> dict:
         return manifest.require_stage(self.run, name, HINTS[name])
@@ -225,15 +231,15 @@ class Context:
 
     def tokenizer(self):
         """The run's HF tokenizer (RUN/tokenizer, which the train stage wrote)."""
-        if "tokenizer" not in self._cache:
+        if "tokenizer" not in self.cache:
             from workbench.eval.models import load_tokenizer
 
-            self._cache["tokenizer"] = load_tokenizer(self.run)
-        return self._cache["tokenizer"]
+            self.cache["tokenizer"] = load_tokenizer(self.run)
+        return self.cache["tokenizer"]
 
     def heldout_texts(self) -> list[str]:
         """The run's held-out rows as the model sees them (chat template applied)."""
-        if "texts" not in self._cache:
+        if "texts" not in self.cache:
             from workbench.eval.suite import load_test_rows
 
             rows, _ = load_test_rows(self.run, manifest.stage(self.run, "train"))
@@ -245,8 +251,8 @@ class Context:
                     texts.append(tok.apply_chat_template(prompt + completion, tokenize=False))
                 else:
                     texts.append(f"{r.get('question', prompt)}\n{r.get('answer', completion)}")
-            self._cache["texts"] = texts
-        return self._cache["texts"]
+            self.cache["texts"] = texts
+        return self.cache["texts"]
 
     def merged_dir(self) -> Path:
         rec = self.stage("merge")
@@ -257,7 +263,7 @@ class Context:
 
     def windows(self) -> list[list[int]]:
         """The held-out rows' ids in windows, as the merge and export stages cut them."""
-        if "windows" not in self._cache:
+        if "windows" not in self.cache:
             from workbench.export.compare import windows
             from workbench.export.verify import EVAL_TOKENS, EVAL_WINDOW
 
@@ -267,23 +273,23 @@ class Context:
             wins = windows(ids, window, EVAL_TOKENS)
             if not wins:
                 raise UserError("the run's held-out rows are too short to compare logits (fewer than 2 tokens).")
-            self._cache["windows"] = wins
-        return self._cache["windows"]
+            self.cache["windows"] = wins
+        return self.cache["windows"]
 
     def merged_logits(self):
-        if "merged_logits" not in self._cache:
+        if "merged_logits" not in self.cache:
             from workbench.export.compare import hf_logits
             from workbench.models import load_base
 
             model = load_base(self.merged_dir(), self.device)
-            self._cache["merged_logits"] = hf_logits(model, self.windows())
-        return self._cache["merged_logits"]
+            self.cache["merged_logits"] = hf_logits(model, self.windows())
+        return self.cache["merged_logits"]
 
     def hash_tree(self, path: Path) -> str:
         key = ("hash", str(Path(path).resolve()))
-        if key not in self._cache:
-            self._cache[key] = manifest.hash_tree(path)
-        return self._cache[key]
+        if key not in self.cache:
+            self.cache[key] = manifest.hash_tree(path)
+        return self.cache[key]
 
 
 # --------------------------------------------------------------------------- 1. parity
@@ -363,7 +369,7 @@ def _parity_from_report(path: Path, kernels: list[str], threshold: str, gates: d
                                     f"PARITY_EXAMPLES={want_examples}")
         measured = {"tests": agg.get("tests"), "examples": agg.get("examples"), "failed": agg.get("failed")} \
             if isinstance(agg, dict) else "not covered"
-        checks.append(_check(k, FAIL if problems else PASS, measured, "0 failures", problems))
+        checks.append(item_check(k, FAIL if problems else PASS, measured, "0 failures", problems))
     cases, problems = _parity_provenance(path, doc, rerun)
     for check in checks:
         k = check["item"]
@@ -378,10 +384,10 @@ def _parity_from_report(path: Path, kernels: list[str], threshold: str, gates: d
             check["problems"] += mine
             check["status"] = FAIL
     if problems:
-        checks.append(_check("report", FAIL, {"exit_code": doc.get("exit_code"), "counts": doc.get("counts")},
+        checks.append(item_check("report", FAIL, {"exit_code": doc.get("exit_code"), "counts": doc.get("counts")},
                              "exit code 0, 0 failed, junit XML and versions of this environment", problems,
                              f"exit code {doc.get('exit_code')}"))
-    result = _combine("parity", checks, threshold, f"from {path} ({doc.get('command', '')})")
+    result = combine("parity", checks, threshold, f"from {path} ({doc.get('command', '')})")
     return result
 
 
@@ -496,7 +502,7 @@ def _parity_run(ctx: Context, kernels: list[str], threshold: str) -> GateResult:
         md, js = parity_report.write(out_dir, stats, " ".join(cmd), time.perf_counter() - start, proc.returncode,
                                      lines[-1] if lines else "", junit=junit)
     shutil.rmtree(junit_dir, ignore_errors=True)
-    ctx._cache["parity_files"] = [md, js]
+    ctx.cache["parity_files"] = [md, js]
     checks = []
     for k in kernels:
         rows = [r for r in stats if r["kernel"] == k]
@@ -507,13 +513,13 @@ def _parity_run(ctx: Context, kernels: list[str], threshold: str) -> GateResult:
         if failed:
             problems.append(f"{failed} of {len(rows)} tests failed; the failing case's rerun command is in the "
                             f"pytest output (`{' '.join(cmd)}`)")
-        checks.append(_check(k, FAIL if problems else PASS,
+        checks.append(item_check(k, FAIL if problems else PASS,
                              {"tests": len(rows), "examples": sum(r["examples"] for r in rows), "failed": failed},
                              "0 failures", problems))
     if proc.returncode != 0 and all(c["status"] == PASS for c in checks):
         tail = " | ".join(lines[-3:])
-        checks.append(_check("pytest", FAIL, {"exit_code": proc.returncode}, "exit code 0", [tail[:500]]))
-    return _combine("parity", checks, threshold, f"profile {profile}; report {md.relative_to(ctx.run)}")
+        checks.append(item_check("pytest", FAIL, {"exit_code": proc.returncode}, "exit code 0", [tail[:500]]))
+    return combine("parity", checks, threshold, f"profile {profile}; report {md.relative_to(ctx.run)}")
 
 
 # --------------------------------------------------------------------------- 2. merge
@@ -550,9 +556,10 @@ def gate_merge(ctx: Context) -> GateResult:
         if problems:
             problems.append("not the merge of this adapter into this base (a swapped or changed adapter or merged "
                             "model); rerun `workbench merge --run DIR`")
-        checks.append(_check(item, FAIL if problems else PASS, measured, limits, problems))
-    return _combine("merge", checks, f"{rec.get('dtype')}: {_limits_text(limits)}",
-                    f"{sum(len(w) for w in wins)} held-out tokens")
+        checks.append(item_check(item, FAIL if problems else PASS, measured, limits, problems))
+    return combine("merge", checks, f"{rec.get('dtype')}: {limits_text(limits)}",
+                    f"on {sum(len(w) for w in wins)} tokens of the run's held-out rows with the chat template (the "
+                    "merge stage measured plain question/answer text)")
 
 
 # --------------------------------------------------------------------------- 3. gguf
@@ -577,7 +584,7 @@ def gate_gguf(ctx: Context) -> GateResult:
         path = ctx.run / entry["path"]
         limits = gates["thresholds"].get(kind)
         if limits is None:
-            checks.append(_check(entry["path"], FAIL, None, None,
+            checks.append(item_check(entry["path"], FAIL, None, None,
                                  [f"the gates have no thresholds for {kind}; add gguf.thresholds.{kind}"]))
             continue
         recorded = entry.get("llama_cpp") or {}
@@ -589,18 +596,19 @@ def gate_gguf(ctx: Context) -> GateResult:
         measured = {f"export {k}": recorded[k] for k in limits if k in recorded}
         if not path.is_file():
             problems.append(f"{entry['path']} is missing; run `workbench export --run DIR`")
-            checks.append(_check(entry["path"], FAIL, measured, limits, problems))
+            checks.append(item_check(entry["path"], FAIL, measured, limits, problems))
             continue
         same = manifest.sha256_file(path) == entry.get("sha256")
         if path.stat().st_size <= gates["recompute_max_mib"] * 2**20:
             log(f"gguf: recomputing {entry['path']} in llama.cpp against the merged model")
+            wins = export_windows(ctx)   # the export stage's tokens: "now" measures what "export" measured
             try:
-                llm = LlamaCpp(path, n_ctx=max(len(w) for w in ctx.windows()))
+                llm = LlamaCpp(path, n_ctx=max(len(w) for w in wins))
             except (ValueError, RuntimeError, OSError) as err:
                 problems.append(f"llama.cpp cannot open it ({str(err).splitlines()[0][:200]})")
             else:
                 try:
-                    now = logit_metrics(ctx.merged_logits(), llm.logits(ctx.windows()), ctx.windows())
+                    now = logit_metrics(merged_logits_on_export_windows(ctx), llm.logits(wins), wins)
                 finally:
                     llm.close()
                 measured.update({f"now {k}": now[k] for k in limits})
@@ -610,10 +618,11 @@ def gate_gguf(ctx: Context) -> GateResult:
                             f"recompute_max_mib ({gates['recompute_max_mib']}); rerun `workbench export --run DIR`")
         if not same:
             measured["note"] = "sha256 differs from the export record"
-        checks.append(_check(entry["path"], FAIL if problems else PASS, measured, limits, problems))
-    limits_text = "; ".join(f"{k}: {_limits_text(gates['thresholds'][k])}" for k in files if k in gates["thresholds"])
+        checks.append(item_check(entry["path"], FAIL if problems else PASS, measured, limits, problems))
+    thresholds_text = "; ".join(f"{k}: {limits_text(gates['thresholds'][k])}" for k in files if k in gates["thresholds"])
     notes = [entry["fallback_note"] for entry in files.values() if entry.get("fallback_note")]
-    result = _combine("gguf", checks, limits_text, "; ".join(f"note: {n}" for n in notes))
+    where = windows_label(ctx) if any("now kl_mean" in (c["measured"] or {}) for c in checks) else ""
+    result = combine("gguf", checks, thresholds_text, "; ".join([f"note: {n}" for n in notes] + [where] * bool(where)))
     if notes and result["status"] == FAIL:
         result["message"] += "; " + "; ".join(f"note: {n}" for n in notes)
     return result
@@ -643,12 +652,12 @@ def gate_eval(ctx: Context) -> GateResult:
         if want and (art is None or art.path is None or ctx.hash_tree(art.path) != want):
             problems_all.append(f"the {kind} model changed since `workbench eval` measured it; rerun "
                                 "`workbench eval --run DIR`")
-    checks = [_check("eval stage", FAIL, None, None, problems_all)] if problems_all else []
+    checks = [item_check("eval stage", FAIL, None, None, problems_all)] if problems_all else []
     frame, flags = compare.table({k: metrics[k] for k in [compare.REFERENCE, *shipped] if k in metrics}, tolerances)
     for kind in shipped:
         limits = tolerances.get(kind)
         if kind not in metrics:
-            checks.append(_check(kind, FAIL, None, limits, [f"not evaluated; run `workbench eval --run DIR` "
+            checks.append(item_check(kind, FAIL, None, limits, [f"not evaluated; run `workbench eval --run DIR` "
                                                             f"(or with --models including {kind})"]))
             continue
         row = frame[frame["model"] == kind].iloc[0]
@@ -661,10 +670,10 @@ def gate_eval(ctx: Context) -> GateResult:
         ppls = [abs(v) for k, v in changes.items() if k.endswith(" Δrel")]
         short = ", ".join(([f"max |score Δ| {_fmt(max(scores))}"] if scores else []) +
                           ([f"max |ppl Δrel| {_fmt(max(ppls))}"] if ppls else []))
-        checks.append(_check(kind, FAIL if problems else PASS, changes, limits, problems, short))
+        checks.append(item_check(kind, FAIL if problems else PASS, changes, limits, problems, short))
     threshold = "; ".join(f"{k}: score ±{_fmt(tolerances[k].get('score'))}, "
                           f"perplexity ±{_fmt(tolerances[k].get('perplexity'))}" for k in shipped if k in tolerances)
-    result = _combine("eval", checks, threshold, f"tasks {', '.join(rec.get('tasks', []))}")
+    result = combine("eval", checks, threshold, f"tasks {', '.join(rec.get('tasks', []))}")
     if not checks:
         result["status"] = FAIL
     return result
@@ -734,13 +743,13 @@ def gate_tokenizer(ctx: Context) -> GateResult:
     for kind, entry in files.items():
         path = ctx.run / entry["path"]
         if not path.is_file():
-            checks.append(_check(entry["path"], FAIL, None, limit, [f"{entry['path']} is missing; run "
+            checks.append(item_check(entry["path"], FAIL, None, limit, [f"{entry['path']} is missing; run "
                                                                     "`workbench export --run DIR`"]))
             continue
         try:
             vocab = Vocab(path)
         except (ValueError, RuntimeError, OSError) as err:
-            checks.append(_check(entry["path"], FAIL, None, limit,
+            checks.append(item_check(entry["path"], FAIL, None, limit,
                                  [f"llama.cpp cannot read its vocabulary ({str(err).splitlines()[0][:200]})"]))
             continue
         try:
@@ -763,9 +772,9 @@ def gate_tokenizer(ctx: Context) -> GateResult:
         if len(hf_back) > limit:
             problems.append(f"{len(hf_back)} strings do not decode back to their text with RUN/tokenizer "
                             f"(first: {corpus[hf_back[0]][:40]!r})")
-        checks.append(_check(entry["path"], FAIL if problems else PASS, measured, f"<= {limit} mismatches", problems,
+        checks.append(item_check(entry["path"], FAIL if problems else PASS, measured, f"<= {limit} mismatches", problems,
                              f"{len(bad)}/{len(corpus)} id, {len(back) + len(hf_back)} text mismatches"))
-    return _combine("tokenizer", checks, f"<= {limit} mismatches (ids and text)",
+    return combine("tokenizer", checks, f"<= {limit} mismatches (ids and text)",
                     f"{len(corpus)} strings: the held-out rows and the export stage's tokenizer corpus")
 
 
@@ -796,15 +805,15 @@ def artifact_table(run: Path, hash_tree=manifest.hash_tree) -> tuple[dict, list[
 
 def gate_hashes(ctx: Context) -> GateResult:
     table, problems = artifact_table(ctx.run, ctx.hash_tree)
-    ctx._cache["artifacts"] = table
+    ctx.cache["artifacts"] = table
     if not table:
         raise UserError(f"{ctx.run} has no recorded stage; {HINTS['train']}")
     files = sum(len(rows) for rows in table.values())
-    checks = [_check(name, FAIL if any(p.startswith(f"{name}: ") for p in problems) else PASS,
+    checks = [item_check(name, FAIL if any(p.startswith(f"{name}: ") for p in problems) else PASS,
                      {"files": len(rows), "bad": sum(r["state"] != "ok" for r in rows.values())}, "all match",
                      [p.split(": ", 1)[1] for p in problems if p.startswith(f"{name}: ")], "")
               for name, rows in table.items()]
-    result = _combine("hashes", checks, "every recorded sha256 matches")
+    result = combine("hashes", checks, "every recorded sha256 matches")
     result["measured"] = f"{files} files in {len(table)} stages, {len(problems)} problem(s)"
     return result
 
@@ -861,7 +870,7 @@ def gate_performance(ctx: Context) -> GateResult:
     else:
         ratio = now["tokens_per_s"] / base["tokens_per_s"]
         ok = ratio >= gates["min_tokens_per_s_ratio"]
-        checks.append(_check("tokens/s", PASS if ok else FAIL,
+        checks.append(item_check("tokens/s", PASS if ok else FAIL,
                              {"run": now["tokens_per_s"], "baseline": base["tokens_per_s"], "ratio": ratio},
                              f"ratio >= {gates['min_tokens_per_s_ratio']}",
                              [] if ok else [f"{ratio:.3f} x the baseline's tokens/s"]))
@@ -869,19 +878,20 @@ def gate_performance(ctx: Context) -> GateResult:
     if now.get(key) and base.get(key):
         ratio = now[key] / base[key]
         ok = ratio <= gates["max_peak_memory_ratio"]
-        checks.append(_check(key, PASS if ok else FAIL, {"run": now[key], "baseline": base[key], "ratio": ratio},
+        checks.append(item_check(key, PASS if ok else FAIL, {"run": now[key], "baseline": base[key], "ratio": ratio},
                              f"ratio <= {gates['max_peak_memory_ratio']}",
                              [] if ok else [f"{ratio:.3f} x the baseline's {key}"]))
     else:
         problems.append("peak memory is missing from the train record or the baseline")
     if problems:
-        checks.insert(0, _check("baseline", FAIL, {"baseline": str(ctx.baseline)}, None, problems))
-    return _combine("performance", checks, f"tokens/s >= {gates['min_tokens_per_s_ratio']} x, peak memory <= "
+        checks.insert(0, item_check("baseline", FAIL, {"baseline": str(ctx.baseline)}, None, problems))
+    return combine("performance", checks, f"tokens/s >= {gates['min_tokens_per_s_ratio']} x, peak memory <= "
                                            f"{gates['max_peak_memory_ratio']} x the baseline's",
                     f"baseline {ctx.baseline}")
 
 
-GATES = [("parity", gate_parity), ("merge", gate_merge), ("gguf", gate_gguf), ("eval", gate_eval),
+GATES = [("parity", gate_parity), ("merge", gate_merge), ("gguf", gate_gguf), ("adapter_gguf", gate_adapter_gguf),
+         ("eval", gate_eval),
          ("tokenizer", gate_tokenizer), ("hashes", gate_hashes), ("performance", gate_performance)]
 
 
@@ -901,7 +911,7 @@ def markdown(verdict: dict) -> str:
             lines += [num(g["message"]), ""]
         if g["checks"]:
             rows = [[c["item"], c["status"], _full(c["measured"]),
-                     _limits_text(c["threshold"]) if isinstance(c["threshold"], dict) else
+                     limits_text(c["threshold"]) if isinstance(c["threshold"], dict) else
                      "" if c["threshold"] is None else str(c["threshold"]),
                      "; ".join(c["problems"])] for c in g["checks"]]
             lines += [*markdown_table(["item", "status", "measured", "threshold", "problems"], rows, align="lllll"), ""]
@@ -914,12 +924,9 @@ def markdown(verdict: dict) -> str:
 
 
 def table(gates: list[dict]) -> str:
-    """The gate table: gate, status, measured, threshold (Markdown), then what failed."""
-    def cell(text, width: int = 160) -> str:
-        text = str(text)
-        return text if len(text) <= width else text[:width - 1] + "…"
-
-    rows = [[g["name"], g["status"], cell(g["measured"] if g["status"] != NA else g["message"]), cell(g["threshold"])]
+    """The gate table: gate, status, measured, threshold (Markdown), then what failed. No cell is cut
+    short: the measured values are the verdict (markdown.num escapes "|")."""
+    rows = [[g["name"], g["status"], str(g["measured"] if g["status"] != NA else g["message"]), str(g["threshold"])]
             for g in gates]
     failed = [f"- **{g['name']}** failed: {g['message']}" for g in gates if g["status"] == FAIL]
     failed += [f"- **{g['name']}** {g['message']}" for g in gates
@@ -979,8 +986,8 @@ def _qualify(run: Path, gates, config: dict, extra: dict, command: str | None) -
         results.append(result)
         log(f"[{i}/{len(GATES)}] {name}: {result['status']}"
             + (f" — {result['message']}" if result["message"] else ""))
-    if "artifacts" not in ctx._cache:
-        ctx._cache["artifacts"] = artifact_table(run)[0]
+    if "artifacts" not in ctx.cache:
+        ctx.cache["artifacts"] = artifact_table(run)[0]
 
     passed = all(r["status"] != FAIL for r in results)
     failed = [r["name"] for r in results if r["status"] == FAIL]
@@ -996,13 +1003,13 @@ def _qualify(run: Path, gates, config: dict, extra: dict, command: str | None) -
         "gates_config": config,
         "gates": results,
         "train_performance": train_performance(train) if train else None,
-        "artifacts": ctx._cache["artifacts"],
+        "artifacts": ctx.cache["artifacts"],
         "environment": environment(),
         "seconds": round(time.perf_counter() - start, 3),
     }
     out = run / OUT_DIR
     files = [atomic.write_json(out / "verdict.json", verdict), atomic.write_text(out / "verdict.md", markdown(verdict))]
-    files += ctx._cache.get("parity_files", [])
+    files += ctx.cache.get("parity_files", [])
     found = {k: Path(v).resolve() for k, v in (("gates", gates), ("parity_report", ctx.parity_report),
                                                ("baseline", ctx.baseline)) if v}
     stages.record(run, STAGE, None, {

@@ -7,10 +7,15 @@ export/export_report.json. Sections:
 
 * Training: the loss curve, tokens/s, peak memory, held-out accuracy, the device.
 * Merge: the merged model against the unmerged adapter (KL, top-1, logits, perplexity).
-* Export: each GGUF against the merged model, through llama.cpp and transformers.
+* Export: each GGUF against the merged model, through llama.cpp and transformers; the
+  GGUF LoRA adapter on the base GGUFs against the HF adapter; the Ollama Modelfiles.
 * Evaluation: lm-eval's metrics per model, the change of each quantized GGUF against
   the lossless f16 GGUF, and a chart of scores and perplexity across base, adapter,
   merged and each GGUF.
+
+The qualify verdict is linked at the top when RUN/qualify/verdict.json exists (and
+said to be of earlier artifacts when their hashes changed since). What the
+perplexities are over is explained under Evaluation.
 
 A stage that is missing, failed, or was brought by the user is said so in its
 section; the others render regardless. A section made from an earlier version of an
@@ -27,7 +32,7 @@ import json
 import time
 from pathlib import Path
 
-from workbench import atomic, manifest, stages
+from workbench import atomic, manifest, report_adapter, stages
 from workbench.envinfo import versions
 from workbench.errors import UserError
 from workbench.eval.models import GGUF_KINDS, KINDS as MODEL_ORDER
@@ -113,10 +118,11 @@ def _export(run: Path, rec: dict) -> dict:
                        "fallback_note": full.get("fallback_note") or entry.get("fallback_note"),
                        "thresholds": (report.get("thresholds") or {}).get(kind)}
     return {"arch": report.get("arch"), "reference": "the merged HF model in fp32 on the same held-out tokens",
-            "eval_tokens": (report.get("eval") or {}).get("tokens"), "passed": report.get("passed"), "files": files}
+            "eval_tokens": (report.get("eval") or {}).get("tokens"), "passed": report.get("passed"), "files": files,
+            **report_adapter.export_extras(run, rec, report)}
 
 
-def _eval(rec: dict) -> dict:
+def _eval(rec: dict, exported: list[str]) -> dict:
     from workbench.eval import compare
 
     metrics = rec.get("metrics") or {}
@@ -128,7 +134,8 @@ def _eval(rec: dict) -> dict:
                                 for c, v in metrics[kind].items() if metrics["f16"].get(c) is not None}
     return {"models": rec.get("models", []), "tasks": rec.get("tasks", []), "limit": rec.get("limit"),
             "documents": (rec.get("data") or {}).get("documents"), "metrics": metrics,
-            "change_vs_f16": vs_f16, "flags": rec.get("flags", []), "skipped": rec.get("skipped", {}),
+            "change_vs_f16": vs_f16, "flags": rec.get("flags", []),
+            "skipped": report_adapter.skipped_worth_saying(rec.get("skipped", {}), exported),
             "tolerances": rec.get("tolerances")}
 
 
@@ -152,8 +159,10 @@ def collect(run: str | Path, command: str | None = None) -> dict:
                 data["sections"][name] = {"status": state, "error": rec.get("error"), **_env(rec)}
             continue
         body = {"train": lambda: _train(run, rec), "merge": lambda: _merge(run, rec),
-                "export": lambda: _export(run, rec), "eval": lambda: _eval(rec)}[name]()
+                "export": lambda: _export(run, rec),
+                "eval": lambda: _eval(rec, list((records.get("export") or {}).get("files") or {}))}[name]()
         data["sections"][name] = {"status": state, **_env(rec), **body}
+    data["qualify"] = report_adapter.verdict(run)
     data["stale"] = _stale(run, records, data["stages"])
     for name, root in data["stale"].items():
         data["stages"][name] = "stale"
@@ -203,6 +212,7 @@ def markdown(data: dict, plots: dict[str, str]) -> str:
            + ". Every number below carries the device and library versions of the stage that produced it.", ""]
     status = ", ".join(f"{n} {s.replace('_', '-')}" for n, s in data["stages"].items())
     out += [f"Stages: {status}.", ""]
+    out += report_adapter.md_verdict(data.get("qualify"), run)
     if data["missing"]:
         out += [f"**Missing stages: {', '.join(data['missing'])}.** Their sections say how to make them.", ""]
     for name in SECTIONS:
@@ -253,7 +263,8 @@ def _md_merge(sec: dict, plots: dict) -> list[str]:
         return [f"The merged model was brought by the user from `{sec['merged']}` (stored as {sec['dtype']}); "
                 "no merge ran in this run, so there is no merge verification.", ""]
     text = [f"Saved as {sec['dtype']}. Reference: {sec.get('reference')}, on {sec.get('eval_tokens')} held-out "
-            "tokens.", ""]
+            "tokens (plain question/answer text; *ppl* is token perplexity there, see \"About the perplexities\" "
+            "under Evaluation).", ""]
     rows = [[k, *(m.get(key) for key, _ in VERIFY_KEYS)] for k, m in sec["artifacts"].items()]
     text += table(["artifact", *(label for _, label in VERIFY_KEYS)], rows) + [""]
     if sec.get("nf4_vs_16bit"):
@@ -284,6 +295,7 @@ def _md_export(sec: dict, plots: dict) -> list[str]:
     if notes:
         text += [f"**Quantization fell back:** {'; '.join(notes)}. The file is named after the type asked for, but "
                  "its numbers are those of the types it holds.", ""]
+    text += report_adapter.md_adapter(sec, _num, _size)
     if "verification" in plots:
         text += [f"![verification]({plots['verification']})", ""]
     return text
@@ -312,6 +324,8 @@ def _md_eval(sec: dict, plots: dict) -> list[str]:
         text += table(["GGUF", *map(_short, columns)], [[k, *(vs[k].get(c) for c in columns)] for k in vs]) + [""]
     if sec.get("skipped"):
         text += ["Not evaluated: " + "; ".join(f"{k} ({v})" for k, v in sec["skipped"].items()) + ".", ""]
+    if any(c.endswith("perplexity") for c in columns):
+        text += [report_adapter.PERPLEXITY_NOTE, ""]
     if "eval" in plots:
         text += [f"![evaluation]({plots['eval']})", ""]
     return text
@@ -322,13 +336,14 @@ def _ordered(metrics: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- plots
-def _figure_bytes(fig) -> bytes:
+def _figure_bytes(fig, tight: bool = True) -> bytes:
     import io
 
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
@@ -363,42 +378,65 @@ def _plot_loss(sec: dict) -> bytes | None:
     return _figure_bytes(fig)
 
 
-def _plot_verification(merge: dict | None, export: dict | None) -> bytes | None:
-    import matplotlib.pyplot as plt
+def _merge_limits(merge: dict) -> dict:
+    """qualify's merge limits for the merged model's stored dtype (the gates' defaults)."""
+    try:
+        from workbench.qualify import load_gates
 
-    names, kl, top1 = [], [], []
+        return load_gates(None)["merge"].get(merge.get("dtype") or "float32") or {}
+    except Exception:   # the plot is drawn without the limit rather than not at all
+        return {}
+
+
+def _plot_verification(merge: dict | None, export: dict | None) -> bytes | None:
+    """KL and top-1 of every verified artifact against its reference, each with its limit."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    rows = []   # (label, group, metrics, limits)
     for k, m in ((merge or {}).get("artifacts") or {}).items():
-        names.append(k), kl.append(m["kl_mean"]), top1.append(m["top1_agreement"])
+        rows.append((k, "merge", m, _merge_limits(merge)))
     for k, f in ((export or {}).get("files") or {}).items():
-        m = f.get("llama_cpp") or {}
-        if m:
-            names.append(f"{k} GGUF"), kl.append(m["kl_mean"]), top1.append(m["top1_agreement"])
-    if not names:
+        if f.get("llama_cpp"):
+            rows.append((f"{k} GGUF", "gguf", f["llama_cpp"], f.get("thresholds") or {}))
+    for k, b in (((export or {}).get("adapter") or {}).get("bases") or {}).items():
+        if b.get("llama_cpp"):
+            rows.append((f"adapter GGUF\non {k} base", "adapter", b["llama_cpp"], b.get("thresholds") or {}))
+    if not rows:
         return None
-    parts = []
-    if (merge or {}).get("artifacts"):
-        parts.append(f"merge on {merge['device']}")
-    if any((f.get("llama_cpp") for f in ((export or {}).get("files") or {}).values())):
-        parts.append(f"GGUFs: llama.cpp on the CPU against the merged model on {export['device']}")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
-    floor = 1e-16
-    bars = a.bar(names, [max(x, floor) for x in kl], color="tab:purple")
-    a.bar_label(bars, labels=[f"{x:.2g}" for x in kl], fontsize=8, padding=1)
+    colors = {"merge": "tab:blue", "gguf": "tab:purple", "adapter": "tab:green"}
+    what = {"merge": "merged model vs the HF adapter", "gguf": "GGUF (llama.cpp) vs the HF merged model",
+            "adapter": "base GGUF + adapter GGUF (llama.cpp) vs the HF adapter"}
+    x = list(range(len(rows)))
+    names = [r[0] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12.5, 5.2))
+    kl = [r[2]["kl_mean"] for r in rows]
+    bars = a.bar(x, [max(v, 1e-16) for v in kl], color=[colors[r[1]] for r in rows])
+    a.bar_label(bars, labels=[f"{v:.2g}" for v in kl], fontsize=8, padding=1)
+    report_adapter.draw_limits(a, x, [r[3].get("kl_mean") for r in rows], "limit (KL fails above, top-1 below)")
     a.set_yscale("log")
     a.set_ylabel("mean KL(reference ‖ artifact), nats/token (log)")
     a.set_title("Distribution shift (lower is better)")
-    bars = b.bar(names, top1, color="tab:green")
+    top1 = [r[2]["top1_agreement"] for r in rows]
+    bars = b.bar(x, top1, color=[colors[r[1]] for r in rows])
     b.bar_label(bars, fmt="%.3f", fontsize=8, padding=1)
-    b.set_ylim(min(0.5, min(top1) - 0.05), 1.05)
-    b.set_ylabel("top-1 agreement with reference (fraction)")
-    b.set_title("Same next token as the reference")
+    report_adapter.draw_limits(b, x, [r[3].get("top1_agreement") for r in rows], "limit")
+    b.set_ylim(0, 1.12)   # the whole scale: the dashed limits show how much room each artifact has
+    b.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    b.set_ylabel("top-1 agreement with the reference (fraction)")
+    b.set_title("Same next token as the reference (higher is better)")
     for ax in (a, b):
-        ax.set_xlabel("artifact")
+        ax.set_xticks(x, names, rotation=20, fontsize=8)
         ax.grid(True, axis="y", alpha=0.3, which="both")
-        ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"Merge and export verification ({'; '.join(parts)})\n(reference: adapter for merged, merged for "
-                 "GGUFs)", fontsize=10)
-    return _figure_bytes(fig)
+    handles = [Patch(color=colors[g], label=what[g]) for g in colors if any(r[1] == g for r in rows)]
+    handles += [a.get_legend_handles_labels()[0][0]] if a.get_legend_handles_labels()[0] else []
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    where = [f"HF on {d}" for d in {(merge or {}).get("device"), (export or {}).get("device")} if d]
+    fig.suptitle(f"Merge and export verification on {(export or merge or {}).get('eval_tokens')} held-out tokens "
+                 f"({', '.join(where)}; llama.cpp on the CPU). Dashed: the limit each artifact must meet "
+                 "(export thresholds; qualify's merge limit)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    return _figure_bytes(fig, tight=False)
 
 
 def _compact(v: float) -> str:
@@ -422,8 +460,8 @@ def _plot_eval(sec: dict) -> bytes | None:
     scores = [c for c in columns if not c.split(" ")[1].endswith("perplexity") and " bits_per_byte" not in c
               and not c.endswith("acc_norm")]
     ppl = [c for c in columns if c.endswith("word_perplexity")]
-    fig, axes = plt.subplots(1, 2 if ppl else 1, figsize=(11 if ppl else 7, 4.5),
-                             gridspec_kw={"width_ratios": [2, 1]} if ppl else None)
+    fig, axes = plt.subplots(1, 2 if ppl else 1, figsize=(12 if ppl else 7, 4.6),
+                             gridspec_kw={"width_ratios": [1.7, 1]} if ppl else None)
     a = axes[0] if ppl else axes
     x = np.arange(len(models))
     width = 0.8 / max(1, len(scores))
@@ -442,21 +480,7 @@ def _plot_eval(sec: dict) -> bytes | None:
     if scores:
         a.legend(fontsize=8, loc="upper center", ncol=min(3, len(scores)), frameon=False)
     if ppl:
-        b = axes[1]
-        values = [metrics[m].get(ppl[0], np.nan) for m in models]
-        bars = b.bar(x, values, color="tab:gray")
-        b.bar_label(bars, labels=[_compact(v) for v in values], fontsize=7, padding=1)
-        finite = [v for v in values if v == v and v > 0]
-        log = bool(finite) and max(finite) / min(finite) > 10
-        if log:
-            b.set_yscale("log")
-        else:
-            b.set_ylim(0, max(finite or [1]) * 1.12)
-        b.set_xticks(x, models, rotation=30)
-        b.set_xlabel("model")
-        b.set_ylabel("word perplexity" + (" (log)" if log else "") + ", lower is better")
-        b.set_title(f"Held-out word perplexity ({_short(ppl[0]).split(' ')[0]})")
-        b.grid(True, axis="y", alpha=0.3, which="both")
+        _plot_ppl_change(axes[1], sec, models, ppl[0])
     v = sec["versions"]
     hf = [m for m in models if m not in GGUF_KINDS]
     where = ", ".join(([f"HF models on {sec['device']}"] if hf else [])
@@ -464,6 +488,37 @@ def _plot_eval(sec: dict) -> bytes | None:
     fig.suptitle(f"lm-eval: {where} (lm-eval {v.get('lm-eval')}, llama-cpp-python "
                  f"{v.get('llama-cpp-python')}, torch {v.get('torch')})", fontsize=10)
     return _figure_bytes(fig)
+
+
+def _plot_ppl_change(ax, sec: dict, models: list[str], column: str) -> None:
+    """Each merged/exported model's word perplexity relative to the adapter's, with its
+    eval tolerance: the absolute values (~1e4) would hide differences of a few percent."""
+    metrics, tolerances = sec["metrics"], sec.get("tolerances") or {}
+    ref = metrics.get("adapter", {}).get(column)
+    shown = [m for m in models if m not in ("base", "adapter") and metrics[m].get(column) is not None]
+    if not ref or not shown:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no adapter perplexity to compare with", ha="center", transform=ax.transAxes)
+        return
+    x = list(range(len(shown)))
+    rel = [100 * (metrics[m][column] / ref - 1) for m in shown]
+    tol = [100 * tolerances[m]["perplexity"] if m in tolerances else None for m in shown]
+    bars = ax.bar(x, rel, color=["tab:gray" if m == "merged" else "tab:purple" for m in shown])
+    ax.bar_label(bars, labels=[f"{v:+.2f}%" for v in rel], fontsize=7, padding=2)
+    report_adapter.draw_limits(ax, x, tol, "eval tolerance (±)", color="dimgray")
+    report_adapter.draw_limits(ax, x, [-t if t is not None else None for t in tol], None, color="dimgray")
+    ax.axhline(0, color="black", linewidth=0.8)
+    span = max([abs(v) for v in rel] + [t for t in tol if t is not None] + [0.01]) * 1.35
+    ax.set_ylim(-span, span)
+    ax.set_xticks(x, shown, rotation=30)
+    ax.set_xlabel("model")
+    ax.set_ylabel("word perplexity vs the adapter (%)")
+    base = metrics.get("base", {}).get(column)
+    ax.set_title(f"Word perplexity vs the adapter\n(adapter {_compact(ref)}"
+                 + (f"; untrained base {_compact(base)}" if base else "") + ")", fontsize=10)
+    if any(t is not None for t in tol):
+        ax.legend(fontsize=7, loc="upper left", frameon=False)
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -568,4 +623,9 @@ def summary_table(run: str | Path) -> str:
             if f.get("fallback_note"):
                 check += ", fallback types (not " + "/".join(sorted(_nominal(m))) + ")"
         rows.append([m, *(metrics.get(m, {}).get(c) for c in keep), check])
+    adapter = export.get("adapter") if files else None
+    if adapter:
+        kls = ", ".join(f"KL {(b.get('llama_cpp') or {}).get('kl_mean', float('nan')):.2g} on the {k} base"
+                        for k, b in (adapter.get("bases") or {}).items())
+        rows.append(["adapter GGUF", *([None] * len(keep)), ("ok, " if adapter.get("passed") else "FAILED, ") + kls])
     return "\n".join(table(["model", *map(_short, keep), "GGUF verification"], rows))

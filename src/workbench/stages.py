@@ -58,6 +58,7 @@ class Settings:
     cfg: object = None                         # train: the Config (None: the run's config.yaml, else the default)
     quants: tuple | list | None = None         # export: the GGUF types asked for (None: the pipeline's default)
     thresholds: str | Path | None = None       # export: a thresholds file (None: the defaults)
+    adapter_gguf: bool = False                 # export: the adapter as a GGUF LoRA adapter too (`workbench run`)
     eval_limit: int | None = None              # eval: documents per task (None: all)
     eval_tasks: list | None = None             # eval: lm-eval tasks (None: the shipped ones the run has rows for)
     eval_models: list | None = None            # eval: model kinds (None: every one the run has)

@@ -154,7 +154,7 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
     from workbench import default, heldout, models, tokenizer as wtok, trainer as trainer_mod
 
     main, start, timings, evals = distributed.is_main(), time.perf_counter(), {}, {}
-    log("preparing tokenizer, base model and data")
+    log("preparing tokenizer, base model and data", detail=True)
     base = base_record = cfg.model.path
     if cfg.builtin_model:
         base = str(default.write_base(tok, staging / "base", cfg.model.path) if main else staging / "base")
@@ -210,7 +210,8 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
     if ours:  # what actually ran during training (a patched module can still fall back per call)
         kernel_report["calls_in_training"] = {k: n - calls_before.get(k, 0) for k, n in
                                               sorted(kernel_calls().items()) if n > calls_before.get(k, 0)}
-        log(f"kernel calls in training: {kernel_report['calls_in_training'] or 'none (every call fell back)'}")
+        log(f"kernel calls in training: {kernel_report['calls_in_training'] or 'none (every call fell back)'}",
+            detail=True)
     offload = trainer_mod.offload_record(trainer)
     if offload and offload["first_step"]:
         log(f"offloaded checkpointing: {offload['first_step']['tensors']} layer inputs, "
@@ -260,7 +261,7 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
         "timings": timings,
         "versions": versions(*PACKAGES, *stack.packages),
     })
-    log(f"done in {timings['total_s']:.1f}s; adapter in {run / 'adapter'}")
+    log(f"done in {timings['total_s']:.1f}s; adapter in {run / 'adapter'}", detail=True)
     distributed.wait_for_everyone(state)
     return record
 

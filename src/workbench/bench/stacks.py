@@ -241,6 +241,7 @@ STACKS = {s.name: s for s in (
     Stack("ours", "ours (workbench.patch)"),
     Stack("ours-gc", "ours + gradient checkpointing", checkpointing=True),
     Stack("ours-offload", "ours + offloaded checkpointing", checkpointing="offload"),
+    Stack("ours-bf16", "ours, adapter in the base's dtype (adapter_as_autocast)"),
     Liger("liger", "Liger-Kernel (its defaults, fused linear CE)"),
     Unsloth("unsloth", "Unsloth (FastLanguageModel)"),
     Unsloth("unsloth-gc", "Unsloth + its offloaded checkpointing", checkpointing=True),

@@ -16,6 +16,8 @@ Stacks:
   ``hf-gc``, ``ours-gc``  each of the above with gradient checkpointing.
   ``ours-offload``  ours with offloaded checkpointing (``gradient_checkpointing: offload``,
             workbench.offload: the layers' inputs wait in pinned host memory).
+  ``ours-bf16``  ours with ``adapter_as_autocast``: PEFT's fp32 adapter on the bf16 base
+            computed in bf16 outside autocast too, as autocast computes it (workbench.patch).
   ``liger`` HF + SDPA with Liger-Kernel's RMSNorm, RoPE and SwiGLU, applied the way a TRL
             user gets them (``use_liger_kernel``); TRL 1.16 keeps its own chunked LM-head
             loss and refuses Liger's fused linear cross-entropy. Runs when liger-kernel is
@@ -69,6 +71,7 @@ MODES = ("lora", "qlora")
 STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "hf-gc": "HF + SDPA + gradient checkpointing",
           "ours": "ours (workbench.patch)", "ours-gc": "ours + gradient checkpointing",
           "ours-offload": "ours + offloaded checkpointing",
+          "ours-bf16": "ours, adapter in the base's dtype (adapter_as_autocast)",
           "liger": "Liger-Kernel via TRL (layer kernels)", "unsloth": "Unsloth (FastLanguageModel via TRL)",
           "unsloth-gc": "Unsloth + its offloaded checkpointing"}
 #: Stacks that run only where their package is installed (skipped, and said so, elsewhere).
@@ -236,7 +239,7 @@ def config_for(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, 
         "quantization": {"type": "nf4", "double_quant": True} if mode == "qlora" else None,
         "training": training,
         "eval": {"max_rows": 0},
-        "kernels": stack.split("-")[0] == "ours",
+        "kernels": {"adapter_as_autocast": True} if stack == "ours-bf16" else stack.split("-")[0] == "ours",
     }
 
 

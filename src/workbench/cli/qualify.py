@@ -7,8 +7,8 @@ from workbench.cli.common import command
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "qualify", help="the release gate: parity, merge, GGUF, eval, tokenizer, hash (and "
-                                     "performance) gates; exit 0 only when every gate passes",
+    p = command(sub, "qualify", help="the release gate: parity, merge, GGUF, adapter GGUF, eval, tokenizer, "
+                                     "hash (and performance) gates; exit 0 only when every gate passes",
                 description="Measure every gate on a finished run and compare it with its threshold (the defaults "
                 "and what each gate checks: src/workbench/configs/gates.yaml): kernel parity on this device, the "
                 "merge, each GGUF, the eval's changes, the tokenizer round trip, every recorded hash, and with "
@@ -31,11 +31,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench.qualify import run_qualify, table
+    from workbench.qualify import run_qualify
+    from workbench.verdict_text import plain
 
     verdict = run_qualify(args.run, gates=args.gates, parity_report=args.parity_report, baseline=args.baseline,
                           command=getattr(args, "command_line", None))
-    print(table(verdict["gates"]))
+    print(plain(verdict["gates"]))
     print(f"verdict: {verdict['verdict']} ({verdict['summary']})")
     print(f"report: {args.run}/qualify/verdict.md and {args.run}/qualify/verdict.json")
+    print(f"`workbench report --run {args.run}` links this verdict from the run report ({args.run}/report/report.md).")
     return 0 if verdict["passed"] else 1

@@ -201,7 +201,6 @@ def _run_eval(run: Path, tasks, model_kinds, include, limit, limits, chat_templa
         "timings": timings,
         "versions": versions("lm-eval", "llama-cpp-python", "transformers", "peft", "torch"),
     }, found=found, hashed=hashed)
-    log(f"done in {timings['total_s']:.1f}s; table in {eval_dir / 'comparison.md'}")
     return record
 
 

@@ -26,7 +26,7 @@ from . import archs, vocab
 FLOAT_TYPES = export.FLOAT_TYPES
 
 
-def _permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder each head's rows from HF's halves layout (x0..x{d/2-1}, y0..y{d/2-1})
     to llama.cpp's adjacent pairs (x0, y0, x1, y1, ...). Works for weights and biases."""
     rows = w.shape[0]
@@ -49,13 +49,20 @@ def _to_numpy(t: torch.Tensor, out_type: str):
     return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), gguf.GGMLQuantizationType.BF16
 
 
+def name_map(config: dict):
+    """gguf-py's HF -> GGUF tensor-name map for this checkpoint (shared with the LoRA adapter writer)."""
+    import gguf
+
+    _, arch = archs.arch_for(config)
+    return gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.gguf_arch), config["num_hidden_layers"])
+
+
 def _tensors(merged: Path, config: dict):
     """(gguf name, tensor) pairs in file order, transformed for llama.cpp."""
-    import gguf
     from safetensors import safe_open
 
     family, arch = archs.arch_for(config)
-    names = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.gguf_arch), config["num_hidden_layers"])
+    names = name_map(config)
     files = sorted(merged.glob("*.safetensors"))
     if not files:
         raise UserError(f"{merged} has no .safetensors weights; rerun `workbench merge`.")
@@ -76,9 +83,9 @@ def _tensors(merged: Path, config: dict):
                                     "this checkpoint has parts the exporter does not know.")
                 t = fh.get_tensor(hf_name).to(torch.float32)
                 if arch.permute_qk and ".self_attn.q_proj." in hf_name:
-                    t = _permute_rope_rows(t, config["num_attention_heads"])
+                    t = permute_rope_rows(t, config["num_attention_heads"])
                 elif arch.permute_qk and ".self_attn.k_proj." in hf_name:
-                    t = _permute_rope_rows(t, n_kv)
+                    t = permute_rope_rows(t, n_kv)
                 if offset and hf_name.endswith("norm.weight"):
                     t = t + offset
                 seen_output |= name == "output.weight"
@@ -102,6 +109,30 @@ def write_error(err: OSError, path: Path, command: str) -> UserError:
                      f"space) and rerun `{command}` (no partial file was kept).")
 
 
+@contextlib.contextmanager
+def gguf_file(out_path: Path, arch, command: str):
+    """A GGUFWriter for ``out_path`` (``arch``: an archs entry): the block adds metadata and
+    tensors; on leaving it the file is written through :func:`workbench.atomic.file`, so a
+    failure (a full disk included) leaves no partial file under the final name."""
+    import gguf
+
+    try:
+        with atomic.file(out_path) as tmp:
+            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
+            try:
+                yield writer
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file(progress=False)
+                writer.close()
+            except BaseException:
+                with contextlib.suppress(OSError):   # closing flushes, and a full disk refuses that too
+                    writer.close()
+                raise
+    except OSError as err:
+        raise write_error(err, out_path, command) from None
+
+
 def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir: str | Path | None = None) -> dict:
     """Write ``merged`` (a HF checkpoint folder) as a GGUF of ``out_type`` (f16/bf16)
     at ``out_path``. Returns facts for the report: arch, pre-tokenizer, tensor count, notes."""
@@ -119,31 +150,18 @@ def write(merged: str | Path, out_path: str | Path, out_type: str, tokenizer_dir
     meta = vocab.load(tokenizer_dir or merged, config["vocab_size"])
     ftype = gguf.LlamaFileType.MOSTLY_F16 if out_type == "f16" else gguf.LlamaFileType.MOSTLY_BF16
 
-    count, arch_name = 0, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)]
-    try:
-        with atomic.file(out_path) as tmp:
-            writer = gguf.GGUFWriter(tmp, arch_name)
-            try:
-                writer.add_name(merged.name)
-                writer.add_file_type(ftype)
-                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-                writer.add_vocab_size(config["vocab_size"])
-                archs.add_hparams(writer, config)
-                meta.add_to(writer)
-                for name, t in _tensors(merged, config):
-                    array, raw_type = _to_numpy(t, out_type)
-                    writer.add_tensor(name, array, raw_dtype=raw_type)
-                    count += 1
-                writer.write_header_to_file()
-                writer.write_kv_data_to_file()
-                writer.write_tensors_to_file(progress=False)
-                writer.close()
-            except BaseException:
-                with contextlib.suppress(OSError):   # closing flushes, and a full disk refuses that too
-                    writer.close()
-                raise
-    except OSError as err:
-        raise write_error(err, out_path, "workbench export") from None
-    return {"arch": family, "gguf_arch": arch_name, "pre_tokenizer": meta.pre, "tensors": count,
+    with gguf_file(out_path, arch, "workbench export") as writer:
+        writer.add_name(merged.name)
+        writer.add_file_type(ftype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_vocab_size(config["vocab_size"])
+        archs.add_hparams(writer, config)
+        meta.add_to(writer)
+        count = 0
+        for name, t in _tensors(merged, config):
+            array, raw_type = _to_numpy(t, out_type)
+            writer.add_tensor(name, array, raw_dtype=raw_type)
+            count += 1
+    return {"arch": family, "gguf_arch": writer.arch, "pre_tokenizer": meta.pre, "tensors": count,
             "vocab_padded": meta.padded, "add_bos": meta.add_bos, "special_ids": meta.special_ids,
             "notes": notes + meta.notes}

@@ -35,7 +35,7 @@ _STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def log(msg: str) -> None:
-    console.progress(f"[merge] {msg}")
+    console.progress(f"[merge] {msg}", detail=True)
 
 
 def base_model_path(run: Path, train: dict) -> Path:
@@ -250,7 +250,6 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
         log(f"reference: adapter on the base {base} (fp32)")
         reference = "adapter on the base, unmerged, in fp32"
 
-    log(f"merging into the base's weights (fp32 arithmetic, saved as {dtype})")
     peft_model = with_adapter(load_base(base, device), adapter)
     if not quant:
         ref = hf_logits(peft_model, wins)
@@ -258,7 +257,6 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
     del peft_model
     report = {"base_model": manifest.relative(run, base), "dtype": dtype, "quantization": quant, "reference": reference,
               "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
-    log("comparing merge/merged with the reference")
     report["merged"] = _evaluate_saved(out_dir / "merged", ref, wins, device)
     outputs = [out_dir / "merged"]
 

@@ -9,6 +9,12 @@ under a temp name and renamed when complete, so a killed export leaves only
 the 16-bit files intact. The manifest's "export" record lists every file (hash,
 size, type, verification numbers); it is "complete" only when every file passed
 its thresholds, otherwise "failed_verification" (the report says which metric).
+
+With ``adapter_gguf`` (``workbench export --adapter-gguf``; ``workbench run`` always
+asks for it) the run's LoRA adapter is also written as a GGUF LoRA adapter, with the
+base model's f16/q8_0 GGUFs it applies to, and verified in llama.cpp against the HF
+adapter on its base; and every GGUF gets an Ollama Modelfile next to it
+(workbench.export.adapter_export, workbench.export.modelfile).
 """
 from __future__ import annotations
 
@@ -19,12 +25,12 @@ from workbench import atomic, console, manifest, stages
 from workbench.envinfo import versions
 from workbench.errors import UserError
 
-from . import DEFAULT_TYPES, GGUF_TYPES, archs, gguf_writer, quantize, verify
-from .compare import hf_logits, windows
+from . import DEFAULT_TYPES, GGUF_TYPES, adapter_export, archs, gguf_writer, quantize, verify
+from .compare import hf_logits
 
 
 def log(msg: str) -> None:
-    console.progress(f"[export] {msg}")
+    console.progress(f"[export] {msg}", detail=True)
 
 
 def parse_quants(text: str) -> list[str]:
@@ -61,24 +67,27 @@ def _merged_folder(run: Path) -> Path:
 
 
 def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None = None,
-               heldout: str | None = None) -> dict:
+               heldout: str | None = None, adapter_gguf: bool = False) -> dict:
     """The export stage; returns the report (``report["passed"]`` says whether every
-    file met its thresholds)."""
+    file met its thresholds). ``adapter_gguf``: also the LoRA adapter as a GGUF adapter
+    with its base GGUFs, verified in llama.cpp (workbench.export.adapter_export)."""
     from workbench.offline import enforce_offline
 
     enforce_offline()
     run = manifest.require_run(run)
     with manifest.lock(run):
-        return _run_export(run, quants, thresholds, heldout)
+        return _run_export(run, quants, thresholds, heldout, adapter_gguf)
 
 
-def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
+def _run_export(run: Path, quants: list[str], thresholds, heldout, adapter_gguf: bool = False) -> dict:
     merged = _merged_folder(run)
     limits = verify.load_thresholds(thresholds)
-    settings = stages.Settings(quants=quants, thresholds=thresholds)
+    settings = stages.Settings(quants=quants, thresholds=thresholds, adapter_gguf=adapter_gguf)
     found = STAGE.inputs(run, settings)   # what this export reads, hashed before it is read
     config = json.loads((merged / "config.json").read_text())
     archs.check_exportable(config)   # refuse before writing anything
+    if "adapter" in found:
+        adapter_export.refuse_early(run)
     out = run / "export"
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial"):   # a killed export's (we hold the run's lock)
@@ -104,6 +113,7 @@ def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
               "pre_tokenizer": facts.get("pre_tokenizer"), "notes": facts.get("notes", []),
               "source_for_quants": source.name if quantized else None, "thresholds": limits, "files": {}}
     report.update(_verify_all(merged, files, types, limits, heldout))
+    extra, extra_paths = adapter_export.extend(run, out, merged, files, report, adapter_gguf, thresholds, heldout)
     atomic.write_json(out / "export_report.json", report)
 
     entries = {}
@@ -117,10 +127,11 @@ def _run_export(run: Path, quants: list[str], thresholds, heldout) -> dict:
     stages.record(run, STAGE, settings, {
         "status": "complete" if report["passed"] else "failed_verification",
         "files": entries,
+        **extra,
         # A bare `workbench run --run DIR` exports with these thresholds again.
         "thresholds_file": str(Path(thresholds).resolve()) if thresholds else None,
         "versions": versions("gguf", "llama-cpp-python", "transformers", "torch", "parity-workbench"),
-    }, found=found)
+    }, found=found, outputs=[*files.values(), *extra_paths, out / "export_report.json"])
     return report
 
 
@@ -128,20 +139,19 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if heldout is None:
-        from workbench.synthetic import heldout_text
+    from workbench.synthetic import heldout_text
 
-        heldout = heldout_text()
+    text_is_default = heldout is None or heldout == heldout_text()
+    heldout = heldout_text() if heldout is None else heldout
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    window = min(verify.EVAL_WINDOW, json.loads((merged / "config.json").read_text())["max_position_embeddings"])
-    wins = windows(tokenizer(heldout)["input_ids"], window, verify.EVAL_TOKENS)
+    wins, window = verify.heldout_windows(tokenizer, json.loads((merged / "config.json").read_text())
+                                          ["max_position_embeddings"], heldout)
     device = "cuda" if torch.cuda.is_available() else "cpu"   # llama.cpp itself runs on the CPU here
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, use_safetensors=True)
     model = model.to(device).eval()
     ref = hf_logits(model, wins)
     result, passed = {}, True
     for kind, path in files.items():
-        log(f"verifying {path.name} against the HF merged model")
         checks = verify.verify(path, model, tokenizer, wins, ref, heldout)
         problems = [f"llama.cpp {p}" for p in verify.failures(checks["llama_cpp"], limits[kind])]
         if checks["transformers"]["supported"]:
@@ -166,7 +176,8 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
         result[kind] = entry
         passed &= not problems
     return {"files": result, "passed": passed,
-            "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
+            "eval": {"tokens": sum(len(w) for w in wins), "window": window, "ids_sha256": verify.ids_sha256(wins),
+                     "text": adapter_export.HELDOUT if text_is_default else "the held-out text given to run_export"}}
 
 
 class ExportStage(stages.Stage):
@@ -182,40 +193,52 @@ class ExportStage(stages.Stage):
 
     def inputs(self, run: Path, settings: stages.Settings) -> dict:
         merge = manifest.stage(run, "merge") or {}
-        return {"merged": run / merge.get("merged_dir", "merge/merged"),
-                "types": planned(settings.quants or DEFAULT_TYPES),
-                "thresholds": verify.load_thresholds(settings.thresholds)}
+        found = {"merged": run / merge.get("merged_dir", "merge/merged"),
+                 "types": planned(settings.quants or DEFAULT_TYPES),
+                 "thresholds": verify.load_thresholds(settings.thresholds)}
+        if settings.adapter_gguf and not adapter_export.not_applicable(run):
+            found.update(adapter_export.inputs(run, settings.thresholds))
+        return found
 
     def outputs(self, run: Path, settings: stages.Settings) -> list[Path]:
-        return [*(run / "export" / f"model-{q}.gguf" for q in planned(settings.quants or DEFAULT_TYPES)),
-                run / "export" / "export_report.json"]
+        out = run / "export"
+        return [*(out / f"model-{q}.gguf" for q in planned(settings.quants or DEFAULT_TYPES)),
+                *adapter_export.outputs(run, out, planned(settings.quants or DEFAULT_TYPES), settings.adapter_gguf),
+                out / "export_report.json"]
 
     def reason(self, run: Path, changed: list[str], rec: dict, settings: stages.Settings) -> str:
         if "types" in changed:
             asked = planned(settings.quants or DEFAULT_TYPES)
             return f"it exported {', '.join(rec.get('files', {})) or 'nothing'}, this run asks for {', '.join(asked)}"
-        if changed[0] == "thresholds":
+        if changed[0] in ("thresholds", "adapter_thresholds"):
             return "it was verified against other thresholds" + (f" than {settings.thresholds}" if settings.thresholds
                                                                  else " than the defaults")
+        if changed[0] in adapter_export.INPUTS and changed[0] not in (rec.get("input_hashes") or {}):
+            return "it wrote no adapter GGUF (this run ships one)"
         return super().reason(run, changed, rec, settings)
 
     def skipped(self, run: Path, rec: dict) -> tuple[str, int] | None:
         failed = [k for k, e in (rec.get("files") or {}).items() if not e.get("passed", True)]
+        failed += ["adapter"] if not (rec.get("adapter") or {}).get("passed", True) else []
         if rec.get("status") != "failed_verification":
             return None
         return (f"skipped: verified before: {len(failed)} GGUF(s) failed ({', '.join(failed)}; same inputs, types "
                 "and thresholds, so exporting again would fail the same way)", 1 if failed else 0)
 
     def run(self, run: Path, settings: stages.Settings) -> dict:
-        return run_export(run, list(settings.quants or DEFAULT_TYPES), thresholds=settings.thresholds)
+        return run_export(run, list(settings.quants or DEFAULT_TYPES), thresholds=settings.thresholds,
+                          adapter_gguf=settings.adapter_gguf)
 
     def summary(self, run: Path, report: dict) -> str:
+        adapter = report.get("adapter") or {}
         failed = [k for k, e in report["files"].items() if not e["passed"]]
+        failed += ["adapter"] if not adapter.get("passed", True) else []
         notes = "".join(f"; {e['fallback_note']}" for e in report["files"].values() if e.get("fallback_note"))
         if failed:
-            return (f"FAILED verification: {', '.join(failed)} (see {run / 'export' / 'export_report.json'}); evaluating and "
-                    f"reporting anyway{notes}")
-        return f"{', '.join(report['files'])} written and verified{notes}"
+            return (f"FAILED verification: {', '.join(failed)} (see {run / 'export' / 'export_report.json'}); "
+                    f"evaluating and reporting anyway{notes}")
+        shipped = [*report["files"], *(["adapter"] if adapter.get("passed") else [])]
+        return f"{', '.join(shipped)} written and verified{notes}"
 
 
 STAGE = ExportStage()

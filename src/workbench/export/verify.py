@@ -15,6 +15,7 @@ with the same shape overrides them (``workbench export --thresholds FILE``).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 
 from workbench.errors import UserError
 
-from .compare import hf_logits, logit_metrics
+from .compare import hf_logits, logit_metrics, windows
 
 #: Thresholds per GGUF type, checked against both readers (llama.cpp and transformers).
 #: Measured with llama-cpp-python 0.3.36 on the CPU, 512 tokens of
@@ -58,6 +59,26 @@ EVAL_TOKENS = 512
 EVAL_WINDOW = 128
 
 
+def heldout_windows(tokenizer, max_positions: int, heldout: str | None = None) -> tuple[list[list[int]], int]:
+    """The held-out ids every export check compares logits on, and the window length:
+    ``heldout`` (default ``workbench.synthetic.heldout_text()``: the built-in held-out
+    rows as plain "question\\nanswer" text, no chat template), tokenized, its first
+    EVAL_TOKENS ids in windows of EVAL_WINDOW (at most the model's positions)."""
+    if heldout is None:
+        from workbench.synthetic import heldout_text
+
+        heldout = heldout_text()
+    window = min(EVAL_WINDOW, max_positions)
+    return windows(tokenizer(heldout)["input_ids"], window, EVAL_TOKENS), window
+
+
+def ids_sha256(wins: list[list[int]]) -> str:
+    """A fingerprint of the compared token ids (the qualify gates check they compare the same ones)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(wins).encode()).hexdigest()
+
+
 def load_thresholds(path: str | Path | None) -> dict:
     """DEFAULT_THRESHOLDS, with a YAML file's values (same shape) on top."""
     from workbench.config import read_yaml_file
@@ -70,6 +91,8 @@ def load_thresholds(path: str | Path | None) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"thresholds file {path} must be a mapping of type -> {{metric: limit}}.")
     for quant, limits in data.items():
+        if quant == "adapter":
+            continue   # the adapter GGUF's limits (workbench.export.adapter_export.load_thresholds)
         unknown = set(limits) - set(DEFAULT_THRESHOLDS["f16"]) if isinstance(limits, dict) else {"(not a mapping)"}
         if quant not in thresholds or unknown:
             raise UserError(f"thresholds file {path}: unknown type {quant!r} or metric(s) {sorted(unknown)}; "
@@ -134,13 +157,14 @@ def tokenizer_corpus(hf_tokenizer, heldout: str) -> list[str]:
 class LlamaCpp:
     """One GGUF opened in llama.cpp (CPU) with logits for every position."""
 
-    def __init__(self, path: str | Path, n_ctx: int):
+    def __init__(self, path: str | Path, n_ctx: int, lora_path: str | Path | None = None):
         import logging
 
         import llama_cpp
 
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False)
+        self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False,
+                                   lora_path=str(lora_path) if lora_path else None)
 
     def logits(self, wins: list[list[int]]) -> list[torch.Tensor]:
         import numpy as np

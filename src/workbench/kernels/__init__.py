@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ._registry import PROFILE_LIMITS, Inputs, KernelSpec, Limits
+from ._registry import PROFILE_LIMITS, Example, Inputs, KernelSpec, Limits
 
-__all__ = ["KernelSpec", "Inputs", "Limits", "PROFILE_LIMITS", "registry", "get", "kernel_modules"]
+__all__ = ["KernelSpec", "Example", "Inputs", "Limits", "PROFILE_LIMITS", "registry", "get", "kernel_modules"]
 
 _REGISTRY: dict[str, KernelSpec] | None = None
 

@@ -6,11 +6,9 @@ protocol, input validation, the dropout-mask plumbing, the PEFT-equivalent
 reference of one LoRA linear, and the strategy / input builders.
 
 The LoRA math itself (the forward and backward building blocks of one LoRA
-linear, and the dropout Triton kernels) lives in ``lora_o.py``, the kernel of a
-single LoRA linear, and ``lora_qkv`` / ``lora_mlp`` import it from there (as
-``geglu`` imports from ``swiglu``). It is kept in a registered file on purpose:
-the mutation self-test patches only the registered kernel file, so math placed
-here could not be reached by a planted bug.
+linear, and their Triton kernels) lives in ``_lora_ops.py``, which the three
+kernels import; planted bugs reach it there (a mutant may name the module it
+patches, ``parity/mutants/__init__.py``).
 
 Semantics (PEFT's ``LoraLayer`` on a frozen ``nn.Linear``)::
 
@@ -300,6 +298,16 @@ def ablate_adapters(*names: str):
     def ablate(tensors: dict) -> dict:
         return {n: torch.zeros_like(tensors[n]) for n in names}
     return ablate
+
+
+#: Why the LoRA kernels' targeted examples (``EXAMPLES`` of lora_o, lora_qkv, lora_mlp) exist.
+MIXED_SMALL_ADAPTER = ("the mixed mode (fp32 x, bf16 layer) with an adapter 2^-10 the base's size: its terms of "
+                       "the output and of dX sit below half a bf16 ulp of the base's, which autograd's fp32 sums "
+                       "keep and a sum in the layer's dtype loses (delta:y, delta:grad:x); the ci profile's draws "
+                       "meet the three flags together in one example in 13")
+MANY_TOKENS = ("256 tokens in bf16: dA and dB are sums over every token, where a 16-bit accumulator shows "
+               "(ci's random draws have at most 48 x 3); the sums are torch's GEMMs today, the example is "
+               "there for any reduction the kernel takes over")
 
 
 def draw_keep(shape: tuple[int, ...], dropout: float, device, gen) -> torch.Tensor:

@@ -18,11 +18,16 @@ A spec says:
   * ``grads``      names of the inputs whose gradients are compared (dX, dW, ...);
   * ``ablate``     optional, ``ablate(tensors) -> {name: tensor}``: replacements for
                    some inputs that remove one term of the outputs (LoRA: B = 0). The
-                   harness then also compares each output's change between the two
-                   input sets (``delta:<output>``), by the same doctrine: a small term
-                   that PyTorch's own arithmetic keeps must survive the kernel's too,
-                   which the outputs alone cannot show when the term sits below their
-                   rounding (a sum in too narrow a dtype).
+                   harness then also compares the change of each output and of each
+                   gradient between the two input sets (``delta:<output>``,
+                   ``delta:grad:<input>``), by the same doctrine: a small term that
+                   PyTorch's own arithmetic keeps must survive the kernel's too, which
+                   the outputs alone cannot show when the term sits below their
+                   rounding (a sum in too narrow a dtype);
+  * ``examples``   targeted cases (:class:`Example`) the property runs first in every
+                   profile, each with the reason it is there: shapes a profile's random
+                   draws reach too rarely (a 16-bit accumulator needs a hundred rows a
+                   program to show in bf16; fp16's flush to zero needs a large vocab).
 """
 from __future__ import annotations
 
@@ -73,6 +78,18 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class Example:
+    """One targeted case of a kernel's property (a hypothesis ``@example``): ``params`` as
+    the kernel's strategy draws them (harness keys included), run in ``dtypes`` (None:
+    every dtype of the spec) with ``seed``. ``why`` says which bug it is there to catch."""
+
+    params: dict[str, Any]
+    why: str
+    dtypes: tuple[torch.dtype, ...] | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     name: str
     fn: Callable[..., Any]
@@ -88,6 +105,10 @@ class KernelSpec:
     #: weights); every other kernel must compare at least one gradient.
     differentiable: bool = True
     ablate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    examples: tuple[Example, ...] = ()
+
+    def examples_for(self, dtype: torch.dtype) -> list[Example]:
+        return [e for e in self.examples if e.dtypes is None or dtype in e.dtypes]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -97,7 +118,7 @@ class KernelSpec:
             "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
             "outputs": list(self.outputs),
             "grads": list(self.grads),
-            "deltas": list(self.outputs) if self.ablate is not None else [],
+            "deltas": ([*self.outputs, *(f"grad:{g}" for g in self.grads)] if self.ablate is not None else []),
             "options": list(self.options),
             "summary": self.summary,
         }

@@ -111,6 +111,34 @@ def _errors(x: torch.Tensor, exact: torch.Tensor, mask: torch.Tensor) -> tuple[f
     return max_scaled, rel
 
 
+def _overflow_masks(x: torch.Tensor, exact: torch.Tensor):
+    """(finite, over, bad) masks of ``x`` against ``exact`` (fp64).
+
+    Overflow: an exact value beyond the output dtype's range (e.g. a float16 gradient
+    summed over 16k tokens) rounds to inf in that dtype. There ``x`` must give what correct
+    rounding gives -- inf of the same sign -- or a value of that sign within 8 units of the
+    largest finite one (its fp32 sum fell just below the threshold). Those positions
+    (``over``) leave the error norms (for the baseline too, which may be inf there).
+    ``bad``: non-finite where ``exact`` is finite and in range, or a wrong overflow."""
+    finite = torch.isfinite(exact)
+    over = finite & torch.isinf(exact.to(x.dtype))
+    fmax = torch.finfo(x.dtype).max
+    x64 = x.detach().double()
+    near_max = x64.abs() >= fmax * (1 - 8 * UNIT_ROUNDOFF.get(x.dtype, 2.0**-53))
+    over_ok = over & (torch.sign(x64) == torch.sign(exact)) & near_max
+    bad = (finite & ~torch.isfinite(x64) & ~over_ok) | (over & ~over_ok)
+    return finite, over, bad
+
+
+def spurious_nonfinite(x: torch.Tensor | None, exact: torch.Tensor | None) -> bool:
+    """Whether ``x`` is non-finite (or overflows wrongly) where ``exact`` is finite and in
+    range: what ``compare`` always fails. The harness asks it of PyTorch's own result to
+    tell an upstream scale beyond the dtype's range (GradScaler would skip the step)."""
+    if x is None or exact is None or tuple(x.shape) != tuple(exact.shape):
+        return False
+    return bool(_overflow_masks(x, exact.detach().double())[2].any())
+
+
 def compare(name: str, kernel: torch.Tensor | None, baseline: torch.Tensor | None,
             exact: torch.Tensor | None, dtype: torch.dtype, unit: float | None = None,
             floor_scale: float = 1.0, perturbed: torch.Tensor | None = None) -> Comparison:
@@ -135,18 +163,8 @@ def compare(name: str, kernel: torch.Tensor | None, baseline: torch.Tensor | Non
 
     exact = exact.detach().double()
     kernel = kernel.detach()
-    finite = torch.isfinite(exact)
-    # Overflow: an exact value beyond the output dtype's range (e.g. a float16 gradient
-    # summed over 16k tokens) rounds to inf in that dtype. There the kernel must give
-    # what correct rounding gives -- inf of the same sign -- or a value of that sign within
-    # 8 units of the largest finite one (its fp32 sum fell just below the threshold). Those
-    # positions leave the error norms (for the baseline too, which may be inf there).
-    over = finite & torch.isinf(exact.to(kernel.dtype))
+    finite, over, bad = _overflow_masks(kernel, exact)
     fmax = torch.finfo(kernel.dtype).max
-    k64 = kernel.double()
-    near_max = k64.abs() >= fmax * (1 - 8 * UNIT_ROUNDOFF.get(kernel.dtype, 2.0**-53))
-    over_ok = over & (torch.sign(k64) == torch.sign(exact)) & near_max
-    bad = (finite & ~torch.isfinite(k64) & ~over_ok) | (over & ~over_ok)
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
         return Comparison(name, False, message=f"{int(bad.sum())} non-finite or overflowed value(s) where the "

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _strategies as S
 from ._harness import maybe_strided, randn
-from ._registry import Inputs, KernelSpec, Limits
+from ._registry import Example, Inputs, KernelSpec, Limits
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -366,6 +366,25 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                   ("logits",) if p["grad"] else ())
 
 
+def _case(**over) -> dict:
+    return {"rows": 4, "vocab": 64, "ignore_index": -100, "ignored": 0.0, "label_smoothing": 0.1, "softcap": None,
+            "reduction": "mean", "z_loss": 1e-4, "return_z_loss": False, "scale": 1.0, "strided": False,
+            "grad": True, "_block": None, **over}
+
+
+EXAMPLES = (
+    # fp16 with a vocab past 65,536: softmax values of ~1/V sit in fp16's subnormal range (below
+    # 2^-14), where a gradient formed for an upstream of 1 and rounded before GradScaler's scale
+    # lifts it keeps a few bits, or none. The upstream is 2^16 (the loss scale), as in training.
+    Example(_case(vocab=65537, rows=3, _dy="dense", _dy_scale=16), "fp16 and a vocab past 65,536 under "
+            "GradScaler's 2^16: gradients that flush to zero if formed before the scale", dtypes=(torch.float16,)),
+    # A row of 64 vocab blocks: the online softmax's running max / sum over many blocks (a 16-bit
+    # accumulator there moves the fp32 loss, judged at fp32, from a few blocks on).
+    Example(_case(vocab=1024, rows=2, _block=16, softcap=30.0), "a row of 64 vocab blocks: a 16-bit "
+            "accumulator in the online softmax", dtypes=(torch.bfloat16,)),
+)
+
+
 SPEC = KernelSpec(
     name="cross_entropy",
     fn=cross_entropy,
@@ -378,4 +397,5 @@ SPEC = KernelSpec(
              "z_loss (PaLM)", "return_z_loss"),
     summary="Cross-entropy with ignore_index, label smoothing, logit softcap and z-loss; online softmax "
             "over vocab blocks, gradient recomputed in the backward from the saved lse.",
+    examples=EXAMPLES,
 )

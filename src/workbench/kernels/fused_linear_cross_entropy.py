@@ -70,7 +70,7 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _strategies as S
 from ._harness import maybe_strided, randn
-from ._registry import Inputs, KernelSpec, Limits
+from ._registry import Example, Inputs, KernelSpec, Limits
 from .cross_entropy import MAX_BLOCK, _ce_bwd, _ce_fwd, _warps, check_options, cross_entropy_reference
 
 #: At most this many bytes of logits in one chunk (the default chunk size).
@@ -450,6 +450,30 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                    **({"num_items_in_batch": items} if items is not None else {})}, options, grads)
 
 
+def _case(**over) -> dict:
+    return {"batch": 1, "rows": 8, "hidden": 16, "vocab": 64, "chunk_size": None, "bias": False,
+            "ignore_index": -100, "ignored": 0.0, "label_smoothing": 0.0, "softcap": None, "reduction": "mean",
+            "z_loss": 0.0, "return_z_loss": False, "items_factor": None, "items_tensor": False, "scale": 1.0,
+            "strided": False, "grad_h": True, "grad_w": True, "grad_b": False, "_block": None, **over}
+
+
+EXAMPLES = (
+    # HF's num_items_in_batch counts the tokens of every accumulated micro-batch: the loss is
+    # divided by thousands, so every dlogit formed for an upstream of 1 sits in fp16's
+    # subnormal range (below 2^-14) and keeps a few bits; GradScaler's 2^16 (the upstream
+    # here) lifts PyTorch's back to full precision. The reason fp16 forms dlogits in the backward.
+    Example(_case(reduction="sum", items_factor=4096.0, _dy="dense", _dy_scale=16), "fp16, num_items_in_batch "
+            "in the thousands, GradScaler's 2^16: dlogits formed for an upstream of 1 flush",
+            dtypes=(torch.float16,)),
+    Example(_case(vocab=32768, rows=4, _dy="dense", _dy_scale=16), "fp16 and a 32k vocab under GradScaler's "
+            "2^16: softmax values of 1/V are fp16 subnormals", dtypes=(torch.float16,)),
+    # dW accumulated over 96 chunks (one row each): a 16-bit accumulator shows from about a hundred
+    # additions, which the ci profile's random draws (<= 48 rows) reach rarely.
+    Example(_case(rows=96, chunk_size=1, vocab=16, hidden=8), "dW summed over 96 chunks: a 16-bit "
+            "accumulator across chunks", dtypes=(torch.bfloat16,)),
+)
+
+
 SPEC = KernelSpec(
     name="fused_linear_cross_entropy",
     fn=fused_linear_cross_entropy,
@@ -462,4 +486,5 @@ SPEC = KernelSpec(
              "z_loss (PaLM)", "return_z_loss", "num_items_in_batch (HF gradient accumulation)", "chunk_size"),
     summary="lm_head matmul + cross-entropy chunk by chunk: never materialises the [N, V] logits; dW/dB "
             "accumulated in fp32; gradients computed in the forward for mean/sum.",
+    examples=EXAMPLES,
 )

@@ -18,7 +18,10 @@ Exact GELU uses ``tl.math.erf`` (libdevice's erff on the GPU; the interpreter
 evaluates it with math.erf).
 
 Layout as in ``swiglu``: [rows, last_dim] views with a unit last stride, a 1-D
-grid of element blocks, (row, col) addressing only for non-contiguous inputs.
+grid of element blocks, (row, col) addressing only for non-contiguous inputs
+(``_elementwise.py``). ``geglu_forward`` / ``geglu_backward`` launch the kernels
+with no autograd, as ``swiglu_forward`` / ``swiglu_backward`` do (``lora_mlp``
+calls them too). The cases drawn are SwiGLU's (its ``SPEC``), in both GELU forms.
 """
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ import triton.language as tl
 from hypothesis import strategies as st
 
 from . import _common as C
-from ._registry import Inputs, KernelSpec, Limits
-from .swiglu import _block, _contiguous, _offset, _rows
-from .swiglu import _make_inputs as swiglu_make_inputs
-from .swiglu import _params as swiglu_params
+from . import _elementwise as E
+from ._elementwise import offset
+from ._registry import Example, Inputs, KernelSpec, Limits
+from .swiglu import SPEC as SWIGLU
 
 APPROXIMATE_MODES = ("none", "tanh")
 
@@ -90,8 +93,8 @@ def _geglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
                TANH: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    g_off = _offset(idx, n_cols, g_stride, CONTIG)
-    u_off = _offset(idx, n_cols, u_stride, CONTIG)
+    g_off = offset(idx, n_cols, g_stride, CONTIG)
+    u_off = offset(idx, n_cols, u_stride, CONTIG)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + idx, (_gelu(g, TANH) * u).to(Y.dtype.element_ty), mask=mask)
@@ -103,9 +106,9 @@ def _geglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_elemen
                CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    dy_off = _offset(idx, n_cols, dy_stride, CONTIG)
-    g_off = _offset(idx, n_cols, g_stride, CONTIG)
-    u_off = _offset(idx, n_cols, u_stride, CONTIG)
+    dy_off = offset(idx, n_cols, dy_stride, CONTIG)
+    g_off = offset(idx, n_cols, g_stride, CONTIG)
+    u_off = offset(idx, n_cols, u_stride, CONTIG)
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     if COMPUTE_DG:
@@ -116,43 +119,61 @@ def _geglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_elemen
 
 
 # --------------------------------------------------------------------------- launchers
+def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none",
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """h = gelu(gate, approximate) * up: launches the Triton kernel, no autograd, no input
+    checks. Layouts, dtypes and ``out`` as ``swiglu.swiglu_forward``. Returns ``out``."""
+    n_rows, n_cols = gate.shape
+    n = n_rows * n_cols
+    if out is None:
+        out = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if n:
+        grid, block = E.grid(n)
+        _geglu_fwd[grid](gate, up, out, gate.stride(0), up.stride(0), n_cols, n,
+                         TANH=approximate == "tanh", CONTIG=E.contiguous(n_cols, gate, up), BLOCK=block)
+    return out
+
+
+def geglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, approximate: str = "none",
+                   need_dgate: bool = True, need_dup: bool = True, dgate: torch.Tensor | None = None,
+                   dup: torch.Tensor | None = None):
+    """(dgate, dup) of h = gelu(gate, approximate) * up for the upstream gradient ``dh``:
+    launches the Triton kernel, no autograd, no input checks. Layouts, dtypes, buffers and
+    the gradients asked for as ``swiglu.swiglu_backward``."""
+    n_rows, n_cols = gate.shape
+    n = n_rows * n_cols
+    if need_dgate and dgate is None:
+        dgate = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if need_dup and dup is None:
+        dup = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if n and (need_dgate or need_dup):
+        grid, block = E.grid(n)
+        u_arg = up if need_dgate else gate
+        _geglu_bwd[grid](
+            dh, gate, u_arg, dgate if need_dgate else dh, dup if need_dup else dh,
+            dh.stride(0), gate.stride(0), u_arg.stride(0), n_cols, n,
+            TANH=approximate == "tanh", COMPUTE_DG=need_dgate, COMPUTE_DU=need_dup,
+            CONTIG=E.contiguous(n_cols, dh, gate, u_arg), BLOCK=block)
+    return (dgate if need_dgate else None), (dup if need_dup else None)
+
+
 class _GeGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, approximate):
         shape = gate.shape
-        g2, u2 = _rows("geglu", "gate", gate), _rows("geglu", "up", up)
-        n_rows, n_cols = g2.shape
-        n = n_rows * n_cols
-        tanh = approximate == "tanh"
-        y = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-        if n:
-            block = _block(n)
-            _geglu_fwd[(triton.cdiv(n, block),)](
-                g2, u2, y, g2.stride(0), u2.stride(0), n_cols, n,
-                TANH=tanh, CONTIG=_contiguous(n_cols, g2, u2), BLOCK=block)
+        g2, u2 = E.as_rows("geglu", "gate", gate), E.as_rows("geglu", "up", up)
+        y = geglu_forward(g2, u2, approximate)
         ctx.save_for_backward(g2, u2 if ctx.needs_input_grad[0] else None)
-        ctx.meta = (shape, tanh)
+        ctx.meta = (shape, approximate)
         return y.view(shape)
 
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        shape, tanh = ctx.meta
-        need_dg, need_du = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n_rows, n_cols = g2.shape
-        n = n_rows * n_cols
-        dy2 = _rows("geglu", "dy", dy)
-        dg = C.empty((n_rows, n_cols), g2.dtype, g2.device) if need_dg else None
-        du = C.empty((n_rows, n_cols), g2.dtype, g2.device) if need_du else None
-        if n and (need_dg or need_du):
-            block = _block(n)
-            u_arg = u2 if need_dg else g2
-            _geglu_bwd[(triton.cdiv(n, block),)](
-                dy2, g2, u_arg, dg if need_dg else dy2, du if need_du else dy2,
-                dy2.stride(0), g2.stride(0), u_arg.stride(0), n_cols, n,
-                TANH=tanh, COMPUTE_DG=need_dg, COMPUTE_DU=need_du,
-                CONTIG=_contiguous(n_cols, dy2, g2, u_arg), BLOCK=block)
-        return (dg.view(shape) if need_dg else None), (du.view(shape) if need_du else None), None
+        shape, approximate = ctx.meta
+        dg, du = geglu_backward(E.as_rows("geglu", "dy", dy), g2, u2, approximate, ctx.needs_input_grad[0],
+                                ctx.needs_input_grad[1])
+        return (None if dg is None else dg.view(shape)), (None if du is None else du.view(shape)), None
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -181,13 +202,18 @@ def geglu_reference(gate, up, approximate="none", compute_dtype=torch.float32):
 @st.composite
 def _params(draw, limits: Limits) -> dict:
     # SwiGLU's shapes, scales, strides and grad flags, plus the GELU form.
-    return {**draw(swiglu_params(limits)), "approximate": draw(st.sampled_from(APPROXIMATE_MODES))}
+    return {**draw(SWIGLU.params(limits)), "approximate": draw(st.sampled_from(APPROXIMATE_MODES))}
 
 
 def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
-    inputs = swiglu_make_inputs(p, dtype, device, gen)
+    inputs = SWIGLU.make_inputs(p, dtype, device, gen)
     inputs.options = {"approximate": p["approximate"]}
     return inputs
+
+
+#: SwiGLU's, in both GELU forms.
+EXAMPLES = tuple(Example({**e.params, "approximate": a}, e.why, e.dtypes, e.seed)
+                 for e in SWIGLU.examples for a in APPROXIMATE_MODES)
 
 
 SPEC = KernelSpec(
@@ -200,4 +226,5 @@ SPEC = KernelSpec(
     grads=("gate", "up"),
     options=("approximate: none|tanh",),
     summary="GeGLU gelu(gate) * up (exact erf or tanh GELU), elementwise over any shape.",
+    examples=EXAMPLES,
 )

@@ -11,11 +11,12 @@ With ``dropout`` p > 0 each projection has its own keep-mask (PEFT's dropout
 modules draw independently): ``dropout_mask`` bool [2, *x.shape] for gate and
 up, ``dropout_mask_down`` bool [*x.shape[:-1], intermediate] for down's input h.
 
-The activation and its backward are the Triton kernels of ``swiglu.py`` /
-``geglu.py`` (fp32 math, one rounding, as HF's ``act_fn(gate) * up``); the
-projections are the cuBLAS building blocks of ``lora_o``. As in Unsloth, h is
-not saved: the backward recomputes it from g and u (one elementwise kernel),
-and only when dAd needs it.
+The activation and its backward are ``swiglu_forward`` / ``swiglu_backward`` and
+``geglu_forward`` / ``geglu_backward`` (the launch functions of ``swiglu.py`` /
+``geglu.py``: fp32 math, one rounding, as HF's ``act_fn(gate) * up``); the
+projections are the building blocks of one LoRA linear (``_lora_ops.py``). As in
+Unsloth, h is not saved: the backward recomputes it from g and u (one elementwise
+kernel), and only when dAd needs it.
 
 Saved for backward: x (if dAg or dAu), the keep-masks (with dropout), g and u
 [N, intermediate] (if anything upstream of the activation needs a gradient, or
@@ -23,26 +24,29 @@ dAd), xa of each projection [N, r] (if its dB), each A (if the gradient flows
 through its input) and B (if its dA or its input's gradient), each W (likewise;
 the parameter or the quantized object, never a dequantised copy).
 
-At long context the backward past down's weights runs a block of rows at a time
-(``DH_BLOCK_BYTES``): down's input gradient dh [N, intermediate] (fp32 in the mixed
-mode), d_gate, d_up and their LoRA branches' scaled gradients are never whole beside the
-saved g and u. Each row's arithmetic is the same; dBg and dBu add the blocks' products in
-fp32 and round once, as one GEMM's fp32 accumulator does.
+The backward past down's weights is one loop over blocks of rows
+(``_gate_up_backward``, ``DH_BLOCK_BYTES``): one block at training shapes, several at
+long context, where down's input gradient dh [N, intermediate] (fp32 in the mixed
+mode), d_gate, d_up and their LoRA branches' scaled gradients are then never whole
+beside the saved g and u. Each row's arithmetic is the same in every block; over
+several blocks dBg and dBu add the blocks' products in fp32 and round once, as one
+GEMM's fp32 accumulator does.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import triton
 from hypothesis import strategies as st
 
 from . import _common as C
 from . import _lora as L
 from . import _strategies as S
-from ._registry import Inputs, KernelSpec, Limits
-from .geglu import APPROXIMATE_MODES, _geglu_bwd, _geglu_fwd
-from .lora_o import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
-                     saved_input, scaled_grad)
-from .swiglu import _block, _contiguous, _swiglu_bwd, _swiglu_fwd
+from ._lora_ops import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
+                        saved_input, scaled_grad)
+from ._registry import Example, Inputs, KernelSpec, Limits
+from .geglu import APPROXIMATE_MODES, geglu_backward, geglu_forward
+from .swiglu import swiglu_backward, swiglu_forward
 
 ACTIVATIONS = ("swiglu", "geglu")
 
@@ -61,7 +65,7 @@ _STAGE_BF16 = C.INTERPRET
 #: d_gate and d_up: 56 KiB a token in fp32 at Llama-3.1-8B's intermediate 14336. Whole,
 #: at 131072 tokens, that is 7 GiB. 512 MiB blocks keep each block's GEMM large (9362 rows
 #: of 14336 in fp32) and leave the training shapes of the benchmarks (4 x 2048 tokens)
-#: one block, as before.
+#: one block.
 DH_BLOCK_BYTES = 512 * 2**20
 
 
@@ -74,114 +78,141 @@ def _unstage(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-# --------------------------------------------------------------------------- activation launchers
-def _act_forward(g2, u2, activation: str, tanh: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """h = act(g) * u through the Triton kernel of swiglu.py / geglu.py, in fp32 math,
-    rounded once to ``dtype`` (g's by default)."""
-    n_rows, n_cols = g2.shape
-    n = n_rows * n_cols
+# --------------------------------------------------------------------------- activation
+def _act_forward(g2, u2, activation: str, approximate: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """h = act(g) * u through ``swiglu_forward`` / ``geglu_forward``, in fp32 math, rounded
+    once to ``dtype`` (g's by default)."""
     dtype = dtype or g2.dtype
-    h = _act_buffer(n_rows, n_cols, dtype, g2.device)
-    if n:
-        block = _block(n)
-        grid = (triton.cdiv(n, block),)
-        contig = _contiguous(n_cols, g2, u2)
-        if activation == "swiglu":
-            _swiglu_fwd[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, n, CONTIG=contig, BLOCK=block)
-        else:
-            _geglu_fwd[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, n,
-                             TANH=tanh, CONTIG=contig, BLOCK=block)
+    h = _act_buffer(*g2.shape, dtype, g2.device)
+    if activation == "swiglu":
+        swiglu_forward(g2, u2, out=h)
+    else:
+        geglu_forward(g2, u2, approximate, out=h)
     return _unstage(h, dtype)
 
 
-def _act_backward(dh2, g2, u2, activation: str, tanh: bool, need_dg: bool, need_du: bool,
+def _act_backward(dh2, g2, u2, activation: str, approximate: str, need_dg: bool, need_du: bool,
                   dtype: torch.dtype | None = None):
-    """(dg, du) of h = act(g) * u through the Triton kernel of swiglu.py / geglu.py, in
-    fp32 math, each rounded once to ``dtype`` (g's by default)."""
-    n_rows, n_cols = g2.shape
-    n = n_rows * n_cols
+    """(dg, du) of h = act(g) * u through ``swiglu_backward`` / ``geglu_backward``, in fp32
+    math, each rounded once to ``dtype`` (g's by default)."""
     dtype = dtype or g2.dtype
-    dg = _act_buffer(n_rows, n_cols, dtype, g2.device) if need_dg else None
-    du = _act_buffer(n_rows, n_cols, dtype, g2.device) if need_du else None
-    if n and (need_dg or need_du):
-        block = _block(n)
-        grid = (triton.cdiv(n, block),)
-        contig = _contiguous(n_cols, dh2, g2, u2)
-        args = (dh2, g2, u2, dg if need_dg else dh2, du if need_du else dh2,
-                dh2.stride(0), g2.stride(0), u2.stride(0), n_cols, n)
-        if activation == "swiglu":
-            _swiglu_bwd[grid](*args, COMPUTE_DG=need_dg, COMPUTE_DU=need_du, CONTIG=contig, BLOCK=block)
-        else:
-            _geglu_bwd[grid](*args, TANH=tanh, COMPUTE_DG=need_dg, COMPUTE_DU=need_du, CONTIG=contig, BLOCK=block)
+    dg = _act_buffer(*g2.shape, dtype, g2.device) if need_dg else None
+    du = _act_buffer(*g2.shape, dtype, g2.device) if need_du else None
+    if activation == "swiglu":
+        swiglu_backward(dh2, g2, u2, need_dg, need_du, dg, du)
+    else:
+        geglu_backward(dh2, g2, u2, approximate, need_dg, need_du, dg, du)
     return _unstage(dg, dtype), _unstage(du, dtype)
 
 
+# --------------------------------------------------------------------------- backward past down's weights
 def _dh_block_rows(n_cols: int, dtype: torch.dtype) -> int:
-    forced = C.forced_row_block()  # the parity suite's, so that tiny shapes take the blocked path
+    forced = C.forced_row_block()  # the parity suite's, so that tiny shapes run several blocks
     return forced if forced is not None else max(1, DH_BLOCK_BYTES // (max(1, n_cols) * dtype.itemsize))
 
 
-def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activation, tanh, xs, keep_g, keep_u,
-                                Ag, Bg, xa_g, wg, Au, Bu, xa_u, wu, scaling, inv, lo, x_dtype,
-                                need_x, need_ag, need_bg, need_au, need_bu):
-    """(dAg, dBg, dAu, dBu, dx) as the unblocked backward computes them, with dh, d_gate,
-    d_up and their LoRA branches' scaled gradients formed ``step`` rows at a time: each
-    row's arithmetic is the same. dB sums over every row: the blocks' products are added
-    in fp32 and rounded once, as a single GEMM's fp32 accumulator is. dA is the full
-    dxa's product, after the blocks."""
+@dataclass
+class _Proj:
+    """One LoRA projection as the backward sees it: what the forward saved of it."""
+
+    name: str                  # its frozen weight's ("Wg"), for a failed dequantisation's message
+    W: object                  # the parameter or the quantized object (None unless dX flows through it)
+    shape: tuple[int, int]     # W's [out, in]
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+    xa: torch.Tensor | None
+    keep: torch.Tensor | None  # its dropout's keep-mask, [rows, in]
+    need_a: bool = False
+    need_b: bool = False
+
+    def weight(self, lo: torch.dtype) -> torch.Tensor:
+        return L.dense("lora_mlp", self.name, self.W, lo, self.shape)
+
+
+def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | None, g, u, activation: str,
+                      approximate: str, xs, scaling: float, inv: float, lo: torch.dtype, x_dtype: torch.dtype,
+                      need_x: bool):
+    """(dAg, dBg, dAu, dBu, dx): the backward from down's input gradient dh back to x, a
+    block of rows at a time (``_dh_block_rows``; one block at training shapes). ``gate`` /
+    ``up`` are None when nothing upstream of them needs a gradient.
+
+    Each block forms dh, d_gate, d_up and their LoRA branches' scaled gradients for its
+    rows only, with the arithmetic of one LoRA linear's backward (``lora_backward``,
+    ``add_input_grad``) on those rows. dB sums over every row: one block's is one GEMM in
+    the layer's dtype (its fp32 accumulator, rounded once); over several blocks the
+    products are added in fp32 (16-bit products are exact in fp32) and rounded once, the
+    same sum in another order. dA is the whole dxa's product, after the blocks. Each
+    block dequantises the frozen weights it needs afresh and drops them after use, and
+    forms its [rows, intermediate] buffers in the unblocked backward's order, so one
+    block's peak memory is the unblocked backward's (up to the few [N, r] buffers)."""
     n_rows, inter = g.shape
     dev = g.device
-    need_dg, need_du = need_x or need_ag or need_bg, need_x or need_au or need_bu
-    branches = []  # per projection: (name, need_a, saved xa, A, B, W, keep, dB accumulator, dxa) or None
-    for name, needed, need_a, need_b, xa, A, B, W, keep in (
-            ("g", need_dg, need_ag, need_bg, xa_g, Ag, Bg, wg, keep_g),
-            ("u", need_du, need_au, need_bu, xa_u, Au, Bu, wu, keep_u)):
-        if not needed:
+    step = _dh_block_rows(inter, g.dtype)
+    whole = 0 < n_rows <= step
+    Ad, keep_d = down.A, down.keep
+    branches = []  # per projection: (proj, dB (an fp32 accumulator over several blocks), dxa), or None
+    for proj in (gate, up):
+        if proj is None:
             branches.append(None)
             continue
-        r = (B if B is not None else xa).shape[1]  # B is saved only when dA or dX needs it
-        acc = torch.zeros((inter, r), dtype=torch.float32, device=dev) if need_b else None
-        dxa = C.empty((n_rows, r), lo, dev) if (need_a or need_x) else None
-        branches.append((name, need_a, xa, A, B, W, keep, acc, dxa))
-    dx = C.empty((n_rows, wg.shape[1]), x_dtype, dev) if need_x else None
+        r = (proj.B if proj.B is not None else proj.xa).shape[1]  # B is saved only when dA or dX needs it
+        acc = None
+        if proj.need_b:
+            acc = C.empty((inter, r), lo, dev) if whole else torch.zeros((inter, r), dtype=torch.float32, device=dev)
+        dxa = C.empty((n_rows, r), lo, dev) if (proj.need_a or need_x) else None
+        branches.append((proj, acc, dxa))
+    dx = None
     for start in range(0, n_rows, step):
         rows = slice(start, min(n_rows, start + step))
+        wd = down.weight(lo)
         dh = add_input_grad(None, dy2[rows], wd, dxa_d[rows], Ad, None if keep_d is None else keep_d[rows], inv,
                             g.dtype)
-        grads = _act_backward(dh, g[rows], u[rows], activation, tanh, need_dg, need_du, lo)
+        del wd
+        # The gradients reaching gate's and up's outputs, written in the layer's dtype: in the
+        # mixed mode that is autograd's cast of g's and u's fp32 gradients (rounded once from
+        # the kernel's fp32 math; the fp32 gradients are never formed).
+        grads = _act_backward(dh, g[rows], u[rows], activation, approximate, gate is not None, up is not None, lo)
         del dh
-        first = True
+        # gate's and up's LoRA branches (their inputs: x, through each one's own mask) ...
         for branch, d_b in zip(branches, grads):
             if branch is None:
                 continue
-            _, _, xa, A, B, W, keep, acc, dxa = branch
+            proj, acc, dxa = branch
+            xa = proj.xa
             ds = scaled_grad(d_b, scaling)  # as lora_backward, on this block's rows
-            if acc is not None:  # accumulated in fp32 across blocks (16-bit products are exact in fp32)
+            if acc is not None and whole:  # one GEMM over every row
+                torch.mm(ds.t(), xa, out=acc)
+            elif acc is not None:  # summed in fp32 across blocks
                 acc.addmm_(ds.t().float(), xa[rows].float())
-            dxa_b = None
             if dxa is not None:
-                dxa_b = dxa[rows]
-                torch.mm(ds, B, out=dxa_b)
+                torch.mm(ds, proj.B, out=dxa[rows])
             del ds
-            if need_x:
-                keep_b = None if keep is None else keep[rows]
-                if first:
-                    dx[rows] = add_input_grad(None, d_b, W, dxa_b, A, keep_b, inv, x_dtype)
+        # ... then dX, both projections' terms summed as autograd sums them (dx is allocated
+        # here, after dh is gone, as in an unblocked backward).
+        if need_x:
+            if dx is None:
+                dx = C.empty((n_rows, gate.shape[1]), x_dtype, dev)
+            for (proj, _, dxa), d_b in zip(branches, grads):
+                W, A, dxa_b = proj.weight(lo), proj.A, dxa[rows]
+                keep_b = None if proj.keep is None else proj.keep[rows]
+                if proj is gate:
+                    add_input_grad(None, d_b, W, dxa_b, A, keep_b, inv, out=dx[rows])
                 else:
                     add_input_grad(dx[rows], d_b, W, dxa_b, A, keep_b, inv, x_dtype)
-                first = False
+                del W
         del grads
     out = []
     for branch in branches:
         if branch is None:
             out += [None, None]
             continue
-        name, need_a, _, A, B, _, keep, acc, dxa = branch
+        proj, acc, dxa = branch
         dA = None
-        if need_a:
-            xd2 = branch_input(xs, keep, inv, lo)
+        if proj.need_a:
+            xd2 = branch_input(xs, proj.keep, inv, lo)
             dA = C.empty((dxa.shape[1], xd2.shape[1]), lo, dev)
             torch.mm(dxa.t(), xd2, out=dA)
+            del xd2
         out += [dA, None if acc is None else acc.to(lo)]
     return (*out, dx)
 
@@ -189,7 +220,8 @@ def _gate_up_backward_in_blocks(step, dy2, wd, dxa_d, Ad, keep_d, g, u, activati
 # --------------------------------------------------------------------------- autograd
 class _LoraMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, scaling, dropout, activation, tanh):
+    def forward(ctx, x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, scaling, dropout, activation,
+                approximate):
         op = "lora_mlp"
         shape, lo = x.shape, Ag.dtype
         d_in, inter, d_out = shape[-1], Bg.shape[0], Bd.shape[0]
@@ -218,7 +250,7 @@ class _LoraMLP(torch.autograd.Function):
         w = L.dense(op, "Wu", Wu, lo, (inter, d_in))
         u, xa_u = lora_forward(xc, xd2, w, Au, Bu, scaling, out_dtype=x.dtype)
         del w, xd2
-        h = _act_forward(g, u, activation, tanh, lo if keep_d2 is None else None)
+        h = _act_forward(g, u, activation, approximate, lo if keep_d2 is None else None)
         hc, hd = layer_inputs(h, keep_d2, inv, lo)
         w = L.dense(op, "Wd", Wd, lo, (d_out, inter))
         y, xa_d = lora_forward(hc, hd, w, Ad, Bd, scaling, out_dtype=x.dtype)
@@ -237,7 +269,7 @@ class _LoraMLP(torch.autograd.Function):
             Au if need_x else None, Bu if (need_au or need_x) else None, xa_u if need_bu else None, wu_s,
             Ad if need_dh else None, Bd if (need_ad or need_dh) else None, xa_d if need_bd else None, wd_s)
         ctx.quantized = (wg_q, wu_q, wd_q)
-        ctx.meta = (shape, inter, d_out, scaling, inv, activation, tanh, x.dtype, lo)
+        ctx.meta = (shape, inter, d_out, scaling, inv, activation, approximate, x.dtype, lo)
         return y.view(*shape[:-1], d_out)
 
     @staticmethod
@@ -245,7 +277,7 @@ class _LoraMLP(torch.autograd.Function):
         op = "lora_mlp"
         (xs, keep_g, keep_u, keep_d, g, u,
          Ag, Bg, xa_g, wg_s, Au, Bu, xa_u, wu_s, Ad, Bd, xa_d, wd_s) = ctx.saved_tensors
-        shape, inter, d_out, scaling, inv, activation, tanh, x_dtype, lo = ctx.meta
+        shape, inter, d_out, scaling, inv, activation, approximate, x_dtype, lo = ctx.meta
         wg_q, wu_q, wd_q = ctx.quantized
         d_in = shape[-1]
         need = ctx.needs_input_grad
@@ -259,46 +291,26 @@ class _LoraMLP(torch.autograd.Function):
         # down projection: its input h = act(g) * u is recomputed, only for dAd.
         hd = None
         if need_ad:
-            h = _act_forward(g, u, activation, tanh, lo if keep_d is None else None)
+            h = _act_forward(g, u, activation, approximate, lo if keep_d is None else None)
             hd = layer_inputs(h, keep_d, inv, lo)[1]  # (no name for the other: it would outlive ``del hd``)
             del h
         dAd, dBd, dxa_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
         del hd
         dAg = dBg = dAu = dBu = dx = None
         if need_dh:
-            w = L.dense(op, "Wd", wd_s if wd_s is not None else wd_q, lo, (d_out, inter))
-            step = _dh_block_rows(inter, g.dtype)
-            if dy2.shape[0] > step:  # long sequences: dh, d_gate and d_up never whole (DH_BLOCK_BYTES)
-                wg = L.dense(op, "Wg", wg_s if wg_s is not None else wg_q, lo, (inter, d_in)) if need_x else None
-                wu = L.dense(op, "Wu", wu_s if wu_s is not None else wu_q, lo, (inter, d_in)) if need_x else None
-                dAg, dBg, dAu, dBu, dx = _gate_up_backward_in_blocks(
-                    step, dy2, w, dxa_d, Ad, keep_d, g, u, activation, tanh, xs, keep_g, keep_u,
-                    Ag, Bg, xa_g, wg, Au, Bu, xa_u, wu, scaling, inv, lo, x_dtype,
-                    need_x, need_ag, need_bg, need_au, need_bu)
-                return (None if dx is None else dx.view(shape), None, dAg, dBg, None, dAu, dBu, None, dAd, dBd) \
-                    + (None,) * 6
-            dh = add_input_grad(None, dy2, w, dxa_d, Ad, keep_d, inv, g.dtype)
-            del w, dxa_d
-            # The gradients reaching gate's and up's outputs, written in the layer's dtype: in
-            # the mixed mode that is autograd's cast of g's and u's fp32 gradients (rounded once
-            # from the kernel's fp32 math; the fp32 gradients are never formed).
-            dgate, dup = _act_backward(dh, g, u, activation, tanh, need_dg, need_du, lo)
-            del dh
-            # gate and up projections (their inputs: x, through each one's own mask).
-            dxa_g = dxa_u = None
+            down = _Proj("Wd", wd_s if wd_s is not None else wd_q, (d_out, inter), Ad, Bd, None, keep_d)
+            gate = up = None
             if need_dg:
-                xd2 = branch_input(xs, keep_g, inv, lo) if need_ag else None
-                dAg, dBg, dxa_g = lora_backward(dgate, xd2, xa_g, Bg, scaling, need_ag, need_bg, need_x)
+                gate = _Proj("Wg", wg_s if wg_s is not None else wg_q, (inter, d_in), Ag, Bg, xa_g, keep_g,
+                             need_ag, need_bg)
             if need_du:
-                xd2 = branch_input(xs, keep_u, inv, lo) if need_au else None
-                dAu, dBu, dxa_u = lora_backward(dup, xd2, xa_u, Bu, scaling, need_au, need_bu, need_x)
-            del xd2
-            if need_x:
-                w = L.dense(op, "Wg", wg_s if wg_s is not None else wg_q, lo, (inter, d_in))
-                dx = add_input_grad(None, dgate, w, dxa_g, Ag, keep_g, inv, x_dtype)
-                w = L.dense(op, "Wu", wu_s if wu_s is not None else wu_q, lo, (inter, d_in))
-                dx = add_input_grad(dx, dup, w, dxa_u, Au, keep_u, inv, x_dtype).view(shape)
-                del w
+                up = _Proj("Wu", wu_s if wu_s is not None else wu_q, (inter, d_in), Au, Bu, xa_u, keep_u,
+                           need_au, need_bu)
+            dAg, dBg, dAu, dBu, dx = _gate_up_backward(dy2, dxa_d, down, gate, up, g, u, activation, approximate,
+                                                       xs, scaling, inv, lo, x_dtype, need_x)
+            del dxa_d
+            if dx is not None:
+                dx = dx.view(shape)
         return (dx, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd) + (None,) * 6
 
 
@@ -331,7 +343,7 @@ def lora_mlp(x: torch.Tensor, Wg, Ag: torch.Tensor, Bg: torch.Tensor, Wu, Au: to
     keep_gu = L.keep_mask(op, "dropout_mask", dropout_mask, dropout, (2, *x.shape), x, generator)
     keep_d = L.keep_mask(op, "dropout_mask_down", dropout_mask_down, dropout, (*x.shape[:-1], inter), x, generator)
     return _LoraMLP.apply(x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, keep_gu, keep_d, float(scaling), float(dropout),
-                          activation, approximate == "tanh")
+                          activation, approximate)
 
 
 # --------------------------------------------------------------------------- reference
@@ -361,8 +373,9 @@ def _params(draw, limits: Limits) -> dict:
     cap = L.dim_cap(limits)
     d_in, inter, d_out = draw(S.dim(1, cap)), draw(S.dim(1, cap)), draw(S.dim(1, cap))
     cfg = draw(L.lora_config([d_in, inter, d_out]))
-    # A forced small block runs one interpreter program per few elements of [N, inter]: fewer tokens then.
-    batch, tokens = draw(L.rows(limits, max(d_in, inter, d_out), cap=limits.max_rows if block is None else 16))
+    # A forced small block runs one interpreter program per few elements of [N, inter]: fewer tokens then
+    # (and every case runs twice, with and without the adapters, for the delta comparisons).
+    batch, tokens = draw(L.rows(limits, max(d_in, inter, d_out), cap=limits.max_rows if block is None else 8))
     activation = draw(st.sampled_from(("swiglu", "geglu", "geglu")))  # geglu has two modes
     return {
         "batch": batch, "tokens": tokens, "d_in": d_in, "inter": inter, "d_out": d_out, **cfg,
@@ -399,6 +412,26 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                             "approximate": p["approximate"], "dropout": p["dropout"]}, grads)
 
 
+def _case(**over) -> dict:
+    return {"batch": 2, "tokens": 5, "d_in": 12, "inter": 10, "d_out": 8, "r": 2, "alpha": 16.0, "rslora": False,
+            "scaling": 8.0, "dropout": 0.0, "activation": "swiglu", "approximate": "none", "scale": 1.0,
+            "b_scale": 2.0**-10, "x_fp32": True, "strided": False, "grad_x": True, "grad_adapters": [True] * 6,
+            "_block": None, "_rows": None, **over}
+
+
+EXAMPLES = (
+    Example(_case(), L.MIXED_SMALL_ADAPTER, dtypes=(torch.bfloat16,)),
+    # The blocked backward (10 rows in blocks of 3) with dropout, every gradient asked for: random
+    # draws take it in a third of the cases, but with a dropout and all seven gradients rarely.
+    Example(_case(x_fp32=False, b_scale=1.0, dropout=0.25, _rows=3), "the blocked backward of long sequences "
+            "(row blocks of 3) with dropout masks, every gradient", dtypes=(torch.float32,)),
+    # (dA and dB are torch's GEMMs over the tokens; the kernel's own reduction across tokens is the
+    # blocked backward's dB, summed in fp32 across row blocks: a bf16 accumulator there needs ~300
+    # blocks to show, ~25 s under the interpreter at ~7 launches a block. The gpu profile draws
+    # forced row blocks of 1-5 rows over up to 16k tokens.)
+)
+
+
 SPEC = KernelSpec(
     name="lora_mlp",
     fn=lora_mlp,
@@ -412,4 +445,5 @@ SPEC = KernelSpec(
              "fp32 x on a 16-bit layer (QLoRA under autocast)"),
     summary="PEFT LoRA gated MLP in one Function: cuBLAS GEMMs, Triton SwiGLU/GeGLU recomputed in the backward.",
     ablate=L.ablate_adapters("Bg", "Bu", "Bd"),
+    examples=EXAMPLES,
 )

@@ -10,12 +10,12 @@ With ``dropout`` p > 0 each projection has its own keep-mask, as PEFT's three
 dropout modules draw independently: ``dropout_mask`` is bool [3, *x.shape]
 (q, k, v; True = kept).
 
-Each projection runs the LoRA building blocks of ``lora_o`` (cuBLAS GEMMs, the
-LoRA add as the GEMM epilogue, Triton dropout kernels). x is saved once for the
+Each projection runs the LoRA building blocks of ``_lora_ops.py`` (cuBLAS GEMMs,
+the LoRA add as the GEMM epilogue, Triton dropout kernels). x is saved once for the
 three dA (and only if some A needs its gradient); dx is one buffer accumulated
 over the three projections: dy_q Wq + dy_k Wk + dy_v Wv plus the three LoRA
-terms, each rounded and added by ``lora_o``'s Triton ``_grad_add`` (masked by
-its projection's dropout). Each projection's dequantised W lives only for its
+terms, each rounded and added by the Triton ``_grad_add`` (masked by its
+projection's dropout). Each projection's dequantised W lives only for its
 own GEMM.
 
 Saved for backward: x (if any dA), the [3, ...] keep-mask (with dropout), per
@@ -31,8 +31,8 @@ from . import _common as C
 from . import _lora as L
 from . import _strategies as S
 from ._harness import randn
-from ._registry import Inputs, KernelSpec, Limits
-from .lora_o import add_input_grad, branch_input, dropout_apply, lora_backward, lora_forward, saved_input
+from ._lora_ops import add_input_grad, branch_input, dropout_apply, lora_backward, lora_forward, saved_input
+from ._registry import Example, Inputs, KernelSpec, Limits
 
 _NAMES = ("q", "k", "v")
 
@@ -172,6 +172,18 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
     return Inputs(tensors, {"scaling": p["scaling"], "dropout": p["dropout"]}, grads)
 
 
+def _case(**over) -> dict:
+    return {"batch": 2, "tokens": 5, "d_in": 12, "q_out": 8, "kv_out": 4, "r": 2, "alpha": 16.0, "rslora": False,
+            "scaling": 8.0, "dropout": 0.0, "bias": True, "scale": 1.0, "b_scale": 2.0**-10, "x_fp32": True,
+            "strided": False, "grad_x": True, "grad_adapters": [True] * 6, "_block": None, **over}
+
+
+EXAMPLES = (
+    Example(_case(), L.MIXED_SMALL_ADAPTER, dtypes=(torch.bfloat16,)),
+    Example(_case(batch=1, tokens=256, d_in=8, x_fp32=False, b_scale=1.0), L.MANY_TOKENS, dtypes=(torch.bfloat16,)),
+)
+
+
 SPEC = KernelSpec(
     name="lora_qkv",
     fn=lora_qkv,
@@ -185,4 +197,5 @@ SPEC = KernelSpec(
              "fp32 x on a 16-bit layer (QLoRA under autocast)"),
     summary="PEFT LoRA q/k/v projections of one input in one Function: x saved once, dX accumulated once.",
     ablate=L.ablate_adapters("Bq", "Bk", "Bv"),
+    examples=EXAMPLES,
 )

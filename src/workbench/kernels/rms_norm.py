@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from . import _common as C
 from . import _strategies as S
-from ._harness import maybe_strided, randn
-from ._registry import Inputs, KernelSpec, Limits
+from ._harness import maybe_strided, randn, shifted_rows
+from ._registry import Example, Inputs, KernelSpec, Limits
 
 CASTING_MODES = ("llama", "gemma")
 
@@ -65,10 +65,10 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride,
                   n_rows, n_cols, rows_per_prog, offset,
                   GEMMA: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
                   BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every product below in int64 (parity/int64_offsets.py)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, n_rows)
-    dw_row = DW_PART + pid.to(tl.int64) * n_cols
+    dw_row = DW_PART + pid * n_cols
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -205,6 +205,8 @@ def _params(draw, limits: Limits) -> dict:
         "casting": draw(st.sampled_from(CASTING_MODES)),
         "offset": draw(st.sampled_from([0.0, 1.0])),
         "scale": draw(S.scale()),
+        # Per-row mean in units of the row's spread, up to 10^3, and constant rows (x_hat = +-1).
+        "shift": draw(S.row_shift()),
         "strided": draw(st.booleans()),
         "grad_x": draw(st.sampled_from([True, True, False])),
         "grad_w": draw(st.sampled_from([True, True, False])),
@@ -212,12 +214,31 @@ def _params(draw, limits: Limits) -> dict:
 
 
 def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
-    x = randn((p["batch"], p["rows"], p["hidden"]), dtype, device, gen, p["scale"])
+    x = shifted_rows((p["batch"], p["rows"], p["hidden"]), dtype, device, gen, p["scale"], p.get("shift", 0.0))
     # Gemma stores w - 1 (near 0); Llama stores w near 1.
     weight = (randn((p["hidden"],), torch.float32, device, gen, 0.5) + (1.0 - p["offset"])).to(dtype)
     grads = tuple(n for n, on in (("x", p["grad_x"]), ("weight", p["grad_w"])) if on)
     return Inputs({"x": maybe_strided(x, p["strided"], gen), "weight": weight},
                   {"eps": p["eps"], "offset": p["offset"], "casting": p["casting"]}, grads)
+
+
+def _case(**over) -> dict:
+    return {"batch": 1, "rows": 2, "hidden": 8, "_block": None, "eps": 1e-6, "casting": "gemma", "offset": 0.0,
+            "scale": 1.0, "shift": 0.0, "strided": False, "grad_x": True, "grad_w": True, **over}
+
+
+#: A 16-bit accumulator loses about sqrt(n) roundoffs over n additions: against the bound
+#: (4x PyTorch's one rounding + 2 units) it shows from some tens of additions in bf16, which
+#: the ci profile's random shapes (<= 48 rows x 3, over 4 programs; <= 20 blocks a row) reach
+#: rarely (fp16's 3 more bits show it sooner). So these two run in bf16 in every profile: 256
+#: rows (64 a program of the backward, summed into dW), and a row of 64 forced blocks (the
+#: looped path's sum of x^2 and dX's c). (A bf16 dW accumulator errs 10x past the bound at
+#: 128 rows a program.)
+EXAMPLES = (
+    Example(_case(rows=256), "dW summed over 64 rows a program: a 16-bit dW accumulator", dtypes=(torch.bfloat16,)),
+    Example(_case(hidden=1024, _block=16, casting="llama"), "a row of 64 blocks: a 16-bit accumulator of the "
+            "looped path's sums", dtypes=(torch.bfloat16,)),
+)
 
 
 SPEC = KernelSpec(
@@ -230,4 +251,5 @@ SPEC = KernelSpec(
     grads=("x", "weight"),
     options=("eps", "offset (Gemma 1+w)", "casting: llama|gemma"),
     summary="RMSNorm with Llama/Gemma casting and Gemma's (1 + w) offset; dW in fp32.",
+    examples=EXAMPLES,
 )

@@ -105,7 +105,7 @@ def _rope_kernel(Q, K, COS, SIN, POS, QO, KO,
     # Program (i, j): batch row b and positions [s0, s0 + BLOCK_S) from i; from j, head
     # block j of q (j < n_q_blocks) or head block j - n_q_blocks of k.
     pid = tl.program_id(0).to(tl.int64)
-    hblock = tl.program_id(1)
+    hblock = tl.program_id(1).to(tl.int64)  # its products in int64, as every offset (parity/int64_offsets.py)
     b = pid // n_seq_blocks
     srow = (pid % n_seq_blocks) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
     smask = srow < seq

@@ -9,7 +9,12 @@ Either input may not require grad; only the gradients asked for are computed.
 Layout: both inputs are viewed as [rows, last_dim] with a unit last stride (no
 copy for the usual row-strided views, e.g. the two halves of a fused gate_up
 projection); the kernels walk the flat element index in blocks over a 1-D grid
-and map it back to (row, col) only when some input is not contiguous.
+and map it back to (row, col) only when some input is not contiguous
+(``_elementwise.py``).
+
+``swiglu_forward`` / ``swiglu_backward`` launch the kernels on such views, with no
+autograd: the Function here calls them, and so does ``lora_mlp`` (on its own
+buffers and dtypes).
 """
 from __future__ import annotations
 
@@ -19,33 +24,21 @@ import triton.language as tl
 from hypothesis import strategies as st
 
 from . import _common as C
+from . import _elementwise as E
 from . import _strategies as S
+from ._elementwise import offset
 from ._harness import maybe_strided, randn
-from ._registry import Inputs, KernelSpec, Limits
-
-#: Elements per program on the GPU (8 per thread at 4 warps: two 128-bit loads in fp32).
-BLOCK_CAP = 1024
+from ._registry import Example, Inputs, KernelSpec, Limits
 
 
 # --------------------------------------------------------------------------- Triton
-@triton.jit
-def _offset(idx, n_cols, stride, CONTIG: tl.constexpr):
-    """Memory offset of flat element ``idx`` of a [rows, n_cols] view with row stride
-    ``stride`` (the flat index itself when every input is contiguous)."""
-    off = idx
-    if not CONTIG:
-        row = idx // n_cols
-        off = row * stride + (idx - row * n_cols)
-    return off
-
-
 @triton.jit
 def _swiglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
                 CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    g_off = _offset(idx, n_cols, g_stride, CONTIG)
-    u_off = _offset(idx, n_cols, u_stride, CONTIG)
+    g_off = offset(idx, n_cols, g_stride, CONTIG)
+    u_off = offset(idx, n_cols, u_stride, CONTIG)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     # ATen's order: silu = g / (1 + exp(-g)); exp overflowing to inf gives -0, not NaN.
@@ -58,9 +51,9 @@ def _swiglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_eleme
                 CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    dy_off = _offset(idx, n_cols, dy_stride, CONTIG)
-    g_off = _offset(idx, n_cols, g_stride, CONTIG)
-    u_off = _offset(idx, n_cols, u_stride, CONTIG)
+    dy_off = offset(idx, n_cols, dy_stride, CONTIG)
+    g_off = offset(idx, n_cols, g_stride, CONTIG)
+    u_off = offset(idx, n_cols, u_stride, CONTIG)
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     # ATen's silu_backward order, so that the fp32 roundings match PyTorch's.
@@ -74,32 +67,56 @@ def _swiglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_eleme
 
 
 # --------------------------------------------------------------------------- launchers
-def _rows(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
-    """[rows, last_dim] view with a unit last stride (a 0-dim tensor is one 1x1 row)."""
-    return C.rows_view(op, name, t.reshape(1, 1) if t.dim() == 0 else t)
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h = silu(gate) * up: launches the Triton kernel, no autograd, no input checks.
+
+    ``gate`` and ``up`` are [rows, cols] views with a unit last stride (any row stride,
+    ``_elementwise.as_rows``). h is computed in fp32 and rounded once to ``out``'s dtype:
+    ``out`` a contiguous [rows, cols] buffer of any float dtype, or a new one of gate's.
+    Returns ``out``."""
+    n_rows, n_cols = gate.shape
+    n = n_rows * n_cols
+    if out is None:
+        out = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if n:
+        grid, block = E.grid(n)
+        _swiglu_fwd[grid](gate, up, out, gate.stride(0), up.stride(0), n_cols, n,
+                          CONTIG=E.contiguous(n_cols, gate, up), BLOCK=block)
+    return out
 
 
-def _contiguous(n_cols: int, *tensors: torch.Tensor) -> bool:
-    return all(t.shape[0] <= 1 or t.stride(0) == n_cols for t in tensors)
+def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, need_dgate: bool = True,
+                    need_dup: bool = True, dgate: torch.Tensor | None = None, dup: torch.Tensor | None = None):
+    """(dgate, dup) of h = silu(gate) * up for the upstream gradient ``dh``: launches the
+    Triton kernel, no autograd, no input checks.
 
-
-def _block(n_elements: int) -> int:
-    return C.block_for(n_elements, cap=BLOCK_CAP, forced=C.forced())
+    ``dh``, ``gate`` and ``up`` are [rows, cols] views with a unit last stride; ``up`` is
+    read only for dgate (None will do without it). Each gradient is None unless asked
+    for, computed in fp32 and rounded once to the dtype of its buffer: ``dgate`` / ``dup``
+    when given (contiguous [rows, cols], any float dtype), else a new one of gate's."""
+    n_rows, n_cols = gate.shape
+    n = n_rows * n_cols
+    if need_dgate and dgate is None:
+        dgate = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if need_dup and dup is None:
+        dup = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if n and (need_dgate or need_dup):
+        grid, block = E.grid(n)
+        u_arg = up if need_dgate else gate
+        _swiglu_bwd[grid](
+            dh, gate, u_arg, dgate if need_dgate else dh, dup if need_dup else dh,
+            dh.stride(0), gate.stride(0), u_arg.stride(0), n_cols, n,
+            COMPUTE_DG=need_dgate, COMPUTE_DU=need_dup,
+            CONTIG=E.contiguous(n_cols, dh, gate, u_arg), BLOCK=block)
+    return (dgate if need_dgate else None), (dup if need_dup else None)
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         shape = gate.shape
-        g2, u2 = _rows("swiglu", "gate", gate), _rows("swiglu", "up", up)
-        n_rows, n_cols = g2.shape
-        n = n_rows * n_cols
-        y = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-        if n:
-            block = _block(n)
-            _swiglu_fwd[(triton.cdiv(n, block),)](
-                g2, u2, y, g2.stride(0), u2.stride(0), n_cols, n,
-                CONTIG=_contiguous(n_cols, g2, u2), BLOCK=block)
+        g2, u2 = E.as_rows("swiglu", "gate", gate), E.as_rows("swiglu", "up", up)
+        y = swiglu_forward(g2, u2)
         ctx.save_for_backward(g2, u2 if ctx.needs_input_grad[0] else None)
         ctx.shape = shape
         return y.view(shape)
@@ -107,21 +124,9 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        need_dg, need_du = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n_rows, n_cols = g2.shape
-        n = n_rows * n_cols
-        dy2 = _rows("swiglu", "dy", dy)
-        dg = C.empty((n_rows, n_cols), g2.dtype, g2.device) if need_dg else None
-        du = C.empty((n_rows, n_cols), g2.dtype, g2.device) if need_du else None
-        if n and (need_dg or need_du):
-            block = _block(n)
-            u_arg = u2 if need_dg else g2
-            _swiglu_bwd[(triton.cdiv(n, block),)](
-                dy2, g2, u_arg, dg if need_dg else dy2, du if need_du else dy2,
-                dy2.stride(0), g2.stride(0), u_arg.stride(0), n_cols, n,
-                COMPUTE_DG=need_dg, COMPUTE_DU=need_du,
-                CONTIG=_contiguous(n_cols, dy2, g2, u_arg), BLOCK=block)
-        return (dg.view(ctx.shape) if need_dg else None), (du.view(ctx.shape) if need_du else None)
+        dg, du = swiglu_backward(E.as_rows("swiglu", "dy", dy), g2, u2, ctx.needs_input_grad[0],
+                                 ctx.needs_input_grad[1])
+        return (None if dg is None else dg.view(ctx.shape)), (None if du is None else du.view(ctx.shape))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -184,6 +189,20 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                    "up": maybe_strided(up, p["strided_up"], gen)}, {}, grads)
 
 
+def _case(**over) -> dict:
+    return {"shape": [2, 5, 33], "gate_scale": 1.0, "up_scale": 1.0, "strided_gate": False, "strided_up": False,
+            "grad_gate": True, "grad_up": True, "_block": None, **over}
+
+
+#: Contiguous gate and up with a strided (torch.cat's) or expanded (a sum's) upstream gradient:
+#: the layout where a contiguity fast path that forgets dy reads it wrong. The random draws
+#: pair a non-dense dy with two dense inputs in about one example in six.
+EXAMPLES = (
+    Example(_case(_dy="strided"), "dense inputs, a strided upstream gradient (torch.cat([swiglu(g, u), other], -1))"),
+    Example(_case(_dy="expanded", shape=[7, 33]), "dense inputs, an expanded (stride-0) upstream gradient"),
+)
+
+
 SPEC = KernelSpec(
     name="swiglu",
     fn=swiglu,
@@ -194,4 +213,5 @@ SPEC = KernelSpec(
     grads=("gate", "up"),
     options=(),
     summary="SwiGLU silu(gate) * up, elementwise over any shape; row-strided inputs without copies.",
+    examples=EXAMPLES,
 )
