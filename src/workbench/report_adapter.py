@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workbench import manifest
+from workbench import manifest, stages
+from workbench.markdown import table
 
 #: What every perplexity in the report is over, and why it is large (Markdown).
 PERPLEXITY_NOTE = (
@@ -59,11 +60,11 @@ def verdict(run: Path) -> dict | None:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    stages = manifest.read(run).get("stages", {})
+    records = manifest.read(run).get("stages", {})
     seen = doc.get("artifacts") or {}
     current = True
-    for name in ("train", "merge", "export", "eval"):
-        outputs = (stages.get(name) or {}).get("outputs") or {}
+    for name in stages.NAMES[:stages.NAMES.index("report")]:
+        outputs = (records.get(name) or {}).get("outputs") or {}
         if {rel: r.get("sha256") for rel, r in (seen.get(name) or {}).items()} != \
                 {rel: r.get("sha256") for rel, r in outputs.items()}:
             current = False
@@ -107,8 +108,6 @@ def md_adapter(sec: dict, num, size) -> list[str]:
             rows.append([f"`{Path(b['file']).name}`", size(b.get("bytes")), m.get("kl_mean"), lim.get("kl_mean"),
                          m.get("top1_agreement"), lim.get("top1_agreement"), m.get("ppl_rel_delta"),
                          w.get("kl_mean"), w.get("top1_agreement"), status])
-        from workbench.report import table
-
         out += table(["base GGUF + adapter", "base size", "KL mean", "KL limit", "top-1", "top-1 limit",
                       "ppl Δrel", "KL without adapter", "top-1 without adapter", "verification"], rows) + [""]
     mf = sec.get("modelfiles")

@@ -89,7 +89,7 @@ def _pairs(adapter: Path) -> dict[str, dict[str, torch.Tensor]]:
     """{HF weight name (e.g. model.layers.0.self_attn.q_proj.weight): {"A": tensor, "B": tensor}}."""
     from safetensors import safe_open
 
-    from workbench.train import check_safetensors
+    from workbench.checks import check_safetensors
 
     path = adapter / "adapter_model.safetensors"
     check_safetensors(path)
