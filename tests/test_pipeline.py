@@ -98,11 +98,14 @@ def test_run_completes_then_skips_forces_resumes_and_retrains_on_a_changed_confi
     assert why("train", cfg=cfg) is None
     cfg.training.lr = 1e-3
     assert why("train", cfg=cfg) == "the config changed (--config / --set)"
-    assert why("export", quants=["f16"]).startswith("it exported f16, q8_0, q4_k_m")
+    assert why("export", quants=["f16"], adapter_gguf=True).startswith("it exported f16, q8_0, q4_k_m")
+    # `workbench run` exports the adapter GGUF too; an export that asks for none would differ by that.
+    assert why("export", quants=["f16", "q8_0", "q4_k_m"]) == "it read the adapter, which this run does not ask for"
     gguf = run / "export" / "model-q8_0.gguf"
     saved = gguf.read_bytes()
     gguf.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
-    assert "model-q8_0.gguf changed since the export stage wrote it" in why("export", quants=["f16", "q8_0", "q4_k_m"])
+    assert "model-q8_0.gguf changed since the export stage wrote it" in why("export", quants=["f16", "q8_0", "q4_k_m"],
+                                                                            adapter_gguf=True)
     assert why("eval", eval_limit=4) == "the q8_0 model changed since the last eval"
     gguf.write_bytes(saved)
     assert why("eval", eval_limit=4) is None and why("eval", eval_limit=5).startswith("it ran with limit 4")

@@ -189,6 +189,8 @@ class Stage:
         key = changed[0]
         if key not in (rec.get("input_hashes") or {}):
             return f"its record has no hash of the {self.label(key)} (made by an older workbench)"
+        if key not in self.inputs(run, settings):
+            return f"it read the {self.label(key)}, which this run does not ask for"
         return f"the {self.label(key)} changed since the last {self.name}"
 
     def drift(self, run: Path, rec: dict, hash_tree=manifest.hash_tree) -> list[str]:
