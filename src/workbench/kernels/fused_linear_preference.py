@@ -204,6 +204,51 @@ def _fail_if(bad: torch.Tensor, message: str) -> None:
         raise C.KernelInputError(message)
 
 
+def _token_logps(op, hidden, weight, target, read, ignore_index, softcap, chunk_size) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T)[target] where ``read`` [..., T], 0 elsewhere: fp32, the shape of target."""
+    vocab = weight.shape[0]
+    _fail_if(read & ((target < 0) | (target >= vocab)),
+             f"{op}: labels hold class indices outside [0, {vocab}) that are not ignore_index ({ignore_index}).")
+    h2 = C.rows_view(op, "hidden", hidden)
+    rows = read.reshape(-1).nonzero().squeeze(1)
+    t_rows = target.reshape(-1).index_select(0, rows).contiguous()
+    n_read = rows.shape[0]
+    chunk = chunk_size or default_chunk_size(max(n_read, 1), hidden.shape[-1], vocab, hidden.element_size())
+    chunk = max(1, min(int(chunk), max(n_read, 1)))
+    logp = _TokenLogps.apply(h2, weight, t_rows, rows, int(ignore_index),
+                             None if softcap is None else float(softcap), chunk)
+    return logp.view(target.shape)
+
+
+def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                ignore_index: int = -100, softcap: float | None = None,
+                                chunk_size: int | None = None) -> torch.Tensor:
+    """The summed log-probs [N] (fp32) of each row of ``labels`` [N, T] under ``hidden`` [N, T, D]
+    @ ``weight.T``, chunk by chunk: DPO's reference log-probs (TRL's ``ref_chosen_logps`` /
+    ``ref_rejected_logps``, the chosen rows then the rejected). The same computation as
+    :func:`fused_linear_preference`'s DPO ``chosen_logps`` / ``rejected_logps``, and
+    differentiable the same way; under ``torch.no_grad()`` no gradient work is done."""
+    op = "fused_linear_sequence_logps"
+    C.check_float(op, "hidden", hidden)
+    C.check_float(op, "weight", weight)
+    C.check_same_dtype(op, hidden=hidden, weight=weight)
+    if hidden.dim() != 3 or weight.dim() != 2:
+        raise C.KernelInputError(f"{op}: hidden must be [N, T, D] and weight [V, D], got shapes "
+                                 f"{tuple(hidden.shape)} and {tuple(weight.shape)}.")
+    C.check_shape(op, "weight", weight, (weight.shape[0], hidden.shape[-1]))
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+        raise C.KernelInputError(f"{op}: labels must be an int64 tensor (use .long()).")
+    C.check_shape(op, "labels", labels, tuple(hidden.shape[:-1]))
+    if softcap is not None and not softcap > 0.0:
+        raise C.KernelInputError(f"{op}: softcap must be None or > 0, got {softcap}.")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise C.KernelInputError(f"{op}: chunk_size must be None or an int >= 1, got {chunk_size!r}.")
+    C.check_device(op, hidden, weight, labels)
+    scored = labels != ignore_index
+    logp = _token_logps(op, hidden, weight, labels, scored, ignore_index, softcap, chunk_size)
+    return torch.where(scored, logp, 0.0).sum(-1)
+
+
 def fused_linear_preference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                             ref_chosen_logps: torch.Tensor | None = None,
                             ref_rejected_logps: torch.Tensor | None = None,
@@ -225,8 +270,7 @@ def fused_linear_preference(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     op = "fused_linear_preference"
     _check(op, hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, nll_labels, method, beta,
            label_smoothing, softcap, chunk_size)
-    n2, seq, n_hidden = hidden.shape
-    n_pairs, vocab = n2 // 2, weight.shape[0]
+    n_pairs = hidden.shape[0] // 2
     scored = labels != ignore_index
     target = labels
     nll_mask = None
@@ -240,18 +284,7 @@ def fused_linear_preference(hidden: torch.Tensor, weight: torch.Tensor, labels: 
         read = scored | nll_mask
     else:
         read = scored
-    _fail_if(read & ((target < 0) | (target >= vocab)),
-             f"{op}: labels hold class indices outside [0, {vocab}) that are not ignore_index ({ignore_index}).")
-
-    h2 = C.rows_view(op, "hidden", hidden)
-    rows = read.reshape(-1).nonzero().squeeze(1)
-    t_rows = target.reshape(-1).index_select(0, rows).contiguous()
-    n_read = rows.shape[0]
-    chunk = chunk_size or default_chunk_size(max(n_read, 1), n_hidden, vocab, hidden.element_size())
-    chunk = max(1, min(int(chunk), max(n_read, 1)))
-    logp = _TokenLogps.apply(h2, weight, t_rows, rows, int(ignore_index),
-                             None if softcap is None else float(softcap), chunk).view(n2, seq)
-
+    logp = _token_logps(op, hidden, weight, target, read, ignore_index, softcap, chunk_size)
     sums = torch.where(scored, logp, 0.0).sum(-1)
     nll = None
     if method == "dpo":
