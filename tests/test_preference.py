@@ -262,3 +262,28 @@ def test_unsupported_settings_keep_trls_loss(tok, rows, tmp_path):
     with pytest.raises(ValueError, match="label_smoothing"):
         preference.make_preference_trainer(None, tok, rows, method="orpo", label_smoothing=0.1,
                                            output_dir=str(tmp_path))
+
+
+def test_fused_dpo_on_a_model_running_our_kernels(tok, rows, tmp_path):
+    # workbench.patch's kernels in the backbone (norms, RoPE, the LoRA projections and MLP),
+    # the fused preference loss on top: what `workbench train` runs with kernels on.
+    from workbench.patch import kernel_calls, patch_model
+
+    steps = 2
+    losses = {}
+    for patched in (True, False):
+        model = _lora(_llama(tok))
+        if patched:
+            patch_model(model)
+            before = kernel_calls()
+        trainer = preference.make_preference_trainer(
+            model, tok, rows, method="dpo", beta=BETA, output_dir=str(tmp_path / str(patched)), fused=patched,
+            max_steps=steps, per_device_train_batch_size=PAIRS, learning_rate=0.5, optim="sgd",
+            lr_scheduler_type="constant", logging_steps=1, seed=0)
+        trainer.train()
+        losses[patched] = _losses(trainer)
+        if patched:
+            ran = {k: v - before.get(k, 0) for k, v in kernel_calls().items()}
+            assert all(ran.get(k, 0) > 0 for k in ("rms_norm", "rope", "lora_qkv", "lora_o", "lora_mlp")), ran
+    for step, (a, b) in enumerate(zip(losses[True], losses[False])):
+        assert a == pytest.approx(b, rel=BAND), f"step {step + 1}: patched and fused {a} vs TRL {b}"
