@@ -1,3 +1,5 @@
+import torch
+
 from . import Mutant
 
 K = "fused_linear_preference"
@@ -24,4 +26,9 @@ MUTANTS = [
     Mutant(K, "label_smoothing_term_sign",
            "conservative DPO: the flipped-label term added with the wrong sign",
            old="losses - label_smoothing * F.logsigmoid(-z)", new="losses + label_smoothing * F.logsigmoid(-z)"),
+    Mutant(K, "dw_16bit_accumulator",
+           "dW accumulated across chunks in the activation dtype (bf16): the accumulator rounded after every "
+           "chunk's GEMM, in the shared addmm_fp32 (its CPU path)",
+           old="    acc.addmm_(a.float(), b.float())", new="    acc.copy_(torch.addmm(acc.to(a.dtype), a, b))",
+           module="fused_linear_cross_entropy", dtypes=(torch.bfloat16,)),
 ]
