@@ -287,3 +287,25 @@ def test_fused_dpo_on_a_model_running_our_kernels(tok, rows, tmp_path):
             assert all(ran.get(k, 0) > 0 for k in ("rms_norm", "rope", "lora_qkv", "lora_o", "lora_mlp")), ran
     for step, (a, b) in enumerate(zip(losses[True], losses[False])):
         assert a == pytest.approx(b, rel=BAND), f"step {step + 1}: patched and fused {a} vs TRL {b}"
+
+
+def test_fused_precomputed_reference_logps_match_trls(tok, rows, tmp_path, monkeypatch):
+    # precompute_ref_log_probs runs compute_ref_log_probs over the dataset in the trainer's
+    # __init__: the fused trainer's come from fused_linear_sequence_logps, TRL's from its head.
+    # Summed log-probs of a few tokens each: they agree to fp32 roundoff.
+    from workbench.kernels import fused_linear_preference as kernel
+
+    calls = []
+    forward = kernel._TokenLogps.forward
+    monkeypatch.setattr(kernel._TokenLogps, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    refs = {}
+    for fused in (True, False):
+        calls.clear()
+        trainer = preference.make_preference_trainer(_llama(tok), tok, rows, method="dpo", beta=BETA, fused=fused,
+                                                     output_dir=str(tmp_path / str(fused)),
+                                                     precompute_ref_log_probs=True)
+        assert bool(calls) == fused  # the kernel computed the fused trainer's, and only those
+        data = trainer.train_dataset
+        refs[fused] = torch.tensor([data["ref_chosen_logps"], data["ref_rejected_logps"]], dtype=torch.float64)
+    assert bool((refs[True] < 0).all())
+    torch.testing.assert_close(refs[True], refs[False], rtol=BAND, atol=0.0)
