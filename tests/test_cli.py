@@ -7,7 +7,7 @@ import pytest
 from workbench.cli import main
 
 CORE_KERNELS = {"rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy"}
-MEMORY_KERNELS = {"fused_linear_cross_entropy", "lora_mlp", "lora_qkv", "lora_o"}
+MEMORY_KERNELS = {"fused_linear_cross_entropy", "fused_linear_preference", "lora_mlp", "lora_qkv", "lora_o"}
 
 
 def run_cli(*args):

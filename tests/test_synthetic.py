@@ -1,5 +1,6 @@
 """The synthetic instruction data: deterministic, held out without leakage, exact answers."""
 import json
+import random
 import re
 
 import pytest
@@ -111,3 +112,48 @@ def test_write_jsonl_round_trips(split, tmp_path):
     path = synthetic.write_jsonl(split["test"], tmp_path / "test.jsonl")
     assert [json.loads(line) for line in path.read_text().splitlines()] == split["test"]
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return synthetic.build_preference()
+
+
+def test_preference_split_is_deterministic_and_depends_on_the_seed(pairs):
+    assert synthetic.build_preference() == pairs
+    other = synthetic.build_preference(seed=1)
+    assert [r["prompt"] for r in other["train"]] != [r["prompt"] for r in pairs["train"]]
+    # The wrong answers come from the seeded draw too, not only the prompts.
+    redrawn = [synthetic.preference_pair(r, random.Random("another draw")) for r in synthetic.build()["train"][:200]]
+    assert [r["rejected"] for r in redrawn] != [r["rejected"] for r in pairs["train"][:200]]
+
+
+def test_preference_pairs_are_build_rows_with_the_right_answer_chosen(split, pairs):
+    for name in ("train", "test"):
+        assert len(pairs[name]) == len(split[name])
+        for row, pair in zip(split[name], pairs[name]):
+            assert set(pair) == {"prompt", "chosen", "rejected", "skill", "answer"}
+            assert pair["prompt"] == row["prompt"] and pair["skill"] == row["skill"]
+            assert pair["chosen"] == row["completion"] == [{"role": "assistant", "content": row["answer"]}]
+            assert [m["role"] for m in pair["rejected"]] == ["assistant"]
+
+
+def test_rejected_is_a_plausible_wrong_answer_of_the_same_skill(pairs):
+    kinds = {"add": set(), "reverse": set()}
+    for pair in pairs["train"] + pairs["test"]:
+        wrong, answer = pair["rejected"][0]["content"], pair["answer"]
+        assert wrong != answer and not synthetic.score(wrong, answer)
+        assert wrong in synthetic.wrong_answers(pair)
+        if pair["skill"] == "add":
+            assert 1 <= abs(int(wrong) - int(answer)) <= 3  # a near miss, not any number
+            kinds["add"].add(int(wrong) - int(answer))
+        elif pair["skill"] == "recall":
+            assert wrong in synthetic.COLORS
+        else:  # the same number of spaced letters: the string unreversed, or one letter changed
+            assert len(wrong.split(" ")) == len(answer.split(" "))
+            unreversed = wrong == " ".join(answer.split(" ")[::-1])
+            changed = sum(a != b for a, b in zip(wrong.split(" "), answer.split(" "))) == 1
+            assert unreversed or changed
+            kinds["reverse"].add("unreversed" if unreversed else "changed")
+    assert kinds["add"] == {-3, -2, -1, 1, 2, 3}
+    assert kinds["reverse"] == {"unreversed", "changed"}

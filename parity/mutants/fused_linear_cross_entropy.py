@@ -30,7 +30,7 @@ MUTANTS = [
            old="has_gz = grad_z is not None and o.z_coef > 0.0", new="has_gz = False"),
     Mutant(K, "per_row_upstream_chunk_offset_missing",
            "reduction='none': every chunk reads the upstream gradients of the first chunk's rows",
-           old="(g[start:end], 1)", new="(g[:end - start], 1)"),
+           old="else g[start:end]", new="else g[:end - start]"),
     Mutant(K, "recompute_without_bias",
            "the backward recomputes the chunk's logits without the bias (softmax inconsistent with the saved lse)",
            old="F.linear(h_c, weight, bias)    # recomputed", new="F.linear(h_c, weight)    # recomputed"),

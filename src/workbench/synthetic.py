@@ -148,26 +148,68 @@ def score(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
+def wrong_answers(row: dict) -> list[str]:
+    """Wrong answers of the row's own skill, in a fixed order: every other sum of two
+    digits (add), every other colour (recall), or the string as given (not reversed)
+    followed by every one-letter change of the answer (reverse)."""
+    answer = row["answer"]
+    if row["skill"] == "add":
+        return [str(v) for v in range(19) if str(v) != answer]
+    if row["skill"] == "recall":
+        return [c for c in COLORS if c != answer]
+    letters = answer.split(" ")
+    pool = [" ".join(reversed(letters))]
+    for i, c in enumerate(letters):
+        pool += [" ".join(letters[:i] + [o] + letters[i + 1:]) for o in string.ascii_lowercase if o != c]
+    return list(dict.fromkeys(p for p in pool if p != answer))
+
+
 def choices_for(row: dict, n: int = 4) -> tuple[list[str], int]:
     """A multiple-choice view of a row: ``n`` distinct options including the right
     answer, and the index of the right one. Distractors and order depend only on
     the row, so every evaluator sees the same question."""
     answer = row["answer"]
     rng = random.Random(hashlib.sha256(question(row).encode()).hexdigest())
-    if row["skill"] == "add":
-        pool = [str(v) for v in range(19) if str(v) != answer]
-    elif row["skill"] == "recall":
-        pool = [c for c in COLORS if c != answer]
-    else:  # the string as given (not reversed), then one-letter changes of the answer
-        letters = answer.split(" ")
-        pool = [" ".join(reversed(letters))]
-        for i, c in enumerate(letters):
-            pool += [" ".join(letters[:i] + [o] + letters[i + 1:]) for o in string.ascii_lowercase if o != c]
-        pool = list(dict.fromkeys(p for p in pool if p != answer))
-    distractors = rng.sample(pool, n - 1)
+    distractors = rng.sample(wrong_answers(row), n - 1)
     options = distractors + [answer]
     rng.shuffle(options)
     return options, options.index(answer)
+
+
+def plausible_wrong_answer(row: dict, rng: random.Random) -> str:
+    """One wrong answer a learner of the row's skill could give: a sum off by one to three
+    (add), another of the table's colours (recall), the string not reversed or the answer with one
+    letter changed, the first half of the time the former (reverse)."""
+    pool = wrong_answers(row)
+    if row["skill"] == "add":
+        near = [w for w in pool if 0 < abs(int(w) - int(row["answer"])) <= 3]
+        return rng.choice(near)
+    if row["skill"] == "reverse" and rng.random() < 0.5:
+        return pool[0]
+    return rng.choice(pool)
+
+
+def preference_pair(row: dict, rng: random.Random) -> dict:
+    """A row as a preference pair (TRL's conversational preference format): the same
+    prompt, ``chosen`` the correct answer, ``rejected`` a plausible wrong one of the same
+    skill; ``skill`` and ``answer`` kept."""
+    return {
+        "prompt": row["prompt"],
+        "chosen": [{"role": "assistant", "content": row["answer"]}],
+        "rejected": [{"role": "assistant", "content": plausible_wrong_answer(row, rng)}],
+        "skill": row["skill"],
+        "answer": row["answer"],
+    }
+
+
+def build_preference(seed: int = 0, train_rows: int = TRAIN_ROWS) -> dict[str, list[dict]]:
+    """The preference split of the built-in data: :func:`build`'s train and test rows, in
+    the same order, as prompt/chosen/rejected pairs (:func:`preference_pair`). A pure
+    function of the seed, like :func:`build`; the held-out guarantees carry over, since the
+    prompts are build's."""
+    split = build(seed, train_rows)
+    rng = random.Random(f"preference-{seed}")
+    return {name: [preference_pair(r, rng) for r in rows] for name, rows in split.items()}
 
 
 def heldout_text(seed: int = 0) -> str:

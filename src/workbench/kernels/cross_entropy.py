@@ -177,9 +177,58 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
+def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, loss_rows: torch.Tensor,
+                          stats: torch.Tensor, ignore_index: int, eps: float = 0.0, softcap: float | None = None,
+                          z_coef: float = 0.0, z_rows: torch.Tensor | None = None) -> None:
+    """Per-row loss of ``logits`` [N, V] (unit last stride, any row stride) against int64
+    ``target`` [N]: launches the forward kernel, no autograd, no input checks.
+
+    Writes fp32 ``loss_rows`` [N] (0 for an ignored row; with ``eps = 0``, no softcap and no
+    z-loss, ``-log_softmax(logits)[target]``), the rows' (max, log-sum-exp below it) into fp32
+    ``stats`` [N, 2], which :func:`cross_entropy_backward` reads, and the z-loss term into
+    ``z_rows`` [N] when given. The fused linear kernels call it on their chunks of logits."""
+    n_rows, n_cols = logits.shape
+    if not n_rows:
+        return
+    block = C.block_for(n_cols, cap=MAX_BLOCK, forced=C.forced())
+    _ce_fwd[(n_rows,)](
+        logits, target, loss_rows, loss_rows if z_rows is None else z_rows, stats,
+        logits.stride(0), n_cols, 1.0 / n_cols, ignore_index, eps, softcap or 1.0, z_coef,
+        SOFTCAP=softcap is not None, SMOOTH=eps > 0.0, ZLOSS=z_coef > 0.0, WRITE_Z=z_rows is not None,
+        BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False)
+
+
+def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, g: torch.Tensor,
+                           dlogits: torch.Tensor, ignore_index: int, eps: float = 0.0, softcap: float | None = None,
+                           z_coef: float = 0.0, gz: torch.Tensor | None = None) -> None:
+    """dlogits = g_i * dloss_i/dlogits (+ gz_i * dz_i/dlogits) of :func:`cross_entropy_forward`'s
+    rows: launches the backward kernel, no autograd, no input checks.
+
+    ``g`` (and ``gz``, the upstream of a returned z-loss term) are fp32: 0-dim or [1], read by
+    every row, or [N] with any stride. ``stats`` is the forward's. ``dlogits`` [N, V] (unit last
+    stride, any float dtype; 0 on ignored rows) may be ``logits`` itself: each program reads a
+    block of its row before it writes it, so the fused linear kernels overwrite a chunk of
+    logits with its gradient in place."""
+    n_rows, n_cols = logits.shape
+    if not n_rows:
+        return
+    has_gz = gz is not None and z_coef > 0.0
+    g, g_stride = _scalar_or_rows(g)
+    gz, gz_stride = _scalar_or_rows(gz) if has_gz else (g, 0)
+    block = C.block_for(n_cols, cap=MAX_BLOCK, forced=C.forced())
+    _ce_bwd[(n_rows,)](
+        logits, target, stats, g, gz, dlogits, logits.stride(0), dlogits.stride(0), g_stride,
+        gz_stride, n_cols, 1.0 / n_cols, ignore_index, eps, softcap or 1.0, z_coef,
+        SOFTCAP=softcap is not None, ZLOSS=z_coef > 0.0, HAS_GZ=has_gz,
+        BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False)
+
+
 def _scalar_or_rows(g: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """An upstream gradient as (fp32 tensor, row stride): a scalar is read by every row."""
+    """An upstream gradient as (fp32 tensor, row stride): a scalar (0-dim, or one element) is
+    read by every row."""
     g = g.float()
+    if g.numel() == 1:
+        g = g.reshape(())
     return g, (g.stride(0) if g.dim() else 0)
 
 
@@ -191,13 +240,7 @@ class _CrossEntropy(torch.autograd.Function):
         loss_rows = C.empty((n_rows,), torch.float32, dev)
         z_rows = C.empty((n_rows,), torch.float32, dev) if return_z else None
         stats = C.empty((n_rows, 2), torch.float32, dev)
-        block = C.block_for(n_cols, cap=MAX_BLOCK, forced=C.forced())
-        if n_rows:
-            _ce_fwd[(n_rows,)](
-                logits, target, loss_rows, z_rows if return_z else loss_rows, stats,
-                logits.stride(0), n_cols, 1.0 / n_cols, ignore_index, eps, softcap or 1.0, z_coef,
-                SOFTCAP=softcap is not None, SMOOTH=eps > 0.0, ZLOSS=z_coef > 0.0, WRITE_Z=return_z,
-                BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False)
+        cross_entropy_forward(logits, target, loss_rows, stats, ignore_index, eps, softcap, z_coef, z_rows)
         n_valid = (target != ignore_index).sum().clamp_(min=1).to(torch.float32)
         if reduction == "none":
             loss, z_out = loss_rows, z_rows
@@ -225,16 +268,9 @@ class _CrossEntropy(torch.autograd.Function):
             grad_loss = grad_loss.float() / n_valid
             if has_gz:
                 grad_z = grad_z.float() / n_valid
-        g, g_stride = _scalar_or_rows(grad_loss)
-        gz, gz_stride = _scalar_or_rows(grad_z) if has_gz else (g, 0)
         dx = C.empty((n_rows, n_cols), logits.dtype, dev)
-        block = C.block_for(n_cols, cap=MAX_BLOCK, forced=C.forced())
-        if n_rows:
-            _ce_bwd[(n_rows,)](
-                logits, target, stats, g, gz, dx, logits.stride(0), dx.stride(0), g_stride, gz_stride,
-                n_cols, 1.0 / n_cols, ignore_index, eps, softcap or 1.0, z_coef,
-                SOFTCAP=softcap is not None, ZLOSS=z_coef > 0.0, HAS_GZ=has_gz,
-                BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False)
+        cross_entropy_backward(logits, target, stats, grad_loss, dx, ignore_index, eps, softcap, z_coef,
+                               grad_z if has_gz else None)
         return dx, None, None, None, None, None, None, None
 
 

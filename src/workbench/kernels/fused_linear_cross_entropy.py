@@ -6,12 +6,12 @@ integer targets, WITHOUT materialising the [N, V] logits.
 
 The N tokens are processed in chunks of ``chunk_size`` rows. Per chunk: one torch
 matmul (cuBLAS) writes that chunk's logits into a buffer in the activation dtype
-(rounded like HF's lm_head output), the cross-entropy forward kernel (``_ce_fwd``
-of kernels/cross_entropy.py) reduces each row to its loss and its (max, log-sum-exp)
-statistics, and, when a gradient is needed, the cross-entropy backward kernel
-(``_ce_bwd``) overwrites the chunk's logits IN PLACE with dLoss/dlogits, which two
-more matmuls turn into the chunk's rows of dHidden and its contribution to dWeight
-(and a column sum to dBias).
+(rounded like HF's lm_head output), the cross-entropy forward kernel (launched by
+``cross_entropy_forward`` of kernels/cross_entropy.py) reduces each row to its loss and
+its (max, log-sum-exp) statistics, and, when a gradient is needed, the cross-entropy
+backward kernel (``cross_entropy_backward``) overwrites the chunk's logits IN PLACE with
+dLoss/dlogits, which two more matmuls turn into the chunk's rows of dHidden and its
+contribution to dWeight (and a column sum to dBias).
 
 Memory model. Peak extra memory is ONE chunk of logits ([chunk, V] in the
 activation dtype, reused as its own gradient) plus, when the weight (bias) needs a
@@ -71,7 +71,7 @@ from . import _common as C
 from . import _strategies as S
 from ._harness import maybe_strided, randn
 from ._registry import Example, Inputs, KernelSpec, Limits
-from .cross_entropy import MAX_BLOCK, _ce_bwd, _ce_fwd, _warps, check_options, cross_entropy_reference
+from .cross_entropy import check_options, cross_entropy_backward, cross_entropy_forward, cross_entropy_reference
 
 #: At most this many bytes of logits in one chunk (the default chunk size).
 CHUNK_BYTES = 512 << 20
@@ -103,9 +103,10 @@ def _chunks(n_rows: int, chunk: int):
 _OUT_DTYPE_MM: bool | None = None  # does this torch build have addmm(..., out_dtype=fp32) on CUDA?
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with acc fp32 and a, b in the activation dtype: the products are
-    accumulated in fp32 and never rounded to a 16-bit dtype (not even per chunk)."""
+    accumulated in fp32 and never rounded to a 16-bit dtype (not even per chunk). Public:
+    fused_linear_preference accumulates its dWeight with it too."""
     global _OUT_DTYPE_MM
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
@@ -126,24 +127,16 @@ class _Opts:
 
     def __init__(self, vocab, ignore_index, eps, softcap, z_coef):
         self.vocab, self.ignore_index, self.eps, self.softcap, self.z_coef = vocab, ignore_index, eps, softcap, z_coef
-        self.block = C.block_for(vocab, cap=MAX_BLOCK, forced=C.forced())
 
 
 def _fwd_chunk(o: _Opts, logits, target, loss_rows, z_rows, stats) -> None:
-    _ce_fwd[(logits.shape[0],)](
-        logits, target, loss_rows, loss_rows if z_rows is None else z_rows, stats,
-        logits.stride(0), o.vocab, 1.0 / o.vocab, o.ignore_index, o.eps, o.softcap or 1.0, o.z_coef,
-        SOFTCAP=o.softcap is not None, SMOOTH=o.eps > 0.0, ZLOSS=o.z_coef > 0.0, WRITE_Z=z_rows is not None,
-        BLOCK=o.block, num_warps=_warps(o.block), enable_fp_fusion=False)
+    cross_entropy_forward(logits, target, loss_rows, stats, o.ignore_index, o.eps, o.softcap, o.z_coef, z_rows)
 
 
-def _grad_chunk(o: _Opts, logits, target, stats, g, g_stride, gz, gz_stride, has_gz) -> None:
-    """Overwrite ``logits`` (this chunk's internal buffer) with dLoss/dlogits."""
-    _ce_bwd[(logits.shape[0],)](
-        logits, target, stats, g, gz, logits, logits.stride(0), logits.stride(0), g_stride, gz_stride,
-        o.vocab, 1.0 / o.vocab, o.ignore_index, o.eps, o.softcap or 1.0, o.z_coef,
-        SOFTCAP=o.softcap is not None, ZLOSS=o.z_coef > 0.0, HAS_GZ=has_gz,
-        BLOCK=o.block, num_warps=_warps(o.block), enable_fp_fusion=False)
+def _grad_chunk(o: _Opts, logits, target, stats, g, gz) -> None:
+    """Overwrite ``logits`` (this chunk's internal buffer) with dLoss/dlogits (``g``: one fp32
+    upstream for every row, or the chunk's rows'; ``gz``: the z-loss output's, or None)."""
+    cross_entropy_backward(logits, target, stats, g, logits, o.ignore_index, o.eps, o.softcap, o.z_coef, gz)
 
 
 def _accumulate(dlogits, h_c, weight, start, end, dh, dw_acc, db_acc) -> None:
@@ -151,7 +144,7 @@ def _accumulate(dlogits, h_c, weight, start, end, dh, dw_acc, db_acc) -> None:
     if dh is not None:
         torch.mm(dlogits, weight, out=dh[start:end])
     if dw_acc is not None:
-        _addmm_fp32(dw_acc, dlogits.t(), h_c)
+        addmm_fp32(dw_acc, dlogits.t(), h_c)
     if db_acc is not None:
         db_acc += dlogits.sum(0, dtype=torch.float32)
 
@@ -200,7 +193,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             _fwd_chunk(o, logits, target[start:end], loss_rows[start:end],
                        None if z_rows is None else z_rows[start:end], stats[start:end])
             if eager:
-                _grad_chunk(o, logits, target[start:end], stats[start:end], g, 0, g, 0, False)
+                _grad_chunk(o, logits, target[start:end], stats[start:end], g, None)
                 _accumulate(logits, h_c, weight, start, end, dh, dw_acc, db_acc)
             del logits
 
@@ -254,9 +247,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start, end in _chunks(n_rows, chunk):
             h_c = hidden[start:end]
             logits = F.linear(h_c, weight, bias)    # recomputed: bitwise the forward's chunk
-            g_c, g_stride = (g, 0) if g.numel() == 1 and reduction != "none" else (g[start:end], 1)
-            gz_c, gz_stride = (gz, 0) if gz.numel() == 1 and reduction != "none" else (gz[start:end], 1)
-            _grad_chunk(o, logits, target[start:end], stats[start:end], g_c, g_stride, gz_c, gz_stride, has_gz)
+            g_c = g if g.numel() == 1 and reduction != "none" else g[start:end]
+            gz_c = gz if gz.numel() == 1 and reduction != "none" else gz[start:end]
+            _grad_chunk(o, logits, target[start:end], stats[start:end], g_c, gz_c if has_gz else None)
             _accumulate(logits, h_c, weight, start, end, dh, dw_acc, db_acc)
             del logits
         return (dh, dw_acc.to(w_dtype) if need_w else None, db_acc.to(b_dtype) if need_b else None) + none
