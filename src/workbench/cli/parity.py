@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kernel:
         cmd += ["-k", args.kernel]
     if args.workers and args.workers > 1:
-        cmd += ["-n", str(args.workers)]
+        cmd += ["-n", str(args.workers), "--dist", "loadgroup"]   # xdist_group: the >2^31 cases one at a time
     cmd += args.pytest_args
     print("running:", " ".join(cmd), flush=True)
     if not args.report:
