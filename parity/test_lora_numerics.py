@@ -33,12 +33,15 @@ from workbench.kernels import _strategies as S
 from workbench.kernels._harness import HARNESS_KEYS, _forward_backward, _leaves, upstream_layout
 from workbench.kernels._tolerance import ATOL_ULPS, COMPUTE_ULPS_FP32, UNIT_ROUNDOFF, _errors
 
-from ._support import dtype_name, profile
+from ._support import dtype_name
 
 KERNELS = ("lora_o", "lora_qkv", "lora_mlp")
 DTYPES16 = (torch.bfloat16, torch.float16)
-#: Draws per kernel and dtype: references only (three passes each), a few seconds under ci.
+#: Draws per kernel and dtype: references only (three passes each), a few seconds.
 DRAWS = 40
+#: The ci profile's shapes in every profile, on the CPU: the comparison is of two formulas,
+#: not of a kernel, and small shapes are where sums over few tokens cancel.
+LIMITS = PROFILE_LIMITS["ci"]
 
 
 def _passes(spec, params: dict, dtype: torch.dtype, seed: int) -> dict:
@@ -71,7 +74,7 @@ def test_the_folded_chain_is_at_least_as_accurate_as_peft(kernel, dtype):
 
     @settings(max_examples=DRAWS, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(params=spec.params(PROFILE_LIMITS[profile()]), seed=S.seed())
+    @given(params=spec.params(LIMITS), seed=S.seed())
     def draw(params, seed):
         found = _passes(spec, params, dtype, seed)
         for name, exact in found["exact"].items():
