@@ -20,7 +20,6 @@ about the distribution: over every (draw, compared tensor) pair, the folded chai
 more than PEFT's no more often than PEFT's errs more than it, and the geometric mean of
 the ratio of their errors (each plus the doctrine's floor) is at most 1.
 """
-import dataclasses
 import functools
 import math
 
