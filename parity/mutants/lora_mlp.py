@@ -2,7 +2,7 @@ from . import Mutant
 
 MUTANTS = [
     Mutant("lora_mlp", "up_grad_takes_gate_grad", "the up projection's LoRA gradients use d_gate instead of d_up",
-           old="ds = scaled_grad(d_b, scaling)", new="ds = scaled_grad(grads[0], scaling)"),
+           old="for branch, d_b in zip(branches, grads):", new="for branch, d_b in zip(branches, grads[:1] * 2):"),
     Mutant("lora_mlp", "backward_ignores_approximate", "the activation's backward always takes exact GELU",
            old="grads = _act_backward(dh, g[rows], u[rows], activation, approximate,",
            new='grads = _act_backward(dh, g[rows], u[rows], activation, "none",'),
@@ -13,7 +13,8 @@ MUTANTS = [
     Mutant("lora_mlp", "dh_blocks_drop_dropout", "the blocked dh leaves out down's dropout mask",
            old="Ad, None if keep_d is None else keep_d[rows], inv,", new="Ad, None, inv,"),
     Mutant("lora_mlp", "blocked_dB_keeps_last_block", "the blocked dB keeps only the last block's product",
-           old="acc.addmm_(ds.t().float(), xa[rows].float())", new="acc.copy_(ds.t().float() @ xa[rows].float())"),
+           old="acc.addmm_(d_b.t().float(), xa[rows].float(), alpha=scaling)",
+           new="acc.copy_(scaling * (d_b.t().float() @ xa[rows].float()))"),
     Mutant("lora_mlp", "blocked_dx_drops_up", "the blocked dX leaves out up's term",
            old="add_input_grad(dx[rows], d_b, W, dxa_b, A, keep_b, inv, x_dtype)", new="pass"),
     Mutant("lora_mlp", "down_dA_without_dropout", "dAd is taken against h instead of the dropped-out h",

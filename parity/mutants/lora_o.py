@@ -7,8 +7,14 @@ OPS = "_lora_ops"
 
 MUTANTS = [
     Mutant("lora_o", "scaling_applied_twice", "the forward multiplies the LoRA branch by scaling twice",
-           old="lora = _to(lora * s, LORA.dtype.element_ty).to(tl.float32)",
-           new="lora = _to(lora * s * s, LORA.dtype.element_ty).to(tl.float32)", module=OPS),
+           old="y.addmm_(xa, B.t(), alpha=s)", new="y.addmm_(xa, B.t(), alpha=s * s)", module=OPS),
+    Mutant("lora_o", "mixed_term_unscaled", "the mixed mode (fp32 x, bf16 layer) adds the LoRA term without "
+           "its scaling",
+           old="lora = scaled_mm(xa, B.t(), s,", new="lora = scaled_mm(xa, B.t(), 1.0,",
+           dtypes=(torch.bfloat16,), module=OPS),
+    Mutant("lora_o", "lora_term_replaces_base", "the forward's epilogue overwrites the base output with the LoRA "
+           "term (beta = 0) instead of adding to it",
+           old="y.addmm_(xa, B.t(), alpha=s)", new="y.addmm_(xa, B.t(), beta=0, alpha=s)", module=OPS),
     Mutant("lora_o", "sum_in_layer_dtype", "the mixed mode (fp32 x, bf16 layer) sums the base output and the LoRA "
            "term in bf16 before returning fp32: an adapter's small first updates are rounded away (the bug of "
            "d1d0b5d, measured in QLoRA training on an H200); only the delta comparison sees it",
@@ -18,11 +24,10 @@ MUTANTS = [
            dtypes=(torch.bfloat16,), module=OPS),
     Mutant("lora_o", "scaling_missing_in_backward", "the backward of `* scaling` is dropped: dA, dB and dx's "
            "LoRA term are all off by the scaling",
-           old="tl.store(DS + idx, _to(dy * s, DS.dtype.element_ty), mask=mask)",
-           new="tl.store(DS + idx, _to(dy, DS.dtype.element_ty), mask=mask)", module=OPS),
+           old="    dA = dB = dxa = None\n", new="    dA = dB = dxa = None\n    s = 1.0\n", module=OPS),
     Mutant("lora_o", "dxa_from_unscaled_dy", "dA (and dx's LoRA term) use dy instead of scaling * dy: "
            "the wrong factor on the A side only, dB stays right",
-           old="torch.mm(ds, B, out=dxa)", new="torch.mm(dy2, B, out=dxa)", module=OPS),
+           old="dxa = scaled_mm(dy2, B, s,", new="dxa = scaled_mm(dy2, B, 1.0,", module=OPS),
     Mutant("lora_o", "dropout_mask_not_in_dA", "the backward takes dA against x instead of the dropped-out x",
            old="xd2 = branch_input(xs, keep2, inv, lo) if need_a else None",
            new="xd2 = xs.to(lo) if need_a else None"),
@@ -38,7 +43,11 @@ MUTANTS = [
            new="tl.store(DX + idx, _to(_to(dx + t, T.dtype.element_ty).to(tl.float32), DX.dtype.element_ty), "
                "mask=mask)",
            dtypes=(torch.bfloat16,), module=OPS),
-    Mutant("lora_o", "scaled_dy_read_as_contiguous", "the backward's dy * scaling reads dy as if contiguous: a "
-           "strided or expanded upstream gradient is read wrong",
-           old="CONTIG=E.contiguous(out, dy2), BLOCK=block)", new="CONTIG=True, BLOCK=block)", module=OPS),
+    Mutant("lora_o", "dy_read_as_contiguous", "the backward reads dy's storage as a dense [rows, out] array: a "
+           "strided, transposed or expanded upstream gradient is read wrong",
+           old='dy2 = C.rows_view(op, "dy", dy).to(lo)',
+           new="dy2 = dy.as_strided((dy.numel() // out, out), (out, 1)).to(lo)"),
+    Mutant("lora_o", "dx_lora_term_replaces_base", "dX's epilogue overwrites the base term dy W with the LoRA term "
+           "(beta = 0) instead of adding to it",
+           old="dx.addmm_(dxa, A)", new="dx.addmm_(dxa, A, beta=0)", module=OPS),
 ]

@@ -2,6 +2,8 @@ import torch
 
 from . import Mutant
 
+OPS = "_lora_ops"
+
 MUTANTS = [
     Mutant("lora_qkv", "dx_overwritten_per_projection", "dx is assigned, not accumulated, per projection: only "
            "v's contribution survives",
@@ -20,4 +22,7 @@ MUTANTS = [
            "rounded away while dX stays within bf16 roundoffs; only the gradient delta sees it",
            old="dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv, x_dtype)",
            new="dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv, lo)", dtypes=(torch.bfloat16,)),
+    Mutant("lora_qkv", "dx_base_term_replaces_earlier", "a projection's base term dy W overwrites (beta = 0) the "
+           "input gradient the earlier projections accumulated, in the epilogue that should add to it",
+           old="dx.addmm_(dy2, w)", new="dx.addmm_(dy2, w, beta=0)", module=OPS),
 ]

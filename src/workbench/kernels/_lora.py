@@ -2,8 +2,9 @@
 
 Not a kernel module (the underscore keeps it out of the registry). It holds what
 the three kernels share and what no planted bug needs to reach: the frozen-weight
-protocol, input validation, the dropout-mask plumbing, the PEFT-equivalent
-reference of one LoRA linear, and the strategy / input builders.
+protocol, input validation, the dropout-mask plumbing, the reference of one
+LoRA linear (PEFT's semantics, rounded where the kernels round), and the strategy /
+input builders.
 
 The LoRA math itself (the forward and backward building blocks of one LoRA
 linear, and their Triton kernels) lives in ``_lora_ops.py``, which the three
@@ -39,9 +40,9 @@ to the compute dtype for the base product and returns that product upcast to
 x's fp32; PEFT's dropout runs on the fp32 x, autocast casts its result (and A,
 B) for lora_A and lora_B, and PEFT adds the 16-bit LoRA term to the fp32 base
 output IN FP32. The kernels then do the same: every product in the layer's
-dtype, rounded where PEFT rounds, the two terms summed in fp32 and returned as
-fp32, and the input gradient (each branch's 16-bit gradient, upcast) summed in
-fp32. Summing in the layer's dtype instead would round away an adapter's first
+dtype (the scaling folded into its GEMM, ``_lora_ops.py``), the two terms summed
+in fp32 and returned as fp32, and the input gradient (each branch's 16-bit
+gradient, upcast) summed in fp32. Summing in the layer's dtype instead would round away an adapter's first
 small updates: a term below half an ulp of the base output is lost exactly,
 where PEFT's fp32 sum keeps it (measured on an H200 in QLoRA training; the
 parity harness's ``delta`` comparison checks it, see ``ablate_adapters``).
@@ -195,33 +196,60 @@ def rows2(keep: torch.Tensor | None, n_cols: int) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------- reference
+#: The chains of roundings the reference can follow (``linear_reference``'s ``numerics``).
+#: "folded" is the kernels' (``_lora_ops.py``), "peft" is PEFT's own, kept to show that
+#: the kernels' chain is at least as accurate against fp64 (``parity/test_lora_numerics.py``).
+NUMERICS = ("folded", "peft")
+
+
 def linear_reference(h: torch.Tensor, W, A, B, scaling: float, bias, keep, dropout: float,
-                     cd: torch.dtype) -> torch.Tensor:
+                     cd: torch.dtype, numerics: str = "folded") -> torch.Tensor:
     """One PEFT LoRA linear, ``base_layer(h) + lora_B(lora_A(dropout(h))) * scaling``,
-    on ``h`` in the activation dtype dt, computed in ``cd`` with PEFT's roundings
-    to the layer dtype lo (A's; dt itself unless h is fp32 under a 16-bit layer):
-    at every nn.Linear output, the dropout, the scaling and the sum, and in the
-    backward at every input gradient of those ops (each branch reads h through its
-    own cast, so autograd sums the branches' rounded gradients into h's in dt, as
-    it does for PEFT). Returns the output in dt. In the mixed mode (module
-    docstring) the base reads h cast to lo (bitsandbytes), the dropout runs on h in
-    dt and its result is cast to lo (autocast, for lora_A), and the two terms sum
-    in cd, rounded once to dt. In the exact pass dt == lo == cd == fp64 and no
-    step rounds."""
+    on ``h`` in the activation dtype dt, computed in ``cd`` and rounded to the layer
+    dtype lo (A's; dt itself unless h is fp32 under a 16-bit layer) where the kernels
+    round: differentiable by autograd, whose backward then rounds where the kernels'
+    backward does. Returns the output in dt. In the exact pass dt == lo == cd == fp64
+    and no step rounds.
+
+    ``numerics="folded"`` (the kernels', ``_lora_ops.py``): the scaling is the GEMM's
+    alpha and a sum with an earlier term its beta, so the base output plus the scaled
+    LoRA term rounds once, and so do dB = s dy^T xa, dxa = s dy B and the input
+    gradient's sum of its two terms (round(dy W) + dxa A). Exceptions: the dropout's
+    backward rounds its masked gradient before the sum, and in the mixed mode (module
+    docstring) the scaled term and each branch's input gradient round to lo, then sum
+    in cd (fp32), rounded once to dt.
+
+    ``numerics="peft"``: PEFT's chain, every nn.Linear output, the scaling, the dropout
+    and the sum rounded, and in the backward every input gradient of those ops (each
+    branch's gradient of h rounded before autograd sums them).
+
+    Both: the base reads h cast to lo (bitsandbytes, in the mixed mode), the dropout
+    runs on h in dt and its result is cast to lo (autocast, for lora_A)."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"linear_reference: numerics must be one of {NUMERICS}, got {numerics!r}")
     dt, lo = h.dtype, A.dtype
     w = W if is_dense(W) else W.dequantize()
-    base = h.to(lo).to(cd) @ w.to(cd).T
+    # One node for every branch's input gradient: they sum in cd and round once to dt.
+    # A branch whose gradient the kernels round first reads it through .to(lo/dt).to(cd),
+    # an exact cast forward whose backward rounds the gradient.
+    hc = h.to(cd)
+    base = hc.to(lo).to(cd) @ w.to(cd).T
     if bias is not None:
         base = base + bias.to(cd)  # F.linear(x, W, b): one addmm, one rounding
     base = base.to(lo).to(cd)
-    hd = h.to(cd)
+    hd = hc if (numerics == "folded" and keep is None) else hc.to(dt).to(cd)
     if keep is not None:
         hd = (hd * keep.to(cd) * inverse_keep(dropout)).to(dt).to(cd)
     if lo != dt:
         hd = hd.to(lo).to(cd)  # autocast's cast of lora_A's input
     xa = (hd @ A.to(cd).T).to(lo).to(cd)
-    lora = (xa @ B.to(cd).T).to(lo).to(cd)
-    lora = (lora * scaling).to(lo).to(cd)
+    if numerics == "peft":
+        lora = (xa @ B.to(cd).T).to(lo).to(cd)
+        lora = (lora * scaling).to(lo).to(cd)
+    else:
+        lora = scaling * (xa @ B.to(cd).T)
+        if lo != dt:
+            lora = lora.to(lo).to(cd)  # the mixed mode sums two 16-bit terms in fp32
     return (base + lora).to(dt)
 
 

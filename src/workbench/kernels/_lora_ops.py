@@ -1,6 +1,7 @@
 """The building blocks of one PEFT LoRA linear, shared by ``lora_o``, ``lora_qkv`` and
-``lora_mlp``: its forward and backward as cuBLAS GEMMs plus the element-wise Triton
-kernels that round where PEFT rounds.
+``lora_mlp``: its forward and backward as cuBLAS GEMMs, the LoRA scaling and sums in
+the GEMMs' epilogues, and the element-wise Triton kernels that the epilogues cannot
+express (a dropout mask, the mixed mode's fp32 sums).
 
     y = x W^T (+ b) + s * (dropout(x) A^T) B^T
 
@@ -9,29 +10,35 @@ import it are its parity tests, and the mutation self-test reaches it through th
 a mutant names this module (``Mutant.module``) and the kernel it is judged by, whose
 copy then calls the patched module (``parity/mutants/__init__.py``).
 
-Every step rounds to the layer's dtype exactly where PEFT (nn.Linear in that
-dtype, then ``* scaling``, then ``+``) and autograd round, forward and backward,
-so the kernels track PyTorch's own roundings; the differences are the GEMMs'
-accumulation orders. (Folding the scaling into the GEMM epilogue, as Unsloth's
-``addmm_(alpha=s)`` does, skips two of PEFT's roundings: more accurate, but a
-gradient that cancels over tokens -- dA of a tiny case -- amplifies that one-ulp
-drift past 4x PyTorch's error. Hence the step-by-step version.)
+The numerics are the folded ones (Unsloth's, ``addmm_(alpha=s)``), not PEFT's chain
+(nn.Linear in the layer's dtype, then ``* scaling``, then ``+``, each rounded): the
+scaling is the GEMM's alpha and each sum with an earlier term is its beta = 1, so
+the scaled term is never rounded on its own. Each line below rounds once, from the
+GEMM's fp32 accumulator to the layer's dtype; PEFT rounds the same quantities two or
+three times. The reference twin (``_lora.linear_reference``) computes this chain,
+so the parity suite measures PyTorch's own error on the roundings the kernel makes;
+``parity/test_lora_numerics.py`` checks that the chain is at least as accurate
+against fp64 as PEFT's, pooled over draws of the kernels' own strategies.
 
 forward   y    = x W^T (+ b)                  cuBLAS, rounded
           xa   = xd A^T                       [N, r]; xd = dropout(x) (Triton) or x
-          lora = xa B^T                       [N, out] scratch
-          y    = y + round(lora * s)          Triton ``_lora_add``, in place
-backward  ds   = round(dy * s)                Triton ``_scale_fwd``  [N, out] scratch
-          dB   = ds^T xa,  dxa = ds B         cuBLAS
+          y    = y + s * xa B^T               addmm_(alpha=s, beta=1): one rounding
+backward  dB   = s * dy^T xa                  addmm(alpha=s)
+          dxa  = s * dy B                     addmm(alpha=s)
           dA   = dxa^T xd                     xd recomputed from x and the mask
-          dx   = dy W  (+)  drop'(dxa A)      cuBLAS, then Triton ``_grad_add``: the
-                                              dropout's backward and autograd's sum
-Mixed mode (x fp32 on a bf16/fp16 layer, QLoRA under autocast; ``_lora.py``): the
-GEMMs read x cast to the layer's dtype (xd: the dropout on the fp32 x, rounded once
-to it), ``_lora_add`` writes the sum to a new fp32 y without rounding it to the
-layer's dtype, the backward casts dy to the layer's dtype once, and dx is an fp32
-buffer into which ``_grad_add`` sums the branches' 16-bit terms, as autograd sums
-PEFT's upcast gradients.
+          dx   = dy W;  dx = dx + dxa A       addmm_(beta=1); several projections of one
+                                              input accumulate into dx the same way
+Exceptions, Triton element-wise passes:
+  * a dropout mask: dx's LoRA term is t = round(dxa A), then ``_grad_add`` adds
+    round(t * keep / (1 - p)) (the dropout's backward, rounded where autograd rounds);
+  * the mixed mode (x fp32 on a bf16/fp16 layer, QLoRA under autocast; ``_lora.py``):
+    the GEMMs read x cast to the layer's dtype (xd: the dropout on the fp32 x, rounded
+    once to it), the scaled term is rounded to the layer's dtype (addmm(alpha=s) into
+    a scratch), ``_lora_add`` sums it with the base output in fp32 into a new fp32 y,
+    the backward casts dy to the layer's dtype once, and dx is an fp32 buffer into
+    which ``_grad_add`` sums the branches' 16-bit terms, as autograd sums PEFT's upcast
+    gradients. A 16-bit epilogue would round those sums to the layer's dtype and lose
+    a small adapter's term (the parity suite's ``delta:`` comparisons).
 
 The Triton kernels are element-wise over a flat index (``_elementwise.py``: a 1-D
 grid of blocks of up to 1024 elements, int64 offsets); x itself may be row-strided
@@ -53,8 +60,8 @@ from ._elementwise import offset
 def _to(x, DT: tl.constexpr):
     """fp32 -> DT, rounded to nearest even. For bf16 spelled out in integer ops:
     Triton 3.6's interpreter truncates on ``.to(tl.bfloat16)``, and these kernels
-    reproduce PEFT's chain of roundings step by step (a truncated intermediate
-    would drift from it). On the GPU this equals cvt.rn.bf16.f32 (NaN kept quiet)."""
+    round where the reference twin rounds (a truncated intermediate would drift
+    from it). On the GPU this equals cvt.rn.bf16.f32 (NaN kept quiet)."""
     if DT == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -65,7 +72,7 @@ def _to(x, DT: tl.constexpr):
     return y
 
 
-# All four are elementwise over a flat index in blocks (a 1-D grid, ``_elementwise.py``):
+# All three are elementwise over a flat index in blocks (a 1-D grid, ``_elementwise.py``):
 # buffers we allocate are contiguous; only x itself may be row-strided, and
 # _dropout_fwd maps the flat index back to (row, col) for it.
 @triton.jit
@@ -80,26 +87,15 @@ def _dropout_fwd(X, KEEP, Y, x_stride, n_cols, n_elements, scale, CONTIG: tl.con
 
 
 @triton.jit
-def _lora_add(Y, LORA, OUT, n_elements, s, BLOCK: tl.constexpr):
-    # OUT = Y + (LORA * s): PEFT's `result + lora_B(.) * scaling`, rounded where PEFT rounds:
-    # the scaled term in the layer's dtype (LORA's), the sum in OUT's (Y's own, in place; or
-    # fp32 in the mixed mode, where PEFT adds the 16-bit term to bitsandbytes' fp32 output).
+def _lora_add(Y, LORA, OUT, n_elements, BLOCK: tl.constexpr):
+    # OUT = Y + LORA in fp32, rounded to OUT's dtype: the mixed mode's sum of the 16-bit base
+    # output and the 16-bit scaled LoRA term into a new fp32 y, where PEFT adds the LoRA term
+    # to bitsandbytes' fp32 output.
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     y = tl.load(Y + idx, mask=mask, other=0.0).to(tl.float32)
     lora = tl.load(LORA + idx, mask=mask, other=0.0).to(tl.float32)
-    lora = _to(lora * s, LORA.dtype.element_ty).to(tl.float32)
     tl.store(OUT + idx, _to(y + lora, OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scale_fwd(DY, DS, dy_stride, n_cols, n_elements, s, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
-    # DS = DY * s: the gradient reaching lora_B's output (the backward of `* scaling`).
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n_elements
-    dy_off = offset(idx, n_cols, dy_stride, CONTIG)
-    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DS + idx, _to(dy * s, DS.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -144,11 +140,13 @@ def grad_add(dx2: torch.Tensor, t2: torch.Tensor, keep2: torch.Tensor | None = N
                         HAS_KEEP=keep2 is not None, BLOCK=block)
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor) -> torch.Tensor:
+    """out = s * (a @ b), the scaling as the GEMM's alpha: one rounding. beta = 0 ignores
+    out's contents (NaN included, as the parity suite's poisoned buffers hold)."""
+    return torch.addmm(out, a, b, beta=0, alpha=s, out=out)
+
+
 # --------------------------------------------------------------------------- LoRA building blocks
-# PEFT's roundings, step by step: every matmul's output and every elementwise op is
-# rounded to the layer's dtype where PEFT's nn.Linear / `* scaling` / `+` / dropout
-# round it, forward and backward. The matmuls are torch's (cuBLAS); the elementwise
-# steps are fused into the Triton kernels above.
 def layer_inputs(x2: torch.Tensor, keep2: torch.Tensor | None, scale: float, lo: torch.dtype):
     """(xc, xd): the base GEMM's input (x2 in the layer dtype ``lo``) and the LoRA
     branch's (the dropout of x2, rounded to ``lo``; xc itself without a mask)."""
@@ -169,9 +167,10 @@ def saved_input(x2: torch.Tensor, xc: torch.Tensor, keep2: torch.Tensor | None) 
 
 
 def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype | None = None):
-    """One LoRA linear: (y, xa) with y = h2 w^T (+ bias) + (xa B^T) * s and xa = hd2 A^T,
-    all in the layer's dtype (h2's); y in ``out_dtype`` when given (fp32 in the mixed
-    mode: the two terms summed without rounding to the layer's dtype)."""
+    """One LoRA linear: (y, xa) with y = h2 w^T (+ bias) + s * xa B^T and xa = hd2 A^T,
+    all in the layer's dtype (h2's), the LoRA term added in the GEMM's epilogue; y in
+    ``out_dtype`` when given (fp32 in the mixed mode: the base output and the scaled
+    LoRA term, each rounded to the layer's dtype, summed in fp32 by ``_lora_add``)."""
     n = h2.shape[0]
     out = w.shape[0]
     y = C.empty((n, out), h2.dtype, h2.device)
@@ -181,41 +180,27 @@ def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype |
         torch.addmm(bias, h2, w.t(), out=y)
     xa = C.empty((n, A.shape[0]), h2.dtype, h2.device)
     torch.mm(hd2, A.t(), out=xa)
-    lora = C.empty((n, out), h2.dtype, h2.device)
-    torch.mm(xa, B.t(), out=lora)
-    result = y if out_dtype in (None, h2.dtype) else C.empty((n, out), out_dtype, h2.device)
+    if out_dtype in (None, h2.dtype):
+        y.addmm_(xa, B.t(), alpha=s)
+        return y, xa
+    lora = scaled_mm(xa, B.t(), s, C.empty((n, out), h2.dtype, h2.device))
+    result = C.empty((n, out), out_dtype, h2.device)
     if n * out:
         grid, block = E.grid(n * out)
-        _lora_add[grid](y, lora, result, n * out, s, BLOCK=block)
+        _lora_add[grid](y, lora, result, n * out, BLOCK=block)
     return result, xa
-
-
-def scaled_grad(dy2, s: float) -> torch.Tensor:
-    """The gradient reaching lora_B's output: dy * scaling, rounded to dy's dtype (PEFT's
-    ``* scaling``, backward)."""
-    n, out = dy2.shape
-    ds = C.empty((n, out), dy2.dtype, dy2.device)
-    if n * out:
-        grid, block = E.grid(n * out)
-        _scale_fwd[grid](dy2, ds, dy2.stride(0), out, n * out, s, CONTIG=E.contiguous(out, dy2), BLOCK=block)
-    return ds
 
 
 def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dxa: bool):
     """(dA, dB, dxa) of one LoRA linear, each None unless asked for. ``hd2`` is
     the (dropped-out) input of the LoRA branch, needed only for dA; ``xa`` only
-    for dB; ``B`` only for dA or dxa."""
+    for dB; ``B`` only for dA or dxa. The scaling is each GEMM's alpha."""
     dA = dB = dxa = None
-    if not (need_a or need_b or need_dxa):
-        return dA, dB, dxa
-    n, out = dy2.shape
-    ds = scaled_grad(dy2, s)
+    n = dy2.shape[0]
     if need_b:
-        dB = C.empty((out, xa.shape[1]), dy2.dtype, dy2.device)
-        torch.mm(ds.t(), xa, out=dB)
+        dB = scaled_mm(dy2.t(), xa, s, C.empty((dy2.shape[1], xa.shape[1]), dy2.dtype, dy2.device))
     if need_a or need_dxa:
-        dxa = C.empty((n, B.shape[1]), dy2.dtype, dy2.device)
-        torch.mm(ds, B, out=dxa)
+        dxa = scaled_mm(dy2, B, s, C.empty((n, B.shape[1]), dy2.dtype, dy2.device))
     if need_a:
         dA = C.empty((dxa.shape[1], hd2.shape[1]), dxa.dtype, dxa.device)
         torch.mm(dxa.t(), hd2, out=dA)
@@ -224,22 +209,31 @@ def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dx
 
 def add_input_grad(dx, dy2, w, dxa, A, keep2, scale: float, dtype: torch.dtype | None = None,
                    out: torch.Tensor | None = None):
-    """The input gradient of one LoRA linear, dy2 w + dropout'(dxa A), each term
-    rounded and summed as autograd sums them: accumulated into ``dx``, or when ``dx``
-    is None written to ``out`` (a contiguous buffer of the input's dtype) or to a new
-    buffer of ``dtype`` (the input's: dy2's by default, fp32 in the mixed mode)."""
+    """The input gradient of one LoRA linear, dy2 w + dropout'(dxa A): accumulated into
+    ``dx``, or when ``dx`` is None written to ``out`` (a contiguous buffer of the input's
+    dtype) or to a new buffer of ``dtype`` (the input's: dy2's by default, fp32 in the
+    mixed mode). A buffer in the layer's dtype takes each term in the GEMM's epilogue
+    (beta = 1); a dropout mask, or the mixed mode's fp32 dx, goes through ``_grad_add``."""
+    lo = dy2.dtype
     n, d_in = dy2.shape[0], w.shape[1]
-    t = C.empty((n, d_in), dy2.dtype, dy2.device)
-    if dx is None:
-        dx = C.empty((n, d_in), dtype or dy2.dtype, dy2.device) if out is None else out
-        if dx.dtype == dy2.dtype:
-            torch.mm(dy2, w, out=dx)
-        else:
-            torch.mm(dy2, w, out=t)
-            dx.copy_(t)  # the branch's 16-bit gradient, upcast exactly
+    fresh = dx is None
+    if fresh:
+        dx = C.empty((n, d_in), dtype or lo, dy2.device) if out is None else out
+    folded = dx.dtype == lo
+    t = None if folded and keep2 is None else C.empty((n, d_in), lo, dy2.device)
+    if fresh and folded:
+        torch.mm(dy2, w, out=dx)
+    elif folded:
+        dx.addmm_(dy2, w)
+    elif fresh:
+        torch.mm(dy2, w, out=t)
+        dx.copy_(t)  # the branch's 16-bit gradient, upcast exactly
     else:
         torch.mm(dy2, w, out=t)
         grad_add(dx, t)
-    torch.mm(dxa, A, out=t)
-    grad_add(dx, t, keep2, scale)
+    if folded and keep2 is None:
+        dx.addmm_(dxa, A)
+    else:
+        torch.mm(dxa, A, out=t)
+        grad_add(dx, t, keep2, scale)
     return dx

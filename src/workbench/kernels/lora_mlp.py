@@ -27,10 +27,9 @@ the parameter or the quantized object, never a dequantised copy).
 The backward past down's weights is one loop over blocks of rows
 (``_gate_up_backward``, ``DH_BLOCK_BYTES``): one block at training shapes, several at
 long context, where down's input gradient dh [N, intermediate] (fp32 in the mixed
-mode), d_gate, d_up and their LoRA branches' scaled gradients are then never whole
-beside the saved g and u. Each row's arithmetic is the same in every block; over
-several blocks dBg and dBu add the blocks' products in fp32 and round once, as one
-GEMM's fp32 accumulator does.
+mode), d_gate and d_up are then never whole beside the saved g and u. Each row's
+arithmetic is the same in every block; over several blocks dBg and dBu add the
+blocks' scaled products in fp32 and round once, as one GEMM's fp32 accumulator does.
 """
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ from . import _common as C
 from . import _lora as L
 from . import _strategies as S
 from ._lora_ops import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
-                        saved_input, scaled_grad)
+                        saved_input, scaled_mm)
 from ._registry import Example, Inputs, KernelSpec, Limits
 from .geglu import APPROXIMATE_MODES, geglu_backward, geglu_forward
 from .swiglu import swiglu_backward, swiglu_forward
@@ -52,8 +51,8 @@ ACTIVATIONS = ("swiglu", "geglu")
 
 #: Triton 3.6's CPU interpreter truncates fp32 -> bf16 casts where the GPU rounds
 #: to nearest even, and swiglu.py / geglu.py store with a plain ``.to()``. This
-#: kernel reproduces PEFT's chain of roundings step by step, and a truncated h or
-#: d_gate drifts from it by up to an ulp, which an ill-conditioned dA (a sum over
+#: kernel rounds h and d_gate where its reference twin rounds them (to nearest even),
+#: and a truncated h or d_gate drifts from it by up to an ulp, which an ill-conditioned dA (a sum over
 #: tokens that cancels) amplifies past the doctrine's bound. So under the
 #: interpreter only, bf16 activation outputs are staged in fp32 and rounded by
 #: torch (to nearest even, as the GPU's store does). On the GPU the kernels write
@@ -136,15 +135,15 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
     block of rows at a time (``_dh_block_rows``; one block at training shapes). ``gate`` /
     ``up`` are None when nothing upstream of them needs a gradient.
 
-    Each block forms dh, d_gate, d_up and their LoRA branches' scaled gradients for its
-    rows only, with the arithmetic of one LoRA linear's backward (``lora_backward``,
-    ``add_input_grad``) on those rows. dB sums over every row: one block's is one GEMM in
-    the layer's dtype (its fp32 accumulator, rounded once); over several blocks the
-    products are added in fp32 (16-bit products are exact in fp32) and rounded once, the
-    same sum in another order. dA is the whole dxa's product, after the blocks. Each
-    block dequantises the frozen weights it needs afresh and drops them after use, and
-    forms its [rows, intermediate] buffers in the unblocked backward's order, so one
-    block's peak memory is the unblocked backward's (up to the few [N, r] buffers)."""
+    Each block forms dh, d_gate and d_up for its rows only, with the arithmetic of one
+    LoRA linear's backward (``lora_backward``, ``add_input_grad``) on those rows. dB sums
+    over every row: one block's is one GEMM in the layer's dtype (s times its fp32
+    accumulator, rounded once); over several blocks the scaled products are added in fp32
+    and rounded once, the same sum in another order. dA is the whole dxa's product, after
+    the blocks. Each block dequantises the frozen weights it needs afresh and drops them
+    after use, and forms its [rows, intermediate] buffers in the unblocked backward's
+    order, so one block's peak memory is the unblocked backward's (up to the few [N, r]
+    buffers)."""
     n_rows, inter = g.shape
     dev = g.device
     step = _dh_block_rows(inter, g.dtype)
@@ -173,20 +172,19 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
         # the kernel's fp32 math; the fp32 gradients are never formed).
         grads = _act_backward(dh, g[rows], u[rows], activation, approximate, gate is not None, up is not None, lo)
         del dh
-        # gate's and up's LoRA branches (their inputs: x, through each one's own mask) ...
+        # gate's and up's LoRA branches (their inputs: x, through each one's own mask), as
+        # lora_backward on this block's rows: the scaling is each GEMM's alpha ...
         for branch, d_b in zip(branches, grads):
             if branch is None:
                 continue
             proj, acc, dxa = branch
             xa = proj.xa
-            ds = scaled_grad(d_b, scaling)  # as lora_backward, on this block's rows
             if acc is not None and whole:  # one GEMM over every row
-                torch.mm(ds.t(), xa, out=acc)
+                scaled_mm(d_b.t(), xa, scaling, out=acc)
             elif acc is not None:  # summed in fp32 across blocks
-                acc.addmm_(ds.t().float(), xa[rows].float())
+                acc.addmm_(d_b.t().float(), xa[rows].float(), alpha=scaling)
             if dxa is not None:
-                torch.mm(ds, proj.B, out=dxa[rows])
-            del ds
+                scaled_mm(d_b, proj.B, scaling, out=dxa[rows])
         # ... then dX, both projections' terms summed as autograd sums them (dx is allocated
         # here, after dh is gone, as in an unblocked backward).
         if need_x:
@@ -349,21 +347,22 @@ def lora_mlp(x: torch.Tensor, Wg, Ag: torch.Tensor, Bg: torch.Tensor, Wu, Au: to
 # --------------------------------------------------------------------------- reference
 def lora_mlp_reference(x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, scaling, activation="swiglu", approximate="none",
                        dropout=0.0, dropout_mask=None, dropout_mask_down=None, generator=None,
-                       compute_dtype=torch.float32):
+                       compute_dtype=torch.float32, numerics="folded"):
     """HF's ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with PEFT LoRA on every
-    projection; the activation product in fp32 (``compute_dtype``), rounded to x's dtype."""
+    projection (each as ``lora_o_reference``); the activation product in fp32
+    (``compute_dtype``), rounded to x's dtype."""
     if dropout > 0 and (dropout_mask is None or dropout_mask_down is None):
         raise ValueError("lora_mlp_reference: pass the dropout masks explicitly when dropout > 0")
     cd = compute_dtype
     on = dropout > 0
-    g = L.linear_reference(x, Wg, Ag, Bg, scaling, None, dropout_mask[0] if on else None, dropout, cd)
-    u = L.linear_reference(x, Wu, Au, Bu, scaling, None, dropout_mask[1] if on else None, dropout, cd)
+    g = L.linear_reference(x, Wg, Ag, Bg, scaling, None, dropout_mask[0] if on else None, dropout, cd, numerics)
+    u = L.linear_reference(x, Wu, Au, Bu, scaling, None, dropout_mask[1] if on else None, dropout, cd, numerics)
     if activation == "swiglu":
         a = torch.nn.functional.silu(g.to(cd))
     else:
         a = torch.nn.functional.gelu(g.to(cd), approximate=approximate)
     h = (a * u.to(cd)).to(x.dtype)
-    return L.linear_reference(h, Wd, Ad, Bd, scaling, None, dropout_mask_down if on else None, dropout, cd)
+    return L.linear_reference(h, Wd, Ad, Bd, scaling, None, dropout_mask_down if on else None, dropout, cd, numerics)
 
 
 # --------------------------------------------------------------------------- registry

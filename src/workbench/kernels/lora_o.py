@@ -7,9 +7,9 @@ W [out, in] frozen (a tensor that does not require grad, or an object with
 (LoRA) or alpha / sqrt(r) (rsLoRA). See ``_lora.py`` for the dropout-mask and
 frozen-weight conventions shared by ``lora_o``, ``lora_qkv`` and ``lora_mlp``.
 
-The forward and backward of one LoRA linear (cuBLAS GEMMs and the Triton kernels
-that round where PEFT rounds, the mixed mode's fp32 sums) are the building blocks
-of ``_lora_ops.py``, which ``lora_qkv`` and ``lora_mlp`` run too; this file is
+The forward and backward of one LoRA linear (cuBLAS GEMMs with the scaling and
+the LoRA sum in their epilogues; Triton kernels for the dropout and the mixed
+mode's fp32 sums) are the building blocks of ``_lora_ops.py``, which ``lora_qkv`` and ``lora_mlp`` run too; this file is
 their simplest kernel: one linear, one autograd Function.
 
 Saved for backward: x (only if dA is needed), the bool keep-mask (with dropout),
@@ -91,13 +91,14 @@ def lora_o(x: torch.Tensor, W, A: torch.Tensor, B: torch.Tensor, scaling: float,
 
 # --------------------------------------------------------------------------- reference
 def lora_o_reference(x, W, A, B, scaling, dropout=0.0, dropout_mask=None, generator=None,
-                     compute_dtype=torch.float32):
+                     compute_dtype=torch.float32, numerics="folded"):
     """PEFT's ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`` in ``compute_dtype``,
-    each nn.Linear output (and the dropout, the scaling and the sum) rounded to x's dtype."""
+    rounded to x's dtype where the kernel rounds (``numerics="folded"``; ``"peft"``: where
+    PEFT rounds; ``_lora.linear_reference``)."""
     if dropout > 0 and dropout_mask is None:
         raise ValueError("lora_o_reference: pass the dropout_mask explicitly when dropout > 0")
     return L.linear_reference(x, W, A, B, scaling, None, dropout_mask if dropout > 0 else None, dropout,
-                              compute_dtype)
+                              compute_dtype, numerics)
 
 
 # --------------------------------------------------------------------------- registry

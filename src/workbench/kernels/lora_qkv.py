@@ -11,12 +11,13 @@ dropout modules draw independently: ``dropout_mask`` is bool [3, *x.shape]
 (q, k, v; True = kept).
 
 Each projection runs the LoRA building blocks of ``_lora_ops.py`` (cuBLAS GEMMs,
-the LoRA add as the GEMM epilogue, Triton dropout kernels). x is saved once for the
-three dA (and only if some A needs its gradient); dx is one buffer accumulated
-over the three projections: dy_q Wq + dy_k Wk + dy_v Wv plus the three LoRA
-terms, each rounded and added by the Triton ``_grad_add`` (masked by its
-projection's dropout). Each projection's dequantised W lives only for its
-own GEMM.
+the scaling and the LoRA sum in their epilogues, Triton dropout kernels). x is
+saved once for the three dA (and only if some A needs its gradient); dx is one
+buffer accumulated over the three projections: dy_q Wq + dy_k Wk + dy_v Wv plus
+the three LoRA terms, each added in its GEMM's epilogue (beta = 1, one rounding);
+a LoRA term under a dropout mask, and every term in the mixed mode's fp32 dx, is
+rounded and added by the Triton ``_grad_add`` instead. Each projection's
+dequantised W lives only for its own GEMM.
 
 Saved for backward: x (if any dA), the [3, ...] keep-mask (with dropout), per
 projection xa [N, r] (if its dB), A (if dx), B (if its dA or dx), W (if dx;
@@ -119,14 +120,14 @@ def lora_qkv(x: torch.Tensor, Wq, Aq: torch.Tensor, Bq: torch.Tensor, Wk, Ak: to
 
 # --------------------------------------------------------------------------- reference
 def lora_qkv_reference(x, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv, scaling, bq=None, bk=None, bv=None, dropout=0.0,
-                       dropout_mask=None, generator=None, compute_dtype=torch.float32):
+                       dropout_mask=None, generator=None, compute_dtype=torch.float32, numerics="folded"):
     """PEFT's q_proj(x), k_proj(x), v_proj(x) with LoRA, each as ``lora_o_reference``."""
     if dropout > 0 and dropout_mask is None:
         raise ValueError("lora_qkv_reference: pass the dropout_mask explicitly when dropout > 0")
     outs = []
     for i, (W, A, B, b) in enumerate(((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv))):
         keep = dropout_mask[i] if dropout > 0 else None
-        outs.append(L.linear_reference(x, W, A, B, scaling, b, keep, dropout, compute_dtype))
+        outs.append(L.linear_reference(x, W, A, B, scaling, b, keep, dropout, compute_dtype, numerics))
     return tuple(outs)
 
 
