@@ -151,3 +151,21 @@ def test_the_conditioning_is_active_on_cancelling_sums():
         c_err = abs((moved["a"] * moved["b"]).sum().item() - exact)
         active += c_err > abs((a32 * b32).sum().double().item() - exact)
     assert active >= 3, active
+
+
+def test_the_upstream_scale_cap_keeps_the_gradients_within_a_quarter_of_the_range():
+    """fp16, upstream 2^16 asked: the upstream values alone fit at 2^12, but lora_qkv's dx then
+    reaches 65334 of fp16's 65504, and whether a partial sum of its three branches overflows is
+    the luck of their order (it did on an H100). The cap lowers the scale until the gradients
+    fit a quarter of the range too, and says so."""
+    from workbench.kernels import registry
+    from workbench.kernels._harness import run_case
+
+    params = {"_dy": "strided", "_dy_scale": 16, "alpha": 1.0, "b_scale": 2.0**-10, "batch": 1, "bias": False,
+              "d_in": 2, "dropout": 0.0, "grad_adapters": [True] * 6, "grad_x": True, "kv_out": 13, "q_out": 26,
+              "r": 2, "rslora": False, "scale": 0.001, "scaling": 0.5, "strided": False, "tokens": 513,
+              "x_fp32": False}
+    report = run_case(registry()["lora_qkv"], params, F16, seed=0)
+    cap = [n for n in report.notes if "capped at" in n]
+    assert cap and "2^16 capped at 2^9" in cap[0], report.notes
+    assert report.ok, report
