@@ -179,3 +179,17 @@ def test_the_suites_regenerate_current_after_writing_a_report(tmp_path, capsys):
     old, new = archive / "train" / "2026-01-03-gpu-x.json", archive / "train" / "2026-01-05-gpu-x.json"
     cli.main(["regress", str(old), str(new), "--out", str(archive / "regress" / "2026-01-05-gpu-x-train.md")])
     assert "[2026-01-05-gpu-x-train](regress/2026-01-05-gpu-x-train.md)" in (archive / "README.md").read_text()
+
+
+def test_step_reports_with_and_without_autocast_are_separate_setups():
+    """Without autocast ours follows PEFT's fp32 adapters, with it bf16: other numerics, so a newer
+    report of one setting must not hide the other's numbers."""
+    base = {"suite": "step", "shape": "llama3.2-1b", "modes": ["lora"], "batch": 4, "seq": 2048}
+    rows = [{"mode": "lora", "stack": "ours", "speedup": 1.5, "memory_ratio": 0.4}]
+    on = {**base, "autocast": ["on"], "comparisons": [{**rows[0], "autocast": "on"}]}
+    off = {**base, "autocast": ["off"], "comparisons": [{**rows[0], "autocast": "off", "speedup": 1.2}]}
+    assert current.setup(on, "lora")[0] != current.setup(off, "lora")[0]
+    assert current.setup(on, "lora")[1] == "llama3.2-1b, lora, batch 4 × 2048, autocast on"
+    both = {**base, "autocast": ["on", "off"], "comparisons": on["comparisons"] + off["comparisons"]}
+    assert current.headline(both, "lora") == ("autocast on: **ours 1.50× / 0.40×** · "
+                                              "autocast off: **ours 1.20× / 0.40×**")

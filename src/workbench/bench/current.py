@@ -125,7 +125,7 @@ def load(reports_dir: str | Path) -> list[Entry]:
 # --------------------------------------------------------------------------- setups
 #: Suites whose reports measure each mode (lora, qlora) on its own, and where their rows are: such a
 #: report has one setup per mode, so a later report of one mode replaces only that mode's numbers.
-PER_MODE = {"train": "runs", "step": "runs", "context": "rows"}
+PER_MODE = {"train": "runs", "step": "rows", "context": "rows"}
 
 
 def _modes(doc: dict) -> tuple[str, ...]:
@@ -155,6 +155,11 @@ def setup(doc: dict, mode: str | None = None) -> tuple[tuple, str]:
         batch, seq = doc.get("batch"), doc.get("seq")
         size = f"batch {batch if batch is not None else '—'}" + (f" × {seq}" if seq else " (short rows)")
         return (shape, mode, batch, seq), f"{shape or '—'}, {mode_text}, {size}"
+    if suite == "step":   # with and without autocast are different numerics: separate setups
+        batch, seq, autocast = doc.get("batch"), doc.get("seq"), tuple(doc.get("autocast") or ())
+        text = (f"{shape or '—'}, {mode_text}, batch {batch if batch is not None else '—'} × {seq or '—'}, "
+                f"autocast {'+'.join(autocast) or '—'}")
+        return (shape, mode, batch, seq, autocast), text
     if suite == "context":
         bounds = tuple(doc.get(k) for k in ("start", "limit", "granularity"))
         search = f"{bounds[0]}" if bounds[0] == bounds[1] else f"{bounds[0]}–{bounds[1]} by {bounds[2]}"
@@ -229,6 +234,15 @@ def _stack_ratios(doc: dict, mode: str | None = None) -> str:
     return " · ".join(out) + (" (speed over the whole run, warm-up included)" if whole_run else "")
 
 
+def _step_ratios(doc: dict, mode: str | None = None) -> str:
+    """:func:`_stack_ratios` for each autocast setting the report measured (named when it has two)."""
+    settings = list(dict.fromkeys(c.get("autocast") for c in doc.get("comparisons") or []))
+    if len(settings) < 2:
+        return _stack_ratios(doc, mode)
+    return " · ".join(f"autocast {a}: " + _stack_ratios(
+        {**doc, "comparisons": [c for c in doc["comparisons"] if c.get("autocast") == a]}, mode) for a in settings)
+
+
 def _context(doc: dict, mode: str | None = None) -> str:
     """Per (mode, stack): the longest length that fitted, with its peak allocated memory; "≥" where
     nothing up to the search's limit failed."""
@@ -277,7 +291,7 @@ def _parity(doc: dict, mode: str | None = None) -> str:
             f"examples, {failed if failed is not None else '—'} failed")
 
 
-HEADLINES = {"kernels": _kernels, "train": _stack_ratios, "step": _stack_ratios, "context": _context,
+HEADLINES = {"kernels": _kernels, "train": _stack_ratios, "step": _step_ratios, "context": _context,
              "accuracy": _accuracy, "parity": _parity}
 
 
