@@ -143,15 +143,29 @@ def upstream_layout(shape, layout: str, gen: torch.Generator) -> Upstream:
     return Upstream(base, lambda b: b[..., pad:])
 
 
+def _range_limit(dtypes) -> float:
+    """A quarter of the narrowest dtype's range: room for a sum's partial results to exceed its total."""
+    return min(torch.finfo(d).max for d in dtypes) / 4
+
+
 def _scale_log2(ups, wanted: int, dtypes) -> int:
     """``wanted``, lowered until every upstream value times 2^k fits a quarter of each
     dtype's range (an fp16 upstream of 2^16 times a normal draw would be inf)."""
     k = int(wanted)
     peak = max((u.values().abs().max().item() for u in ups if u is not None), default=0.0)
-    limit = min(torch.finfo(d).max for d in dtypes) / 4
+    limit = _range_limit(dtypes)
     while k > -1000 and peak * 2.0**k > limit:
         k -= 1
     return k
+
+
+def _grad_excess_log2(refs, grad_names, limit: float) -> int:
+    """How many powers of two the exact gradients exceed ``limit`` by (0 when they fit). They are
+    linear in the upstream scale, so lowering it by that much brings them within a quarter of the
+    range."""
+    peak = max((float(e.grad(n).abs().max()) for _, e, _ in refs for n in grad_names
+                if e.grad(n) is not None and e.grad(n).numel()), default=0.0)
+    return max(0, math.ceil(math.log2(peak / limit))) if peak > limit and math.isfinite(peak) else 0
 
 
 def _forward_backward(fn, leaves, options, ups, scale, dtype, device, **extra):
@@ -232,14 +246,25 @@ def run_case(spec: KernelSpec, params: dict, dtype: torch.dtype, seed: int,
     # GradScaler's back-off: where PyTorch's own backward overflows at this scale (an fp16
     # intermediate beyond 65504 where the fp64 gradient is finite and in range), training
     # would skip the step and lower the scale; so does the case, towards 1.
-    while True:
-        refs = [_reference_passes(spec, t, inputs.options, grad_names, ups, 2.0**log2, dtype, device, seed)
+    def passes(k):
+        return [_reference_passes(spec, t, inputs.options, grad_names, ups, 2.0**k, dtype, device, seed)
                 for t in sets]
+
+    refs = passes(log2)
+    # The cap above sees the upstream values only. The gradients they give can still reach the top
+    # of the range (a sum over many outputs), where the order of a sum's additions alone decides
+    # whether a partial result overflows; keep the gradients within a quarter of it as well.
+    excess = _grad_excess_log2(refs, grad_names, _range_limit({dtype, *out_dtypes}))
+    if excess:
+        log2 = capped = log2 - excess
+        refs = passes(log2)
+    while True:
         overflowed = any(spurious_nonfinite(b.grad(n), e.grad(n))
                          for b, e, _ in refs for n in grad_names)
         if log2 <= 0 or not overflowed:
             break
         log2 = max(0, log2 - BACKOFF_LOG2)
+        refs = passes(log2)
     if capped != wanted_log2:
         report.notes.append(f"upstream scale 2^{wanted_log2} capped at 2^{capped}: the values fit a quarter of "
                             "the dtype's range")
