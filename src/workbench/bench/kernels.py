@@ -567,8 +567,9 @@ def markdown(result: dict, env: dict, command: str, png_name: str | None = None)
         f"# Kernel micro-benchmarks — {env['device']} — {env['date']}",
         "",
         f"- **Command:** `{command}`",
-        *([f"- **Timed by:** `{result.get('benchmark_command') or 'pytest bench/'}`, one pytest-benchmark benchmark "
-           f"per kernel, stack and pass, in `{result['benchmark_json']}` (each time here is a benchmark's median)"]
+        *([(f"- **Timed by:** `{result['benchmark_command']}`, " if result.get("benchmark_command") not in (None, command)
+            else "- **Timed by:** the command above, ") + "one pytest-benchmark benchmark per kernel, stack and pass, "
+           f"in `{result['benchmark_json']}` (each time here is a benchmark's median)"]
           if result.get("benchmark_json") else []),
         f"- **Shapes:** `{result['shape']}` {result['shape_dims']}, dtype {result['dtype']}",
         f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
