@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The nightly GPU job, end to end: the parity suite (gpu profile, mutation self-test and the
-# >2^31-element cases included), the kernels, train, step, accuracy and context suites, and the
-# regression check of tonight's kernels, train, step and context reports against the previous night's.
+# >2^31-element cases included), the kernel micro-benchmarks (`pytest bench/`, pytest-benchmark:
+# compared with the previous night's JSON, failing on a median 10 % slower, and the report made
+# of its JSON), the train, step, accuracy and context suites, and the regression check of
+# tonight's kernels (that JSON), train, step and context reports against the previous night's.
 # .github/workflows/nightly-gpu.yml calls it; anyone on a GPU host can too.
 #
 # Usage: scripts/nightly.sh [--short] [--dry-run] [--reports DIR] [--previous DIR] [--runs DIR]
@@ -16,7 +18,8 @@
 #   --dry-run    print each command, one a line, instead of running it (tests/test_workflow.py
 #                parses them against the CLI)
 #   --reports    where the reports go (default reports; with --short reports/nightly-short)
-#   --previous   the previous night's reports, <suite>.json each (default previous-reports)
+#   --previous   the previous night's reports, <suite>.json each, and kernels.benchmark.json
+#                (pytest bench/'s JSON) for the kernels (default previous-reports)
 #   --runs       scratch space for the training runs (default $RUNNER_TEMP or /tmp, /nightly-runs)
 # Environment: PYTHON (default python3), KERNEL_SHAPE (llama3-8b), TRAIN_SHAPE (llama3.2-1b).
 # Every step runs even when an earlier one failed (the workflow's steps did: `if: always()`);
@@ -62,7 +65,7 @@ step() {  # step NAME CMD...: run (or, with --dry-run, print) one command; remem
 if [ "$short" = 1 ]; then
   export PARITY_EXAMPLES="${PARITY_EXAMPLES:-3}"
   parity=(-k "not mutant")
-  kernels=(--shape llama3.2-1b --no-compile)
+  kernels=(--bench-shape llama3.2-1b --bench-no-compile)
   train=(--shape "$TRAIN_SHAPE" --batch 1 --seq 512 --steps 3 --stacks hf,ours)
   stepsuite=(--shape llama3.2-1b --modes lora --stacks hf,ours --autocast on --batch 1 --seq 512 --warmup 1 --steps 3)
   accuracy=(--seeds 0,1 --steps 40 --limit 20 --jobs 4)
@@ -70,7 +73,7 @@ if [ "$short" = 1 ]; then
            --steps 1 --devices all)
 else
   parity=()
-  kernels=(--shape "$KERNEL_SHAPE")
+  kernels=(--bench-shape "$KERNEL_SHAPE")
   train=(--shape "$TRAIN_SHAPE" --batch 4 --seq 2048 --steps 30)
   # The plain loop peers publish, every stack, with and without autocast, and each stack's profile.
   stepsuite=(--shape "$TRAIN_SHAPE" --modes lora,qlora --stacks hf,ours,liger,unsloth --autocast both --profile)
@@ -83,11 +86,23 @@ else
            --max-seq 262144 --granularity 16384 --steps 1 --devices all)
 fi
 
-[ "$dry" = 1 ] || { mkdir -p "$reports" "$runs"; nvidia-smi --query-gpu=name,driver_version,memory.total \
+[ "$dry" = 1 ] || { mkdir -p "$reports/kernels" "$runs"; nvidia-smi --query-gpu=name,driver_version,memory.total \
   --format=csv,noheader 2>/dev/null || true; }
 
 step parity bash scripts/gpu_parity.sh "$reports/parity" "${parity[@]}"
-step kernels "$PY" -m workbench bench kernels "${kernels[@]}" --report "$reports/kernels"
+# The kernels: pytest-benchmark's JSON is their one record (device time per kernel, stack and pass;
+# peak memory, floors and versions in extra_info); the report and its plots are made of it.
+kernel_json="$reports/kernels/$(date -u +%F).benchmark.json"
+kernel_compare=()
+if [ "$dry" = 1 ] || [ -f "$previous/kernels.benchmark.json" ]; then  # the first night has no baseline
+  kernel_compare=(--benchmark-compare="$previous/kernels.benchmark.json" --benchmark-compare-fail=median:10%)
+fi
+step kernels "$PY" -m pytest bench/ "${kernels[@]}" --benchmark-json="$kernel_json" "${kernel_compare[@]}"
+if [ "$dry" = 1 ] || [ -f "$kernel_json" ]; then
+  step "kernels report" "$PY" -m workbench bench kernels --from-json "$kernel_json" --report "$reports/kernels"
+else
+  echo "no $kernel_json: pytest bench/ stopped before writing it (its step says why)"
+fi
 step train "$PY" -m workbench bench train "${train[@]}" --run "$runs/bench-train" --report "$reports/train"
 step step "$PY" -m workbench bench step "${stepsuite[@]}" --run "$runs/bench-step" --report "$reports/step"
 step accuracy "$PY" -m workbench bench accuracy "${accuracy[@]}" --run "$runs/bench-accuracy" \
@@ -95,12 +110,19 @@ step accuracy "$PY" -m workbench bench accuracy "${accuracy[@]}" --run "$runs/be
 step context "$PY" -m workbench bench context "${context[@]}" --run "$runs/bench-context" \
   --report "$reports/context"
 
-# Regression check of tonight's kernels, train, step and context reports (the newest JSON of each)
-# against the previous night's (the first night, or a failed run, has nothing to compare).
+# Regression check of tonight's kernels (pytest bench/'s JSON: times, peak memory, failures), train,
+# step and context reports (the newest JSON of each) against the previous night's (the first night,
+# or a failed run, has nothing to compare).
 [ "$dry" = 1 ] || mkdir -p "$reports/regress"
 for suite in kernels train step context; do
-  new=$(ls -t "$reports/$suite"/*.json 2>/dev/null | head -n 1 || true)
-  old="$previous/$suite.json"
+  if [ "$suite" = kernels ]; then
+    new=""
+    if [ "$dry" = 1 ] || [ -f "$kernel_json" ]; then new="$kernel_json"; fi
+    old="$previous/kernels.benchmark.json"
+  else
+    new=$(ls -t "$reports/$suite"/*.json 2>/dev/null | head -n 1 || true)
+    old="$previous/$suite.json"
+  fi
   if [ "$dry" = 1 ]; then
     step "regress $suite" "$PY" -m workbench regress "$old" "${new:-$reports/$suite/NEWEST.json}" \
       --out "$reports/regress/$suite.md"

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 import os
+import subprocess
 import sys
 
 import pytest
@@ -8,13 +9,15 @@ import pytest
 from workbench.bench import child
 from workbench.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_kernel_bench_smoke_writes_a_report_without_errors(tmp_path, capsys):
     # The CPU path only proves the harness end to end (tiny shapes, interpreter); GPU numbers come from `device`.
     code = main(["bench", "kernels", "--shape", "tiny", "--only", "rms_norm,swiglu,cross_entropy", "--report", str(tmp_path),
                  "--tag", "smoke"])
     assert code == 0
-    (js,) = tmp_path.glob("*.json")
+    (js,) = [p for p in tmp_path.glob("*.json") if not p.name.endswith(".benchmark.json")]
     assert js.name.endswith("-smoke.json")
     doc = json.loads(js.read_text())
     rows = doc["rows"]
@@ -25,6 +28,57 @@ def test_kernel_bench_smoke_writes_a_report_without_errors(tmp_path, capsys):
             assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
     assert doc["environment"]["device"] and doc["command"].startswith("workbench bench")
     assert (tmp_path / js.name.replace(".json", ".md")).exists()
+    # The report is made of pytest bench/'s JSON, written beside it: its benchmarks' medians are the rows' times.
+    bench_json = tmp_path / doc["benchmark_json"]
+    assert bench_json.name == js.name.replace(".json", ".benchmark.json")
+    assert doc["benchmark_command"].startswith("pytest bench ") and "--bench-shape tiny" in doc["benchmark_command"]
+    benchmarks = json.loads(bench_json.read_text())["benchmarks"]
+    ours = next(r for r in rows if r["kernel"] == "rms_norm" and r["stack"] == "ours")
+    (fwd,) = [b for b in benchmarks if b["name"] == "test_kernel[tiny-bfloat16-rms_norm-ours-fwd]"]
+    assert ours["fwd_ms"] == fwd["stats"]["median"] * 1e3
+    # `workbench regress` reads the pytest-benchmark JSON as it reads the report.
+    capsys.readouterr()
+    assert main(["regress", str(js), str(bench_json)]) == 0
+    assert "no regression" in capsys.readouterr().out
+    doc_b = json.loads(bench_json.read_text())
+    for b in doc_b["benchmarks"]:
+        if b["extra_info"]["kernel"] == "swiglu" and b["extra_info"]["stack"] == "ours":
+            b["stats"]["median"] *= 1.2
+    slower = tmp_path / "slower.benchmark.json"
+    slower.write_text(json.dumps(doc_b))
+    assert main(["regress", str(bench_json), str(slower)]) == 1
+    flagged = _flagged(capsys)
+    assert len(flagged) == 2 and all("swiglu" in f and "1.200×" in f for f in flagged), flagged
+
+
+def test_pytest_bench_writes_device_time_and_extra_info_in_its_json(tmp_path):
+    """`pytest bench/ --benchmark-json` on the CPU: one tiny case, wall clock in the interpreter
+    (a check that the suite works; the GPU times device work). A subprocess, as a user runs it."""
+    from workbench.bench import kernels as kbench
+
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # benchmarks are off in a worker
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+                           f"--benchmark-json={out}", f"--benchmark-storage=file://{tmp_path / 'storage'}",
+                           "-k", "rms_norm and ours"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    names = sorted(b["name"] for b in doc["benchmarks"])
+    assert names == ["test_kernel[tiny-bfloat16-rms_norm-ours-fwd]", "test_kernel[tiny-bfloat16-rms_norm-ours-fwd_bwd]"]
+    for b in doc["benchmarks"]:
+        assert b["options"]["timer"].endswith("device_clock")  # the samples measure() took, not a host clock
+        assert b["stats"]["rounds"] == len(b["stats"]["data"]) > 0 and b["stats"]["median"] > 0
+        info = b["extra_info"]
+        assert set(info) == set(kbench.EXTRA_INFO), sorted(info)
+        assert (info["kernel"], info["stack"], info["shape_set"], info["dtype"]) == ("rms_norm", "ours", "tiny",
+                                                                                     "bfloat16")
+        assert info["pass"] == b["name"].rsplit("-", 1)[1].rstrip("]") and info["timing"] == "wall"
+        assert info["bytes_moved"] > 0 and info["device"] and info["versions"]["torch"]
+    section = doc["workbench"]
+    assert (section["suite"], section["shape"], section["errors"]) == ("kernels", "tiny", [])
+    assert section["command"].startswith("pytest bench/ ")
+    report = kbench.from_benchmark_json(doc)
+    assert [(r["kernel"], r["stack"]) for r in report["rows"]] == [("rms_norm", "ours"), ("rms_norm", "floor")]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -83,6 +83,19 @@ def test_a_report_lacking_fields_shows_a_dash():
     assert current.headline({"suite": "context", "rows": "not a list"}) == "—"  # a malformed report still renders
 
 
+def test_the_pytest_benchmark_json_beside_a_kernels_report_is_no_report_of_its_own(tmp_path):
+    # `workbench bench kernels` keeps the JSON of `pytest bench/` (<stem>.benchmark.json) next to the report
+    # made of it; CURRENT.md and the index list the report only.
+    archive = tmp_path / "reports"
+    shutil.copytree(FIXTURES, archive)
+    before = current.render_current(archive), current.render_readme(archive)
+    (archive / "kernels" / "2026-01-05-gpu-x.benchmark.json").write_text(json.dumps(
+        {"machine_info": {}, "commit_info": {}, "benchmarks": [], "datetime": "2026-01-05T00:00:00", "version": "5",
+         "workbench": {"suite": "kernels", "shape": "tiny", "dtype": "bfloat16", "timing": "graph", "cases": [],
+                       "errors": [], "environment": {"device": "gpu x", "date": "2026-01-05"}}}))
+    assert (current.render_current(archive), current.render_readme(archive)) == before
+
+
 def test_index_lists_every_report_with_its_status():
     index = current.render_index(FIXTURES)
     status = {r[0].split("]")[0].lstrip("["): r[4] for r in _rows(index)}

@@ -39,7 +39,7 @@ def _repo_dirs():
 
 
 def test_no_folder_of_ours_answers_for_kernels_or_eval_from_any_repo_folder():
-    # src layout: from the root, tests/, parity/ (where pytest and `python -m` put their
+    # src layout: from the root, tests/, parity/, bench/ (where pytest and `python -m` put their
     # folder on sys.path) and every other folder of the checkout, `kernels` resolves to the
     # PyPI distribution (transformers requires it) or to nothing, and `eval` to nothing.
     dirs = [str(d) for d in _repo_dirs()]
@@ -56,7 +56,7 @@ def test_no_folder_of_ours_answers_for_kernels_or_eval_from_any_repo_folder():
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(dirs)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout)
-    assert len(found) == 2 * len(dirs) and str(ROOT / "tests") in dirs and str(ROOT / "parity") in dirs
+    assert len(found) == 2 * len(dirs) and all(str(ROOT / d) in dirs for d in ("tests", "parity", "bench"))
     # An installed distribution may live in a virtual environment inside the checkout
     # (.venv, .venv-latest): site-packages is not ours.
     ours = {k: v for k, v in found.items()

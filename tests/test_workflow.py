@@ -3,9 +3,12 @@ are checked here against the CLI they call, so a renamed flag, a stack or shape 
 longer exists, or a missing script fails on every change instead of on the next night.
 The job's body is scripts/nightly.sh: its commands (nightly and ``--short``) come from its
 ``--dry-run``, and any workbench command left in the workflow itself is checked as well."""
+import json
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,6 +97,49 @@ def test_every_workbench_command_of_the_nightly_workflow_parses(argv):
             assert args.seq <= args.max_seq and args.granularity >= 1
         if getattr(args, "config", None):
             assert (ROOT / args.config.replace("$GITHUB_WORKSPACE/", "")).is_file(), args.config
+
+
+def _pytest_bench_command(*flags: str) -> list[str]:
+    (line,) = [line for line in _script_lines(*flags) if " -m pytest bench/" in line]
+    words = shlex.split(line)
+    return words[words.index("pytest") + 1:]
+
+
+@pytest.mark.parametrize("flags", [(), ("--short",)], ids=["nightly", "short"])
+def test_the_nightly_kernels_run_under_pytest_benchmark_and_their_json_is_the_record(flags, tmp_path):
+    """The kernels step is `pytest bench/ --benchmark-json=...`, compared with the previous night's JSON
+    (failing on a median 10 % slower); the report and the regression check are made of that JSON. Its
+    flags are parsed by pytest itself (with pytest-benchmark and bench/conftest.py), collecting on the
+    CPU: the shape set is checked here and swapped for tiny, the paths for files of this test."""
+    from workbench.bench import kernels as kbench
+
+    args = _pytest_bench_command(*flags)
+    assert args[0] == "bench/"
+    options = dict(a.split("=", 1) for a in args if a.startswith("--benchmark-"))
+    reports = "reports/nightly-short" if flags else "reports"
+    assert re.fullmatch(re.escape(reports) + r"/kernels/\d{4}-\d\d-\d\d\.benchmark\.json", options["--benchmark-json"])
+    assert options["--benchmark-compare"] == "previous-reports/kernels.benchmark.json"
+    assert options["--benchmark-compare-fail"] == "median:10%"
+    commands = _script_commands(*flags)
+    (report,) = [c for c in commands if c[:2] == ["bench", "kernels"]]
+    assert report[report.index("--from-json") + 1] == options["--benchmark-json"]
+    (regress,) = [c for c in commands if c[0] == "regress" and c[-1].endswith("/kernels.md")]
+    assert regress[1:3] == [options["--benchmark-compare"], options["--benchmark-json"]]
+
+    shape = args[args.index("--bench-shape") + 1]
+    assert shape in kbench.SHAPES, shape
+    previous = tmp_path / "previous.json"  # a pytest-benchmark JSON with no benchmarks: enough to compare with
+    previous.write_text(json.dumps({"machine_info": {}, "commit_info": {}, "benchmarks": [], "datetime": "",
+                                    "version": "5"}))
+    swap = {f"--benchmark-json={options['--benchmark-json']}": f"--benchmark-json={tmp_path / 'b.json'}",
+            f"--benchmark-compare={options['--benchmark-compare']}": f"--benchmark-compare={previous}",
+            shape: "tiny", "bench/": str(ROOT / "bench")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    # From tmp_path: pytest-benchmark keeps its storage (.benchmarks) in the working directory.
+    proc = subprocess.run([sys.executable, "-m", "pytest", *[swap.get(a, a) for a in args], "--collect-only", "-q",
+                           "-p", "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "test_kernel[tiny-bfloat16-rms_norm-ours-fwd]" in proc.stdout
 
 
 def test_the_files_the_workflow_names_exist():

@@ -5,7 +5,9 @@ row is matched by its key and read as a ratio new / old:
 
 * kernels: ``(kernel, shape, stack)`` -> ``fwd_ms``, ``fwd_bwd_ms`` (lower is
   better) and ``peak_extra_gib`` (lower is better); reports timed differently (CUDA
-  graphs or events) are refused, and a row timed differently in the two is not compared;
+  graphs or events) are refused, and a row timed differently in the two is not compared.
+  Either side may be the report's JSON or the ``pytest bench/ --benchmark-json`` file it
+  was made from (the benchmarks' medians and extra_info);
 * train: ``(mode, stack)`` -> ``steady_step_s``, ``step_s`` and ``peak_memory_gib``
   (lower is better), ``steady_tokens_per_s`` and ``tokens_per_s`` (higher is better)
   and ``final_loss`` (must not move); a metric one of the reports lacks is skipped;
@@ -77,7 +79,11 @@ def load(path: str | Path) -> dict:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err.msg}); pass the .json that `workbench bench` wrote.") from None
-    if doc.get("suite") not in METRICS:
+    if isinstance(doc, dict) and "benchmarks" in doc and "machine_info" in doc:
+        from workbench.bench import kernels  # `pytest bench/ --benchmark-json`: the kernels report it makes
+
+        return kernels.from_benchmark_json(doc, str(path))
+    if not isinstance(doc, dict) or doc.get("suite") not in METRICS:
         raise UserError(f"{path} is not a kernels, train, context or step benchmark report "
                         f"(suite {doc.get('suite')!r}).")
     return doc

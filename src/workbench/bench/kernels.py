@@ -2,10 +2,15 @@
 (eager, as HF runs it in the dtype), ``torch.compile`` of that reference, and
 Liger-Kernel's equivalent where it is installed — all in the same process.
 
-Measured per stack: forward ms, forward+backward ms (median of triton's
-``do_bench`` on CUDA; wall-clock medians on the CPU, for smoke tests only) and
-the peak extra memory of one forward+backward. Shapes come from real models
-(Llama-3.1-8B by default). Nothing here asserts a speed: numbers go to reports.
+Measured per stack: forward ms, forward+backward ms (medians of triton's
+``do_bench_cudagraph`` or ``do_bench`` samples on CUDA; wall-clock medians on the CPU,
+for smoke tests only) and the peak extra memory of one forward+backward. Shapes come
+from real models (Llama-3.1-8B by default). Nothing here asserts a speed.
+
+``pytest bench/`` runs them as pytest-benchmark benchmarks (:func:`prepare` the cases,
+:func:`measure` each, :func:`record` the samples); its ``--benchmark-json`` file is the
+record that ``workbench bench kernels`` turns into the report and its plots
+(:func:`from_benchmark_json`, :func:`markdown`, :func:`plot`).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from workbench.errors import UserError
 from workbench.kernels import registry
 from workbench.markdown import table
 
@@ -226,17 +232,24 @@ def _nf4_cases(s: dict, device, dtype) -> list[Case]:
 #: cannot be captured (one of them synchronizes with the host, say) is timed with
 #: events in every stack, so its ratios still compare like with like; the row says so.
 TIMINGS = ("graph", "events")
+#: What is timed per stack: the forward alone, and forward + backward (a case with
+#: nothing to differentiate, nf4_dequant, has the forward only).
+PASSES = ("fwd", "fwd_bwd")
 
 
-def _timer(device: torch.device, timing: str = "graph"):
+def _timer(device: torch.device, timing: str = "graph") -> Callable[[Callable[[], Any]], list[float]]:
+    """A function that times a callable and returns its samples in ms, whose median is the
+    reported time: triton's samples on CUDA (graph replays, each the mean of the calls
+    unrolled in the graph; or CUDA-event timings of one call), three wall-clock runs after
+    a warm-up on the CPU."""
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     if device.type == "cuda":
         import triton.testing
 
         if timing == "graph":
-            return lambda fn: float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            return lambda fn: [float(t) for t in triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="all")]
+        return lambda fn: [float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")]
 
     def wall(fn, reps=3):
         fn()
@@ -245,7 +258,7 @@ def _timer(device: torch.device, timing: str = "graph"):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return times
     return wall
 
 
@@ -311,6 +324,7 @@ class Row:
     error: str | None = None
     extra: dict = field(default_factory=dict)
     timing: str | None = None            # "graph" or "events" (TIMINGS); None on the CPU and for the floor
+    samples: dict[str, list[float]] = field(default_factory=dict)  # pass (PASSES) -> the timer's samples, ms
 
 
 def device_ceilings(device: torch.device) -> dict:
@@ -328,67 +342,109 @@ def device_ceilings(device: torch.device) -> dict:
     return {"copy_bytes_per_s": bw, "bf16_flops_per_s": 2 * 8192**3 / (ms_mm * 1e-3)}
 
 
-def run(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only: list[str] | None = None,
-        compile_reference: bool = True, progress: Callable[[str], None] = print, timing: str = "graph") -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timers = {t: _timer(device, t) for t in TIMINGS}
-    _timer(device, timing)  # validates the choice
+def floor_ms(case: Case, ceilings: dict) -> float | None:
+    """The case's floor: its minimal bytes at the measured copy rate or its matmul FLOPs at
+    the measured bf16 rate, whichever takes longer (None without ceilings: on the CPU)."""
+    if not ceilings:
+        return None
+    return max(case.bytes_moved / ceilings["copy_bytes_per_s"], case.flops / ceilings["bf16_flops_per_s"]) * 1e3
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Prepared:
+    """A case and its stacks: the callable of each, and the stacks that could not be built (why)."""
+    case: Case
+    calls: dict[str, Callable[[], Any]]
+    unbuilt: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stacks(self) -> list[str]:
+        return [*self.calls, *self.unbuilt]
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        return [self.case.tensors[g] for g in self.case.grads]
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        return PASSES if self.case.grads else PASSES[:1]
+
+
+def prepare(shape_name: str = "llama3-8b", dtype: torch.dtype = torch.bfloat16, only: list[str] | None = None,
+            compile_reference: bool = True, device: torch.device | None = None) -> list[Prepared]:
+    """The cases of a shape set (those of the kernels in ``only``, when given), each with its
+    stacks: ours, the PyTorch reference (or what HF/PEFT run), ``torch.compile`` of it (CUDA
+    only), the others the case names (bitsandbytes) and Liger."""
+    device = device or default_device()
     specs = registry()
-    ceilings = device_ceilings(device)
-    rows: list[Row] = []
+    out = []
     for case in cases(shape_name, device, dtype):
         if only and case.kernel not in only:
             continue
         spec = specs[case.kernel]
-        leaves = [case.tensors[g] for g in case.grads]
-        stacks: dict[str, Callable[[], Any]] = {
+        calls: dict[str, Callable[[], Any]] = {
             "ours": lambda spec=spec, c=case: spec.fn(**c.tensors, **c.options),
             case.torch_label: case.torch_call or (lambda spec=spec, c=case: spec.reference(**c.tensors, **c.options)),
         }
         if compile_reference and device.type == "cuda":
             if case.torch_call is not None:
-                stacks["torch.compile"] = torch.compile(case.torch_call, dynamic=False)
+                calls["torch.compile"] = torch.compile(case.torch_call, dynamic=False)
             else:
                 compiled = torch.compile(spec.reference, dynamic=False)
-                stacks["torch.compile"] = lambda c=case, f=compiled: f(**c.tensors, **c.options)
+                calls["torch.compile"] = lambda c=case, f=compiled: f(**c.tensors, **c.options)
         for label, build in case.others.items():
-            stacks[label] = build()
+            calls[label] = build()
+        unbuilt = {}
         if case.liger is not None:
             try:
-                stacks["liger"] = case.liger()
-            except Exception as err:  # noqa: BLE001 - recorded in the report
-                rows.append(Row(case.kernel, case.shape, "liger", error=f"{type(err).__name__}: {err}"))
-        case_timing, why_events = timing, None
-        if device.type == "cuda" and timing == "graph":
-            probes = {}
-            for stack, call in stacks.items():
-                probes[f"{stack} forward"] = lambda call=call: _no_grad(call)
-                if leaves:
-                    probes[f"{stack} backward"] = _fwd_bwd(call, leaves)
-            why_events = graph_blocker(probes, device)
-            if why_events:
-                case_timing = "events"
-                progress(f"[bench] {case.kernel}: timed with CUDA events, not graphs ({why_events})")
-        case_rows = _time_stacks(case, stacks, leaves, device, timers[case_timing], case_timing, why_events, progress)
-        failed = [r for r in case_rows if r.error and "captur" in r.error.lower()]
-        if case_timing == "graph" and failed:  # a capture failure the probe did not foresee: redo the case
-            why_events = f"{failed[0].stack} could not be captured ({failed[0].error})"
+                calls["liger"] = case.liger()
+            except Exception as err:  # noqa: BLE001 - the stack's row says why
+                unbuilt["liger"] = f"{type(err).__name__}: {err}"
+        out.append(Prepared(case, calls, unbuilt))
+    return out
+
+
+def measure(prepared: Prepared, device: torch.device, timing: str = "graph", stacks: list[str] | None = None,
+            progress: Callable[[str], None] = print) -> list[Row]:
+    """Time the stacks of one case (those named in ``stacks``, else all): forward ms,
+    forward + backward ms (their samples in ``Row.samples``) and the peak extra memory of
+    one forward + backward. The case is timed one way in all its stacks: with CUDA events
+    when one of them cannot be captured in a CUDA graph (it synchronizes with the host, or
+    its capture fails while timing: then the case is timed again). Every stack is probed,
+    named or not, so that a stack's timing does not depend on which others were asked for.
+    A stack that fails is a row with its error."""
+    _timer(device, timing)  # validates the choice
+    case, leaves = prepared.case, prepared.leaves
+    wanted = [s for s in prepared.stacks if stacks is None or s in stacks]
+    calls = {s: prepared.calls[s] for s in wanted if s in prepared.calls}
+    unbuilt = [Row(case.kernel, case.shape, s, error=prepared.unbuilt[s]) for s in wanted if s in prepared.unbuilt]
+    case_timing, why_events = timing, None
+    if device.type == "cuda" and timing == "graph":
+        probes = {}
+        for stack, call in prepared.calls.items():
+            probes[f"{stack} forward"] = lambda call=call: _no_grad(call)
+            if leaves:
+                probes[f"{stack} backward"] = _fwd_bwd(call, leaves)
+        why_events = graph_blocker(probes, device)
+        if why_events:
+            case_timing = "events"
             progress(f"[bench] {case.kernel}: timed with CUDA events, not graphs ({why_events})")
-            torch.cuda.synchronize()
-            case_rows = _time_stacks(case, stacks, leaves, device, timers["events"], "events", why_events, progress)
-        rows += case_rows
-        floor = None
-        if ceilings:
-            floor = max(case.bytes_moved / ceilings["copy_bytes_per_s"],
-                        case.flops / ceilings["bf16_flops_per_s"]) * 1e3
-        rows.append(Row(case.kernel, case.shape, "floor", fwd_bwd_ms=floor,
-                        extra={"bytes_moved": case.bytes_moved, "flops": case.flops}))
-        for t in case.tensors.values():
-            if isinstance(t, torch.Tensor):
-                t.grad = None
-    return {"shape": shape_name, "shape_dims": SHAPES[shape_name], "dtype": str(dtype).removeprefix("torch."),
-            "timing": timing if device.type == "cuda" else "wall", "ceilings": ceilings,
-            "rows": [r.__dict__ for r in rows]}
+    rows = _time_stacks(case, calls, leaves, device, _timer(device, case_timing), case_timing, why_events, progress)
+    failed = [r for r in rows if r.error and "captur" in r.error.lower()]
+    if case_timing == "graph" and failed:  # a capture failure the probe did not foresee: redo the case
+        why_events = f"{failed[0].stack} could not be captured ({failed[0].error})"
+        progress(f"[bench] {case.kernel}: timed with CUDA events, not graphs ({why_events})")
+        torch.cuda.synchronize()
+        rows = _time_stacks(case, calls, leaves, device, _timer(device, "events"), "events", why_events, progress)
+    for t in case.tensors.values():
+        if isinstance(t, torch.Tensor):
+            t.grad = None
+    by_stack = {r.stack: r for r in rows + unbuilt}
+    return [by_stack[s] for s in wanted]
 
 
 def _time_stacks(case: Case, stacks: dict, leaves: list, device: torch.device, timer, timing: str,
@@ -402,10 +458,12 @@ def _time_stacks(case: Case, stacks: dict, leaves: list, device: torch.device, t
             row.extra["timing_note"] = f"CUDA events in every stack of this kernel: {why_events}"
         try:
             with torch.no_grad():
-                row.fwd_ms = timer(call)
+                row.samples["fwd"] = timer(call)
+            row.fwd_ms = statistics.median(row.samples["fwd"])
             if leaves:
                 step = _fwd_bwd(call, leaves)
-                row.fwd_bwd_ms = timer(step)
+                row.samples["fwd_bwd"] = timer(step)
+                row.fwd_bwd_ms = statistics.median(row.samples["fwd_bwd"])
             else:  # nothing to differentiate (NF4 dequant): the forward is the whole step
                 step = call
             row.peak_extra_gib = _peak_extra(step, device, leaves)
@@ -423,11 +481,96 @@ def _no_grad(call: Callable[[], Any]) -> Any:
         return call()
 
 
+# --------------------------------------------------------------------------- pytest-benchmark
+# `pytest bench/` (bench/conftest.py) times every case with `measure` and hands each
+# (case, stack, pass) to pytest-benchmark; its JSON is the record that the report, the
+# plots and `workbench regress` are made from (`from_benchmark_json`).
+_device_seconds = 0.0
+
+
+def device_clock() -> float:
+    """The timer of the kernel benchmarks in pytest-benchmark (``@pytest.mark.benchmark(timer=...)``):
+    seconds of measured time, advanced only by :func:`record` replaying a sample. pytest-benchmark
+    reads its timer around each round; a host clock there would time the Python that launches the
+    kernels, not the device's work."""
+    return _device_seconds
+
+
+def record(benchmark, samples_ms: list[float]) -> None:
+    """Give pytest-benchmark the samples :func:`measure` took (ms), one pedantic round each, timed by
+    :func:`device_clock`: its statistics, JSON and ``--benchmark-compare(-fail)`` are then those of the
+    device time, and its median is the report's number."""
+    global _device_seconds
+    _device_seconds = 0.0  # each benchmark starts from zero: no rounding from a long sum
+    samples = iter(samples_ms)
+
+    def replay():
+        global _device_seconds
+        _device_seconds += next(samples) * 1e-3
+    benchmark.pedantic(replay, rounds=len(samples_ms), iterations=1, warmup_rounds=0)
+
+
+#: The keys of every benchmark's ``extra_info`` (docs/benchmarks.md says what each holds).
+EXTRA_INFO = ("kernel", "shape", "stack", "pass", "case_index", "stack_index", "shape_set", "dtype", "timing",
+              "timing_note", "peak_extra_gib", "bytes_moved", "flops", "floor_ms", "device", "versions")
+
+
+def extra_info(prepared: Prepared, row: Row, pass_: str, *, case_index: int, stack_index: int, shape_set: str,
+               dtype: str, floor: float | None, env: dict) -> dict:
+    """What a benchmark's numbers need besides its times (pytest-benchmark has no field for them)."""
+    case = prepared.case
+    return {"kernel": case.kernel, "shape": case.shape, "stack": row.stack, "pass": pass_, "case_index": case_index,
+            "stack_index": stack_index, "shape_set": shape_set, "dtype": dtype, "timing": row.timing or "wall",
+            "timing_note": row.extra.get("timing_note"), "peak_extra_gib": row.peak_extra_gib,
+            "bytes_moved": case.bytes_moved, "flops": case.flops, "floor_ms": floor, "device": env.get("device"),
+            "versions": {k: env.get(k) for k in ("torch", "cuda", "triton", "transformers", "liger_kernel")}}
+
+
+def from_benchmark_json(doc: dict, source: str = "the JSON") -> dict:
+    """The kernels report (what `workbench bench kernels` writes: suite, environment, command,
+    shape, dtype, timing, ceilings, rows) from a ``pytest bench/ --benchmark-json`` file: a row per
+    (case, stack) with the medians of its benchmarks (forward; forward + backward) and the peak and
+    timing of their ``extra_info``, a stack that failed as a row with its error, and a floor row
+    per case. The ``workbench`` section that bench/conftest.py adds holds the run's setup."""
+    section = doc.get("workbench") if isinstance(doc, dict) else None
+    if not isinstance(section, dict) or section.get("suite") != "kernels" or not isinstance(doc.get("benchmarks"),
+                                                                                            list):
+        raise UserError(f"{source} is not a JSON of `pytest bench/ --benchmark-json=FILE` (it has no kernels "
+                        "section); pass one that pytest bench/ wrote.")
+    rows: dict[tuple[int, int], dict] = {}
+    for bench in doc["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        key = (info["case_index"], info["stack_index"])
+        row = rows.setdefault(key, {
+            "kernel": info["kernel"], "shape": info["shape"], "stack": info["stack"], "fwd_ms": None,
+            "fwd_bwd_ms": None, "peak_extra_gib": info.get("peak_extra_gib"), "error": None,
+            "extra": {"timing_note": info["timing_note"]} if info.get("timing_note") else {},
+            "timing": info["timing"] if info.get("timing") in TIMINGS else None})
+        row[f"{info['pass']}_ms"] = bench["stats"]["median"] * 1e3
+    for err in section.get("errors") or []:
+        rows[(err["case_index"], err["stack_index"])] = {
+            "kernel": err["kernel"], "shape": err["shape"], "stack": err["stack"], "fwd_ms": None, "fwd_bwd_ms": None,
+            "peak_extra_gib": None, "error": err["error"], "extra": {}, "timing": None}
+    out = []
+    for case in sorted(section.get("cases") or [], key=lambda c: c["case_index"]):
+        out += [rows[k] for k in sorted(rows) if k[0] == case["case_index"]]
+        out.append({"kernel": case["kernel"], "shape": case["shape"], "stack": "floor", "fwd_ms": None,
+                    "fwd_bwd_ms": case.get("floor_ms"), "peak_extra_gib": None, "error": None,
+                    "extra": {"bytes_moved": case.get("bytes_moved"), "flops": case.get("flops")}, "timing": None})
+    return {"suite": "kernels", "environment": section.get("environment") or {}, "command": section.get("command"),
+            "shape": section.get("shape"), "shape_dims": section.get("shape_dims") or {}, "dtype": section.get("dtype"),
+            "timing": section.get("timing"), "ceilings": section.get("ceilings") or {}, "rows": out}
+
+
 def markdown(result: dict, env: dict, command: str, png_name: str | None = None) -> str:
     lines = [
         f"# Kernel micro-benchmarks — {env['device']} — {env['date']}",
         "",
         f"- **Command:** `{command}`",
+        *([(f"- **Timed by:** `{result['benchmark_command']}`, " if result.get("benchmark_command") not in (None, command)
+            else "- **Timed by:** the command above, ") + "one pytest-benchmark benchmark per kernel, stack and pass, "
+           f"in `{result['benchmark_json']}` (each time here is a benchmark's median)"]
+          if result.get("benchmark_json") else []),
         f"- **Shapes:** `{result['shape']}` {result['shape_dims']}, dtype {result['dtype']}",
         f"- **Versions:** torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
         f"transformers {env['transformers']}, liger-kernel {env.get('liger_kernel')}",

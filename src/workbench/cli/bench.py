@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from workbench.cli.common import (against_previous, check_tag, command, environment_of_a_child,
@@ -64,9 +65,13 @@ def _suite(suites, name: str, *, help: str, description: str, writes: list[str],
 def _kernels(suites) -> None:
     p = _suite(suites, "kernels", help="micro-benchmark every kernel against PyTorch, torch.compile and Liger",
                description="Time each kernel's forward and forward+backward, and its peak extra memory, against "
-                           "PyTorch eager, torch.compile and Liger-Kernel at a model's shapes. CUDA only, but for "
-                           "--shape tiny (a smoke test in the interpreter).",
-               writes=["REPORT/<date>-<device>[-TAG].json, .md and .png"], exits=["0  benchmarked"],
+                           "PyTorch eager, torch.compile and Liger-Kernel at a model's shapes: runs `pytest bench/` "
+                           "(pytest-benchmark, device time) and makes the report and its plots from the JSON it "
+                           "writes, or with --from-json from one written before. CUDA only, but for --shape tiny "
+                           "(a smoke test in the interpreter).",
+               writes=["REPORT/<date>-<device>[-TAG].json, .md and .png, and the pytest-benchmark JSON they are made "
+                       "of: REPORT/<date>-<device>[-TAG].benchmark.json (not with --from-json)"],
+               exits=["0  benchmarked", "1  a benchmark failed (its row says why) or pytest bench/ did not run"],
                example="workbench bench kernels --shape llama3.2-1b --only rms_norm,swiglu", func=run_kernels)
     p.add_argument("--shape", default="llama3-8b",
                    help="shape set: llama3-8b (default), llama3.2-1b, qwen3-4b, tiny (CPU smoke test)")
@@ -76,17 +81,74 @@ def _kernels(suites) -> None:
     p.add_argument("--timing", choices=["graph", "events"], default="graph",
                    help="on CUDA: graph (default; each call replayed from a CUDA graph, launch overhead excluded) "
                         "or events (one call between CUDA events, launch overhead included)")
+    p.add_argument("--from-json", metavar="FILE", help="make the report of this `pytest bench/ --benchmark-json` "
+                   "file instead of running the benchmarks (the run's shape, dtype and timing are the file's)")
     _report_flags(p, "kernels", runs=False)
 
 
 def run_kernels(args: argparse.Namespace) -> int:
+    """The kernel micro-benchmarks: `pytest bench/` times them (its pytest-benchmark JSON is the one
+    record of the times), and the report, its plots and the comparison with the previous report are
+    made from that JSON."""
+    from workbench import atomic
+    from workbench.bench import kernels as kbench
+
     check_tag(args.tag)  # a bad --tag fails now, not after the runs
+    out = Path(args.report)
+    if args.from_json:
+        source = Path(args.from_json)
+        result = kbench.from_benchmark_json(_benchmark_json(source), str(source))
+        code = 1 if any(r["error"] for r in result["rows"]) else 0
+        command_line = result["command"]  # the command that measured these numbers
+        name = stem(result["environment"], args.tag)
+    else:
+        _check_kernel_args(args)
+        # The device (for the file names) read by a child: this process holds no CUDA context while pytest runs.
+        name = stem(environment_of_a_child(), args.tag)
+        source = out / f"{name}.benchmark.json"
+        source.unlink(missing_ok=True)  # an earlier run's file of this name must not pass for this run's
+        code = _run_pytest_bench(args, source)
+        if not source.is_file():
+            print(f"workbench: pytest bench/ wrote no {source} (exit status {code}); its output above says why.",
+                  file=sys.stderr)
+            return 1
+        result = kbench.from_benchmark_json(_benchmark_json(source), str(source))
+        code = 0 if code == 0 else 1
+        command_line = args.command_line
+    env = result.pop("environment")
+    result["benchmark_command"] = result.pop("command")
+    result["benchmark_json"] = os.path.relpath(source.resolve(), out.resolve())
+    png = kbench.plot(result, out / f"{name}.png", env)
+    doc = {"suite": "kernels", "environment": env, "command": command_line, **result}
+    text = kbench.markdown(result, env, command_line, png.name) + "\n" + against_previous(out, doc, f"{name}.json")
+    atomic.write_json(out / f"{name}.json", doc)
+    atomic.write_text(out / f"{name}.md", text)
+    refresh_current(out / f"{name}.json")
+    print(text)
+    print(f"kernel report: {out / (name + '.md')}, {out / (name + '.json')} and {png} (from {source})")
+    return code
+
+
+def _benchmark_json(path: Path) -> dict:
+    import json
+
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass the file that `pytest bench/ --benchmark-json=FILE` wrote.")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); pass the file that `pytest bench/ "
+                        "--benchmark-json=FILE` wrote.") from None
+
+
+def _check_kernel_args(args: argparse.Namespace) -> None:
+    import importlib.util
+
     ensure_interpreter_if_no_gpu()
     import torch
 
-    from workbench import atomic
     from workbench.bench import kernels as kbench
-    from workbench.envinfo import environment, version
+    from workbench.cli.common import REPO_ROOT
     from workbench.kernels import registry
     from workbench.kernels._harness import DTYPES
 
@@ -100,22 +162,33 @@ def run_kernels(args: argparse.Namespace) -> int:
         raise UserError(f"unknown kernel(s) {', '.join(unknown)}; see `workbench kernels`.")
     if not torch.cuda.is_available() and args.shape != "tiny":
         raise UserError("kernel benchmarks need a CUDA device; on the CPU only `--shape tiny` runs (a smoke test).")
-    result = kbench.run(args.shape, DTYPES[args.dtype], only or None, compile_reference=not args.no_compile,
-                        timing=args.timing)
-    env = environment()
-    env["liger_kernel"] = version("liger-kernel")
-    command_line = args.command_line
-    name = stem(env, args.tag)
-    out = Path(args.report)
-    png = kbench.plot(result, out / f"{name}.png", env)
-    doc = {"suite": "kernels", "environment": env, "command": command_line, **result}
-    text = kbench.markdown(result, env, command_line, png.name) + "\n" + against_previous(out, doc, f"{name}.json")
-    atomic.write_json(out / f"{name}.json", doc)
-    atomic.write_text(out / f"{name}.md", text)
-    refresh_current(out / f"{name}.json")
-    print(text)
-    print(f"kernel report: {out / (name + '.md')}, {out / (name + '.json')} and {png}")
-    return 0
+    bench = REPO_ROOT / "bench"
+    if not (bench / "test_kernels.py").is_file():
+        raise UserError(f"the kernel benchmarks live in bench/ of a checkout of the project ({bench} is not there); "
+                        "run `workbench bench kernels` from an editable install (pip install -e .).")
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise UserError("the kernel benchmarks run under pytest-benchmark, which is not installed; install the test "
+                        "extra (pip install -e '.[test]').")
+
+
+def _run_pytest_bench(args: argparse.Namespace, json_path: Path) -> int:
+    """`pytest bench/` in a child process, from the checkout (the benchmarks' names are relative to
+    it), writing ``json_path``; its exit status."""
+    import subprocess
+
+    from workbench.cli.common import REPO_ROOT
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
+           f"--benchmark-json={json_path.resolve()}", "--bench-shape", args.shape, "--bench-dtype", args.dtype,
+           "--bench-timing", args.timing]
+    cmd += ["--bench-only", args.only] if args.only else []
+    cmd += ["--bench-no-compile"] if args.no_compile else []
+    print("[bench] " + " ".join(cmd[2:]), flush=True)
+    # A child of an xdist worker (the test suite's) is no worker: pytest-benchmark turns itself off in one.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    with stopped_by_signal():  # pytest's output, pytest-benchmark's tables among it, goes to the terminal
+        return subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode
 
 
 # --------------------------------------------------------------------------- train and step

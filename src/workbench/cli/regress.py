@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
                         "archive's regress/ folder)"],
                 exits=["0  no regression", "1  a regression (the flagged rows say which)"],
                 example="workbench regress reports/train/LAST-NIGHT.json reports/train/TONIGHT.json --out cmp.md")
-    p.add_argument("baseline", help="the earlier report (.json written by `workbench bench`)")
+    p.add_argument("baseline", help="the earlier report (.json written by `workbench bench`; for kernels also the "
+                   "file of `pytest bench/ --benchmark-json`)")
     p.add_argument("current", help="the new report of the same suite, device and shape")
     p.add_argument("--time", type=float, default=0.10, help="allowed slowdown, as a fraction (default 0.10)")
     p.add_argument("--memory", type=float, default=0.02, help="allowed peak-memory growth (default 0.02)")
