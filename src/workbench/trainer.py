@@ -164,6 +164,16 @@ class Guarded:
         return loss
 
 
+class OldCheckpointingName:
+    """A trainer mixin: TRL's DPO trainer asks the model ``is_gradient_checkpointing`` at every
+    reference pass, a name transformers 5.23 deprecates with a warning each time; training runs
+    inside models.old_checkpointing_name, which hides that notice."""
+
+    def train(self, *args, **kwargs):
+        with old_checkpointing_name():
+            return super().train(*args, **kwargs)
+
+
 class GuardedSFTTrainer(Guarded, SFTTrainer):
     """An SFTTrainer, :class:`Guarded`, that takes our fused loss where TRL would compute its
     plain one."""
@@ -238,7 +248,7 @@ def make_preference_trainer(cfg: Config, model, tok, dataset, output_dir: str, c
     with old_checkpointing_name():
         trainer = preference.make_preference_trainer(
             model, tok, dataset, method=cfg.training.method, beta=cfg.training.beta, output_dir=output_dir,
-            fused=fused, callbacks=callbacks, mixins=(Guarded,), **args)
+            fused=fused, callbacks=callbacks, mixins=(Guarded, OldCheckpointingName), **args)
     trainer.remove_callback(PrinterCallback)  # our LossLog prints one line per logging step instead
     trainer.activation_offload = None  # (the config refuses offloaded checkpointing here)
     return trainer
