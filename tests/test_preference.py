@@ -383,3 +383,30 @@ def test_workbench_train_takes_the_users_preference_rows(tmp_path):
     assert row["chosen"] == [{"role": "assistant", "content": "2"}] and row["rejected"][0]["content"] == "3"
     assert row["prompt"] == [{"role": "user", "content": "What is 0 plus 2?"}] and row["answer"] == "2"
     assert all(r["completion"] == r["chosen"] and r["answer"] == r["chosen"][0]["content"] for r in test_rows)
+
+
+def test_gradient_checkpointing_in_dpo_recomputes_the_policys_forward_alone(tok, rows, tmp_path):
+    # Per step: the policy's forward and the reference's (no_grad, checkpointing off in TRL's
+    # reference pass); with checkpointing, the policy's again in the backward. Same losses.
+    from workbench import config, default, models, trainer as trainer_mod
+
+    calls, losses = {}, {}
+    for on in (False, True):
+        cfg = config.load(None, [*TRAIN, "training.method=dpo", "kernels=false",
+                                 f"training.gradient_checkpointing={str(on).lower()}"])
+        model = default.build_model(tok)
+        torch.manual_seed(0)
+        model = models.attach_lora(cfg, model)
+        mlp = model.base_model.model.model.layers[0].mlp
+        count, forward = [], mlp.forward
+
+        def counting_forward(*args, _forward=forward, _count=count, **kwargs):
+            _count.append(1)  # (a forward hook would not see the recompute: torch skips hooks there)
+            return _forward(*args, **kwargs)
+
+        mlp.forward = counting_forward
+        trainer = trainer_mod.make_trainer(cfg, model, tok, rows, str(tmp_path / str(on)))
+        trainer.train()
+        calls[on], losses[on] = len(count), _losses(trainer)
+    assert calls == {False: 2 * 3, True: 3 * 3}
+    assert losses[True] == pytest.approx(losses[False], rel=BAND)
