@@ -242,6 +242,42 @@ def test_unsloth_stacks_run_from_their_own_site(monkeypatch, tmp_path):
                                                                         "unsloth-gc"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--method", "kto"], "unknown --method 'kto'; use one of sft, dpo, orpo"),
+    (["--method", "dpo", "--seq", "64"], "preference pairs, which are not packed; leave out --seq"),
+    (["--method", "orpo", "--stacks", "hf,ours-offload"], "leave out ours-offload"),
+    (["--method", "dpo", "--stacks", "hf,liger"], "Liger's and Unsloth's preference losses are not wired"),
+])
+def test_train_suite_refuses_what_a_preference_method_cannot_run(args, message, capsys):
+    assert main(["bench", "train", "--shape", "tiny", "--modes", "lora", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_suite_runs_dpo_with_trls_loss_and_ours(tmp_path):
+    """hf (TRL's DPO loss) and ours (our kernels and the fused preference loss) on the tiny shape,
+    each in its own process: the same preference data, losses within the suite's band (fp32 on
+    the CPU: far inside it), a report that names the method and a setup of its own."""
+    from workbench.bench import current
+
+    report = tmp_path / "reports"
+    assert main(["bench", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,ours", "--method", "dpo",
+                 "--steps", "3", "--batch", "2", "--run", str(tmp_path / "runs"), "--report", str(report)]) == 0
+    [json_path] = report.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    assert doc["method"] == "dpo" and [r["stack"] for r in doc["runs"]] == ["hf", "ours"]
+    hf, ours = doc["runs"]
+    assert all(r["exit_code"] == 0 and [s for s, _ in r["loss_curve"]] == [1, 2, 3] for r in doc["runs"])
+    assert ours["kernels"]["calls_in_training"]["fused_linear_preference"] == 3 and hf["kernels"] is None
+    [c] = doc["comparisons"]
+    assert c["same_data"] is True and not c["loss_differs"] and c["max_rel_loss_diff"] < 1e-5
+    yaml_text = (tmp_path / "runs" / "lora-ours.yaml").read_text()
+    assert "method: dpo" in yaml_text and "kernels: true" in yaml_text
+    assert json_path.with_suffix(".md").read_text().startswith("# Training runs (DPO)")
+    assert current.setup(doc, "lora") == (("tiny", "lora", 2, None, "dpo"), "tiny, lora, DPO, batch 2 pairs")
+    sft = {k: v for k, v in doc.items() if k != "method"}
+    assert current.setup(sft, "lora")[0] == ("tiny", "lora", 2, None)   # an SFT report's setup, as before
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")
 def test_train_suite_needs_cuda_for_real_shapes(capsys):
     from workbench.cli import main

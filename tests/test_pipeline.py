@@ -207,6 +207,22 @@ def test_run_completes_then_skips_forces_resumes_and_retrains_on_a_changed_confi
     assert "stale" not in (run / "report" / "report.md").read_text()
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_a_preference_run_goes_through_every_stage_unchanged(tmp_path, capsys, method):
+    # The later stages read a preference run as they read an SFT one: its adapter, and held-out
+    # rows whose chosen reply is their completion.
+    run = tmp_path / "run"
+    code, out = _run(capsys, run, "--set", f"training.method={method}")
+    assert code == 0, out
+    assert _actions(out) == dict.fromkeys(STAGES, "running")
+    rec = _records(run)
+    assert [rec[s]["status"] for s in STAGES] == ["complete"] * 5
+    assert rec["train"]["method"] == method and rec["train"]["steps"] == 3
+    assert all(f["passed"] for f in rec["export"]["files"].values()) and rec["export"]["adapter"]["passed"]
+    assert rec["eval"]["models"] == ["base", "adapter", "merged", "f16", "q8_0", "q4_k_m"]
+    assert f"| method | {method}, beta 0.1 |" in (run / "report" / "report.md").read_text()
+
+
 def test_run_rejects_a_bad_force_and_limit(tmp_path, capsys):
     assert main(["run", "--run", str(tmp_path / "r"), "--eval-limit", "-1"]) == 2
     assert "--eval-limit must be 0 (every document) or more" in capsys.readouterr().err

@@ -17,9 +17,14 @@ norm's output). Nothing is widened: FACTOR x the baseline's error plus the fp32 
 
 Trainer level: make_preference_trainer's fused DPO / ORPO trainers train (the loss falls), and
 their per-step losses follow TRL's unmodified trainers on the same model, seed and data.
+
+Recipe level: `workbench train` with training.method dpo / orpo on the built-in default, with
+our kernels (the backbone's and the fused loss) and without (TRL's own loss), follows the same
+per-step losses, writes the adapter, the loss log and the preference rows.
 Everything runs on the CPU in fp32, the kernel in Triton's interpreter.
 """
 import copy
+import json
 import math
 
 import pytest
@@ -309,3 +314,99 @@ def test_fused_precomputed_reference_logps_match_trls(tok, rows, tmp_path, monke
         refs[fused] = torch.tensor([data["ref_chosen_logps"], data["ref_rejected_logps"]], dtype=torch.float64)
     assert bool((refs[True] < 0).all())
     torch.testing.assert_close(refs[True], refs[False], rtol=BAND, atol=0.0)
+
+
+# --------------------------------------------------------------------------- `workbench train`
+#: The built-in default, shrunk: 3 steps of 2 pairs from 16 built-in rows, in fp32, no warm-up
+#: (every step after the first moves the adapter), no held-out generation.
+TRAIN = ["training.max_steps=3", "training.batch_size=2", "training.logging_steps=1", "training.warmup_ratio=0",
+         "eval.max_rows=0", "data.builtin_rows=16", "model.dtype=float32"]
+
+
+def _workbench_train(run, *sets) -> list[dict]:
+    from workbench.cli import main
+
+    assert main(["train", "--run", str(run), *[a for kv in (*TRAIN, *sets) for a in ("--set", kv)]]) == 0
+    return [json.loads(line) for line in (run / "train" / "loss.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_workbench_train_with_our_kernels_follows_trls_own_loss(method, tmp_path):
+    # The recipe's optimizer is AdamW, not the SGD of the trainer-level test: its first steps
+    # take about lr * sign(g), so a roundoff that flips a near-zero gradient element moves that
+    # element by a whole step; but the loss moves by that element's gradient times the step, to
+    # first order, so over 3 steps the losses stay within BAND (measured: 3e-7 at most, for both
+    # methods). A lost term (beta, a mask, the reference) moves them by percents.
+    from workbench import manifest
+
+    runs = {}
+    for kernels in ("true", "false"):
+        run = tmp_path / kernels
+        losses = _workbench_train(run, f"training.method={method}", f"kernels={kernels}")
+        rec = manifest.require_stage(run, "train", "")
+        assert manifest.verify_outputs(run, "train") == []
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        assert [r["step"] for r in losses] == [1, 2, 3] and rec["steps"] == 3
+        assert rec["method"] == method and rec["beta"] == 0.1
+        train_rows = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text().splitlines()]
+        test_rows = [json.loads(line) for line in (run / "data" / "test.jsonl").read_text().splitlines()]
+        assert {"prompt", "chosen", "rejected"} <= train_rows[0].keys()
+        assert all(r["completion"] == r["chosen"] and r["chosen"] != r["rejected"] for r in test_rows)
+        runs[kernels] = [r["loss"] for r in losses], rec
+    (ours, rec), (theirs, trl_rec) = runs["true"], runs["false"]
+    # One fused loss a step (no accumulation), and the backbone's kernels ran; TRL's run ran none.
+    calls = rec["kernels"]["calls_in_training"]
+    assert calls["fused_linear_preference"] == 3 and {"rms_norm", "rope", "lora_qkv", "lora_mlp"} <= calls.keys()
+    assert trl_rec["kernels"] is None
+    if method == "dpo":
+        # A fresh adapter is its own reference (the base, the adapter disabled): log 2 at step 1.
+        assert ours[0] == pytest.approx(math.log(2.0), rel=1e-7)
+        assert all(abs(v - math.log(2.0)) > 1e-3 for v in ours[1:]), ours  # then the policy moved
+    assert len(set(ours)) == 3, ours
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == pytest.approx(b, rel=BAND), f"step {step + 1}: ours {a} vs TRL's {b}"
+
+
+def test_workbench_train_takes_the_users_preference_rows(tmp_path):
+    # Plain strings (TRL's standard preference format) become chat messages; with no data.test,
+    # a seeded tenth is held out, each held-out row's chosen reply its expected answer.
+    rows = [{"prompt": f"What is {i} plus 2?", "chosen": str(i + 2), "rejected": str(i + 3)} for i in range(20)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    losses = _workbench_train(run, "training.method=dpo", "kernels=false", f"data.train={data}")
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    train_rows = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text().splitlines()]
+    test_rows = [json.loads(line) for line in (run / "data" / "test.jsonl").read_text().splitlines()]
+    assert len(train_rows) == 18 and len(test_rows) == 2
+    row = next(r for r in train_rows if r["prompt"][0]["content"] == "What is 0 plus 2?")
+    assert row["chosen"] == [{"role": "assistant", "content": "2"}] and row["rejected"][0]["content"] == "3"
+    assert row["prompt"] == [{"role": "user", "content": "What is 0 plus 2?"}] and row["answer"] == "2"
+    assert all(r["completion"] == r["chosen"] and r["answer"] == r["chosen"][0]["content"] for r in test_rows)
+
+
+def test_gradient_checkpointing_in_dpo_recomputes_the_policys_forward_alone(tok, rows, tmp_path):
+    # Per step: the policy's forward and the reference's (no_grad, checkpointing off in TRL's
+    # reference pass); with checkpointing, the policy's again in the backward. Same losses.
+    from workbench import config, default, models, trainer as trainer_mod
+
+    calls, losses = {}, {}
+    for on in (False, True):
+        cfg = config.load(None, [*TRAIN, "training.method=dpo", "kernels=false",
+                                 f"training.gradient_checkpointing={str(on).lower()}"])
+        model = default.build_model(tok)
+        torch.manual_seed(0)
+        model = models.attach_lora(cfg, model)
+        mlp = model.base_model.model.model.layers[0].mlp
+        count, forward = [], mlp.forward
+
+        def counting_forward(*args, _forward=forward, _count=count, **kwargs):
+            _count.append(1)  # (a forward hook would not see the recompute: torch skips hooks there)
+            return _forward(*args, **kwargs)
+
+        mlp.forward = counting_forward
+        trainer = trainer_mod.make_trainer(cfg, model, tok, rows, str(tmp_path / str(on)))
+        trainer.train()
+        calls[on], losses[on] = len(count), _losses(trainer)
+    assert calls == {False: 2 * 3, True: 3 * 3}
+    assert losses[True] == pytest.approx(losses[False], rel=BAND)

@@ -136,3 +136,27 @@ def test_every_pipeline_stage_is_declared_in_its_module(name):
     stage = stages.get(name)
     assert stage.name == name and type(stage).__module__ == stages.PIPELINE[name]
     assert set(stage.upstream.values()) <= set(stages.NAMES[:stages.NAMES.index(name)])
+
+
+def test_another_training_method_retrains_and_the_same_one_does_not(tmp_path):
+    # The train stage's inputs hold the config's text, training.method and beta among it: a run
+    # trained with one method is retrained for another (what `workbench run` asks, per stage).
+    from workbench import config
+
+    quick = ["training.max_steps=2", "training.batch_size=2", "eval.max_rows=0", "data.builtin_rows=16"]
+    run = tmp_path / "run"
+    run.mkdir()
+    train = [stages.get("train")]
+
+    def settings(*sets):
+        return stages.Settings(cfg=config.load(None, [*quick, *sets]))
+
+    assert _pipeline(run, train, settings("training.method=dpo"))["train"] == ("ran", "no train stage yet")
+    assert manifest.stage(run, "train")["method"] == "dpo"
+    assert _pipeline(run, train, settings("training.method=dpo"))["train"][0] == "skipped"
+    changed = ("ran", "the config changed (--config / --set)")
+    assert _pipeline(run, train, settings("training.method=dpo", "training.beta=0.5"))["train"] == changed
+    assert _pipeline(run, train, settings("training.method=orpo", "training.beta=0.5"))["train"] == changed
+    rec = manifest.stage(run, "train")
+    assert (rec["method"], rec["beta"]) == ("orpo", 0.5)
+    assert (run / "data" / "train.jsonl").read_text().count('"rejected"') == 16

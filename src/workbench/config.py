@@ -14,7 +14,8 @@ against the config file's folder (the file can travel with its data).
     quantization: null, or {type: nf4, double_quant, compute_dtype}
     training:     max_steps or epochs, batch_size, grad_accum, lr, schedule, warmup_ratio, weight_decay,
                   max_grad_norm, seed, gradient_checkpointing (false, true, or offload: the checkpointed
-                  layers' inputs wait in host memory), max_seq_len, packing, logging_steps
+                  layers' inputs wait in host memory), max_seq_len, packing, logging_steps, method (sft, or
+                  dpo / orpo on prompt/chosen/rejected pairs: workbench.preference), beta (DPO's and ORPO's)
     eval:         max_rows, max_new_tokens (greedy generation on the test split, base and adapter)
     kernels:      our Triton kernels: "auto" (on with CUDA, off on the CPU), true, false, or
                   {switch: bool} per kernel (workbench.patch). (The benchmarks' comparison stacks,
@@ -34,6 +35,9 @@ from workbench.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "linear", "cosine", "constant_with_warmup")
+#: training.method: supervised fine-tuning on prompt/completion rows, or preference training on
+#: prompt/chosen/rejected pairs (workbench.preference: TRL's DPO and ORPO trainers).
+METHODS = ("sft", "dpo", "orpo")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -94,6 +98,12 @@ class TrainingConfig:
     # crossing rows (padding-free; block-diagonal attention from position_ids); true = "bfd".
     packing: typing.Union[bool, str] = False
     logging_steps: int = 25
+    # sft, dpo or orpo. dpo and orpo train on preference pairs (data rows with prompt, chosen
+    # and rejected), with the loss in our fused kernel when the loss kernel is on.
+    method: str = "sft"
+    # DPO: how far the policy may move from the reference (the base, the adapter disabled);
+    # ORPO: the odds-ratio term's weight (its lambda). Unused by sft.
+    beta: float = 0.1
 
 
 @dataclass
@@ -194,6 +204,7 @@ def _validate(cfg: Config) -> None:
     _check_choice("model.dtype", cfg.model.dtype, DTYPES)
     _check_choice("model.attn_implementation", cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS)
     _check_choice("training.schedule", cfg.training.schedule, SCHEDULES)
+    _check_choice("training.method", cfg.training.method, METHODS)
     t = cfg.training
     if t.max_steps is None and t.epochs is None:
         raise UserError("set training.max_steps or training.epochs (both are null).")
@@ -231,6 +242,22 @@ def _validate(cfg: Config) -> None:
                         "switches (e.g. {rope: false}).")
     _check_choice("training.packing", t.packing, (False, True, "wrapped", "bfd"))  # true: TRL's default, bfd
     _check_choice("training.gradient_checkpointing", t.gradient_checkpointing, (False, True, "offload"))
+    if not (math.isfinite(t.beta) and t.beta > 0):
+        raise UserError(f"config key 'training.beta' must be a number above 0, got {t.beta} (it scales the "
+                        "preference term of dpo and orpo); e.g. 0.1.")
+    if t.method != "sft":
+        # TRL's preference trainers tokenize pairs themselves and pad them; neither packs rows, and
+        # offloaded checkpointing hooks only the SFT trainer. They switch dropout off (the policy's
+        # and the reference's log-probs must not be noisy), so a LoRA dropout would not apply.
+        if cfg.lora.dropout:
+            raise UserError(f"config key 'lora.dropout' is {cfg.lora.dropout}, but TRL's {t.method} trainer switches "
+                            "dropout off; set lora.dropout: 0.")
+        if t.packing:
+            raise UserError(f"config key 'training.packing' is {t.packing!r}, but training.method {t.method} trains "
+                            "on preference pairs, which are not packed; set training.packing: false.")
+        if t.gradient_checkpointing == "offload":
+            raise UserError(f"training.gradient_checkpointing: offload is for training.method sft; with "
+                            f"{t.method} use true (checkpointing without the offload) or false.")
 
 
 def _resolve_paths(value, base: Path):

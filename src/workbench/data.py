@@ -1,6 +1,11 @@
 """Training data: the user's rows (jsonl or parquet, chat "messages" or prompt/completion)
 or the built-in synthetic skills, as chat prompt/completion rows; the held-out split; and
 the tokenized, labelled (completion-only) and packed dataset the trainer takes.
+
+For preference training (``training.method`` dpo or orpo) the rows are prompt/chosen/rejected
+pairs (TRL's conversational preference format), and the held-out rows also carry the chosen
+reply as their ``completion``: the later stages (eval, export's Modelfile check, qualify) read
+them as they read SFT rows, the chosen reply being the expected answer.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from workbench.distributed import log
 from workbench.errors import UserError, reason
 
 PROMPT_COMPLETION = ("prompt", "completion")
+PREFERENCE = ("prompt", "chosen", "rejected")
 #: Message roles a row may use (the chat templates and the held-out eval know these).
 ROLES = ("system", "user", "assistant")
 MESSAGES = ("messages",)
@@ -107,24 +113,71 @@ def normalize_rows(rows: list[dict], path: str) -> list[dict]:
     return out
 
 
-def load_paths(paths) -> list[dict]:
+def _reply(value, where: str) -> list[dict]:
+    """A reply (a string, or assistant messages) as assistant messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    msgs = _messages(value, where)
+    if any(m["role"] != "assistant" for m in msgs):
+        raise UserError(f"{where} must be the assistant's reply (a string or assistant messages), not a chat with "
+                        "other roles; put the conversation before it in 'prompt'.")
+    return msgs
+
+
+def normalize_preference_rows(rows: list[dict], path: str, method: str) -> list[dict]:
+    """Rows with prompt, chosen and rejected (strings, or chat messages: TRL's conversational
+    preference format) -> chat prompt/chosen/rejected rows with "answer" (the chosen reply, the
+    held-out eval's target) and "skill"."""
+    columns = set().union(*(r.keys() for r in rows))
+    missing = [c for c in PREFERENCE if c not in columns]
+    if missing:
+        raise UserError(f"dataset {path} has no {missing[0]!r} column (it has {', '.join(sorted(map(str, columns)))}); "
+                        f"training.method {method} trains on preference pairs: give every row 'prompt', 'chosen' and "
+                        "'rejected' (strings or chat messages), or set training.method: sft.")
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{path} row {i + 1}"
+        prompt = _messages(row.get("prompt"), f"{where} 'prompt'")
+        if not any(m["role"] == "user" for m in prompt):
+            raise UserError(f"{where}: the prompt has no user message (the held-out eval asks each row's last user "
+                            "message); give every prompt one.")
+        chosen = _reply(row.get("chosen"), f"{where} 'chosen'")
+        rejected = _reply(row.get("rejected"), f"{where} 'rejected'")
+        answer = row.get("answer")
+        answer = answer if isinstance(answer, str) else "".join(m["content"] for m in chosen)
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "skill": str(row.get("skill") or "all"),
+                    "answer": answer})
+    return out
+
+
+def load_paths(paths, method: str = "sft") -> list[dict]:
     rows = []
     for p in [paths] if isinstance(paths, str) else paths:
-        rows += normalize_rows(read_file(p), p)
+        rows += (normalize_rows(read_file(p), p) if method == "sft"
+                 else normalize_preference_rows(read_file(p), p, method))
     return rows
+
+
+def with_completion(rows: list[dict]) -> list[dict]:
+    """Preference rows with their chosen reply as ``completion`` too (what the later stages read)."""
+    return [{**r, "completion": r["chosen"]} for r in rows]
 
 
 def load_data(cfg: Config) -> dict:
     """{"train": rows, "test": rows, "info": {...}}. User data without a test file
     is split with ``data.eval_fraction`` (seeded); train rows whose prompt is also a
     test prompt are dropped so the test stays held out."""
-    d = cfg.data
+    d, method = cfg.data, cfg.training.method
     if cfg.builtin_data:
-        split = synthetic.build(seed=d.seed, train_rows=d.builtin_rows)
-        return {**split, "info": {"source": "builtin", "seed": d.seed, "format": "prompt/completion"}}
-    train = load_paths(d.train)
+        if method == "sft":
+            split = synthetic.build(seed=d.seed, train_rows=d.builtin_rows)
+            return {**split, "info": {"source": "builtin", "seed": d.seed, "format": "prompt/completion"}}
+        split = synthetic.build_preference(seed=d.seed, train_rows=d.builtin_rows)
+        return {"train": split["train"], "test": with_completion(split["test"]),
+                "info": {"source": "builtin", "seed": d.seed, "format": "prompt/chosen/rejected"}}
+    train = load_paths(d.train, method)
     if d.test is not None:
-        test = load_paths(d.test)
+        test = load_paths(d.test, method)
     else:
         order = list(range(len(train)))
         random.Random(d.seed).shuffle(order)
@@ -140,6 +193,9 @@ def load_data(cfg: Config) -> dict:
         raise UserError("every training prompt also occurs in the test data; give data.test rows that are held out.")
     info = {"source": d.train, "test_source": d.test, "seed": d.seed,
             "dropped_train_rows_in_test": len(train) - len(kept)}
+    if method != "sft":
+        info["format"] = "prompt/chosen/rejected"
+        test = with_completion(test)
     return {"train": kept, "test": test, "info": info}
 
 
@@ -167,11 +223,15 @@ def training_dataset(cfg: Config, tok, rows: list[dict], stats: dict | None = No
     batch and the one remainder at the end is dropped when a full sequence exists.
 
     Rows longer than max_seq_len are said, with how many: unpacked, they are cut (and left out
-    when no answer token is left); bfd packing cuts them too. ``stats`` (a dict) gets the counts."""
+    when no answer token is left); bfd packing cuts them too. ``stats`` (a dict) gets the counts.
+
+    Preference rows (training.method dpo or orpo): :func:`preference_dataset`."""
     import datasets
     from trl import pack_dataset
 
     t = cfg.training
+    if t.method != "sft":
+        return preference_dataset(cfg, tok, rows, stats)
     ids_rows, label_rows, renders_apart, too_long, dropped = [], [], 0, 0, 0
     for row in rows:
         prompt = tok.apply_chat_template(row["prompt"], tokenize=True, return_dict=True,
@@ -214,6 +274,47 @@ def training_dataset(cfg: Config, tok, rows: list[dict], stats: dict | None = No
     if len(packed) > 1 and len(packed[len(packed) - 1]["input_ids"]) < t.max_seq_len:
         packed = packed.select(range(len(packed) - 1))
     return packed
+
+
+def preference_dataset(cfg: Config, tok, rows: list[dict], stats: dict | None = None):
+    """The preference pairs as TRL's DPO and ORPO trainers take them (prompt, chosen, rejected;
+    they tokenize the pairs themselves), without the pairs that would train nothing: those whose
+    prompt alone fills training.max_seq_len, so that cutting them there leaves no chosen or
+    rejected token (TRL's DPOTrainer drops them too; its ORPOTrainer would train on them).
+    Where the prompt ends is found as TRL's DPOTrainer finds it: where the rendered prompt (with
+    the generation prompt) and the rendered prompt + reply first differ, for either reply.
+    Counted in ``stats`` as training_dataset counts: pairs longer than max_seq_len (cut by
+    the trainer) and pairs left out."""
+    import datasets
+
+    t = cfg.training
+
+    def ids(messages, **kwargs):
+        return tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+
+    kept, too_long = [], 0
+    for row in rows:
+        prompt = ids(row["prompt"], add_generation_prompt=True)
+        start, longest = len(prompt), 0
+        for reply in (row["chosen"], row["rejected"]):
+            full = ids(row["prompt"] + reply)
+            same = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+            start, longest = min(start, same), max(longest, len(full))
+        too_long += longest > t.max_seq_len
+        if start < t.max_seq_len:
+            kept.append({k: row[k] for k in PREFERENCE})
+    if stats is not None:
+        stats.update(rows=len(rows), longer_than_max_seq_len=too_long, dropped_no_answer_token=len(rows) - len(kept))
+    if not kept:
+        raise UserError(f"training.max_seq_len ({t.max_seq_len} tokens) leaves no chosen or rejected token in any "
+                        "training pair (the prompts fill it); raise training.max_seq_len.")
+    if too_long or len(kept) < len(rows):
+        log(f"note: {too_long} of {len(rows)} training pair(s) are longer than training.max_seq_len "
+            f"({t.max_seq_len} tokens) and are cut to it"
+            + (f"; {len(rows) - len(kept)} pair(s) whose prompt fills it are left out" if len(kept) < len(rows) else "")
+            + "; raise training.max_seq_len to train on them whole")
+    datasets.disable_progress_bars()
+    return datasets.Dataset.from_list(kept)
 
 
 #: Micro-batches fingerprinted at the start of training (see :func:`batch_fingerprint`). Each

@@ -4,7 +4,10 @@ exact match overall and per skill, for the base before training and the adapter 
 """
 from __future__ import annotations
 
+import time
+
 from workbench import synthetic
+from workbench.distributed import log
 
 
 def generate_answers(model, tok, rows: list[dict], max_new_tokens: int, batch_size: int = 64) -> list[str]:
@@ -50,3 +53,12 @@ def accuracy(model, tok, rows: list[dict], max_new_tokens: int) -> dict:
         "examples": [{"question": synthetic.question(r), "answer": r["answer"], "prediction": p}
                      for r, p in list(zip(rows, preds))[:5]],
     }
+
+
+def timed_accuracy(model, tok, rows: list[dict], max_new_tokens: int, timings: dict, which: str) -> dict:
+    """:func:`accuracy` of the ``which`` model ("base", "adapter"), its time in ``timings``, a line in the log."""
+    t0 = time.perf_counter()
+    result = accuracy(model, tok, rows, max_new_tokens)
+    timings[f"eval_{which}_s"] = round(time.perf_counter() - t0, 3)
+    log(f"{which} accuracy on {len(rows)} held-out rows: {result['accuracy']:.3f}")
+    return result

@@ -115,8 +115,15 @@ _CALLS: Counter = Counter()
 
 def kernel_calls() -> dict[str, int]:
     """How many times each kernel has run through patched modules in this process
-    (a swapped forward that fell back to the original code does not count)."""
+    (a swapped forward that fell back to the original code does not count), and the
+    preference loss in workbench.preference's fused trainers (:func:`note_call`)."""
     return dict(_CALLS)
+
+
+def note_call(kernel: str) -> None:
+    """Count one run of ``kernel`` made outside a patched module: the fused DPO / ORPO loss,
+    which runs in the preference trainers' loss, not in the model's forward."""
+    _CALLS[kernel] += 1
 
 
 # --------------------------------------------------------------------------- report

@@ -131,6 +131,7 @@ def _trainer_classes():
     from trl.trainer.utils import use_adapter
 
     from workbench.kernels.fused_linear_preference import fused_linear_preference, fused_linear_sequence_logps
+    from workbench.patch import note_call
 
     class FusedDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer whose sigmoid loss runs in fused_linear_preference."""
@@ -178,6 +179,7 @@ def _trainer_classes():
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
             out = fused_linear_preference(hidden, weight, labels, ref_chosen, ref_rejected, method="dpo",
                                           beta=self.beta, label_smoothing=self.label_smoothing, softcap=softcap)
+            note_call("fused_linear_preference")
             loss = out.loss
 
             metrics = self._metrics[mode]
@@ -223,6 +225,7 @@ def _trainer_classes():
             nll_labels = torch.where(mask == 1, ids, -100)[:, 1:]
             out = fused_linear_preference(hidden[:, :-1], weight, labels, nll_labels=nll_labels, method="orpo",
                                           beta=self.beta, softcap=softcap)
+            note_call("fused_linear_preference")
             with torch.no_grad():
                 chosen, rejected = out.chosen_logps.float(), out.rejected_logps.float()
                 log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
@@ -272,7 +275,7 @@ def preference_config(method: str, output_dir: str, beta: float = 0.1, label_smo
 
 def make_preference_trainer(model, tokenizer, train_dataset, *, method: str = "dpo", beta: float = 0.1,
                             label_smoothing: float = 0.0, output_dir: str, fused: bool = True,
-                            eval_dataset=None, callbacks=(), **config_overrides):
+                            eval_dataset=None, callbacks=(), mixins=(), **config_overrides):
     """A TRL preference trainer for ``model`` (a PEFT model, or a plain causal LM: then DPO
     needs ``precompute_ref_log_probs=True`` or a reference model TRL can load).
 
@@ -280,6 +283,8 @@ def make_preference_trainer(model, tokenizer, train_dataset, *, method: str = "d
     ``prompt``, ``chosen`` and ``rejected`` (conversational or plain text; other keys are
     left alone). ``method``: "dpo" or "orpo"; ``beta``; ``label_smoothing`` (DPO only,
     conservative DPO). ``fused``: the loss in our kernel (True) or TRL's trainer unmodified.
+    ``mixins``: classes put in front of the trainer's class (workbench.trainer.Guarded: the
+    non-finite-loss guard of `workbench train`).
     ``config_overrides``: fields of TRL's DPOConfig / ORPOConfig (:func:`preference_config`).
     Returns the trainer; ``trainer.train()`` runs it."""
     args = preference_config(method, output_dir, beta=beta, label_smoothing=label_smoothing, **config_overrides)
@@ -294,5 +299,7 @@ def make_preference_trainer(model, tokenizer, train_dataset, *, method: str = "d
         from trl import DPOTrainer as dpo_cls
         from trl.experimental.orpo import ORPOTrainer as orpo_cls
     cls = dpo_cls if method == "dpo" else orpo_cls
+    if mixins:
+        cls = type(cls.__name__, (*mixins, cls), {})
     return cls(model=model, args=args, train_dataset=as_dataset(train_dataset),
                eval_dataset=as_dataset(eval_dataset), processing_class=tokenizer, callbacks=list(callbacks))

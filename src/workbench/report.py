@@ -91,6 +91,7 @@ def _train(run: Path, rec: dict) -> dict:
         "peak_rss_mib": rec.get("peak_rss_mib"), "heldout_accuracy": rec.get("eval", {}),
         "base_model": str(manifest.resolve(run, rec["base_model"])) if rec.get("base_model") else None,
         "family": rec.get("family"), "quantization": rec.get("quantization"),
+        "method": rec.get("method") or "sft", "beta": rec.get("beta"),
         "lora": rec.get("lora"), "dataset": rec.get("dataset"), "kernels": bool(rec.get("kernels")),
         "loss_curve": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens", "elapsed")} for r in loss],
     }
@@ -240,7 +241,9 @@ def _md_train(sec: dict, plots: dict) -> list[str]:
     acc = sec["heldout_accuracy"] or {}
     memory = (f"{sec['peak_memory_gib']:.3f} GiB (CUDA, allocated)" if sec.get("peak_memory_gib") is not None
               else f"{sec['peak_rss_mib']:.0f} MiB (process RSS, CPU)" if sec.get("peak_rss_mib") is not None else "—")
-    rows = [["steps", sec["steps"]], ["final loss (last logged step)", sec["final_loss"]],
+    method = sec.get("method") or "sft"
+    rows = [["method", method if sec.get("beta") is None else f"{method}, beta {sec['beta']:g}"],
+            ["steps", sec["steps"]], ["final loss (last logged step)", sec["final_loss"]],
             ["mean training loss", sec["train_loss_mean"]], ["tokens trained", sec["tokens"]],
             ["throughput (tokens/s)", sec["tokens_per_s"]], ["training time (s)", sec["train_s"]],
             ["peak memory", memory], ["our Triton kernels", sec["kernels"]]]

@@ -5,7 +5,8 @@
     set-up   check everything that needs no weights (the model folder, the data, the config
              against the model's config); load the tokenizer, the base, the LoRA and the
              kernels, as the stack says (workbench.models.Stack: ours, per ``kernels:``)
-    train    TRL's SFTTrainer (workbench.trainer), every logging step in train/loss.jsonl
+    train    TRL's SFTTrainer, or its DPO / ORPO trainer for training.method dpo / orpo
+             (workbench.trainer), every logging step in train/loss.jsonl
     save     the adapter, its held-out accuracy against the base's, the train record
 
 It writes into the run directory:
@@ -13,8 +14,10 @@ It writes into the run directory:
     config.yaml          the resolved config
     base/                the generated base (built-in model only)
     tokenizer/           the tokenizer the model was trained with
-    data/train.jsonl     the training rows, normalised to chat prompt/completion
-    data/test.jsonl      the held-out rows (what later stages evaluate on)
+    data/train.jsonl     the training rows, normalised to chat prompt/completion (dpo, orpo:
+                         prompt/chosen/rejected pairs)
+    data/test.jsonl      the held-out rows (what later stages evaluate on; dpo, orpo: the chosen
+                         reply is the expected answer)
     train/loss.jsonl     one line per logging step: step, loss, lr, grad_norm, tokens, elapsed
     train/eval.json      greedy-generation accuracy on the test split, base and adapter
     adapter/             the PEFT adapter
@@ -22,8 +25,9 @@ It writes into the run directory:
 Nothing is written before every check passed. The outputs are built in RUN/.train.partial
 and renamed into place only when training and saving succeeded, so a refused, failed or
 killed retrain leaves the previous complete train (record and files) as it was; the try is
-noted under the manifest's "attempts". Training is completion-only: the loss covers the
-assistant's answer and its closing EOS, never the prompt. A non-finite loss stops training
+noted under the manifest's "attempts". SFT is completion-only: the loss covers the
+assistant's answer and its closing EOS, never the prompt (DPO scores the replies alone too;
+ORPO's NLL term covers the prompt as well, as TRL's does). A non-finite loss stops training
 and keeps the last adapter whose loss was finite in train/last_good_adapter/; running out of
 GPU memory names the knobs that reduce memory.
 """
@@ -174,7 +178,7 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
     log(f"loaded {family} base {cfg.model.path if cfg.builtin_model else base} "
         f"({sum(p.numel() for p in model.parameters()):,} parameters{', NF4' if cfg.quantization else ''})")
     if test_rows:
-        evals["base"] = _accuracy(heldout, model, tok, test_rows, cfg, timings, "base")
+        evals["base"] = heldout.timed_accuracy(model, tok, test_rows, cfg.eval.max_new_tokens, timings, "base")
     transformers.set_seed(cfg.training.seed)  # the LoRA init draws from the global RNG
     model = stack.attach(cfg, model)
     kernel_report = stack.kernels(cfg, model)
@@ -223,7 +227,7 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
     # ---- save: the adapter, its held-out accuracy, then everything renamed into place, config last
     trainer_mod.save_adapter(model, staging / "adapter", run, cfg)
     if test_rows:
-        evals["adapter"] = _accuracy(heldout, model, tok, test_rows, cfg, timings, "adapter")
+        evals["adapter"] = heldout.timed_accuracy(model, tok, test_rows, cfg.eval.max_new_tokens, timings, "adapter")
     atomic.write_json(staging / "train" / "eval.json", evals or {"skipped": "eval.max_rows is 0"})
     shutil.rmtree(scratch, ignore_errors=True)
     # A kill between the renames leaves the old record, whose output hashes no longer match.
@@ -233,11 +237,12 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
     (run / "train" / "failed_loss.jsonl").unlink(missing_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     timings["total_s"] = round(time.perf_counter() - start, 3)
-    tokens = int(loss_log.rows[-1]["tokens"] or 0) if loss_log.rows else 0
+    tokens = loss_log.rows[-1]["tokens"] if loss_log.rows else None   # None: the trainer counts none (ORPO)
     cuda = torch.cuda.is_available()
     record = stages.record(run, STAGE, stages.Settings(cfg=cfg), {
         "base_model": base_record,
         "family": family,
+        "method": cfg.training.method, "beta": None if cfg.training.method == "sft" else cfg.training.beta,
         "quantization": models.quantization_record(cfg),
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "target_modules": list(cfg.lora.target_modules), "use_rslora": cfg.lora.use_rslora},
@@ -253,8 +258,8 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
         "offload": offload,  # offloaded checkpointing: what it moved to host memory
         "train_loss": result.training_loss,
         "eval": {k: v["accuracy"] for k, v in evals.items()},
-        "tokens": tokens,
-        "tokens_per_s": round(tokens / timings["train_s"], 1) if timings.get("train_s") else None,
+        "tokens": None if tokens is None else int(tokens),
+        "tokens_per_s": round(tokens / timings["train_s"], 1) if tokens and timings.get("train_s") else None,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
@@ -264,14 +269,6 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
     log(f"done in {timings['total_s']:.1f}s; adapter in {run / 'adapter'}", detail=True)
     distributed.wait_for_everyone(state)
     return record
-
-
-def _accuracy(heldout, model, tok, rows: list[dict], cfg: Config, timings: dict, which: str) -> dict:
-    t0 = time.perf_counter()
-    result = heldout.accuracy(model, tok, rows, cfg.eval.max_new_tokens)
-    timings[f"eval_{which}_s"] = round(time.perf_counter() - t0, 3)
-    log(f"{which} accuracy on {len(rows)} held-out rows: {result['accuracy']:.3f}")
-    return result
 
 
 # --------------------------------------------------------------------------- failing

@@ -1,4 +1,5 @@
-"""The trainer: TRL's SFTTrainer for one run's config, guarded against non-finite losses,
+"""The trainer: TRL's SFTTrainer for one run's config (or, for training.method dpo / orpo,
+TRL's preference trainer: workbench.preference), guarded against non-finite losses,
 logging each step to train/loss.jsonl, keeping the last finite adapter, taking our fused
 loss where TRL would compute its plain one, and offloading checkpointed activations when
 the config asks.
@@ -59,10 +60,11 @@ class LossLog(TrainerCallback):
         if fifth == self.shown_fifth:
             return
         self.shown_fifth = fifth
-        rate = (row["tokens"] or 0) / max(row["elapsed"], 1e-9)
+        # (TRL's ORPO trainer counts no tokens: then none are shown)
+        tokens = "" if row["tokens"] is None else \
+            f"tokens {int(row['tokens'])} ({row['tokens'] / max(row['elapsed'], 1e-9):.0f} tok/s) "
         log(f"step {row['step']}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-            f"grad_norm {float(row['grad_norm'] or 0):.3f} tokens {int(row['tokens'] or 0)} "
-            f"({rate:.0f} tok/s) {row['elapsed']:.1f}s")
+            f"grad_norm {float(row['grad_norm'] or 0):.3f} {tokens}{row['elapsed']:.1f}s")
 
 
 class Snapshots(TrainerCallback):
@@ -88,10 +90,10 @@ class Snapshots(TrainerCallback):
         return True
 
 
-def sft_config(cfg: Config, output_dir: str, stack: Stack | None = None):
-    """TRL's SFTConfig for this run: completion-only loss, no hub, no checkpoints, and what the
-    stack sets on top. The data comes tokenized and packed (:func:`training_dataset`), so the
-    trainer leaves it as it is; ``packing`` still picks the collator (padding-free for bfd)."""
+def trainer_args(cfg: Config, output_dir: str, stack: Stack | None = None) -> dict:
+    """The training arguments every trainer of a run shares (TRL's SFTConfig, DPOConfig and
+    ORPOConfig all take them): steps, batch, optimizer and schedule, checkpointing, precision;
+    no hub, no checkpoints; and what the stack sets on top."""
     stack = stack or Stack()
     t = cfg.training
     cuda = torch.cuda.is_available()
@@ -118,12 +120,8 @@ def sft_config(cfg: Config, output_dir: str, stack: Stack | None = None):
         # LoRA parameter takes part in every step, so the search is off there.
         ddp_find_unused_parameters=False if offloads(cfg, stack) else None,
         max_length=t.max_seq_len,
-        packing=bool(t.packing),
-        packing_strategy=packing_strategy(t.packing),
-        dataset_kwargs={"skip_prepare_dataset": True},  # training_dataset prepared it
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        completion_only_loss=True,
         use_cpu=not cuda,
         bf16=cuda and model_dtype == torch.bfloat16,
         fp16=cuda and model_dtype == torch.float16,
@@ -133,7 +131,18 @@ def sft_config(cfg: Config, output_dir: str, stack: Stack | None = None):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    return SFTConfig(**{**args, **stack.trainer_args(cfg)})
+    return {**args, **stack.trainer_args(cfg)}
+
+
+def sft_config(cfg: Config, output_dir: str, stack: Stack | None = None):
+    """TRL's SFTConfig for this run: :func:`trainer_args` and a completion-only loss. The data
+    comes tokenized and packed (:func:`training_dataset`), so the trainer leaves it as it is;
+    ``packing`` still picks the collator (padding-free for bfd)."""
+    t = cfg.training
+    sft = dict(packing=bool(t.packing), packing_strategy=packing_strategy(t.packing),
+               dataset_kwargs={"skip_prepare_dataset": True},  # training_dataset prepared it
+               completion_only_loss=True)
+    return SFTConfig(**{**sft, **trainer_args(cfg, output_dir, stack)})  # the stack's arguments win
 
 
 def offloads(cfg: Config, stack: Stack | None = None) -> bool:
@@ -141,10 +150,33 @@ def offloads(cfg: Config, stack: Stack | None = None) -> bool:
     return cfg.training.gradient_checkpointing == "offload" and not (stack or Stack()).own_checkpointing
 
 
-class GuardedSFTTrainer(SFTTrainer):
-    """An SFTTrainer whose training step raises NonFiniteLoss before a non-finite loss can
-    reach the optimizer, fingerprints its first micro-batches, and takes our fused loss
-    where TRL would compute its plain one."""
+class Guarded:
+    """A trainer mixin: the training step raises NonFiniteLoss before a non-finite loss can
+    reach the optimizer, and fingerprints the first micro-batches (those with input_ids)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        prints = self.__dict__.setdefault("batch_fingerprints", [])
+        if len(prints) < FINGERPRINT_BATCHES and "input_ids" in inputs:
+            prints.append(batch_fingerprint(inputs))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(self.state.global_step + 1, float(loss))
+        return loss
+
+
+class OldCheckpointingName:
+    """A trainer mixin: TRL's DPO trainer asks the model ``is_gradient_checkpointing`` at every
+    reference pass, a name transformers 5.23 deprecates with a warning each time; training runs
+    inside models.old_checkpointing_name, which hides that notice."""
+
+    def train(self, *args, **kwargs):
+        with old_checkpointing_name():
+            return super().train(*args, **kwargs)
+
+
+class GuardedSFTTrainer(Guarded, SFTTrainer):
+    """An SFTTrainer, :class:`Guarded`, that takes our fused loss where TRL would compute its
+    plain one."""
 
     def _our_loss_applies(self) -> bool:
         """TRL computes its plain NLL loss through its own chunked LM head
@@ -177,21 +209,15 @@ class GuardedSFTTrainer(SFTTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        prints = self.__dict__.setdefault("batch_fingerprints", [])
-        if len(prints) < FINGERPRINT_BATCHES and "input_ids" in inputs:
-            prints.append(batch_fingerprint(inputs))
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLoss(self.state.global_step + 1, float(loss))
-        return loss
-
 
 def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=(), dataset=None,
                  stack: Stack | None = None):
     """A :class:`GuardedSFTTrainer` over ``train_rows`` (or the ``dataset`` training_dataset
-    made of them), with offloaded checkpointing when the config asks for it."""
+    made of them), with offloaded checkpointing when the config asks for it; for
+    training.method dpo or orpo, :func:`make_preference_trainer`."""
     data = dataset if dataset is not None else training_dataset(cfg, tok, train_rows)
+    if cfg.training.method != "sft":
+        return make_preference_trainer(cfg, model, tok, data, output_dir, callbacks, stack)
     callbacks = list(callbacks)
     offload = None
     if offloads(cfg, stack):
@@ -204,6 +230,27 @@ def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: st
                                     processing_class=tok, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our LossLog prints one line per logging step instead
     trainer.activation_offload = offload
+    return trainer
+
+
+def make_preference_trainer(cfg: Config, model, tok, dataset, output_dir: str, callbacks=(),
+                            stack: Stack | None = None):
+    """TRL's DPO or ORPO trainer (workbench.preference), :class:`Guarded`, over the preference
+    ``dataset`` (:func:`workbench.data.preference_dataset`), with :func:`trainer_args` and the
+    config's beta. The loss runs in our fused kernel when the model runs our loss kernel
+    (``kernels:``), else it is TRL's own. DPO's reference is the base: with ref_model None and a
+    PEFT model, TRL takes the policy with its adapter disabled."""
+    from workbench import preference
+
+    patch = sys.modules.get("workbench.patch")
+    fused = patch is not None and patch.fused_loss_patched(model)
+    args = {k: v for k, v in trainer_args(cfg, output_dir, stack).items() if k != "output_dir"}
+    with old_checkpointing_name():
+        trainer = preference.make_preference_trainer(
+            model, tok, dataset, method=cfg.training.method, beta=cfg.training.beta, output_dir=output_dir,
+            fused=fused, callbacks=callbacks, mixins=(Guarded, OldCheckpointingName), **args)
+    trainer.remove_callback(PrinterCallback)  # our LossLog prints one line per logging step instead
+    trainer.activation_offload = None  # (the config refuses offloaded checkpointing here)
     return trainer
 
 

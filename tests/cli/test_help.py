@@ -34,6 +34,7 @@ def test_bench_suites_have_their_own_flags_and_no_sentinel_defaults():
     assert parse(["bench", "context"]).shape == "llama3.1-8b" and parse(["bench", "context"]).seq == 2048
     assert parse(["bench", "train"]).report == "reports/train" and parse(["bench", "step"]).run == "runs/bench-step"
     assert parse(["bench", "step"]).steps == 10 and parse(["bench", "train"]).steps == 30
+    assert parse(["bench", "train"]).method == "sft" and parse(["bench", "train", "--method", "dpo"]).method == "dpo"
     for suite, foreign in (("kernels", "--seeds"), ("train", "--only"), ("context", "--jobs"), ("accuracy", "--shape"),
                            ("step", "--granularity")):
         with pytest.raises(SystemExit):

@@ -100,10 +100,10 @@ def _truncate(path: Path, size: int | None = None):
     path.write_bytes(data[:len(data) // 2 if size is None else size])
 
 
-def _data(name: str, lines: list, raw: bytes | None = None):
+def _data(name: str, lines: list, raw: bytes | None = None, extra: tuple = ()):
     def argv(c):
         path = c.file(name, raw if raw is not None else "".join(json.dumps(x) + "\n" for x in lines))
-        return ["train", "--run", c.run, *Q, "--set", f"data.train={path}"]
+        return ["train", "--run", c.run, *Q, "--set", f"data.train={path}", *extra]
     return argv
 
 
@@ -267,6 +267,20 @@ CASES = [
          before="one sentence (already)"),
     Case("all-rows-too-long", _train("--set", "training.max_seq_len=4"), ("leaves no answer token in any training row",),
          before="one sentence, after the run was written and its record left \"running\""),
+    Case("method-unknown", _train("--set", "training.method=ppo"),
+         ("'training.method' is 'ppo'; use one of sft, dpo, orpo",), before="no training.method key yet (issue 23): unknown config key"),
+    Case("beta-negative", _train("--set", "training.method=dpo", "--set", "training.beta=-0.1"),
+         ("'training.beta' must be a number above 0",),
+         before="no training.beta key yet (issue 23): unknown config key"),
+    Case("beta-nan", _train("--set", "training.method=orpo", "--set", "training.beta=.nan"),
+         ("'training.beta' must be a number above 0",), before="no training.beta key yet (issue 23)"),
+    Case("dpo-with-packing", _train("--set", "training.method=dpo", "--set", "training.packing=true"),
+         ("preference pairs, which are not packed",), before="no training.method key yet (issue 23)"),
+    Case("dpo-with-lora-dropout", _train("--set", "training.method=dpo", "--set", "lora.dropout=0.1"),
+         ("switches dropout off; set lora.dropout: 0",), before="no training.method key yet (issue 23)"),
+    Case("dpo-all-prompts-too-long", _train("--set", "training.method=dpo", "--set", "training.max_seq_len=4"),
+         ("leaves no chosen or rejected token in any training pair",),
+         before="no training.method key yet (issue 23)"),
     # ------------------------------------------------------------------ the base model
     Case("model-missing", _train("--set", "model.path=nowhere/model"), ("does not exist",),
          before="one sentence (already)"),
@@ -330,6 +344,16 @@ CASES = [
          ("end with an assistant message",), before="one sentence (already)"),
     Case("data-too-few-rows-to-split", _data("d.jsonl", [ROW]), ("too few to split off a test set",),
          before="one sentence (already)"),
+    Case("preference-data-without-rejected",
+         _data("d.jsonl", [{"prompt": f"What is {i} plus 2?", "chosen": str(i + 2)} for i in range(20)],
+               extra=("--set", "training.method=dpo")),
+         ("has no 'rejected' column (it has chosen, prompt)",), before="no training.method key yet (issue 23)"),
+    Case("preference-data-of-sft-rows", _data("d.jsonl", _rows(), extra=("--set", "training.method=orpo")),
+         ("has no 'chosen' column",), before="no training.method key yet (issue 23)"),
+    Case("preference-reply-a-chat",
+         _data("d.jsonl", [{"prompt": f"q{i}", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}
+                           for i in range(20)], extra=("--set", "training.method=dpo")),
+         ("'chosen' must be the assistant's reply",), before="no training.method key yet (issue 23)"),
     # ------------------------------------------------------------------ run directories
     Case("train-run-is-a-file", lambda c: ["train", "--run", c.file("runfile", "x"), *Q], ("is a file",),
          before="FileExistsError traceback"),
@@ -381,6 +405,11 @@ CASES = [
          lambda c: ["run", "--run", c.run, *SMALL, "--set", "training.lr=1e30", "--set", "training.warmup_ratio=0"],
          ("the loss became",), run="finished", quiet=False, adds=True, attempt="failed", then=_all_skipped,
          before="one sentence, but train/loss.jsonl and the record were overwritten"),
+    Case("retrain-dpo-nan-keeps-the-run",
+         lambda c: ["run", "--run", c.run, *SMALL, "--set", "training.method=dpo", "--set", "training.lr=1e30",
+                    "--set", "training.warmup_ratio=0"],
+         ("the loss became",), run="finished", quiet=False, adds=True, attempt="failed", then=_all_skipped,
+         before="no training.method key yet (issue 23); TRL's preference trainers have no non-finite-loss guard"),
     Case("retrain-ctrl-c-keeps-the-run", _train("--set", "training.lr=1e-3"), ("interrupted",), code=130,
          run="finished", quiet=False, attempt="interrupted", patch=_patch_train(KeyboardInterrupt()),
          before="KeyboardInterrupt traceback (the state left was right)"),

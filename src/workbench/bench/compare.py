@@ -226,11 +226,11 @@ def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new
 
 #: Settings that decide what a report measured, besides the device: two reports that
 #: differ in one of them are not a baseline for each other (kernels: shape, dtype, timing;
-#: train: shape, batch, seq, steps, seed, modes; context: shape, steps and the search's
-#: start, limit and granularity; step: also the warm-up and the autocast settings). A key absent
-#: from both matches.
-SETUP = ("shape", "dtype", "timing", "batch", "seq", "steps", "seed", "modes", "start", "limit", "granularity",
-         "warmup", "autocast")
+#: train: shape, batch, seq, steps, seed, modes, the preference method; context: shape, steps and
+#: the search's start, limit and granularity; step: also the warm-up and the autocast settings). A
+#: key absent from both matches.
+SETUP = ("shape", "dtype", "timing", "batch", "seq", "steps", "seed", "modes", "method", "start", "limit",
+         "granularity", "warmup", "autocast")
 
 
 def _comparable(old: dict, new: dict) -> bool:

@@ -152,8 +152,11 @@ def setup(doc: dict, mode: str | None = None) -> tuple[tuple, str]:
             "graph": "CUDA-graph timing", "events": "CUDA-event timing"}.get(timing, f"{timing} timing")
         return (shape, doc.get("dtype"), timing), text
     if suite == "train":
-        batch, seq = doc.get("batch"), doc.get("seq")
+        batch, seq, method = doc.get("batch"), doc.get("seq"), doc.get("method")  # method: DPO/ORPO reports only
         size = f"batch {batch if batch is not None else '—'}" + (f" × {seq}" if seq else " (short rows)")
+        if method:
+            text = f"{shape or '—'}, {mode_text}, {method.upper()}, batch {batch} pairs"
+            return (shape, mode, batch, seq, method), text
         return (shape, mode, batch, seq), f"{shape or '—'}, {mode_text}, {size}"
     if suite == "step":   # with and without autocast are different numerics: separate setups
         batch, seq, autocast = doc.get("batch"), doc.get("seq"), tuple(doc.get("autocast") or ())

@@ -74,6 +74,10 @@ STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "hf-gc": "HF + SDPA + gradien
           "ours-bf16": "ours, adapter in the base's dtype (adapter_as_autocast)",
           "liger": "Liger-Kernel via TRL (layer kernels)", "unsloth": "Unsloth (FastLanguageModel via TRL)",
           "unsloth-gc": "Unsloth + its offloaded checkpointing"}
+#: The stacks of a preference-training suite (``--method dpo|orpo``): TRL's trainer as it comes
+#: and ours (the fused preference loss). Liger's and Unsloth's preference losses are not wired into
+#: the recipe, and offloaded checkpointing is SFT's.
+PREFERENCE_STACKS = ("hf", "hf-gc", "ours", "ours-gc", "ours-bf16")
 #: Stacks that run only where their package is installed (skipped, and said so, elsewhere).
 OPTIONAL = {"liger": "liger-kernel", "unsloth": "unsloth", "unsloth-gc": "unsloth"}
 #: A site folder holding Unsloth and its own trl/datasets, put first on PYTHONPATH in the
@@ -220,13 +224,15 @@ def write_checkpoint_here(shape: str, out: Path, seed: int = 0, positions: int |
 _MIN_ROW_TOKENS = 12   # measured: 24 to 30 (mean 26.6) with our tokenizer
 
 
-def config_for(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, seed: int, seq: int | None) -> dict:
+def config_for(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, seed: int, seq: int | None,
+               method: str = "sft") -> dict:
     """One stack's training config. ``seq``: sequences of that many tokens (the built-in rows
     wrapped-packed, every sequence full, enough rows generated for every step), else one short
-    built-in row per sequence. Our kernels are on for the ``ours`` stacks only; the others' are
-    the stack's to apply (workbench.bench.stacks)."""
+    built-in row per sequence. ``method``: sft, or dpo / orpo on the built-in preference pairs
+    (``batch`` pairs a step; the loss ours with our kernels, else TRL's). Our kernels are on for
+    the ``ours`` stacks only; the others' are the stack's to apply (workbench.bench.stacks)."""
     training = {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "seed": seed, "logging_steps": 1,
-                "warmup_ratio": 0.0, "schedule": "constant",
+                "warmup_ratio": 0.0, "schedule": "constant", "method": method,
                 "gradient_checkpointing": "offload" if stack.endswith("-offload") else stack.endswith("-gc")}
     data = {}
     if seq:
@@ -244,11 +250,11 @@ def config_for(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, 
 
 
 def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | os.PathLike = "runs/bench-train",
-        modes=MODES, stacks=tuple(STACKS), seed: int = 0, seq: int | None = None,
+        modes=MODES, stacks=tuple(STACKS), seed: int = 0, seq: int | None = None, method: str = "sft",
         progress: Callable[[str], None] = print, partial: Callable[[dict], None] | None = None) -> dict:
-    """Every (mode, stack) run, one process each. ``partial`` gets the result so far after each
-    run, marked ``incomplete`` (runs done and planned), so a command stopped midway leaves a
-    report of what it measured."""
+    """Every (mode, stack) run, one process each, training with ``method`` (config_for).
+    ``partial`` gets the result so far after each run, marked ``incomplete`` (runs done and
+    planned), so a command stopped midway leaves a report of what it measured."""
     import yaml
 
     out = Path(out).resolve()
@@ -261,9 +267,9 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
         for stack in stacks:
             run_dir = out / f"{mode}-{stack}"
             cfg_path = out / f"{mode}-{stack}.yaml"
-            cfg_path.write_text(yaml.safe_dump(config_for(checkpoint, mode, stack, steps, batch, seed, seq)))
-            progress(f"[bench train] {shape} {mode} {stack}: {steps} steps, batch {batch}"
-                     + (f" x {seq} tokens" if seq else ""))
+            cfg_path.write_text(yaml.safe_dump(config_for(checkpoint, mode, stack, steps, batch, seed, seq, method)))
+            progress(f"[bench train] {shape} {mode} {stack}{'' if method == 'sft' else ' ' + method}: {steps} steps, "
+                     f"batch {batch}" + (f" x {seq} tokens" if seq else ""))
             trained = child.train(cfg_path, run_dir, stack, env=stack_env(stack))
             row = {"mode": mode, "stack": stack, "label": STACKS[stack], "wall_s": trained.wall_s,
                    "exit_code": trained.exit_code}
@@ -286,13 +292,16 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
                 row.update(steady_rate(losses, steps, per_step))
             results.append(row)
             if partial is not None and len(results) < len(modes) * len(stacks):
-                partial({**_result(shape, steps, batch, seed, seq, modes, results, skipped),
+                partial({**_result(shape, steps, batch, seed, seq, method, modes, results, skipped),
                          "incomplete": {"done": len(results), "planned": len(modes) * len(stacks)}})
-    return _result(shape, steps, batch, seed, seq, modes, results, skipped)
+    return _result(shape, steps, batch, seed, seq, method, modes, results, skipped)
 
 
-def _result(shape, steps, batch, seed, seq, modes, results, skipped) -> dict:
+def _result(shape, steps, batch, seed, seq, method, modes, results, skipped) -> dict:
+    # "method" only for preference training: an SFT report stays what reports were before the
+    # option (their setups compare equal, bench/compare.SETUP).
     return {"shape": shape, "shape_dims": SHAPES[shape], "steps": steps, "batch": batch, "seed": seed, "seq": seq,
+            **({} if method == "sft" else {"method": method}),
             "modes": list(modes), "runs": list(results), "comparisons": compare(results), "skipped_stacks": skipped}
 
 
@@ -447,8 +456,9 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
     def f(v, spec=".3f"):
         return "—" if v is None else format(v, spec)
 
+    method = f" ({result['method'].upper()})" if result.get("method") else ""
     lines = [
-        f"# Training runs — {env['device']} — {env['date']}",
+        f"# Training runs{method} — {env['device']} — {env['date']}",
         "",
         *incomplete_line(result, "runs"),
         f"- **Command:** `{command}`",
@@ -457,6 +467,8 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "double quant.",
         f"- **Data:** the built-in synthetic skills, batch {result['batch']}"
         + (f" x {result['seq']} tokens (rows wrapped-packed into full sequences)" if result.get("seq")
+           else f" preference pairs ({result['method'].upper()}, beta 0.1; `ours` computes its loss in "
+                "fused_linear_preference, the others TRL's)" if result.get("method")
            else " (one short row per sequence)")
         + f", {result['steps']} steps, seed {result['seed']}, lr 2e-4 constant; every run in its own process, "
         "same run of this command.",

@@ -215,18 +215,28 @@ def _train(suites) -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--seq", type=int, metavar="TOKENS", help="sequences of exactly TOKENS tokens (the built-in rows "
                    "packed; e.g. 2048 for the 4 x 2048 shape; default: one short row per sequence)")
+    p.add_argument("--method", default="sft", help="sft (default), or dpo / orpo: preference training on the built-in "
+                   "pairs, --batch pairs a step, TRL's loss (hf) against our fused one (ours); stacks hf, hf-gc, ours, "
+                   "ours-gc, ours-bf16 (Liger's and Unsloth's preference losses are not wired in); no --seq")
     _report_flags(p, "train")
 
 
 def check_modes_and_stacks(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """--modes and --stacks of the train and step suites: hf always (the baseline); without
-    --stacks every stack that can run here; a stack named that cannot run is an error."""
+    --stacks every stack that can run here (for a preference --method, of PREFERENCE_STACKS); a
+    stack named that cannot run is an error."""
     from workbench.bench import train as tbench
 
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - set(tbench.MODES):
         raise UserError(f"unknown mode(s) in --modes; use {', '.join(tbench.MODES)}.")
-    stacks = [s for s in (args.stacks or ",".join(tbench.STACKS)).split(",") if s]
+    preference = getattr(args, "method", "sft") != "sft"
+    allowed = tbench.PREFERENCE_STACKS if preference else tuple(tbench.STACKS)
+    stacks = [s for s in (args.stacks or ",".join(allowed)).split(",") if s]
+    if preference and set(stacks) - set(allowed):
+        raise UserError(f"--method {args.method} runs the stacks {', '.join(allowed)} (Liger's and Unsloth's "
+                        "preference losses are not wired into the recipe, and offloaded checkpointing is SFT's); "
+                        f"leave out {', '.join(sorted(set(stacks) - set(allowed)))}.")
     if set(stacks) - set(tbench.STACKS) or "hf" not in stacks:
         raise UserError(f"--stacks takes {', '.join(tbench.STACKS)} and must include hf (the baseline every "
                         "other stack is compared with).")
@@ -250,6 +260,13 @@ def run_train(args: argparse.Namespace) -> int:
                         f"{', '.join(tbench.SHAPES)}.")
     if not torch.cuda.is_available() and not args.shape.startswith("tiny"):
         raise UserError("training benchmarks of real model shapes need a CUDA device; on the CPU use --shape tiny.")
+    from workbench.config import METHODS
+
+    if args.method not in METHODS:
+        raise UserError(f"unknown --method {args.method!r}; use one of {', '.join(METHODS)}.")
+    if args.method != "sft" and args.seq:
+        raise UserError(f"--seq packs the built-in rows into full sequences, but --method {args.method} trains on "
+                        "preference pairs, which are not packed; leave out --seq.")
     modes, stacks = check_modes_and_stacks(args)
 
     def render(result: dict, env: dict, png: Path) -> str:
@@ -258,7 +275,7 @@ def run_train(args: argparse.Namespace) -> int:
     return run_launcher(args, "train", {"trl": "trl", "bitsandbytes": "bitsandbytes"}, render,
                         lambda partial, out, name: tbench.run(args.shape, steps=args.steps, batch=args.batch,
                                                               out=args.run, modes=modes, stacks=stacks, seq=args.seq,
-                                                              partial=partial),
+                                                              method=args.method, partial=partial),
                         lambda result: all(r["exit_code"] == 0 for r in result["runs"]))
 
 

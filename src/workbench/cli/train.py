@@ -11,7 +11,8 @@ from workbench.cli.common import command
 def add_parser(sub) -> None:
     p = command(sub, "train", help="fine-tune a LoRA/QLoRA adapter (default: the built-in tiny model and data)",
                 description="Fine-tune a LoRA (or, with quantization: {type: nf4}, QLoRA) adapter with TRL's "
-                "SFTTrainer, our Triton kernels on as the config's `kernels:` says. Everything that can be checked "
+                "SFTTrainer (or, with training.method dpo or orpo, its DPO or ORPO trainer on prompt/chosen/rejected "
+                "pairs), our Triton kernels on as the config's `kernels:` says. Everything that can be checked "
                 "without training is checked before the run directory is touched.",
                 writes=["RUN/config.yaml, RUN/tokenizer/, RUN/data/{train,test}.jsonl, RUN/base/ (built-in model)",
                         "RUN/train/loss.jsonl, RUN/train/eval.json, RUN/adapter/",
