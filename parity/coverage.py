@@ -86,6 +86,7 @@ def reachable_jit(roots, package: str) -> set[tuple[str, str]]:
             continue
         if not isinstance(obj, types.FunctionType) or not ours(obj):
             continue
+        obj = inspect.unwrap(obj)   # a decorated backward: its own globals, not the decorator's
         globs = obj.__globals__
         for chain in _names(obj):
             target = globs.get(chain[0], None)

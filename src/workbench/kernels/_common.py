@@ -170,3 +170,19 @@ def forced_rows(rows: int | None):
 
 def forced_row_block() -> int | None:
     return _FORCED["rows"]
+
+
+@contextmanager
+def full_precision_reductions():
+    """cuBLAS without its reduced-precision reductions for fp16/bf16 GEMMs (PyTorch allows them by
+    default): a weight gradient sums over every token of the batch, and a split-K reduction in
+    16 bits loses it (the fp16 dB of a LoRA linear went NaN, and 140x PyTorch's fp32-summed error,
+    on an H100). The flags are process-wide; they are restored on leaving."""
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
+    m.allow_fp16_reduced_precision_reduction = False
+    m.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved

@@ -271,6 +271,7 @@ class _LoraMLP(torch.autograd.Function):
         return y.view(*shape[:-1], d_out)
 
     @staticmethod
+    @C.full_precision_reductions()
     def backward(ctx, dy):
         op = "lora_mlp"
         (xs, keep_g, keep_u, keep_d, g, u,

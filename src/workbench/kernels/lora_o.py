@@ -52,6 +52,7 @@ class _LoraO(torch.autograd.Function):
         return y.view(*shape[:-1], out)
 
     @staticmethod
+    @C.full_precision_reductions()
     def backward(ctx, dy):
         op = "lora_o"
         xs, keep2, A, B, xa, w_saved = ctx.saved_tensors

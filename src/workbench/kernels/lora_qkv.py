@@ -69,6 +69,7 @@ class _LoraQKV(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @C.full_precision_reductions()
     def backward(ctx, dq, dk, dv):
         op = "lora_qkv"
         xs, keep, *saved = ctx.saved_tensors
