@@ -51,17 +51,7 @@ INIT_STD = 0.1
 B_STD = 0.05
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """MKL with 2 threads takes ~16 ms per tiny transposed matmul on the 2-core CI
-    machines (measured), ~1000x one thread's time; xdist runs a worker per core anyway."""
-    if DEVICE.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 # --------------------------------------------------------------------------- building blocks

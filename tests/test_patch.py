@@ -43,13 +43,7 @@ def _no_dead_patched_models():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """See tests/test_model_parity.py: 2-thread MKL is ~1000x slower on tiny matmuls here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def plain(name="llama", seed=0, **overrides):

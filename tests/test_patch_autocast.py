@@ -50,10 +50,12 @@ enforce_offline()
 import peft  # noqa: E402
 import transformers  # noqa: E402
 
-from test_model_parity import (B_STD, DEVICE, INIT_STD, VOCAB, _lora_config, _one_cpu_thread,  # noqa: E402,F401
+from test_model_parity import (B_STD, DEVICE, INIT_STD, VOCAB, _lora_config,  # noqa: E402
                                _randomise_b, build, judge, make_batch, three_way)
 from workbench import patch as patch_module  # noqa: E402
 from workbench.families import FAMILIES, family, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 from workbench.kernels._harness import compare_delta  # noqa: E402
 from workbench.kernels._tolerance import compare  # noqa: E402
 from workbench.kernels.rms_norm import rms_norm  # noqa: E402

@@ -59,13 +59,7 @@ INIT_STD = 0.1
 POLICY_NOISE = 0.02
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """One torch thread (the 2-core CI machines: see test_model_parity)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

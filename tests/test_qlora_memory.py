@@ -49,7 +49,7 @@ BATCH, SEQ = 2, 32
 AUTOCAST = torch.bfloat16
 
 
-from test_patch import _one_cpu_thread  # noqa: E402,F401  (autouse: one CPU thread per test)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
