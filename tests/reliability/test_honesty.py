@@ -4,13 +4,11 @@ cut by max_seq_len are counted; code that came with a checkpoint never enters a 
 what a killed command left is cleaned up by the next one."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
-from contextlib import redirect_stdout
 from pathlib import Path
 
-from reliability_support import SMALL, invoke, main
+from reliability_support import invoke
 
 
 def _with_kernels(run: Path, kernels=("rms_norm",)) -> None:
@@ -126,34 +124,22 @@ def test_workbench_parity_report_records_the_junit_xml_and_the_counts(tmp_path, 
     assert not os.path.exists(next(a for a in seen["cmd"] if a.startswith("--junitxml=")).split("=", 1)[1])
 
 
-def test_the_built_in_default_s_q4_k_m_is_real_q4_k(finished):
-    """The main job exercises llama.cpp's k-quants: every matrix row of the built-in default is a
-    multiple of 256, so its q4_k_m holds Q4_K/Q6_K and no fallback is noted."""
-    assert "q4_k_m holds no Q4_K/Q6_K matrix" not in finished.out
-    rec = json.loads((finished.path / "manifest.json").read_text())["stages"]["export"]
-    assert "fallback_note" not in rec["files"]["q4_k_m"]
-    report = json.loads((finished.path / "export" / "export_report.json").read_text())
-    types = set(report["files"]["q4_k_m"]["tensor_types"].values())
-    assert {"Q4_K", "Q6_K"} <= types and not types & {"Q5_0", "Q8_0"}, types
-
-
-def test_q4_k_m_fallback_is_named_in_the_summary_the_report_and_the_verdict(models, tmp_path):
+def test_q4_k_m_fallback_is_named_in_the_summary_the_report_and_the_verdict(finished, tmp_path):
     from workbench import qualify
 
-    # A user's checkpoint of hidden 64 (rows 64, 128): no row takes a k-quant, so no Q4_K at all.
-    run = tmp_path / "run"
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert main(["run", "--run", str(run), *SMALL, "--set", f"model.path={models.base4}", "--eval-limit", "4"]) == 0
-    out = buf.getvalue()
-    assert "q4_k_m holds no Q4_K/Q6_K matrix" in out                   # the summary line of `workbench run`
-    assert "fallback types (not Q4_K/Q6_K)" in out                     # its model table
-    assert "**Quantization fell back:** q4_k_m holds no Q4_K/Q6_K matrix" in (run / "report" / "report.md").read_text()
-    rec = json.loads((run / "manifest.json").read_text())["stages"]["export"]
+    # The built-in tiny model's rows (128, 384) are not multiples of 256: no Q4_K at all.
+    assert "q4_k_m holds no Q4_K/Q6_K matrix" in finished.out          # the summary line of `workbench run`
+    assert "fallback types (not Q4_K/Q6_K)" in finished.out            # its model table
+    assert "**Quantization fell back:** q4_k_m holds no Q4_K/Q6_K matrix" in (
+        finished.path / "report" / "report.md").read_text()
+    rec = json.loads((finished.path / "manifest.json").read_text())["stages"]["export"]
     assert "k-quants need multiples of 256" in rec["files"]["q4_k_m"]["fallback_note"]
+    run = finished.copy(tmp_path / "run")
     ctx = qualify.Context(run, qualify.load_gates(None), None, None)
     gguf = qualify.gate_gguf(ctx)
     assert "note: q4_k_m holds no Q4_K/Q6_K matrix" in gguf["message"]
+    assert "- **gguf** note: q4_k_m holds no" in qualify.table([gguf])
+
 
 def test_a_copied_and_a_moved_run_use_their_own_files(finished, tmp_path, capfd):
     from workbench import manifest

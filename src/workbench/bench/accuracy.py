@@ -74,8 +74,7 @@ RELATIVE_FLOOR = 1e-2
 #: Scores are fractions of a document count; 0.45 - 0.55 must not exceed 0.1.
 SLACK = 1e-9
 
-#: Our kernels in Triton's interpreter on the CPU (the tiny default's first shape, hidden 128, batch
-#: 16): tokens/s. A rough figure for the warning below; wider models take longer.
+#: Our kernels in Triton's interpreter on the CPU (tiny default, batch 16): tokens/s.
 INTERPRETER_TOKENS_PER_S = 27
 
 
