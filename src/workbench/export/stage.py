@@ -181,12 +181,14 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
 
 
 class ExportStage(stages.Stage):
-    """Reads the merged model, the GGUF types asked for and the verification thresholds;
-    writes export/."""
+    """Reads the merged model, the GGUF types asked for and the verification thresholds, and
+    for the adapter GGUF (``workbench run``) the adapter, its base and its limits; writes export/."""
 
     name = "export"
+    #: The adapter GGUF's inputs (the adapter, its base) are judged stale through the merge they
+    #: also feed: the report asks without knowing whether the export wrote one.
     upstream = {"merged": "merge"}
-    labels = {"merged": "merged model"}
+    labels = {"merged": "merged model", "base_model": "base model", "adapter_thresholds": "adapter GGUF limits"}
     #: An export whose GGUF failed verification is settled too: redoing it with the same inputs,
     #: types and thresholds fails the same way (the pipeline still exits 1).
     settled = ("complete", "failed_verification")
