@@ -12,5 +12,6 @@ MUTANTS = [
            old="tl.store(DU + idx, (dy * _gelu(g, TANH)).to(DU.dtype.element_ty), mask=mask)",
            new="tl.store(DU + idx, (dy * g).to(DU.dtype.element_ty), mask=mask)"),
     Mutant("geglu", "backward_ignores_approximate", "the backward always uses the exact derivative",
-           old='TANH=approximate == "tanh", COMPUTE_DG=need_dgate', new="TANH=False, COMPUTE_DG=need_dgate"),
+           old='dgate, dup,\n                            TANH=approximate == "tanh")',
+           new='dgate, dup,\n                            TANH=False)'),
 ]

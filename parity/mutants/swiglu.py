@@ -13,6 +13,6 @@ MUTANTS = [
            old="sig = 1.0 / (1.0 + tl.exp(-g))", new="sig = 1.0 / (1.0 + tl.exp(g))"),
     Mutant("swiglu", "dy_assumed_contiguous", "the backward's contiguity check leaves out dy: a strided or expanded "
            "upstream gradient (torch.cat([swiglu(g, u), other], -1)) is read as if dense",
-           old="CONTIG=E.contiguous(n_cols, dh, gate, u_arg), BLOCK=block)",
-           new="CONTIG=E.contiguous(n_cols, gate, u_arg), BLOCK=block)"),
+           old="CONTIG=contiguous(n_cols, dh, gate, u_arg), BLOCK=b, **consts)",
+           new="CONTIG=contiguous(n_cols, gate, u_arg), BLOCK=b, **consts)", module="_elementwise"),
 ]

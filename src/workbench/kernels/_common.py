@@ -176,8 +176,9 @@ def forced_row_block() -> int | None:
 def full_precision_reductions():
     """cuBLAS without its reduced-precision reductions for fp16/bf16 GEMMs (PyTorch allows them by
     default): a weight gradient sums over every token of the batch, and a split-K reduction in
-    16 bits loses it (the fp16 dB of a LoRA linear went NaN, and 140x PyTorch's fp32-summed error,
-    on an H100). The flags are process-wide; they are restored on leaving."""
+    16 bits is the 16-bit accumulator the parity doctrine rules out (the likely cause of the fp16
+    LoRA dB failures in reports/parity/2026-12-07-nvidia-h100-80gb-hbm3.notes.md). The flags are
+    process-wide; they are restored on leaving."""
     m = torch.backends.cuda.matmul
     saved = (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
     m.allow_fp16_reduced_precision_reduction = False

@@ -53,3 +53,41 @@ def grid(n_elements: int) -> tuple[tuple[int], int]:
     """(grid, block) of a launch over ``n_elements`` flat elements."""
     b = block(n_elements)
     return (triton.cdiv(n_elements, b),), b
+
+
+# --------------------------------------------------------------------------- gated activations
+# swiglu's and geglu's kernels share one signature (an activation's own constexprs aside), so
+# their launches are one: ``consts`` carries the activation's (geglu's TANH).
+def gated_forward(kernel, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None,
+                  **consts) -> torch.Tensor:
+    """h = act(gate) * up by ``kernel`` (a gated activation's forward) into ``out`` (a new
+    [rows, cols] buffer of gate's dtype when None). Returns ``out``."""
+    n_rows, n_cols = gate.shape
+    n = n_rows * n_cols
+    if out is None:
+        out = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if n:
+        g, b = grid(n)
+        kernel[g](gate, up, out, gate.stride(0), up.stride(0), n_cols, n,
+                  CONTIG=contiguous(n_cols, gate, up), BLOCK=b, **consts)
+    return out
+
+
+def gated_backward(kernel, dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, need_dgate: bool,
+                   need_dup: bool, dgate: torch.Tensor | None, dup: torch.Tensor | None, **consts):
+    """(dgate, dup) by ``kernel`` (a gated activation's backward), each None unless asked for,
+    into the buffers given or new ones of gate's dtype; ``up`` is read only for dgate."""
+    n_rows, n_cols = gate.shape
+    n = n_rows * n_cols
+    if need_dgate and dgate is None:
+        dgate = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if need_dup and dup is None:
+        dup = C.empty((n_rows, n_cols), gate.dtype, gate.device)
+    if n and (need_dgate or need_dup):
+        g, b = grid(n)
+        u_arg = up if need_dgate else gate
+        kernel[g](dh, gate, u_arg, dgate if need_dgate else dh, dup if need_dup else dh,
+                  dh.stride(0), gate.stride(0), u_arg.stride(0), n_cols, n,
+                  COMPUTE_DG=need_dgate, COMPUTE_DU=need_dup,
+                  CONTIG=contiguous(n_cols, dh, gate, u_arg), BLOCK=b, **consts)
+    return (dgate if need_dgate else None), (dup if need_dup else None)

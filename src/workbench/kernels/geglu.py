@@ -123,15 +123,7 @@ def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """h = gelu(gate, approximate) * up: launches the Triton kernel, no autograd, no input
     checks. Layouts, dtypes and ``out`` as ``swiglu.swiglu_forward``. Returns ``out``."""
-    n_rows, n_cols = gate.shape
-    n = n_rows * n_cols
-    if out is None:
-        out = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-    if n:
-        grid, block = E.grid(n)
-        _geglu_fwd[grid](gate, up, out, gate.stride(0), up.stride(0), n_cols, n,
-                         TANH=approximate == "tanh", CONTIG=E.contiguous(n_cols, gate, up), BLOCK=block)
-    return out
+    return E.gated_forward(_geglu_fwd, gate, up, out, TANH=approximate == "tanh")
 
 
 def geglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, approximate: str = "none",
@@ -140,21 +132,8 @@ def geglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None
     """(dgate, dup) of h = gelu(gate, approximate) * up for the upstream gradient ``dh``:
     launches the Triton kernel, no autograd, no input checks. Layouts, dtypes, buffers and
     the gradients asked for as ``swiglu.swiglu_backward``."""
-    n_rows, n_cols = gate.shape
-    n = n_rows * n_cols
-    if need_dgate and dgate is None:
-        dgate = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-    if need_dup and dup is None:
-        dup = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-    if n and (need_dgate or need_dup):
-        grid, block = E.grid(n)
-        u_arg = up if need_dgate else gate
-        _geglu_bwd[grid](
-            dh, gate, u_arg, dgate if need_dgate else dh, dup if need_dup else dh,
-            dh.stride(0), gate.stride(0), u_arg.stride(0), n_cols, n,
-            TANH=approximate == "tanh", COMPUTE_DG=need_dgate, COMPUTE_DU=need_dup,
-            CONTIG=E.contiguous(n_cols, dh, gate, u_arg), BLOCK=block)
-    return (dgate if need_dgate else None), (dup if need_dup else None)
+    return E.gated_backward(_geglu_bwd, dh, gate, up, need_dgate, need_dup, dgate, dup,
+                            TANH=approximate == "tanh")
 
 
 class _GeGLU(torch.autograd.Function):

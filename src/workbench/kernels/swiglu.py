@@ -74,15 +74,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | Non
     ``_elementwise.as_rows``). h is computed in fp32 and rounded once to ``out``'s dtype:
     ``out`` a contiguous [rows, cols] buffer of any float dtype, or a new one of gate's.
     Returns ``out``."""
-    n_rows, n_cols = gate.shape
-    n = n_rows * n_cols
-    if out is None:
-        out = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-    if n:
-        grid, block = E.grid(n)
-        _swiglu_fwd[grid](gate, up, out, gate.stride(0), up.stride(0), n_cols, n,
-                          CONTIG=E.contiguous(n_cols, gate, up), BLOCK=block)
-    return out
+    return E.gated_forward(_swiglu_fwd, gate, up, out)
 
 
 def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, need_dgate: bool = True,
@@ -94,21 +86,7 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | Non
     read only for dgate (None will do without it). Each gradient is None unless asked
     for, computed in fp32 and rounded once to the dtype of its buffer: ``dgate`` / ``dup``
     when given (contiguous [rows, cols], any float dtype), else a new one of gate's."""
-    n_rows, n_cols = gate.shape
-    n = n_rows * n_cols
-    if need_dgate and dgate is None:
-        dgate = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-    if need_dup and dup is None:
-        dup = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-    if n and (need_dgate or need_dup):
-        grid, block = E.grid(n)
-        u_arg = up if need_dgate else gate
-        _swiglu_bwd[grid](
-            dh, gate, u_arg, dgate if need_dgate else dh, dup if need_dup else dh,
-            dh.stride(0), gate.stride(0), u_arg.stride(0), n_cols, n,
-            COMPUTE_DG=need_dgate, COMPUTE_DU=need_dup,
-            CONTIG=E.contiguous(n_cols, dh, gate, u_arg), BLOCK=block)
-    return (dgate if need_dgate else None), (dup if need_dup else None)
+    return E.gated_backward(_swiglu_bwd, dh, gate, up, need_dgate, need_dup, dgate, dup)
 
 
 class _SwiGLU(torch.autograd.Function):
