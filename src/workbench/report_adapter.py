@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workbench import manifest, stages
+from workbench import manifest
 from workbench.markdown import table
 
 #: What every perplexity in the report is over, and why it is large (Markdown).
@@ -63,7 +63,9 @@ def verdict(run: Path) -> dict | None:
     records = manifest.read(run).get("stages", {})
     seen = doc.get("artifacts") or {}
     current = True
-    for name in stages.NAMES[:stages.NAMES.index("report")]:
+    from workbench.report import SECTIONS   # (report imports this module)
+
+    for name in SECTIONS:
         outputs = (records.get(name) or {}).get("outputs") or {}
         if {rel: r.get("sha256") for rel, r in (seen.get(name) or {}).items()} != \
                 {rel: r.get("sha256") for rel, r in outputs.items()}:
