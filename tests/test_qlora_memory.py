@@ -63,9 +63,9 @@ def base(tmp_path_factory):
     return path
 
 
-def _load(path, mode: str, checkpointing: bool):
+def _load(path, mode: str, checkpointing: bool, upcast_frozen: bool = True):
     """As workbench.models' load_model + attach_lora build it for training."""
-    from workbench.models import keep_portable_4bit_layout
+    from workbench.models import keep_portable_4bit_layout, prepare_kbit
 
     if mode == "qlora":
         quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -73,7 +73,7 @@ def _load(path, mode: str, checkpointing: bool):
         model = transformers.LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=AUTOCAST,
                                                               device_map={"": "cpu"})
         keep_portable_4bit_layout(model)
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        model = prepare_kbit(model, upcast_frozen, checkpointing)
     else:
         model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=AUTOCAST)
         if checkpointing:
@@ -210,3 +210,41 @@ def test_fused_loss_under_autocast_with_fp32_head_matches_hf():
     results += [compare(f"grad {n}", kern_grads[n], base_grads[n], exact_grads[n], AUTOCAST) for n in exact_grads]
     bad = [r.line() for r in results if not r.ok]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-ckpt"])
+def test_qlora_without_upcast_keeps_the_residual_stream_in_bf16(base, checkpointing):
+    """``quantization.upcast_frozen: false``: the norms, embeddings and head stay bf16 (no
+    fp32 copy of them), the patched step then saves less than the upcast one (bf16
+    instead of fp32 hidden states around every norm and residual add), the fused kernels
+    run in their 16-bit mode, and the gradient reaches every adapter tensor."""
+    inputs, labels = _batch()
+    steps = {}
+    for upcast in (True, False):
+        model = _load(base, "qlora", checkpointing, upcast_frozen=upcast)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+        assert frozen == ({torch.float32} if upcast else {torch.bfloat16}), frozen
+        assert model.get_base_model().is_gradient_checkpointing == checkpointing
+        patch_model(model)
+        try:
+            steps[upcast] = _step(model, lambda: model(**inputs, labels=labels, use_cache=False))
+        finally:
+            unpatch_model(model)
+    on, off = steps[True], steps[False]
+    detail = (f"\n  upcast     {on['bytes'] / 1024:.1f} KiB: {_describe(on['saved'])}"
+              f"\n  not upcast {off['bytes'] / 1024:.1f} KiB: {_describe(off['saved'])}")
+    assert off["bytes"] < 0.8 * on["bytes"], detail
+    assert not [v for v in off["saved"].values() if v[1] == torch.float32 and HIDDEN in v[2]], detail
+    assert off["ran"].get("fused_linear_cross_entropy") == 1 and off["ran"].get("lora_mlp") == LAYERS * (1 + checkpointing)
+    for name, g in off["grads"].items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{name}: no finite, non-zero gradient"
+    # The same model and batch: the two numerics differ by bf16 roundings of the hidden states.
+    assert abs(float(off["loss"]) - float(on["loss"])) <= 2e-2 * abs(float(on["loss"]))
+
+
+def test_upcast_frozen_must_be_a_bool():
+    from workbench import config
+    from workbench.errors import UserError
+
+    with pytest.raises(UserError, match="upcast_frozen"):
+        config.from_dict({"quantization": {"type": "nf4", "upcast_frozen": "no"}})

@@ -11,7 +11,7 @@ against the config file's folder (the file can travel with its data).
                   dtype, attn_implementation, chat_template
     data:         train ("builtin" or jsonl/parquet file(s)), test, eval_fraction, seed, builtin_rows
     lora:         r, alpha, dropout, target_modules, use_rslora
-    quantization: null, or {type: nf4, double_quant, compute_dtype}
+    quantization: null, or {type: nf4, double_quant, compute_dtype, upcast_frozen}
     training:     max_steps or epochs, batch_size, grad_accum, lr, schedule, warmup_ratio, weight_decay,
                   max_grad_norm, seed, gradient_checkpointing (false, true, or offload: the checkpointed
                   layers' inputs wait in host memory), max_seq_len, packing, logging_steps, method (sft, or
@@ -74,6 +74,11 @@ class QuantizationConfig:
     type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "auto"  # auto: the model dtype
+    # true: PEFT's prepare_model_for_kbit_training upcasts the norms, embeddings and lm_head
+    # to fp32, so under autocast the residual stream runs in fp32 (PEFT's QLoRA recipe).
+    # false keeps them in the compute dtype, as a 16-bit LoRA base runs (and Unsloth loads
+    # QLoRA): bf16 numerics, about half the activation memory (workbench.models.load_model).
+    upcast_frozen: bool = True
 
 
 @dataclass
@@ -237,6 +242,9 @@ def _validate(cfg: Config) -> None:
     if cfg.quantization is not None:
         _check_choice("quantization.type", cfg.quantization.type, ("nf4",))
         _check_choice("quantization.compute_dtype", cfg.quantization.compute_dtype, DTYPES)
+        if not isinstance(cfg.quantization.upcast_frozen, bool):
+            raise UserError(f"config key 'quantization.upcast_frozen' is {cfg.quantization.upcast_frozen!r}; use true "
+                            "(PEFT's fp32 norms, embeddings and head) or false (kept in the compute dtype).")
     if isinstance(cfg.kernels, str) and cfg.kernels != "auto":
         raise UserError(f"config key 'kernels' is {cfg.kernels!r}; use auto, true, false or a mapping of kernel "
                         "switches (e.g. {rope: false}).")

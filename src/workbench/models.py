@@ -31,7 +31,8 @@ def quantization_record(cfg: Config) -> dict | None:
     if q is None:
         return None
     compute = dtype(cfg.model.dtype if q.compute_dtype == "auto" else q.compute_dtype)
-    return {"type": q.type, "double_quant": q.double_quant, "compute_dtype": str(compute).removeprefix("torch.")}
+    return {"type": q.type, "double_quant": q.double_quant, "compute_dtype": str(compute).removeprefix("torch."),
+            "upcast_frozen": q.upcast_frozen}
 
 
 def keep_portable_4bit_layout(model) -> None:
@@ -62,10 +63,26 @@ def load_model(cfg: Config, base: str):
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if q is not None:
         keep_portable_4bit_layout(model)
+        prepare_kbit(model, q["upcast_frozen"], bool(cfg.training.gradient_checkpointing))
+    return model
+
+
+def prepare_kbit(model, upcast_frozen: bool, checkpointing: bool):
+    """A 4-bit base made ready for LoRA training. ``upcast_frozen``: PEFT's
+    prepare_model_for_kbit_training as it comes (every frozen 16-bit weight, i.e. the
+    norms, embeddings and lm_head, cast to fp32). Otherwise the same steps without that
+    cast: the weights frozen and, with checkpointing, the input gradients switched on, so
+    that the residual stream stays in the compute dtype as on a 16-bit base."""
+    if upcast_frozen:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(cfg.training.gradient_checkpointing))
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if checkpointing:
+        with old_checkpointing_name():
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable()
     return model
 
 

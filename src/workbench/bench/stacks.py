@@ -241,7 +241,7 @@ STACKS = {s.name: s for s in (
     Stack("ours", "ours (workbench.patch)"),
     Stack("ours-gc", "ours + gradient checkpointing", checkpointing=True),
     Stack("ours-offload", "ours + offloaded checkpointing", checkpointing="offload"),
-    Stack("ours-bf16", "ours, adapter in the base's dtype (adapter_as_autocast)"),
+    Stack("ours-bf16", "ours, bf16 where PEFT keeps fp32 (adapter_as_autocast; QLoRA: upcast_frozen false)"),
     Liger("liger", "Liger-Kernel (its defaults, fused linear CE)"),
     Unsloth("unsloth", "Unsloth (FastLanguageModel)"),
     Unsloth("unsloth-gc", "Unsloth + its offloaded checkpointing", checkpointing=True),

@@ -16,8 +16,11 @@ Stacks:
   ``hf-gc``, ``ours-gc``  each of the above with gradient checkpointing.
   ``ours-offload``  ours with offloaded checkpointing (``gradient_checkpointing: offload``,
             workbench.offload: the layers' inputs wait in pinned host memory).
-  ``ours-bf16``  ours with ``adapter_as_autocast``: PEFT's fp32 adapter on the bf16 base
-            computed in bf16 outside autocast too, as autocast computes it (workbench.patch).
+  ``ours-bf16``  ours in the base's 16-bit dtype where PEFT's defaults keep fp32: the
+            adapter computed in bf16 outside autocast too, as autocast computes it
+            (``adapter_as_autocast``, workbench.patch), and for QLoRA the norms, embeddings
+            and head left in bf16 (``quantization.upcast_frozen: false``), so the residual
+            stream is bf16 as on a 16-bit base. Both explicit switches, judged by the loss band.
   ``liger`` HF + SDPA with Liger-Kernel's RMSNorm, RoPE and SwiGLU, applied the way a TRL
             user gets them (``use_liger_kernel``); TRL 1.16 keeps its own chunked LM-head
             loss and refuses Liger's fused linear cross-entropy. Runs when liger-kernel is
@@ -71,7 +74,7 @@ MODES = ("lora", "qlora")
 STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "hf-gc": "HF + SDPA + gradient checkpointing",
           "ours": "ours (workbench.patch)", "ours-gc": "ours + gradient checkpointing",
           "ours-offload": "ours + offloaded checkpointing",
-          "ours-bf16": "ours, adapter in the base's dtype (adapter_as_autocast)",
+          "ours-bf16": "ours, bf16 where PEFT keeps fp32 (adapter_as_autocast; QLoRA: upcast_frozen false)",
           "liger": "Liger-Kernel via TRL (layer kernels)", "unsloth": "Unsloth (FastLanguageModel via TRL)",
           "unsloth-gc": "Unsloth + its offloaded checkpointing"}
 #: The stacks of a preference-training suite (``--method dpo|orpo``): TRL's trainer as it comes
@@ -242,7 +245,8 @@ def config_for(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, 
         "model": {"path": str(checkpoint), "dtype": "auto"},
         "data": data,
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
-        "quantization": {"type": "nf4", "double_quant": True} if mode == "qlora" else None,
+        "quantization": {"type": "nf4", "double_quant": True, "upcast_frozen": stack != "ours-bf16"}
+                        if mode == "qlora" else None,
         "training": training,
         "eval": {"max_rows": 0},
         "kernels": {"adapter_as_autocast": True} if stack == "ours-bf16" else stack.split("-")[0] == "ours",
