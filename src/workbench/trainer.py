@@ -75,11 +75,17 @@ class Snapshots(TrainerCallback):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.pending = self.good = None
         self.good_step = None
+        # Two sets of buffers, allocated once, swapped each step: the copy is one multi-tensor
+        # launch where a clone per parameter is hundreds of allocations and launches a step.
+        self._spare: list | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.pending = [p.detach().clone() for p in self.params]
+        buffers = self._spare or [torch.empty_like(p) for p in self.params]
+        torch._foreach_copy_(buffers, [p.detach() for p in self.params])
+        self.pending, self._spare = buffers, None
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._spare = self.good  # the older copy is free to take the next step's
         self.good, self.good_step = self.pending, state.global_step - 1
 
     def restore(self) -> bool:
