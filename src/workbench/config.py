@@ -76,8 +76,8 @@ class QuantizationConfig:
     compute_dtype: str = "auto"  # auto: the model dtype
     # true: PEFT's prepare_model_for_kbit_training upcasts the norms, embeddings and lm_head
     # to fp32, so under autocast the residual stream runs in fp32 (PEFT's QLoRA recipe).
-    # false keeps them in the compute dtype, as a 16-bit LoRA base runs (and Unsloth loads
-    # QLoRA): bf16 numerics, about half the activation memory (workbench.models.load_model).
+    # false keeps them in the compute dtype, as a 16-bit LoRA base runs: bf16 numerics, about
+    # half the activation memory (workbench.models.load_model).
     upcast_frozen: bool = True
 
 
