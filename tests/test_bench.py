@@ -246,11 +246,59 @@ def test_unsloth_stacks_run_from_their_own_site(monkeypatch, tmp_path):
     (["--method", "kto"], "unknown --method 'kto'; use one of sft, dpo, orpo"),
     (["--method", "dpo", "--seq", "64"], "preference pairs, which are not packed; leave out --seq"),
     (["--method", "orpo", "--stacks", "hf,ours-offload"], "leave out ours-offload"),
-    (["--method", "dpo", "--stacks", "hf,liger"], "Liger's and Unsloth's preference losses are not wired"),
+    (["--method", "dpo", "--stacks", "hf,unsloth"], "Unsloth's trainer is not wired into the recipe for preference"),
+    (["--method", "orpo", "--stacks", "hf,liger,unsloth-gc"], "; leave out unsloth-gc."),
 ])
-def test_train_suite_refuses_what_a_preference_method_cannot_run(args, message, capsys):
-    assert main(["bench", "train", "--shape", "tiny", "--modes", "lora", *args]) == 2
-    assert message in capsys.readouterr().err
+def test_train_suite_refuses_what_a_preference_method_cannot_run(args, message, capsys, tmp_path):
+    assert main(["bench", "train", "--shape", "tiny", "--modes", "lora", *args, "--run", str(tmp_path / "runs"),
+                 "--report", str(tmp_path / "reports")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err  # one sentence
+    assert not any(tmp_path.iterdir())   # refused before anything is written
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_train_suite_takes_liger_for_a_preference_method(method, monkeypatch, capsys, tmp_path):
+    """TRL 1.16's DPO and ORPO trainers both take use_liger_kernel (Liger's layer kernels under
+    TRL's own loss: bench/stacks.Liger), so the liger stack is one of a preference suite's; it runs
+    where liger-kernel and CUDA are, and asked for elsewhere it is refused for that, not the method."""
+    import argparse
+    import importlib.util
+
+    from workbench.bench import train as tbench
+    from workbench.cli.bench import check_modes_and_stacks
+
+    assert "liger" in tbench.PREFERENCE_STACKS and not {"unsloth", "unsloth-gc", "ours-offload"} & \
+        set(tbench.PREFERENCE_STACKS)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    assert main(["bench", "train", "--shape", "tiny", "--modes", "lora", "--method", method, "--stacks", "hf,liger",
+                 "--run", str(tmp_path / "runs"), "--report", str(tmp_path / "reports")]) == 2
+    err = capsys.readouterr().err
+    assert "--stacks liger: liger-kernel is not installed" in err and "wired" not in err
+    assert not any(tmp_path.iterdir())
+    # Where liger-kernel and CUDA are, the stack is taken, named or by default.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel"
+                        else real(name, *a))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    named = argparse.Namespace(modes="lora", stacks="hf,liger", method=method)
+    assert check_modes_and_stacks(named) == (["lora"], ["hf", "liger"])
+    default = argparse.Namespace(modes="lora", stacks=None, method=method)
+    assert check_modes_and_stacks(default) == (["lora"], list(tbench.PREFERENCE_STACKS))
+    # Its config is the hf stack's: no kernels of ours; Liger's come from the stack's trainer arguments.
+    cfg = tbench.config_for(Path("/x"), "lora", "liger", 3, 2, 0, None, method)
+    assert cfg["kernels"] is False and cfg["training"]["method"] == method
+
+
+def test_train_suite_help_names_the_preference_stacks(capsys, monkeypatch):
+    from workbench.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")   # argparse wraps at the terminal's width, hyphens included
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "stacks hf, hf-gc, ours, ours-gc, ours-bf16, liger (Liger's layer kernels under TRL's loss" in text
+    assert "no TRL 1.16 trainer reaches Liger's fused linear preference losses" in text
 
 
 def test_train_suite_runs_dpo_with_trls_loss_and_ours(tmp_path):
@@ -272,7 +320,9 @@ def test_train_suite_runs_dpo_with_trls_loss_and_ours(tmp_path):
     assert c["same_data"] is True and not c["loss_differs"] and c["max_rel_loss_diff"] < 1e-5
     yaml_text = (tmp_path / "runs" / "lora-ours.yaml").read_text()
     assert "method: dpo" in yaml_text and "kernels: true" in yaml_text
-    assert json_path.with_suffix(".md").read_text().startswith("# Training runs (DPO)")
+    md = json_path.with_suffix(".md").read_text()
+    assert md.startswith("# Training runs (DPO)")
+    assert "(the loss is TRL's own DPO loss: no TRL 1.16 trainer reaches Liger's fused linear preference" in md
     assert current.setup(doc, "lora") == (("tiny", "lora", 2, None, "dpo"), "tiny, lora, DPO, batch 2 pairs")
     sft = {k: v for k, v in doc.items() if k != "method"}
     assert current.setup(sft, "lora")[0] == ("tiny", "lora", 2, None)   # an SFT report's setup, as before

@@ -41,6 +41,61 @@ def test_liger_reaches_trl_as_use_liger_kernel_and_the_product_never_does():
     assert trainer.sft_config(cfg, "/tmp/x", STACKS["hf"]).use_liger_kernel is False
 
 
+class _LigerApplied(Exception):
+    """Raised by the stand-in for transformers' apply_liger_kernel: training stops where Liger's
+    kernels would be applied (they need CUDA)."""
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_liger_reaches_trls_preference_trainer_as_its_layer_kernels(method, monkeypatch, tmp_path):
+    """The DPO / ORPO trainer the recipe builds for the liger stack carries use_liger_kernel, and
+    TRL hands Liger the PEFT model's base with the fused linear cross-entropy off when training
+    starts: Liger's RMSNorm, RoPE and SwiGLU under TRL's own loss (TRL 1.16 has no Liger
+    preference loss). No Liger kernel runs here: transformers' apply_liger_kernel is a stand-in."""
+    import peft
+    import transformers
+    import transformers.trainer
+
+    from workbench import data, synthetic
+    from workbench.families import tiny_config
+    from workbench.tokenizer import default_tokenizer
+
+    cfg = config_mod.load(None, ["kernels=false", f"training.method={method}", "training.max_steps=1",
+                                 "training.batch_size=2", "eval.max_rows=0"])
+    tok = default_tokenizer()
+    dataset = data.preference_dataset(cfg, tok, synthetic.build_preference(train_rows=2)["train"])
+
+    def build(stack):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(tiny_config("llama", vocab_size=len(tok))),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        return trainer.make_preference_trainer(cfg, model, tok, dataset, str(tmp_path / stack), stack=STACKS[stack])
+
+    liger = build("liger")
+    assert type(liger.args).__name__ == {"dpo": "DPOConfig", "orpo": "ORPOConfig"}[method]
+    assert liger.args.use_liger_kernel is True
+    assert liger.args.liger_kernel_config == {"fused_linear_cross_entropy": False}
+    applied = []
+
+    def apply_liger_kernel(model, kernel_config):
+        applied.append((model, kernel_config))
+        raise _LigerApplied
+
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", apply_liger_kernel)
+    with pytest.raises(_LigerApplied):
+        liger.train()
+    [(model, kernel_config)] = applied
+    assert model is liger.model and kernel_config == {"fused_linear_cross_entropy": False}
+    hf = build("hf")
+    assert hf.args.use_liger_kernel is False and not hf.args.liger_kernel_config
+    # The train record says which trainer applied them and whose loss ran.
+    monkeypatch.setattr("workbench.bench.stacks.liger_version", lambda: "0.8.5")
+    record = STACKS["liger"].kernels(cfg, liger.model)
+    assert record["version"] == "0.8.5" and f"TRL {type(liger).__name__}" in \
+        record["applied_by"] and f"TRL's {method.upper()} loss" in record["applied_by"]
+
+
 class _FakeFastLanguageModel:
     """Records what the stack asks of Unsloth (its real package needs CUDA)."""
     calls: list = []

@@ -98,11 +98,21 @@ class Stack(models.Stack):
 
 
 class Liger(Stack):
-    """Liger-Kernel. In the recipe, TRL applies its RMSNorm, RoPE and SwiGLU (``use_liger_kernel``;
-    TRL 1.16 keeps its own chunked LM-head loss and refuses Liger's fused linear cross-entropy).
+    """Liger-Kernel. In the recipe, TRL's trainer applies Liger's RMSNorm, RoPE and SwiGLU when
+    training starts (``use_liger_kernel``), for SFT, DPO and ORPO alike, and the loss stays TRL's
+    own: TRL 1.16's SFT and DPO trainers refuse Liger's fused linear cross-entropy (it would replace
+    the forward they give their chunked LM head) and have no Liger loss, and its ORPO trainer
+    (``trl.experimental.orpo``) computes its loss on the logits it forms. Liger's fused linear
+    preference losses (``liger_kernel.chunked_loss``) are reached by no TRL 1.16 trainer, so a
+    preference run of this stack measures Liger's layer kernels under TRL's DPO / ORPO loss.
     In the step suite's plain loop, Liger's defaults for the model's family (for Llama and Qwen3:
     RoPE, RMSNorm, SwiGLU and the fused linear cross-entropy), the patch a user of a plain loop
     applies."""
+
+    #: The trainer whose ``use_liger_kernel`` applies the kernels, and the loss it keeps, per method.
+    TRAINERS = {"sft": ("SFTTrainer", "TRL's chunked LM-head loss"),
+                "dpo": ("DPOTrainer", "TRL's DPO loss on its chunked LM head"),
+                "orpo": ("ORPOTrainer", "TRL's ORPO loss on the full logits")}
 
     def prepare(self, cfg=None) -> None:
         liger_version()
@@ -111,11 +121,15 @@ class Liger(Stack):
         liger_version()
 
     def trainer_args(self, cfg) -> dict:
-        return {"use_liger_kernel": True}
+        # The fused linear cross-entropy off for every method: TRL's SFT and DPO trainers set it so
+        # themselves; ORPO's would keep Liger's default, a forward of Liger's that, called without
+        # labels as ORPO calls it, forms the logits all the same. So every method gets the same kernels.
+        return {"use_liger_kernel": True, "liger_kernel_config": {"fused_linear_cross_entropy": False}}
 
     def kernels(self, cfg, model) -> dict | None:
+        trainer, loss = self.TRAINERS[cfg.training.method]
         return {"engine": "liger-kernel", "version": liger_version(),
-                "applied_by": "TRL SFTTrainer use_liger_kernel (layer kernels; TRL's chunked LM-head loss)"}
+                "applied_by": f"TRL {trainer} use_liger_kernel (layer kernels, fused linear cross-entropy off; {loss})"}
 
     def loop_kernels(self, cfg, model) -> dict | None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance

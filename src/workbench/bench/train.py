@@ -23,8 +23,9 @@ Stacks:
             stream is bf16 as on a 16-bit base. Both explicit switches, judged by the loss band.
   ``liger`` HF + SDPA with Liger-Kernel's RMSNorm, RoPE and SwiGLU, applied the way a TRL
             user gets them (``use_liger_kernel``); TRL 1.16 keeps its own chunked LM-head
-            loss and refuses Liger's fused linear cross-entropy. Runs when liger-kernel is
-            installed.
+            loss and refuses Liger's fused linear cross-entropy. Under ``--method dpo|orpo``
+            the same kernels under TRL's DPO / ORPO loss: no TRL 1.16 trainer reaches Liger's
+            fused linear preference losses. Runs when liger-kernel is installed.
   ``unsloth``, ``unsloth-gc``  Unsloth's FastLanguageModel (its patched Llama, LoRA kernels
             and loss; ``-gc``: its offloaded checkpointing), trained by the same TRL loop.
             Unsloth pins trl <= 1.15 and datasets < 5, so it usually lives in a site of its
@@ -77,10 +78,11 @@ STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "hf-gc": "HF + SDPA + gradien
           "ours-bf16": "ours, bf16 where PEFT keeps fp32 (adapter_as_autocast; QLoRA: upcast_frozen false)",
           "liger": "Liger-Kernel via TRL (layer kernels)", "unsloth": "Unsloth (FastLanguageModel via TRL)",
           "unsloth-gc": "Unsloth + its offloaded checkpointing"}
-#: The stacks of a preference-training suite (``--method dpo|orpo``): TRL's trainer as it comes
-#: and ours (the fused preference loss). Liger's and Unsloth's preference losses are not wired into
-#: the recipe, and offloaded checkpointing is SFT's.
-PREFERENCE_STACKS = ("hf", "hf-gc", "ours", "ours-gc", "ours-bf16")
+#: The stacks of a preference-training suite (``--method dpo|orpo``): TRL's trainer as it comes,
+#: ours (the fused preference loss), and liger (Liger's layer kernels under TRL's loss, as TRL 1.16
+#: gives them: bench/stacks.Liger). Unsloth's trainer is not wired into the recipe for preference
+#: training, and offloaded checkpointing is SFT's.
+PREFERENCE_STACKS = ("hf", "hf-gc", "ours", "ours-gc", "ours-bf16", "liger")
 #: Stacks that run only where their package is installed (skipped, and said so, elsewhere).
 OPTIONAL = {"liger": "liger-kernel", "unsloth": "unsloth", "unsloth-gc": "unsloth"}
 #: A site folder holding Unsloth and its own trl/datasets, put first on PYTHONPATH in the
@@ -461,6 +463,9 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         return "—" if v is None else format(v, spec)
 
     method = f" ({result['method'].upper()})" if result.get("method") else ""
+    liger_loss = (f"the loss is TRL's own {result['method'].upper()} loss: no TRL 1.16 trainer reaches Liger's fused "
+                  "linear preference losses, so they are not measured" if result.get("method")
+                  else "TRL keeps its chunked LM-head loss")
     lines = [
         f"# Training runs{method} — {env['device']} — {env['date']}",
         "",
@@ -482,7 +487,7 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "backend on CUDA bf16, the \"HF + FA2\" baseline; flash-attn is not installed); `ours` adds "
         "`workbench.patch`; `-gc` turns on gradient checkpointing, `-offload` checkpointing with the layers' inputs "
         "in pinned host memory (`workbench.offload`); `liger` is HF + SDPA with Liger-Kernel's "
-        "RMSNorm/RoPE/SwiGLU applied by TRL's `use_liger_kernel` (TRL keeps its chunked LM-head loss); "
+        f"RMSNorm/RoPE/SwiGLU applied by TRL's `use_liger_kernel` ({liger_loss}); "
         "`unsloth` is Unsloth's FastLanguageModel (its model, LoRA kernels and loss) in the same TRL loop, "
         "`unsloth-gc` with its offloaded checkpointing. With packing, Unsloth concatenates each batch into one "
         "padding-free row; by its source (2026.10.9), under wrapped packing each sequence keeps its own causal "

@@ -217,7 +217,8 @@ def _train(suites) -> None:
                    "packed; e.g. 2048 for the 4 x 2048 shape; default: one short row per sequence)")
     p.add_argument("--method", default="sft", help="sft (default), or dpo / orpo: preference training on the built-in "
                    "pairs, --batch pairs a step, TRL's loss (hf) against our fused one (ours); stacks hf, hf-gc, ours, "
-                   "ours-gc, ours-bf16 (Liger's and Unsloth's preference losses are not wired in); no --seq")
+                   "ours-gc, ours-bf16, liger (Liger's layer kernels under TRL's loss: no TRL 1.16 trainer reaches "
+                   "Liger's fused linear preference losses; Unsloth is not wired in); no --seq")
     _report_flags(p, "train")
 
 
@@ -234,8 +235,8 @@ def check_modes_and_stacks(args: argparse.Namespace) -> tuple[list[str], list[st
     allowed = tbench.PREFERENCE_STACKS if preference else tuple(tbench.STACKS)
     stacks = [s for s in (args.stacks or ",".join(allowed)).split(",") if s]
     if preference and set(stacks) - set(allowed):
-        raise UserError(f"--method {args.method} runs the stacks {', '.join(allowed)} (Liger's and Unsloth's "
-                        "preference losses are not wired into the recipe, and offloaded checkpointing is SFT's); "
+        raise UserError(f"--method {args.method} runs the stacks {', '.join(allowed)} (Unsloth's trainer is not "
+                        "wired into the recipe for preference training, and offloaded checkpointing is SFT's); "
                         f"leave out {', '.join(sorted(set(stacks) - set(allowed)))}.")
     if set(stacks) - set(tbench.STACKS) or "hf" not in stacks:
         raise UserError(f"--stacks takes {', '.join(tbench.STACKS)} and must include hf (the baseline every "
