@@ -5,7 +5,7 @@ complete with its recorded outputs intact and nothing of the killed process behi
 
 Seeds per stage: WORKBENCH_CRASH_SEEDS (default 1, i.e. one kill in each of the five
 stages, a few minutes on 2 cores, as CI runs it). The issue's 20 seeds per stage take
-about an hour on 2 cores: WORKBENCH_CRASH_SEEDS=20 (the nightly workflow's crash-safety job). CI runs
+about ten minutes on 2 cores: WORKBENCH_CRASH_SEEDS=20 (the nightly workflow's crash-safety job). CI runs
 every test, slow-marked or not (scripts/test.sh), so the count is an environment variable.
 """
 from __future__ import annotations
