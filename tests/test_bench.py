@@ -153,6 +153,11 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
     row = next(line for line in text.splitlines() if line.startswith("| lora | ours (workbench.patch) |"))
     assert row.endswith("| lora_o ×6 |") and "rms_norm" not in row
     assert "| none ran (every call fell back) |" in text
+    # A peer's row names the engine, and under DPO / ORPO whose loss ran (bench/stacks.Liger's record).
+    runs[2].update(trl="1.16.0", kernels={"engine": "liger-kernel", "version": "0.8.5",
+                                          "loss": "liger_kernel.chunked_loss.LigerFusedLinearDPOLoss"})
+    text = tbench.markdown(result, env, "workbench bench train", png.name)
+    assert "| liger-kernel 0.8.5 (trl 1.16.0), loss LigerFusedLinearDPOLoss |" in text
 
 
 def test_batch_fingerprint_ignores_the_layout_and_sees_the_data():

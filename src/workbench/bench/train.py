@@ -520,8 +520,9 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
             swapped = ", ".join(f"{name} ×{n}" for name, n in ran.items()) or "none ran (every call fell back)"
         else:
             swapped = ", ".join(f"{name} ×{sum(per.values())} patched" for name, per in (k.get("swapped") or {}).items())
-        if k.get("engine"):
-            swapped = f"{k['engine']} {k.get('version', '')}".strip() + (f" (trl {r['trl']})" if r.get("trl") else "")
+        if k.get("engine"):  # a peer's: what it is, and whose preference loss ran (bench/stacks.Liger)
+            swapped = f"{k['engine']} {k.get('version', '')}".strip() + (f" (trl {r['trl']})" if r.get("trl") else "") \
+                + (f", loss {k['loss'].rsplit('.', 1)[-1]}" if k.get("loss") else "")
         rows.append([r["mode"], r["label"], str(r["exit_code"]), str(r.get("steps", "—")),
                      f(r.get("steady_step_s"), ".4f"), f(r.get("steady_tokens_per_s"), ".0f"), f(r.get("step_s"), ".4f"),
                      f(r.get("peak_memory_gib"), ".2f"), f(r.get("peak_reserved_gib"), ".2f"),
