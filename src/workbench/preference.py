@@ -187,7 +187,7 @@ def fused_preference_loss(batch: PreferenceBatch):
     return out
 
 
-def loss_name(loss) -> str:
+def _loss_name(loss) -> str:
     return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
 
 
@@ -238,7 +238,7 @@ def _trainer_classes():
             if problem is None:
                 return True
             if self.preference_loss is not fused_preference_loss:
-                raise UserError(f"the preference loss {loss_name(self.preference_loss)} cannot run here ({problem}), "
+                raise UserError(f"the preference loss {_loss_name(self.preference_loss)} cannot run here ({problem}), "
                                 "and TRL's own loss would not be that loss; train without it.")
             return False
 

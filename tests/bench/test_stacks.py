@@ -394,8 +394,8 @@ def test_the_product_training_path_names_no_peer():
     import workbench
 
     root = Path(workbench.__file__).parent
-    modules = ["train.py", "trainer.py", "data.py", "checks.py", "models.py", "heldout.py", "distributed.py",
-               "config.py", "cli/train.py"]
+    modules = ["train.py", "trainer.py", "preference.py", "data.py", "checks.py", "models.py", "heldout.py",
+               "distributed.py", "config.py", "cli/train.py"]
     for name in modules:
         text = (root / name).read_text().lower()
         assert "unsloth" not in text and "liger" not in text, name
