@@ -153,6 +153,11 @@ def test_train_suite_compares_stacks_of_one_run_and_flags_loss_differences(tmp_p
     row = next(line for line in text.splitlines() if line.startswith("| lora | ours (workbench.patch) |"))
     assert row.endswith("| lora_o ×6 |") and "rms_norm" not in row
     assert "| none ran (every call fell back) |" in text
+    # A peer's row names the engine, and under DPO / ORPO whose loss ran (bench/stacks.Liger's record).
+    runs[2].update(trl="1.16.0", kernels={"engine": "liger-kernel", "version": "0.8.5",
+                                          "loss": "liger_kernel.chunked_loss.LigerFusedLinearDPOLoss"})
+    text = tbench.markdown(result, env, "workbench bench train", png.name)
+    assert "| liger-kernel 0.8.5 (trl 1.16.0), loss LigerFusedLinearDPOLoss |" in text
 
 
 def test_batch_fingerprint_ignores_the_layout_and_sees_the_data():
@@ -259,9 +264,10 @@ def test_train_suite_refuses_what_a_preference_method_cannot_run(args, message, 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_train_suite_takes_liger_for_a_preference_method(method, monkeypatch, capsys, tmp_path):
-    """TRL 1.16's DPO and ORPO trainers both take use_liger_kernel (Liger's layer kernels under
-    TRL's own loss: bench/stacks.Liger), so the liger stack is one of a preference suite's; it runs
-    where liger-kernel and CUDA are, and asked for elsewhere it is refused for that, not the method."""
+    """The liger stack is one of a preference suite's (Liger's layer kernels through TRL's
+    use_liger_kernel, and Liger's fused DPO / ORPO loss in our fused trainer: bench/stacks.Liger);
+    it runs where liger-kernel and CUDA are, and asked for elsewhere it is refused for that, not
+    the method."""
     import argparse
     import importlib.util
 
@@ -297,8 +303,9 @@ def test_train_suite_help_names_the_preference_stacks(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "stacks hf, hf-gc, ours, ours-gc, ours-bf16, liger (Liger's layer kernels under TRL's loss" in text
-    assert "no TRL 1.16 trainer reaches Liger's fused linear preference losses" in text
+    assert "stacks hf, hf-gc, ours, ours-gc, ours-bf16, liger (Unsloth is not wired in)" in text
+    assert ("Liger's (liger: Liger's layer kernels and its LigerFusedLinearDPOLoss / LigerFusedLinearORPOLoss, set "
+            "to TRL's semantics, in the same TRL trainer as ours)") in text
 
 
 def test_train_suite_runs_dpo_with_trls_loss_and_ours(tmp_path):
@@ -322,7 +329,9 @@ def test_train_suite_runs_dpo_with_trls_loss_and_ours(tmp_path):
     assert "method: dpo" in yaml_text and "kernels: true" in yaml_text
     md = json_path.with_suffix(".md").read_text()
     assert md.startswith("# Training runs (DPO)")
-    assert "(the loss is TRL's own DPO loss: no TRL 1.16 trainer reaches Liger's fused linear preference" in md
+    assert ("(the loss is Liger's own LigerFusedLinearDPOLoss (sigmoid, summed completion log-probs) from "
+            "`liger_kernel.chunked_loss`, set to TRL's semantics, in the same TRL trainer subclass as ours") in md
+    assert "`ours` computes its loss in fused_linear_preference, `liger` in Liger's fused linear loss" in md
     assert current.setup(doc, "lora") == (("tiny", "lora", 2, None, "dpo"), "tiny, lora, DPO, batch 2 pairs")
     sft = {k: v for k, v in doc.items() if k != "method"}
     assert current.setup(sft, "lora")[0] == ("tiny", "lora", 2, None)   # an SFT report's setup, as before

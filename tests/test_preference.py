@@ -263,6 +263,57 @@ def test_unsupported_settings_keep_trls_loss(tok, rows, tmp_path):
                                            output_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_a_loss_given_to_the_fused_trainer_replaces_ours(method, tok, rows, tmp_path):
+    # The seam (make_preference_trainer's ``loss``): every loss call goes to the given function
+    # with the batch ours would get; here a function that runs ours, so the losses are ours exactly.
+    seen = []
+
+    def recorded(batch):
+        seen.append(batch)
+        return preference.fused_preference_loss(batch)
+
+    losses = {}
+    for given in (recorded, None):
+        trainer = preference.make_preference_trainer(
+            _lora(_llama(tok)), tok, rows, method=method, beta=BETA, output_dir=str(tmp_path / str(bool(given))),
+            loss=given, max_steps=2, per_device_train_batch_size=PAIRS, learning_rate=0.5, optim="sgd",
+            lr_scheduler_type="constant", logging_steps=1, seed=0, **({"max_length": 64} if method == "orpo" else {}))
+        assert trainer.preference_loss is (given or preference.fused_preference_loss)
+        trainer.train()
+        losses[given is None] = _losses(trainer)
+    assert losses[False] == losses[True] and len(seen) == 2
+    for batch in seen:
+        assert batch.method == method and batch.beta == BETA and batch.softcap is None
+        assert batch.hidden.shape[:2] == batch.labels.shape and batch.weight.shape[1] == batch.hidden.shape[2]
+        assert batch.hidden.shape[0] == 2 * PAIRS and batch.hidden.requires_grad
+        if method == "dpo":
+            assert batch.nll_labels is None and not batch.reference.precomputed
+            hidden, weight = batch.reference.hidden()   # the reference pass: no gradient
+            assert hidden.shape == batch.hidden.shape and not hidden.requires_grad and weight is not None
+        else:
+            assert batch.reference is None and batch.nll_labels.shape == batch.labels.shape
+            # ORPO's NLL scores the prompt too: more targets than the log-odds' completions
+            assert int((batch.nll_labels != -100).sum()) > int((batch.labels != -100).sum())
+
+
+def test_a_given_loss_never_falls_back_to_trls(tok, rows, tmp_path):
+    # Where the fused path cannot run, ours gives way to TRL's loss; a given loss stops training
+    # instead (TRL's loss would run under its name), and needs the fused trainers.
+    from workbench.errors import UserError
+
+    def given(batch):
+        raise AssertionError("not reached")
+
+    trainer = preference.make_preference_trainer(_lora(_llama(tok)), tok, rows, method="dpo", loss=given,
+                                                 loss_type=["ipo"], output_dir=str(tmp_path), max_steps=1)
+    with pytest.raises(UserError, match=r"the preference loss given cannot run here \(loss_type \['ipo'\]"):
+        trainer.train()
+    with pytest.raises(ValueError, match="fused=True"):
+        preference.make_preference_trainer(None, tok, rows, method="dpo", loss=given, fused=False,
+                                           output_dir=str(tmp_path))
+
+
 def test_fused_dpo_on_a_model_running_our_kernels(tok, rows, tmp_path):
     # workbench.patch's kernels in the backbone (norms, RoPE, the LoRA projections and MLP),
     # the fused preference loss on top: what `workbench train` runs with kernels on.

@@ -223,3 +223,9 @@ class Stack:
     def trainer_args(self, cfg: Config) -> dict:
         """SFTConfig arguments the stack sets on top of the recipe's."""
         return {}
+
+    def preference_loss(self, cfg: Config):
+        """The DPO / ORPO loss the fused preference trainer runs in place of ours
+        (workbench.preference's ``loss``: a function of a PreferenceBatch), or None: ours where
+        our kernels are on, else TRL's own."""
+        return None

@@ -31,13 +31,24 @@ How the last hidden state is reached: the HF model (inside PEFT) gets a forward 
 TRL's own ``add_fused_lm_head`` does: ``model(..., workbench_hidden_states=True)`` returns the
 backbone's output instead of logits. The call goes through the wrapped model (PEFT, DDP,
 accelerate's autocast), and every other call reaches the forward that was there before.
+
+The loss seam: the fused trainers hand each batch to a loss function, ``loss(batch) ->
+PreferenceOutput``, where ``batch`` is a :class:`PreferenceBatch` (the policy's last hidden
+states at the scored positions, the lm_head weight, the targets, beta, and for DPO the
+reference, computed when asked: its summed log-probs or its own last hidden states). The
+default, :func:`fused_preference_loss`, is ours; ``make_preference_trainer(loss=...)`` takes
+another (the benchmarks measure a peer's fused loss on the same trainer, data and reference
+this way). A loss given there never falls back: where the fused path cannot run (the list
+above), training stops with that reason instead of running TRL's loss under its name.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import types
+from typing import Any, Callable, NamedTuple
 
+from workbench.errors import UserError
 from workbench.offline import enforce_offline
 
 METHODS = ("dpo", "orpo")
@@ -107,6 +118,79 @@ def _last_hidden(model, model_kwargs: dict):
     return hidden.to(weight.device, compute), weight.to(compute), softcap
 
 
+class PreferenceBatch(NamedTuple):
+    """What a preference loss gets from the fused trainers, for one batch (TRL's concatenated
+    layout: the B chosen rows first, then their B rejected twins)."""
+
+    method: str                 # "dpo" or "orpo"
+    hidden: Any                 # [2B, T, D] the policy's last hidden states; position t predicts labels[:, t]
+    weight: Any                 # [V, D] the lm_head weight (hidden and weight in the dtype the lm_head computes in)
+    labels: Any                 # [2B, T] int64 next tokens, -100 where not scored (DPO: the completion tokens;
+    #                             ORPO: TRL's concatenated_labels, the completions)
+    beta: float                 # DPO's beta; ORPO's lambda
+    label_smoothing: float      # DPO's conservative eps (0: TRL's sigmoid loss); 0 for ORPO
+    softcap: float | None       # the model's final logit soft cap (Gemma-2), else None
+    nll_labels: Any = None      # ORPO: the chosen NLL's targets [2B, T], prompt included (TRL's); None for DPO
+    reference: "Reference | None" = None   # DPO: the reference side; None for ORPO
+
+
+#: A preference loss: ``loss(batch: PreferenceBatch) -> PreferenceOutput``
+#: (workbench.kernels.fused_linear_preference.PreferenceOutput: the loss, differentiable with
+#: respect to ``batch.hidden``; the chosen / rejected log-probs, sums for DPO and averages over
+#: the scored tokens for ORPO; the rewards; ORPO's NLL term, None for DPO).
+PreferenceLoss = Callable[[PreferenceBatch], Any]
+
+
+class Reference:
+    """DPO's reference for one batch, from the source TRL takes it from: the log-probs TRL
+    precomputed into the batch (``precompute_ref_log_probs``), else a forward, under no_grad,
+    of the reference model, or of the policy with its adapter disabled (its "ref" adapter
+    where it has one). Nothing runs until a loss asks."""
+
+    def __init__(self, trainer, inputs: dict):
+        self._trainer, self._inputs = trainer, inputs
+
+    @property
+    def precomputed(self) -> bool:
+        return bool(self._trainer.precompute_ref_logps)
+
+    def logps(self):
+        """(chosen [B], rejected [B]): the reference's log-probs summed over the completion tokens."""
+        if self.precomputed:
+            return self._inputs["ref_chosen_logps"], self._inputs["ref_rejected_logps"]
+        t = self._trainer
+        return t.compute_ref_log_probs(t.ref_model or t.model, self._inputs)
+
+    def hidden(self):
+        """(hidden [2B, T, D], weight [V, D]): the reference's last hidden states at the batch's
+        scored positions and its lm_head weight, as the policy's are given (no gradient)."""
+        if self.precomputed:
+            raise UserError("this preference loss computes the reference's log-probs from its hidden states, which "
+                            "precompute_ref_log_probs does not keep; leave precompute_ref_log_probs off.")
+        t = self._trainer
+        hidden, weight, _softcap = t.reference_hidden(t.ref_model or t.model, self._inputs)
+        return hidden, weight
+
+
+def fused_preference_loss(batch: PreferenceBatch):
+    """Ours, the fused trainers' default loss: ``kernels/fused_linear_preference.py`` (DPO's
+    reference log-probs from :meth:`Reference.logps`, so from the same kernel unless TRL
+    precomputed them)."""
+    from workbench.kernels.fused_linear_preference import fused_linear_preference
+    from workbench.patch import note_call
+
+    ref = batch.reference.logps() if batch.reference is not None else (None, None)
+    out = fused_linear_preference(batch.hidden, batch.weight, batch.labels, *ref, nll_labels=batch.nll_labels,
+                                  method=batch.method, beta=batch.beta, label_smoothing=batch.label_smoothing,
+                                  softcap=batch.softcap)
+    note_call("fused_linear_preference")
+    return out
+
+
+def _loss_name(loss) -> str:
+    return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
+
+
 def _dpo_inputs(inputs: dict):
     """The model's arguments and the shifted labels [2B, T - 1] of a DPO batch (TRL's collator:
     chosen rows, then rejected; completion_mask marks the scored tokens)."""
@@ -115,6 +199,15 @@ def _dpo_inputs(inputs: dict):
     model_kwargs["use_cache"] = False
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
     return model_kwargs, labels
+
+
+def _scored_hidden(model, inputs: dict):
+    """(hidden [2B, T - 1, D], weight, softcap) of a DPO batch: the last hidden states at the
+    positions that predict ``_dpo_inputs``' labels."""
+    model_kwargs, labels = _dpo_inputs(inputs)
+    hidden, weight, softcap = _last_hidden(model, model_kwargs)
+    # Prompt-learning PEFT prepends virtual tokens to the outputs: keep the real tokens' positions (as TRL).
+    return hidden[:, :-1][:, -labels.size(1):], weight, softcap
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,11 +223,27 @@ def _trainer_classes():
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 
-    from workbench.kernels.fused_linear_preference import fused_linear_preference, fused_linear_sequence_logps
-    from workbench.patch import note_call
+    from workbench.kernels.fused_linear_preference import fused_linear_sequence_logps
 
-    class FusedDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer whose sigmoid loss runs in fused_linear_preference."""
+    class _Fused:
+        """What both fused trainers share: the loss (``preference_loss``, ours unless
+        make_preference_trainer was given another) and when it runs."""
+
+        preference_loss = staticmethod(fused_preference_loss)
+
+        def _fused(self) -> bool:
+            """Whether the fused path computes this trainer's loss; False: TRL's own runs. A loss
+            other than ours never gives way to TRL's: that would measure TRL's loss under its name."""
+            problem = self.fused_loss_problem()
+            if problem is None:
+                return True
+            if self.preference_loss is not fused_preference_loss:
+                raise UserError(f"the preference loss {_loss_name(self.preference_loss)} cannot run here ({problem}), "
+                                "and TRL's own loss would not be that loss; train without it.")
+            return False
+
+    class FusedDPOTrainer(_Fused, DPOTrainer):
+        """TRL's DPOTrainer whose sigmoid loss runs in ``preference_loss`` (ours: fused_linear_preference)."""
 
         def fused_loss_problem(self) -> str | None:
             """Why this trainer's loss stays TRL's, or None when the fused kernel computes it."""
@@ -146,40 +255,43 @@ def _trainer_classes():
                 return "a MoE auxiliary loss or vision data"
             return _head_problem(self.model)
 
-        def _sequence_logps(self, model, inputs):
-            model_kwargs, labels = _dpo_inputs(inputs)
-            hidden, weight, softcap = _last_hidden(model, model_kwargs)
-            # Prompt-learning PEFT prepends virtual tokens to the outputs: keep the real tokens' positions (as TRL).
-            hidden = hidden[:, :-1][:, -labels.size(1):]
-            return fused_linear_sequence_logps(hidden, weight, labels, softcap=softcap)
-
-        def compute_ref_log_probs(self, model, inputs):
-            """The reference's summed log-probs [B], [B], as TRL takes them: ``model`` (a reference
-            model, or the policy: then with its adapter disabled, or its frozen "ref" copy)."""
-            if self.fused_loss_problem() is not None:
-                return super().compute_ref_log_probs(model, inputs)
+        @contextlib.contextmanager
+        def _reference_pass(self):
+            """TRL's reference forward: no_grad, checkpointing off, the adapter disabled (or its
+            "ref" adapter) when the policy is its own reference, under the trainer's autocast."""
             adapter = contextlib.nullcontext()
             unwrapped = self.accelerator.unwrap_model(self.model)
             if self.ref_model is None and is_peft_model(unwrapped):
                 adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
             with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
                   adapter, self.accelerator.autocast()):
-                return self._sequence_logps(model, inputs).chunk(2, dim=0)
+                yield
+
+        def reference_hidden(self, model, inputs):
+            """(hidden, weight, softcap) of ``model`` (a reference model, or the policy: then as
+            its reference) in the reference pass, the hidden states at the scored positions."""
+            with self._reference_pass():
+                return _scored_hidden(model, inputs)
+
+        def compute_ref_log_probs(self, model, inputs):
+            """The reference's summed log-probs [B], [B], as TRL takes them: ``model`` (a reference
+            model, or the policy: then with its adapter disabled, or its frozen "ref" copy)."""
+            if not self._fused():
+                return super().compute_ref_log_probs(model, inputs)
+            with self._reference_pass():
+                hidden, weight, softcap = _scored_hidden(model, inputs)
+                labels = _dpo_inputs(inputs)[1]
+                return fused_linear_sequence_logps(hidden, weight, labels, softcap=softcap).chunk(2, dim=0)
 
         def _compute_loss(self, model, inputs, return_outputs):
-            if self.fused_loss_problem() is not None:
+            if not self._fused():
                 return super()._compute_loss(model, inputs, return_outputs)
             mode = "train" if self.model.training else "eval"
             model_kwargs, labels = _dpo_inputs(inputs)
-            hidden, weight, softcap = _last_hidden(model, model_kwargs)
-            hidden = hidden[:, :-1][:, -labels.size(1):]
-            if self.precompute_ref_logps:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
-            out = fused_linear_preference(hidden, weight, labels, ref_chosen, ref_rejected, method="dpo",
-                                          beta=self.beta, label_smoothing=self.label_smoothing, softcap=softcap)
-            note_call("fused_linear_preference")
+            hidden, weight, softcap = _scored_hidden(model, inputs)
+            out = self.preference_loss(PreferenceBatch(
+                "dpo", hidden, weight, labels, beta=self.beta, label_smoothing=self.label_smoothing, softcap=softcap,
+                reference=Reference(self, inputs)))
             loss = out.loss
 
             metrics = self._metrics[mode]
@@ -201,8 +313,8 @@ def _trainer_classes():
                 return loss, outputs
             return loss
 
-    class FusedORPOTrainer(ORPOTrainer):
-        """TRL's ORPOTrainer whose loss runs in fused_linear_preference."""
+    class FusedORPOTrainer(_Fused, ORPOTrainer):
+        """TRL's ORPOTrainer whose loss runs in ``preference_loss`` (ours: fused_linear_preference)."""
 
         def fused_loss_problem(self) -> str | None:
             if self.is_encoder_decoder:
@@ -212,7 +324,7 @@ def _trainer_classes():
             return _head_problem(self.model)
 
         def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-            if self.fused_loss_problem() is not None:
+            if not self._fused():
                 return super().get_batch_loss_metrics(model, batch, train_eval)
             cat = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.padding_value,
                                            device=self.accelerator.device)
@@ -223,9 +335,8 @@ def _trainer_classes():
             # attended token, prompt included (its concatenated_forward's cross_entropy_loss).
             labels = cat["concatenated_labels"][:, 1:]
             nll_labels = torch.where(mask == 1, ids, -100)[:, 1:]
-            out = fused_linear_preference(hidden[:, :-1], weight, labels, nll_labels=nll_labels, method="orpo",
-                                          beta=self.beta, softcap=softcap)
-            note_call("fused_linear_preference")
+            out = self.preference_loss(PreferenceBatch("orpo", hidden[:, :-1], weight, labels, beta=self.beta,
+                                                       label_smoothing=0.0, softcap=softcap, nll_labels=nll_labels))
             with torch.no_grad():
                 chosen, rejected = out.chosen_logps.float(), out.rejected_logps.float()
                 log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
@@ -275,7 +386,8 @@ def preference_config(method: str, output_dir: str, beta: float = 0.1, label_smo
 
 def make_preference_trainer(model, tokenizer, train_dataset, *, method: str = "dpo", beta: float = 0.1,
                             label_smoothing: float = 0.0, output_dir: str, fused: bool = True,
-                            eval_dataset=None, callbacks=(), mixins=(), **config_overrides):
+                            loss: PreferenceLoss | None = None, eval_dataset=None, callbacks=(), mixins=(),
+                            **config_overrides):
     """A TRL preference trainer for ``model`` (a PEFT model, or a plain causal LM: then DPO
     needs ``precompute_ref_log_probs=True`` or a reference model TRL can load).
 
@@ -283,6 +395,8 @@ def make_preference_trainer(model, tokenizer, train_dataset, *, method: str = "d
     ``prompt``, ``chosen`` and ``rejected`` (conversational or plain text; other keys are
     left alone). ``method``: "dpo" or "orpo"; ``beta``; ``label_smoothing`` (DPO only,
     conservative DPO). ``fused``: the loss in our kernel (True) or TRL's trainer unmodified.
+    ``loss``: the fused trainer's loss in place of ours (:data:`PreferenceLoss`, a function of a
+    :class:`PreferenceBatch`; None: :func:`fused_preference_loss`); it needs ``fused``.
     ``mixins``: classes put in front of the trainer's class (workbench.trainer.Guarded: the
     non-finite-loss guard of `workbench train`).
     ``config_overrides``: fields of TRL's DPOConfig / ORPOConfig (:func:`preference_config`).
@@ -293,13 +407,15 @@ def make_preference_trainer(model, tokenizer, train_dataset, *, method: str = "d
     def as_dataset(rows):
         return rows if rows is None or isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
 
+    if loss is not None and not fused:
+        raise ValueError("a preference loss runs in the fused trainers: pass fused=True with loss.")
     if fused:
         dpo_cls, orpo_cls = _trainer_classes()
     else:
         from trl import DPOTrainer as dpo_cls
         from trl.experimental.orpo import ORPOTrainer as orpo_cls
     cls = dpo_cls if method == "dpo" else orpo_cls
-    if mixins:
-        cls = type(cls.__name__, (*mixins, cls), {})
+    if mixins or loss is not None:
+        cls = type(cls.__name__, (*mixins, cls), {} if loss is None else {"preference_loss": staticmethod(loss)})
     return cls(model=model, args=args, train_dataset=as_dataset(train_dataset),
                eval_dataset=as_dataset(eval_dataset), processing_class=tokenizer, callbacks=list(callbacks))

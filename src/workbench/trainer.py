@@ -244,17 +244,19 @@ def make_preference_trainer(cfg: Config, model, tok, dataset, output_dir: str, c
     """TRL's DPO or ORPO trainer (workbench.preference), :class:`Guarded`, over the preference
     ``dataset`` (:func:`workbench.data.preference_dataset`), with :func:`trainer_args` and the
     config's beta. The loss runs in our fused kernel when the model runs our loss kernel
-    (``kernels:``), else it is TRL's own. DPO's reference is the base: with ref_model None and a
-    PEFT model, TRL takes the policy with its adapter disabled."""
+    (``kernels:``), in the stack's when it brings one (``Stack.preference_loss``: the same fused
+    trainer, another loss), else it is TRL's own. DPO's reference is the base: with ref_model
+    None and a PEFT model, TRL takes the policy with its adapter disabled."""
     from workbench import preference
 
     patch = sys.modules.get("workbench.patch")
-    fused = patch is not None and patch.fused_loss_patched(model)
+    loss = (stack or Stack()).preference_loss(cfg)
+    fused = loss is not None or (patch is not None and patch.fused_loss_patched(model))
     args = {k: v for k, v in trainer_args(cfg, output_dir, stack).items() if k != "output_dir"}
     with old_checkpointing_name():
         trainer = preference.make_preference_trainer(
             model, tok, dataset, method=cfg.training.method, beta=cfg.training.beta, output_dir=output_dir,
-            fused=fused, callbacks=callbacks, mixins=(Guarded, OldCheckpointingName), **args)
+            fused=fused, loss=loss, callbacks=callbacks, mixins=(Guarded, OldCheckpointingName), **args)
     trainer.remove_callback(PrinterCallback)  # our LossLog prints one line per logging step instead
     trainer.activation_offload = None  # (the config refuses offloaded checkpointing here)
     return trainer

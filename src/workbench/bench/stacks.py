@@ -99,20 +99,19 @@ class Stack(models.Stack):
 
 class Liger(Stack):
     """Liger-Kernel. In the recipe, TRL's trainer applies Liger's RMSNorm, RoPE and SwiGLU when
-    training starts (``use_liger_kernel``), for SFT, DPO and ORPO alike, and the loss stays TRL's
-    own: TRL 1.16's SFT and DPO trainers refuse Liger's fused linear cross-entropy (it would replace
-    the forward they give their chunked LM head) and have no Liger loss, and its ORPO trainer
-    (``trl.experimental.orpo``) computes its loss on the logits it forms. Liger's fused linear
-    preference losses (``liger_kernel.chunked_loss``) are reached by no TRL 1.16 trainer, so a
-    preference run of this stack measures Liger's layer kernels under TRL's DPO / ORPO loss.
+    training starts (``use_liger_kernel``), for SFT, DPO and ORPO alike. Under SFT the loss stays
+    TRL's own: TRL 1.16's SFT trainer refuses Liger's fused linear cross-entropy (it would replace
+    the forward it gives its chunked LM head). Under DPO and ORPO the loss is Liger's fused linear
+    preference loss (``liger_kernel.chunked_loss``, :class:`LigerPreferenceLoss`), which no TRL
+    1.16 trainer reaches: it runs in workbench.preference's fused trainer (TRL's DPOTrainer /
+    ORPOTrainer with the loss replaced) in place of ours, through the trainer's loss seam
+    (:meth:`preference_loss`), on the same hidden states, targets and reference as ours.
     In the step suite's plain loop, Liger's defaults for the model's family (for Llama and Qwen3:
     RoPE, RMSNorm, SwiGLU and the fused linear cross-entropy), the patch a user of a plain loop
     applies."""
 
-    #: The trainer whose ``use_liger_kernel`` applies the kernels, and the loss it keeps, per method.
-    TRAINERS = {"sft": ("SFTTrainer", "TRL's chunked LM-head loss"),
-                "dpo": ("DPOTrainer", "TRL's DPO loss on its chunked LM head"),
-                "orpo": ("ORPOTrainer", "TRL's ORPO loss on the full logits")}
+    #: The trainer whose ``use_liger_kernel`` applies the layer kernels, per method.
+    TRAINERS = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "orpo": "ORPOTrainer"}
 
     def prepare(self, cfg=None) -> None:
         liger_version()
@@ -123,13 +122,23 @@ class Liger(Stack):
     def trainer_args(self, cfg) -> dict:
         # The fused linear cross-entropy off for every method: TRL's SFT and DPO trainers set it so
         # themselves; ORPO's would keep Liger's default, a forward of Liger's that, called without
-        # labels as ORPO calls it, forms the logits all the same. So every method gets the same kernels.
+        # labels, forms the logits all the same. So every method gets the same layer kernels.
         return {"use_liger_kernel": True, "liger_kernel_config": {"fused_linear_cross_entropy": False}}
 
+    def preference_loss(self, cfg):
+        method = cfg.training.method
+        return LigerPreferenceLoss(method) if method in LigerPreferenceLoss.CLASSES else None
+
     def kernels(self, cfg, model) -> dict | None:
-        trainer, loss = self.TRAINERS[cfg.training.method]
-        return {"engine": "liger-kernel", "version": liger_version(),
-                "applied_by": f"TRL {trainer} use_liger_kernel (layer kernels, fused linear cross-entropy off; {loss})"}
+        method = cfg.training.method
+        layers = f"TRL {self.TRAINERS[method]} use_liger_kernel (layer kernels, fused linear cross-entropy off)"
+        if method not in LigerPreferenceLoss.CLASSES:
+            return {"engine": "liger-kernel", "version": liger_version(),
+                    "applied_by": f"{layers}; TRL's chunked LM-head loss"}
+        loss = LigerPreferenceLoss(method)
+        return {"engine": "liger-kernel", "version": liger_version(), "loss": loss.name,
+                "applied_by": f"{layers}; the loss Liger's {loss.name} ({loss.semantics}) in workbench.preference's "
+                              f"fused {method.upper()} trainer"}
 
     def loop_kernels(self, cfg, model) -> dict | None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -138,6 +147,77 @@ class Liger(Stack):
         return {"engine": "liger-kernel", "version": importlib.metadata.version("liger-kernel"),
                 "applied_by": "_apply_liger_kernel_to_instance with Liger's defaults (RoPE, RMSNorm, SwiGLU, "
                               "fused linear cross-entropy)"}
+
+
+class LigerPreferenceLoss:
+    """Liger-Kernel's fused linear DPO / ORPO loss behind workbench.preference's loss seam
+    (``loss(batch: PreferenceBatch) -> PreferenceOutput``), set to what TRL's trainers compute:
+
+    * DPO, ``LigerFusedLinearDPOLoss``: ``loss_type="sigmoid"``; the completion log-probs summed
+      (``average_log_prob=False``: TRL sums them; Liger's preference base averages by default);
+      no NLL term; the reference's log-probs computed by Liger, under no_grad, from the
+      reference's last hidden states and lm_head weight (``use_ref_model``, ``ref_input`` /
+      ``ref_weight``), which the trainer takes where TRL takes its reference (the policy with its
+      adapter disabled, for the recipe's LoRA). It takes no precomputed reference log-probs, so
+      ``precompute_ref_log_probs`` is refused (the recipe never sets it).
+    * ORPO, ``LigerFusedLinearORPOLoss``: the completions' log-probs averaged (Liger's default,
+      as TRL's), the chosen NLL over ``nll_target``, prompt included (TRL's), one mean over its
+      tokens; ``loss = nll - beta * mean(logsigmoid(log_odds))``. Its log-odds take
+      ``log1p(-exp(A))`` where TRL's ``log1mexp`` switches to ``log(-expm1(A))`` above -ln 2: the
+      same value, fewer correct digits only where an average log-prob nears 0.
+
+    Both: ``ignore_index`` -100, no lm_head bias; Liger's defaults otherwise (``compiled=True``,
+    ``chunk_size=1``: one chosen/rejected pair per chunk). Liger has no final-logit soft cap and
+    no conservative-DPO label smoothing: a batch that asks for either is refused."""
+
+    CLASSES = {"dpo": "LigerFusedLinearDPOLoss", "orpo": "LigerFusedLinearORPOLoss"}
+    SEMANTICS = {"dpo": "sigmoid, summed completion log-probs, reference log-probs from the reference's hidden "
+                        "states",
+                 "orpo": "averaged completion log-probs, chosen NLL over prompt and completion"}
+
+    def __init__(self, method: str):
+        self.method = method
+        self.name = f"liger_kernel.chunked_loss.{self.CLASSES[method]}"
+        self.semantics = self.SEMANTICS[method]
+
+    def module(self, beta: float):
+        """Liger's loss module, with TRL's semantics."""
+        from liger_kernel import chunked_loss
+
+        cls = getattr(chunked_loss, self.CLASSES[self.method])
+        if self.method == "orpo":
+            return cls(ignore_index=-100, beta=beta, compute_nll_loss=True)
+        try:
+            return cls(ignore_index=-100, beta=beta, compute_nll_loss=False, use_ref_model=True,
+                       average_log_prob=False, loss_type="sigmoid")
+        except TypeError as err:  # a liger-kernel from before these options averages the log-probs
+            raise UserError(f"this liger-kernel's {self.CLASSES['dpo']} takes no average_log_prob or loss_type "
+                            f"({err}), so it would average the completion log-probs where TRL's DPO sums them; "
+                            "install a newer liger-kernel (0.8.x takes both), or leave the liger stack out.") from None
+
+    def __call__(self, batch):
+        from workbench.kernels.fused_linear_preference import PreferenceOutput
+
+        if batch.method != self.method:
+            raise ValueError(f"{self.name} got a {batch.method} batch.")
+        if batch.softcap is not None:
+            raise UserError(f"{self.name} has no final-logit soft cap, and this model caps its logits at "
+                            f"{batch.softcap:g}; leave the liger stack out for this model.")
+        if batch.label_smoothing:
+            raise UserError(f"{self.name}'s sigmoid loss has no label smoothing (conservative DPO); set it to 0 "
+                            "or leave the liger stack out.")
+        loss_fn = self.module(batch.beta)
+        if self.method == "dpo":
+            ref_hidden, ref_weight = batch.reference.hidden()
+            loss, aux = loss_fn(batch.weight, batch.hidden, batch.labels, ref_input=ref_hidden, ref_weight=ref_weight)
+            nll = None
+        else:
+            loss, aux = loss_fn(batch.weight, batch.hidden, batch.labels, nll_target=batch.nll_labels)
+            nll = aux[4]
+        # Liger's aux outputs: chosen and rejected log-probs, their logits' means, the NLL, the rewards (then
+        # ORPO's log-odds terms).
+        chosen, rejected, _, _, _, chosen_rewards, rejected_rewards = aux[:7]
+        return PreferenceOutput(loss, chosen, rejected, chosen_rewards.detach(), rejected_rewards.detach(), nll)
 
 
 class Unsloth(Stack):

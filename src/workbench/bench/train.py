@@ -24,8 +24,10 @@ Stacks:
   ``liger`` HF + SDPA with Liger-Kernel's RMSNorm, RoPE and SwiGLU, applied the way a TRL
             user gets them (``use_liger_kernel``); TRL 1.16 keeps its own chunked LM-head
             loss and refuses Liger's fused linear cross-entropy. Under ``--method dpo|orpo``
-            the same kernels under TRL's DPO / ORPO loss: no TRL 1.16 trainer reaches Liger's
-            fused linear preference losses. Runs when liger-kernel is installed.
+            the same kernels, and the loss Liger's LigerFusedLinearDPOLoss /
+            LigerFusedLinearORPOLoss (set to TRL's semantics) in the fused trainer ours runs
+            in (bench/stacks.LigerPreferenceLoss): no TRL 1.16 trainer reaches them. Runs when
+            liger-kernel is installed.
   ``unsloth``, ``unsloth-gc``  Unsloth's FastLanguageModel (its patched Llama, LoRA kernels
             and loss; ``-gc``: its offloaded checkpointing), trained by the same TRL loop.
             Unsloth pins trl <= 1.15 and datasets < 5, so it usually lives in a site of its
@@ -79,10 +81,13 @@ STACKS = {"hf": "HF + SDPA (transformers + PEFT)", "hf-gc": "HF + SDPA + gradien
           "liger": "Liger-Kernel via TRL (layer kernels)", "unsloth": "Unsloth (FastLanguageModel via TRL)",
           "unsloth-gc": "Unsloth + its offloaded checkpointing"}
 #: The stacks of a preference-training suite (``--method dpo|orpo``): TRL's trainer as it comes,
-#: ours (the fused preference loss), and liger (Liger's layer kernels under TRL's loss, as TRL 1.16
-#: gives them: bench/stacks.Liger). Unsloth's trainer is not wired into the recipe for preference
-#: training, and offloaded checkpointing is SFT's.
+#: ours (the fused preference loss), and liger (Liger's layer kernels and its fused linear
+#: preference loss in the same trainer: bench/stacks.Liger). Unsloth's trainer is not wired into
+#: the recipe for preference training, and offloaded checkpointing is SFT's.
 PREFERENCE_STACKS = ("hf", "hf-gc", "ours", "ours-gc", "ours-bf16", "liger")
+#: Liger's loss in the liger stack of a preference suite (bench/stacks.LigerPreferenceLoss), per method.
+LIGER_LOSSES = {"dpo": "LigerFusedLinearDPOLoss (sigmoid, summed completion log-probs)",
+                "orpo": "LigerFusedLinearORPOLoss (averaged completion log-probs, NLL over prompt and completion)"}
 #: Stacks that run only where their package is installed (skipped, and said so, elsewhere).
 OPTIONAL = {"liger": "liger-kernel", "unsloth": "unsloth", "unsloth-gc": "unsloth"}
 #: A site folder holding Unsloth and its own trl/datasets, put first on PYTHONPATH in the
@@ -463,9 +468,9 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         return "—" if v is None else format(v, spec)
 
     method = f" ({result['method'].upper()})" if result.get("method") else ""
-    liger_loss = (f"the loss is TRL's own {result['method'].upper()} loss: no TRL 1.16 trainer reaches Liger's fused "
-                  "linear preference losses, so they are not measured" if result.get("method")
-                  else "TRL keeps its chunked LM-head loss")
+    liger_loss = (f"the loss is Liger's own {LIGER_LOSSES[result['method']]} from `liger_kernel.chunked_loss`, set to "
+                  "TRL's semantics, in the same TRL trainer subclass as ours, on the same hidden states, targets and "
+                  "reference" if result.get("method") else "TRL keeps its chunked LM-head loss")
     lines = [
         f"# Training runs{method} — {env['device']} — {env['date']}",
         "",
@@ -477,7 +482,8 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         f"- **Data:** the built-in synthetic skills, batch {result['batch']}"
         + (f" x {result['seq']} tokens (rows wrapped-packed into full sequences)" if result.get("seq")
            else f" preference pairs ({result['method'].upper()}, beta 0.1; `ours` computes its loss in "
-                "fused_linear_preference, the others TRL's)" if result.get("method")
+                "fused_linear_preference, `liger` in Liger's fused linear loss, the others TRL's)"
+           if result.get("method")
            else " (one short row per sequence)")
         + f", {result['steps']} steps, seed {result['seed']}, lr 2e-4 constant; every run in its own process, "
         "same run of this command.",
@@ -514,8 +520,9 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
             swapped = ", ".join(f"{name} ×{n}" for name, n in ran.items()) or "none ran (every call fell back)"
         else:
             swapped = ", ".join(f"{name} ×{sum(per.values())} patched" for name, per in (k.get("swapped") or {}).items())
-        if k.get("engine"):
-            swapped = f"{k['engine']} {k.get('version', '')}".strip() + (f" (trl {r['trl']})" if r.get("trl") else "")
+        if k.get("engine"):  # a peer's: what it is, and whose preference loss ran (bench/stacks.Liger)
+            swapped = f"{k['engine']} {k.get('version', '')}".strip() + (f" (trl {r['trl']})" if r.get("trl") else "") \
+                + (f", loss {k['loss'].rsplit('.', 1)[-1]}" if k.get("loss") else "")
         rows.append([r["mode"], r["label"], str(r["exit_code"]), str(r.get("steps", "—")),
                      f(r.get("steady_step_s"), ".4f"), f(r.get("steady_tokens_per_s"), ".0f"), f(r.get("step_s"), ".4f"),
                      f(r.get("peak_memory_gib"), ".2f"), f(r.get("peak_reserved_gib"), ".2f"),

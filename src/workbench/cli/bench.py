@@ -216,9 +216,10 @@ def _train(suites) -> None:
     p.add_argument("--seq", type=int, metavar="TOKENS", help="sequences of exactly TOKENS tokens (the built-in rows "
                    "packed; e.g. 2048 for the 4 x 2048 shape; default: one short row per sequence)")
     p.add_argument("--method", default="sft", help="sft (default), or dpo / orpo: preference training on the built-in "
-                   "pairs, --batch pairs a step, TRL's loss (hf) against our fused one (ours); stacks hf, hf-gc, ours, "
-                   "ours-gc, ours-bf16, liger (Liger's layer kernels under TRL's loss: no TRL 1.16 trainer reaches "
-                   "Liger's fused linear preference losses; Unsloth is not wired in); no --seq")
+                   "pairs, --batch pairs a step, TRL's loss (hf) against our fused one (ours) and Liger's (liger: "
+                   "Liger's layer kernels and its LigerFusedLinearDPOLoss / LigerFusedLinearORPOLoss, set to TRL's "
+                   "semantics, in the same TRL trainer as ours); stacks hf, hf-gc, ours, ours-gc, ours-bf16, liger "
+                   "(Unsloth is not wired in); no --seq")
     _report_flags(p, "train")
 
 
