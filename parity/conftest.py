@@ -18,10 +18,14 @@ def pytest_report_header(config):
 if torch.cuda.is_available():
     import pytest
 
+    from ._gpu_lock import gpu_share
+
     @pytest.fixture(autouse=True)
-    def _release_cached_gpu_memory():
-        """Each xdist worker's caching allocator keeps what its last case freed; on one GPU shared
-        by many workers that starves the >2^31-element cases (run in a subprocess of their own) and
-        the crash tests' subprocesses of memory. Give it back after every test."""
-        yield
-        torch.cuda.empty_cache()
+    def _gpu_memory(request):
+        """The GPU shared or alone (``_gpu_lock.gpu_share``; alone for a ``gpu_exclusive`` test),
+        and each xdist worker's caching allocator emptied after every test: it keeps what its last
+        case freed, which on one GPU shared by many workers starves the others and the crash
+        tests' subprocesses of memory."""
+        with gpu_share(request.node.get_closest_marker("gpu_exclusive") is not None):
+            yield
+            torch.cuda.empty_cache()

@@ -16,8 +16,10 @@ def test_each_gpu_case_passes_2_31_elements(case):
     assert elements(case, SHAPES[case][0]) > 2**31
 
 
-# One at a time under xdist (``--dist loadgroup``, as `workbench parity` runs): each takes 10-25 GB.
+# One at a time under xdist (``--dist loadgroup``, as `workbench parity` runs), and with the GPU to
+# itself while it runs (``gpu_exclusive``, parity/conftest.py): each takes 10-25 GB.
 @pytest.mark.xdist_group("past-2-31")
+@pytest.mark.gpu_exclusive
 @pytest.mark.skipif(not GPU, reason="the gpu profile's dedicated cases need CUDA (and ~10-25 GB free)")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_kernel_is_right_past_2_31_elements(case):

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from workbench.kernels import PROFILE_LIMITS, registry
 from workbench.kernels import _strategies as S
-from workbench.kernels._harness import HARNESS_KEYS, _forward_backward, _leaves, upstream_layout
+from workbench.kernels._harness import HARNESS_KEYS, _forward_backward, _leaves, default_device, upstream_layout
 from workbench.kernels._tolerance import ATOL_ULPS, COMPUTE_ULPS_FP32, UNIT_ROUNDOFF, _errors
 
 from ._support import dtype_name
@@ -118,7 +118,7 @@ def test_the_backward_gemms_reduce_in_full_precision(name, monkeypatch):
 
     params = params or find(spec.params(PROFILE_LIMITS["ci"]), lambda p: True)
     params = {k: v for k, v in params.items() if k not in HARNESS_KEYS}
-    inputs = spec.make_inputs(params, torch.float32, torch.device("cpu"), gen)
+    inputs = spec.make_inputs(params, torch.float32, default_device(), gen)  # CUDA on a GPU host
     leaves = _leaves(inputs.tensors, tuple(inputs.requires_grad), None)
     outs = spec.fn(**leaves, **inputs.options)
     outs = outs if isinstance(outs, tuple) else (outs,)

@@ -28,13 +28,29 @@ def _fmt(verdict) -> str:
     return f"{verdict.outcome} by {verdict.by}: {verdict.detail[:1500]}"
 
 
-@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.id for m in MUTANTS])
+# A mutant judged by a >2^31-element case needs the GPU to itself, as that case does (test_large.py).
+@pytest.mark.parametrize("mutant", [pytest.param(m, marks=[pytest.mark.gpu_exclusive] if m.large else [])
+                                    for m in MUTANTS], ids=[m.id for m in MUTANTS])
 def test_mutant_is_killed(mutant, worker):
+    device = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
+    if device not in mutant.devices:
+        pytest.skip(f"{mutant.id} patches a line that runs only on {', '.join(mutant.devices)}")
     verdict = worker.judge({"id": mutant.id})
     assert verdict.outcome != "error", f"mutant {mutant.id} could not be judged:\n{verdict.detail}"
     assert verdict.killed, (f"mutant {mutant.id} survived the parity suite ({mutant.why}). "
                             "This is a hole in the suite: make a strategy draw the case that exposes it.")
     print(f"{mutant.id}: {verdict.outcome} by {verdict.by}")
+
+
+def test_every_mutant_applies_to_todays_source():
+    """A mutant skipped on this device (its line runs only on the other) must still match the
+    source, so that the run on the other device judges a real bug, not a stale patch."""
+    from pathlib import Path
+
+    from .mutants import mutated_source, target_module
+
+    for mutant in MUTANTS:  # mutated_source raises StaleMutant when the patched text is gone
+        assert mutated_source(mutant) != Path(target_module(mutant).__file__).read_text(), mutant.id
 
 
 CORE = {"rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy"}

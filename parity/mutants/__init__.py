@@ -43,6 +43,9 @@ class Mutant:
     #: The module the patch applies to, under ``workbench.kernels`` (``"_lora_ops"``): a shared module
     #: the kernel imports. None: the kernel's own file.
     module: str | None = None
+    #: Where the patched line runs: "cpu" for a line of a CPU-only path (a fallback the GPU never
+    #: takes, which a GPU run could not kill); its GPU twin plants the same bug in the GPU's line.
+    devices: tuple[str, ...] = ("cpu", "cuda")
 
     @property
     def id(self) -> str:

@@ -30,5 +30,11 @@ MUTANTS = [
            "dW accumulated across chunks in the activation dtype (bf16): the accumulator rounded after every "
            "chunk's GEMM, in the shared addmm_fp32 (its CPU path)",
            old="    acc.addmm_(a.float(), b.float())", new="    acc.copy_(torch.addmm(acc.to(a.dtype), a, b))",
-           module="fused_linear_cross_entropy", dtypes=(torch.bfloat16,)),
+           module="fused_linear_cross_entropy", dtypes=(torch.bfloat16,), devices=("cpu",)),
+    Mutant(K, "dw_16bit_accumulator_cublas",
+           "the same bug in addmm_fp32's GPU path (cuBLAS with an fp32 output): the accumulator rounded to "
+           "bf16 after every chunk's GEMM",
+           old="torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)",
+           new="acc.copy_(torch.addmm(acc.to(a.dtype), a, b))",
+           module="fused_linear_cross_entropy", dtypes=(torch.bfloat16,), devices=("cuda",)),
 ]
