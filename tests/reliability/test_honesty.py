@@ -99,7 +99,7 @@ def test_workbench_parity_report_records_the_junit_xml_and_the_counts(tmp_path, 
     seen = {}
 
     class FakePytest:
-        def __init__(self, cmd, env, **kwargs):
+        def __init__(self, cmd, env):
             seen["cmd"] = cmd
             xml = next(a for a in cmd if a.startswith("--junitxml=")).split("=", 1)[1]
             cases = "".join(f'<testcase name="test_parity[rms_norm-{d}]"/>' for d in ("float32", "float16", "bfloat16"))
@@ -113,7 +113,12 @@ def test_workbench_parity_report_records_the_junit_xml_and_the_counts(tmp_path, 
         def wait(self):
             return 0
 
-    monkeypatch.setattr(parity_cli.subprocess, "Popen", FakePytest)
+    real_popen = parity_cli.subprocess.Popen
+
+    def popen(cmd, *args, **kwargs):  # pytest is faked; anything else (git, for the report) runs
+        return FakePytest(cmd, kwargs["env"]) if "pytest" in cmd else real_popen(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(parity_cli.subprocess, "Popen", popen)
     out = tmp_path / "reports"
     assert cli.main(["parity", "--kernel", "rms_norm", "--report", str(out)]) == 0
     assert any(a.startswith("--junitxml=") for a in seen["cmd"])
@@ -122,6 +127,13 @@ def test_workbench_parity_report_records_the_junit_xml_and_the_counts(tmp_path, 
     assert doc["exit_code"] == 0 and doc["counts"]["passed"] == 3 and doc["counts"]["failed"] == 0
     assert (out / doc["junit"]["file"]).is_file()
     assert not os.path.exists(next(a for a in seen["cmd"] if a.startswith("--junitxml=")).split("=", 1)[1])
+
+    # A second run the same day on the same device writes a report of its own beside the first.
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(["parity", "--kernel", "rms_norm", "--report", str(out)]) == 0
+    assert all((out / name).read_bytes() == data for name, data in first.items())
+    second = json.loads((out / f"{report.stem}-2.json").read_text())
+    assert second["junit"]["file"] == f"{report.stem}-2.junit.xml" and (out / second["junit"]["file"]).is_file()
 
 
 def test_q4_k_m_fallback_is_named_in_the_summary_the_report_and_the_verdict(finished, tmp_path):
