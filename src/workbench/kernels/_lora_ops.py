@@ -24,12 +24,12 @@ forward   y    = x W^T (+ b)                  cuBLAS, rounded
           xa   = xd A^T                       [N, r]; xd = dropout(x) (Triton) or x
           y    = y + s * xa B^T               addmm_(alpha=s, beta=1): one rounding
 backward  dB   = s * dy^T xa                  addmm(alpha=s)
-          dxa  = s * dy B                     addmm(alpha=s)
-          dA   = dxa^T xd                     xd recomputed from x and the mask
-          dx   = dy W;  dx = dx + dxa A       addmm_(beta=1); several projections of one
+          dxaT = s * B^T dy^T                 addmm(alpha=s); dxa transposed, [r, N]
+          dA   = dxaT xd                      xd recomputed from x and the mask
+          dx   = dy W;  dx = dx + dxaT^T A    addmm_(beta=1); several projections of one
                                               input accumulate into dx the same way
 Exceptions, Triton element-wise passes:
-  * a dropout mask: dx's LoRA term is t = round(dxa A), then ``_grad_add`` adds
+  * a dropout mask: dx's LoRA term is t = round(dxaT^T A), then ``_grad_add`` adds
     round(t * keep / (1 - p)) (the dropout's backward, rounded where autograd rounds);
   * the mixed mode (x fp32 on a bf16/fp16 layer, QLoRA under autocast; ``_lora.py``):
     the GEMMs read x cast to the layer's dtype (xd: the dropout on the fp32 x, rounded
@@ -191,49 +191,70 @@ def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype |
     return result, xa
 
 
-def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dxa: bool):
-    """(dA, dB, dxa) of one LoRA linear, each None unless asked for. ``hd2`` is
+def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dxa: bool, dxaT=None):
+    """(dA, dB, dxaT) of one LoRA linear, each None unless asked for. ``hd2`` is
     the (dropped-out) input of the LoRA branch, needed only for dA; ``xa`` only
-    for dB; ``B`` only for dA or dxa. The scaling is each GEMM's alpha."""
-    dA = dB = dxa = None
+    for dB; ``B`` only for dA or dxaT. The scaling is each GEMM's alpha.
+
+    dxa is formed transposed, dxaT = s B^T dy^T [r, N] (the same dot products as
+    s dy B), into ``dxaT`` when given (a [r, N] buffer, or a [r, block] view of row
+    stride N that cuBLAS writes in place)."""
+    dA = dB = None
     n = dy2.shape[0]
     if need_b:
         dB = scaled_mm(dy2.t(), xa, s, C.empty((dy2.shape[1], xa.shape[1]), dy2.dtype, dy2.device))
     if need_a or need_dxa:
-        dxa = scaled_mm(dy2, B, s, C.empty((n, B.shape[1]), dy2.dtype, dy2.device))
+        if dxaT is None:
+            dxaT = C.empty((B.shape[1], n), dy2.dtype, dy2.device)
+        scaled_mm(B.t(), dy2.t(), s, out=dxaT)
+    else:
+        dxaT = None
     if need_a:
-        dA = C.empty((dxa.shape[1], hd2.shape[1]), dxa.dtype, dxa.device)
-        torch.mm(dxa.t(), hd2, out=dA)
-    return dA, dB, dxa
+        dA = C.empty((dxaT.shape[0], hd2.shape[1]), dxaT.dtype, dxaT.device)
+        torch.mm(dxaT, hd2, out=dA)
+    return dA, dB, dxaT
 
 
-def add_input_grad(dx, dy2, w, dxa, A, keep2, scale: float, dtype: torch.dtype | None = None,
+def add_input_grad(dx, dy2, w, dxaT, A, keep2, scale: float, dtype: torch.dtype | None = None,
                    out: torch.Tensor | None = None):
     """The input gradient of one LoRA linear, dy2 w + dropout'(dxa A): accumulated into
     ``dx``, or when ``dx`` is None written to ``out`` (a contiguous buffer of the input's
     dtype) or to a new buffer of ``dtype`` (the input's: dy2's by default, fp32 in the
     mixed mode). A buffer in the layer's dtype takes each term in the GEMM's epilogue
-    (beta = 1); a dropout mask, or the mixed mode's fp32 dx, goes through ``_grad_add``."""
+    (beta = 1); a dropout mask, or the mixed mode's fp32 dx, goes through ``_grad_add``.
+    ``dxaT`` None: the base term only (the LoRA term is then ``add_lora_grad``'s)."""
     lo = dy2.dtype
     n, d_in = dy2.shape[0], w.shape[1]
     fresh = dx is None
     if fresh:
         dx = C.empty((n, d_in), dtype or lo, dy2.device) if out is None else out
-    folded = dx.dtype == lo
-    t = None if folded and keep2 is None else C.empty((n, d_in), lo, dy2.device)
-    if fresh and folded:
+    if dx.dtype == lo and fresh:
         torch.mm(dy2, w, out=dx)
-    elif folded:
+    elif dx.dtype == lo:
         dx.addmm_(dy2, w)
-    elif fresh:
-        torch.mm(dy2, w, out=t)
-        dx.copy_(t)  # the branch's 16-bit gradient, upcast exactly
     else:
+        t = C.empty((n, d_in), lo, dy2.device)
         torch.mm(dy2, w, out=t)
-        grad_add(dx, t)
-    if folded and keep2 is None:
-        dx.addmm_(dxa, A)
+        if fresh:
+            dx.copy_(t)  # the branch's 16-bit gradient, upcast exactly
+        else:
+            grad_add(dx, t)
+        del t
+    if dxaT is not None:
+        add_lora_grad(dx, dxaT, A, keep2, scale)
+    return dx
+
+
+def add_lora_grad(dx, dxaT, A, keep2=None, scale: float = 1.0):
+    """dx += dropout'(dxaT^T A), in place: the LoRA term of one linear's input gradient.
+    A dx in the layer's dtype takes it in the GEMM's epilogue (beta = 1, one rounding); under a dropout mask, or
+    into the mixed mode's fp32 dx, the term is rounded to the layer's dtype (dxaT's) and
+    added by ``_grad_add`` (masked and scaled first under a mask)."""
+    lo = dxaT.dtype
+    if dx.dtype == lo and keep2 is None:
+        dx.addmm_(dxaT.t(), A)
     else:
-        torch.mm(dxa, A, out=t)
+        t = C.empty((dxaT.shape[1], A.shape[1]), lo, dxaT.device)
+        torch.mm(dxaT.t(), A, out=t)
         grad_add(dx, t, keep2, scale)
     return dx

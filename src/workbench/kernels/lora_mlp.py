@@ -128,7 +128,7 @@ class _Proj:
         return L.dense("lora_mlp", self.name, self.W, lo, self.shape)
 
 
-def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | None, g, u, activation: str,
+def _gate_up_backward(dy2, dxaT_d, down: _Proj, gate: _Proj | None, up: _Proj | None, g, u, activation: str,
                       approximate: str, xs, scaling: float, inv: float, lo: torch.dtype, x_dtype: torch.dtype,
                       need_x: bool):
     """(dAg, dBg, dAu, dBu, dx): the backward from down's input gradient dh back to x, a
@@ -139,17 +139,17 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
     LoRA linear's backward (``lora_backward``, ``add_input_grad``) on those rows. dB sums
     over every row: one block's is one GEMM in the layer's dtype (s times its fp32
     accumulator, rounded once); over several blocks the scaled products are added in fp32
-    and rounded once, the same sum in another order. dA is the whole dxa's product, after
-    the blocks. Each block dequantises the frozen weights it needs afresh and drops them
-    after use, and forms its [rows, intermediate] buffers in the unblocked backward's
-    order, so one block's peak memory is the unblocked backward's (up to the few [N, r]
-    buffers)."""
+    and rounded once, the same sum in another order. dxa is formed transposed, [r, N]
+    (each block writes its columns); dA is the whole dxa's product, after the blocks.
+    Each block dequantises the frozen weights it needs afresh and drops them after use,
+    and forms its [rows, intermediate] buffers in the unblocked backward's order, so one
+    block's peak memory is the unblocked backward's (up to the few [N, r] buffers)."""
     n_rows, inter = g.shape
     dev = g.device
     step = _dh_block_rows(inter, g.dtype)
     whole = 0 < n_rows <= step
     Ad, keep_d = down.A, down.keep
-    branches = []  # per projection: (proj, dB (an fp32 accumulator over several blocks), dxa), or None
+    branches = []  # per projection: (proj, dB (an fp32 accumulator over several blocks), dxa^T), or None
     for proj in (gate, up):
         if proj is None:
             branches.append(None)
@@ -158,13 +158,13 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
         acc = None
         if proj.need_b:
             acc = C.empty((inter, r), lo, dev) if whole else torch.zeros((inter, r), dtype=torch.float32, device=dev)
-        dxa = C.empty((n_rows, r), lo, dev) if (proj.need_a or need_x) else None
-        branches.append((proj, acc, dxa))
+        dxaT = C.empty((r, n_rows), lo, dev) if (proj.need_a or need_x) else None
+        branches.append((proj, acc, dxaT))
     dx = None
     for start in range(0, n_rows, step):
         rows = slice(start, min(n_rows, start + step))
         wd = down.weight(lo)
-        dh = add_input_grad(None, dy2[rows], wd, dxa_d[rows], Ad, None if keep_d is None else keep_d[rows], inv,
+        dh = add_input_grad(None, dy2[rows], wd, dxaT_d[:, rows], Ad, None if keep_d is None else keep_d[rows], inv,
                             g.dtype)
         del wd
         # The gradients reaching gate's and up's outputs, written in the layer's dtype: in the
@@ -177,26 +177,26 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
         for branch, d_b in zip(branches, grads):
             if branch is None:
                 continue
-            proj, acc, dxa = branch
+            proj, acc, dxaT = branch
             xa = proj.xa
             if acc is not None and whole:  # one GEMM over every row
                 scaled_mm(d_b.t(), xa, scaling, out=acc)
             elif acc is not None:  # summed in fp32 across blocks
                 acc.addmm_(d_b.t().float(), xa[rows].float(), alpha=scaling)
-            if dxa is not None:
-                scaled_mm(d_b, proj.B, scaling, out=dxa[rows])
+            if dxaT is not None:  # this block's columns: [r, rows] of row stride N
+                scaled_mm(proj.B.t(), d_b.t(), scaling, out=dxaT[:, rows])
         # ... then dX, both projections' terms summed as autograd sums them (dx is allocated
         # here, after dh is gone, as in an unblocked backward).
         if need_x:
             if dx is None:
                 dx = C.empty((n_rows, gate.shape[1]), x_dtype, dev)
-            for (proj, _, dxa), d_b in zip(branches, grads):
-                W, A, dxa_b = proj.weight(lo), proj.A, dxa[rows]
+            for (proj, _, dxaT), d_b in zip(branches, grads):
+                W, A, dxaT_b = proj.weight(lo), proj.A, dxaT[:, rows]
                 keep_b = None if proj.keep is None else proj.keep[rows]
                 if proj is gate:
-                    add_input_grad(None, d_b, W, dxa_b, A, keep_b, inv, out=dx[rows])
+                    add_input_grad(None, d_b, W, dxaT_b, A, keep_b, inv, out=dx[rows])
                 else:
-                    add_input_grad(dx[rows], d_b, W, dxa_b, A, keep_b, inv, x_dtype)
+                    add_input_grad(dx[rows], d_b, W, dxaT_b, A, keep_b, inv, x_dtype)
                 del W
         del grads
     out = []
@@ -204,12 +204,12 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
         if branch is None:
             out += [None, None]
             continue
-        proj, acc, dxa = branch
+        proj, acc, dxaT = branch
         dA = None
         if proj.need_a:
             xd2 = branch_input(xs, proj.keep, inv, lo)
-            dA = C.empty((dxa.shape[1], xd2.shape[1]), lo, dev)
-            torch.mm(dxa.t(), xd2, out=dA)
+            dA = C.empty((dxaT.shape[0], xd2.shape[1]), lo, dev)
+            torch.mm(dxaT, xd2, out=dA)
             del xd2
         out += [dA, None if acc is None else acc.to(lo)]
     return (*out, dx)
@@ -293,7 +293,7 @@ class _LoraMLP(torch.autograd.Function):
             h = _act_forward(g, u, activation, approximate, lo if keep_d is None else None)
             hd = layer_inputs(h, keep_d, inv, lo)[1]  # (no name for the other: it would outlive ``del hd``)
             del h
-        dAd, dBd, dxa_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
+        dAd, dBd, dxaT_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
         del hd
         dAg = dBg = dAu = dBu = dx = None
         if need_dh:
@@ -305,9 +305,9 @@ class _LoraMLP(torch.autograd.Function):
             if need_du:
                 up = _Proj("Wu", wu_s if wu_s is not None else wu_q, (inter, d_in), Au, Bu, xa_u, keep_u,
                            need_au, need_bu)
-            dAg, dBg, dAu, dBu, dx = _gate_up_backward(dy2, dxa_d, down, gate, up, g, u, activation, approximate,
+            dAg, dBg, dAu, dBu, dx = _gate_up_backward(dy2, dxaT_d, down, gate, up, g, u, activation, approximate,
                                                        xs, scaling, inv, lo, x_dtype, need_x)
-            del dxa_d
+            del dxaT_d
             if dx is not None:
                 dx = dx.view(shape)
         return (dx, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd) + (None,) * 6

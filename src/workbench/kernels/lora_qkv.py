@@ -85,13 +85,13 @@ class _LoraQKV(torch.autograd.Function):
             need_a, need_b = need[2 + 3 * i], need[3 + 3 * i]
             dy2 = C.rows_view(op, f"d{_NAMES[i]}", dy).to(lo)
             xd2 = branch_input(xs, keeps[i], inv, lo) if need_a else None
-            dA, dB, dxa = lora_backward(dy2, xd2, xa, B, scaling, need_a, need_b, need_x)
+            dA, dB, dxaT = lora_backward(dy2, xd2, xa, B, scaling, need_a, need_b, need_x)
             del xd2
             grads[2 + 3 * i], grads[3 + 3 * i] = dA, dB
             if need_x:
                 W = w_saved if w_saved is not None else ctx.quantized[i]
                 w = L.dense(op, f"W{_NAMES[i]}", W, lo, (outs[i], d_in))
-                dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv, x_dtype)
+                dx = add_input_grad(dx, dy2, w, dxaT, A, keeps[i], inv, x_dtype)
                 del w
         if need_x:
             grads[0] = dx.view(shape)
