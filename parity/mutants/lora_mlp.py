@@ -19,4 +19,7 @@ MUTANTS = [
            old="add_input_grad(dx[rows], d_b, W, dxaT_b, A, keep_b, inv, x_dtype)", new="pass"),
     Mutant("lora_mlp", "down_dA_without_dropout", "dAd is taken against h instead of the dropped-out h",
            old="hd = layer_inputs(h, keep_d, inv, lo)[1]", new="hd = h.to(lo)"),
+    Mutant("lora_mlp", "shared_dx_adapters_misordered", "dx's one LoRA GEMM (no mask) multiplies the stacked dxa^T "
+           "(gate, up) by cat(A) in the other order",
+           old="torch.cat((gate.A, up.A))", new="torch.cat((up.A, gate.A))"),
 ]

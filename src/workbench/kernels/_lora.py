@@ -232,7 +232,7 @@ def linear_reference(h: torch.Tensor, W, A, B, scaling: float, bias, keep, dropo
 
 def linears_reference(h: torch.Tensor, linears, scaling: float, dropout: float, cd: torch.dtype,
                       numerics: str = "folded") -> tuple[torch.Tensor, ...]:
-    """Several PEFT LoRA linears of one input h (q/k/v), ``linears`` a sequence of
+    """Several PEFT LoRA linears of one input h (q/k/v, gate/up), ``linears`` a sequence of
     (W, A, B, bias, keep): each output as ``linear_reference``'s, and h's gradient as the
     kernels form it.
 

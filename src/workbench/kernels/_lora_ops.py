@@ -30,7 +30,7 @@ backward  dB   = s * dy^T xa                  addmm(alpha=s)
           dA   = dxaT xd                      xd recomputed from x and the mask
           dx   = dy W;  dx = dx + dxaT^T A    addmm_(beta=1)
 
-Several linears of one input (q/k/v of ``lora_qkv``) without
+Several linears of one input (q/k/v of ``lora_qkv``, gate/up of ``lora_mlp``) without
 a dropout mask read the same x, and the memory-bound passes over x and dx are taken
 once for all of them, their adapters stacked (A_all = cat(A_i), [sum r, in], per call):
   xa_all = x A_all^T once (``lora_a_shared``), each linear's epilogue reading its column
@@ -185,7 +185,7 @@ def saved_input(x2: torch.Tensor, xc: torch.Tensor, keep2: torch.Tensor | None) 
 
 
 def lora_a_shared(hd2: torch.Tensor, As) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The LoRA-A products of several linears reading one input (q/k/v; no dropout
+    """The LoRA-A products of several linears reading one input (q/k/v, gate/up; no dropout
     mask): (A_all, xa) with A_all = cat(As) [sum r, in] and one GEMM xa_all = hd2 A_all^T
     [N, sum r], so the input is read once, not once per linear. ``xa`` holds each linear's
     column slice of xa_all ([N, r], row stride sum r): a strided operand that the epilogue's
