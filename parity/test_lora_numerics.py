@@ -3,7 +3,8 @@
 The LoRA kernels fold the scaling into their GEMMs' alpha and each sum with an earlier
 term into the epilogue's beta (``kernels/_lora_ops.py``): every output and gradient is
 rounded once where PEFT rounds the same quantity two or three times. Their reference
-twin computes that chain (``_lora.linear_reference``, ``numerics="folded"``), so the
+twin computes that chain (``_lora.linear_reference`` and, for the projections of one
+input whose LoRA terms of dx one GEMM sums, ``linears_reference``; ``numerics="folded"``), so the
 parity property holds the kernels to PyTorch's own error on the roundings they make.
 That yardstick alone would accept a chain less accurate than PEFT's; this test closes
 the gap. On the kernels' own draws (their strategies, 16-bit dtypes, the mixed mode

@@ -76,7 +76,7 @@ def _synthetic(name: str, line: str) -> dict:
 
 
 #: A function of the shared LoRA building blocks that lora_o calls in its forward.
-_SHARED = "def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype | None = None):\n"
+_SHARED = "def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype | None = None, xa=None):\n"
 
 
 def _shared(kernel: str, name: str, line: str) -> Mutant:

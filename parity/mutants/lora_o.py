@@ -24,10 +24,10 @@ MUTANTS = [
            dtypes=(torch.bfloat16,), module=OPS),
     Mutant("lora_o", "scaling_missing_in_backward", "the backward of `* scaling` is dropped: dA, dB and dx's "
            "LoRA term are all off by the scaling",
-           old="    dA = dB = dxa = None\n", new="    dA = dB = dxa = None\n    s = 1.0\n", module=OPS),
+           old="    dA = dB = None\n", new="    dA = dB = None\n    s = 1.0\n", module=OPS),
     Mutant("lora_o", "dxa_from_unscaled_dy", "dA (and dx's LoRA term) use dy instead of scaling * dy: "
            "the wrong factor on the A side only, dB stays right",
-           old="dxa = scaled_mm(dy2, B, s,", new="dxa = scaled_mm(dy2, B, 1.0,", module=OPS),
+           old="scaled_mm(B.t(), dy2.t(), s, out=dxaT)", new="scaled_mm(B.t(), dy2.t(), 1.0, out=dxaT)", module=OPS),
     Mutant("lora_o", "dropout_mask_not_in_dA", "the backward takes dA against x instead of the dropped-out x",
            old="xd2 = branch_input(xs, keep2, inv, lo) if need_a else None",
            new="xd2 = xs.to(lo) if need_a else None"),
@@ -49,5 +49,5 @@ MUTANTS = [
            new="dy2 = dy.as_strided((dy.numel() // out, out), (out, 1)).to(lo)"),
     Mutant("lora_o", "dx_lora_term_replaces_base", "dX's epilogue overwrites the base term dy W with the LoRA term "
            "(beta = 0) instead of adding to it",
-           old="dx.addmm_(dxa, A)", new="dx.addmm_(dxa, A, beta=0)", module=OPS),
+           old="dx.addmm_(dxaT.t(), A)", new="dx.addmm_(dxaT.t(), A, beta=0)", module=OPS),
 ]

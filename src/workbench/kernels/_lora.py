@@ -42,10 +42,12 @@ B) for lora_A and lora_B, and PEFT adds the 16-bit LoRA term to the fp32 base
 output IN FP32. The kernels then do the same: every product in the layer's
 dtype (the scaling folded into its GEMM, ``_lora_ops.py``), the two terms summed
 in fp32 and returned as fp32, and the input gradient (each branch's 16-bit
-gradient, upcast) summed in fp32. Summing in the layer's dtype instead would round away an adapter's first
-small updates: a term below half an ulp of the base output is lost exactly,
-where PEFT's fp32 sum keeps it (measured on an H200 in QLoRA training; the
-parity harness's ``delta`` comparison checks it, see ``ablate_adapters``).
+gradient, upcast; the LoRA branches of several projections of one input as one
+term, their sum rounded once, ``_lora_ops.py``) summed in fp32. Summing in the
+layer's dtype instead would round away an adapter's first small updates: a term
+below half an ulp of the base output is lost exactly, where PEFT's fp32 sum keeps
+it (measured on an H200 in QLoRA training; the parity harness's ``delta``
+comparison checks it, see ``ablate_adapters``).
 """
 from __future__ import annotations
 
@@ -225,23 +227,63 @@ def linear_reference(h: torch.Tensor, W, A, B, scaling: float, bias, keep, dropo
 
     Both: the base reads h cast to lo (bitsandbytes, in the mixed mode), the dropout
     runs on h in dt and its result is cast to lo (autocast, for lora_A)."""
+    return linears_reference(h, ((W, A, B, bias, keep),), scaling, dropout, cd, numerics)[0]
+
+
+def linears_reference(h: torch.Tensor, linears, scaling: float, dropout: float, cd: torch.dtype,
+                      numerics: str = "folded") -> tuple[torch.Tensor, ...]:
+    """Several PEFT LoRA linears of one input h (q/k/v, gate/up), ``linears`` a sequence of
+    (W, A, B, bias, keep): each output as ``linear_reference``'s, and h's gradient as the
+    kernels form it.
+
+    Folded numerics without a dropout mask (the kernels' fused path): one node reads h for
+    every branch, so autograd sums the branches' gradients in cd and rounds once to dt.
+    The LoRA branches share their input too (h itself, or its cast to lo in the mixed
+    mode), so their terms sum in cd before any rounding, as the kernels' single GEMM
+    dx += dxaT_all^T cat(A) sums them in its fp32 accumulator: in a 16-bit dx one
+    rounding, dx = round(round(dy_1 W_1) + ... + round(dy_n W_n) + sum_i dxa_i A_i); in
+    the mixed mode's fp32 dx the fp32 sum of the 16-bit base terms and the LoRA terms'
+    sum rounded once to lo. The kernels add the base terms one GEMM epilogue after another
+    (dx = round(round(dy_1 W_1) + dy_2 W_2), ...): each partial sum rounded where the
+    reference rounds each term, the same number of roundings of terms of the same size.
+
+    With a mask (each branch its own dropped-out input), or PEFT's numerics, each linear
+    reads h through its own node: its input gradient (both terms) is rounded to dt, and
+    autograd sums the linears' gradients in dt, as the kernels add each projection's terms
+    into dx in turn (PEFT: as autograd sums its modules' gradients)."""
     if numerics not in NUMERICS:
         raise ValueError(f"linear_reference: numerics must be one of {NUMERICS}, got {numerics!r}")
-    dt, lo = h.dtype, A.dtype
-    w = W if is_dense(W) else W.dequantize()
+    shared = numerics == "folded" and all(lin[4] is None for lin in linears)
+    if not shared and len(linears) > 1:
+        return tuple(linears_reference(h, (lin,), scaling, dropout, cd, numerics)[0] for lin in linears)
+    dt, lo = h.dtype, linears[0][1].dtype
     # One node for every branch's input gradient: they sum in cd and round once to dt.
     # A branch whose gradient the kernels round first reads it through .to(lo/dt).to(cd),
     # an exact cast forward whose backward rounds the gradient.
     hc = h.to(cd)
-    base = hc.to(lo).to(cd) @ w.to(cd).T
-    if bias is not None:
-        base = base + bias.to(cd)  # F.linear(x, W, b): one addmm, one rounding
-    base = base.to(lo).to(cd)
+    hl = _lora_input(hc, None, dropout, dt, lo, cd, numerics) if shared else None
+    return tuple(_linear(hc, hl if shared else _lora_input(hc, keep, dropout, dt, lo, cd, numerics),
+                         W, A, B, scaling, bias, cd, numerics, dt, lo)
+                 for W, A, B, bias, keep in linears)
+
+
+def _lora_input(hc, keep, dropout: float, dt, lo, cd, numerics: str):
+    """The LoRA branch's input hd (lora_A's), from hc = h in cd."""
     hd = hc if (numerics == "folded" and keep is None) else hc.to(dt).to(cd)
     if keep is not None:
         hd = (hd * keep.to(cd) * inverse_keep(dropout)).to(dt).to(cd)
     if lo != dt:
         hd = hd.to(lo).to(cd)  # autocast's cast of lora_A's input
+    return hd
+
+
+def _linear(hc, hd, W, A, B, scaling: float, bias, cd, numerics: str, dt, lo):
+    """One linear's output in dt, its base on hc (h in cd), its LoRA branch on hd."""
+    w = W if is_dense(W) else W.dequantize()
+    base = hc.to(lo).to(cd) @ w.to(cd).T
+    if bias is not None:
+        base = base + bias.to(cd)  # F.linear(x, W, b): one addmm, one rounding
+    base = base.to(lo).to(cd)
     xa = (hd @ A.to(cd).T).to(lo).to(cd)
     if numerics == "peft":
         lora = (xa @ B.to(cd).T).to(lo).to(cd)

@@ -1,7 +1,8 @@
 """The building blocks of one PEFT LoRA linear, shared by ``lora_o``, ``lora_qkv`` and
 ``lora_mlp``: its forward and backward as cuBLAS GEMMs, the LoRA scaling and sums in
-the GEMMs' epilogues, and the element-wise Triton kernels that the epilogues cannot
-express (a dropout mask, the mixed mode's fp32 sums).
+the GEMMs' epilogues, the LoRA-A GEMMs of several linears of one input stacked into
+one, and the element-wise Triton kernels that the epilogues cannot express (a dropout
+mask, the mixed mode's fp32 sums).
 
     y = x W^T (+ b) + s * (dropout(x) A^T) B^T
 
@@ -15,30 +16,47 @@ The numerics are the folded ones (Unsloth's, ``addmm_(alpha=s)``), not PEFT's ch
 scaling is the GEMM's alpha and each sum with an earlier term is its beta = 1, so
 the scaled term is never rounded on its own. Each line below rounds once, from the
 GEMM's fp32 accumulator to the layer's dtype; PEFT rounds the same quantities two or
-three times. The reference twin (``_lora.linear_reference``) computes this chain,
-so the parity suite measures PyTorch's own error on the roundings the kernel makes;
-``parity/test_lora_numerics.py`` checks that the chain is at least as accurate
-against fp64 as PEFT's, pooled over draws of the kernels' own strategies.
+three times. The reference twin (``_lora.linear_reference``, ``linears_reference`` for
+several linears of one input) computes this chain, so the parity suite measures
+PyTorch's own error on the roundings the kernel makes; ``parity/test_lora_numerics.py``
+checks that the chain is at least as accurate against fp64 as PEFT's, pooled over draws
+of the kernels' own strategies.
 
 forward   y    = x W^T (+ b)                  cuBLAS, rounded
           xa   = xd A^T                       [N, r]; xd = dropout(x) (Triton) or x
           y    = y + s * xa B^T               addmm_(alpha=s, beta=1): one rounding
 backward  dB   = s * dy^T xa                  addmm(alpha=s)
-          dxa  = s * dy B                     addmm(alpha=s)
-          dA   = dxa^T xd                     xd recomputed from x and the mask
-          dx   = dy W;  dx = dx + dxa A       addmm_(beta=1); several projections of one
-                                              input accumulate into dx the same way
-Exceptions, Triton element-wise passes:
-  * a dropout mask: dx's LoRA term is t = round(dxa A), then ``_grad_add`` adds
-    round(t * keep / (1 - p)) (the dropout's backward, rounded where autograd rounds);
+          dxaT = s * B^T dy^T                 addmm(alpha=s); dxa transposed, [r, N]
+          dA   = dxaT xd                      xd recomputed from x and the mask
+          dx   = dy W;  dx = dx + dxaT^T A    addmm_(beta=1)
+
+Several linears of one input (q/k/v of ``lora_qkv``, gate/up of ``lora_mlp``) without
+a dropout mask read the same x, and the memory-bound passes over x and dx are taken
+once for all of them, their adapters stacked (A_all = cat(A_i), [sum r, in], per call):
+  xa_all = x A_all^T once (``lora_a_shared``), each linear's epilogue reading its column
+  slice in place; each dxaT_i written into its rows of one [sum r, N] buffer; dA_all =
+  dxaT_all x once (``lora_a_grads_shared``, each dA_i its rows); and dx takes the base
+  terms one epilogue after another, then all the LoRA terms in ONE GEMM:
+          dx = dy_1 W_1;  dx = dx + dy_2 W_2;  ...  (beta=1, each rounded)
+          dx = dx + dxaT_all^T A_all          (``add_lora_grad``): sum_i dxa_i A_i
+                                              summed in the fp32 accumulator, one rounding
+  xa_i, dxaT_i and dA_i are the same dot products as each linear's own GEMMs form; what
+  changes is dx, whose LoRA terms are rounded once together, not once each.
+Exceptions, Triton element-wise passes (and no stacking of the LoRA terms):
+  * a dropout mask: each linear's branch reads its own dropped-out x (its own xa and dA
+    GEMMs), and dx's LoRA term is t = round(dxaT^T A), then ``_grad_add`` adds
+    round(t * keep / (1 - p)) (the dropout's backward, rounded where autograd rounds),
+    one linear after another;
   * the mixed mode (x fp32 on a bf16/fp16 layer, QLoRA under autocast; ``_lora.py``):
     the GEMMs read x cast to the layer's dtype (xd: the dropout on the fp32 x, rounded
     once to it), the scaled term is rounded to the layer's dtype (addmm(alpha=s) into
     a scratch), ``_lora_add`` sums it with the base output in fp32 into a new fp32 y,
     the backward casts dy to the layer's dtype once, and dx is an fp32 buffer into
     which ``_grad_add`` sums the branches' 16-bit terms, as autograd sums PEFT's upcast
-    gradients. A 16-bit epilogue would round those sums to the layer's dtype and lose
-    a small adapter's term (the parity suite's ``delta:`` comparisons).
+    gradients: each base term rounded to the layer's dtype, and the LoRA term (of
+    several linears: their one GEMM's sum) rounded to it once. A 16-bit epilogue would
+    round those sums to the layer's dtype and lose a small adapter's term (the parity
+    suite's ``delta:`` comparisons).
 
 The Triton kernels are element-wise over a flat index (``_elementwise.py``: a 1-D
 grid of blocks of up to 1024 elements, int64 offsets); x itself may be row-strided
@@ -166,11 +184,36 @@ def saved_input(x2: torch.Tensor, xc: torch.Tensor, keep2: torch.Tensor | None) 
     return xc if keep2 is None else x2
 
 
-def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype | None = None):
+def lora_a_shared(hd2: torch.Tensor, As) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The LoRA-A products of several linears reading one input (q/k/v, gate/up; no dropout
+    mask): (A_all, xa) with A_all = cat(As) [sum r, in] and one GEMM xa_all = hd2 A_all^T
+    [N, sum r], so the input is read once, not once per linear. ``xa`` holds each linear's
+    column slice of xa_all ([N, r], row stride sum r): a strided operand that the epilogue's
+    GEMM (``lora_forward``) and dB's read in place (cuBLAS takes a leading dimension; torch
+    copies neither on the GPU nor on the CPU). Each element is the same dot product over
+    the input's columns as the linear's own GEMM would form, rounded once."""
+    A_all = torch.cat(tuple(As)) if len(As) > 1 else As[0]
+    xa_all = C.empty((hd2.shape[0], A_all.shape[0]), hd2.dtype, hd2.device)
+    torch.mm(hd2, A_all.t(), out=xa_all)
+    return A_all, [xa_all[:, sl] for sl in rank_slices([A.shape[0] for A in As])]
+
+
+def rank_slices(ranks) -> list[slice]:
+    """Each linear's rows of a stacked [sum r, ...] buffer (or columns of xa_all), in order."""
+    out, start = [], 0
+    for r in ranks:
+        out.append(slice(start, start + r))
+        start += r
+    return out
+
+
+def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype | None = None, xa=None):
     """One LoRA linear: (y, xa) with y = h2 w^T (+ bias) + s * xa B^T and xa = hd2 A^T,
     all in the layer's dtype (h2's), the LoRA term added in the GEMM's epilogue; y in
     ``out_dtype`` when given (fp32 in the mixed mode: the base output and the scaled
-    LoRA term, each rounded to the layer's dtype, summed in fp32 by ``_lora_add``)."""
+    LoRA term, each rounded to the layer's dtype, summed in fp32 by ``_lora_add``).
+    ``xa``: hd2 A^T already formed (its column slice of ``lora_a_shared``'s product);
+    hd2 and A are then not read."""
     n = h2.shape[0]
     out = w.shape[0]
     y = C.empty((n, out), h2.dtype, h2.device)
@@ -178,8 +221,9 @@ def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype |
         torch.mm(h2, w.t(), out=y)
     else:
         torch.addmm(bias, h2, w.t(), out=y)
-    xa = C.empty((n, A.shape[0]), h2.dtype, h2.device)
-    torch.mm(hd2, A.t(), out=xa)
+    if xa is None:
+        xa = C.empty((n, A.shape[0]), h2.dtype, h2.device)
+        torch.mm(hd2, A.t(), out=xa)
     if out_dtype in (None, h2.dtype):
         y.addmm_(xa, B.t(), alpha=s)
         return y, xa
@@ -191,49 +235,89 @@ def lora_forward(h2, hd2, w, A, B, s: float, bias=None, out_dtype: torch.dtype |
     return result, xa
 
 
-def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dxa: bool):
-    """(dA, dB, dxa) of one LoRA linear, each None unless asked for. ``hd2`` is
+def lora_backward(dy2, hd2, xa, B, s: float, need_a: bool, need_b: bool, need_dxa: bool, dxaT=None):
+    """(dA, dB, dxaT) of one LoRA linear, each None unless asked for. ``hd2`` is
     the (dropped-out) input of the LoRA branch, needed only for dA; ``xa`` only
-    for dB; ``B`` only for dA or dxa. The scaling is each GEMM's alpha."""
-    dA = dB = dxa = None
+    for dB; ``B`` only for dA or dxaT. The scaling is each GEMM's alpha.
+
+    dxa is formed transposed, dxaT = s B^T dy^T [r, N] (the same dot products as
+    s dy B), into ``dxaT`` when given: a linear's rows of one contiguous [sum r, N]
+    buffer for several linears of one input, whose dA and whose term of dx are then
+    one GEMM each (``lora_a_grads_shared``, ``add_lora_grad``); its rows are
+    contiguous, or, in a block of rows of lora_mlp's backward, a [r, block] view of
+    row stride N that cuBLAS writes in place."""
+    dA = dB = None
     n = dy2.shape[0]
     if need_b:
         dB = scaled_mm(dy2.t(), xa, s, C.empty((dy2.shape[1], xa.shape[1]), dy2.dtype, dy2.device))
     if need_a or need_dxa:
-        dxa = scaled_mm(dy2, B, s, C.empty((n, B.shape[1]), dy2.dtype, dy2.device))
+        if dxaT is None:
+            dxaT = C.empty((B.shape[1], n), dy2.dtype, dy2.device)
+        scaled_mm(B.t(), dy2.t(), s, out=dxaT)
+    else:
+        dxaT = None
     if need_a:
-        dA = C.empty((dxa.shape[1], hd2.shape[1]), dxa.dtype, dxa.device)
-        torch.mm(dxa.t(), hd2, out=dA)
-    return dA, dB, dxa
+        dA = C.empty((dxaT.shape[0], hd2.shape[1]), dxaT.dtype, dxaT.device)
+        torch.mm(dxaT, hd2, out=dA)
+    return dA, dB, dxaT
 
 
-def add_input_grad(dx, dy2, w, dxa, A, keep2, scale: float, dtype: torch.dtype | None = None,
+def lora_a_grads_shared(dxaT, hd2, slices, need) -> list:
+    """dA of several LoRA linears reading one input ``hd2`` (no dropout mask), from their
+    stacked dxaT [sum r, N] (``lora_backward``'s, each linear's rows at its slice): one
+    GEMM dA_all = dxaT hd2 reads the input once; each dA is its rows of dA_all (a
+    contiguous [r, in] view; None where ``need`` is False). The same dot products over
+    the tokens as each linear's own dA, rounded once."""
+    if not any(need):
+        return [None] * len(slices)
+    dA_all = C.empty((dxaT.shape[0], hd2.shape[1]), dxaT.dtype, dxaT.device)
+    torch.mm(dxaT, hd2, out=dA_all)
+    return [dA_all[sl] if nd else None for sl, nd in zip(slices, need)]
+
+
+def add_input_grad(dx, dy2, w, dxaT, A, keep2, scale: float, dtype: torch.dtype | None = None,
                    out: torch.Tensor | None = None):
     """The input gradient of one LoRA linear, dy2 w + dropout'(dxa A): accumulated into
     ``dx``, or when ``dx`` is None written to ``out`` (a contiguous buffer of the input's
     dtype) or to a new buffer of ``dtype`` (the input's: dy2's by default, fp32 in the
     mixed mode). A buffer in the layer's dtype takes each term in the GEMM's epilogue
-    (beta = 1); a dropout mask, or the mixed mode's fp32 dx, goes through ``_grad_add``."""
+    (beta = 1); a dropout mask, or the mixed mode's fp32 dx, goes through ``_grad_add``.
+    ``dxaT`` None: the base term only (the LoRA terms of several linears of one input
+    are then added together, ``add_lora_grad``)."""
     lo = dy2.dtype
     n, d_in = dy2.shape[0], w.shape[1]
     fresh = dx is None
     if fresh:
         dx = C.empty((n, d_in), dtype or lo, dy2.device) if out is None else out
-    folded = dx.dtype == lo
-    t = None if folded and keep2 is None else C.empty((n, d_in), lo, dy2.device)
-    if fresh and folded:
+    if dx.dtype == lo and fresh:
         torch.mm(dy2, w, out=dx)
-    elif folded:
+    elif dx.dtype == lo:
         dx.addmm_(dy2, w)
-    elif fresh:
-        torch.mm(dy2, w, out=t)
-        dx.copy_(t)  # the branch's 16-bit gradient, upcast exactly
     else:
+        t = C.empty((n, d_in), lo, dy2.device)
         torch.mm(dy2, w, out=t)
-        grad_add(dx, t)
-    if folded and keep2 is None:
-        dx.addmm_(dxa, A)
+        if fresh:
+            dx.copy_(t)  # the branch's 16-bit gradient, upcast exactly
+        else:
+            grad_add(dx, t)
+        del t
+    if dxaT is not None:
+        add_lora_grad(dx, dxaT, A, keep2, scale)
+    return dx
+
+
+def add_lora_grad(dx, dxaT, A, keep2=None, scale: float = 1.0):
+    """dx += dropout'(dxaT^T A), in place: the LoRA term of one linear's input gradient, or,
+    given the stacked dxaT [sum r, N] and A_all = cat(As) [sum r, in], of several linears of
+    one input at once (their terms summed inside one GEMM in fp32). A dx in the layer's
+    dtype takes it in the GEMM's epilogue (beta = 1, one rounding); under a dropout mask, or
+    into the mixed mode's fp32 dx, the term is rounded to the layer's dtype (dxaT's) and
+    added by ``_grad_add`` (masked and scaled first under a mask)."""
+    lo = dxaT.dtype
+    if dx.dtype == lo and keep2 is None:
+        dx.addmm_(dxaT.t(), A)
     else:
-        torch.mm(dxa, A, out=t)
+        t = C.empty((dxaT.shape[1], A.shape[1]), lo, dxaT.device)
+        torch.mm(dxaT.t(), A, out=t)
         grad_add(dx, t, keep2, scale)
     return dx

@@ -18,9 +18,18 @@ projections are the building blocks of one LoRA linear (``_lora_ops.py``). As in
 Unsloth, h is not saved: the backward recomputes it from g and u (one elementwise
 kernel), and only when dAd needs it.
 
+Gate and up read the same x. Without a dropout mask their LoRA branches share every
+pass over x and dx (``_lora_ops.py``, stacked adapters cat(Ag, Au)): one GEMM forms
+xa for both (each epilogue reads its column slice), one GEMM forms dAg and dAu, and
+dX takes the two base terms, then both LoRA terms in one GEMM, summed in its fp32
+accumulator and rounded once (in the mixed mode: rounded once to the layer's dtype,
+then summed into the fp32 dX). With masks each branch reads its own dropped-out x and
+runs its own GEMMs.
+
 Saved for backward: x (if dAg or dAu), the keep-masks (with dropout), g and u
 [N, intermediate] (if anything upstream of the activation needs a gradient, or
-dAd), xa of each projection [N, r] (if its dB), each A (if the gradient flows
+dAd), xa of each projection [N, r] (if its dB; gate's and up's column slices of one
+[N, rg + ru] buffer without masks), each A (if the gradient flows
 through its input) and B (if its dA or its input's gradient), each W (likewise;
 the parameter or the quantized object, never a dequantised copy).
 
@@ -41,8 +50,8 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _lora as L
 from . import _strategies as S
-from ._lora_ops import (add_input_grad, branch_input, dropout_apply, layer_inputs, lora_backward, lora_forward,
-                        saved_input, scaled_mm)
+from ._lora_ops import (add_input_grad, add_lora_grad, branch_input, dropout_apply, layer_inputs, lora_a_grads_shared,
+                        lora_a_shared, lora_backward, lora_forward, rank_slices, saved_input, scaled_mm)
 from ._registry import Example, Inputs, KernelSpec, Limits
 from .geglu import APPROXIMATE_MODES, geglu_backward, geglu_forward
 from .swiglu import swiglu_backward, swiglu_forward
@@ -128,7 +137,7 @@ class _Proj:
         return L.dense("lora_mlp", self.name, self.W, lo, self.shape)
 
 
-def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | None, g, u, activation: str,
+def _gate_up_backward(dy2, dxaT_d, down: _Proj, gate: _Proj | None, up: _Proj | None, g, u, activation: str,
                       approximate: str, xs, scaling: float, inv: float, lo: torch.dtype, x_dtype: torch.dtype,
                       need_x: bool):
     """(dAg, dBg, dAu, dBu, dx): the backward from down's input gradient dh back to x, a
@@ -139,17 +148,27 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
     LoRA linear's backward (``lora_backward``, ``add_input_grad``) on those rows. dB sums
     over every row: one block's is one GEMM in the layer's dtype (s times its fp32
     accumulator, rounded once); over several blocks the scaled products are added in fp32
-    and rounded once, the same sum in another order. dA is the whole dxa's product, after
-    the blocks. Each block dequantises the frozen weights it needs afresh and drops them
-    after use, and forms its [rows, intermediate] buffers in the unblocked backward's
-    order, so one block's peak memory is the unblocked backward's (up to the few [N, r]
-    buffers)."""
+    and rounded once, the same sum in another order. dxa^T of gate and up is one
+    [rg + ru, N] buffer (each block writes its columns, a [r, rows] view of row stride N
+    that cuBLAS writes in place); without masks each block adds both LoRA terms of its
+    rows of dX in one GEMM (dxaT[:, rows]^T cat(Ag, Au)), and dAg, dAu are one GEMM
+    against x after the blocks (with masks: each its own, against its dropped-out x).
+    Each block dequantises the frozen weights it needs afresh and drops them after use,
+    and forms its [rows, intermediate] buffers in the unblocked backward's order, so one
+    block's peak memory is the unblocked backward's (up to the few [N, r] buffers)."""
     n_rows, inter = g.shape
     dev = g.device
     step = _dh_block_rows(inter, g.dtype)
     whole = 0 < n_rows <= step
     Ad, keep_d = down.A, down.keep
-    branches = []  # per projection: (proj, dB (an fp32 accumulator over several blocks), dxa), or None
+    # Without masks gate and up read the same x: their dA is one GEMM against it and their
+    # terms of dx one GEMM against cat(Ag, Au), from one stacked [rg + ru, N] dxa^T (each
+    # projection's rows at its slice; with masks the buffer is shared, the GEMMs are not).
+    fused = all(proj is None or proj.keep is None for proj in (gate, up))
+    members = [proj for proj in (gate, up) if proj is not None and (proj.need_a or need_x)]
+    slices = dict(zip((p.name for p in members), rank_slices([p.B.shape[1] for p in members])))
+    dxaT = C.empty((sum(sl.stop - sl.start for sl in slices.values()), n_rows), lo, dev) if members else None
+    branches = []  # per projection: (proj, dB (an fp32 accumulator over several blocks), its rows of dxaT), or None
     for proj in (gate, up):
         if proj is None:
             branches.append(None)
@@ -158,13 +177,13 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
         acc = None
         if proj.need_b:
             acc = C.empty((inter, r), lo, dev) if whole else torch.zeros((inter, r), dtype=torch.float32, device=dev)
-        dxa = C.empty((n_rows, r), lo, dev) if (proj.need_a or need_x) else None
-        branches.append((proj, acc, dxa))
+        branches.append((proj, acc, dxaT[slices[proj.name]] if proj.name in slices else None))
+    A_gu = torch.cat((gate.A, up.A)) if (fused and need_x) else None  # the rows of dxaT, in order
     dx = None
     for start in range(0, n_rows, step):
         rows = slice(start, min(n_rows, start + step))
         wd = down.weight(lo)
-        dh = add_input_grad(None, dy2[rows], wd, dxa_d[rows], Ad, None if keep_d is None else keep_d[rows], inv,
+        dh = add_input_grad(None, dy2[rows], wd, dxaT_d[:, rows], Ad, None if keep_d is None else keep_d[rows], inv,
                             g.dtype)
         del wd
         # The gradients reaching gate's and up's outputs, written in the layer's dtype: in the
@@ -177,39 +196,46 @@ def _gate_up_backward(dy2, dxa_d, down: _Proj, gate: _Proj | None, up: _Proj | N
         for branch, d_b in zip(branches, grads):
             if branch is None:
                 continue
-            proj, acc, dxa = branch
+            proj, acc, dxaT_p = branch
             xa = proj.xa
             if acc is not None and whole:  # one GEMM over every row
                 scaled_mm(d_b.t(), xa, scaling, out=acc)
             elif acc is not None:  # summed in fp32 across blocks
                 acc.addmm_(d_b.t().float(), xa[rows].float(), alpha=scaling)
-            if dxa is not None:
-                scaled_mm(d_b, proj.B, scaling, out=dxa[rows])
+            if dxaT_p is not None:  # its dxa^T, this block's columns ([r, rows] of row stride N)
+                scaled_mm(proj.B.t(), d_b.t(), scaling, out=dxaT_p[:, rows])
         # ... then dX, both projections' terms summed as autograd sums them (dx is allocated
-        # here, after dh is gone, as in an unblocked backward).
+        # here, after dh is gone, as in an unblocked backward): the two base terms, each with
+        # its masked LoRA term under a mask, else both LoRA terms in one GEMM after them.
         if need_x:
             if dx is None:
                 dx = C.empty((n_rows, gate.shape[1]), x_dtype, dev)
-            for (proj, _, dxa), d_b in zip(branches, grads):
-                W, A, dxa_b = proj.weight(lo), proj.A, dxa[rows]
+            for (proj, _, dxaT_p), d_b in zip(branches, grads):
+                W, A, dxaT_b = proj.weight(lo), proj.A, None if fused else dxaT_p[:, rows]
                 keep_b = None if proj.keep is None else proj.keep[rows]
                 if proj is gate:
-                    add_input_grad(None, d_b, W, dxa_b, A, keep_b, inv, out=dx[rows])
+                    add_input_grad(None, d_b, W, dxaT_b, A, keep_b, inv, out=dx[rows])
                 else:
-                    add_input_grad(dx[rows], d_b, W, dxa_b, A, keep_b, inv, x_dtype)
+                    add_input_grad(dx[rows], d_b, W, dxaT_b, A, keep_b, inv, x_dtype)
                 del W
+            if fused:
+                add_lora_grad(dx[rows], dxaT[:, rows], A_gu)
         del grads
     out = []
+    if fused:
+        dAs = iter(lora_a_grads_shared(dxaT, xs, list(slices.values()), [p.need_a for p in members]))
     for branch in branches:
         if branch is None:
             out += [None, None]
             continue
-        proj, acc, dxa = branch
+        proj, acc, dxaT_p = branch
         dA = None
-        if proj.need_a:
+        if fused and dxaT_p is not None:
+            dA = next(dAs)
+        elif proj.need_a:
             xd2 = branch_input(xs, proj.keep, inv, lo)
-            dA = C.empty((dxa.shape[1], xd2.shape[1]), lo, dev)
-            torch.mm(dxa.t(), xd2, out=dA)
+            dA = C.empty((dxaT_p.shape[0], xd2.shape[1]), lo, dev)
+            torch.mm(dxaT_p, xd2, out=dA)
             del xd2
         out += [dA, None if acc is None else acc.to(lo)]
     return (*out, dx)
@@ -240,14 +266,16 @@ class _LoraMLP(torch.autograd.Function):
         # on the projections' fp32 outputs and down_proj casts h to the layer's dtype. h is
         # written in the layer's dtype unless a dropout on down's input must see the fp32 h
         # (the same rounding, once, from the kernel's fp32 math; the fp32 h is never formed).
+        # Without masks gate's and up's LoRA branches read the same xc: one GEMM for their xa.
         xc, xd2 = layer_inputs(x2, keep_g, inv, lo)
+        xas = (None, None) if keep_gu is not None else lora_a_shared(xc, (Ag, Au))[1]
         w = L.dense(op, "Wg", Wg, lo, (inter, d_in))
-        g, xa_g = lora_forward(xc, xd2, w, Ag, Bg, scaling, out_dtype=x.dtype)
+        g, xa_g = lora_forward(xc, xd2, w, Ag, Bg, scaling, out_dtype=x.dtype, xa=xas[0])
         del w, xd2
         xd2 = xc if keep_u is None else dropout_apply(x2, keep_u, inv, lo)
         w = L.dense(op, "Wu", Wu, lo, (inter, d_in))
-        u, xa_u = lora_forward(xc, xd2, w, Au, Bu, scaling, out_dtype=x.dtype)
-        del w, xd2
+        u, xa_u = lora_forward(xc, xd2, w, Au, Bu, scaling, out_dtype=x.dtype, xa=xas[1])
+        del w, xd2, xas
         h = _act_forward(g, u, activation, approximate, lo if keep_d2 is None else None)
         hc, hd = layer_inputs(h, keep_d2, inv, lo)
         w = L.dense(op, "Wd", Wd, lo, (d_out, inter))
@@ -293,7 +321,7 @@ class _LoraMLP(torch.autograd.Function):
             h = _act_forward(g, u, activation, approximate, lo if keep_d is None else None)
             hd = layer_inputs(h, keep_d, inv, lo)[1]  # (no name for the other: it would outlive ``del hd``)
             del h
-        dAd, dBd, dxa_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
+        dAd, dBd, dxaT_d = lora_backward(dy2, hd, xa_d, Bd, scaling, need_ad, need_bd, need_dh)
         del hd
         dAg = dBg = dAu = dBu = dx = None
         if need_dh:
@@ -305,9 +333,9 @@ class _LoraMLP(torch.autograd.Function):
             if need_du:
                 up = _Proj("Wu", wu_s if wu_s is not None else wu_q, (inter, d_in), Au, Bu, xa_u, keep_u,
                            need_au, need_bu)
-            dAg, dBg, dAu, dBu, dx = _gate_up_backward(dy2, dxa_d, down, gate, up, g, u, activation, approximate,
+            dAg, dBg, dAu, dBu, dx = _gate_up_backward(dy2, dxaT_d, down, gate, up, g, u, activation, approximate,
                                                        xs, scaling, inv, lo, x_dtype, need_x)
-            del dxa_d
+            del dxaT_d
             if dx is not None:
                 dx = dx.view(shape)
         return (dx, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd) + (None,) * 6
@@ -350,14 +378,16 @@ def lora_mlp_reference(x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd, scaling, activatio
                        dropout=0.0, dropout_mask=None, dropout_mask_down=None, generator=None,
                        compute_dtype=torch.float32, numerics="folded"):
     """HF's ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with PEFT LoRA on every
-    projection (each as ``lora_o_reference``); the activation product in fp32
-    (``compute_dtype``), rounded to x's dtype."""
+    projection (each as ``lora_o_reference``; gate and up as ``_lora.linears_reference``,
+    so that x's gradient rounds as the kernel rounds it: without masks both LoRA terms
+    summed before one rounding); the activation product in fp32 (``compute_dtype``),
+    rounded to x's dtype."""
     if dropout > 0 and (dropout_mask is None or dropout_mask_down is None):
         raise ValueError("lora_mlp_reference: pass the dropout masks explicitly when dropout > 0")
     cd = compute_dtype
     on = dropout > 0
-    g = L.linear_reference(x, Wg, Ag, Bg, scaling, None, dropout_mask[0] if on else None, dropout, cd, numerics)
-    u = L.linear_reference(x, Wu, Au, Bu, scaling, None, dropout_mask[1] if on else None, dropout, cd, numerics)
+    g, u = L.linears_reference(x, [(Wg, Ag, Bg, None, dropout_mask[0] if on else None),
+                                   (Wu, Au, Bu, None, dropout_mask[1] if on else None)], scaling, dropout, cd, numerics)
     if activation == "swiglu":
         a = torch.nn.functional.silu(g.to(cd))
     else:

@@ -60,12 +60,12 @@ class _LoraO(torch.autograd.Function):
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dy2 = C.rows_view(op, "dy", dy).to(lo)
         xd2 = branch_input(xs, keep2, inv, lo) if need_a else None
-        dA, dB, dxa = lora_backward(dy2, xd2, xa, B, scaling, need_a, need_b, need_x)
+        dA, dB, dxaT = lora_backward(dy2, xd2, xa, B, scaling, need_a, need_b, need_x)
         del xd2
         dx = None
         if need_x:
             w = L.dense(op, "W", w_saved if w_saved is not None else ctx.quantized, lo, (out, shape[-1]))
-            dx = add_input_grad(None, dy2, w, dxa, A, keep2, inv, x_dtype).view(shape)
+            dx = add_input_grad(None, dy2, w, dxaT, A, keep2, inv, x_dtype).view(shape)
         return dx, None, dA, dB, None, None, None
 
 

@@ -11,19 +11,33 @@ dropout modules draw independently: ``dropout_mask`` is bool [3, *x.shape]
 (q, k, v; True = kept).
 
 Each projection runs the LoRA building blocks of ``_lora_ops.py`` (cuBLAS GEMMs,
-the scaling and the LoRA sum in their epilogues, Triton dropout kernels). x is
-saved once for the three dA (and only if some A needs its gradient); dx is one
-buffer accumulated over the three projections: dy_q Wq + dy_k Wk + dy_v Wv plus
-the three LoRA terms, each added in its GEMM's epilogue (beta = 1, one rounding);
-a LoRA term under a dropout mask, and every term in the mixed mode's fp32 dx, is
-rounded and added by the Triton ``_grad_add`` instead. Each projection's
-dequantised W lives only for its own GEMM.
+the scaling and the LoRA sum in their epilogues, Triton dropout kernels). Without a
+dropout mask (the common case, 16-bit or the mixed mode) the three LoRA branches read
+the same x, and every pass over x or dx that they would take three times is taken
+once, on the stacked adapters A_all = cat(Aq, Ak, Av) [rq + rk + rv, in]:
+
+    forward   xa_all = x A_all^T                  one GEMM; q's epilogue reads xa_all[:, :rq]
+    backward  dxaT_all[rows of q] = s Bq^T dq^T   (k, v alike): one [sum r, N] buffer
+              dA_all = dxaT_all x                 one GEMM; dAq = dA_all[:rq], ...
+              dx = dq Wq;  dx += dk Wk;  dx += dv Wv              (beta = 1, each rounded)
+              dx += dxaT_all^T A_all              the three LoRA terms in one GEMM: one rounding
+
+(only the projections whose dA or dx needs dxa take part in the backward's stack;
+an A that needs no gradient gets None, its rows of dA_all unused). In the mixed mode dx
+is fp32 and each of those four terms is rounded to the layer's dtype and summed in fp32
+(the first copied, the others by ``_grad_add``). With a mask each projection reads its own dropped-out x, and runs its
+own xa, dA and masked LoRA term of dx (base term, then LoRA term, one projection after
+the other). Each projection's dequantised W lives only for its own GEMM.
 
 Saved for backward: x (if any dA), the [3, ...] keep-mask (with dropout), per
-projection xa [N, r] (if its dB), A (if dx), B (if its dA or dx), W (if dx;
-the parameter or the quantized object, never a dequantised copy).
+projection xa [N, r] (if its dB; without a mask a column slice of xa_all, which then
+stays whole: [N, sum r]), A (if dx),
+B (if its dA or dx), W (if dx; the parameter or the quantized object, never a
+dequantised copy).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from hypothesis import strategies as st
@@ -32,7 +46,8 @@ from . import _common as C
 from . import _lora as L
 from . import _strategies as S
 from ._harness import randn
-from ._lora_ops import add_input_grad, branch_input, dropout_apply, lora_backward, lora_forward, saved_input
+from ._lora_ops import (add_input_grad, add_lora_grad, branch_input, dropout_apply, lora_a_grads_shared,
+                        lora_a_shared, lora_backward, lora_forward, rank_slices, saved_input)
 from ._registry import Example, Inputs, KernelSpec, Limits
 
 _NAMES = ("q", "k", "v")
@@ -49,14 +64,16 @@ class _LoraQKV(torch.autograd.Function):
         inv = L.inverse_keep(dropout)
         keeps = (None,) * 3 if keep is None else tuple(L.rows2(keep[i], d_in) for i in range(3))
         projs = ((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv))
+        # Without a mask the three LoRA branches read the same xc: one GEMM for their xa.
+        xas = (None,) * 3 if keep is not None else lora_a_shared(xc, (Aq, Ak, Av))[1]
         need = ctx.needs_input_grad
         need_x = need[0]
         outs, saved, quantized = [], [], []
         for i, (W, A, B, bias) in enumerate(projs):
             need_a, need_b = need[2 + 3 * i], need[3 + 3 * i]
-            xd2 = xc if keeps[i] is None else dropout_apply(x2, keeps[i], inv, lo)
+            xd2 = None if keep is None else dropout_apply(x2, keeps[i], inv, lo)
             w = L.dense(op, f"W{_NAMES[i]}", W, lo, (B.shape[0], d_in))
-            y, xa = lora_forward(xc, xd2, w, A, B, scaling, bias, out_dtype=x.dtype)
+            y, xa = lora_forward(xc, xd2, w, A, B, scaling, bias, out_dtype=x.dtype, xa=xas[i])
             del w, xd2
             outs.append(y.view(*shape[:-1], B.shape[0]))
             saved += [A if need_x else None, B if (need_a or need_x) else None, xa if need_b else None,
@@ -78,21 +95,40 @@ class _LoraQKV(torch.autograd.Function):
         keeps = (None,) * 3 if keep is None else tuple(L.rows2(keep[i], d_in) for i in range(3))
         need = ctx.needs_input_grad
         need_x = need[0]
+        need_a = [need[2 + 3 * i] for i in range(3)]
+        fused = keep is None
         grads = [None] * 16
+        # dxa^T of every projection whose dA or dx's LoRA term needs it, stacked in one
+        # [sum r, N] buffer (its rows at slices[i]): without a mask, dA of the three is one
+        # GEMM against x and their terms of dx one GEMM against cat(A) (after the loop).
+        members = [i for i in range(3) if need_a[i] or need_x]
+        slices = dict(zip(members, rank_slices([saved[4 * i + 1].shape[1] for i in members])))
+        n_rows = math.prod(shape[:-1])
+        dxaT = C.empty((sum(sl.stop - sl.start for sl in slices.values()), n_rows), lo, dq.device) if members else None
         dx = None
         for i, dy in enumerate((dq, dk, dv)):
             A, B, xa, w_saved = saved[4 * i: 4 * i + 4]
-            need_a, need_b = need[2 + 3 * i], need[3 + 3 * i]
+            need_b = need[3 + 3 * i]
             dy2 = C.rows_view(op, f"d{_NAMES[i]}", dy).to(lo)
-            xd2 = branch_input(xs, keeps[i], inv, lo) if need_a else None
-            dA, dB, dxa = lora_backward(dy2, xd2, xa, B, scaling, need_a, need_b, need_x)
+            xd2 = branch_input(xs, keeps[i], inv, lo) if (need_a[i] and not fused) else None
+            dA, dB, dxaT_i = lora_backward(dy2, xd2, xa, B, scaling, need_a[i] and not fused, need_b, i in slices,
+                                           None if i not in slices else dxaT[slices[i]])
             del xd2
             grads[2 + 3 * i], grads[3 + 3 * i] = dA, dB
             if need_x:
+                # Fused: the base term dy W only (the first writes dx, the next two add to it);
+                # with a mask each projection adds its own masked LoRA term after its base term.
                 W = w_saved if w_saved is not None else ctx.quantized[i]
                 w = L.dense(op, f"W{_NAMES[i]}", W, lo, (outs[i], d_in))
-                dx = add_input_grad(dx, dy2, w, dxa, A, keeps[i], inv, x_dtype)
+                dx = add_input_grad(dx, dy2, w, None if fused else dxaT_i, A, keeps[i], inv, x_dtype)
                 del w
+        if fused and members:
+            dAs = lora_a_grads_shared(dxaT, xs, [slices[i] for i in members], [need_a[i] for i in members])
+            for i, dA in zip(members, dAs):
+                grads[2 + 3 * i] = dA
+            if need_x:
+                # dx += dxa_q Aq + dxa_k Ak + dxa_v Av, summed inside one GEMM: one rounding.
+                add_lora_grad(dx, dxaT, torch.cat([saved[4 * i] for i in range(3)]))
         if need_x:
             grads[0] = dx.view(shape)
         return tuple(grads)
@@ -122,14 +158,14 @@ def lora_qkv(x: torch.Tensor, Wq, Aq: torch.Tensor, Bq: torch.Tensor, Wk, Ak: to
 # --------------------------------------------------------------------------- reference
 def lora_qkv_reference(x, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv, scaling, bq=None, bk=None, bv=None, dropout=0.0,
                        dropout_mask=None, generator=None, compute_dtype=torch.float32, numerics="folded"):
-    """PEFT's q_proj(x), k_proj(x), v_proj(x) with LoRA, each as ``lora_o_reference``."""
+    """PEFT's q_proj(x), k_proj(x), v_proj(x) with LoRA, each as ``lora_o_reference``, and x's
+    gradient rounded as the kernel rounds it (``_lora.linears_reference``): without a mask the
+    three LoRA terms of dX summed before one rounding (the kernel's one GEMM)."""
     if dropout > 0 and dropout_mask is None:
         raise ValueError("lora_qkv_reference: pass the dropout_mask explicitly when dropout > 0")
-    outs = []
-    for i, (W, A, B, b) in enumerate(((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv))):
-        keep = dropout_mask[i] if dropout > 0 else None
-        outs.append(L.linear_reference(x, W, A, B, scaling, b, keep, dropout, compute_dtype, numerics))
-    return tuple(outs)
+    linears = [(W, A, B, b, dropout_mask[i] if dropout > 0 else None)
+               for i, (W, A, B, b) in enumerate(((Wq, Aq, Bq, bq), (Wk, Ak, Bk, bk), (Wv, Av, Bv, bv)))]
+    return L.linears_reference(x, linears, scaling, dropout, compute_dtype, numerics)
 
 
 # --------------------------------------------------------------------------- registry
@@ -197,7 +233,8 @@ SPEC = KernelSpec(
     options=("scaling (alpha/r or rsLoRA alpha/sqrt(r))", "dropout p with a bool [3, ...] mask",
              "GQA-shaped k/v", "optional frozen q/k/v biases (Qwen2)",
              "fp32 x on a 16-bit layer (QLoRA under autocast)"),
-    summary="PEFT LoRA q/k/v projections of one input in one Function: x saved once, dX accumulated once.",
+    summary="PEFT LoRA q/k/v projections of one input in one Function: x saved once, and without dropout read "
+            "once per pass (one xa, one dA, one dX LoRA GEMM for the three).",
     ablate=L.ablate_adapters("Bq", "Bk", "Bv"),
     examples=EXAMPLES,
 )
