@@ -90,3 +90,20 @@ def move_in(staging: str | os.PathLike, dest: str | os.PathLike, rels: list[str]
     for rel in rels:
         if (Path(staging) / rel).exists():
             replace(Path(staging) / rel, Path(dest) / rel)
+
+
+def free_stem(directory: str | os.PathLike, stem: str, reusable=None) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``... when ``directory`` already holds something of that
+    name (``stem.*``, or a ``stem-profile`` folder): a report is never overwritten by a second
+    one of the same day, device and tag. ``reusable(name)``: True for a name whose files the
+    caller may take over (a report its own command left incomplete, to be resumed)."""
+    directory = Path(directory)
+
+    def taken(s: str) -> bool:
+        used = directory.is_dir() and (any(directory.glob(f"{s}.*")) or (directory / f"{s}-profile").exists())
+        return used and not (reusable is not None and reusable(s))
+    n, candidate = 1, stem
+    while taken(candidate):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate

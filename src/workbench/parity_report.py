@@ -78,25 +78,13 @@ def load_stats(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def free_stem(out_dir: Path, stem: str) -> str:
-    """``stem``, or ``stem-2``, ``stem-3``... when a report of that name is already there: a
-    second run on the same day and device gets a report of its own (a written report is never
-    overwritten)."""
-    taken = lambda s: any((Path(out_dir) / f"{s}{ext}").exists() for ext in (".json", ".md", ".junit.xml"))  # noqa: E731
-    n, candidate = 1, stem
-    while taken(candidate):
-        n += 1
-        candidate = f"{stem}-{n}"
-    return candidate
-
-
 def write(out_dir: Path, stats: list[dict], command: str, wall_seconds: float, exit_code: int,
           summary_line: str = "", junit: Path | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.json`` (and ``<stem>.junit.xml``, a copy of ``junit``,
     the XML pytest wrote) into ``out_dir``."""
     env = environment()
     out_dir = Path(out_dir)
-    stem = free_stem(out_dir, f"{env['date']}-{env['device_slug']}")
+    stem = atomic.free_stem(out_dir, f"{env['date']}-{env['device_slug']}")
     junit_doc, counts = None, None
     if junit is not None and Path(junit).is_file():
         data = Path(junit).read_bytes()

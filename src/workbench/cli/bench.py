@@ -101,12 +101,13 @@ def run_kernels(args: argparse.Namespace) -> int:
         code = 1 if any(r["error"] for r in result["rows"]) else 0
         command_line = result["command"]  # the command that measured these numbers
         name = stem(result["environment"], args.tag)
+        if source.resolve() != (out / f"{name}.benchmark.json").resolve():  # (its own JSON is not an earlier report)
+            name = stem(result["environment"], args.tag, out)
     else:
         _check_kernel_args(args)
         # The device (for the file names) read by a child: this process holds no CUDA context while pytest runs.
-        name = stem(environment_of_a_child(), args.tag)
+        name = stem(environment_of_a_child(), args.tag, out)
         source = out / f"{name}.benchmark.json"
-        source.unlink(missing_ok=True)  # an earlier run's file of this name must not pass for this run's
         code = _run_pytest_bench(args, source)
         if not source.is_file():
             print(f"workbench: pytest bench/ wrote no {source} (exit status {code}); its output above says why.",
@@ -290,7 +291,7 @@ def run_launcher(args: argparse.Namespace, suite: str, packages: dict, render, l
 
     env = environment_of_a_child()
     env.update({key: version(dist) for key, dist in packages.items()})
-    name, out = stem(env, args.tag), Path(args.report)
+    name, out = stem(env, args.tag, args.report), Path(args.report)
 
     def write(result: dict) -> str:
         return write_suite_report(out, name, suite, env, args.command_line, result,
@@ -493,7 +494,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
                         limit=args.limit, jobs=args.jobs)
     env = environment()
     env["trl"], env["lm_eval"] = version("trl"), version("lm-eval")
-    name, out = stem(env, args.tag), Path(args.report)
+    name, out = stem(env, args.tag, args.report), Path(args.report)
     png = abench.plot(result, out / f"{name}.png")
     atomic.write_json(out / f"{name}.json", {"suite": "accuracy", "environment": env, "command": args.command_line,
                                              **result})

@@ -47,11 +47,24 @@ def check_tag(tag: str | None) -> None:
         raise UserError(f"--tag {tag!r} must be letters, digits, '.', '_' or '-' (it becomes part of a file name).")
 
 
-def stem(env: dict, tag: str | None) -> str:
+def stem(env: dict, tag: str | None, report_dir: str | os.PathLike | None = None) -> str:
     """A report's file name: <date>-<device>, and -<tag> when --tag is given (a second
-    report of one suite, device and day, say)."""
+    report of one suite, device and day, say); with ``report_dir``, -2, -3... after it where
+    a complete report of that name is already there (one command's report is rewritten after
+    each of its runs, under the name chosen here, and a report left incomplete by a stopped
+    command is the one its re-run completes; a complete one is never overwritten)."""
     check_tag(tag)
-    return f"{env['date']}-{env['device_slug']}" + (f"-{tag}" if tag else "")
+    name = f"{env['date']}-{env['device_slug']}" + (f"-{tag}" if tag else "")
+    if report_dir is None:
+        return name
+    from workbench import atomic
+
+    def incomplete(s: str) -> bool:
+        try:
+            return json.loads((Path(report_dir) / f"{s}.json").read_text()).get("complete") is False
+        except (OSError, ValueError, AttributeError):
+            return False
+    return atomic.free_stem(report_dir, name, reusable=incomplete)
 
 
 def against_previous(report_dir: Path, doc: dict, name: str) -> str:
