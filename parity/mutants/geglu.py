@@ -12,6 +12,6 @@ MUTANTS = [
            old="tl.store(DU + idx, (dy * _gelu(g, TANH)).to(DU.dtype.element_ty), mask=mask)",
            new="tl.store(DU + idx, (dy * g).to(DU.dtype.element_ty), mask=mask)"),
     Mutant("geglu", "backward_ignores_approximate", "the backward always uses the exact derivative",
-           old='dgate, dup,\n                            TANH=approximate == "tanh")',
-           new='dgate, dup,\n                            TANH=False)'),
+           old='dgate, dup, h_out,\n                            TANH=approximate == "tanh")',
+           new='dgate, dup, h_out,\n                            TANH=False)'),
 ]

@@ -74,20 +74,32 @@ def gated_forward(kernel, gate: torch.Tensor, up: torch.Tensor, out: torch.Tenso
 
 
 def gated_backward(kernel, dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, need_dgate: bool,
-                   need_dup: bool, dgate: torch.Tensor | None, dup: torch.Tensor | None, **consts):
+                   need_dup: bool, dgate: torch.Tensor | None, dup: torch.Tensor | None,
+                   h_out: torch.Tensor | None = None, **consts):
     """(dgate, dup) by ``kernel`` (a gated activation's backward), each None unless asked for,
-    into the buffers given or new ones of gate's dtype; ``up`` is read only for dgate."""
+    into the buffers given or new ones of gate's dtype; ``up`` is read only for dgate or h.
+
+    ``h_out``: also write h = act(gate) * up there (the forward's formula and rounding, from
+    the gate and up the backward loads anyway), for a caller that needs h after the backward
+    (lora_mlp's dA of down_proj). It may be ``dh`` itself: each program reads its elements of
+    dh before it writes theirs of h, so h replaces dh in place with no second buffer; dh must
+    then be dense (h is written at the flat index). Any other h_out is a contiguous buffer
+    that overlaps none of the inputs."""
     n_rows, n_cols = gate.shape
     n = n_rows * n_cols
+    store_h = h_out is not None
+    if store_h and h_out.data_ptr() == dh.data_ptr() and n and (h_out.dtype != dh.dtype
+                                                                or not contiguous(n_cols, dh)):
+        raise ValueError("gated_backward: h_out in place of dh needs a dense dh of h's dtype")
     if need_dgate and dgate is None:
         dgate = C.empty((n_rows, n_cols), gate.dtype, gate.device)
     if need_dup and dup is None:
         dup = C.empty((n_rows, n_cols), gate.dtype, gate.device)
-    if n and (need_dgate or need_dup):
+    if n and (need_dgate or need_dup or store_h):
         g, b = grid(n)
-        u_arg = up if need_dgate else gate
-        kernel[g](dh, gate, u_arg, dgate if need_dgate else dh, dup if need_dup else dh,
+        u_arg = up if (need_dgate or store_h) else gate
+        kernel[g](dh, gate, u_arg, dgate if need_dgate else dh, dup if need_dup else dh, h_out if store_h else dh,
                   dh.stride(0), gate.stride(0), u_arg.stride(0), n_cols, n,
-                  COMPUTE_DG=need_dgate, COMPUTE_DU=need_dup,
+                  COMPUTE_DG=need_dgate, COMPUTE_DU=need_dup, STORE_H=store_h,
                   CONTIG=contiguous(n_cols, dh, gate, u_arg), BLOCK=b, **consts)
     return (dgate if need_dgate else None), (dup if need_dup else None)

@@ -21,7 +21,8 @@ Layout as in ``swiglu``: [rows, last_dim] views with a unit last stride, a 1-D
 grid of element blocks, (row, col) addressing only for non-contiguous inputs
 (``_elementwise.py``). ``geglu_forward`` / ``geglu_backward`` launch the kernels
 with no autograd, as ``swiglu_forward`` / ``swiglu_backward`` do (``lora_mlp``
-calls them too). The cases drawn are SwiGLU's (its ``SPEC``), in both GELU forms.
+calls them too, and has the backward write h over its dh for down_proj's dA).
+The cases drawn are SwiGLU's (its ``SPEC``), in both GELU forms.
 """
 from __future__ import annotations
 
@@ -101,21 +102,25 @@ def _geglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
 
 
 @triton.jit
-def _geglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_elements,
-               TANH: tl.constexpr, COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr,
+def _geglu_bwd(DY, G, U, DG, DU, H, dy_stride, g_stride, u_stride, n_cols, n_elements,
+               TANH: tl.constexpr, COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr, STORE_H: tl.constexpr,
                CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     dy_off = offset(idx, n_cols, dy_stride, CONTIG)
     g_off = offset(idx, n_cols, g_stride, CONTIG)
     u_off = offset(idx, n_cols, u_stride, CONTIG)
-    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
-    if COMPUTE_DG:
+    if COMPUTE_DG or STORE_H:
         u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
+    if COMPUTE_DG:
         tl.store(DG + idx, ((dy * u) * _gelu_grad(g, TANH)).to(DG.dtype.element_ty), mask=mask)
     if COMPUTE_DU:
         tl.store(DU + idx, (dy * _gelu(g, TANH)).to(DU.dtype.element_ty), mask=mask)
+    # h as _geglu_fwd forms and rounds it, written last: H may be DY's buffer (in place).
+    if STORE_H:
+        tl.store(H + idx, (_gelu(g, TANH) * u).to(H.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -128,11 +133,13 @@ def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none
 
 def geglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, approximate: str = "none",
                    need_dgate: bool = True, need_dup: bool = True, dgate: torch.Tensor | None = None,
-                   dup: torch.Tensor | None = None):
+                   dup: torch.Tensor | None = None, h_out: torch.Tensor | None = None):
     """(dgate, dup) of h = gelu(gate, approximate) * up for the upstream gradient ``dh``:
     launches the Triton kernel, no autograd, no input checks. Layouts, dtypes, buffers and
-    the gradients asked for as ``swiglu.swiglu_backward``."""
-    return E.gated_backward(_geglu_bwd, dh, gate, up, need_dgate, need_dup, dgate, dup,
+    the gradients asked for as ``swiglu.swiglu_backward``; so is ``h_out`` (h written as
+    ``geglu_forward`` writes it, in place of dh when it is dh, for lora_mlp's dA of
+    down_proj)."""
+    return E.gated_backward(_geglu_bwd, dh, gate, up, need_dgate, need_dup, dgate, dup, h_out,
                             TANH=approximate == "tanh")
 
 

@@ -14,7 +14,9 @@ and map it back to (row, col) only when some input is not contiguous
 
 ``swiglu_forward`` / ``swiglu_backward`` launch the kernels on such views, with no
 autograd: the Function here calls them, and so does ``lora_mlp`` (on its own
-buffers and dtypes).
+buffers and dtypes). ``swiglu_backward`` can also write h = silu(gate) * up (as the
+forward would) over its dh, for lora_mlp, which would otherwise recompute h in a
+pass of its own for down_proj's dA; the Function here never asks for it.
 """
 from __future__ import annotations
 
@@ -46,24 +48,28 @@ def _swiglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
 
 
 @triton.jit
-def _swiglu_bwd(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, n_cols, n_elements,
-                COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr,
+def _swiglu_bwd(DY, G, U, DG, DU, H, dy_stride, g_stride, u_stride, n_cols, n_elements,
+                COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr, STORE_H: tl.constexpr,
                 CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     dy_off = offset(idx, n_cols, dy_stride, CONTIG)
     g_off = offset(idx, n_cols, g_stride, CONTIG)
     u_off = offset(idx, n_cols, u_stride, CONTIG)
-    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
+    if COMPUTE_DG or STORE_H:
+        u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     # ATen's silu_backward order, so that the fp32 roundings match PyTorch's.
     sig = 1.0 / (1.0 + tl.exp(-g))
     if COMPUTE_DG:
-        u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
         d_silu = 1.0 + g * (1.0 - sig)
         tl.store(DG + idx, ((dy * u) * sig * d_silu).to(DG.dtype.element_ty), mask=mask)
     if COMPUTE_DU:
         tl.store(DU + idx, (dy * (g / (1.0 + tl.exp(-g)))).to(DU.dtype.element_ty), mask=mask)
+    # h as _swiglu_fwd forms and rounds it, written last: H may be DY's buffer (in place).
+    if STORE_H:
+        tl.store(H + idx, (g / (1.0 + tl.exp(-g)) * u).to(H.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -78,15 +84,22 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | Non
 
 
 def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, need_dgate: bool = True,
-                    need_dup: bool = True, dgate: torch.Tensor | None = None, dup: torch.Tensor | None = None):
+                    need_dup: bool = True, dgate: torch.Tensor | None = None, dup: torch.Tensor | None = None,
+                    h_out: torch.Tensor | None = None):
     """(dgate, dup) of h = silu(gate) * up for the upstream gradient ``dh``: launches the
     Triton kernel, no autograd, no input checks.
 
     ``dh``, ``gate`` and ``up`` are [rows, cols] views with a unit last stride; ``up`` is
-    read only for dgate (None will do without it). Each gradient is None unless asked
+    read only for dgate or h (None will do without them). Each gradient is None unless asked
     for, computed in fp32 and rounded once to the dtype of its buffer: ``dgate`` / ``dup``
-    when given (contiguous [rows, cols], any float dtype), else a new one of gate's."""
-    return E.gated_backward(_swiglu_bwd, dh, gate, up, need_dgate, need_dup, dgate, dup)
+    when given (contiguous [rows, cols], any float dtype), else a new one of gate's.
+
+    ``h_out``: the kernel also writes h there, bit for bit what ``swiglu_forward`` writes to
+    a buffer of that dtype, from the gate and up it loads anyway, so a caller that needs h
+    after the backward (lora_mlp's dA of down_proj) saves a forward pass over gate and up.
+    It may be ``dh`` itself when dh is dense: h then replaces dh in place, no extra memory
+    (``_elementwise.gated_backward``)."""
+    return E.gated_backward(_swiglu_bwd, dh, gate, up, need_dgate, need_dup, dgate, dup, h_out)
 
 
 class _SwiGLU(torch.autograd.Function):
