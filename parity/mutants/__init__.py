@@ -107,6 +107,8 @@ def _rebind(module: types.ModuleType, original: types.ModuleType, patched: types
         if value is original:
             new = patched
         elif vars(original).get(name, object()) is value and not isinstance(value, types.ModuleType):
+            if name not in vars(patched):  # planted at run time, not by the source: Triton's interpreter
+                continue                   # copies its own globals (``dataclass``...) into a kernel's module
             new = getattr(patched, name)
         elif id(value) in defined:
             new = getattr(patched, defined[id(value)])
