@@ -7,11 +7,15 @@ ill-conditioned dAd (a sum over tokens that cancels) past the parity bound. So: 
 inputs, every activation (silu, exact and tanh GELU), every dtype, gate and up as the
 strided halves of one fused gate_up output (and dense), h from the backward equals the
 forward's h in every bit (compared as integers: -0 is not 0, NaN would not equal itself);
-and asking for h changes neither gradient, in place over dh or into a buffer of its own."""
+and asking for h changes neither gradient, in place over dh or into a buffer of its own.
+On the GPU this compares two compiled kernels (the forward's and the backward's), which is
+where a compiler could contract the same expression differently; under the interpreter the
+same numpy operations."""
 import pytest
 import torch
 
 from workbench.kernels import _common as C
+from workbench.kernels._harness import default_device
 from workbench.kernels.geglu import geglu_backward, geglu_forward
 from workbench.kernels.swiglu import swiglu_backward, swiglu_forward
 
@@ -38,7 +42,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _inputs(layout: str, rows: int, cols: int, dtype, gen):
     # Scales up to 12: silu's exp(-g) overflowing, tanh-GELU's flush to 0 (z < -15), erf saturating.
     scale = torch.tensor([0.5, 3.0, 12.0])[torch.randint(0, 3, (rows, 1), generator=gen)]
-    gu = (torch.randn(rows, 2 * cols, generator=gen) * scale).to(dtype)
+    gu = (torch.randn(rows, 2 * cols, generator=gen) * scale).to(dtype).to(default_device())
     if layout == "gate_up_halves":  # the two halves of a fused gate_up projection: row stride 2 * cols
         return gu[:, :cols], gu[:, cols:]
     return gu[:, :cols].contiguous(), gu[:, cols:].contiguous()
@@ -53,7 +57,7 @@ def test_h_from_the_backward_is_the_forwards(act, approximate, dtype, layout):
         g, u = _inputs(layout, rows, cols, dtype, gen)
         with C.forced_block(block):
             h_fwd = _forward(act, approximate, g, u, C.empty((rows, cols), dtype, g.device))
-            dh = torch.randn(rows, cols, generator=gen).to(dtype)
+            dh = torch.randn(rows, cols, generator=gen).to(dtype).to(g.device)
             dg, du = _backward(act, approximate, dh, g, u, True, True)
             for need_dg, need_du in ((True, True), (True, False), (False, True)):
                 # In place over dh (lora_mlp's way) ...
@@ -75,7 +79,7 @@ def test_h_in_another_dtype_is_the_forwards(act, approximate):
     forward's ``out`` of that dtype does."""
     gen = torch.Generator().manual_seed(7)
     g, u = _inputs("gate_up_halves", 9, 65, torch.bfloat16, gen)
-    dh = torch.randn(9, 65, generator=gen).to(torch.bfloat16)
+    dh = torch.randn(9, 65, generator=gen).to(torch.bfloat16).to(g.device)
     for out_dtype in (torch.float32, torch.float16):
         h_fwd = _forward(act, approximate, g, u, C.empty((9, 65), out_dtype, g.device))
         h = C.empty((9, 65), out_dtype, g.device)
@@ -86,6 +90,6 @@ def test_h_in_another_dtype_is_the_forwards(act, approximate):
 def test_h_in_place_needs_a_dense_dh_of_hs_dtype():
     gen = torch.Generator().manual_seed(3)
     g, u = _inputs("dense", 4, 8, torch.float32, gen)
-    wide = torch.randn(4, 12, generator=gen)
+    wide = torch.randn(4, 12, generator=gen).to(g.device)
     with pytest.raises(ValueError, match="dense dh"):
         swiglu_backward(wide[:, :8], g, u, h_out=wide[:, :8])
