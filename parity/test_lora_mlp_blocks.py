@@ -53,3 +53,35 @@ def test_the_blocks_taken(monkeypatch, rows, blocks):
     monkeypatch.setattr(lora_mlp, "_act_backward", counted)
     report = run_case(SPEC, _params(("x", *ADAPTERS), 0.0, rows), torch.float32, seed=1)
     assert report.ok and calls == blocks * 2
+
+
+@pytest.mark.parametrize(("over", "dtype", "fused"), [
+    ({}, torch.float32, True), ({}, torch.bfloat16, True), ({"activation": "geglu", "approximate": "tanh"},
+                                                           torch.float16, True),
+    ({"_rows": 3}, torch.float32, False), ({"dropout": 0.25}, torch.float32, False),
+    ({"x_fp32": True}, torch.bfloat16, False)],
+    ids=["one_block", "one_block_bf16", "one_block_geglu_fp16", "blocks_of_3", "dropout", "mixed_mode"])
+def test_where_down_dA_takes_h(monkeypatch, over, dtype, fused):
+    """dAd's h comes from the activation's backward, written over dh (issue #19: no separate
+    recompute over g and u) where it applies: one block of rows, no dropout on down's input,
+    dh in the layer's dtype. The blocked backward, a dropout mask and the mixed mode recompute
+    it. Both give the same h bit for bit (``test_gated_h.py``), so only the calls tell them
+    apart. Each case runs twice (with and without the adapters)."""
+    from workbench.kernels import lora_mlp
+
+    forwards, h_outs = [], []
+    real_fwd, real_bwd = lora_mlp._act_forward, lora_mlp._act_backward
+
+    def fwd(*args, **kwargs):
+        forwards.append(1)
+        return real_fwd(*args, **kwargs)
+
+    def bwd(dh, *args, h_out=None, **kwargs):
+        h_outs.append(h_out is not None and h_out.data_ptr() == dh.data_ptr())
+        return real_bwd(dh, *args, h_out=h_out, **kwargs)
+    monkeypatch.setattr(lora_mlp, "_act_forward", fwd)
+    monkeypatch.setattr(lora_mlp, "_act_backward", bwd)
+    report = run_case(SPEC, {**_params(("x", *ADAPTERS), 0.0, None), **over}, dtype, seed=1)
+    assert report.ok, report.describe()
+    assert len(forwards) == (2 if fused else 4)  # the forward's h, plus the backward's recompute unless fused
+    assert all(h_outs) if fused else not any(h_outs)

@@ -22,4 +22,31 @@ MUTANTS = [
     Mutant("lora_mlp", "shared_dx_adapters_misordered", "dx's one LoRA GEMM (no mask) multiplies the stacked dxa^T "
            "(gate, up) by cat(A) in the other order",
            old="torch.cat((gate.A, up.A))", new="torch.cat((up.A, gate.A))"),
+    # dAd from the h that the activation's backward writes over dh (issue #19's fusion):
+    Mutant("lora_mlp", "dAd_before_h_written", "dAd is formed from dh's buffer before the activation's backward "
+           "has written h over it (dxa_d^T dh)",
+           old="""        grads = _act_backward(dh, g[rows], u[rows], activation, approximate, gate is not None, up is not None, lo,
+                              h_out=dh if down.need_a else None)
+        if down.need_a:  # dh's buffer now holds h (one block: every row)
+            dAd = C.empty((dxaT_d.shape[0], inter), lo, dev)
+            torch.mm(dxaT_d, dh, out=dAd)
+""",
+           new="""        if down.need_a:
+            dAd = C.empty((dxaT_d.shape[0], inter), lo, dev)
+            torch.mm(dxaT_d, dh, out=dAd)
+        grads = _act_backward(dh, g[rows], u[rows], activation, approximate, gate is not None, up is not None, lo,
+                              h_out=dh if down.need_a else None)
+"""),
+    Mutant("lora_mlp", "fused_dAd_ignores_down_dropout", "dAd takes the h written over dh under a dropout mask on "
+           "down's input too (h, not dropout(h))",
+           old="return keep_d is None and g.dtype == lo and", new="return g.dtype == lo and"),
+    Mutant("lora_mlp", "swiglu_h_stored_before_dh_read", "the SwiGLU backward writes h over dh before it reads dh "
+           "(in place, the gradients then read h)", module="swiglu",
+           old="    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)\n",
+           new="    if STORE_H:\n"
+               "        tl.store(H + idx, (g / (1.0 + tl.exp(-g)) * u).to(H.dtype.element_ty), mask=mask)\n"
+               "    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)\n"),
+    Mutant("lora_mlp", "geglu_h_takes_d_up", "the GeGLU backward writes dy * gelu(g) (d_up) as h, dy for up",
+           module="geglu", old="tl.store(H + idx, (_gelu(g, TANH) * u).to(H.dtype.element_ty), mask=mask)",
+           new="tl.store(H + idx, (_gelu(g, TANH) * dy).to(H.dtype.element_ty), mask=mask)"),
 ]
