@@ -218,7 +218,8 @@ def test_qlora_trains_an_nf4_double_quant_base(tmp_path):
     run = tmp_path / "run"
     rec = train.run_train(cfg, run)
     compute = "bfloat16" if torch.cuda.is_available() else "float32"  # model.dtype auto
-    assert rec["quantization"] == {"type": "nf4", "double_quant": True, "compute_dtype": compute}
+    assert rec["quantization"] == {"type": "nf4", "double_quant": True, "compute_dtype": compute,
+                                   "upcast_frozen": True}  # PEFT's fp32 norms, embeddings and head (the default)
     assert all(r["loss"] == r["loss"] and r["loss"] < 100 for r in loss_rows(run))  # finite
     # The base really was 4-bit NF4 with double quantization.
     model = models.load_model(cfg, str(manifest.resolve(run, rec["base_model"])))   # "base": inside the run
