@@ -81,6 +81,29 @@ def test_tokenizer_corpus_covers_specials_whitespace_unicode_and_chat():
     assert any(s.endswith("<|im_start|>assistant\n") for s in corpus)         # with generation prompt
 
 
+def test_logit_metrics_count_each_distinct_context_once():
+    """Windows that start alike (every chat row starts with the template's tokens) repeat those
+    contexts, and their logits: KL and top-1 count each once; perplexity counts every token."""
+    import torch
+
+    from workbench.export.compare import distinct_contexts, logit_metrics
+
+    wins = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6], [7, 2]]
+    assert distinct_contexts(wins).tolist() == [True, True, True, True,
+                                                False, False, True,
+                                                False, False, False, True,
+                                                True, True]
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(len(w), 9, generator=gen) for w in wins]
+    test = [x.clone() for x in ref]
+    test[1][1, 0] += 50.0          # a repeated context (ids 1, 2) disagrees: not counted again
+    m = logit_metrics(ref, test, wins)
+    assert m["positions"] == 8 and m["kl_mean"] == 0.0 and m["top1_agreement"] == 1.0
+    assert m["ppl_rel_delta"] > 0   # the token after it is a token of the text: perplexity sees it
+    test[0][1, 0] += 50.0          # the first occurrence of that context: counted
+    assert logit_metrics(ref, test, wins)["kl_mean"] > 0
+
+
 def test_gguf_metadata_matches_the_checkpoint(exported):
     run, _ = exported
     tok = tokenizer()

@@ -32,15 +32,37 @@ def perplexity(logits: list[torch.Tensor], wins: list[list[int]]) -> float:
     return math.exp(nll.mean().item())
 
 
+def distinct_contexts(wins: list[list[int]]) -> torch.Tensor:
+    """A mask over the windows' positions (concatenated): True at the first position of
+    each distinct context, a window's ids up to and including that position. A context
+    that occurs again (windows that start alike, e.g. every chat row's template start)
+    gives the same logits again, so it is counted once."""
+    nodes: dict[tuple[int, int], int] = {}   # (parent context, next id) -> context: a trie
+    first = []
+    for w in wins:
+        node = -1
+        for token in w:
+            key = (node, token)
+            first.append(key not in nodes)
+            node = nodes.setdefault(key, len(nodes))
+    return torch.tensor(first, dtype=torch.bool)
+
+
 def logit_metrics(ref: list[torch.Tensor], test: list[torch.Tensor], wins: list[list[int]]) -> dict:
     """KL(ref || test) per position (mean and max), top-1 agreement, max and mean
-    absolute logit difference, and both perplexities with the relative delta.
+    absolute logit difference, each over the distinct contexts (:func:`distinct_contexts`:
+    ``positions`` is their count), and both perplexities of the windows' tokens with the
+    relative delta.
 
     ``ref``/``test``: one [T, V] logits tensor per window; ``wins``: the ids."""
     r = torch.cat([x.double() for x in ref])
     t = torch.cat([x.double() for x in test])
     if r.shape != t.shape:
         raise ValueError(f"logit shapes differ: {tuple(r.shape)} vs {tuple(t.shape)}")
+    once = distinct_contexts(wins)
+    if once.shape[0] != r.shape[0]:
+        raise ValueError(f"{r.shape[0]} logit rows for {once.shape[0]} ids")
+    r, t = r[once], t[once]
     lr, lt = torch.log_softmax(r, -1), torch.log_softmax(t, -1)
     kl = (lr.exp() * (lr - lt)).sum(-1).clamp_min(0.0)   # tiny negative values are rounding
     diff = (r - t).abs()
