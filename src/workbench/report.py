@@ -266,8 +266,8 @@ def _md_merge(sec: dict, plots: dict) -> list[str]:
         return [f"The merged model was brought by the user from `{sec['merged']}` (stored as {sec['dtype']}); "
                 "no merge ran in this run, so there is no merge verification.", ""]
     text = [f"Saved as {sec['dtype']}. Reference: {sec.get('reference')}, on {sec.get('eval_tokens')} held-out "
-            "tokens (plain question/answer text; *ppl* is token perplexity there, see \"About the perplexities\" "
-            "under Evaluation).", ""]
+            "tokens (the held-out rows through the chat template, as training renders them; *ppl* is token "
+            "perplexity there, see \"About the perplexities\" under Evaluation).", ""]
     rows = [[k, *(m.get(key) for key, _ in VERIFY_KEYS)] for k, m in sec["artifacts"].items()]
     text += table(["artifact", *(label for _, label in VERIFY_KEYS)], rows) + [""]
     if sec.get("nf4_vs_16bit"):

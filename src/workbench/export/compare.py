@@ -11,15 +11,6 @@ import math
 import torch
 
 
-def windows(ids: list[int], window: int, max_tokens: int) -> list[list[int]]:
-    """Cut the first ``max_tokens`` ids into consecutive windows of at most ``window``
-    (each evaluated from an empty context); a last window under 2 ids predicts nothing
-    and is dropped."""
-    ids = ids[:max_tokens]
-    out = [ids[i:i + window] for i in range(0, len(ids), window)]
-    return [w for w in out if len(w) >= 2]
-
-
 def _nll(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """Per-position negative log-likelihood of the next token (positions 0..T-2)."""
     logp = torch.log_softmax(logits[:-1], dim=-1)

@@ -23,30 +23,35 @@ import torch
 
 from workbench.errors import UserError
 
-from .compare import hf_logits, logit_metrics, windows
+from .compare import hf_logits, logit_metrics
 
 #: Thresholds per GGUF type, checked against both readers (llama.cpp and transformers).
-#: Measured with llama-cpp-python 0.3.36 on the CPU, 512 tokens of
-#: workbench.synthetic.heldout_text() in windows of 128, llama.cpp reader:
+#: Measured with llama-cpp-python 0.3.36 on the CPU, on heldout_windows (512 tokens of
+#: the held-out rows as training tokenizes them, one window per row; KL and top-1 over
+#: the distinct contexts), llama.cpp reader:
 #:
 #:           trained built-in default          random tiny test models, worst of
-#:           (tiny llama, 250 LoRA steps)      6 families x 2 seeds (tests/_export_run.py)
+#:           (tiny llama, 800 LoRA steps)      6 families x 2 seeds (tests/_export_run.py)
 #:           KL mean  top-1  ppl delta         KL mean  top-1  |ppl delta|
-#:   f16     3.7e-7   1.000  +4.9e-4           6.3e-7   0.996  2.2e-4
-#:   bf16    3.1e-5   0.998  -7.4e-3           2.8e-5   0.979  1.4e-3
-#:   q8_0    2.5e-4   0.998  -4.2e-3           3.3e-4   0.922  4.3e-3
-#:   q4_k_m  2.1e-2   0.969  +1.5e-2           1.1e-2   0.701  3.1e-2
+#:   f16     2.0e-6   1.000  +7.3e-5           6.4e-7   0.997  1.7e-4
+#:   bf16    6.1e-5   0.994  -1.4e-3           3.3e-5   0.972  1.3e-3
+#:   q8_0    5.9e-4   0.983  +9.1e-3           3.7e-4   0.939  6.0e-3
+#:   q4_k_m  1.8e-2   0.934  +2.8e-2           1.1e-2   0.669  2.9e-2
 #:
 #: f16 is not bit-exact because llama.cpp rounds activations to f16 in its matmuls;
 #: q8_0 also quantizes activations to 8 bits (transformers' weight-only reading of
 #: the same file: about half the KL); the tiny models' q4_k_m mostly falls back to
-#: q5_0/q8_0 (rows < 256, see quantize.py). The held-out text is plain Q/A while the
-#: default adapter is trained on chat turns, so its perplexity is ~3000 and the ppl
-#: delta is dominated by very unlikely tokens (hence bf16's 7e-3). Random models
-#: have flat next-token distributions, so top-1 flips on near-ties; KL is the sharp
-#: metric. The limits sit 7-15x above the worst KL / ppl delta seen, and far below
-#: a real conversion bug (llama rope rows not reordered: KL 0.17; Gemma norms
-#: without + 1: KL 0.9).
+#: q5_0/q8_0 (rows < 256, see quantize.py). Most compared tokens are prompt tokens,
+#: which training never made targets (the loss is on the replies): the default adapter
+#: is confidently wrong there (token perplexity 15,000, against 1.06 on the replies),
+#: so the ppl delta is dominated by very unlikely tokens. Random models have flat
+#: next-token distributions, so top-1 flips on near-ties; KL is the sharp metric. The
+#: limits sit about 5x above the worst KL seen, and far below a real conversion bug
+#: (llama rope rows not reordered: KL 1.9 on the trained default, 0.055-0.094 on the
+#: random models; Gemma norms without + 1: KL 0.30-1.0 on the random models).
+#: On the former held-out text (the rows as plain "question\nanswer", no chat template,
+#: in windows of 128) the rope mistake on the default was KL 0.09, and on random models
+#: (as these limits were first set on) 0.06-0.13.
 DEFAULT_THRESHOLDS = {
     "f16": {"kl_mean": 1e-5, "top1_agreement": 0.98, "ppl_rel_delta": 5e-3},
     "bf16": {"kl_mean": 3e-4, "top1_agreement": 0.93, "ppl_rel_delta": 5e-2},
@@ -54,22 +59,94 @@ DEFAULT_THRESHOLDS = {
     "q4_k_m": {"kl_mean": 1e-1, "top1_agreement": 0.55, "ppl_rel_delta": 1.5e-1},
 }
 
-#: Held-out text evaluated: the first EVAL_TOKENS ids, in windows of EVAL_WINDOW.
+#: Held-out ids compared: EVAL_TOKENS in all, one window per row of at most EVAL_WINDOW.
 EVAL_TOKENS = 512
 EVAL_WINDOW = 128
 
 
-def heldout_windows(tokenizer, max_positions: int, heldout: str | None = None) -> tuple[list[list[int]], int]:
-    """The held-out ids every export check compares logits on, and the window length:
-    ``heldout`` (default ``workbench.synthetic.heldout_text()``: the built-in held-out
-    rows as plain "question\\nanswer" text, no chat template), tokenized, its first
-    EVAL_TOKENS ids in windows of EVAL_WINDOW (at most the model's positions)."""
-    if heldout is None:
-        from workbench.synthetic import heldout_text
+def heldout_rows(run: str | Path) -> tuple[list[dict], str]:
+    """The run's held-out rows and where they came from (RUN/data/test.jsonl, which the train
+    stage writes; else the built-in test split for the recorded seed, e.g. for a merged model
+    brought with ``workbench export --merged``)."""
+    from workbench import manifest
+    from workbench.eval.suite import load_test_rows
 
-        heldout = heldout_text()
+    return load_test_rows(Path(run), manifest.stage(Path(run), "train"))
+
+
+def chat_rendered(tokenizer) -> bool:
+    """Whether :func:`heldout_texts` renders through the tokenizer's chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def heldout_texts(tokenizer, rows: list[dict]) -> list[str]:
+    """Each held-out row as the model is trained on it: prompt + completion through the
+    tokenizer's chat template, the text ``data.training_dataset`` tokenizes.
+
+    Fallback: a tokenizer without a chat template (only a merged model brought with its own
+    tokenizer can lack one: training refuses such a tokenizer) gets each row as plain
+    "question\\nanswer\\n\\n" text (the rows' former verification text), which is not the
+    text a chat model was trained on; the export report and the qualify gates say which of
+    the two was compared (:func:`heldout_label`)."""
+    from workbench import synthetic
+
+    texts = []
+    for r in rows:
+        prompt, completion = r.get("prompt"), r.get("completion")
+        if chat_rendered(tokenizer) and isinstance(prompt, list) and isinstance(completion, list):
+            texts.append(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
+        else:
+            question = synthetic.question(r) if isinstance(prompt, list) else str(prompt)
+            texts.append(f"{question}\n{r.get('answer', completion)}\n\n")
+    return texts
+
+
+def heldout_windows(tokenizer, max_positions: int, rows: list[dict]) -> tuple[list[list[int]], int]:
+    """The ids every logit comparison of a run is made on — the merge stage, the export
+    stage (each GGUF, and the adapter GGUF on its bases) and the qualify gates that recompute
+    them — and the window length.
+
+    One window per held-out row, evaluated from an empty context as training sees a row
+    (``training.packing`` is off by default), holding the ids training makes of it
+    (:func:`heldout_texts`): a chat-rendered row tokenized as ``apply_chat_template`` does
+    (its text holds its own special tokens; none are added), the ids
+    ``data.training_dataset`` trains on; a plain one with the tokenizer's special tokens
+    (e.g. a BOS). Rows are taken skill by skill in turn (``eval.suite.interleave``), so the
+    EVAL_TOKENS ids cover every skill rather than the first one of the split; a row longer
+    than EVAL_WINDOW (or the model's positions) is cut there, keeping its start as
+    training's max_seq_len cut does. :func:`ids_sha256` fingerprints the result, so the
+    gates can check that they compare what the stages compared.
+
+    Every row starts with the same template tokens, so those first contexts recur in every
+    window; ``compare.logit_metrics`` counts each distinct context once (otherwise one
+    near-tie there, two logits 1e-3 apart, flips top-1 in every window at once: measured
+    f16 top-1 0.961 on a trained tiny llama). Rows one after another in longer windows were
+    measured too and are not the trained form: the rows before a reply confuse a trained
+    tiny llama (reply-token perplexity 2-5, against 1.2 for a row alone)."""
+    from workbench.eval.suite import interleave
+
+    special = not chat_rendered(tokenizer)
     window = min(EVAL_WINDOW, max_positions)
-    return windows(tokenizer(heldout)["input_ids"], window, EVAL_TOKENS), window
+    wins: list[list[int]] = []
+    total = 0
+    for text in heldout_texts(tokenizer, interleave(rows)):
+        if total >= EVAL_TOKENS:
+            break
+        ids = tokenizer(text, add_special_tokens=special)["input_ids"][:min(window, EVAL_TOKENS - total)]
+        if len(ids) >= 2:   # a single id predicts nothing
+            wins.append(ids)
+            total += len(ids)
+    if not wins:
+        raise UserError("the held-out rows are too short to compare logits on (fewer than 2 tokens each); give "
+                        "held-out rows with a prompt and a reply (data.test).")
+    return wins, window
+
+
+def heldout_label(tokenizer, source: str) -> str:
+    """What :func:`heldout_windows` compared, in words (the export report and the gates say it)."""
+    form = ("prompt + reply through the tokenizer's chat template, as training tokenizes them" if
+            chat_rendered(tokenizer) else "as plain 'question\\nanswer' text: the tokenizer has no chat template")
+    return f"held-out rows ({source}), one window per row, skills in turn, {form}"
 
 
 def ids_sha256(wins: list[list[int]]) -> str:
