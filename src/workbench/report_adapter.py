@@ -18,10 +18,10 @@ PERPLEXITY_NOTE = (
     "whitespace-separated word and per byte (a word is one or more tokens, so word perplexity is the "
     "largest). Both are large by construction, not a sign of a broken model: the adapter was trained with "
     "the loss on the replies only, so it never learned to predict the prompts, and the questions are mostly "
-    "unpredictable (random letter strings to reverse, random digits, invented planet names) for a model of "
-    "about a million parameters. Measured on the built-in default run (800 steps, held-out accuracy 0.99): "
-    "token perplexity about 5,400 on the chat-rendered rows, of which about 15,000 on the prompt tokens and "
-    "1.06 on the reply tokens it was trained on; about 2,600 on the plain text. Read them as a comparison: "
+    "unpredictable (random letter strings to reverse, random digits, invented planet names) for a model of a "
+    "few million parameters. Measured on the built-in default run (800 steps, held-out accuracy 0.99): "
+    "token perplexity about 2,200 on the chat-rendered rows, of which about 5,700 on the prompt tokens and "
+    "1.04 on the reply tokens it was trained on; about 2,400 on the plain text. Read them as a comparison: "
     "how much a merged or exported model moves perplexity against the adapter (the relative changes, and "
     "the eval chart), not as a quality score; the accuracy columns say what the adapter learned.")
 

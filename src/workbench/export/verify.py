@@ -28,35 +28,59 @@ from .compare import hf_logits, logit_metrics
 #: Thresholds per GGUF type, checked against both readers (llama.cpp and transformers).
 #: Measured with llama-cpp-python 0.3.36 on the CPU, on heldout_windows (512 tokens of
 #: the held-out rows as training tokenizes them, one window per row; KL and top-1 over
-#: the distinct contexts), llama.cpp reader:
+#: the distinct contexts), llama.cpp reader, the worst of each column:
 #:
-#:           trained built-in default          random tiny test models, worst of
-#:           (tiny llama, 800 LoRA steps)      6 families x 2 seeds (tests/_export_run.py)
-#:           KL mean  top-1  ppl delta         KL mean  top-1  |ppl delta|
-#:   f16     2.0e-6   1.000  +7.3e-5           6.4e-7   0.997  1.7e-4
-#:   bf16    6.1e-5   0.994  -1.4e-3           3.3e-5   0.972  1.3e-3
-#:   q8_0    5.9e-4   0.983  +9.1e-3           3.7e-4   0.939  6.0e-3
-#:   q4_k_m  1.8e-2   0.934  +2.8e-2           1.1e-2   0.669  2.9e-2
+#:           trained built-in default (hidden 256;     random tiny test models (hidden 64),
+#:           800 steps x seeds 0-3, and test_eval's    6 families x 2 seeds
+#:           200 steps at lr 3e-3 x seeds 0-2)         (tests/_export_run.py)
+#:           KL mean  top-1  |ppl delta|               KL mean  top-1  |ppl delta|
+#:   f16     1.7e-6   0.997  4.1e-4                    6.4e-7   0.997  1.7e-4
+#:   bf16    5.2e-5   0.994  3.2e-3                    3.3e-5   0.972  1.3e-3
+#:   q8_0    4.8e-4   0.983  1.0e-2                    3.7e-4   0.939  6.0e-3
+#:   q4_k_m  6.5e-2   0.904  0.19                      1.1e-2   0.669  2.9e-2
 #:
 #: f16 is not bit-exact because llama.cpp rounds activations to f16 in its matmuls;
 #: q8_0 also quantizes activations to 8 bits (transformers' weight-only reading of
-#: the same file: about half the KL); the tiny models' q4_k_m mostly falls back to
-#: q5_0/q8_0 (rows < 256, see quantize.py). Most compared tokens are prompt tokens,
-#: which training never made targets (the loss is on the replies): the default adapter
-#: is confidently wrong there (token perplexity 15,000, against 1.06 on the replies),
-#: so the ppl delta is dominated by very unlikely tokens. Random models have flat
-#: next-token distributions, so top-1 flips on near-ties; KL is the sharp metric. The
-#: limits sit about 5x above the worst KL seen, and far below a real conversion bug
-#: (llama rope rows not reordered: KL 1.9 on the trained default, 0.055-0.094 on the
-#: random models; Gemma norms without + 1: KL 0.30-1.0 on the random models).
+#: the same file: about half the KL). The default's q4_k_m is real Q4_K/Q6_K (every
+#: row a multiple of 256); the hidden-64 test models' falls back to Q5_0/Q8_0 (rows
+#: < 256, see quantize.py): the same 6 families x 2 seeds at hidden 256 (real Q4_K)
+#: reach KL 3.2e-2, top-1 0.46, |ppl delta| 2.3e-2. Random models have flat
+#: next-token distributions, so top-1 flips on near-ties; KL is the sharp metric. So
+#: does a model barely moved from the built-in base (near-uniform by design, see
+#: workbench/default.py): 3-step runs' q4_k_m has top-1 0.51 (DPO) to 1.0 (SFT) at KL
+#: 0.011-0.022. q4_k_m's top-1 limit, 0.35, is 0.76x the worst seen (0.46), as 0.55 was
+#: 0.78x the worst of the fallback types.
+#: The f16, bf16 and q8_0 limits sit about 6x above the worst KL and 5-16x above the
+#: worst ppl delta seen, and far below a real conversion bug (KL of an f16 file, same ids):
+#:
+#:   llama rope rows not reordered (gguf_writer.permute_rope_rows skipped):
+#:     trained default 1.8-2.8 (800 steps), 0.30-0.88 (200 steps);
+#:     random models 0.11-0.14 (hidden 256), 0.055-0.094 (hidden 64);
+#:     3-step built-in runs 4.3e-4 to 6.3e-4 (near-uniform attention: 43x the f16 limit)
+#:   Gemma norms without + 1: gemma 4.8-5.3 (hidden 256), 0.98-1.0 (hidden 64); gemma2,
+#:     whose final logits are soft-capped at 5: 0.41-0.42 (hidden 256), 0.30-0.32 (64)
+#:
+#: q4_k_m cannot have both margins at this size. Its KL limit, 0.1, is 1.5x above the
+#: worst real Q4_K seen, 18x below the rope mistake on the 800-step default and 3x below
+#: it on 200-step runs; but on random models the mistake (0.055-0.14) falls under or
+#: near that limit, and on barely trained ones (4e-4) far below real Q4_K's own KL
+#: (0.011-0.022): there q4_k_m's numbers cannot tell the mistake apart. The f16 file,
+#: which every export writes with the same writer and verifies, does (limit 1e-5).
+#: The ppl delta is over every token, and most are prompt tokens, which training never
+#: made targets (the loss is on the replies): the trained adapter is confidently wrong
+#: there (token perplexity 5,700-12,000 at 800 steps, against 1.01-1.04 on the replies),
+#: so Q4_K's noise on those logits moves the perplexity by up to a fifth (-0.19 at seed
+#: 2, +0.12 for test_eval's run), while on the reply tokens it moves it by at most 2.9%
+#: (and the rope mistake by +53% to +12,800%). The limit, 0.3, is 1.6x above the worst
+#: seen.
 #: On the former held-out text (the rows as plain "question\nanswer", no chat template,
-#: in windows of 128) the rope mistake on the default was KL 0.09, and on random models
-#: (as these limits were first set on) 0.06-0.13.
+#: in windows of 128) the default's q4_k_m reached KL 0.13, and on test_eval's run the
+#: rope mistake (KL 0.026) was below real Q4_K (0.044): that text could not tell them apart.
 DEFAULT_THRESHOLDS = {
     "f16": {"kl_mean": 1e-5, "top1_agreement": 0.98, "ppl_rel_delta": 5e-3},
     "bf16": {"kl_mean": 3e-4, "top1_agreement": 0.93, "ppl_rel_delta": 5e-2},
     "q8_0": {"kl_mean": 3e-3, "top1_agreement": 0.85, "ppl_rel_delta": 5e-2},
-    "q4_k_m": {"kl_mean": 1e-1, "top1_agreement": 0.55, "ppl_rel_delta": 1.5e-1},
+    "q4_k_m": {"kl_mean": 1e-1, "top1_agreement": 0.35, "ppl_rel_delta": 3e-1},
 }
 
 #: Held-out ids compared: EVAL_TOKENS in all, one window per row of at most EVAL_WINDOW.
