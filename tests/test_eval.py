@@ -19,9 +19,10 @@ ORDER = ["base", "adapter", "merged", "f16", "q8_0", "q4_k_m"]
 MC, GEN, PPL = "wb_synthetic_mc acc", "wb_synthetic_gen exact_match [strip]", "wb_heldout_ppl word_perplexity"
 
 # A short real training run: 200 steps at lr 3e-3 (the default run is 800 at 2e-3)
-# take ~45 s of training on this CPU. Measured with seed 0 on the 156 held-out rows:
-# base MC acc 0.22, exact match 0, word perplexity 4.3e4; adapter 0.61, 0.16, 4.1e3.
-# (800 steps reach exact match 1.0 in test_train; 300 steps: MC 0.80, exact match 0.36.)
+# take ~15 s of training on this CPU. Measured with seed 0 on the 156 held-out rows
+# (the built-in at hidden 256): base MC acc 0.24, exact match 0, word perplexity 1.7e4;
+# adapter 0.55, 0.12, 6.5e3. (At its first shape, hidden 128: base 0.22, 0, 4.3e4; adapter
+# 0.61, 0.16, 4.1e3. 800 steps reach exact match 0.99 in test_train.)
 # The longest answer is 5 tokens with the EOS; 12 new tokens keep the base model,
 # which never stops, from generating 32 per row (the eval uses the run's budget).
 TRAIN = ["training.max_steps=200", "training.lr=3e-3", "training.logging_steps=50", "eval.max_rows=0",
@@ -78,7 +79,7 @@ def test_trained_run_table_shows_training_gain_and_faithful_exports_offline(tmp_
     # answers exactly; the adapter is far above both, and far less perplexed.
     assert row.loc["base", MC] <= 0.3 and row.loc["adapter", MC] >= row.loc["base", MC] + 0.25
     assert row.loc["base", GEN] == 0 and row.loc["adapter", GEN] >= 0.1
-    assert row.loc["base", PPL] >= 3 * row.loc["adapter", PPL]
+    assert row.loc["base", PPL] >= 2 * row.loc["adapter", PPL]
     # Export fidelity: merged, f16 and q8_0 reproduce the adapter and q4_k_m stays
     # close, all within the default tolerances (no flags); the base is never flagged.
     assert table["flags"].isna().all(), table[["model", "flags"]]

@@ -81,6 +81,57 @@ def test_tokenizer_corpus_covers_specials_whitespace_unicode_and_chat():
     assert any(s.endswith("<|im_start|>assistant\n") for s in corpus)         # with generation prompt
 
 
+def test_logits_are_compared_on_the_held_out_rows_as_training_tokenizes_them():
+    """verify.heldout_windows, the one definition of the ids every comparison of a run uses
+    (merge, export, adapter GGUF, the qualify gates): one window per held-out row holding the
+    ids training makes of it (chat template, data.training_dataset), skills in turn, EVAL_TOKENS
+    in all; a tokenizer without a chat template gets the rows as plain question/answer text,
+    and the label says so."""
+    from workbench import config, data, synthetic
+    from workbench.eval.suite import interleave
+
+    tok = tokenizer()
+    rows = interleave(synthetic.build()["test"])
+    wins, window = verify.heldout_windows(tok, 256, synthetic.build()["test"])
+    trained = data.training_dataset(config.load(None), tok, rows)["input_ids"]
+    assert window == verify.EVAL_WINDOW and sum(map(len, wins)) == verify.EVAL_TOKENS
+    assert wins[:-1] == trained[:len(wins) - 1]                       # whole rows, as trained ...
+    assert wins[-1] == trained[len(wins) - 1][:len(wins[-1])]         # ... the last one cut at the budget
+    assert {r["skill"] for r in rows[:len(wins)]} == set(synthetic.SKILLS)
+    assert verify.heldout_windows(tok, 256, synthetic.build()["test"]) == (wins, window)   # ids_sha256 is stable
+    label = verify.heldout_label(tok, "x")
+    assert "chat template, as training tokenizes them" in label and "no chat template" not in label
+    cut, window = verify.heldout_windows(tok, 8, rows)                # a short context cuts each row, keeping its start
+    assert window == 8 and cut == [t[:8] for t in trained[:len(cut)]]
+    tok.chat_template = None
+    plain, _ = verify.heldout_windows(tok, 256, rows)
+    assert [tok.decode(w) for w in plain[:2]] == [f"{synthetic.question(r)}\n{r['answer']}\n\n" for r in rows[:2]]
+    assert "no chat template" in verify.heldout_label(tok, "x")
+
+
+def test_logit_metrics_count_each_distinct_context_once():
+    """Windows that start alike (every chat row starts with the template's tokens) repeat those
+    contexts, and their logits: KL and top-1 count each once; perplexity counts every token."""
+    import torch
+
+    from workbench.export.compare import distinct_contexts, logit_metrics
+
+    wins = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6], [7, 2]]
+    assert distinct_contexts(wins).tolist() == [True, True, True, True,
+                                                False, False, True,
+                                                False, False, False, True,
+                                                True, True]
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(len(w), 9, generator=gen) for w in wins]
+    test = [x.clone() for x in ref]
+    test[1][1, 0] += 50.0          # a repeated context (ids 1, 2) disagrees: not counted again
+    m = logit_metrics(ref, test, wins)
+    assert m["positions"] == 8 and m["kl_mean"] == 0.0 and m["top1_agreement"] == 1.0
+    assert m["ppl_rel_delta"] > 0   # the token after it is a token of the text: perplexity sees it
+    test[0][1, 0] += 50.0          # the first occurrence of that context: counted
+    assert logit_metrics(ref, test, wins)["kl_mean"] > 0
+
+
 def test_gguf_metadata_matches_the_checkpoint(exported):
     run, _ = exported
     tok = tokenizer()
@@ -127,7 +178,7 @@ def test_q4_k_is_used_where_rows_allow_it(tmp_path):
     # initializer_range 0.05 = 0.1 * sqrt(64 / 256) keeps activations at the hidden-64 models' scale.
     run = build_merged_run(tmp_path / "run", "qwen2", hidden_size=256, intermediate_size=320, head_dim=64,
                            initializer_range=0.05)
-    report = run_export(run, ["q4_k_m"], heldout=heldout())
+    report = run_export(run, ["q4_k_m"])
     assert sorted(report["files"]) == ["f16", "q4_k_m"] and report["source_for_quants"] == "model-f16.gguf"
     types = quantize.tensor_types(run / "export" / "model-q4_k_m.gguf")
     fallbacks = report["files"]["q4_k_m"]["fallbacks"]
@@ -136,11 +187,9 @@ def test_q4_k_is_used_where_rows_allow_it(tmp_path):
             assert t["type"] in {"Q4_K", "Q6_K"} and name not in fallbacks, (name, t)
     assert types["blk.0.attn_q.weight"]["type"] == "Q4_K"
     assert "blk.0.ffn_down.weight" in fallbacks
-    # Real Q4_K blocks stay within the q4_k_m limits on KL and perplexity (measured KL
-    # 0.016, ppl +2%); top-1 is not asserted: this random model's next-token
-    # distributions are nearly flat (top-1 0.60 on near-ties).
-    limits = dict(verify.DEFAULT_THRESHOLDS["q4_k_m"], top1_agreement=0.0)
-    assert verify.failures(report["files"]["q4_k_m"]["llama_cpp"], limits) == []
+    # Real Q4_K blocks stay within the q4_k_m limits (measured KL 0.016, top-1 0.63 on this
+    # random model's nearly flat next-token distributions, ppl -1.3%).
+    assert verify.failures(report["files"]["q4_k_m"]["llama_cpp"], verify.DEFAULT_THRESHOLDS["q4_k_m"]) == []
 
 
 def test_thresholds_come_from_the_config_file(tmp_path, capsys):
@@ -157,7 +206,7 @@ def test_thresholds_come_from_the_config_file(tmp_path, capsys):
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma2"])
 def test_every_family_round_trips_through_llama_cpp(tmp_path, family):
     run = build_merged_run(tmp_path / "run", family)
-    report = run_export(run, ["f16"], heldout=heldout())
+    report = run_export(run, ["f16"])
     f16 = report["files"]["f16"]
     assert f16["passed"], f16["failures"]
     assert f16["tokenizer"]["mismatches"] == []
@@ -216,7 +265,7 @@ def test_killed_write_leaves_no_finished_looking_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_export(run, ["f16"], heldout=heldout())
+        run_export(run, ["f16"])
     (partial,) = seen["partial"]                              # written under a temp name ...
     assert partial.startswith(".model-f16.gguf.") and partial.endswith(".partial")
     assert list(out.iterdir()) == []                          # ... and removed; no model-f16.gguf
@@ -227,6 +276,6 @@ def test_a_hard_kill_leftover_is_cleaned_by_the_next_export(tmp_path):
     run = build_merged_run(tmp_path / "run", "qwen2")
     (run / "export").mkdir()
     (run / "export" / ".model-q8_0.gguf.partial").write_bytes(b"GGUF half written")
-    run_export(run, ["f16"], heldout=heldout())
+    run_export(run, ["f16"])
     assert sorted(p.name for p in (run / "export").iterdir()) == ["export_report.json", "model-f16.Modelfile",
                                                                   "model-f16.gguf"]

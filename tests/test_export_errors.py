@@ -144,7 +144,7 @@ def test_gemma2_attention_scale_check_is_needed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(archs, "_check_gemma2", lambda config: None)
     run = build_merged_run(tmp_path / "run", "gemma2", query_pre_attn_scalar=64)   # head_dim 16
-    report = run_export(run, ["f16"], heldout=heldout())
+    report = run_export(run, ["f16"])
     assert not report["passed"] and report["files"]["f16"]["llama_cpp"]["kl_mean"] > 1e-3
 
 
@@ -262,6 +262,6 @@ def test_other_known_pre_tokenizers_round_trip_through_llama_cpp(tmp_path, name)
     # A llama checkpoint: transformers keeps tokenizer.json's split (for qwen2 it would
     # substitute Qwen2's own, see test_export.py).
     run = build_merged_run(tmp_path / "run", "llama", tok=hf, vocab_size=len(hf))
-    report = run_export(run, ["f16"], heldout=heldout())
+    report = run_export(run, ["f16"])
     assert report["pre_tokenizer"] == name
     assert report["files"]["f16"]["tokenizer"]["mismatches"] == []

@@ -118,7 +118,7 @@ def test_a_bf16_base_is_merged_in_fp32_and_saved_as_bf16(tmp_path):
     torch.testing.assert_close(weights[f"{module}.weight"], want, rtol=2**-8, atol=0)
     report = json.loads((run / "merge" / "merge_report.json").read_text())
     assert report["dtype"] == "bfloat16"
-    # bf16-rounded merged weights vs the fp32 adapter on the bf16 base: measured KL 7e-5, top-1 0.99.
+    # bf16-rounded merged weights vs the fp32 adapter on the bf16 base: measured KL 9e-6, top-1 0.99.
     assert report["merged"]["kl_mean"] < 1e-3
     assert report["merged"]["top1_agreement"] > 0.95
 

@@ -237,21 +237,20 @@ class Context:
             self.cache["tokenizer"] = load_tokenizer(self.run)
         return self.cache["tokenizer"]
 
-    def heldout_texts(self) -> list[str]:
-        """The run's held-out rows as the model sees them (chat template applied)."""
-        if "texts" not in self.cache:
-            from workbench.eval.suite import load_test_rows
+    def heldout_rows(self) -> list[dict]:
+        """The run's held-out rows (workbench.export.verify.heldout_rows)."""
+        if "rows" not in self.cache:
+            from workbench.export.verify import heldout_rows
 
-            rows, _ = load_test_rows(self.run, manifest.stage(self.run, "train"))
-            tok = self.tokenizer()
-            texts = []
-            for r in rows:
-                prompt, completion = r.get("prompt"), r.get("completion")
-                if tok.chat_template and isinstance(prompt, list) and isinstance(completion, list):
-                    texts.append(tok.apply_chat_template(prompt + completion, tokenize=False))
-                else:
-                    texts.append(f"{r.get('question', prompt)}\n{r.get('answer', completion)}")
-            self.cache["texts"] = texts
+            self.cache["rows"] = heldout_rows(self.run)[0]
+        return self.cache["rows"]
+
+    def heldout_texts(self) -> list[str]:
+        """The run's held-out rows as the model sees them (chat template applied; verify.heldout_texts)."""
+        if "texts" not in self.cache:
+            from workbench.export.verify import heldout_texts
+
+            self.cache["texts"] = heldout_texts(self.tokenizer(), self.heldout_rows())
         return self.cache["texts"]
 
     def merged_dir(self) -> Path:
@@ -262,18 +261,13 @@ class Context:
         return merged
 
     def windows(self) -> list[list[int]]:
-        """The held-out rows' ids in windows, as the merge and export stages cut them."""
+        """The held-out ids the merge and export stages compared logits on (verify.heldout_windows)."""
         if "windows" not in self.cache:
-            from workbench.export.compare import windows
-            from workbench.export.verify import EVAL_TOKENS, EVAL_WINDOW
+            from workbench.export.verify import heldout_windows
 
             config = json.loads((self.merged_dir() / "config.json").read_text())
-            window = min(EVAL_WINDOW, config["max_position_embeddings"])
-            ids = self.tokenizer()("\n".join(self.heldout_texts()), add_special_tokens=False)["input_ids"]
-            wins = windows(ids, window, EVAL_TOKENS)
-            if not wins:
-                raise UserError("the run's held-out rows are too short to compare logits (fewer than 2 tokens).")
-            self.cache["windows"] = wins
+            self.cache["windows"] = heldout_windows(self.tokenizer(), config["max_position_embeddings"],
+                                                    self.heldout_rows())[0]
         return self.cache["windows"]
 
     def merged_logits(self):
@@ -558,8 +552,8 @@ def gate_merge(ctx: Context) -> GateResult:
                             "model); rerun `workbench merge --run DIR`")
         checks.append(item_check(item, FAIL if problems else PASS, measured, limits, problems))
     return combine("merge", checks, f"{rec.get('dtype')}: {limits_text(limits)}",
-                    f"on {sum(len(w) for w in wins)} tokens of the run's held-out rows with the chat template (the "
-                    "merge stage measured plain question/answer text)")
+                    f"on {sum(len(w) for w in wins)} tokens of the run's held-out rows through the chat template, "
+                    "as training renders them (the ids the merge stage compared)")
 
 
 # --------------------------------------------------------------------------- 3. gguf

@@ -11,11 +11,12 @@ outside its limits, and when a file changed since the export measured it and is 
 large to recompute. Not applicable when the run has no adapter (a merged model brought
 with ``workbench export --merged``).
 
-Both GGUF gates (this one and ``gguf``) recompute on the export stage's own held-out
-windows (:func:`export_windows`: plain "question\\nanswer" text, no chat template),
-so a recomputed number measures what the recorded one measured and the two agree to
-llama.cpp's run-to-run noise; the merge gate compares on the run's held-out rows with
-the chat template applied, the text the adapter was trained on.
+Every gate that compares logits (merge, gguf, adapter_gguf) does so on the ids that the
+merge and export stages compared on: workbench.export.verify.heldout_windows, the run's
+held-out rows through the chat template as training tokenizes them, one window per row.
+The GGUF gates check the export stage's recorded fingerprint of those ids
+(:func:`export_windows`), so a recomputed number measures what the recorded one measured
+and the two agree to llama.cpp's run-to-run noise.
 """
 from __future__ import annotations
 
@@ -28,10 +29,9 @@ from workbench.errors import UserError
 def export_windows(ctx) -> list[list[int]]:
     """The ids the export stage compared logits on (checked against its recorded fingerprint)."""
     if "export_windows" not in ctx.cache:
-        from workbench.export.verify import heldout_windows, ids_sha256
+        from workbench.export.verify import ids_sha256
 
-        config = json.loads((ctx.merged_dir() / "config.json").read_text())
-        wins, _ = heldout_windows(ctx.tokenizer(), config["max_position_embeddings"])
+        wins = ctx.windows()
         try:
             recorded = json.loads((ctx.run / "export" / "export_report.json").read_text()).get("eval") or {}
         except (OSError, json.JSONDecodeError):
@@ -44,9 +44,13 @@ def export_windows(ctx) -> list[list[int]]:
 
 
 def windows_label(ctx) -> str:
+    from workbench.export.verify import chat_rendered
+
     wins = export_windows(ctx)
-    return (f"recomputed on the export stage's {sum(len(w) for w in wins)} held-out tokens (plain question/answer "
-            "text, no chat template), as the export measured them")
+    form = ("through the chat template, as training renders them" if chat_rendered(ctx.tokenizer())
+            else "as plain question/answer text: the tokenizer has no chat template")
+    return (f"recomputed on the export stage's {sum(len(w) for w in wins)} held-out tokens (the held-out rows "
+            f"{form}), as the export measured them")
 
 
 def merged_logits_on_export_windows(ctx):

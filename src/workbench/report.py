@@ -266,8 +266,8 @@ def _md_merge(sec: dict, plots: dict) -> list[str]:
         return [f"The merged model was brought by the user from `{sec['merged']}` (stored as {sec['dtype']}); "
                 "no merge ran in this run, so there is no merge verification.", ""]
     text = [f"Saved as {sec['dtype']}. Reference: {sec.get('reference')}, on {sec.get('eval_tokens')} held-out "
-            "tokens (plain question/answer text; *ppl* is token perplexity there, see \"About the perplexities\" "
-            "under Evaluation).", ""]
+            "tokens (the held-out rows through the chat template, as training renders them; *ppl* is token "
+            "perplexity there, see \"About the perplexities\" under Evaluation).", ""]
     rows = [[k, *(m.get(key) for key, _ in VERIFY_KEYS)] for k, m in sec["artifacts"].items()]
     text += table(["artifact", *(label for _, label in VERIFY_KEYS)], rows) + [""]
     if sec.get("nf4_vs_16bit"):
@@ -616,6 +616,7 @@ def summary_table(run: str | Path) -> str:
     columns = sorted({c for m in metrics.values() for c in m})
     keep = [c for c in columns if c.endswith(" acc") or "exact_match" in c or c.endswith("word_perplexity")]
     models = _ordered(metrics) + [k for k in GGUF_KINDS if k in files and k not in metrics]
+    checked = ((_read_json(Path(run) / "export" / "export_report.json") or {}).get("files") or {}) if files else {}
     rows = []
     for m in models:
         check = ""
@@ -625,6 +626,8 @@ def summary_table(run: str | Path) -> str:
             check = ("ok" if f.get("passed") else "FAILED") + (f", KL {kl:.2g}" if kl is not None else "")
             if f.get("fallback_note"):
                 check += ", fallback types (not " + "/".join(sorted(_nominal(m))) + ")"
+            elif _nominal(m) and checked.get(m, {}).get("fallbacks") == {}:   # the export read every matrix's type
+                check += ", all " + "/".join(sorted(_nominal(m)))
         rows.append([m, *(metrics.get(m, {}).get(c) for c in keep), check])
     adapter = export.get("adapter") if files else None
     if adapter:

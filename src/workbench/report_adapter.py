@@ -11,18 +11,19 @@ from workbench.markdown import table
 
 #: What every perplexity in the report is over, and why it is large (Markdown).
 PERPLEXITY_NOTE = (
-    "**About the perplexities.** They are over the held-out synthetic rows written as plain text "
-    "(\"question\\nanswer\", no chat template): *ppl* in the merge and export tables is token perplexity on the "
-    "first 512 tokens of that text; the evaluation's *word* and *byte perplexity* (lm-eval's wb_heldout_ppl) are "
-    "over all of it, per whitespace-separated word and per byte (a word is one or more tokens, so word perplexity "
-    "is the largest). They are large by construction, not a sign of a broken model: the adapter was trained with "
-    "the loss on the replies only, in the chat format, so it never learned to predict question text, and the "
-    "questions are mostly unpredictable (random letter strings to reverse, random digits, invented planet names) "
-    "for a model of about a million parameters. Measured on the built-in default run (800 steps, held-out "
-    "accuracy 0.99): token perplexity about 2,200 on this text (question tokens about 3,600, answer tokens about "
-    "700 without the chat template), but 1.06 on the replies in the chat format it was trained on. Read them as a "
-    "comparison: how much a merged or exported model moves perplexity against the adapter (the relative changes, "
-    "and the eval chart), not as a quality score; the accuracy columns say what the adapter learned.")
+    "**About the perplexities.** *ppl* in the merge and export tables is token perplexity on 512 tokens of "
+    "the held-out rows as training tokenizes them (prompt and reply through the chat template, one window per "
+    "row, the skills in turn). The evaluation's *word* and *byte perplexity* (lm-eval's wb_heldout_ppl) are over all "
+    "of the held-out rows written as plain text (\"question\\nanswer\", no chat template), per "
+    "whitespace-separated word and per byte (a word is one or more tokens, so word perplexity is the "
+    "largest). Both are large by construction, not a sign of a broken model: the adapter was trained with "
+    "the loss on the replies only, so it never learned to predict the prompts, and the questions are mostly "
+    "unpredictable (random letter strings to reverse, random digits, invented planet names) for a model of a "
+    "few million parameters. Measured on the built-in default run (800 steps, held-out accuracy 0.99): "
+    "token perplexity about 2,200 on the chat-rendered rows, of which about 5,700 on the prompt tokens and "
+    "1.04 on the reply tokens it was trained on; about 2,400 on the plain text. Read them as a comparison: "
+    "how much a merged or exported model moves perplexity against the adapter (the relative changes, and "
+    "the eval chart), not as a quality score; the accuracy columns say what the adapter learned.")
 
 
 # --------------------------------------------------------------------------- collecting

@@ -1,5 +1,6 @@
-"""The built-in synthetic instruction data: three skills a ~1M-parameter model can
-learn in minutes on a CPU, each with an exact answer so accuracy means something.
+"""The built-in synthetic instruction data: three skills a model of a few million
+parameters can learn in minutes on a CPU, each with an exact answer so accuracy means
+something.
 
 Rows are chat prompt/completion pairs (TRL's conversational prompt/completion
 format) plus the skill name and the expected answer::

@@ -4,11 +4,13 @@ cut by max_seq_len are counted; code that came with a checkpoint never enters a 
 what a killed command left is cleaned up by the next one."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
 
-from reliability_support import invoke
+from reliability_support import SMALL, invoke, main
 
 
 def _with_kernels(run: Path, kernels=("rms_norm",)) -> None:
@@ -136,17 +138,38 @@ def test_workbench_parity_report_records_the_junit_xml_and_the_counts(tmp_path, 
     assert second["junit"]["file"] == f"{report.stem}-2.junit.xml" and (out / second["junit"]["file"]).is_file()
 
 
-def test_q4_k_m_fallback_is_named_in_the_summary_the_report_and_the_verdict(finished, tmp_path):
+def test_the_built_in_default_s_q4_k_m_is_real_q4_k(finished):
+    """The main job exercises llama.cpp's k-quants: every matrix row of the built-in default is a
+    multiple of 256 (workbench/default.py), so the q4_k_m file it writes holds Q4_K and Q6_K
+    matrices, none of the fallback types; the run's summary says "all Q4_K/Q6_K" and notes no fallback."""
+    from workbench.export import quantize
+
+    types = quantize.tensor_types(finished.path / "export" / "model-q4_k_m.gguf")
+    matrices = {n: t["type"] for n, t in types.items() if len(t["shape"]) > 1}
+    assert all(t["row_length"] % quantize.QK_K == 0 for t in types.values() if len(t["shape"]) > 1)
+    assert set(matrices.values()) == {"Q4_K", "Q6_K"}, matrices
+    assert sum(t == "Q4_K" for t in matrices.values()) > len(matrices) / 2   # most of them: Q4_K_M's mix
+    assert "holds no Q4_K/Q6_K" not in finished.out and "fallback types" not in finished.out
+    assert "all Q4_K/Q6_K |" in next(line for line in finished.out.splitlines() if line.startswith("| q4_k_m |"))
+    rec = json.loads((finished.path / "manifest.json").read_text())["stages"]["export"]
+    assert "fallback_note" not in rec["files"]["q4_k_m"]
+
+
+def test_q4_k_m_fallback_is_named_in_the_summary_the_report_and_the_verdict(models, tmp_path):
     from workbench import qualify
 
-    # The built-in tiny model's rows (128, 384) are not multiples of 256: no Q4_K at all.
-    assert "q4_k_m holds no Q4_K/Q6_K matrix" in finished.out          # the summary line of `workbench run`
-    assert "fallback types (not Q4_K/Q6_K)" in finished.out            # its model table
-    assert "**Quantization fell back:** q4_k_m holds no Q4_K/Q6_K matrix" in (
-        finished.path / "report" / "report.md").read_text()
-    rec = json.loads((finished.path / "manifest.json").read_text())["stages"]["export"]
+    # A user's checkpoint of hidden 64 (rows of 64 and 128): no row takes a k-quant, so no Q4_K at all.
+    run = tmp_path / "run"
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = main(["run", "--run", str(run), *SMALL, "--set", f"model.path={models.base4}", "--eval-limit", "4"])
+    out = buf.getvalue()
+    assert code == 0, out[-3000:]
+    assert "q4_k_m holds no Q4_K/Q6_K matrix" in out                   # the summary line of `workbench run`
+    assert "fallback types (not Q4_K/Q6_K)" in out                     # its model table
+    assert "**Quantization fell back:** q4_k_m holds no Q4_K/Q6_K matrix" in (run / "report" / "report.md").read_text()
+    rec = json.loads((run / "manifest.json").read_text())["stages"]["export"]
     assert "k-quants need multiples of 256" in rec["files"]["q4_k_m"]["fallback_note"]
-    run = finished.copy(tmp_path / "run")
     ctx = qualify.Context(run, qualify.load_gates(None), None, None)
     gguf = qualify.gate_gguf(ctx)
     assert "note: q4_k_m holds no Q4_K/Q6_K matrix" in gguf["message"]

@@ -11,15 +11,6 @@ import math
 import torch
 
 
-def windows(ids: list[int], window: int, max_tokens: int) -> list[list[int]]:
-    """Cut the first ``max_tokens`` ids into consecutive windows of at most ``window``
-    (each evaluated from an empty context); a last window under 2 ids predicts nothing
-    and is dropped."""
-    ids = ids[:max_tokens]
-    out = [ids[i:i + window] for i in range(0, len(ids), window)]
-    return [w for w in out if len(w) >= 2]
-
-
 def _nll(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """Per-position negative log-likelihood of the next token (positions 0..T-2)."""
     logp = torch.log_softmax(logits[:-1], dim=-1)
@@ -32,15 +23,37 @@ def perplexity(logits: list[torch.Tensor], wins: list[list[int]]) -> float:
     return math.exp(nll.mean().item())
 
 
+def distinct_contexts(wins: list[list[int]]) -> torch.Tensor:
+    """A mask over the windows' positions (concatenated): True at the first position of
+    each distinct context, a window's ids up to and including that position. A context
+    that occurs again (windows that start alike, e.g. every chat row's template start)
+    gives the same logits again, so it is counted once."""
+    nodes: dict[tuple[int, int], int] = {}   # (parent context, next id) -> context: a trie
+    first = []
+    for w in wins:
+        node = -1
+        for token in w:
+            key = (node, token)
+            first.append(key not in nodes)
+            node = nodes.setdefault(key, len(nodes))
+    return torch.tensor(first, dtype=torch.bool)
+
+
 def logit_metrics(ref: list[torch.Tensor], test: list[torch.Tensor], wins: list[list[int]]) -> dict:
     """KL(ref || test) per position (mean and max), top-1 agreement, max and mean
-    absolute logit difference, and both perplexities with the relative delta.
+    absolute logit difference, each over the distinct contexts (:func:`distinct_contexts`:
+    ``positions`` is their count), and both perplexities of the windows' tokens with the
+    relative delta.
 
     ``ref``/``test``: one [T, V] logits tensor per window; ``wins``: the ids."""
     r = torch.cat([x.double() for x in ref])
     t = torch.cat([x.double() for x in test])
     if r.shape != t.shape:
         raise ValueError(f"logit shapes differ: {tuple(r.shape)} vs {tuple(t.shape)}")
+    once = distinct_contexts(wins)
+    if once.shape[0] != r.shape[0]:
+        raise ValueError(f"{r.shape[0]} logit rows for {once.shape[0]} ids")
+    r, t = r[once], t[once]
     lr, lt = torch.log_softmax(r, -1), torch.log_softmax(t, -1)
     kl = (lr.exp() * (lr - lt)).sum(-1).clamp_min(0.0)   # tiny negative values are rounding
     diff = (r - t).abs()

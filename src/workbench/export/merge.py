@@ -29,7 +29,7 @@ from workbench.envinfo import versions
 from workbench.errors import UserError
 from workbench.models import load_base, load_nf4_base, with_adapter
 
-from .compare import hf_logits, logit_metrics, windows
+from .compare import hf_logits, logit_metrics
 
 _STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -192,18 +192,19 @@ def _evaluate_saved(folder: Path, ref, wins, device: str) -> dict:
     return logit_metrics(ref, hf_logits(load_base(folder, device), wins), wins)
 
 
-def run_merge(run: str | Path, heldout: str | None = None) -> dict:
-    """The merge stage. ``heldout``: the text perplexity is measured on (default:
-    the built-in synthetic held-out split). Returns the report."""
+def run_merge(run: str | Path) -> dict:
+    """The merge stage; returns the report. The merged model is compared with the adapter
+    on the run's held-out rows as training renders them (verify.heldout_windows: the ids
+    the export stage and the qualify gates compare on too)."""
     from workbench.offline import enforce_offline
 
     enforce_offline()
     run = manifest.require_run(run)
     with manifest.lock(run):
-        return _run_merge(run, heldout)
+        return _run_merge(run)
 
 
-def _run_merge(run: Path, heldout: str | None) -> dict:
+def _run_merge(run: Path) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -220,18 +221,13 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
     quant = train.get("quantization")
     if quant and quant.get("type") != "nf4":
         raise UserError(f"train record quantization type {quant.get('type')!r} is not supported; merge knows nf4 only.")
-    if heldout is None:
-        from workbench.synthetic import heldout_text
-
-        heldout = heldout_text()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    from .verify import EVAL_TOKENS, EVAL_WINDOW
+    from . import verify
 
-    window = min(EVAL_WINDOW, json.loads((base / "config.json").read_text())["max_position_embeddings"])
-    wins = windows(tokenizer(heldout)["input_ids"], window, EVAL_TOKENS)
-    if not wins:
-        raise UserError("the held-out text is too short to measure perplexity (fewer than 2 tokens).")
+    rows, source = verify.heldout_rows(run)
+    wins, window = verify.heldout_windows(tokenizer, json.loads((base / "config.json").read_text())
+                                          ["max_position_embeddings"], rows)
     out_dir = run / "merge"
     for stale in out_dir.glob(".*.partial"):   # left by a killed merge (we hold the run's lock)
         if stale.is_dir():
@@ -256,7 +252,8 @@ def _run_merge(run: Path, heldout: str | None) -> dict:
     save_merged(peft_model.merge_and_unload(), dtype, tok_dir, out_dir / "merged")
     del peft_model
     report = {"base_model": manifest.relative(run, base), "dtype": dtype, "quantization": quant, "reference": reference,
-              "eval": {"tokens": sum(len(w) for w in wins), "window": window}}
+              "eval": {"tokens": sum(len(w) for w in wins), "window": window, "ids_sha256": verify.ids_sha256(wins),
+                       "text": verify.heldout_label(tokenizer, source)}}
     report["merged"] = _evaluate_saved(out_dir / "merged", ref, wins, device)
     outputs = [out_dir / "merged"]
 

@@ -18,6 +18,9 @@ from workbench import atomic
 from workbench.export import FLOAT_TYPES, GGUF_TYPES
 from workbench.errors import UserError, reason
 
+#: llama.cpp's k-quant block (QK_K): a Q4_K/Q6_K row's length must be a multiple of it.
+QK_K = 256
+
 #: quant name -> (llama_cpp ftype constant, the types a tensor nominally gets)
 QUANTS = {
     "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", {"Q8_0"}),
@@ -131,6 +134,6 @@ def fallback_note(quant: str, entry: dict) -> str | None:
     counts = ", ".join(f"{n} {t}" for t, n in Counter(v["type"] for v in fb.values()).most_common())
     rows = ", ".join(str(r) for r in sorted({v["row_length"] for v in fb.values()}))
     head = f"holds no {nominal} matrix" if total == len(fb) else f"is only partly {nominal}"
-    need = "; k-quants need multiples of 256" if quant.startswith("q4_k") else ""
+    need = f"; k-quants need multiples of {QK_K}" if quant.startswith("q4_k") else ""
     return (f"{quant} {head}: {len(fb)}{f' of {total}' if total else ''} matrices fell back to {counts} "
             f"(row lengths {rows}{need})")

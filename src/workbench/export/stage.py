@@ -67,19 +67,21 @@ def _merged_folder(run: Path) -> Path:
 
 
 def run_export(run: str | Path, quants: list[str], thresholds: str | Path | None = None,
-               heldout: str | None = None, adapter_gguf: bool = False) -> dict:
+               adapter_gguf: bool = False) -> dict:
     """The export stage; returns the report (``report["passed"]`` says whether every
-    file met its thresholds). ``adapter_gguf``: also the LoRA adapter as a GGUF adapter
-    with its base GGUFs, verified in llama.cpp (workbench.export.adapter_export)."""
+    file met its thresholds). Every file is compared on the run's held-out rows as
+    training renders them (verify.heldout_windows). ``adapter_gguf``: also the LoRA
+    adapter as a GGUF adapter with its base GGUFs, verified in llama.cpp
+    (workbench.export.adapter_export)."""
     from workbench.offline import enforce_offline
 
     enforce_offline()
     run = manifest.require_run(run)
     with manifest.lock(run):
-        return _run_export(run, quants, thresholds, heldout, adapter_gguf)
+        return _run_export(run, quants, thresholds, adapter_gguf)
 
 
-def _run_export(run: Path, quants: list[str], thresholds, heldout, adapter_gguf: bool = False) -> dict:
+def _run_export(run: Path, quants: list[str], thresholds, adapter_gguf: bool = False) -> dict:
     merged = _merged_folder(run)
     limits = verify.load_thresholds(thresholds)
     settings = stages.Settings(quants=quants, thresholds=thresholds, adapter_gguf=adapter_gguf)
@@ -112,8 +114,8 @@ def _run_export(run: Path, quants: list[str], thresholds, heldout, adapter_gguf:
     report = {"arch": facts.get("arch"), "gguf_arch": facts.get("gguf_arch"),
               "pre_tokenizer": facts.get("pre_tokenizer"), "notes": facts.get("notes", []),
               "source_for_quants": source.name if quantized else None, "thresholds": limits, "files": {}}
-    report.update(_verify_all(merged, files, types, limits, heldout))
-    extra, extra_paths = adapter_export.extend(run, out, merged, files, report, adapter_gguf, thresholds, heldout)
+    report.update(_verify_all(run, merged, files, types, limits))
+    extra, extra_paths = adapter_export.extend(run, out, merged, files, report, adapter_gguf, thresholds)
     atomic.write_json(out / "export_report.json", report)
 
     entries = {}
@@ -135,17 +137,15 @@ def _run_export(run: Path, quants: list[str], thresholds, heldout, adapter_gguf:
     return report
 
 
-def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: str | None) -> dict:
+def _verify_all(run: Path, merged: Path, files: dict, types: dict, limits: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workbench.synthetic import heldout_text
-
-    text_is_default = heldout is None or heldout == heldout_text()
-    heldout = heldout_text() if heldout is None else heldout
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    rows, source = verify.heldout_rows(run)
     wins, window = verify.heldout_windows(tokenizer, json.loads((merged / "config.json").read_text())
-                                          ["max_position_embeddings"], heldout)
+                                          ["max_position_embeddings"], rows)
+    heldout = "\n".join(verify.heldout_texts(tokenizer, rows))   # joins the tokenizer round trip's corpus
     device = "cuda" if torch.cuda.is_available() else "cpu"   # llama.cpp itself runs on the CPU here
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, use_safetensors=True)
     model = model.to(device).eval()
@@ -177,7 +177,7 @@ def _verify_all(merged: Path, files: dict, types: dict, limits: dict, heldout: s
         passed &= not problems
     return {"files": result, "passed": passed,
             "eval": {"tokens": sum(len(w) for w in wins), "window": window, "ids_sha256": verify.ids_sha256(wins),
-                     "text": adapter_export.HELDOUT if text_is_default else "the held-out text given to run_export"}}
+                     "text": verify.heldout_label(tokenizer, source)}}
 
 
 class ExportStage(stages.Stage):
