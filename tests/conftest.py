@@ -21,3 +21,19 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def count_forwards():
+    """``count_forwards(module) -> list``: wraps the module's forward so that every call, the
+    checkpointing recompute included, appends to the returned list (a forward hook would not
+    see the recompute: torch skips hooks there)."""
+    def wrap(module) -> list:
+        calls, forward = [], module.forward
+
+        def counting_forward(*args, **kwargs):
+            calls.append(1)
+            return forward(*args, **kwargs)
+        module.forward = counting_forward
+        return calls
+    return wrap

@@ -430,7 +430,7 @@ def test_workbench_train_takes_the_users_preference_rows(tmp_path):
     assert all(r["completion"] == r["chosen"] and r["answer"] == r["chosen"][0]["content"] for r in test_rows)
 
 
-def test_gradient_checkpointing_in_dpo_recomputes_the_policys_forward_alone(tok, rows, tmp_path):
+def test_gradient_checkpointing_in_dpo_recomputes_the_policys_forward_alone(tok, rows, tmp_path, count_forwards):
     # Per step: the policy's forward and the reference's (no_grad, checkpointing off in TRL's
     # reference pass); with checkpointing, the policy's again in the backward. Same losses.
     from workbench import config, default, models, trainer as trainer_mod
@@ -443,13 +443,7 @@ def test_gradient_checkpointing_in_dpo_recomputes_the_policys_forward_alone(tok,
         torch.manual_seed(0)
         model = models.attach_lora(cfg, model)
         mlp = model.base_model.model.model.layers[0].mlp
-        count, forward = [], mlp.forward
-
-        def counting_forward(*args, _forward=forward, _count=count, **kwargs):
-            _count.append(1)  # (a forward hook would not see the recompute: torch skips hooks there)
-            return _forward(*args, **kwargs)
-
-        mlp.forward = counting_forward
+        count = count_forwards(mlp)
         trainer = trainer_mod.make_trainer(cfg, model, tok, rows, str(tmp_path / str(on)))
         trainer.train()
         calls[on], losses[on] = len(count), _losses(trainer)

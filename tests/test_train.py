@@ -178,20 +178,14 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert worst > 1e-2, "the naive average is not distinguishable here; the test rows need unequal lengths"
 
 
-def test_gradient_checkpointing_switch_recomputes_the_forward(tmp_path):
+def test_gradient_checkpointing_switch_recomputes_the_forward(tmp_path, count_forwards):
     calls = {}
     for on in (False, True):
         cfg = quick_config(f"training.gradient_checkpointing={str(on).lower()}", "training.max_steps=1",
                            "training.batch_size=2")
         model, tok = _tiny_peft_model(cfg)
         mlp = model.base_model.model.model.layers[0].mlp
-        count, forward = [], mlp.forward
-
-        def counting_forward(*args, _forward=forward, _count=count, **kwargs):
-            _count.append(1)  # (a forward hook would not see the recompute: torch skips hooks there)
-            return _forward(*args, **kwargs)
-
-        mlp.forward = counting_forward
+        count = count_forwards(mlp)
         trainer = trainer_mod.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / str(on)))
         trainer.train()
         calls[on] = len(count)
