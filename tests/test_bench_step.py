@@ -155,6 +155,15 @@ def test_step_suite_needs_cuda_for_real_shapes(capsys):
     assert "need a CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message is about machines without CUDA")
+def test_cuda_graph_capture_is_refused_without_cuda(tmp_path, capsys):
+    assert main(["bench", "step", "--shape", "tiny", "--seq", "32", "--cuda-graph", "--report", str(tmp_path / "r"),
+                 "--run", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graph" in err and "needs a CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()  # nothing written
+
+
 def test_write_checkpoint_builds_another_family(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -93,9 +93,11 @@ def mfu(flops: float, step_s: float, rate: float | None) -> float | None:
 def run(shapes, modes, stacks, autocasts=("on",), batch: int = 4, seq: int = 2048, steps: int = 10, warmup: int = 3,
         out: str | os.PathLike = "runs/bench-step", seed: int = 0, profile_dir: Path | None = None,
         profile_steps: int = PROFILE_STEPS, progress: Callable[[str], None] = print,
-        partial: Callable[[dict], None] | None = None) -> dict:
+        partial: Callable[[dict], None] | None = None, cuda_graph: bool = False) -> dict:
     """Every (shape, mode, autocast, stack) in its own process, hf first in each group.
     ``partial`` gets the result so far after each record, marked ``incomplete``.
+    ``cuda_graph``: every stack's step captured once after the warm-up as one CUDA graph and
+    replayed for the timed steps (:func:`child`).
     ``profile_dir``: profile ``profile_steps`` more steps of each record, their CSV and trace there."""
     from workbench.offline import enforce_offline
 
@@ -109,7 +111,8 @@ def run(shapes, modes, stacks, autocasts=("on",), batch: int = 4, seq: int = 204
     head = {"shape": ",".join(shapes), "shapes": list(shapes), "shape_dims": {s: tbench.SHAPES[s] for s in shapes},
             "batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "seed": seed, "lr": LR, "lora": lora,
             "modes": list(modes), "autocast": list(autocasts), "stacks": names, "skipped_stacks": skipped,
-            "profile": profile_dir is not None, **({"profile_steps": profile_steps} if profile_dir else {})}
+            "profile": profile_dir is not None, **({"profile_steps": profile_steps} if profile_dir else {}),
+            "cuda_graph": bool(cuda_graph)}
     planned = len(shapes) * len(modes) * len(autocasts) * len(names)
     rows: list[dict] = []
     for shape in shapes:
@@ -122,7 +125,8 @@ def run(shapes, modes, stacks, autocasts=("on",), batch: int = 4, seq: int = 204
                              f"of {batch} x {seq} tokens")
                     spec = {"checkpoint": str(checkpoint), "vocab_size": config["vocab_size"], "shape": shape,
                             "mode": mode, "autocast": autocast, "stack": stack, "batch": batch, "seq": seq,
-                            "steps": steps, "warmup": warmup, "seed": seed, "lr": LR, "profile_steps": profile_steps}
+                            "steps": steps, "warmup": warmup, "seed": seed, "lr": LR, "profile_steps": profile_steps,
+                            "cuda_graph": bool(cuda_graph)}
                     row = measure(spec, config, out, profile_dir, lora["r"])
                     progress(f"[bench step]   failed: {row['error']}" if "error" in row else
                              f"[bench step]   {row['step_s']:.4f} s/step, loss {row['losses'][0]:.4f} -> "
@@ -218,28 +222,49 @@ def child(spec_path: str) -> int:
     if not autocast:
         stack.frozen_weights_in(model, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
+    graph = bool(spec.get("cuda_graph")) and cuda
+    # A captured optimizer step must keep its state on the device (capturable=True); the
+    # update is the same AdamW.
+    optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0, capturable=graph)
     ids = torch.randint(0, spec["vocab_size"], (spec["batch"], spec["seq"]),
                         generator=torch.Generator().manual_seed(spec["seed"])).to(device)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+    def forward_backward_update():
+        # Autocast's cast cache would hold casts made during capture outside the graph's pool.
+        with (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph) if autocast
+              else contextlib.nullcontext()):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
+        return loss
+
+    def step():
+        loss = forward_backward_update()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # With a graph, the warm-up runs on a side stream (capture's documented warm-up: lazy
+    # initialisations happen before it), then one capture; the capture itself runs nothing, so
+    # every stack takes the same optimizer steps as without a graph.
+    side = torch.cuda.Stream() if graph else None
     offload = getattr(model, "activation_offload", None)
     calls = _kernel_calls()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for _ in range(spec["warmup"] + spec["steps"]):
+    for i in range(spec["warmup"] + spec["steps"]):
+        if graph and i == spec["warmup"]:
+            step = _captured(forward_backward_update, optimizer, side)
         sync()  # each step alone between synchronisations: its own launches and its own kernels
         t0 = time.perf_counter()
-        loss = step()
+        if graph and i < spec["warmup"]:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = step()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            loss = step()
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
@@ -274,6 +299,26 @@ def child(spec_path: str) -> int:
     result["device_bf16_flops"] = matmul_rate() if cuda else None
     atomic.write_json(spec["result"], result)
     return 0
+
+
+def _captured(forward_backward_update: Callable, optimizer, side) -> Callable:
+    """The step as one CUDA graph (PyTorch's whole-network capture): gradients set to None
+    before the capture are allocated in the graph's pool by its backward, and every replay
+    writes them afresh, so no zero_grad runs between replays. Returns the replaying step."""
+    import torch
+
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = forward_backward_update()
+
+    def replay():
+        graph.replay()
+        return static_loss.detach().clone()
+
+    return replay
 
 
 def _kernel_calls() -> dict[str, int]:
@@ -397,6 +442,11 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "step between two `torch.cuda.synchronize()` on `time.perf_counter` (its launches included); tokens/s = "
         "batch x seq / step time. Memory: peak allocated (`max_memory_allocated`) and reserved "
         "(`max_memory_reserved`) over the warm-up and timed steps, counted from after the model was built.",
+        *(["- **CUDA graph (`--cuda-graph`):** the warm-up steps ran eagerly on a side stream; then the whole step "
+           "(forward, backward, `AdamW(capturable=True).step()`, autocast's cast cache off) was captured once as "
+           "one CUDA graph, and every timed step is a replay: no host launch overhead. This is a probe of what "
+           "launches cost each stack, not how the product trains (TRL's loop runs eagerly). A stack whose step "
+           "cannot be captured fails with the reason in its row."] if result.get("cuda_graph") else []),
         f"- **Loss:** every step's loss against hf's of the same shape, mode and autocast; a stack whose loss "
         f"differs by more than {tbench.LOSS_BAND:g} relative at any step is flagged, whatever its speed. At step 1 "
         f"the weights are the same in every stack, so a step-1 difference above {tbench.FIRST_STEP_BAND:.2g} "

@@ -329,6 +329,10 @@ def _step(suites) -> None:
     p.add_argument("--profile", action="store_true", help="profile a few steps of every record after its timed "
                    "ones (torch.profiler): top kernels per step and the GPU's idle share in the report, a CSV and a "
                    "Chrome trace per record")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="after the warm-up, capture the whole step (forward, backward, AdamW with capturable=True) "
+                        "as one CUDA graph and time its replays: what host launch overhead costs each stack "
+                        "(a stack whose step cannot be captured fails with the reason in its row); CUDA only")
     _report_flags(p, "step")
 
 
@@ -359,6 +363,9 @@ def run_step(args: argparse.Namespace) -> int:
         raise UserError(f"--seq {seq} is beyond the position limit of {', '.join(short)} "
                         f"({min(tbench.SHAPES[s]['max_position_embeddings'] for s in short)}); use a shorter --seq.")
     autocasts = ("on", "off") if args.autocast == "both" else (args.autocast,)
+    if args.cuda_graph and not torch.cuda.is_available():
+        raise UserError("--cuda-graph captures the step as a CUDA graph and needs a CUDA device; leave it out on "
+                        "the CPU.")
 
     def render(result: dict, env: dict, png: Path) -> str:
         return sbench.markdown(result, env, args.command_line, sbench.plot(result, png).name)
@@ -367,7 +374,7 @@ def run_step(args: argparse.Namespace) -> int:
                         lambda partial, out, name: sbench.run(
                             shapes, modes, stacks, autocasts, batch=batch, seq=seq, steps=steps, warmup=warmup,
                             out=args.run, profile_dir=out / f"{name}-profile" if args.profile else None,
-                            profile_steps=sbench.PROFILE_STEPS, partial=partial),
+                            profile_steps=sbench.PROFILE_STEPS, partial=partial, cuda_graph=args.cuda_graph),
                         lambda result: all(r["exit_code"] == 0 for r in result["rows"]))
 
 
