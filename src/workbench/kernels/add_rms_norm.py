@@ -130,7 +130,7 @@ def _case(**over) -> dict:
 
 #: rms_norm's two 16-bit accumulator cases (its EXAMPLES say why they must be targeted), on the
 #: add's path, and upstream gradients of s and y that are strided slices of differently padded
-#: buffers (seed 3 draws pads of 7 and 4 for them), so that ds read with dy's stride shows.
+#: buffers (seed 3 draws rows 37 and 36 elements apart), so that ds read with dy's stride shows.
 EXAMPLES = (
     Example(_case(rows=256), "dW summed over 64 rows a program: a 16-bit dW accumulator", dtypes=(torch.bfloat16,)),
     Example(_case(hidden=4096, _block=16), "a row of 256 blocks: a 16-bit accumulator of the looped path's sums",
