@@ -64,8 +64,9 @@ What is swapped (per family: workbench/families.py):
   train-suite run on a GPU showed as a loss off HF's after the first step; the parity
   suite's ``delta:`` comparisons check that the LoRA term survives.)
 
-Not swapped: attention itself (HF's eager/SDPA/flash path), embeddings, residual
-adds, LoRA layers with DoRA or another PEFT variant, lora_bias, several active
+Not swapped: attention itself (HF's eager/SDPA/flash path), embeddings, the residual
+adds other than the fused one (and that one where it promotes dtypes, e.g. an fp32 stream
+under bf16 autocast), checkpointed decoder-layer calls (HF's layer, our norms), LoRA layers with DoRA or another PEFT variant, lora_bias, several active
 adapters, a trainable or non-Linear base (8-bit, ...), and lora_o/lora_mlp on a
 base with a bias (Qwen2's q/k/v run fused only as a lora_qkv group). The fused
 loss is skipped for ``logits_to_keep != 0``, TRL's ``fused_lm_head=True`` calls
