@@ -3,6 +3,7 @@ harness gives every output an upstream gradient): in a decoder layer s always fe
 residual add, but a caller may keep only y (or only s)."""
 import torch
 
+from workbench.kernels import _common
 from workbench.kernels._harness import default_device
 from workbench.kernels.add_rms_norm import add_rms_norm
 from workbench.kernels.rms_norm import rms_norm
@@ -51,3 +52,14 @@ def test_x_and_r_get_gradients_of_their_own():
     s, y = add_rms_norm(x, r, w)
     y.float().sum().backward()
     assert not torch.equal(r.grad, before) and torch.equal(x.grad, r.grad)
+
+
+def test_s_is_torchs_add_bit_for_bit():
+    # The doctrine's bound would let a truncated or double-rounded s through (an ulp is within 4x
+    # torch's half ulp); the layer's residual stream must be torch's add exactly, as HF's is.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x, r, w = _inputs(dtype, seed=3)
+        for looped in (None, 16):  # the one-block path and the looped one (rows of 33 over blocks of 16)
+            with _common.forced_block(looped), torch.no_grad():
+                s, _ = add_rms_norm(x * 37, r, w)
+            assert torch.equal(s, x * 37 + r), f"{dtype}, block {looped}"
