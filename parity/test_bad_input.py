@@ -91,6 +91,7 @@ def _f(*shape):
 
 SHAPE_MISTAKES = {
     "rms_norm": (lambda: dict(x=_f(2, 8), weight=_f(7)), "weight"),
+    "add_rms_norm": (lambda: dict(x=_f(2, 8), r=_f(2, 7), w=_f(8)), "r"),
     "layer_norm": (lambda: dict(x=_f(2, 8), weight=_f(8), bias=_f(9)), "bias"),
     "swiglu": (lambda: dict(gate=_f(2, 8), up=_f(2, 7)), "up"),
     "geglu": (lambda: dict(gate=_f(2, 8), up=_f(8, 2)), "up"),

@@ -53,7 +53,7 @@ def test_every_mutant_applies_to_todays_source():
         assert mutated_source(mutant) != Path(target_module(mutant).__file__).read_text(), mutant.id
 
 
-CORE = {"rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy"}
+CORE = {"rms_norm", "add_rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy"}
 
 
 def test_there_are_enough_mutants():

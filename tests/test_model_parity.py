@@ -179,9 +179,39 @@ def test_patched_model_matches_unpatched(family_name):
 
     # The kernels really ran (a silent fallback would make the comparison vacuous).
     expected = {"rms_norm", "rope", "lora_qkv", "lora_o", "lora_mlp", "fused_linear_cross_entropy"}
+    if family(family_name).decoder_layer:
+        expected.add("add_rms_norm")
     assert expected <= ran.keys(), f"kernels that did not run: {expected - ran.keys()}"
     assert kernel["labelled_logits"] is None  # the fused loss formed no logits
     bad = judge(family_name, kernel, baseline, exact)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "qwen3"])
+def test_fused_decoder_layer_matches_unpatched_in_every_gradient(family_name):
+    """Full fine-tuning (no adapter, every parameter trainable): the decoder layers run their
+    residual add and post_attention_layernorm as add_rms_norm, and the loss, the logits and
+    the gradient of every parameter -- the post-attention norms' weights (the kernel's dW),
+    and everything before them, reached through its dx = dr -- keep to the doctrine."""
+    torch.manual_seed(7)
+    model = getattr(transformers, family(family_name).causal_lm)(
+        tiny_config(family_name, vocab_size=VOCAB, initializer_range=INIT_STD)).to(device=DEVICE, dtype=DTYPE)
+    layers = model.config.num_hidden_layers
+    norms = layers * family(family_name).norms_per_layer + 1
+    inputs, labels = make_batch(7)
+    kernel, baseline, exact, ran = three_way(model, inputs, labels)
+
+    # run() makes two forwards: each layer's add + norm once in each, through the fused kernel,
+    # and every other norm through rms_norm.
+    assert ran.get("add_rms_norm") == 2 * layers, ran
+    assert ran.get("rms_norm") == 2 * (norms - layers), ran
+    assert {n for n in exact["grads"] if "post_attention_layernorm" in n}, "no post-attention norm weight compared"
+    assert kernel["grads"].keys() == baseline["grads"].keys() == exact["grads"].keys()
+    results = [judge_loss(f"{family_name} loss", kernel["loss"], baseline["loss"], exact["loss"]),
+               compare(f"{family_name} logits", kernel["logits"], baseline["logits"], exact["logits"], DTYPE)]
+    results += [compare(f"{family_name} grad {n}", kernel["grads"][n], baseline["grads"][n], exact["grads"][n], DTYPE)
+                for n in exact["grads"]]
+    bad = [c.line() for c in results if not c.ok]
     assert not bad, "\n".join(bad)
 
 

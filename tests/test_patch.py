@@ -162,6 +162,8 @@ def expected_swaps(name: str, lora: bool) -> dict:
     swaps = {"rms_norm": {fam.norm: layers * fam.norms_per_layer + 1},  # + the final norm
              "rope": {fam.attention: layers},
              "fused_linear_cross_entropy": {fam.causal_lm: 1}}
+    if fam.decoder_layer:  # the residual add and post_attention_layernorm fused
+        swaps["add_rms_norm"] = {fam.decoder_layer: layers}
     if lora:
         swaps.update({"lora_qkv": {fam.attention: layers}, "lora_mlp": {fam.mlp: layers},
                       "lora_o": {fam.o_proj: layers}})
@@ -313,6 +315,87 @@ def test_generation_runs_through_the_patched_model():
     try:
         assert torch.equal(model.generate(**inputs, **kwargs), reference)
         assert kernel_calls().get("rope", 0) > before.get("rope", 0)
+        assert kernel_calls().get("add_rms_norm", 0) > before.get("add_rms_norm", 0)  # the cache goes through it
+    finally:
+        unpatch_model(model)
+
+
+# --------------------------------------------------------------------------- the fused decoder layer
+def _ran_since(before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in kernel_calls().items() if v > before.get(k, 0)}
+
+
+def test_fused_layer_keeps_hfs_recorded_outputs():
+    """output_attentions / output_hidden_states: transformers records them with hooks on the
+    attention and the layer, which the fused layer's module calls keep (same shapes, values
+    within fp32 roundoff of HF's: the add and the norm are one kernel, not bit-identical)."""
+    model = plain("llama")
+    model.eval()
+    inputs, _ = batch()
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True, output_hidden_states=True)
+        patch_model(model, rope=False, mlp=False, loss=False, lora=False)
+        try:
+            before = kernel_calls()
+            got = model(**inputs, output_attentions=True, output_hidden_states=True)
+            assert _ran_since(before).get("add_rms_norm") == model.config.num_hidden_layers
+        finally:
+            unpatch_model(model)
+    for name in ("attentions", "hidden_states"):
+        ref, out = getattr(reference, name), getattr(got, name)
+        assert ref is not None and len(out) == len(ref), name
+        for a, b in zip(ref, out):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert torch.allclose(reference.logits, got.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_layer_leaves_hooked_norms_and_checkpointed_calls_to_hf():
+    model = plain("llama")
+    inputs, labels = batch()
+    patch_model(model, rope=False, mlp=False, loss=False, lora=False)
+    layers = model.config.num_hidden_layers
+    try:
+        # A hook on a post_attention_layernorm would be skipped by the fused call: that layer runs HF's forward.
+        seen = []
+        handle = model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *a: seen.append(1))
+        before = kernel_calls()
+        with torch.no_grad():
+            model(**inputs)
+        handle.remove()
+        assert seen == [1] and _ran_since(before).get("add_rms_norm") == layers - 1
+        # Gradient checkpointing lives in the layer class's forward wrapper: checkpointed calls run HF's forward
+        # (the norms still through rms_norm), and the recompute happens.
+        model.gradient_checkpointing_enable()
+        model.train()
+        before = kernel_calls()
+        model(**inputs, labels=labels).loss.backward()
+        ran = _ran_since(before)
+        # every norm once, and the layers' two again in the recompute
+        assert "add_rms_norm" not in ran and ran.get("rms_norm") == (2 * layers + 1) + 2 * layers, ran
+        with torch.no_grad():  # no backward to replay: HF does not checkpoint, the fused layer runs
+            before = kernel_calls()
+            model(**inputs)
+            assert _ran_since(before).get("add_rms_norm") == layers
+    finally:
+        unpatch_model(model)
+
+
+def test_a_layer_forward_other_than_llamas_is_reported_and_left_alone():
+    """The fused layer reproduces Llama's layer forward; a layer whose installed forward is
+    anything else (another transformers version, a subclass) keeps it."""
+    class ScaledLayer(transformers.models.llama.modeling_llama.LlamaDecoderLayer):
+        def forward(self, hidden_states, **kwargs):
+            return 0.5 * super().forward(hidden_states, **kwargs)
+
+    model = plain("llama")
+    config = model.config
+    model.model.layers[1] = ScaledLayer(config, 1).to(DEVICE)
+    report = patch_model(model, rope=False, mlp=False, loss=False, lora=False)
+    try:
+        assert report.swapped["add_rms_norm"] == {"LlamaDecoderLayer": 1}
+        assert [(f.module, f.kernel) for f in report.fallbacks] == [("model.layers.1", "add_rms_norm")]
+        assert "not Llama's" in report.fallbacks[0].reason
+        assert "forward" not in model.model.layers[1].__dict__
     finally:
         unpatch_model(model)
 

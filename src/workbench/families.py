@@ -21,6 +21,11 @@ What differs, read from transformers 5.23's modeling files (the GPU image has 5.
   ``config.final_logit_softcapping``.
 * Qwen2's q/k/v projections carry a bias; the others' do not. (Nothing reads this
   from the table: the patcher looks at each projection.)
+* The decoder layer. Llama, Mistral, Qwen2, Qwen3 and Gemma run the same layer forward:
+  norm, attention, ``residual + attn_out``, ``post_attention_layernorm``, MLP, residual
+  add; the patcher fuses the middle add and norm (``add_rms_norm``), after checking the
+  installed forward's source against that pattern. Gemma-2's layer norms the attention
+  and MLP outputs as well (four norms a layer): it keeps HF's layer forward.
 """
 from __future__ import annotations
 
@@ -56,6 +61,9 @@ class Family:
     activation_key: str
     #: Config key of the final-logit soft cap, or None where the family has none.
     softcap_key: str | None = None
+    #: The decoder layer class whose forward is Llama's (``hidden = residual + attn_out``, then
+    #: ``post_attention_layernorm(hidden)``), where add_rms_norm fuses the two; None: HF's layer runs.
+    decoder_layer: str | None = None
     #: Attribute names of the attention's q/k/v and output projections, and of the MLP's
     #: gate/up/down projections (the same in every family today).
     qkv_projs: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
@@ -70,7 +78,8 @@ def _llama_like(name: str, prefix: str, norms_per_layer: int = 2, **kw) -> Famil
         name=name, model_types=(name,), module=f"transformers.models.{name}.modeling_{name}",
         config_class=f"{prefix}Config", causal_lm=f"{prefix}ForCausalLM", attention=f"{prefix}Attention",
         mlp=f"{prefix}MLP", norm=f"{prefix}RMSNorm", norm_casting="llama", norm_offset=0.0,
-        norm_eps_attr="variance_epsilon", norms_per_layer=norms_per_layer, activation_key="hidden_act", **kw)
+        norm_eps_attr="variance_epsilon", norms_per_layer=norms_per_layer, activation_key="hidden_act",
+        decoder_layer=f"{prefix}DecoderLayer", **kw)
 
 
 def _gemma_like(name: str, prefix: str, **kw) -> Family:
@@ -87,7 +96,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     _llama_like("qwen2", "Qwen2"),  # q/k/v with biases: lora_qkv takes them
     # q_norm and k_norm: two more Qwen3RMSNorm per layer.
     _llama_like("qwen3", "Qwen3", norms_per_layer=4),
-    _gemma_like("gemma", "Gemma", norms_per_layer=2, activation_key="hidden_act",
+    _gemma_like("gemma", "Gemma", norms_per_layer=2, activation_key="hidden_act", decoder_layer="GemmaDecoderLayer",
                 tiny={"hidden_act": "gelu_pytorch_tanh"}),
     _gemma_like("gemma2", "Gemma2", norms_per_layer=4, activation_key="hidden_activation",
                 softcap_key="final_logit_softcapping",

@@ -31,6 +31,14 @@ What is swapped (per family: workbench/families.py):
   so the kernel runs wherever its input and weight dtypes give what HF's gives
   (:func:`_norm_dtypes`; e.g. the fp32 residual stream of an fp32 model or of QLoRA
   after prepare_model_for_kbit_training; not Qwen3's q/k norms there);
+* ``add_rms_norm`` (with ``rms_norm``): the decoder layer of a family whose layer forward is
+  Llama's (Llama, Mistral, Qwen2, Qwen3, Gemma; checked against the installed source,
+  :func:`_layer_pattern`) runs HF's steps itself, with ``residual + attn_out`` and
+  ``post_attention_layernorm`` as one kernel (s and the norm of s in one pass). Per call
+  it fuses where the add is one dtype (no promotion) and the swapped norm would run its
+  kernel in that dtype, with no hooks on the norm; elsewhere it adds and calls the norm
+  as HF does. Arguments, the attention's call and output, caches and the return value
+  are HF's: the forward binds the call to HF's signature and passes every argument on;
 * ``rope``: ``apply_rotary_pos_emb`` of every attention module. Under autocast too,
   with HF's type promotion (:func:`_rope_dtype`): the fp32 tables of an fp32 model
   or of QLoRA and autocast's bf16 q/k rotate in fp32 and come out fp32, as in HF;
@@ -56,8 +64,9 @@ What is swapped (per family: workbench/families.py):
   train-suite run on a GPU showed as a loss off HF's after the first step; the parity
   suite's ``delta:`` comparisons check that the LoRA term survives.)
 
-Not swapped: attention itself (HF's eager/SDPA/flash path), embeddings, residual
-adds, LoRA layers with DoRA or another PEFT variant, lora_bias, several active
+Not swapped: attention itself (HF's eager/SDPA/flash path), embeddings, the residual
+adds other than the fused one (and that one where it promotes dtypes, e.g. an fp32 stream
+under bf16 autocast), checkpointed decoder-layer calls (HF's layer, our norms), LoRA layers with DoRA or another PEFT variant, lora_bias, several active
 adapters, a trainable or non-Linear base (8-bit, ...), and lora_o/lora_mlp on a
 base with a bias (Qwen2's q/k/v run fused only as a lora_qkv group). The fused
 loss is skipped for ``logits_to_keep != 0``, TRL's ``fused_lm_head=True`` calls
@@ -68,11 +77,13 @@ kernels (same distribution as PEFT's, other random numbers).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import inspect
 import logging
 import sys
+import textwrap
 import types
 import weakref
 from collections import Counter
@@ -86,6 +97,7 @@ from torch import nn
 from workbench.errors import UserError
 from workbench.families import GLU_ACTIVATIONS, Family, family, family_of
 from workbench.kernels import _common
+from workbench.kernels.add_rms_norm import add_rms_norm
 from workbench.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from workbench.kernels.geglu import geglu
 from workbench.kernels.lora_mlp import lora_mlp
@@ -268,6 +280,14 @@ class _NormSwap(_Swap):
     eps_attr: str = "variance_epsilon"
     offset: float = 0.0
     casting: str = "llama"
+
+
+@dataclass
+class _LayerSwap(_Swap):
+    signature: inspect.Signature | None = None   # of HF's layer forward, under its decorators
+    hidden: str = "hidden_states"               # its first parameter after self
+    var_kw: str = "kwargs"                      # its ** parameter
+    renamed: tuple[str, ...] = ()               # kwargs its deprecate_kwarg decorators rename
 
 
 @dataclass
@@ -691,6 +711,75 @@ def _norm_forward(self, x, *args, **kwargs):
     return _original(self, x, *args, **kwargs)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones), which a fused
+    layer that computes the module's output without calling it would skip."""
+    from torch.nn.modules import module as M
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+           getattr(module, "_backward_pre_hooks", None))
+    shared = (M._global_forward_hooks, M._global_forward_pre_hooks, M._global_backward_hooks,
+              getattr(M, "_global_backward_pre_hooks", None))
+    return any(bool(h) for h in (*own, *shared))
+
+
+def _add_norm(norm: nn.Module, residual, attn_out):
+    """(s, norm(s)) for HF's ``s = residual + attn_out`` and ``post_attention_layernorm(s)``
+    from one add_rms_norm call, or None where no call computes what HF does: an add that
+    broadcasts or promotes, or a norm whose swapped forward would not run its kernel in s's
+    dtype (:func:`_norm_dtypes`: one dtype, or an fp32 s with a 16-bit Llama weight).
+    Autocast changes neither step (add is on no autocast list; the norm: :func:`_norm_dtypes`)."""
+    swap = norm.__dict__[_STATE]
+    w = norm.weight
+    if not (isinstance(residual, torch.Tensor) and isinstance(attn_out, torch.Tensor)
+            and residual.shape == attn_out.shape and residual.dtype == attn_out.dtype
+            and residual.device == attn_out.device == w.device and _plain(w)):
+        return None
+    if _norm_dtypes(residual, w, swap.casting) != (residual.dtype, residual.dtype) \
+            or not _runnable(residual, autocast_ok=True):
+        return None
+    _ran("add_rms_norm")
+    with _kernel_scope(residual):
+        return add_rms_norm(residual, attn_out, w.to(residual.dtype), eps=float(getattr(norm, swap.eps_attr)),
+                            offset=swap.offset, casting=swap.casting)
+
+
+def _layer_forward(self, *args, **kwargs):
+    """HF's decoder layer forward (:func:`_layer_pattern` checked it is Llama's), with the
+    residual add and post_attention_layernorm fused where :func:`_add_norm` can."""
+    swap = self.__dict__[_STATE]
+    norm = getattr(self, "post_attention_layernorm", None)
+    if (norm is None or not _installed_here(norm) or _hooked(norm)
+            or any(name in kwargs for name in swap.renamed)  # HF's decorator renames those
+            # transformers checkpoints the layer in its class forward's wrapper (editing the cache
+            # arguments first), which an instance forward bypasses: HF's forward runs those calls.
+            or (getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled())):
+        return _original(self, *args, **kwargs)
+    try:
+        bound = swap.signature.bind(self, *args, **kwargs)
+    except TypeError:  # HF's forward raises the same error
+        return _original(self, *args, **kwargs)
+    bound.apply_defaults()
+    given = dict(bound.arguments)
+    given.pop(next(iter(given)))  # self
+    hidden_states = given.pop(swap.hidden)
+    extra = given.pop(swap.var_kw)
+    # HF's steps, names and calls (a module's hooks fire as they do under HF's forward).
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **given, **extra)
+    fused = _add_norm(norm, residual, hidden_states)
+    if fused is None:
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = norm(hidden_states)
+    else:
+        residual, hidden_states = fused
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = residual + hidden_states
+    return hidden_states
+
+
 def _attention_forward(self, *args, **kwargs):
     token = _CALL.set(_AttentionCall(self, self.__dict__[_STATE].rope))
     try:
@@ -933,6 +1022,86 @@ def _note_nf4(plan: _Plan, layers) -> None:
             plan.report._add("nf4_dequant", type(layer.base_layer).__name__)
 
 
+#: The body of Llama's decoder layer forward (transformers 5.x), with its parameters' names
+#: filled in: {h} the hidden states, {kw} the ** parameter, {args} every other parameter
+#: passed on by name. Comments and a docstring aside, the installed source must be this.
+_LLAMA_LAYER = """
+residual = {h}
+{h} = self.input_layernorm({h})
+{h}, _ = self.self_attn(hidden_states={h}, {args}**{kw})
+{h} = residual + {h}
+residual = {h}
+{h} = self.post_attention_layernorm({h})
+{h} = self.mlp({h})
+{h} = residual + {h}
+return {h}
+"""
+
+
+#: transformers' GradientCheckpointingLayer wraps each layer class's forward in this (5.x).
+_CHECKPOINTING_WRAPPER = "GradientCheckpointingLayer.__init_subclass__.<locals>.forward_with_checkpointing"
+
+
+def _sorted_keywords(tree: ast.AST) -> ast.AST:
+    """Keyword arguments in name order (plain names as values: their order changes nothing)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            node.keywords.sort(key=lambda k: (k.arg is None, k.arg or ""))
+    return tree
+
+
+def _layer_pattern(cls: type) -> _LayerSwap | str:
+    """A :class:`_LayerSwap` for decoder layers of ``cls`` when its forward is Llama's layer
+    (:data:`_LLAMA_LAYER`) under nothing but transformers' ``deprecate_kwarg`` decorators (which
+    rename a kwarg; a call that passes one goes to HF's code), else why not."""
+    fn, renamed = cls.forward, []
+    while hasattr(fn, "__wrapped__"):
+        code = fn.__code__
+        name = getattr(code, "co_qualname", code.co_name)
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+        if name.startswith("deprecate_kwarg.") and "old_name" in cells:
+            renamed.append(cells["old_name"])
+        elif name != _CHECKPOINTING_WRAPPER:  # that one: _layer_forward leaves checkpointed calls to HF
+            return f"its forward is wrapped by {name!r}, whose handling of arguments the fused layer does not reproduce"
+        fn = fn.__wrapped__
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tree = ast.parse(source).body[0]
+        signature = inspect.signature(fn)
+    except (OSError, TypeError, SyntaxError, IndexError, ValueError) as err:
+        return f"its forward's source cannot be read ({type(err).__name__})"
+    params = list(signature.parameters.values())
+    var_kw = [p.name for p in params if p.kind is p.VAR_KEYWORD]
+    named = [p for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not isinstance(tree, ast.FunctionDef) or len(var_kw) != 1 or not named \
+            or len(named) + len(var_kw) + 1 != len(params):
+        return "its forward's parameters are not (self, hidden states, named arguments, **kwargs)"
+    hidden = named[0].name
+    expected = _LLAMA_LAYER.format(h=hidden, kw=var_kw[0], args="".join(f"{p.name}={p.name}, " for p in named[1:]))
+    body = tree.body[1:] if (tree.body and isinstance(tree.body[0], ast.Expr)
+                             and isinstance(tree.body[0].value, ast.Constant)) else tree.body
+    got = [ast.dump(_sorted_keywords(stmt)) for stmt in body]
+    want = [ast.dump(_sorted_keywords(stmt)) for stmt in ast.parse(expected).body]
+    if got != want:
+        return "its forward is not Llama's (residual add, then post_attention_layernorm) in this transformers version"
+    return _LayerSwap(_layer_forward, signature=signature, hidden=hidden, var_kw=var_kw[0], renamed=tuple(renamed))
+
+
+def _plan_layer(plan: _Plan, path: str, layer: nn.Module) -> None:
+    if "forward" in layer.__dict__:
+        plan.fallback(path, "add_rms_norm", "the layer's forward was replaced on the instance (by a hook or "
+                                            "another library)")
+        return
+    if not _is_a(getattr(layer, "post_attention_layernorm", None), plan.fam.norm):
+        plan.fallback(path, "add_rms_norm", f"its post_attention_layernorm is not a {plan.fam.norm}")
+        return
+    swap = _layer_pattern(type(layer))
+    if isinstance(swap, str):
+        plan.fallback(path, "add_rms_norm", swap)
+        return
+    plan.add(layer, swap, "add_rms_norm")
+
+
 def _is_a(module: nn.Module, class_name: str) -> bool:
     """Whether ``module`` is an instance of the HF class named ``class_name`` (by name,
     through the MRO: FSDP2 re-classes the modules it wraps as subclasses)."""
@@ -947,6 +1116,9 @@ def _plan(root: nn.Module, fam: Family, options: dict[str, bool]) -> _Plan:
         if _is_a(module, fam.norm) and options["rms_norm"]:
             plan.add(module, _NormSwap(_norm_forward, eps_attr=fam.norm_eps_attr, offset=fam.norm_offset,
                                        casting=fam.norm_casting), "rms_norm")
+        elif fam.decoder_layer and _is_a(module, fam.decoder_layer):
+            if options["rms_norm"]:
+                _plan_layer(plan, path, module)
         elif _is_a(module, fam.attention):
             _plan_attention(plan, path, module)
         elif _is_a(module, fam.mlp):

@@ -8,6 +8,11 @@ Casting modes follow the HF families:
 
 Backward returns dX and dW; dW is accumulated in fp32 per program across its
 rows, then the per-program partials are summed in fp32.
+
+``rms_norm_forward`` / ``rms_norm_backward`` launch the kernels on [rows, hidden]
+views, with no autograd: the Function here calls them, and so does ``add_rms_norm``
+(the decoder layer's residual add fused into the norm that follows it), through
+the kernels' HAS_R / HAS_DS paths: the same numerics, one pass fewer.
 """
 from __future__ import annotations
 
@@ -26,15 +31,48 @@ CASTING_MODES = ("llama", "gemma")
 
 # --------------------------------------------------------------------------- Triton
 @triton.jit
-def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
-                  GEMMA: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def _round(x, DT: tl.constexpr):
+    """fp32 -> DT rounded to nearest even, as torch rounds its 16-bit results. For bf16
+    spelled out in integer ops: Triton 3.6's interpreter truncates on ``.to(tl.bfloat16)``,
+    and add_rms_norm's s must be torch's add bit for bit (as _lora_ops._to and nf4's
+    rounding do; on the GPU this equals cvt.rn.bf16.f32, NaN kept quiet)."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(x == x, r, 0x7FC0)
+        y = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(DT)
+    return y
+
+
+@triton.jit
+def _row_input(x_row, r_row, s_row, cols, mask, HAS_R: tl.constexpr, STORE_S: tl.constexpr):
+    """One block of the row the norm normalises, in fp32: x, or (add_rms_norm) the sum
+    s = x + r rounded to x's dtype, which is torch's 16-bit add (fp32 holds the sum of two
+    bf16/fp16 values to more than 2p + 2 bits, so rounding it once more is correct
+    rounding), written to S when STORE_S (the first pass over the row)."""
+    x = tl.load(x_row + cols, mask=mask, other=0.0)
+    if HAS_R:
+        r = tl.load(r_row + cols, mask=mask, other=0.0)
+        x = _round(x.to(tl.float32) + r.to(tl.float32), x_row.dtype.element_ty)
+        if STORE_S:
+            tl.store(s_row + cols, x, mask=mask)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_fwd(X, R, S, W, Y, RSTD, x_stride, r_stride, s_stride, y_stride, n_cols, eps, offset,
+                  GEMMA: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * x_stride
+    r_row = R + row * r_stride
+    s_row = S + row * s_stride
     y_row = Y + row * y_stride
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _row_input(x_row, r_row, s_row, cols, mask, HAS_R, True)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
         x_hat = x * rstd
@@ -45,13 +83,15 @@ def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            x = _row_input(x_row, r_row, s_row, cols, cols < n_cols, HAS_R, True)
             acc += x * x
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            # s again from x and r (not read back from S: no store-then-load of one address
+            # within a program, whose ordering across threads Triton does not promise).
+            x = _row_input(x_row, r_row, s_row, cols, mask, HAS_R, False)
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
             x_hat = x * rstd
             if not GEMMA:
@@ -61,9 +101,9 @@ def _rms_norm_fwd(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps, offset,
 
 
 @triton.jit
-def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride,
+def _rms_norm_bwd(DY, X, W, RSTD, DS, DX, DW_PART, dy_stride, x_stride, ds_stride, dx_stride,
                   n_rows, n_cols, rows_per_prog, offset,
-                  GEMMA: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                  GEMMA: tl.constexpr, HAS_DS: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
                   BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # every product below in int64 (parity/int64_offsets.py)
     row_start = pid * rows_per_prog
@@ -83,7 +123,10 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride,
             if COMPUTE_DX:
                 wdy = w * dy
                 c = tl.sum(x_hat * wdy, axis=0) / n_cols
-                tl.store(DX + r64 * dx_stride + cols, ((wdy - x_hat * c) * rstd).to(DX.dtype.element_ty), mask=mask)
+                dx = (wdy - x_hat * c) * rstd
+                if HAS_DS:  # add_rms_norm: s's own upstream gradient joins, one rounding for both
+                    dx += tl.load(DS + r64 * ds_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + r64 * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
                 if not GEMMA:
                     x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
@@ -112,8 +155,10 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride,
                 x_hat = x * rstd
                 if COMPUTE_DX:
                     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-                    tl.store(DX + r64 * dx_stride + cols, ((w * dy - x_hat * c) * rstd).to(DX.dtype.element_ty),
-                             mask=mask)
+                    dx = (w * dy - x_hat * c) * rstd
+                    if HAS_DS:
+                        dx += tl.load(DS + r64 * ds_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                    tl.store(DX + r64 * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
                 if COMPUTE_DW:
                     if not GEMMA:
                         x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
@@ -123,18 +168,59 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride,
 
 
 # --------------------------------------------------------------------------- launchers
+def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str,
+                     residual: torch.Tensor | None = None):
+    """(y, rstd, s) of the norm of the [rows, hidden] view ``x2`` (unit last stride), no
+    autograd. With ``residual`` (a view of x2's shape and dtype) it normalises s = x2 +
+    residual, rounded to the dtype as torch's add rounds, and returns s too (else None):
+    add_rms_norm's one pass over x, r and w."""
+    n_rows, n_cols = x2.shape
+    y = C.empty((n_rows, n_cols), x2.dtype, x2.device)
+    rstd = C.empty((n_rows,), torch.float32, x2.device)
+    s = C.empty((n_rows, n_cols), x2.dtype, x2.device) if residual is not None else None
+    block = C.block_for(n_cols, forced=C.forced())
+    if n_rows:
+        r_arg, s_arg = (residual, s) if residual is not None else (x2, y)  # unread without HAS_R
+        _rms_norm_fwd[(n_rows,)](x2, r_arg, s_arg, weight, y, rstd, x2.stride(0), r_arg.stride(0),
+                                 s_arg.stride(0), y.stride(0), n_cols, eps, offset,
+                                 GEMMA=casting == "gemma", HAS_R=residual is not None, BLOCK=block,
+                                 ONE_BLOCK=block >= n_cols)
+    return y, rstd, s
+
+
+def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      offset: float, casting: str, need_dx: bool, need_dw: bool,
+                      ds2: torch.Tensor | None = None):
+    """(dx, dw) of the norm of ``x2`` for upstream ``dy2`` ([rows, hidden] views, unit last
+    stride), no autograd; None for what is not asked. With ``ds2`` (add_rms_norm's upstream
+    gradient of s = x2), dx is the norm's gradient plus ds2, summed in fp32, rounded once."""
+    n_rows, n_cols = x2.shape
+    dx = C.empty((n_rows, n_cols), x2.dtype, x2.device) if need_dx else None
+    progs = C.row_programs(n_rows, x2.device)
+    rows_per = triton.cdiv(max(n_rows, 1), progs)
+    progs = triton.cdiv(max(n_rows, 1), rows_per)
+    dw_part = torch.zeros((progs, n_cols), dtype=torch.float32, device=x2.device) if need_dw else None
+    block = C.block_for(n_cols, forced=C.forced())
+    has_ds = need_dx and ds2 is not None
+    if n_rows and (need_dx or need_dw):
+        _rms_norm_bwd[(progs,)](
+            dy2, x2, weight, rstd, ds2 if has_ds else dy2, dx if need_dx else dy2, dw_part if need_dw else rstd,
+            dy2.stride(0), x2.stride(0), ds2.stride(0) if has_ds else 0, dx.stride(0) if need_dx else 0,
+            n_rows, n_cols, rows_per, offset,
+            GEMMA=casting == "gemma", HAS_DS=has_ds, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw,
+            BLOCK=block, ONE_BLOCK=block >= n_cols)
+    dw = None
+    if need_dw:
+        dw = dw_part.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
+    return dx, dw
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset, casting):
         shape = x.shape
         x2 = C.rows_view("rms_norm", "x", x)
-        n_rows, n_cols = x2.shape
-        y = C.empty((n_rows, n_cols), x.dtype, x.device)
-        rstd = C.empty((n_rows,), torch.float32, x.device)
-        block = C.block_for(n_cols, forced=C.forced())
-        if n_rows:
-            _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, offset,
-                                     GEMMA=casting == "gemma", BLOCK=block, ONE_BLOCK=block >= n_cols)
+        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, casting)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.meta = (shape, offset, casting)
         return y.view(shape)
@@ -144,24 +230,8 @@ class _RMSNorm(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         shape, offset, casting = ctx.meta
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n_rows, n_cols = x2.shape
         dy2 = C.rows_view("rms_norm", "dy", dy)
-        dx = C.empty((n_rows, n_cols), x2.dtype, x2.device) if need_dx else None
-        progs = C.row_programs(n_rows, x2.device)
-        rows_per = triton.cdiv(max(n_rows, 1), progs)
-        progs = triton.cdiv(max(n_rows, 1), rows_per)
-        dw_part = torch.zeros((progs, n_cols), dtype=torch.float32, device=x2.device) if need_dw else None
-        block = C.block_for(n_cols, forced=C.forced())
-        if n_rows:
-            _rms_norm_bwd[(progs,)](
-                dy2, x2, weight, rstd, dx if need_dx else dy2, dw_part if need_dw else rstd,
-                dy2.stride(0), x2.stride(0), dx.stride(0) if need_dx else 0,
-                n_rows, n_cols, rows_per, offset,
-                GEMMA=casting == "gemma", COMPUTE_DX=need_dx, COMPUTE_DW=need_dw,
-                BLOCK=block, ONE_BLOCK=block >= n_cols)
-        dw = None
-        if need_dw:
-            dw = dw_part.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
+        dx, dw = rms_norm_backward(dy2, x2, weight, rstd, offset, casting, need_dx, need_dw)
         return (dx.view(shape) if need_dx else None), dw, None, None, None
 
 
