@@ -18,8 +18,8 @@ MUTANTS = [
     Mutant("lora_o", "sum_in_layer_dtype", "the mixed mode (fp32 x, bf16 layer) sums the base output and the LoRA "
            "term in bf16 before returning fp32: an adapter's small first updates are rounded away (the bug of "
            "d1d0b5d, measured in QLoRA training on an H200); only the delta comparison sees it",
-           old="tl.store(OUT + idx, _to(y + lora, OUT.dtype.element_ty), mask=mask)",
-           new="tl.store(OUT + idx, _to(_to(y + lora, LORA.dtype.element_ty).to(tl.float32), "
+           old="tl.store(OUT + idx, round_to(y + lora, OUT.dtype.element_ty), mask=mask)",
+           new="tl.store(OUT + idx, round_to(round_to(y + lora, LORA.dtype.element_ty).to(tl.float32), "
                "OUT.dtype.element_ty), mask=mask)",
            dtypes=(torch.bfloat16,), module=OPS),
     Mutant("lora_o", "scaling_missing_in_backward", "the backward of `* scaling` is dropped: dA, dB and dx's "
@@ -32,15 +32,15 @@ MUTANTS = [
            old="xd2 = branch_input(xs, keep2, inv, lo) if need_a else None",
            new="xd2 = xs.to(lo) if need_a else None"),
     Mutant("lora_o", "dropout_backward_unscaled", "the dropout's backward masks but forgets the 1 / (1 - p)",
-           old="t = _to(tl.where(keep != 0, t * scale, 0.0), DX.dtype.element_ty).to(tl.float32)",
-           new="t = _to(tl.where(keep != 0, t, 0.0), DX.dtype.element_ty).to(tl.float32)", module=OPS),
+           old="t = round_to(tl.where(keep != 0, t * scale, 0.0), DX.dtype.element_ty).to(tl.float32)",
+           new="t = round_to(tl.where(keep != 0, t, 0.0), DX.dtype.element_ty).to(tl.float32)", module=OPS),
     Mutant("lora_o", "dropout_ignores_row_stride", "the dropout kernel reads a row-strided x as if contiguous",
            old="x_off = offset(idx, n_cols, x_stride, CONTIG)", new="x_off = idx", module=OPS),
     Mutant("lora_o", "dx_lora_term_summed_in_layer_dtype", "mixed mode (fp32 x, bf16 layer): dX's LoRA term added "
            "to the base term in the layer's dtype, where autograd sums the two 16-bit gradients in fp32: a small "
            "adapter's term is rounded away while dX stays within a bf16 roundoff; only the gradient delta sees it",
-           old="tl.store(DX + idx, _to(dx + t, DX.dtype.element_ty), mask=mask)",
-           new="tl.store(DX + idx, _to(_to(dx + t, T.dtype.element_ty).to(tl.float32), DX.dtype.element_ty), "
+           old="tl.store(DX + idx, round_to(dx + t, DX.dtype.element_ty), mask=mask)",
+           new="tl.store(DX + idx, round_to(round_to(dx + t, T.dtype.element_ty).to(tl.float32), DX.dtype.element_ty), "
                "mask=mask)",
            dtypes=(torch.bfloat16,), module=OPS),
     Mutant("lora_o", "dy_read_as_contiguous", "the backward reads dy's storage as a dense [rows, out] array: a "

@@ -5,7 +5,8 @@ Math helpers live next to the kernels that need them: an accurate tanh/sech^2
 (cross_entropy.py) and sigmoid pair (geglu.py). libdevice is unavailable in the
 interpreter, so they are written with tl.exp.
 
-Nothing here launches a kernel; every kernel file imports what it needs from here.
+Nothing here launches a kernel; every kernel file imports what it needs from here, the one
+rounding helper of the Triton kernels (``round_to``) included.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 import triton
+import triton.language as tl
 
 #: True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
 #: Must be read from the environment at import time: triton reads it then too.
@@ -187,3 +189,20 @@ def full_precision_reductions():
         yield
     finally:
         m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
+
+
+@triton.jit
+def round_to(x, DT: tl.constexpr):
+    """fp32 -> DT rounded to nearest even, as torch rounds its 16-bit results. For bf16
+    spelled out in integer ops: Triton 3.6's interpreter truncates on ``.to(tl.bfloat16)``
+    (its "rtne" mode rounds ties up without a carry), and the kernels round where their
+    reference twins (and bitsandbytes, for NF4) round, so a truncated value would drift
+    from them. On the GPU this equals cvt.rn.bf16.f32 (NaN kept quiet)."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(x == x, r, 0x7FC0)
+        y = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(DT)
+    return y

@@ -60,7 +60,7 @@ Exceptions, Triton element-wise passes (and no stacking of the LoRA terms):
 
 The Triton kernels are element-wise over a flat index (``_elementwise.py``: a 1-D
 grid of blocks of up to 1024 elements, int64 offsets); x itself may be row-strided
-and is read in place. bf16 results are rounded to nearest even by ``_to``.
+and is read in place. bf16 results are rounded to nearest even by ``_common.round_to``.
 """
 from __future__ import annotations
 
@@ -70,26 +70,11 @@ import triton.language as tl
 
 from . import _common as C
 from . import _elementwise as E
+from ._common import round_to
 from ._elementwise import offset
 
 
 # --------------------------------------------------------------------------- Triton
-@triton.jit
-def _to(x, DT: tl.constexpr):
-    """fp32 -> DT, rounded to nearest even. For bf16 spelled out in integer ops:
-    Triton 3.6's interpreter truncates on ``.to(tl.bfloat16)``, and these kernels
-    round where the reference twin rounds (a truncated intermediate would drift
-    from it). On the GPU this equals cvt.rn.bf16.f32 (NaN kept quiet)."""
-    if DT == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        r = tl.where(x == x, r, 0x7FC0)
-        y = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(DT)
-    return y
-
-
 # All three are elementwise over a flat index in blocks (a 1-D grid, ``_elementwise.py``):
 # buffers we allocate are contiguous; only x itself may be row-strided, and
 # _dropout_fwd maps the flat index back to (row, col) for it.
@@ -101,7 +86,7 @@ def _dropout_fwd(X, KEEP, Y, x_stride, n_cols, n_elements, scale, CONTIG: tl.con
     x_off = offset(idx, n_cols, x_stride, CONTIG)
     x = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
     keep = tl.load(KEEP + idx, mask=mask, other=0)
-    tl.store(Y + idx, _to(tl.where(keep != 0, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
+    tl.store(Y + idx, round_to(tl.where(keep != 0, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -113,7 +98,7 @@ def _lora_add(Y, LORA, OUT, n_elements, BLOCK: tl.constexpr):
     mask = idx < n_elements
     y = tl.load(Y + idx, mask=mask, other=0.0).to(tl.float32)
     lora = tl.load(LORA + idx, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + idx, _to(y + lora, OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + idx, round_to(y + lora, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,8 +111,8 @@ def _grad_add(DX, T, KEEP, n_elements, scale, HAS_KEEP: tl.constexpr, BLOCK: tl.
     t = tl.load(T + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_KEEP:
         keep = tl.load(KEEP + idx, mask=mask, other=0)
-        t = _to(tl.where(keep != 0, t * scale, 0.0), DX.dtype.element_ty).to(tl.float32)
-    tl.store(DX + idx, _to(dx + t, DX.dtype.element_ty), mask=mask)
+        t = round_to(tl.where(keep != 0, t * scale, 0.0), DX.dtype.element_ty).to(tl.float32)
+    tl.store(DX + idx, round_to(dx + t, DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 from . import _common as C
 from . import _strategies as S
+from ._common import round_to
 from ._harness import randn
 from ._registry import Inputs, KernelSpec, Limits
 
@@ -83,18 +84,6 @@ def dynamic_code(device="cpu") -> torch.Tensor:
 
 # --------------------------------------------------------------------------- Triton
 @triton.jit
-def _to_bf16_rne(x):
-    """fp32 -> bf16 rounded to nearest even, in integer ops. Triton 3.6's interpreter
-    truncates on ``.to(tl.bfloat16)`` (and its "rtne" mode rounds ties up without a
-    carry), so bit-exactness with bitsandbytes needs the rounding spelled out; on the
-    GPU this equals the hardware cvt.rn.bf16.f32 (NaN kept quiet)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x == x, rounded, 0x7FC0)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _nf4_dequant_fwd(PACKED, ABSMAX, CODE, NESTED, OFFSET, NF4, OUT, n_elements,
                      BLOCKSIZE: tl.constexpr, NESTED_BLOCK: tl.constexpr,
                      DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
@@ -118,7 +107,7 @@ def _nf4_dequant_fwd(PACKED, ABSMAX, CODE, NESTED, OFFSET, NF4, OUT, n_elements,
         absmax = tl.load(ABSMAX + blk, mask=mask, other=0.0)
     y = value * absmax
     if OUT.dtype.element_ty == tl.bfloat16:
-        tl.store(OUT + e, _to_bf16_rne(y), mask=mask)
+        tl.store(OUT + e, round_to(y, tl.bfloat16), mask=mask)
     else:
         tl.store(OUT + e, y.to(OUT.dtype.element_ty), mask=mask)
 

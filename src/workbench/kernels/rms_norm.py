@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from . import _common as C
 from . import _strategies as S
+from ._common import round_to
 from ._harness import maybe_strided, randn, shifted_rows
 from ._registry import Example, Inputs, KernelSpec, Limits
 
@@ -30,22 +31,6 @@ CASTING_MODES = ("llama", "gemma")
 
 
 # --------------------------------------------------------------------------- Triton
-@triton.jit
-def _round(x, DT: tl.constexpr):
-    """fp32 -> DT rounded to nearest even, as torch rounds its 16-bit results. For bf16
-    spelled out in integer ops: Triton 3.6's interpreter truncates on ``.to(tl.bfloat16)``,
-    and add_rms_norm's s must be torch's add bit for bit (as _lora_ops._to and nf4's
-    rounding do; on the GPU this equals cvt.rn.bf16.f32, NaN kept quiet)."""
-    if DT == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        r = tl.where(x == x, r, 0x7FC0)
-        y = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(DT)
-    return y
-
-
 @triton.jit
 def _row_input(x_row, r_row, s_row, cols, mask, HAS_R: tl.constexpr, STORE_S: tl.constexpr):
     """One block of the row the norm normalises, in fp32: x, or (add_rms_norm) the sum
@@ -55,7 +40,7 @@ def _row_input(x_row, r_row, s_row, cols, mask, HAS_R: tl.constexpr, STORE_S: tl
     x = tl.load(x_row + cols, mask=mask, other=0.0)
     if HAS_R:
         r = tl.load(r_row + cols, mask=mask, other=0.0)
-        x = _round(x.to(tl.float32) + r.to(tl.float32), x_row.dtype.element_ty)
+        x = round_to(x.to(tl.float32) + r.to(tl.float32), x_row.dtype.element_ty)
         if STORE_S:
             tl.store(s_row + cols, x, mask=mask)
     return x.to(tl.float32)
