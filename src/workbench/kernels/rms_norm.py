@@ -252,7 +252,9 @@ def rms_norm_reference(x, weight, eps=1e-6, offset=0.0, casting="llama", compute
 
 # --------------------------------------------------------------------------- registry
 @st.composite
-def _params(draw, limits: Limits) -> dict:
+def norm_params(draw, limits: Limits) -> dict:
+    """The norm's draws that rms_norm and add_rms_norm share: rows, eps, casting, offset, the
+    input's scale and row shift, a strided input, and which of x and w need a gradient."""
     shape = draw(S.norm_rows(limits))
     return {
         **shape,
@@ -302,7 +304,7 @@ SPEC = KernelSpec(
     name="rms_norm",
     fn=rms_norm,
     reference=rms_norm_reference,
-    params=_params,
+    params=norm_params,
     make_inputs=_make_inputs,
     outputs=("y",),
     grads=("x", "weight"),
