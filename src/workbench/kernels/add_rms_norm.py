@@ -122,7 +122,7 @@ def _case(**over) -> dict:
 #: buffers (seed 3 draws rows 37 and 36 elements apart), so that ds read with dy's stride shows.
 EXAMPLES = (
     Example(_case(rows=256), "dW summed over 64 rows a program: a 16-bit dW accumulator", dtypes=(torch.bfloat16,)),
-    Example(_case(hidden=4096, _block=16), "a row of 256 blocks: a 16-bit accumulator of the looped path's sums",
+    Example(_case(hidden=4096, _block=4), "a row of 1024 blocks: a 16-bit accumulator of the looped path's sums",
             dtypes=(torch.bfloat16,)),
     Example(_case(rows=5, hidden=33, _dy="strided", strided=True, r_strided=True), "ds and dy of different row "
             "strides, x and r too: a stride taken from the wrong tensor", seed=3),
