@@ -151,15 +151,16 @@ def ran_since(before: dict) -> dict:
     return {k: v - before.get(k, 0) for k, v in kernel_calls().items() if v > before.get(k, 0)}
 
 
-def three_way(model, inputs, labels, mode=contextlib.nullcontext, exact_model=None) -> tuple[dict, dict, dict, dict]:
+def three_way(model, inputs, labels, mode=contextlib.nullcontext, exact_model=None,
+              **options) -> tuple[dict, dict, dict, dict]:
     """(kernel, baseline, exact, kernels that ran) for ``model``, the first two run
     inside ``mode()`` (e.g. autocast), the fp64 one outside (``exact_model``, default an
-    fp64 copy of ``model``); the model ends unpatched."""
+    fp64 copy of ``model``); the model ends unpatched. ``options`` go to patch_model."""
     exact_model = copy.deepcopy(model).double() if exact_model is None else exact_model
     with mode():
         baseline = run(model, inputs, labels)
         before = kernel_calls()
-        patch_model(model)
+        patch_model(model, **options)
         try:
             kernel = run(model, inputs, labels)
         finally:
@@ -171,16 +172,21 @@ def three_way(model, inputs, labels, mode=contextlib.nullcontext, exact_model=No
 
 
 # --------------------------------------------------------------------------- one step, every family
-@pytest.mark.parametrize("family_name", list(FAMILIES))
-def test_patched_model_matches_unpatched(family_name):
+@pytest.mark.parametrize("family_name, fuse_add_norm",
+                         [(name, False) for name in FAMILIES]
+                         + [(name, True) for name in FAMILIES if family(name).decoder_layer],
+                         ids=lambda v: {False: "default", True: "fuse_add_norm"}.get(v, v))
+def test_patched_model_matches_unpatched(family_name, fuse_add_norm):
     model = build(family_name)
     inputs, labels = make_batch()
-    kernel, baseline, exact, ran = three_way(model, inputs, labels)
+    kernel, baseline, exact, ran = three_way(model, inputs, labels, fuse_add_norm=fuse_add_norm)
 
     # The kernels really ran (a silent fallback would make the comparison vacuous).
     expected = {"rms_norm", "rope", "lora_qkv", "lora_o", "lora_mlp", "fused_linear_cross_entropy"}
-    if family(family_name).decoder_layer:
+    if fuse_add_norm:
         expected.add("add_rms_norm")
+    else:  # off by default: HF's decoder layer, its post_attention_layernorm through rms_norm
+        assert "add_rms_norm" not in ran, ran
     assert expected <= ran.keys(), f"kernels that did not run: {expected - ran.keys()}"
     assert kernel["labelled_logits"] is None  # the fused loss formed no logits
     bad = judge(family_name, kernel, baseline, exact)
@@ -199,7 +205,7 @@ def test_fused_decoder_layer_matches_unpatched_in_every_gradient(family_name):
     layers = model.config.num_hidden_layers
     norms = layers * family(family_name).norms_per_layer + 1
     inputs, labels = make_batch(7)
-    kernel, baseline, exact, ran = three_way(model, inputs, labels)
+    kernel, baseline, exact, ran = three_way(model, inputs, labels, fuse_add_norm=True)
 
     # run() makes two forwards: each layer's add + norm once in each, through the fused kernel,
     # and every other norm through rms_norm.

@@ -122,13 +122,14 @@ def test_unpatch_restores_the_model_exactly():
     before = outputs(model, inputs, labels)
 
     calls = kernel_calls()
-    patch_model(model)
+    patch_model(model, fuse_add_norm=True)  # every swap there is, the decoder layers' too
     # While patched: the same Parameter objects, the same state_dict, and the kernels live.
     assert [id(p) for p in model.parameters()] == [v[0] for v in before_snapshot[1].values()]
     assert list(model.state_dict()) == before_snapshot[2]
     assert rope_module.apply_rotary_pos_emb is not rope_fn
     patched = outputs(model, inputs, labels)
     assert kernel_calls().get("lora_mlp", 0) > calls.get("lora_mlp", 0)
+    assert kernel_calls().get("add_rms_norm", 0) > calls.get("add_rms_norm", 0)
     assert patched[0].isfinite()
 
     assert unpatch_model(model) is True
@@ -155,14 +156,14 @@ def test_unpatch_refuses_when_a_forward_was_wrapped_after_patching():
 
 
 # --------------------------------------------------------------------------- the report
-def expected_swaps(name: str, lora: bool) -> dict:
+def expected_swaps(name: str, lora: bool, fuse_add_norm: bool = False) -> dict:
     """What a full patch swaps in a tiny ``name`` model, from its config and the family table."""
     fam, config = family(name), tiny_config(name)
     layers = config.num_hidden_layers
     swaps = {"rms_norm": {fam.norm: layers * fam.norms_per_layer + 1},  # + the final norm
              "rope": {fam.attention: layers},
              "fused_linear_cross_entropy": {fam.causal_lm: 1}}
-    if fam.decoder_layer:  # the residual add and post_attention_layernorm fused
+    if fam.decoder_layer and fuse_add_norm:  # the residual add and post_attention_layernorm fused
         swaps["add_rms_norm"] = {fam.decoder_layer: layers}
     if lora:
         swaps.update({"lora_qkv": {fam.attention: layers}, "lora_mlp": {fam.mlp: layers},
@@ -181,6 +182,12 @@ def test_report_lists_every_swap_by_module_type(name):
         assert report.swapped == expected_swaps(name, lora=False)
         assert report.fallbacks == []
         json.dumps(report.to_dict())  # goes into the run manifest as is
+    finally:
+        unpatch_model(model)
+    report = patch_model(model, fuse_add_norm=True)
+    try:
+        assert report.swapped == expected_swaps(name, lora=False, fuse_add_norm=True)
+        assert report.fallbacks == [] and report.to_dict()["options"]["fuse_add_norm"] is True
     finally:
         unpatch_model(model)
 
@@ -311,7 +318,7 @@ def test_generation_runs_through_the_patched_model():
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     reference = model.generate(**inputs, **kwargs)
     before = kernel_calls()
-    patch_model(model)
+    patch_model(model, fuse_add_norm=True)
     try:
         assert torch.equal(model.generate(**inputs, **kwargs), reference)
         assert kernel_calls().get("rope", 0) > before.get("rope", 0)
@@ -334,7 +341,7 @@ def test_fused_layer_keeps_hfs_recorded_outputs():
     inputs, _ = batch()
     with torch.no_grad():
         reference = model(**inputs, output_attentions=True, output_hidden_states=True)
-        patch_model(model, rope=False, mlp=False, loss=False, lora=False)
+        patch_model(model, rope=False, mlp=False, loss=False, lora=False, fuse_add_norm=True)
         try:
             before = kernel_calls()
             got = model(**inputs, output_attentions=True, output_hidden_states=True)
@@ -352,7 +359,7 @@ def test_fused_layer_keeps_hfs_recorded_outputs():
 def test_fused_layer_leaves_hooked_norms_and_checkpointed_calls_to_hf():
     model = plain("llama")
     inputs, labels = batch()
-    patch_model(model, rope=False, mlp=False, loss=False, lora=False)
+    patch_model(model, rope=False, mlp=False, loss=False, lora=False, fuse_add_norm=True)
     layers = model.config.num_hidden_layers
     try:
         # A hook on a post_attention_layernorm would be skipped by the fused call: that layer runs HF's forward.
@@ -390,12 +397,39 @@ def test_a_layer_forward_other_than_llamas_is_reported_and_left_alone():
     model = plain("llama")
     config = model.config
     model.model.layers[1] = ScaledLayer(config, 1).to(DEVICE)
-    report = patch_model(model, rope=False, mlp=False, loss=False, lora=False)
+    report = patch_model(model, rope=False, mlp=False, loss=False, lora=False, fuse_add_norm=True)
     try:
         assert report.swapped["add_rms_norm"] == {"LlamaDecoderLayer": 1}
         assert [(f.module, f.kernel) for f in report.fallbacks] == [("model.layers.1", "add_rms_norm")]
         assert "not Llama's" in report.fallbacks[0].reason
         assert "forward" not in model.model.layers[1].__dict__
+    finally:
+        unpatch_model(model)
+    # Off (the default), the layers are not even looked at: no swap, and no fallback to report.
+    report = patch_model(model, rope=False, mlp=False, loss=False, lora=False)
+    try:
+        assert "add_rms_norm" not in report.swapped and report.fallbacks == []
+    finally:
+        unpatch_model(model)
+
+
+def test_default_patch_leaves_the_decoder_layer_forward_to_hf():
+    """fuse_add_norm is off by default (it measured no faster step at the 1B LoRA shape): each
+    decoder layer keeps HF's forward, and its post_attention_layernorm runs alone through rms_norm."""
+    model = plain("llama")
+    layers = model.config.num_hidden_layers
+    inputs, labels = batch()
+    report = patch_model(model)
+    try:
+        assert report.options["fuse_add_norm"] is False and report.to_dict()["options"]["fuse_add_norm"] is False
+        assert "add_rms_norm" not in report.swapped
+        assert not any(f.kernel == "add_rms_norm" for f in report.fallbacks)
+        for layer in model.model.layers:
+            assert "forward" not in layer.__dict__ and layer.forward.__func__ is type(layer).forward
+        before = kernel_calls()
+        model(**inputs, labels=labels).loss.backward()
+        ran = _ran_since(before)
+        assert "add_rms_norm" not in ran and ran.get("rms_norm") == 2 * layers + 1, ran  # every norm, once
     finally:
         unpatch_model(model)
 
@@ -419,6 +453,8 @@ def test_patching_twice_is_a_no_op_and_other_options_are_refused():
     assert {p: m.__dict__.get("forward") for p, m in model.named_modules()} == forwards
     with pytest.raises(UserError, match="already patched"):
         patch_model(model, loss=False)
+    with pytest.raises(UserError, match="already patched"):
+        patch_model(model, fuse_add_norm=True)
     unpatch_model(model)
 
 
@@ -426,24 +462,67 @@ def test_bad_options_are_user_errors():
     model = plain()
     with pytest.raises(UserError, match="rms_norm must be true or false"):
         patch_model(model, rms_norm="yes")
+    with pytest.raises(UserError, match="fuse_add_norm must be true or false"):
+        patch_model(model, fuse_add_norm=1)
     with pytest.raises(UserError, match="needs a torch model"):
         patch_model("llama")
 
 
+def test_fuse_add_norm_without_rms_norm_is_refused():
+    """The fused add runs inside the swapped post_attention_layernorm: without rms_norm there is
+    none, so the pair is refused in one sentence, and nothing is patched."""
+    model = plain()
+    with pytest.raises(UserError) as err:
+        patch_model(model, rms_norm=False, fuse_add_norm=True)
+    message = str(err.value)
+    assert "fuse_add_norm=True needs rms_norm=True" in message and message.count(". ") == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert unpatch_model(model) is False
+
+
 def test_kernels_config_switch():
     assert options_from_config(None) is None and options_from_config(False) is None
-    every = {**dict.fromkeys(OPTIONS, True), "adapter_as_autocast": False}   # numerics as PEFT's unless asked
+    # numerics as PEFT's, and the decoder layer HF's, unless asked
+    every = {**dict.fromkeys(OPTIONS, True), "fuse_add_norm": False, "adapter_as_autocast": False}
     assert options_from_config(True) == every
     assert options_from_config({"loss": False}) == {**every, "loss": False}
     assert options_from_config({"adapter_as_autocast": True}) == {**every, "adapter_as_autocast": True}
+    assert options_from_config({"fuse_add_norm": True}) == {**every, "fuse_add_norm": True}
+    assert options_from_config({"rms_norm": False, "fuse_add_norm": False}) == {**every, "rms_norm": False}
     with pytest.raises(UserError, match="adapter_as_autocast must be true or false"):
         options_from_config({"adapter_as_autocast": "bf16"})
-    with pytest.raises(UserError, match="unknown switch"):
+    with pytest.raises(UserError, match="fuse_add_norm must be true or false"):
+        options_from_config({"fuse_add_norm": "yes"})
+    with pytest.raises(UserError, match="kernels: fuse_add_norm needs rms_norm"):
+        options_from_config({"rms_norm": False, "fuse_add_norm": True})
+    with pytest.raises(UserError, match="unknown switch.*fuse_add_norm"):  # the message names the switches
         options_from_config({"flash": True})
     with pytest.raises(UserError, match="must be true or false"):
         options_from_config({"rope": "on"})
     with pytest.raises(UserError, match="must be true, false or a mapping"):
         options_from_config("all")
+
+
+def test_fuse_add_norm_through_a_run_config():
+    """A run's ``kernels:`` mapping reaches patch_model (workbench.models, as workbench train
+    applies it): off unless the config turns it on, and refused without rms_norm."""
+    from workbench import config, models
+
+    default = models.kernels_enabled(config.load(None, ["kernels=true"]))
+    asked = models.kernels_enabled(config.load(None, ["kernels={fuse_add_norm: true}"]))
+    assert default["fuse_add_norm"] is False and asked == {**default, "fuse_add_norm": True}
+    model = plain()
+    report = models.apply_kernels(model, default)
+    assert "add_rms_norm" not in report["swapped"] and report["options"]["fuse_add_norm"] is False
+    unpatch_model(model)
+    report = models.apply_kernels(model, asked)
+    try:
+        assert report["swapped"]["add_rms_norm"] == {"LlamaDecoderLayer": model.config.num_hidden_layers}
+        assert report["options"]["fuse_add_norm"] is True
+    finally:
+        unpatch_model(model)
+    with pytest.raises(UserError, match="kernels: fuse_add_norm needs rms_norm"):
+        models.kernels_enabled(config.load(None, ["kernels={rms_norm: false, fuse_add_norm: true}"]))
 
 
 def test_package_level_entry_points():

@@ -305,6 +305,7 @@ def test_kernels_auto_means_on_with_cuda_and_off_without(monkeypatch):
     from workbench import patch
 
     assert models.kernels_enabled(config.load(None)) == {**dict.fromkeys(patch.OPTIONS, True),
+                                                          patch.FUSE_ADD_NORM: False,
                                                           patch.ADAPTER_AS_AUTOCAST: False}
     assert models.kernels_enabled(config.load(None, ["kernels=false"])) is None
     assert models.kernels_enabled(config.load(None, ["kernels={rope: false}"]))["rope"] is False

@@ -130,6 +130,14 @@ def test_kernels_unavailable_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_fuse_add_norm_without_rms_norm_is_a_clear_error(tmp_path, capsys):
+    code, err = run_cli(capsys, *QUICK, "--set", "kernels={rms_norm: false, fuse_add_norm: true}",
+                        "--run", str(tmp_path / "run"))
+    assert code == 2
+    assert "kernels: fuse_add_norm needs rms_norm" in error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("other", ["liger", "unsloth"])
 def test_kernels_means_our_kernels_only(tmp_path, capsys, other):
     # The benchmarks' comparison stacks are no setting of the product (workbench.bench.stacks).

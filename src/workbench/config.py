@@ -18,8 +18,10 @@ against the config file's folder (the file can travel with its data).
                   dpo / orpo on prompt/chosen/rejected pairs: workbench.preference), beta (DPO's and ORPO's)
     eval:         max_rows, max_new_tokens (greedy generation on the test split, base and adapter)
     kernels:      our Triton kernels: "auto" (on with CUDA, off on the CPU), true, false, or
-                  {switch: bool} per kernel (workbench.patch). (The benchmarks' comparison stacks,
-                  other projects' kernels, are no config of the product: workbench.bench.stacks.)
+                  {switch: bool} per kernel (workbench.patch: rms_norm, rope, mlp, loss, lora, nf4
+                  on unless false; fuse_add_norm, adapter_as_autocast off unless true). (The
+                  benchmarks' comparison stacks, other projects' kernels, are no config of the
+                  product: workbench.bench.stacks.)
 """
 from __future__ import annotations
 

@@ -31,10 +31,12 @@ What is swapped (per family: workbench/families.py):
   so the kernel runs wherever its input and weight dtypes give what HF's gives
   (:func:`_norm_dtypes`; e.g. the fp32 residual stream of an fp32 model or of QLoRA
   after prepare_model_for_kbit_training; not Qwen3's q/k norms there);
-* ``add_rms_norm`` (with ``rms_norm``): the decoder layer of a family whose layer forward is
-  Llama's (Llama, Mistral, Qwen2, Qwen3, Gemma; checked against the installed source,
-  :func:`_layer_pattern`) runs HF's steps itself, with ``residual + attn_out`` and
-  ``post_attention_layernorm`` as one kernel (s and the norm of s in one pass). Per call
+* ``add_rms_norm``, only with ``fuse_add_norm=True`` (which needs ``rms_norm``). Off by default:
+  a 1B LoRA training step measured no faster with it, the saving it can make being a fraction of a
+  percent of the step (reports/step/2026-12-07-nvidia-h200-1b-lora-autocast-on-addnorm.notes.md).
+  With it, the decoder layer of a family whose layer forward is Llama's (Llama, Mistral,
+  Qwen2, Qwen3, Gemma; checked against the installed source, :func:`_layer_pattern`) runs
+  HF's steps itself, with ``residual + attn_out`` and ``post_attention_layernorm`` as one kernel (s and the norm of s in one pass). Per call
   it fuses where the add is one dtype (no promotion) and the swapped norm would run its
   kernel in that dtype, with no hooks on the norm; elsewhere it adds and calls the norm
   as HF does. Arguments, the attention's call and output, caches and the return value
@@ -65,11 +67,12 @@ What is swapped (per family: workbench/families.py):
   suite's ``delta:`` comparisons check that the LoRA term survives.)
 
 Not swapped: attention itself (HF's eager/SDPA/flash path), embeddings, the residual
-adds other than the fused one (and that one where it promotes dtypes, e.g. an fp32 stream
-under bf16 autocast), checkpointed decoder-layer calls (HF's layer, our norms), LoRA layers with DoRA or another PEFT variant, lora_bias, several active
-adapters, a trainable or non-Linear base (8-bit, ...), and lora_o/lora_mlp on a
-base with a bias (Qwen2's q/k/v run fused only as a lora_qkv group). The fused
-loss is skipped for ``logits_to_keep != 0``, TRL's ``fused_lm_head=True`` calls
+adds and the decoder layer's forward unless ``fuse_add_norm`` (with it, still not an add
+that promotes dtypes, e.g. an fp32 stream under bf16 autocast, nor checkpointed
+decoder-layer calls: HF's layer, our norms), LoRA layers with DoRA or another PEFT
+variant, lora_bias, several active adapters, a trainable or non-Linear base (8-bit, ...),
+and lora_o/lora_mlp on a base with a bias (Qwen2's q/k/v run fused only as a lora_qkv
+group). The fused loss is skipped for ``logits_to_keep != 0``, TRL's ``fused_lm_head=True`` calls
 (TRL's own head then runs), a LoRA or modules_to_save lm_head and a custom
 ``loss_function``. Where the swap differs from HF: with every label ignored the
 fused loss is 0 where HF's is NaN, and LoRA dropout masks are drawn by the
@@ -115,6 +118,9 @@ log = logging.getLogger(__name__)
 
 #: The switches of :func:`patch_model`, all on by default.
 OPTIONS = ("rms_norm", "rope", "mlp", "loss", "lora", "nf4")
+#: A kernel switch off by default (patch_model's docstring): the decoder layer's residual add and
+#: post_attention_layernorm as one add_rms_norm kernel. Needs rms_norm.
+FUSE_ADD_NORM = "fuse_add_norm"
 #: Not a kernel but a choice of numerics (patch_model's docstring): an fp32 adapter on a 16-bit
 #: base computed in the base's dtype outside autocast too, as autocast computes it. Off by default.
 ADAPTER_AS_AUTOCAST = "adapter_as_autocast"
@@ -1117,7 +1123,7 @@ def _plan(root: nn.Module, fam: Family, options: dict[str, bool]) -> _Plan:
             plan.add(module, _NormSwap(_norm_forward, eps_attr=fam.norm_eps_attr, offset=fam.norm_offset,
                                        casting=fam.norm_casting), "rms_norm")
         elif fam.decoder_layer and _is_a(module, fam.decoder_layer):
-            if options["rms_norm"]:
+            if options[FUSE_ADD_NORM]:  # (patch_model checked that rms_norm is on too)
                 _plan_layer(plan, path, module)
         elif _is_a(module, fam.attention):
             _plan_attention(plan, path, module)
@@ -1159,17 +1165,22 @@ def _plan_loss(plan: _Plan, root: nn.Module, fam: Family) -> None:
 
 
 # --------------------------------------------------------------------------- public API
+#: patch_model's switches that are off unless asked for.
+_OFF_BY_DEFAULT = (FUSE_ADD_NORM, ADAPTER_AS_AUTOCAST)
+
+
 def options_from_config(value) -> dict[str, bool] | None:
     """patch_model's options from a training config's ``kernels:`` value: ``true``
-    (every kernel), ``false`` or absent (``None``: do not patch), or a mapping of
+    (the default kernels), ``false`` or absent (``None``: do not patch), or a mapping of
     some of :data:`OPTIONS` to booleans (the others stay on) and, optionally,
-    ``adapter_as_autocast`` (off unless given)."""
+    ``fuse_add_norm`` and ``adapter_as_autocast`` (off unless given)."""
     if value is None or value is False:
         return None
+    defaults = {**dict.fromkeys(OPTIONS, True), **dict.fromkeys(_OFF_BY_DEFAULT, False)}
     if value is True:
-        return {**dict.fromkeys(OPTIONS, True), ADAPTER_AS_AUTOCAST: False}
+        return defaults
     if isinstance(value, dict):
-        switches = (*OPTIONS, ADAPTER_AS_AUTOCAST)
+        switches = (*OPTIONS, *_OFF_BY_DEFAULT)
         unknown = sorted(set(value) - set(switches))
         if unknown:
             raise UserError(f"kernels: unknown switch(es) {', '.join(map(str, unknown))}; the switches are "
@@ -1177,7 +1188,11 @@ def options_from_config(value) -> dict[str, bool] | None:
         bad = [k for k, v in value.items() if not isinstance(v, bool)]
         if bad:
             raise UserError(f"kernels: {bad[0]} must be true or false, got {value[bad[0]]!r}.")
-        return {**dict.fromkeys(OPTIONS, True), ADAPTER_AS_AUTOCAST: False, **value}
+        options = {**defaults, **value}
+        if options[FUSE_ADD_NORM] and not options["rms_norm"]:
+            raise UserError(f"kernels: {FUSE_ADD_NORM} needs rms_norm (it fuses the residual add into the swapped "
+                            f"post_attention_layernorm); drop rms_norm: false or {FUSE_ADD_NORM}: true.")
+        return options
     raise UserError(f"kernels: must be true, false or a mapping of {', '.join(OPTIONS)} to true/false, "
                     f"got {value!r}.")
 
@@ -1190,11 +1205,15 @@ class _Root:
 
 
 def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True,
-                loss: bool = True, lora: bool = True, nf4: bool = True,
+                loss: bool = True, lora: bool = True, nf4: bool = True, fuse_add_norm: bool = False,
                 adapter_as_autocast: bool = False) -> PatchReport:
     """Swap the math of ``model`` (a transformers causal LM of a supported family,
     optionally wrapped by PEFT, optionally on a bitsandbytes 4-bit base) for our
     kernels, in place. Returns what was swapped and what fell back, and why.
+
+    ``fuse_add_norm`` (needs ``rms_norm``) also swaps the decoder layer's forward, to run its
+    residual add and post_attention_layernorm as one ``add_rms_norm`` kernel (the module
+    docstring). Off by default: it measured no faster step at the 1B LoRA shape.
 
     ``adapter_as_autocast`` chooses numerics, not kernels. PEFT keeps an adapter in fp32 on
     a 16-bit base and, outside autocast, computes its branch in fp32 (x cast up, fp32
@@ -1209,10 +1228,13 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, m
     and changes nothing; with other switches it raises UserError (unpatch first).
     """
     options = dict(rms_norm=rms_norm, rope=rope, mlp=mlp, loss=loss, lora=lora, nf4=nf4,
-                   adapter_as_autocast=adapter_as_autocast)
+                   fuse_add_norm=fuse_add_norm, adapter_as_autocast=adapter_as_autocast)
     for key, value in options.items():
         if not isinstance(value, bool):
             raise UserError(f"patch option {key} must be true or false, got {value!r}.")
+    if fuse_add_norm and not rms_norm:
+        raise UserError("patch option fuse_add_norm=True needs rms_norm=True (it fuses the residual add into the "
+                        "swapped post_attention_layernorm); pass rms_norm=True or leave fuse_add_norm off.")
     if not isinstance(model, nn.Module):
         raise UserError(f"patch_model needs a torch model, got a {type(model).__name__}.")
     root = _hf_model(model)
