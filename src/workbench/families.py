@@ -23,8 +23,8 @@ What differs, read from transformers 5.23's modeling files (the GPU image has 5.
   from the table: the patcher looks at each projection.)
 * The decoder layer. Llama, Mistral, Qwen2, Qwen3 and Gemma run the same layer forward:
   norm, attention, ``residual + attn_out``, ``post_attention_layernorm``, MLP, residual
-  add; the patcher fuses the middle add and norm (``add_rms_norm``), after checking the
-  installed forward's source against that pattern. Gemma-2's layer norms the attention
+  add; with ``fuse_add_norm`` the patcher fuses the middle add and norm (``add_rms_norm``),
+  after checking the installed forward's source against that pattern. Gemma-2's layer norms the attention
   and MLP outputs as well (four norms a layer): it keeps HF's layer forward.
 """
 from __future__ import annotations
@@ -62,7 +62,8 @@ class Family:
     #: Config key of the final-logit soft cap, or None where the family has none.
     softcap_key: str | None = None
     #: The decoder layer class whose forward is Llama's (``hidden = residual + attn_out``, then
-    #: ``post_attention_layernorm(hidden)``), where add_rms_norm fuses the two; None: HF's layer runs.
+    #: ``post_attention_layernorm(hidden)``), where add_rms_norm fuses the two (with fuse_add_norm);
+    #: None: HF's layer runs.
     decoder_layer: str | None = None
     #: Attribute names of the attention's q/k/v and output projections, and of the MLP's
     #: gate/up/down projections (the same in every family today).

@@ -36,10 +36,10 @@ What is swapped (per family: workbench/families.py):
   percent of the step (reports/step/2026-12-07-nvidia-h200-1b-lora-autocast-on-addnorm.notes.md).
   With it, the decoder layer of a family whose layer forward is Llama's (Llama, Mistral,
   Qwen2, Qwen3, Gemma; checked against the installed source, :func:`_layer_pattern`) runs
-  HF's steps itself, with ``residual + attn_out`` and ``post_attention_layernorm`` as one kernel (s and the norm of s in one pass). Per call
-  it fuses where the add is one dtype (no promotion) and the swapped norm would run its
-  kernel in that dtype, with no hooks on the norm; elsewhere it adds and calls the norm
-  as HF does. Arguments, the attention's call and output, caches and the return value
+  HF's steps itself, with ``residual + attn_out`` and ``post_attention_layernorm`` as one
+  kernel (s and the norm of s in one pass). Per call it fuses where the add is one dtype
+  (no promotion) and the swapped norm would run its kernel in that dtype, with no hooks on
+  the norm; elsewhere it adds and calls the norm as HF does. Arguments, the attention's call and output, caches and the return value
   are HF's: the forward binds the call to HF's signature and passes every argument on;
 * ``rope``: ``apply_rotary_pos_emb`` of every attention module. Under autocast too,
   with HF's type promotion (:func:`_rope_dtype`): the fp32 tables of an fp32 model
