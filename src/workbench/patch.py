@@ -39,8 +39,9 @@ What is swapped (per family: workbench/families.py):
   HF's steps itself, with ``residual + attn_out`` and ``post_attention_layernorm`` as one
   kernel (s and the norm of s in one pass). Per call it fuses where the add is one dtype
   (no promotion) and the swapped norm would run its kernel in that dtype, with no hooks on
-  the norm; elsewhere it adds and calls the norm as HF does. Arguments, the attention's call and output, caches and the return value
-  are HF's: the forward binds the call to HF's signature and passes every argument on;
+  the norm; elsewhere it adds and calls the norm as HF does. Arguments, the attention's
+  call and output, caches and the return value are HF's: the forward binds the call to
+  HF's signature and passes every argument on;
 * ``rope``: ``apply_rotary_pos_emb`` of every attention module. Under autocast too,
   with HF's type promotion (:func:`_rope_dtype`): the fp32 tables of an fp32 model
   or of QLoRA and autocast's bf16 q/k rotate in fp32 and come out fp32, as in HF;
