@@ -17,13 +17,14 @@ import os
 import sys
 from pathlib import Path
 
+from workbench.bench.stacks import STACKS
 from workbench.cli.common import (against_previous, check_tag, command, environment_of_a_child,
                                   ensure_interpreter_if_no_gpu, refresh_current, stem, stopped_by_signal,
                                   write_suite_report)
 from workbench.errors import UserError
 
-#: The stacks a suite may name (bench/stacks.py), for the help.
-STACK_NAMES = "hf, hf-gc, ours, ours-gc, ours-offload, liger, unsloth, unsloth-gc"
+#: The stacks a suite may name, for the help: bench/stacks.py's registry, so the two cannot drift.
+STACK_NAMES = ", ".join(STACKS)
 MODEL_SHAPES = "llama3.2-1b, llama3.1-8b, qwen3-1.7b, tiny, tiny-qwen3 (the tiny ones run on the CPU)"
 
 
