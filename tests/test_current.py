@@ -206,3 +206,39 @@ def test_step_reports_with_and_without_autocast_are_separate_setups():
     both = {**base, "autocast": ["on", "off"], "comparisons": on["comparisons"] + off["comparisons"]}
     assert current.headline(both, "lora") == ("autocast on: **ours 1.50× / 0.40×** · "
                                               "autocast off: **ours 1.20× / 0.40×**")
+
+
+def test_a_parity_run_of_part_of_the_suite_is_a_setup_of_its_own(tmp_path):
+    # `workbench parity ... -- -k 'mutant and rms_norm'` runs a selection: its row says so, and the
+    # whole suite's row of that profile stays current beside it. A run of mutants alone records no
+    # hypothesis profile; the command's --profile names it.
+    archive = tmp_path / "reports"
+    shutil.copytree(FIXTURES, archive)
+    whole = _doc("parity/2026-01-01-gpu-x.json")
+    part = {**whole, "command": "workbench parity --profile gpu --workers 12 --report out -- -k 'mutant and rms_norm'",
+            "properties": [], "kernels": {}, "total_examples": 0,
+            "environment": {**whole["environment"], "date": "2026-01-09"}}
+    (archive / "parity" / "2026-01-09-gpu-x.json").write_text(json.dumps(part))
+    assert current.setup(part)[1] == "profile gpu, only `-k 'mutant and rms_norm'`"
+    kernel = {**part, "command": "workbench parity --kernel rope --profile ci"}
+    assert current.setup(kernel)[1] == "profile ci, only `--kernel rope`"
+    rows = [r for r in _rows(current.render_current(archive)) if r[0] == "parity"]
+    assert [(r[2], r[4].split("]")[0]) for r in rows] == [
+        (current.setup(whole)[1], "[2026-01-01-gpu-x"),
+        ("profile gpu, only `-k 'mutant and rms_norm'`", "[2026-01-09-gpu-x")]
+
+
+def test_an_archive_inside_the_archive_is_linked_not_listed(tmp_path):
+    # nightly.sh --short writes a whole archive (its own CURRENT.md) to reports/nightly-short: none of
+    # its reports is the outer archive's; the index links it.
+    archive = tmp_path / "reports"
+    shutil.copytree(FIXTURES, archive)
+    before = current.render_current(archive)
+    inner = archive / "nightly-short"
+    shutil.copytree(FIXTURES, inner)
+    current.write_current(inner)
+    assert current.render_current(archive) == before
+    index = current.render_index(archive)
+    assert "### nightly-short" not in index
+    assert "- [nightly-short](nightly-short/CURRENT.md): its own CURRENT.md and [index](nightly-short/README.md)" \
+        in index

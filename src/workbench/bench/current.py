@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,8 @@ def load(reports_dir: str | Path) -> list[Entry]:
     """Every report under ``reports_dir/<folder>/``: a .md (not a .notes.md) or a .json."""
     root = Path(reports_dir)
     entries = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and not _archive(p)):
         stems = sorted({p.name[:-len(p.suffix)] for p in folder.iterdir() if p.suffix in (".md", ".json")
                         and not p.name.endswith(".notes.md") and not p.name.startswith(".")})
         for stem in stems:
@@ -120,6 +122,13 @@ def load(reports_dir: str | Path) -> list[Entry]:
             entries.append(Entry(folder.name, stem, doc, md.read_text() if md.is_file() else None,
                                  (folder / f"{stem}.notes.md").is_file()))
     return entries
+
+
+def _archive(folder: Path) -> bool:
+    """Whether ``folder`` is a report archive of its own (it has a CURRENT.md, e.g. the
+    ``nightly.sh --short`` runs' reports/nightly-short): the index links it, and none of its
+    reports is this archive's."""
+    return (folder / "CURRENT.md").is_file()
 
 
 # --------------------------------------------------------------------------- setups
@@ -175,7 +184,22 @@ def setup(doc: dict, mode: str | None = None) -> tuple[tuple, str]:
         return (json.dumps(cfg, sort_keys=True), steps), text
     if suite == "parity":
         profiles = sorted({p.get("profile") for p in doc.get("properties") or [] if p.get("profile")})
-        return tuple(profiles), f"profile {', '.join(profiles) or '—'}"
+        command = doc.get("command") or ""
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            words = command.split()
+        if not profiles and "--profile" in words[:-1]:  # a run of no hypothesis test (only mutants)
+            profiles = [words[words.index("--profile") + 1]]
+        # What pytest was told to select (the words after `--`, and --kernel): a part of the suite
+        # is its own setup, never the whole suite's current row.
+        selection = words[words.index("--") + 1:] if "--" in words else []
+        if "--kernel" in words[:-1]:
+            selection = ["--kernel", words[words.index("--kernel") + 1], *selection]
+        text = f"profile {', '.join(profiles) or '—'}"
+        if selection:
+            text += f", only `{shlex.join(selection)}`"
+        return (tuple(profiles), tuple(selection)), text
     return (shape, mode), f"{shape or '—'}" + (f", {mode}" if mode else "")
 
 
@@ -426,6 +450,11 @@ def render_index(reports_dir: str | Path) -> str:
                  headline(e.doc) if e.doc else _md_headline(e), _status(e, now, links)]
                 for e in group]
         lines += [f"### {folder}", "", *table(["report", "device", "setup", "headline", "status"], rows), ""]
+    archives = sorted(p.name for p in Path(reports_dir).iterdir() if p.is_dir() and _archive(p))
+    if archives:
+        lines += ["### Archives of their own", "",
+                  *(f"- [{name}]({name}/CURRENT.md): its own CURRENT.md and [index]({name}/README.md)"
+                    for name in archives), ""]
     lines.append(INDEX_END)
     return "\n".join(lines) + "\n"
 
