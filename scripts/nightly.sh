@@ -7,7 +7,7 @@
 # .github/workflows/nightly-gpu.yml calls it; anyone on a GPU host can too.
 #
 # Usage: scripts/nightly.sh [--short] [--dry-run] [--reports DIR] [--previous DIR] [--runs DIR]
-#   --short      a quick end-to-end run (about 8 minutes on one H100): 3 parity examples per
+#   --short      a quick end-to-end run (about 10 minutes on one H100): 3 parity examples per
 #                (kernel, dtype) without the mutation self-test (each mutant compiles its own
 #                kernels: run scripts/gpu_parity.sh for it), the 1B shapes without torch.compile,
 #                a few training steps, the
