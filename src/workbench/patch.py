@@ -1124,7 +1124,7 @@ def _plan(root: nn.Module, fam: Family, options: dict[str, bool]) -> _Plan:
             plan.add(module, _NormSwap(_norm_forward, eps_attr=fam.norm_eps_attr, offset=fam.norm_offset,
                                        casting=fam.norm_casting), "rms_norm")
         elif fam.decoder_layer and _is_a(module, fam.decoder_layer):
-            if options[FUSE_ADD_NORM]:  # (patch_model checked that rms_norm is on too)
+            if options[FUSE_ADD_NORM]:  # (patch_model checked its requirement, rms_norm)
                 _plan_layer(plan, path, module)
         elif _is_a(module, fam.attention):
             _plan_attention(plan, path, module)
@@ -1168,6 +1168,15 @@ def _plan_loss(plan: _Plan, root: nn.Module, fam: Family) -> None:
 # --------------------------------------------------------------------------- public API
 #: patch_model's switches that are off unless asked for.
 _OFF_BY_DEFAULT = (FUSE_ADD_NORM, ADAPTER_AS_AUTOCAST)
+#: A switch that works only with another one on: switch -> (the switch it needs, why).
+_REQUIRES = {FUSE_ADD_NORM: ("rms_norm", "it fuses the residual add into the swapped post_attention_layernorm")}
+
+
+def _missing_requirement(options: dict[str, bool]) -> tuple[str, str, str] | None:
+    """(switch, the switch it needs, why) for the first switch on whose requirement is off, else
+    None: the one rule patch_model and a run config's ``kernels:`` both enforce, each in its own words."""
+    return next(((k, need, why) for k, (need, why) in _REQUIRES.items() if options.get(k) and not options.get(need)),
+                None)
 
 
 def options_from_config(value) -> dict[str, bool] | None:
@@ -1190,9 +1199,10 @@ def options_from_config(value) -> dict[str, bool] | None:
         if bad:
             raise UserError(f"kernels: {bad[0]} must be true or false, got {value[bad[0]]!r}.")
         options = {**defaults, **value}
-        if options[FUSE_ADD_NORM] and not options["rms_norm"]:
-            raise UserError(f"kernels: {FUSE_ADD_NORM} needs rms_norm (it fuses the residual add into the swapped "
-                            f"post_attention_layernorm); drop rms_norm: false or {FUSE_ADD_NORM}: true.")
+        missing = _missing_requirement(options)
+        if missing:
+            switch, need, why = missing
+            raise UserError(f"kernels: {switch} needs {need} ({why}); drop {need}: false or {switch}: true.")
         return options
     raise UserError(f"kernels: must be true, false or a mapping of {', '.join(OPTIONS)} to true/false, "
                     f"got {value!r}.")
@@ -1233,9 +1243,11 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, m
     for key, value in options.items():
         if not isinstance(value, bool):
             raise UserError(f"patch option {key} must be true or false, got {value!r}.")
-    if fuse_add_norm and not rms_norm:
-        raise UserError("patch option fuse_add_norm=True needs rms_norm=True (it fuses the residual add into the "
-                        "swapped post_attention_layernorm); pass rms_norm=True or leave fuse_add_norm off.")
+    missing = _missing_requirement(options)
+    if missing:
+        switch, need, why = missing
+        raise UserError(f"patch option {switch}=True needs {need}=True ({why}); pass {need}=True or leave "
+                        f"{switch} off.")
     if not isinstance(model, nn.Module):
         raise UserError(f"patch_model needs a torch model, got a {type(model).__name__}.")
     root = _hf_model(model)
