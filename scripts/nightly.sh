@@ -92,7 +92,10 @@ fi
 step parity bash scripts/gpu_parity.sh "$reports/parity" "${parity[@]}"
 # The kernels: pytest-benchmark's JSON is their one record (device time per kernel, stack and pass;
 # peak memory, floors and versions in extra_info); the report and its plots are made of it.
+# A second run on one day gets -2, -3...: a night's record is never overwritten.
 kernel_json="$reports/kernels/$(date -u +%F).benchmark.json"
+n=2
+while [ -e "$kernel_json" ]; do kernel_json="$reports/kernels/$(date -u +%F)-$n.benchmark.json"; n=$((n + 1)); done
 kernel_compare=()
 if [ "$dry" = 1 ] || [ -f "$previous/kernels.benchmark.json" ]; then  # the first night has no baseline
   kernel_compare=(--benchmark-compare="$previous/kernels.benchmark.json" --benchmark-compare-fail=median:10%)

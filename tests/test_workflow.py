@@ -117,7 +117,8 @@ def test_the_nightly_kernels_run_under_pytest_benchmark_and_their_json_is_the_re
     assert args[0] == "bench/"
     options = dict(a.split("=", 1) for a in args if a.startswith("--benchmark-"))
     reports = "reports/nightly-short" if flags else "reports"
-    assert re.fullmatch(re.escape(reports) + r"/kernels/\d{4}-\d\d-\d\d\.benchmark\.json", options["--benchmark-json"])
+    assert re.fullmatch(re.escape(reports) + r"/kernels/\d{4}-\d\d-\d\d(-\d+)?\.benchmark\.json",
+                        options["--benchmark-json"])
     assert options["--benchmark-compare"] == "previous-reports/kernels.benchmark.json"
     assert options["--benchmark-compare-fail"] == "median:10%"
     commands = _script_commands(*flags)
@@ -140,6 +141,21 @@ def test_the_nightly_kernels_run_under_pytest_benchmark_and_their_json_is_the_re
                            "-p", "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "test_kernel[tiny-bfloat16-rms_norm-ours-fwd]" in proc.stdout
+
+
+def test_a_second_nightly_on_one_day_keeps_the_first_kernels_json(tmp_path):
+    day = subprocess.run(["date", "-u", "+%F"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "kernels").mkdir()
+
+    def json_arg() -> str:
+        args = _pytest_bench_command("--short", "--reports", str(tmp_path))
+        return dict(a.split("=", 1) for a in args if a.startswith("--benchmark-"))["--benchmark-json"]
+
+    assert json_arg() == f"{tmp_path}/kernels/{day}.benchmark.json"
+    (tmp_path / "kernels" / f"{day}.benchmark.json").write_text("{}")
+    assert json_arg() == f"{tmp_path}/kernels/{day}-2.benchmark.json"
+    (tmp_path / "kernels" / f"{day}-2.benchmark.json").write_text("{}")
+    assert json_arg() == f"{tmp_path}/kernels/{day}-3.benchmark.json"
 
 
 def test_the_files_the_workflow_names_exist():
