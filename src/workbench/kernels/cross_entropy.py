@@ -418,6 +418,11 @@ EXAMPLES = (
     # accumulator there moves the fp32 loss, judged at fp32, from a few blocks on).
     Example(_case(vocab=1024, rows=2, _block=16, softcap=30.0), "a row of 64 vocab blocks: a 16-bit "
             "accumulator in the online softmax", dtypes=(torch.bfloat16,)),
+    # reduction='none' hands back one upstream value per row: read with its own stride, a
+    # strided one (every other element) and the stride-0 one of loss_rows.mean().
+    Example(_case(reduction="none", rows=6, _dy="strided"), "reduction='none' with a strided per-row upstream"),
+    Example(_case(reduction="none", rows=6, _dy="expanded"), "reduction='none' with the stride-0 upstream of "
+            "loss_rows.mean()"),
 )
 
 
