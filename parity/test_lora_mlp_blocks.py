@@ -85,3 +85,31 @@ def test_where_down_dA_takes_h(monkeypatch, over, dtype, fused):
     assert report.ok, report.describe()
     assert len(forwards) == (2 if fused else 4)  # the forward's h, plus the backward's recompute unless fused
     assert all(h_outs) if fused else not any(h_outs)
+
+
+def test_an_fp32_layers_dB_over_many_blocks_keeps_the_small_terms():
+    """dB sums over every row; over several row blocks the blocks' products are added in an
+    accumulator wider than the layer (``_block_sum_dtype``). In fp32 that sum once ran in
+    fp32: a running sum of 1e4 swallows each 1e-3 term to about an ulp of 1e4, and when the
+    big terms cancel, what is left is those ulps. Here, one row a block: 1e4, sixty-two of
+    1e-3, -1e4 (gate at 0, up at 1, so each row's term of dB of gate is half its dy); dBg
+    must be the exact sum of the kernel's own terms to fp32's precision."""
+    from workbench.kernels import _common as C
+    from workbench.kernels.lora_mlp import lora_mlp, lora_mlp_reference
+
+    n = 64
+    dy = torch.full((n, 1), 2e-3)
+    dy[0], dy[-1] = 2e4, -2e4
+    one, zero = torch.ones(1, 1), torch.zeros(1, 1)
+    # x, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd: g = 0 (sig 1/2, silu' 1/2), u = 1, dh = dy
+    weights = dict(x=torch.ones(n, 1), Wg=zero, Ag=one, Bg=zero, Wu=one, Au=zero, Bu=zero, Wd=one, Ad=zero, Bd=zero)
+    grads = {}
+    for dtype, fn, extra in ((torch.float32, lora_mlp, {}),
+                             (torch.float64, lora_mlp_reference, {"compute_dtype": torch.float64})):
+        ts = {k: v.to(dtype).clone().requires_grad_(k == "Bg") for k, v in weights.items()}
+        with C.forced_rows(1):
+            fn(*ts.values(), 1.0, **extra).backward(dy.to(dtype))
+        grads[dtype] = ts["Bg"].grad.double()
+    exact = grads[torch.float64]
+    assert float(exact) == pytest.approx(0.5 * float(dy[1:-1].double().sum()))
+    assert float((grads[torch.float32] - exact).abs() / exact.abs()) < 1e-6, (grads, exact)

@@ -145,6 +145,14 @@ def _h_from_act_backward(g: torch.Tensor, keep_d: torch.Tensor | None, lo: torch
     return keep_d is None and g.dtype == lo and 0 < n_rows <= _dh_block_rows(inter, g.dtype)
 
 
+def _block_sum_dtype(lo: torch.dtype) -> torch.dtype:
+    """The dtype in which dB's blocks are multiplied and summed over several row blocks: wider
+    than the layer's, so that the running sum adds no rounding of its own. fp32 for 16-bit
+    layers; fp64 for fp32 ones, whose running sum in fp32 loses up to an ulp of the largest
+    partial sum at each block, all of it left over when the big terms cancel."""
+    return torch.float64 if lo == torch.float32 else torch.float32
+
+
 @dataclass
 class _Proj:
     """One LoRA projection as the backward sees it: what the forward saved of it."""
@@ -175,10 +183,11 @@ def _gate_up_backward(dy2, dxaT_d, down: _Proj, gate: _Proj | None, up: _Proj | 
     Each block forms dh, d_gate and d_up for its rows only, with the arithmetic of one
     LoRA linear's backward (``lora_backward``, ``add_input_grad``) on those rows. dB sums
     over every row: one block's is one GEMM in the layer's dtype (s times its fp32
-    accumulator, rounded once); over several blocks the scaled products are added in fp32
-    and rounded once, the same sum in another order. dxa^T of gate and up is one
-    [rg + ru, N] buffer (each block writes its columns, a [r, rows] view of row stride N
-    that cuBLAS writes in place); without masks each block adds both LoRA terms of its
+    accumulator, rounded once); over several blocks each block's scaled product is formed and
+    added in a wider accumulator (``_block_sum_dtype``), rounded once at the end: the same sum
+    in another order. dxa^T of gate and up is one [rg + ru, N] buffer (each block writes its
+    columns, a [r, rows] view of row stride N that cuBLAS writes in place); without masks
+    each block adds both LoRA terms of its
     rows of dX in one GEMM (dxaT[:, rows]^T cat(Ag, Au)), and dAg, dAu are one GEMM
     against x after the blocks (with masks: each its own, against its dropped-out x).
     Each block dequantises the frozen weights it needs afresh and drops them after use,
@@ -206,7 +215,8 @@ def _gate_up_backward(dy2, dxaT_d, down: _Proj, gate: _Proj | None, up: _Proj | 
         r = (proj.B if proj.B is not None else proj.xa).shape[1]  # B is saved only when dA or dX needs it
         acc = None
         if proj.need_b:
-            acc = C.empty((inter, r), lo, dev) if whole else torch.zeros((inter, r), dtype=torch.float32, device=dev)
+            acc = C.empty((inter, r), lo, dev) if whole else torch.zeros((inter, r), dtype=_block_sum_dtype(lo),
+                                                                           device=dev)
         branches.append((proj, acc, dxaT[slices[proj.name]] if proj.name in slices else None))
     A_gu = torch.cat((gate.A, up.A)) if (fused and need_x) else None  # the rows of dxaT, in order
     dx = None
@@ -234,8 +244,8 @@ def _gate_up_backward(dy2, dxaT_d, down: _Proj, gate: _Proj | None, up: _Proj | 
             xa = proj.xa
             if acc is not None and whole:  # one GEMM over every row
                 scaled_mm(d_b.t(), xa, scaling, out=acc)
-            elif acc is not None:  # summed in fp32 across blocks
-                acc.addmm_(d_b.t().float(), xa[rows].float(), alpha=scaling)
+            elif acc is not None:  # summed across blocks in the wider accumulator
+                acc.addmm_(d_b.t().to(acc.dtype), xa[rows].to(acc.dtype), alpha=scaling)
             if dxaT_p is not None:  # its dxa^T, this block's columns ([r, rows] of row stride N)
                 scaled_mm(proj.B.t(), d_b.t(), scaling, out=dxaT_p[:, rows])
         # ... then dX, both projections' terms summed as autograd sums them (dx is allocated
