@@ -9,7 +9,7 @@ MUTANTS = [
     Mutant("geglu", "tanh_grad_cubic_term_dropped", "tanh-GELU derivative misses the 3 kappa x^2 of dz/dx",
            old="dz = SQRT_2_OVER_PI * (1.0 + 3.0 * KAPPA * x_sq)", new="dz = SQRT_2_OVER_PI"),
     Mutant("geglu", "d_up_uses_gate", "d_up multiplies dy by gate instead of gelu(gate)",
-           old="tl.store(DU + idx, (dy * _gelu(g, TANH)).to(DU.dtype.element_ty), mask=mask)",
+           old="tl.store(DU + idx, (dy * _gelu(g, TANH, EXACT)).to(DU.dtype.element_ty), mask=mask)",
            new="tl.store(DU + idx, (dy * g).to(DU.dtype.element_ty), mask=mask)"),
     Mutant("geglu", "backward_ignores_approximate", "the backward always uses the exact derivative",
            old='dgate, dup, h_out,\n                            TANH=approximate == "tanh")',

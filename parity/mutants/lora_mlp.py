@@ -47,6 +47,6 @@ MUTANTS = [
                "        tl.store(H + idx, (g / (1.0 + tl.exp(-g)) * u).to(H.dtype.element_ty), mask=mask)\n"
                "    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)\n"),
     Mutant("lora_mlp", "geglu_h_takes_d_up", "the GeGLU backward writes dy * gelu(g) (d_up) as h, dy for up",
-           module="geglu", old="tl.store(H + idx, (_gelu(g, TANH) * u).to(H.dtype.element_ty), mask=mask)",
-           new="tl.store(H + idx, (_gelu(g, TANH) * dy).to(H.dtype.element_ty), mask=mask)"),
+           module="geglu", old="tl.store(H + idx, (_gelu(g, TANH, EXACT_H) * u).to(H.dtype.element_ty), mask=mask)",
+           new="tl.store(H + idx, (_gelu(g, TANH, EXACT_H) * dy).to(H.dtype.element_ty), mask=mask)"),
 ]

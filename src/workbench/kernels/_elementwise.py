@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import _common as C
 
@@ -32,6 +33,39 @@ def offset(idx, n_cols, stride, CONTIG: tl.constexpr):
         row = idx // n_cols
         off = row * stride + (idx - row * n_cols)
     return off
+
+
+#: libdevice has no interpreter twin; there tl.exp is numpy's exp, which loses nothing.
+_LIBDEVICE = tl.constexpr(not C.INTERPRET)
+
+
+@triton.jit
+def exp_f32(x, EXACT: tl.constexpr):
+    """exp(x) in fp32. EXACT: libdevice's expf (CUDA's, which PyTorch's kernels call), for a
+    result kept in fp32; otherwise tl.exp (ex2.approx of x log2 e: cheaper, a few ulps less
+    accurate, which a 16-bit result's rounding hides)."""
+    y = tl.exp(x)
+    if EXACT:
+        if _LIBDEVICE:
+            y = libdevice.exp(x)
+    return y
+
+
+@triton.jit
+def div_f32(a, b, EXACT: tl.constexpr):
+    """a / b in fp32. EXACT: correctly rounded (div.rn), as PyTorch's; otherwise Triton's
+    division (div.full, within 2 ulps)."""
+    q = a / b
+    if EXACT:
+        q = tl.div_rn(a, b)
+    return q
+
+
+def exact(*buffers: torch.Tensor | None) -> bool:
+    """Whether a gated kernel computes with correctly rounded exp and division: when any
+    result it writes is fp32 (the pooled-ulp test, parity/test_gated_ulps.py, holds it to
+    PyTorch's own accuracy there)."""
+    return any(b is not None and b.dtype == torch.float32 for b in buffers)
 
 
 def as_rows(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -69,7 +103,7 @@ def gated_forward(kernel, gate: torch.Tensor, up: torch.Tensor, out: torch.Tenso
     if n:
         g, b = grid(n)
         kernel[g](gate, up, out, gate.stride(0), up.stride(0), n_cols, n,
-                  CONTIG=contiguous(n_cols, gate, up), BLOCK=b, **consts)
+                  EXACT=exact(out), CONTIG=contiguous(n_cols, gate, up), BLOCK=b, **consts)
     return out
 
 
@@ -101,5 +135,6 @@ def gated_backward(kernel, dh: torch.Tensor, gate: torch.Tensor, up: torch.Tenso
         kernel[g](dh, gate, u_arg, dgate if need_dgate else dh, dup if need_dup else dh, h_out if store_h else dh,
                   dh.stride(0), gate.stride(0), u_arg.stride(0), n_cols, n,
                   COMPUTE_DG=need_dgate, COMPUTE_DU=need_dup, STORE_H=store_h,
-                  CONTIG=contiguous(n_cols, dh, gate, u_arg), BLOCK=b, **consts)
+                  EXACT=exact(dgate if need_dgate else None, dup if need_dup else None),
+                  EXACT_H=exact(h_out), CONTIG=contiguous(n_cols, dh, gate, u_arg), BLOCK=b, **consts)
     return (dgate if need_dgate else None), (dup if need_dup else None)

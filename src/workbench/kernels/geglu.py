@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from . import _common as C
 from . import _elementwise as E
-from ._elementwise import offset
+from ._elementwise import div_f32, exp_f32, offset
 from ._registry import Example, Inputs, KernelSpec, Limits
 from .swiglu import SPEC as SWIGLU
 
@@ -50,21 +50,21 @@ TANH_FLUSH_Z = tl.constexpr(-15.0)
 
 # --------------------------------------------------------------------------- Triton
 @triton.jit
-def _sigmoid_pair(x):
+def _sigmoid_pair(x, EXACT: tl.constexpr):
     """(sigmoid(x), 1 - sigmoid(x)) in fp32 with neither overflow nor cancellation:
     e = exp(-|x|) lies in (0, 1], and each half is formed directly, not as 1 - the other."""
-    e = tl.exp(-tl.abs(x))
-    big = 1.0 / (1.0 + e)      # sigmoid(|x|)
+    e = exp_f32(-tl.abs(x), EXACT)
+    big = div_f32(1.0, 1.0 + e, EXACT)  # sigmoid(|x|)
     small = e * big            # sigmoid(-|x|)
     pos = x >= 0
     return tl.where(pos, big, small), tl.where(pos, small, big)
 
 
 @triton.jit
-def _gelu(x, TANH: tl.constexpr):
+def _gelu(x, TANH: tl.constexpr, EXACT: tl.constexpr):
     if TANH:
         z = SQRT_2_OVER_PI * (x + KAPPA * (x * x * x))
-        s, _ = _sigmoid_pair(2.0 * z)
+        s, _ = _sigmoid_pair(2.0 * z, EXACT)
         s = tl.where(z < TANH_FLUSH_Z, 0.0, s)
         y = x * s  # 0.5 x (1 + tanh z)
     else:
@@ -73,38 +73,38 @@ def _gelu(x, TANH: tl.constexpr):
 
 
 @triton.jit
-def _gelu_grad(x, TANH: tl.constexpr):
+def _gelu_grad(x, TANH: tl.constexpr, EXACT: tl.constexpr):
     if TANH:
         x_sq = x * x
         z = SQRT_2_OVER_PI * (x + KAPPA * (x_sq * x))
-        s, s_neg = _sigmoid_pair(2.0 * z)
+        s, s_neg = _sigmoid_pair(2.0 * z, EXACT)
         s = tl.where(z < TANH_FLUSH_Z, 0.0, s)
         dz = SQRT_2_OVER_PI * (1.0 + 3.0 * KAPPA * x_sq)
         # 0.5 (1 + tanh z) + 0.5 x (1 - tanh^2 z) dz/dx
         d = s + 2.0 * x * s * s_neg * dz
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
-        pdf = INV_SQRT_2PI * tl.exp(-0.5 * (x * x))
+        pdf = INV_SQRT_2PI * exp_f32(-0.5 * (x * x), EXACT)
         d = cdf + x * pdf
     return d
 
 
 @triton.jit
 def _geglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
-               TANH: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+               TANH: tl.constexpr, EXACT: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     g_off = offset(idx, n_cols, g_stride, CONTIG)
     u_off = offset(idx, n_cols, u_stride, CONTIG)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + idx, (_gelu(g, TANH) * u).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + idx, (_gelu(g, TANH, EXACT) * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _geglu_bwd(DY, G, U, DG, DU, H, dy_stride, g_stride, u_stride, n_cols, n_elements,
                TANH: tl.constexpr, COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr, STORE_H: tl.constexpr,
-               CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+               EXACT: tl.constexpr, EXACT_H: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     dy_off = offset(idx, n_cols, dy_stride, CONTIG)
@@ -115,12 +115,12 @@ def _geglu_bwd(DY, G, U, DG, DU, H, dy_stride, g_stride, u_stride, n_cols, n_ele
         u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     if COMPUTE_DG:
-        tl.store(DG + idx, ((dy * u) * _gelu_grad(g, TANH)).to(DG.dtype.element_ty), mask=mask)
+        tl.store(DG + idx, ((dy * u) * _gelu_grad(g, TANH, EXACT)).to(DG.dtype.element_ty), mask=mask)
     if COMPUTE_DU:
-        tl.store(DU + idx, (dy * _gelu(g, TANH)).to(DU.dtype.element_ty), mask=mask)
+        tl.store(DU + idx, (dy * _gelu(g, TANH, EXACT)).to(DU.dtype.element_ty), mask=mask)
     # h as _geglu_fwd forms and rounds it, written last: H may be DY's buffer (in place).
     if STORE_H:
-        tl.store(H + idx, (_gelu(g, TANH) * u).to(H.dtype.element_ty), mask=mask)
+        tl.store(H + idx, (_gelu(g, TANH, EXACT_H) * u).to(H.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers

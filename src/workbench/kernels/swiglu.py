@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _elementwise as E
 from . import _strategies as S
-from ._elementwise import offset
+from ._elementwise import div_f32, exp_f32, offset
 from ._harness import maybe_strided, randn
 from ._registry import Example, Inputs, KernelSpec, Limits
 
@@ -36,7 +36,7 @@ from ._registry import Example, Inputs, KernelSpec, Limits
 # --------------------------------------------------------------------------- Triton
 @triton.jit
 def _swiglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
-                CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+                EXACT: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     g_off = offset(idx, n_cols, g_stride, CONTIG)
@@ -44,13 +44,13 @@ def _swiglu_fwd(G, U, Y, g_stride, u_stride, n_cols, n_elements,
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     # ATen's order: silu = g / (1 + exp(-g)); exp overflowing to inf gives -0, not NaN.
-    tl.store(Y + idx, (g / (1.0 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + idx, (div_f32(g, 1.0 + exp_f32(-g, EXACT), EXACT) * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd(DY, G, U, DG, DU, H, dy_stride, g_stride, u_stride, n_cols, n_elements,
                 COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr, STORE_H: tl.constexpr,
-                CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+                EXACT: tl.constexpr, EXACT_H: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     dy_off = offset(idx, n_cols, dy_stride, CONTIG)
@@ -61,15 +61,16 @@ def _swiglu_bwd(DY, G, U, DG, DU, H, dy_stride, g_stride, u_stride, n_cols, n_el
         u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     # ATen's silu_backward order, so that the fp32 roundings match PyTorch's.
-    sig = 1.0 / (1.0 + tl.exp(-g))
+    # EXACT (fp32 gradients) and EXACT_H (an fp32 h): ``_elementwise.exact``.
+    sig = div_f32(1.0, 1.0 + exp_f32(-g, EXACT), EXACT)
     if COMPUTE_DG:
         d_silu = 1.0 + g * (1.0 - sig)
         tl.store(DG + idx, ((dy * u) * sig * d_silu).to(DG.dtype.element_ty), mask=mask)
     if COMPUTE_DU:
-        tl.store(DU + idx, (dy * (g / (1.0 + tl.exp(-g)))).to(DU.dtype.element_ty), mask=mask)
+        tl.store(DU + idx, (dy * div_f32(g, 1.0 + exp_f32(-g, EXACT), EXACT)).to(DU.dtype.element_ty), mask=mask)
     # h as _swiglu_fwd forms and rounds it, written last: H may be DY's buffer (in place).
     if STORE_H:
-        tl.store(H + idx, (g / (1.0 + tl.exp(-g)) * u).to(H.dtype.element_ty), mask=mask)
+        tl.store(H + idx, (div_f32(g, 1.0 + exp_f32(-g, EXACT_H), EXACT_H) * u).to(H.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
