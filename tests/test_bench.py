@@ -948,3 +948,23 @@ def test_context_suite_devices_are_checked_and_follow_cuda_visible_devices(monke
         seen.clear()
         assert main([*args, "--devices", bad]) == 2 and not seen
         assert "--devices takes distinct GPU indices below 2" in capsys.readouterr().err
+
+
+def test_regress_against_a_stopped_baseline_compares_only_what_it_measured(tmp_path, capsys):
+    """A baseline stopped midway (the previous night cut short) measured less: its unfinished
+    search and the rows it lacks are named as not compared, and the header says the verdict
+    does not cover them, where a plain 'no regression' would stand for rows nobody checked."""
+    old = json.loads(Path(CONTEXT_REPORT).read_text())
+    stopped = {**old, "complete": False, "incomplete": {"done": 1, "planned": 5},
+               "rows": [old["rows"][0], {**old["rows"][1], "searching": True, "max_fit": 32768}]}
+    (tmp_path / "old.json").write_text(json.dumps(stopped))
+    assert main(["regress", str(tmp_path / "old.json"), CONTEXT_REPORT]) == 0
+    out = capsys.readouterr().out
+    assert "The baseline is incomplete** (1 of 5 planned)" in out
+    second, rest = old["rows"][1], old["rows"][2:]
+    assert f"| {second['mode']} / {second['stack']} | - |  |  |  | search not finished in the baseline" in out
+    for row in rest:
+        assert f"| {row['mode']} / {row['stack']} | - |  |  |  | not in the baseline: not compared |" in out
+    assert f"| {old['rows'][0]['mode']} / {old['rows'][0]['stack']} | max_fit |" in out
+    assert main(["regress", CONTEXT_REPORT, CONTEXT_REPORT]) == 0
+    assert "incomplete" not in capsys.readouterr().out

@@ -159,6 +159,10 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
     for key, row in before.items():
         if _failed(row):
             continue
+        if suite == "context" and row.get("searching"):
+            changes.append(Change(key, "-", None, None, None, False,
+                                  "search not finished in the baseline (stopped midway): not compared"))
+            continue
         if key not in after:
             changes.append(Change(key, "-", None, None, None, True, "row missing from the new report"))
             continue
@@ -192,7 +196,19 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
             if bad and _kind(metric) == "memory" and b - a <= MEMORY_FLOOR_GIB:
                 bad = False  # a few allocator blocks on a near-zero peak
             changes.append(Change(key, metric, a, b, ratio, bad))
+    # What the new report has and the baseline lacks (a stopped baseline, a new stack) is
+    # checked by nothing: say so, so that a passing verdict does not stand for it.
+    changes += [Change(key, "-", None, None, None, False, "not in the baseline: not compared")
+                for key in after if key not in before]
     return changes
+
+
+def _stopped(doc: dict) -> str | None:
+    """How far a report that stopped midway got ("1 of 2 ..."), or None for a complete one."""
+    if doc.get("complete") is not False and "incomplete" not in doc:
+        return None
+    part = doc.get("incomplete") or {}
+    return f"{part.get('done', '?')} of {part.get('planned', '?')} planned" if part else "stopped midway"
 
 
 def _timing(doc: dict) -> str:
@@ -210,7 +226,11 @@ def markdown(changes: list[Change], old_path: str, new_path: str, old: dict, new
               if old["suite"] == "context" else
               f"- **Thresholds:** time +{limits['time']:.0%}, memory +{limits['memory']:.0%}, "
               f"final loss ±{limits['loss']:.0%}"),
-             f"- **Verdict:** {'REGRESSION (' + str(len(bad)) + ')' if bad else 'no regression'}", ""]
+             f"- **Verdict:** {'REGRESSION (' + str(len(bad)) + ')' if bad else 'no regression'}"]
+    if _stopped(old):
+        lines.append(f"- **The baseline is incomplete** ({_stopped(old)}): what it lacks is not compared, "
+                     "and the verdict does not cover it.")
+    lines.append("")
     rows = []
     for c in changes:
         row = " / ".join(str(k) for k in c.key)
