@@ -126,6 +126,9 @@ EXAMPLES = (
             dtypes=(torch.bfloat16,)),
     Example(_case(rows=5, hidden=33, _dy="strided", strided=True, r_strided=True), "ds and dy of different row "
             "strides, x and r too: a stride taken from the wrong tensor", seed=3),
+    # A case two mutants once survived random draws with: taken on every run.
+    Example(_case(hidden=33, _block=8, grad_x=False), "the looped path (both passes read s = x + r), and r "
+            "differentiated without x", dtypes=(torch.float32,)),
 )
 
 

@@ -423,6 +423,12 @@ EXAMPLES = (
     Example(_case(reduction="none", rows=6, _dy="strided"), "reduction='none' with a strided per-row upstream"),
     Example(_case(reduction="none", rows=6, _dy="expanded"), "reduction='none' with the stride-0 upstream of "
             "loss_rows.mean()"),
+    # Cases a mutant of the suite once survived random draws with (parity/README.md, "Mutation
+    # self-test"): each is taken on every run.
+    Example(_case(rows=8, ignored=0.5), "reduction='mean' with ignored rows: the mean's divisor is the valid "
+            "rows, in the forward and the gradient", dtypes=(torch.float32,)),
+    Example(_case(softcap=5.0, scale=4.0), "softcap where tanh saturates: its chain factor 1 - tanh^2 in the "
+            "gradient", dtypes=(torch.float32,)),
 )
 
 

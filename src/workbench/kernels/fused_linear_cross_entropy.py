@@ -464,6 +464,10 @@ EXAMPLES = (
     # additions, which the ci profile's random draws (<= 48 rows) reach rarely.
     Example(_case(rows=96, chunk_size=1, vocab=16, hidden=8), "dW summed over 96 chunks: a 16-bit "
             "accumulator across chunks", dtypes=(torch.bfloat16,)),
+    # Cases a mutant once survived random draws with: taken on every run.
+    Example(_case(reduction="none", chunk_size=2, bias=True, grad_b=True, _dy="dense"), "reduction='none' over "
+            "four chunks, with a bias: each chunk reads its own rows' upstream, and recomputes its logits with the "
+            "bias", dtypes=(torch.float32,)),
 )
 
 

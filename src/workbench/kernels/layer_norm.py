@@ -275,6 +275,11 @@ EXAMPLES = (
             "mean, variance and dX sums", dtypes=(torch.bfloat16,)),
     Example(_case(rows=6, hidden=33, shift=1e3, bias=False, scale=4.0), "rows whose mean is 10^3 their spread: "
             "a variance formed as E[x^2] - mean^2 cancels", dtypes=(torch.float32,)),
+    # Cases a mutant once survived random draws with: taken on every run.
+    Example(_case(rows=600), "more rows than the GPU's 2 x SMs programs: dB summed over a program's rows",
+            dtypes=(torch.float32,)),
+    Example(_case(hidden=33, _block=8), "the looped path with a partial last block: its mask",
+            dtypes=(torch.float32,)),
 )
 
 

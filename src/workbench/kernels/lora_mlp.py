@@ -515,6 +515,9 @@ EXAMPLES = (
     # blocked backward's dB, summed in fp32 across row blocks: a bf16 accumulator there needs ~300
     # blocks to show, ~25 s under the interpreter at ~7 launches a block. The gpu profile draws
     # forced row blocks of 1-5 rows over up to 16k tokens.)
+    # A case a mutant once survived random draws with: taken on every run.
+    Example(_case(dropout=0.25, x_fp32=False), "dropout on every projection's input, one row block: dA of down "
+            "takes dropout(h), not the h written over dh", dtypes=(torch.float32,)),
 )
 
 

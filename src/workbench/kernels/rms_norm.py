@@ -298,6 +298,9 @@ EXAMPLES = (
     # (inside bf16's bound: an H200 let such an accumulator through), over 1024 about 9 %.
     Example(_case(hidden=4096, _block=4, casting="llama"), "a row of 1024 blocks: a 16-bit accumulator of the "
             "looped path's sums", dtypes=(torch.bfloat16,)),
+    # A case a mutant once survived random draws with: taken on every run.
+    Example(_case(hidden=33, _block=8, casting="llama"), "the looped path with a partial last block: its mask",
+            dtypes=(torch.float32,)),
 )
 
 

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _strategies as S
 from ._harness import maybe_strided, randn
-from ._registry import Inputs, KernelSpec, Limits
+from ._registry import Example, Inputs, KernelSpec, Limits
 
 #: Elements of one [positions, heads, columns] tile, and heads per program, on the GPU.
 #: Each program rotates one block of heads (of q, or of k) for a block of positions, so a
@@ -392,12 +392,26 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                    "position_ids": position_ids}, {}, grads)
 
 
+
+#: Cases a mutant once survived random draws with (parity/README.md, "Mutation self-test"):
+#: taken on every run. Partial rotary (the pass-through dims' gradient) with gathered cos/sin
+#: of one row per batch row (indexed by batch, not shared).
+EXAMPLES = (
+    Example({"batch": 2, "seq": 5, "heads_k": 2, "heads_q": 4, "head_dim": 16, "rot": 8, "form": "gathered",
+             "cos_batch": 2, "positions": "random", "max_pos": 64, "tables": "rope", "theta": 10_000.0,
+             "q_layout": "bshd", "k_layout": "bhsd", "strided": False, "scale": 1.0, "grad_q": True,
+             "grad_k": True, "_block": None},
+            "partial rotary (8 of 16 dims) with per-row gathered cos/sin: the pass-through dims' gradient, and "
+            "cos/sin read by batch row", dtypes=(torch.float32,)),
+)
+
 SPEC = KernelSpec(
     name="rope",
     fn=rope,
     reference=rope_reference,
     params=_params,
     make_inputs=_make_inputs,
+    examples=EXAMPLES,
     outputs=("q_out", "k_out"),
     grads=("q", "k"),
     options=("position_ids (tables [max_pos, R]) or gathered cos/sin [B|1, S, R]",
