@@ -203,9 +203,15 @@ def compare(old: dict, new: dict, thresholds: dict | None = None, allow_other_de
     return changes
 
 
+def complete(doc: dict) -> bool:
+    """Whether a report's command finished: a report written midway (and left so by a stop)
+    says ``"complete": false`` or carries ``incomplete`` (how far it got)."""
+    return doc.get("complete") is not False and "incomplete" not in doc
+
+
 def _stopped(doc: dict) -> str | None:
-    """How far a report that stopped midway got ("1 of 2 ..."), or None for a complete one."""
-    if doc.get("complete") is not False and "incomplete" not in doc:
+    """How far a report that stopped midway got ("1 of 2 planned"), or None for a complete one."""
+    if complete(doc):
         return None
     part = doc.get("incomplete") or {}
     return f"{part.get('done', '?')} of {part.get('planned', '?')} planned" if part else "stopped midway"
@@ -280,7 +286,7 @@ def previous_report(report_dir: Path, doc: dict, current_name: str | None = None
             other = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if (not isinstance(other, dict) or not _comparable(other, doc) or other.get("complete") is False
+        if (not isinstance(other, dict) or not _comparable(other, doc) or not complete(other)
                 or other.get("superseded_by")):
             continue  # another setup, a run stopped midway (its missing rows are no baseline), or superseded
         date, time_utc = _when(other)

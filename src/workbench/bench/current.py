@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench import atomic
+from workbench.bench import compare
 from workbench.markdown import table
 
 #: Suites in the order CURRENT.md lists them; a folder of another name is in the index only.
@@ -84,7 +85,7 @@ class Entry:
 
     @property
     def complete(self) -> bool:
-        return bool(self.doc) and self.doc.get("complete") is not False and "incomplete" not in self.doc
+        return bool(self.doc) and compare.complete(self.doc)
 
     @property
     def superseded_by(self) -> str | None:

@@ -58,10 +58,11 @@ def stem(env: dict, tag: str | None, report_dir: str | os.PathLike | None = None
     if report_dir is None:
         return name
     from workbench import atomic
+    from workbench.bench.compare import complete
 
     def incomplete(s: str) -> bool:
         try:
-            return json.loads((Path(report_dir) / f"{s}.json").read_text()).get("complete") is False
+            return not complete(json.loads((Path(report_dir) / f"{s}.json").read_text()))
         except (OSError, ValueError, AttributeError):
             return False
     return atomic.free_stem(report_dir, name, reusable=incomplete)
