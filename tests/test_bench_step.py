@@ -30,6 +30,7 @@ def test_step_suite_runs_hf_and_ours_and_writes_its_report(tmp_path, monkeypatch
         assert row["exit_code"] == 0 and "error" not in row, row
         assert (row["shape"], row["mode"], row["autocast"]) == ("tiny", "lora", "off")
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and len(row["step_times_s"]) == 4
+        assert 0 < row["host_issue_s"] <= max(row["step_times_s"][-2:])  # issued before it finished
         assert len(row["losses"]) == 4 and all(math.isfinite(x) for x in row["losses"])
         assert row["mfu"] is None and row["device_bf16_flops"] is None  # the CPU has no matmul rate to hold it to
         assert row["peak_alloc_gib"] is None and row["peak_reserved_gib"] is None

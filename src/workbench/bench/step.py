@@ -252,7 +252,7 @@ def child(spec_path: str) -> int:
     calls = _kernel_calls()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, issued, losses = [], [], []
     for i in range(spec["warmup"] + spec["steps"]):
         if graph and i == spec["warmup"]:
             step = _captured(forward_backward_update, optimizer, side)
@@ -265,6 +265,9 @@ def child(spec_path: str) -> int:
             torch.cuda.current_stream().wait_stream(side)
         else:
             loss = step()
+        # Issued, not finished: far below the step time the GPU is the bound; near it the host
+        # may be (or a full launch queue made it wait; the profile's idle share tells which).
+        issued.append(time.perf_counter() - t0)
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
@@ -278,6 +281,7 @@ def child(spec_path: str) -> int:
                      if not p.requires_grad and p.is_floating_point()})
     result = {
         "step_s": step_s, "step_times_s": [round(t, 6) for t in times], "timed_from_step": spec["warmup"] + 1,
+        "host_issue_s": statistics.median(issued[spec["warmup"]:]),
         "tokens_per_s": spec["batch"] * spec["seq"] / step_s,
         "losses": losses, "final_loss": losses[-1],
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
@@ -440,7 +444,10 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         "`adapter_dtypes`).",
         f"- **Timing:** the median of {result['steps']} timed step(s) after {result['warmup']} warm-up step(s), each "
         "step between two `torch.cuda.synchronize()` on `time.perf_counter` (its launches included); tokens/s = "
-        "batch x seq / step time. Memory: peak allocated (`max_memory_allocated`) and reserved "
+        "batch x seq / step time. Host issue s: the median time from a step's start until `step()` returns, "
+        "before the closing synchronize. Well below the step time, the GPU is the bound; near it, either the host "
+        "is (launch overhead is what to cut) or the launch queue filled and the host waited for the GPU, which "
+        "the profile's idle share tells apart. Memory: peak allocated (`max_memory_allocated`) and reserved "
         "(`max_memory_reserved`) over the warm-up and timed steps, counted from after the model was built.",
         *(["- **CUDA graph (`--cuda-graph`):** the warm-up steps ran eagerly on a side stream; then the whole step "
            "(forward, backward, `AdamW(capturable=True).step()`, autocast's cast cache off) was captured once as "
@@ -472,20 +479,21 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
         for r in rows:
             if "error" in r:
                 cells.append([r["stack"], f"failed (exit {r['exit_code']}): {r['error'].replace('|', '/')}",
-                              *[""] * 9])
+                              *[""] * 10])
                 continue
             c = comparisons.get((*group, r["stack"]))
             speed = "1" if r["stack"] == "hf" else f(c and c["speedup"], ".2f")
             verdict = "baseline" if r["stack"] == "hf" else (tbench.verdict(c) if c else "— (no hf record)")
             same = "—" if not c else {True: "yes", False: "**no**"}[c["same_data"]]
             mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "—"
-            cells.append([r["stack"], f(r["step_s"], ".4f"), speed, f(r["tokens_per_s"], ".0f"), mfu,
+            cells.append([r["stack"], f(r["step_s"], ".4f"), speed, f(r.get("host_issue_s"), ".4f"),
+                          f(r["tokens_per_s"], ".0f"), mfu,
                           f(r.get("peak_alloc_gib"), ".2f"), f(r.get("peak_reserved_gib"), ".2f"),
                           f(c and c["first_rel_loss_diff"], ".2e"), f(c and c["max_rel_loss_diff"], ".2e"), same,
                           verdict])
-        lines += table(["stack", "s/step", "speed × hf", "tokens/s", "MFU", "peak alloc. GiB", "peak reserved GiB",
-                        "step-1 rel. loss diff", "max rel. loss diff", "same data", "loss"], cells,
-                       align="lrrrrrrrrll")
+        lines += table(["stack", "s/step", "speed × hf", "host issue s", "tokens/s", "MFU", "peak alloc. GiB",
+                        "peak reserved GiB", "step-1 rel. loss diff", "max rel. loss diff", "same data", "loss"], cells,
+                       align="lrrrrrrrrrll")
         lines += ["", *_profile_section(rows), ""]
     lines += [f"![speed and memory against hf]({png_name})", ""]
     return "\n".join(lines)
