@@ -3,6 +3,8 @@ they say (seed, gradient accumulation, gradient checkpointing, rsLoRA, QLoRA, us
 checkpoints and data)."""
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -338,7 +340,7 @@ def test_default_base_is_a_small_deterministic_safetensors_llama(tmp_path):
     assert model.lm_head.weight.std().item() == pytest.approx(default.LM_HEAD_STD, rel=0.05)
 
 
-def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path):
+def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path, monkeypatch):
     """With our loss patched in, TRL's plain NLL path (its own chunked LM head) is
     replaced by our fused linear cross-entropy, keeping TRL's reduction: the summed
     token NLL over the whole accumulated batch. Reference: the unpatched model on one
@@ -360,9 +362,29 @@ def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path):
             grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
     trainer = trainer_mod.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / "out"), [Capture()])
+    # The trainer's loss reads no tensor into Python (TRL's token count does): the host would
+    # wait there for the forward before launching the backward. (Reads in the model, such as
+    # transformers' look at the attention mask or a kernel's CPU-only input check, are not the
+    # trainer's.)
+    scalars = []
+    loss_of = trainer.compute_loss
+
+    def watched(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in ("item", "__int__", "__float__", "__bool__"):
+                def read(t, _real=getattr(torch.Tensor, name), _name=name):
+                    caller = sys._getframe(1).f_code.co_filename
+                    if caller == trainer_mod.__file__ or "trl" in Path(caller).parts:
+                        scalars.append(f"{_name} in {caller}:{sys._getframe(1).f_lineno}")
+                    return _real(t)
+                m.setattr(torch.Tensor, name, read)
+            return loss_of(*args, **kwargs)
+
+    trainer.compute_loss = watched
     before = patch.kernel_calls().get("fused_linear_cross_entropy", 0)
     trainer.train()
     assert patch.kernel_calls().get("fused_linear_cross_entropy", 0) == before + 2  # one per micro-batch
+    assert scalars == []
     logged = trainer.state.log_history[0]
     assert "mean_token_accuracy" not in logged  # TRL's head (which computes it) did not run
 
@@ -373,6 +395,7 @@ def test_trainer_takes_our_fused_loss_with_gradient_accumulation(tmp_path):
     batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
     loss = ref_model(**batch).loss
     loss.backward()
+    assert logged["num_tokens"] == batch["attention_mask"].sum().item()  # both micro-batches', counted at the log
     # float32 throughout; the fused kernel sums the vocab in tiles and the tokens in
     # another grouping than one torch GEMM (see assert_same_gradient); a wrong
     # normaliser (per micro-batch means) is off by percents.

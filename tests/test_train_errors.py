@@ -179,16 +179,24 @@ def test_the_kept_adapter_is_the_one_from_before_the_first_non_finite_loss(tmp_p
     from trl import SFTTrainer
 
     original = SFTTrainer.compute_loss
+    micro = []
 
     def nan_on_third_step(self, *args, **kwargs):
+        # Only the first of step 3's two micro-batches: the guard checks once per optimizer
+        # step, and must not take the last micro-batch's finite loss for the step's.
         loss = original(self, *args, **kwargs)
-        return loss * float("nan") if self.state.global_step == 2 else loss
+        if self.state.global_step == 2:
+            micro.append(1)
+            return loss * float("nan") if len(micro) == 1 else loss
+        return loss
 
     # Constant lr, no warmup: the first update is the same whatever the run's length.
-    steady = [*QUICK, "--set", "training.schedule=constant", "--set", "training.warmup_ratio=0"]
+    steady = [*QUICK, "--set", "training.schedule=constant", "--set", "training.warmup_ratio=0",
+              "--set", "training.grad_accum=2"]
     monkeypatch.setattr(SFTTrainer, "compute_loss", nan_on_third_step)
     code, err = run_cli(capsys, *steady, "--run", str(tmp_path / "nan"))
-    assert code == 2 and "at step 3" in error_line(err)
+    assert code == 2 and "at step 3" in error_line(err) and "nan" in error_line(err), err
+    assert len(micro) == 2  # both micro-batches ran; the optimizer did not step on them
     monkeypatch.setattr(SFTTrainer, "compute_loss", original)
     assert run_cli(capsys, *steady, "--set", "training.max_steps=1", "--run", str(tmp_path / "one"))[0] == 0
 

@@ -136,6 +136,9 @@ def trainer_args(cfg: Config, output_dir: str, stack: Stack | None = None) -> di
         push_to_hub=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # Guarded raises on a non-finite loss before the Trainer's filter could replace it,
+        # and the filter waits for the GPU at every micro-batch.
+        logging_nan_inf_filter=False,
     )
     return {**args, **stack.trainer_args(cfg)}
 
@@ -158,15 +161,25 @@ def offloads(cfg: Config, stack: Stack | None = None) -> bool:
 
 class Guarded:
     """A trainer mixin: the training step raises NonFiniteLoss before a non-finite loss can
-    reach the optimizer, and fingerprints the first micro-batches (those with input_ids)."""
+    reach the optimizer, and fingerprints the first micro-batches (those with input_ids).
+
+    The check waits for the GPU once per optimizer step, not per micro-batch: the micro-batches'
+    losses are kept (on the device) until the last one before the optimizer steps
+    (``accelerator.sync_gradients``; True outside the Trainer's loop, so a lone call checks)."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         prints = self.__dict__.setdefault("batch_fingerprints", [])
         if len(prints) < FINGERPRINT_BATCHES and "input_ids" in inputs:
             prints.append(batch_fingerprint(inputs))
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLoss(self.state.global_step + 1, float(loss))
+        pending = self.__dict__.setdefault("_unchecked_losses", [])
+        pending.append(loss.detach().reshape(-1))
+        if getattr(self.accelerator, "sync_gradients", True):
+            losses = torch.cat(pending)
+            pending.clear()
+            if not torch.isfinite(losses).all():  # the one synchronisation
+                bad = losses[~torch.isfinite(losses)][0]
+                raise NonFiniteLoss(self.state.global_step + 1, float(bad))
         return loss
 
 
@@ -209,11 +222,31 @@ class GuardedSFTTrainer(Guarded, SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         mode = "train" if self.model.training else "eval"
-        if mode == "train" and "attention_mask" in inputs:
-            seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += seen // self._tp_size
+        if mode == "train":
+            self._count_tokens(inputs)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+    def _count_tokens(self, inputs):
+        """TRL's count of the tokens trained on (the attention mask's, or the padding-free
+        batch's length), kept on the device and added up in :meth:`log`: TRL's ``.item()``
+        here would make the host wait for the forward before it launches the backward."""
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        elif "position_ids" in inputs:
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        else:
+            return
+        seen = self.accelerator.gather_for_metrics(local).sum() // self._tp_size
+        pending = self.__dict__.get("_uncounted_tokens")
+        self._uncounted_tokens = seen if pending is None else pending + seen
+
+    def log(self, logs, start_time=None):
+        pending = self.__dict__.pop("_uncounted_tokens", None)
+        if pending is not None:
+            self._total_train_tokens += int(pending)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
 
 
 def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: str, callbacks=(), dataset=None,
