@@ -968,3 +968,32 @@ def test_regress_against_a_stopped_baseline_compares_only_what_it_measured(tmp_p
     assert f"| {old['rows'][0]['mode']} / {old['rows'][0]['stack']} | max_fit |" in out
     assert main(["regress", CONTEXT_REPORT, CONTEXT_REPORT]) == 0
     assert "incomplete" not in capsys.readouterr().out
+
+
+def test_train_suite_times_the_trl_loop_against_the_plain_loop(tmp_path, monkeypatch, capsys):
+    """--plain-loop: after each (here stand-in) TRL run, the step suite's plain loop really runs
+    on the same checkpoint and batch shape, and the report says how much longer the TRL step is."""
+    from workbench.bench import child
+
+    real = child.run_child
+    _fake_train_runs(monkeypatch, stop_at=0)
+    fake = child.run_child
+    monkeypatch.setattr(child, "run_child", lambda cmd, **kw: real(cmd, **kw) if "workbench.bench.step" in cmd
+                        else fake(cmd, **kw))
+    report = tmp_path / "reports"
+    args = ["bench", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf,ours", "--steps", "3", "--batch",
+            "1", "--run", str(tmp_path / "runs"), "--report", str(report)]
+    assert main([*args, "--plain-loop", "2"]) == 2  # no --seq: nothing to time the plain loop on
+    assert "needs --seq" in capsys.readouterr().err and not report.exists()
+    assert main([*args, "--seq", "32", "--plain-loop", "2"]) == 0
+    [doc] = [json.loads(p.read_text()) for p in report.glob("*.json")]
+    for r in doc["runs"]:
+        plain = r["plain_loop"]
+        assert "error" not in plain, plain
+        assert plain["step_s"] > 0 and (plain["steps"], plain["warmup"], plain["autocast"]) == (2, 3, "off")
+        assert r["loop_overhead"] == pytest.approx(r["steady_step_s"] / plain["step_s"] - 1)
+    text = next(report.glob("*.md")).read_text()
+    assert "### The TRL loop against the plain loop" in text
+    hf = doc["runs"][0]
+    assert f"| lora | hf | {hf['steady_step_s']:.4f} | {hf['plain_loop']['step_s']:.4f} | " \
+           f"{100 * hf['loop_overhead']:+.1f} % |" in text

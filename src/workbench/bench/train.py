@@ -262,10 +262,13 @@ def config_for(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, 
 
 def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | os.PathLike = "runs/bench-train",
         modes=MODES, stacks=tuple(STACKS), seed: int = 0, seq: int | None = None, method: str = "sft",
-        progress: Callable[[str], None] = print, partial: Callable[[dict], None] | None = None) -> dict:
+        progress: Callable[[str], None] = print, partial: Callable[[dict], None] | None = None,
+        plain_steps: int = 0, plain_warmup: int = 3) -> dict:
     """Every (mode, stack) run, one process each, training with ``method`` (config_for).
     ``partial`` gets the result so far after each run, marked ``incomplete`` (runs done and
-    planned), so a command stopped midway leaves a report of what it measured."""
+    planned), so a command stopped midway leaves a report of what it measured.
+    ``plain_steps`` > 0 (SFT with ``seq``): after each run, the step suite's plain loop on the
+    same checkpoint and batch shape (:func:`plain_loop`), against which the TRL loop is timed."""
     import yaml
 
     out = Path(out).resolve()
@@ -301,11 +304,46 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
                 if not row["tokens_per_s"] and per_step and row["steps"] and row["train_s"]:
                     row["tokens_per_s"] = round(row["steps"] * per_step / row["train_s"], 1)
                 row.update(steady_rate(losses, steps, per_step))
+                if plain_steps and seq and method == "sft":
+                    progress(f"[bench train]   the plain loop: {plain_warmup} + {plain_steps} steps")
+                    row["plain_loop"] = plain_loop(checkpoint, shape, mode, stack, batch, seq, plain_steps,
+                                                   plain_warmup, seed, out / "plain-loop")
+                    row.update(loop_overhead(row))
             results.append(row)
             if partial is not None and len(results) < len(modes) * len(stacks):
                 partial({**_result(shape, steps, batch, seed, seq, method, modes, results, skipped),
                          "incomplete": {"done": len(results), "planned": len(modes) * len(stacks)}})
     return _result(shape, steps, batch, seed, seq, method, modes, results, skipped)
+
+
+def plain_loop(checkpoint: Path, shape: str, mode: str, stack: str, batch: int, seq: int, steps: int, warmup: int,
+               seed: int, out: Path) -> dict:
+    """The step suite's plain loop (bench/step.py: forward, backward, AdamW, no Trainer) for one
+    stack, in its own process, on the checkpoint and batch shape a train run used; under autocast
+    where the Trainer trains under it (``bf16=True``: a CUDA device). Its step time, or its error."""
+    import json
+
+    import torch
+
+    from workbench.bench import step as sbench
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((checkpoint / "config.json").read_text())
+    spec = {"checkpoint": str(checkpoint), "vocab_size": config["vocab_size"], "shape": shape, "mode": mode,
+            "autocast": "on" if torch.cuda.is_available() else "off", "stack": stack, "batch": batch, "seq": seq,
+            "steps": steps, "warmup": warmup, "seed": seed, "lr": sbench.LR, "profile_steps": 0, "cuda_graph": False}
+    row = sbench.measure(spec, config, out, None, 16)
+    if "error" in row:
+        return {"error": row["error"], "autocast": spec["autocast"]}
+    return {"step_s": row["step_s"], "host_issue_s": row.get("host_issue_s"), "peak_alloc_gib": row.get("peak_alloc_gib"),
+            "autocast": spec["autocast"], "steps": steps, "warmup": warmup}
+
+
+def loop_overhead(row: dict) -> dict:
+    """How much longer the TRL loop's steady step is than the plain loop's (a fraction; None
+    without both)."""
+    trl, plain = row.get("steady_step_s"), (row.get("plain_loop") or {}).get("step_s")
+    return {"loop_overhead": trl / plain - 1 if trl and plain else None}
 
 
 def _result(shape, steps, batch, seed, seq, method, modes, results, skipped) -> dict:
@@ -543,5 +581,33 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
     lines += table(["mode", "stack", "steps compared", "step-1 rel. loss diff", "max rel. loss diff",
                     "final rel. loss diff", "same data", "speed (hf/stack step time)", "peak memory (stack/hf)", "loss"],
                    rows, align="llrrrrlrrl")
+    lines += _loop_section(result)
     lines += ["", f"![loss curves]({png_name})", ""]
     return "\n".join(lines)
+
+
+def _loop_section(result: dict) -> list[str]:
+    """The TRL loop against the plain loop, per run that measured both (``--plain-loop``)."""
+    runs = [r for r in result["runs"] if "plain_loop" in r]
+    if not runs:
+        return []
+    p = runs[0]["plain_loop"]
+    lines = ["", "### The TRL loop against the plain loop", "",
+             "After each run, the step suite's plain loop (`workbench bench step`: `model(input_ids, labels)`, "
+             "backward, AdamW step, `zero_grad`; no Trainer, no data loader) ran in its own process on the same "
+             f"checkpoint and batch shape, autocast {p.get('autocast')} as the Trainer's precision; its s/step is "
+             f"the median of {p.get('steps', '?')} steps after {p.get('warmup', '?')} of warm-up. Overhead = the TRL "
+             "run's steady step time / the plain loop's − 1: what the Trainer adds per step (gradient clipping at "
+             "max_grad_norm 1.0, a log every step that reads the loss and gradient norm, the LR schedule, the data "
+             "loader and collator, the product's callbacks: the adapter snapshot and the loss log). The plain loop "
+             "trains every token on random ids; the TRL run the completions of the built-in rows: the same "
+             "matmuls.", ""]
+    rows = []
+    for r in runs:
+        pl = r["plain_loop"]
+        over = r.get("loop_overhead")
+        rows.append([r["mode"], r["stack"], "—" if r.get("steady_step_s") is None else f"{r['steady_step_s']:.4f}",
+                     pl.get("error", "").replace("|", "/") or f"{pl['step_s']:.4f}",
+                     "—" if over is None else f"{100 * over:+.1f} %"])
+    return lines + table(["mode", "stack", "TRL loop steady s/step", "plain loop s/step", "TRL loop overhead"], rows,
+                         align="llrrr")
