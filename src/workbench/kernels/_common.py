@@ -114,8 +114,15 @@ def rows_view(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
+# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr functions, whose host calls go through Triton's argument unwrapping, and every
+# launch makes several of them.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def block_for(n: int, cap: int = 65536, forced: int | None = None) -> int:

@@ -86,7 +86,7 @@ def block(n_elements: int) -> int:
 def grid(n_elements: int) -> tuple[tuple[int], int]:
     """(grid, block) of a launch over ``n_elements`` flat elements."""
     b = block(n_elements)
-    return (triton.cdiv(n_elements, b),), b
+    return (C.cdiv(n_elements, b),), b
 
 
 # --------------------------------------------------------------------------- gated activations

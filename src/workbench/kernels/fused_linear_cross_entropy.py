@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 from hypothesis import strategies as st
 
 from . import _common as C
@@ -88,7 +87,7 @@ MIN_CHUNK_ROWS = 2048
 # --------------------------------------------------------------------------- launchers
 def default_chunk_size(n_rows: int, hidden: int, vocab: int, elem_size: int) -> int:
     """The default number of rows per chunk (see the module docstring)."""
-    rows = triton.next_power_of_2(max(1, triton.cdiv(n_rows, triton.cdiv(vocab, hidden))))
+    rows = C.next_pow2(max(1, C.cdiv(n_rows, C.cdiv(vocab, hidden))))
     rows = max(rows, MIN_CHUNK_ROWS)
     rows = min(rows, max(1, CHUNK_BYTES // (vocab * elem_size)))
     return max(1, min(rows, n_rows))

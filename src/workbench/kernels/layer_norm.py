@@ -180,8 +180,8 @@ class _LayerNorm(torch.autograd.Function):
         dy2 = C.rows_view("layer_norm", "dy", dy)
         dx = C.empty((n_rows, n_cols), x2.dtype, x2.device) if need_dx else None
         progs = C.row_programs(n_rows, x2.device)
-        rows_per = triton.cdiv(max(n_rows, 1), progs)
-        progs = triton.cdiv(max(n_rows, 1), rows_per)
+        rows_per = C.cdiv(max(n_rows, 1), progs)
+        progs = C.cdiv(max(n_rows, 1), rows_per)
         dw_part = torch.zeros((progs, n_cols), dtype=torch.float32, device=x2.device) if need_dw else None
         db_part = torch.zeros((progs, n_cols), dtype=torch.float32, device=x2.device) if need_db else None
         block = C.block_for(n_cols, forced=C.forced())

@@ -118,7 +118,7 @@ def _launch(packed, absmax, code, nested, offset, n, blocksize, nested_blocksize
     block = C.block_for(n, cap=1024, forced=C.forced())
     dq = code is not None
     if n:
-        _nf4_dequant_fwd[(triton.cdiv(n, block),)](
+        _nf4_dequant_fwd[(C.cdiv(n, block),)](
             packed, absmax, code if dq else absmax, nested if dq else absmax, offset if dq else absmax,
             _nf4_table(packed.device), out, n,
             BLOCKSIZE=blocksize, NESTED_BLOCK=nested_blocksize, DOUBLE_QUANT=dq, BLOCK=block,

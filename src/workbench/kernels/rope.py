@@ -173,8 +173,8 @@ def _launch(x_q, x_k, y_q, y_k, cos, sin, pos, half, bwd):
     n_q = x_q.shape[1] if x_q is not None else 0
     n_k = x_k.shape[1] if x_k is not None else 0
     block_s, block_hq, block_hk, block, block_p = _blocks(seq, half, head_dim, n_q, n_k)
-    n_seq_blocks = triton.cdiv(seq, block_s)
-    n_q_blocks, n_k_blocks = triton.cdiv(n_q, block_hq), triton.cdiv(n_k, block_hk)
+    n_seq_blocks = C.cdiv(seq, block_s)
+    n_q_blocks, n_k_blocks = C.cdiv(n_q, block_hq), C.cdiv(n_k, block_hk)
     if n_q_blocks + n_k_blocks == 0:
         return
 
