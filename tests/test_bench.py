@@ -985,6 +985,8 @@ def test_train_suite_times_the_trl_loop_against_the_plain_loop(tmp_path, monkeyp
             "1", "--run", str(tmp_path / "runs"), "--report", str(report)]
     assert main([*args, "--plain-loop", "2"]) == 2  # no --seq: nothing to time the plain loop on
     assert "needs --seq" in capsys.readouterr().err and not report.exists()
+    assert main([*args, "--seq", "32", "--plain-loop", "0"]) == 2
+    assert "a number of steps >= 1, got 0" in capsys.readouterr().err and not report.exists()
     assert main([*args, "--seq", "32", "--plain-loop", "2"]) == 0
     [doc] = [json.loads(p.read_text()) for p in report.glob("*.json")]
     for r in doc["runs"]:

@@ -332,7 +332,8 @@ def plain_loop(checkpoint: Path, shape: str, mode: str, stack: str, batch: int, 
     spec = {"checkpoint": str(checkpoint), "vocab_size": config["vocab_size"], "shape": shape, "mode": mode,
             "autocast": "on" if torch.cuda.is_available() else "off", "stack": stack, "batch": batch, "seq": seq,
             "steps": steps, "warmup": warmup, "seed": seed, "lr": sbench.LR, "profile_steps": 0, "cuda_graph": False}
-    row = sbench.measure(spec, config, out, None, 16)
+    lora_r = config_for(checkpoint, mode, stack, steps, batch, seed, seq)["lora"]["r"]  # the FLOPs' rank
+    row = sbench.measure(spec, config, out, None, lora_r)
     if "error" in row:
         return {"error": row["error"], "autocast": spec["autocast"]}
     return {"step_s": row["step_s"], "host_issue_s": row.get("host_issue_s"), "peak_alloc_gib": row.get("peak_alloc_gib"),

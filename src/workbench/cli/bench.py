@@ -222,7 +222,7 @@ def _train(suites) -> None:
                    "Liger's layer kernels and its LigerFusedLinearDPOLoss / LigerFusedLinearORPOLoss, set to TRL's "
                    "semantics, in the same TRL trainer as ours); stacks hf, hf-gc, ours, ours-gc, ours-bf16, liger "
                    "(Unsloth is not wired in); no --seq")
-    p.add_argument("--plain-loop", type=int, nargs="?", const=10, default=0, metavar="STEPS",
+    p.add_argument("--plain-loop", type=int, nargs="?", const=10, metavar="STEPS",
                    help="after each SFT run (needs --seq), time the step suite's plain loop (no Trainer) on the same "
                         "checkpoint and batch shape for STEPS steps after 3 of warm-up (default 10), and report how "
                         "much the TRL loop adds per step")
@@ -275,11 +275,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.method != "sft" and args.seq:
         raise UserError(f"--seq packs the built-in rows into full sequences, but --method {args.method} trains on "
                         "preference pairs, which are not packed; leave out --seq.")
-    if args.plain_loop and (args.method != "sft" or not args.seq):
-        raise UserError("--plain-loop times the step suite's loop on the train run's batch shape: it needs --seq and "
-                        "SFT (the plain loop trains no preference pairs).")
-    if args.plain_loop < 0:
-        raise UserError(f"--plain-loop takes a number of steps >= 1, got {args.plain_loop}.")
+    if args.plain_loop is not None:
+        if args.method != "sft" or not args.seq:
+            raise UserError("--plain-loop times the step suite's loop on the train run's batch shape: it needs --seq "
+                            "and SFT (the plain loop trains no preference pairs).")
+        if args.plain_loop < 1:
+            raise UserError(f"--plain-loop takes a number of steps >= 1, got {args.plain_loop}.")
     modes, stacks = check_modes_and_stacks(args)
 
     def render(result: dict, env: dict, png: Path) -> str:
@@ -289,7 +290,7 @@ def run_train(args: argparse.Namespace) -> int:
                         lambda partial, out, name: tbench.run(args.shape, steps=args.steps, batch=args.batch,
                                                               out=args.run, modes=modes, stacks=stacks, seq=args.seq,
                                                               method=args.method, partial=partial,
-                                                              plain_steps=args.plain_loop),
+                                                              plain_steps=args.plain_loop or 0),
                         lambda result: all(r["exit_code"] == 0 for r in result["runs"]))
 
 
