@@ -97,6 +97,8 @@ def test_an_fp32_layers_dB_over_many_blocks_keeps_the_small_terms():
     from workbench.kernels import _common as C
     from workbench.kernels.lora_mlp import lora_mlp, lora_mlp_reference
 
+    # The kernels' device: the GPU where there is one (the interpreter runs on the CPU).
+    device = "cuda" if torch.cuda.is_available() and not C.INTERPRET else "cpu"
     n = 64
     dy = torch.full((n, 1), 2e-3)
     dy[0], dy[-1] = 2e4, -2e4
@@ -106,10 +108,10 @@ def test_an_fp32_layers_dB_over_many_blocks_keeps_the_small_terms():
     grads = {}
     for dtype, fn, extra in ((torch.float32, lora_mlp, {}),
                              (torch.float64, lora_mlp_reference, {"compute_dtype": torch.float64})):
-        ts = {k: v.to(dtype).clone().requires_grad_(k == "Bg") for k, v in weights.items()}
+        ts = {k: v.to(device, dtype).clone().requires_grad_(k == "Bg") for k, v in weights.items()}
         with C.forced_rows(1):
-            fn(*ts.values(), 1.0, **extra).backward(dy.to(dtype))
-        grads[dtype] = ts["Bg"].grad.double()
+            fn(*ts.values(), 1.0, **extra).backward(dy.to(device, dtype))
+        grads[dtype] = ts["Bg"].grad.double().cpu()
     exact = grads[torch.float64]
     assert float(exact) == pytest.approx(0.5 * float(dy[1:-1].double().sum()))
     assert float((grads[torch.float32] - exact).abs() / exact.abs()) < 1e-6, (grads, exact)
