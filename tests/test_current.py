@@ -222,6 +222,10 @@ def test_a_parity_run_of_part_of_the_suite_is_a_setup_of_its_own(tmp_path):
     assert current.setup(part)[1] == "profile gpu, only `-k 'mutant and rms_norm'`"
     kernel = {**part, "command": "workbench parity --kernel rope --profile ci"}
     assert current.setup(kernel)[1] == "profile ci, only `--kernel rope`"
+    # Options that change only what pytest prints leave the whole suite the whole suite.
+    loud = {**whole, "command": "workbench parity --profile gpu --workers 12 --report out -- -v --durations 25 -rf"}
+    assert current.setup(loud) == current.setup(whole)
+    assert current.setup({**loud, "command": loud["command"] + " -x"})[1] == current.setup(whole)[1] + ", only `-x`"
     rows = [r for r in _rows(current.render_current(archive)) if r[0] == "parity"]
     assert [(r[2], r[4].split("]")[0]) for r in rows] == [
         (current.setup(whole)[1], "[2026-01-01-gpu-x"),

@@ -194,7 +194,7 @@ def setup(doc: dict, mode: str | None = None) -> tuple[tuple, str]:
             profiles = [words[words.index("--profile") + 1]]
         # What pytest was told to select (the words after `--`, and --kernel): a part of the suite
         # is its own setup, never the whole suite's current row.
-        selection = words[words.index("--") + 1:] if "--" in words else []
+        selection = _selection(words[words.index("--") + 1:] if "--" in words else [])
         if "--kernel" in words[:-1]:
             selection = ["--kernel", words[words.index("--kernel") + 1], *selection]
         text = f"profile {', '.join(profiles) or '—'}"
@@ -202,6 +202,26 @@ def setup(doc: dict, mode: str | None = None) -> tuple[tuple, str]:
             text += f", only `{shlex.join(selection)}`"
         return (tuple(profiles), tuple(selection)), text
     return (shape, mode), f"{shape or '—'}" + (f", {mode}" if mode else "")
+
+
+#: pytest options that change what a run prints, not which tests it runs (with the options
+#: that take their value as the next word).
+_OUTPUT_ONLY = re.compile(r"^(-v+|-q+|-s|-r\w*|-l|--durations(=\d+)?|--tb(=\w+)?|--color=\w+)$")
+_OUTPUT_VALUE = ("--durations", "--tb")
+
+
+def _selection(args: list[str]) -> list[str]:
+    """The pytest arguments that narrow the run (``-k``, ``-m``, paths, ``-x``...), without the
+    ones that only change its output."""
+    kept, skip = [], False
+    for word in args:
+        if skip:
+            skip = False
+        elif _OUTPUT_ONLY.match(word):
+            skip = word in _OUTPUT_VALUE
+        else:
+            kept.append(word)
+    return kept
 
 
 # --------------------------------------------------------------------------- headlines
