@@ -16,6 +16,10 @@ import tempfile
 from pathlib import Path
 
 
+#: This process's hold of the GPU while in ``gpu_share``: (gate file, main file, exclusive).
+_held: tuple | None = None
+
+
 def lock_dir() -> Path:
     return Path(os.environ.get("PARITY_GPU_LOCK_DIR") or tempfile.gettempdir())
 
@@ -32,9 +36,35 @@ def gpu_share(exclusive: bool):
             fcntl.flock(gate, fcntl.LOCK_SH)
             fcntl.flock(main, fcntl.LOCK_SH)
             fcntl.flock(gate, fcntl.LOCK_UN)
+        global _held
+        _held = (gate, main, exclusive)
         try:
             yield
         finally:
+            _held = None
             fcntl.flock(main, fcntl.LOCK_UN)
             if exclusive:
                 fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside a shared ``gpu_share``: the GPU alone for a while, then shared again (an
+    out-of-memory retry: the other workers finish their tests, empty their caches and wait at
+    the gate). Outside one, or already alone, nothing changes. Two workers asking at once
+    queue at the gate; each has given up its shared hold, so neither waits for the other."""
+    global _held
+    if _held is None or _held[2]:
+        yield
+        return
+    gate, main, _ = _held
+    fcntl.flock(main, fcntl.LOCK_UN)
+    fcntl.flock(gate, fcntl.LOCK_EX)
+    fcntl.flock(main, fcntl.LOCK_EX)
+    _held = (gate, main, True)
+    try:
+        yield
+    finally:
+        fcntl.flock(main, fcntl.LOCK_SH)  # converted: held shared again, as gpu_share expects
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        _held = (gate, main, False)

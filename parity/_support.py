@@ -13,6 +13,8 @@ from workbench.kernels import PROFILE_LIMITS, KernelSpec
 from workbench.kernels import _strategies as S
 from workbench.kernels._harness import DTYPES, run_case
 
+from ._gpu_lock import alone as gpu_alone
+
 
 def profile() -> str:
     return os.environ.get("PARITY_PROFILE") or ("gpu" if torch.cuda.is_available() else "ci")
@@ -44,7 +46,15 @@ def check_property(spec: KernelSpec, dtype: torch.dtype, **settings_overrides) -
 
     def prop(params, seed):
         count["examples"] += 1
-        report = run_case(spec, params, dtype, seed)
+        try:
+            report = run_case(spec, params, dtype, seed)
+        except torch.OutOfMemoryError:
+            # One GPU serves every xdist worker: another's case may hold what this one needs
+            # (a full gpu run lost a case so). Retried once with the GPU alone; an out-of-memory
+            # error there is the case's own, and fails it.
+            torch.cuda.empty_cache()
+            with gpu_alone():
+                report = run_case(spec, params, dtype, seed)
         if not report.ok:
             raise AssertionError(report.describe() + "\nreproduce with:\n  "
                                  + repro_command(spec, dtype, params, seed))
