@@ -10,7 +10,7 @@ dtype, over several blocks, against the same reference and tolerances as the pro
 import pytest
 import torch
 
-from workbench.kernels._harness import run_case
+from workbench.kernels._harness import default_device, run_case
 from workbench.kernels.lora_mlp import SPEC
 
 from ._support import DTYPES
@@ -97,8 +97,7 @@ def test_an_fp32_layers_dB_over_many_blocks_keeps_the_small_terms():
     from workbench.kernels import _common as C
     from workbench.kernels.lora_mlp import lora_mlp, lora_mlp_reference
 
-    # The kernels' device: the GPU where there is one (the interpreter runs on the CPU).
-    device = "cuda" if torch.cuda.is_available() and not C.INTERPRET else "cpu"
+    device = default_device()  # where the kernels run: CUDA, or the CPU under the interpreter
     n = 64
     dy = torch.full((n, 1), 2e-3)
     dy[0], dy[-1] = 2e4, -2e4

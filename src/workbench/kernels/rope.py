@@ -392,7 +392,6 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                    "position_ids": position_ids}, {}, grads)
 
 
-
 #: Cases a mutant once survived random draws with (parity/README.md, "Mutation self-test"):
 #: taken on every run. Partial rotary (the pass-through dims' gradient) with gathered cos/sin
 #: of one row per batch row (indexed by batch, not shared).
