@@ -641,6 +641,62 @@ def test_fused_loss_of_an_all_ignored_batch_is_zero_not_nan():
             unpatch_model(model)
 
 
+def test_fused_loss_sends_only_the_counted_rows_through_the_head(monkeypatch):
+    """A completion-only batch: the kernel gets the rows whose target counts, nothing else,
+    and the loss and every gradient are those of the kernel over all rows (an ignored row adds
+    nothing); a batch where every row counts, or none does, goes through as it is."""
+    import workbench.patch as P
+
+    model = with_lora()
+    inputs, labels = batch(seq=16)
+    labels[0, :9] = -100  # row 0's prompt; row 1 ignores its 3 pads already
+    seen = []
+    kernel = P.fused_linear_cross_entropy
+
+    def spy(h, *a, **k):  # the rows the kernel gets
+        seen.append(h.numel() // h.shape[-1])
+        return kernel(h, *a, **k)
+
+    monkeypatch.setattr(P, "fused_linear_cross_entropy", spy)
+    patch_model(model, rms_norm=False, rope=False, mlp=False, lora=False)
+    try:
+        counted = int((torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:] != -100).sum())
+        assert 0 < counted < labels.numel()
+        cut = outputs(model, inputs, labels)
+        assert seen == [counted]
+        monkeypatch.setattr(P._CountedRows, "select", lambda self, h, t: (h, t))
+        whole = outputs(model, inputs, labels)
+        assert seen[-1] == labels.numel()
+        torch.testing.assert_close(cut[0], whole[0], rtol=1e-6, atol=1e-7)
+        assert cut[2].keys() == whole[2].keys()
+        for n in cut[2]:
+            torch.testing.assert_close(cut[2][n], whole[2][n], rtol=1e-5, atol=1e-7, msg=n)
+        monkeypatch.undo()
+        monkeypatch.setattr(P, "fused_linear_cross_entropy", spy)
+        seen.clear()
+        with torch.no_grad():
+            assert model(**inputs, labels=torch.full_like(labels, -100)).loss.item() == 0.0
+        assert seen == [labels.numel()]
+    finally:
+        unpatch_model(model)
+
+
+def test_counted_rows_cut_only_where_a_share_of_rows_is_ignored():
+    """The cut (_CountedRows.select) keeps the counted rows in order; it leaves a batch alone
+    where fewer than _CUT_SHARE of the rows are ignored (a plain loop's one row per sequence)."""
+    import workbench.patch as P
+
+    hidden = torch.randn(2, 64, 3, device=DEVICE)
+    target = torch.arange(128, device=DEVICE).view(2, 64)
+    few = target.clone()
+    few[0, -1] = -100  # 1 of 128: below 1/64
+    assert P._CountedRows(few, -100).select(hidden, few)[0] is hidden
+    some = target.clone()
+    some[:, :5] = -100
+    rows, kept = P._CountedRows(some, -100).select(hidden, some)
+    assert torch.equal(kept, some[:, 5:].reshape(-1)) and torch.equal(rows, hidden[:, 5:].reshape(-1, 3))
+
+
 def test_trl_fused_lm_head_takes_over_its_own_calls():
     """TRL's SFTTrainer wraps the causal LM's forward with its own fused LM head and
     calls it with fused_lm_head=True: those calls run TRL's head (over our patched

@@ -874,6 +874,54 @@ def _loss_function_is_hf(model: nn.Module) -> bool:
     return model.loss_function is ForCausalLMLoss
 
 
+#: The least share of ignored target rows for which the loss runs on the counted rows alone.
+_CUT_SHARE = 1 / 64
+
+
+class _CountedRows:
+    """The target rows that count (not ``ignore_index``) of one loss call, counted before the
+    backbone's forward is issued: a completion-only batch (SFT's prompts ignored) then sends
+    only its counted rows through the LM head and the loss, as TRL's own fused head does, and
+    neither the GEMMs over ignored rows nor a wait for the whole forward is paid.
+
+    On CUDA the count reaches the host by an asynchronous copy into pinned memory, queued
+    ahead of the forward; reading it after the forward has been issued waits only for the GPU
+    to reach that copy. During CUDA-graph capture nothing is counted (a read would sync)."""
+
+    def __init__(self, target: torch.Tensor, ignore_index: int):
+        self.valid = target.reshape(-1) != ignore_index
+        self._host = self._done = None
+        self._count = None
+        if target.device.type != "cuda":
+            self._count = int(self.valid.sum())
+        elif not torch.cuda.is_current_stream_capturing():
+            self._host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            self._host.copy_(self.valid.sum(), non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def count(self) -> int | None:
+        if self._done is not None:
+            self._done.synchronize()
+            self._count, self._done = int(self._host), None
+        return self._count
+
+    def select(self, hidden: torch.Tensor, target: torch.Tensor):
+        """``hidden`` as rows and ``target`` flat, cut to the counted rows where some, not all,
+        count; else as they are. The loss is the same: an ignored row adds nothing to it, to the
+        mean's denominator or to any gradient."""
+        n, total = self.count(), self.valid.numel()
+        # A row through the head costs about 6·hidden·vocab FLOPs; the cut costs a few passes over
+        # hidden·rows bytes. So it pays once a small share of rows is ignored, not for the one
+        # row each sequence ends with (1/seq of them).
+        if n is None or n == 0 or total - n < total * _CUT_SHARE:
+            return hidden, target
+        valid = self.valid.to(hidden.device)
+        rows = torch.nonzero_static(valid, size=n).squeeze(1)  # no sync: the size is known
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
+                target.reshape(-1).index_select(0, rows))
+
+
 def _causal_lm_forward(self, *args, **kwargs):
     """HF's CausalLM forward, except that with labels the loss comes from the fused
     lm_head + cross-entropy kernel and no logits are formed (``logits=None``)."""
@@ -897,23 +945,25 @@ def _causal_lm_forward(self, *args, **kwargs):
     return_dict = extra.pop("return_dict", None)
     return_dict = self.config.return_dict if return_dict is None else return_dict
 
+    ignore_index = extra.get("ignore_index", -100)
+    target = extra.get("shift_labels")
+    if target is None:  # HF's ForCausalLMLoss: position t predicts labels[t + 1], the last one nothing
+        target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    counted = _CountedRows(target, ignore_index)  # before the backbone is issued (_CountedRows)
+
     outputs = getattr(self, self.base_model_prefix)(**given, **extra)
     hidden = outputs.last_hidden_state
     softcap = getattr(self.config, swap.softcap_key, None) if swap.softcap_key else None
     compute = _head_dtype(hidden, head)
     if compute is not None and hidden.device == head.weight.device:
-        ignore_index = extra.get("ignore_index", -100)
-        target = extra.get("shift_labels")
-        if target is None:  # HF's ForCausalLMLoss: position t predicts labels[t + 1], the last one nothing
-            target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        rows, target = counted.select(hidden, target.to(hidden.device))
         # Under autocast HF's lm_head runs on autocast's casts of hidden, weight and bias
         # (e.g. QLoRA: fp32 after prepare_model_for_kbit_training, bf16 autocast): so does
         # the kernel, and the [N, V] logits are never formed in either dtype.
         bias = head.bias if head.bias is None else head.bias.to(compute)
         _ran("fused_linear_cross_entropy")
         with _kernel_scope(hidden):
-            loss = fused_linear_cross_entropy(hidden.to(compute), head.weight.to(compute),
-                                              target.to(hidden.device).long(), bias=bias,
+            loss = fused_linear_cross_entropy(rows.to(compute), head.weight.to(compute), target.long(), bias=bias,
                                               ignore_index=ignore_index, softcap=softcap,
                                               num_items_in_batch=extra.get("num_items_in_batch"))
         logits = None
