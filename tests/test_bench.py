@@ -999,3 +999,32 @@ def test_train_suite_times_the_trl_loop_against_the_plain_loop(tmp_path, monkeyp
     hf = doc["runs"][0]
     assert f"| lora | hf | {hf['steady_step_s']:.4f} | {hf['plain_loop']['step_s']:.4f} | " \
            f"{100 * hf['loop_overhead']:+.1f} % |" in text
+
+
+def test_train_suite_profiles_the_trl_loop_by_phase(tmp_path):
+    """--profile: a short second run per stack, really trained here, with each phase of the
+    Trainer's loop timed once per profiled step; the report names each phase with its time."""
+    from workbench.bench import loop_profile
+    from workbench.bench import train as tbench
+
+    report = tmp_path / "reports"
+    assert main(["bench", "train", "--shape", "tiny", "--modes", "lora", "--stacks", "hf", "--steps", "3",
+                 "--batch", "1", "--seq", "32", "--profile", "--run", str(tmp_path / "runs"),
+                 "--report", str(report)]) == 0
+    [doc] = [json.loads(p.read_text()) for p in report.glob("*.json")]
+    [run] = doc["runs"]
+    prof = run["loop_profile"]
+    assert "error" not in prof, prof
+    assert prof["steps"] == loop_profile.STEPS and prof["wall_ms_per_step"] > 0
+    phases = {p["phase"]: p for p in prof["phases"]}
+    # Every phase the loop ran, once a profiled step (the window is whole steps).
+    for name in ("fetch batch", "forward + backward", "clip gradients", "optimizer step", "LR schedule",
+                 "callbacks: step begin", "callbacks: step end", "log (reads loss, grad norm)"):
+        assert phases[name]["calls_per_step"] == 1.0, (name, phases[name])
+        assert phases[name]["host_ms_per_step"] > 0, name
+    assert (report / prof["trace"]).is_file() and (report / prof["summary"]).is_file()
+    text = next(report.glob("*.md")).read_text()
+    assert "### Where the TRL loop's step goes" in text
+    assert f"| forward + backward | {phases['forward + backward']['host_ms_per_step']:.2f} |" in text
+    assert f"steps {tbench.PROFILE_AFTER + 1} to {tbench.PROFILE_AFTER + loop_profile.STEPS}" in text
+

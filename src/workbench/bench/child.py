@@ -78,17 +78,19 @@ class Trained:
         return None if self.exit_code == 0 else last_line(self.stderr)
 
 
-def train_command(config: str | Path, run_dir: str | Path, stack: str | None = None) -> list[str]:
+def train_command(config: str | Path, run_dir: str | Path, stack: str | None = None,
+                  options: list[str] = ()) -> list[str]:
     """``workbench train`` on ``config`` into ``run_dir``; with ``stack``, the recipe on that
-    comparison stack (workbench.bench.train_child)."""
+    comparison stack (workbench.bench.train_child, which also takes ``options``)."""
     head = ["-m", "workbench", "train"] if stack is None else ["-m", "workbench.bench.train_child", "--stack", stack]
-    return [sys.executable, *head, "--config", str(config), "--run", str(run_dir)]
+    return [sys.executable, *head, "--config", str(config), "--run", str(run_dir), *options]
 
 
-def train(config: str | Path, run_dir: str | Path, stack: str | None = None, env: dict | None = None) -> Trained:
+def train(config: str | Path, run_dir: str | Path, stack: str | None = None, env: dict | None = None,
+          options: list[str] = ()) -> Trained:
     """Train one run in a child process (:func:`train_command`) and read its record and loss log."""
     t0 = time.perf_counter()
-    proc = run_child(train_command(config, run_dir, stack), env=env)
+    proc = run_child(train_command(config, run_dir, stack, options), env=env)
     out = Trained(proc.returncode, round(time.perf_counter() - t0, 1), proc.stderr or "")
     if proc.returncode == 0:
         run_dir = Path(run_dir)

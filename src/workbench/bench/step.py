@@ -352,8 +352,6 @@ def profile_steps(step: Callable, n: int, sync: Callable, cuda: bool, dest: Path
     and calls per step and its share of the whole, written to ``<dest>.csv`` with the Chrome
     trace as ``<dest>.trace.json`` (gzipped when large); the busy share is the union of the
     kernels' (ops') intervals over the steps' wall time, so overlapping streams count once."""
-    import gzip
-
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -377,7 +375,7 @@ def profile_steps(step: Callable, n: int, sync: Callable, cuda: bool, dest: Path
         spans.append((e.time_range.start, e.time_range.end))
         totals[e.name] = totals.get(e.name, 0.0) + (e.time_range.elapsed_us() if cuda else e.self_cpu_time_total)
         counts[e.name] = counts.get(e.name, 0) + 1
-    busy_us = _union(spans)
+    busy_us = union_length(spans)
     whole = sum(totals.values()) or 1.0
     rows = sorted(({"name": k, "ms_per_step": totals[k] / n / 1e3, "share": totals[k] / whole,
                     "calls_per_step": counts[k] / n} for k in totals), key=lambda r: -r["ms_per_step"])
@@ -388,6 +386,20 @@ def profile_steps(step: Callable, n: int, sync: Callable, cuda: bool, dest: Path
                      for r in rows)
     dest.parent.mkdir(parents=True, exist_ok=True)
     csv_path = atomic.write_text(dest.parent / f"{dest.name}.csv", table.getvalue())
+    trace = write_trace(prof, dest)
+    return {"steps": n, "measure": "CUDA kernels (and copies), device time" if cuda else "CPU ops, self time",
+            "wall_ms_per_step": wall_us / n / 1e3, "busy_ms_per_step": busy_us / n / 1e3,
+            "idle_share": max(0.0, 1.0 - busy_us / wall_us) if wall_us else None,
+            "csv": csv_path.name, "trace": trace.name, "top": rows[:TOP]}
+
+
+def write_trace(prof, dest: Path) -> Path:
+    """The profiler's Chrome trace as ``<dest>.trace.json``, gzipped (``.gz``) when large."""
+    import gzip
+
+    from workbench import atomic
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
     trace = dest.parent / f"{dest.name}.trace.json"
     with atomic.file(trace) as tmp:
         prof.export_chrome_trace(str(tmp))
@@ -395,13 +407,10 @@ def profile_steps(step: Callable, n: int, sync: Callable, cuda: bool, dest: Path
         gz = atomic.write_bytes(trace.with_name(trace.name + ".gz"), gzip.compress(trace.read_bytes()))
         trace.unlink()
         trace = gz
-    return {"steps": n, "measure": "CUDA kernels (and copies), device time" if cuda else "CPU ops, self time",
-            "wall_ms_per_step": wall_us / n / 1e3, "busy_ms_per_step": busy_us / n / 1e3,
-            "idle_share": max(0.0, 1.0 - busy_us / wall_us) if wall_us else None,
-            "csv": csv_path.name, "trace": trace.name, "top": rows[:TOP]}
+    return trace
 
 
-def _union(spans: list[tuple[float, float]]) -> float:
+def union_length(spans: list[tuple[float, float]]) -> float:
     """The length of the union of intervals."""
     total, end = 0.0, float("-inf")
     for a, b in sorted(spans):

@@ -42,13 +42,14 @@ Nothing here asserts a speed: the numbers go to the suite's report.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
-from workbench.bench import child
+from workbench.bench import child, loop_profile
 from workbench.data import FINGERPRINT_BATCHES
 from workbench.markdown import table
 
@@ -263,12 +264,14 @@ def config_for(checkpoint: Path, mode: str, stack: str, steps: int, batch: int, 
 def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | os.PathLike = "runs/bench-train",
         modes=MODES, stacks=tuple(STACKS), seed: int = 0, seq: int | None = None, method: str = "sft",
         progress: Callable[[str], None] = print, partial: Callable[[dict], None] | None = None,
-        plain_steps: int = 0, plain_warmup: int = 3) -> dict:
+        plain_steps: int = 0, plain_warmup: int = 3, profile_dir: Path | None = None) -> dict:
     """Every (mode, stack) run, one process each, training with ``method`` (config_for).
     ``partial`` gets the result so far after each run, marked ``incomplete`` (runs done and
     planned), so a command stopped midway leaves a report of what it measured.
     ``plain_steps`` > 0 (SFT with ``seq``): after each run, the step suite's plain loop on the
-    same checkpoint and batch shape (:func:`plain_loop`), against which the TRL loop is timed."""
+    same checkpoint and batch shape (:func:`plain_loop`), against which the TRL loop is timed.
+    ``profile_dir``: after each run, the same run again, short, with its loop profiled by phase
+    (:func:`profile_loop`), its summary and trace there."""
     import yaml
 
     out = Path(out).resolve()
@@ -309,6 +312,11 @@ def run(shape: str = "llama3.2-1b", steps: int = 30, batch: int = 8, out: str | 
                     row["plain_loop"] = plain_loop(checkpoint, shape, mode, stack, batch, seq, plain_steps,
                                                    plain_warmup, seed, out / "plain-loop")
                     row.update(loop_overhead(row))
+                if profile_dir is not None:
+                    progress(f"[bench train]   the loop profile: steps {PROFILE_AFTER + 1} to "
+                             f"{PROFILE_AFTER + loop_profile.STEPS} of a short run")
+                    row["loop_profile"] = profile_loop(cfg_path, out / f"{mode}-{stack}-profiled", stack, profile_dir,
+                                                       f"{mode}-{stack}")
             results.append(row)
             if partial is not None and len(results) < len(modes) * len(stacks):
                 partial({**_result(shape, steps, batch, seed, seq, method, modes, results, skipped),
@@ -321,8 +329,6 @@ def plain_loop(checkpoint: Path, shape: str, mode: str, stack: str, batch: int, 
     """The step suite's plain loop (bench/step.py: forward, backward, AdamW, no Trainer) for one
     stack, in its own process, on the checkpoint and batch shape a train run used; under autocast
     where the Trainer trains under it (``bf16=True``: a CUDA device). Its step time, or its error."""
-    import json
-
     import torch
 
     from workbench.bench import step as sbench
@@ -338,6 +344,36 @@ def plain_loop(checkpoint: Path, shape: str, mode: str, stack: str, batch: int, 
         return {"error": row["error"], "autocast": spec["autocast"]}
     return {"step_s": row["step_s"], "host_issue_s": row.get("host_issue_s"), "peak_alloc_gib": row.get("peak_alloc_gib"),
             "autocast": spec["autocast"], "steps": steps, "warmup": warmup}
+
+
+#: Steps a profiled run takes before its profiled ones (compilation and autotuning are done by then).
+PROFILE_AFTER = 5
+
+
+def profile_loop(cfg_path: Path, run_dir: Path, stack: str, profile_dir: Path, name: str) -> dict:
+    """The run of ``cfg_path`` again, in its own process, for PROFILE_AFTER + loop_profile.STEPS
+    (+ 1) steps, the STEPS after PROFILE_AFTER under the profiler by phase of the Trainer's loop
+    (workbench.bench.loop_profile): the summary, with its trace's path relative to the report's
+    folder, or the error. A run of its own, so the timed run's steps carry no profiler."""
+    import yaml
+
+    cfg = yaml.safe_load(cfg_path.read_text())
+    # One step past the window: the profiler stops at that step's batch fetch, so each phase
+    # of the profiled steps is in it once (the end of training logs once more).
+    cfg["training"]["max_steps"] = PROFILE_AFTER + loop_profile.STEPS + 1
+    short = cfg_path.with_name(f"{cfg_path.stem}-profiled.yaml")
+    short.write_text(yaml.safe_dump(cfg))
+    dest = profile_dir / name
+    trained = child.train(short, run_dir, stack, env=stack_env(stack),
+                          options=["--profile-loop", str(dest), "--profile-after", str(PROFILE_AFTER),
+                                   "--profile-steps", str(loop_profile.STEPS)])
+    summary = dest.with_name(dest.name + ".json")
+    if trained.error or not summary.is_file():
+        return {"error": trained.error or "the profiled run wrote no profile"}
+    out = json.loads(summary.read_text())
+    out["trace"] = f"{profile_dir.name}/{out['trace']}"
+    out["summary"] = f"{profile_dir.name}/{summary.name}"
+    return out
 
 
 def loop_overhead(row: dict) -> dict:
@@ -583,6 +619,7 @@ def markdown(result: dict, env: dict, command: str, png_name: str) -> str:
                     "final rel. loss diff", "same data", "speed (hf/stack step time)", "peak memory (stack/hf)", "loss"],
                    rows, align="llrrrrlrrl")
     lines += _loop_section(result)
+    lines += _loop_profile_section(result)
     lines += ["", f"![loss curves]({png_name})", ""]
     return "\n".join(lines)
 
@@ -612,3 +649,51 @@ def _loop_section(result: dict) -> list[str]:
                      "—" if over is None else f"{100 * over:+.1f} %"])
     return lines + table(["mode", "stack", "TRL loop steady s/step", "plain loop s/step", "TRL loop overhead"], rows,
                          align="llrrr")
+
+
+def _loop_profile_section(result: dict) -> list[str]:
+    """Where the TRL loop's step goes, by phase, per run profiled (``--profile``)."""
+    runs = [r for r in result["runs"] if "loop_profile" in r]
+    if not runs:
+        return []
+    lines = ["", "### Where the TRL loop's step goes", "",
+             f"After each run, the same run again in its own process, short, its steps {PROFILE_AFTER + 1} to "
+             f"{PROFILE_AFTER + loop_profile.STEPS} under torch.profiler with each phase of the "
+             "Trainer's loop in a named range (`workbench.bench.loop_profile`): per step, the host's time inside the "
+             "phase and the GPU time of the kernels it launched. The forward, loss and backward are one phase; the "
+             "rest is what the Trainer adds. The profiler lengthens a step, so compare phases with each other, and "
+             "the steps with the timed ones above only roughly. GPU idle = the share of the profiled wall time no "
+             "kernel ran; host outside phases = the loop's own bookkeeping. A phase that reads a value from the GPU "
+             "(the log reads the loss and the gradient norm) waits there for the step's kernels: its host time holds "
+             "that wait.", ""]
+    done = [r for r in runs if "error" not in r["loop_profile"]]
+    for r in runs:
+        p = r["loop_profile"]
+        if "error" in p:
+            lines.append(f"- `{r['mode']}` / `{r['stack']}`: no profile ({p['error'].strip().splitlines()[-1][:200]})")
+            continue
+        gpu = "" if p.get("gpu_busy_ms_per_step") is None else \
+            f", GPU busy {p['gpu_busy_ms_per_step']:.2f} ms (idle {100 * p['gpu_idle_share']:.1f} %)"
+        lines.append(f"- `{r['mode']}` / `{r['stack']}`: {p['wall_ms_per_step']:.2f} ms a profiled step{gpu}, "
+                     f"host outside phases {p['outside_phases_ms_per_step']:.2f} ms; trace "
+                     f"[{p['trace']}]({p['trace']}), summary [{p['summary']}]({p['summary']})")
+    if not done:
+        return lines
+    order = list(dict.fromkeys(phase for phase, _ in loop_profile.PHASES))
+    seen = {ph["phase"] for r in done for ph in r["loop_profile"]["phases"]}
+    order += sorted(seen - set(order))
+    cuda = any(r["loop_profile"].get("gpu_busy_ms_per_step") is not None for r in done)
+    head = ["phase"]
+    for r in done:
+        head += [f"{r['mode']} {r['stack']}: host ms"] + ([f"{r['mode']} {r['stack']}: GPU ms"] if cuda else [])
+    rows = []
+    for phase in (ph for ph in order if ph in seen):
+        row = [phase]
+        for r in done:
+            got = next((ph for ph in r["loop_profile"]["phases"] if ph["phase"] == phase), None)
+            row.append("—" if got is None else f"{got['host_ms_per_step']:.2f}")
+            if cuda:
+                row.append("—" if got is None or got["gpu_ms_per_step"] is None else f"{got['gpu_ms_per_step']:.2f}")
+        rows.append(row)
+    return lines + [""] + table(head, rows, align="l" + "r" * (len(head) - 1))
+

@@ -23,11 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stack", required=True, choices=sorted(STACKS), help="the comparison stack")
     parser.add_argument("--config", required=True, metavar="YAML", help="the run's training config")
     parser.add_argument("--run", required=True, metavar="DIR", help="the run directory")
+    parser.add_argument("--profile-loop", metavar="DEST", help="profile the Trainer's loop by phase "
+                        "(workbench.bench.loop_profile) into DEST.json and DEST.trace.json")
+    parser.add_argument("--profile-after", type=int, default=0, metavar="STEP",
+                        help="with --profile-loop: the optimizer step after which the profiled steps start")
+    parser.add_argument("--profile-steps", type=int, default=3, metavar="N", help="with --profile-loop: steps profiled")
     args = parser.parse_args(argv)
-    return run_guarded(lambda: _train(STACKS[args.stack], args.config, args.run))
+    profile = None if args.profile_loop is None else (args.profile_loop, args.profile_after, args.profile_steps)
+    return run_guarded(lambda: _train(STACKS[args.stack], args.config, args.run, profile))
 
 
-def _train(stack, config_path: str, run: str) -> int:
+def _train(stack, config_path: str, run: str, profile: tuple | None = None) -> int:
     from workbench import config
 
     cfg = config.load(config_path)   # (yaml only: nothing heavy is imported yet)
@@ -36,7 +42,16 @@ def _train(stack, config_path: str, run: str) -> int:
     from workbench.train import run_train
 
     ensure_interpreter_if_no_gpu()
-    run_train(cfg, run, stack=stack)
+    if profile is None:
+        run_train(cfg, run, stack=stack)
+        return 0
+    from pathlib import Path
+
+    from workbench.bench import loop_profile
+
+    dest, after, steps = profile
+    with loop_profile.installed(Path(dest), after, steps):
+        run_train(cfg, run, stack=stack)
     return 0
 
 

@@ -207,7 +207,9 @@ def _train(suites) -> None:
                            "through the training recipe, from one random-weight checkpoint of a real model's shape: "
                            "loss curves, tokens/s, step time and peak memory, every stack's loss against hf's.",
                writes=["REPORT/<date>-<device>[-TAG].json, .md and .png (rewritten after every run, marked "
-                       "incomplete until the last)", "RUN/<mode>-<stack>/: each run's directory"],
+                       "incomplete until the last)", "RUN/<mode>-<stack>/: each run's directory",
+                       "with --profile: REPORT/<date>-<device>[-TAG]-profile/ (per-run loop summaries and Chrome "
+                       "traces)"],
                exits=["0  every run finished", "1  a run failed (its row says why)"],
                example="workbench bench train --shape llama3.2-1b --stacks hf,ours --seq 2048 --batch 4",
                func=run_train)
@@ -226,6 +228,10 @@ def _train(suites) -> None:
                    help="after each SFT run (needs --seq), time the step suite's plain loop (no Trainer) on the same "
                         "checkpoint and batch shape for STEPS steps after 3 of warm-up (default 10), and report how "
                         "much the TRL loop adds per step")
+    p.add_argument("--profile", action="store_true",
+                   help="after each run, the same run again, short, with the Trainer's loop profiled by phase "
+                        "(torch.profiler): host and GPU time per phase in the report, a summary and a Chrome trace "
+                        "per run in REPORT/<date>-<device>[-TAG]-profile/")
     _report_flags(p, "train")
 
 
@@ -290,7 +296,9 @@ def run_train(args: argparse.Namespace) -> int:
                         lambda partial, out, name: tbench.run(args.shape, steps=args.steps, batch=args.batch,
                                                               out=args.run, modes=modes, stacks=stacks, seq=args.seq,
                                                               method=args.method, partial=partial,
-                                                              plain_steps=args.plain_loop or 0),
+                                                              plain_steps=args.plain_loop or 0,
+                                                              profile_dir=out / f"{name}-profile" if args.profile
+                                                              else None),
                         lambda result: all(r["exit_code"] == 0 for r in result["runs"]))
 
 
