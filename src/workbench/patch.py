@@ -898,7 +898,7 @@ class _CountedRows:
             self._host = torch.empty((), dtype=torch.int64, pin_memory=True)
             self._host.copy_(self.valid.sum(), non_blocking=True)
             self._done = torch.cuda.Event()
-            self._done.record()
+            self._done.record(torch.cuda.current_stream(target.device))  # the copy's stream, not the current device's
 
     def count(self) -> int | None:
         if self._done is not None:
