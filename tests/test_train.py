@@ -151,6 +151,25 @@ def assert_same_gradient(got, ref):
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
 
 
+def test_loss_log_appends_a_line_a_step_and_writes_the_whole_log_once(tmp_path, monkeypatch):
+    """A logging step appends and flushes its line (readable as the run goes); the atomic
+    write of the whole log (an fsync) happens once, at close, not at every step."""
+    from types import SimpleNamespace
+
+    writes = []
+    real = trainer_mod.atomic.write_text
+    monkeypatch.setattr(trainer_mod.atomic, "write_text", lambda path, text: writes.append(path) or real(path, text))
+    path = tmp_path / "train" / "loss.jsonl"
+    log = trainer_mod.LossLog(path, total_steps=3)
+    for step in (1, 2, 3):
+        state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+        log.on_log(None, state, None, logs={"loss": 1.0 / step, "learning_rate": 1e-4, "grad_norm": 0.5})
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == list(range(1, step + 1))
+    assert writes == []
+    log.close()
+    assert writes == [path] and [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [1.0, 0.5, 1 / 3]
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big, big_loss, trainer, _ = _one_step_gradients(4, 1, tmp_path)
     acc, acc_loss, _, _ = _one_step_gradients(2, 2, tmp_path)

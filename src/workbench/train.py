@@ -200,7 +200,10 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
     calls_before = kernel_calls()
     t0 = time.perf_counter()
     try:
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        finally:
+            loss_log.close()  # the whole log, written atomically once
     except trainer_mod.NonFiniteLoss as err:
         trainer_mod.keep_last_good_adapter(cfg, run, model, snapshots, err)
     except torch.OutOfMemoryError:

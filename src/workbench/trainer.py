@@ -37,13 +37,23 @@ class NonFiniteLoss(Exception):
 
 
 class LossLog(TrainerCallback):
-    """Writes train/loss.jsonl (rewritten atomically at each logging step) and prints a
-    progress line at the first logging step and then about every fifth of the run
-    (the file has every logging step; the screen needs only the trend)."""
+    """Writes train/loss.jsonl and prints a progress line at the first logging step and then
+    about every fifth of the run (the file has every logging step; the screen needs only the
+    trend). A logging step appends its line and flushes it, no more: the GPU waits for the host
+    between steps, and rewriting the whole log (with an fsync) each step costs more the longer
+    the run. :meth:`close` writes the whole log atomically once training ends or fails."""
 
     def __init__(self, path: Path, total_steps: int):
         self.path, self.total, self.rows, self.start = path, total_steps, [], time.perf_counter()
         self.shown_fifth = -1
+        self._file = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.rows:
+            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -55,7 +65,11 @@ class LossLog(TrainerCallback):
                "grad_norm": logs.get("grad_norm"), "tokens": logs.get("num_tokens"),
                "elapsed": round(time.perf_counter() - self.start, 3)}
         self.rows.append(row)
-        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w", encoding="utf-8")
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
         fifth = 5 * row["step"] // max(self.total, 1)
         if fifth == self.shown_fifth:
             return
