@@ -1027,4 +1027,3 @@ def test_train_suite_profiles_the_trl_loop_by_phase(tmp_path):
     assert "### Where the TRL loop's step goes" in text
     assert f"| forward + backward | {phases['forward + backward']['host_ms_per_step']:.2f} |" in text
     assert f"steps {tbench.PROFILE_AFTER + 1} to {tbench.PROFILE_AFTER + loop_profile.STEPS}" in text
-

@@ -224,6 +224,10 @@ class Stack:
         """SFTConfig arguments the stack sets on top of the recipe's."""
         return {}
 
+    def trainer_made(self, trainer) -> None:
+        """The trainer the recipe made, before it trains (the train suite's loop profiler,
+        workbench.bench.loop_profile, hooks in here)."""
+
     def preference_loss(self, cfg: Config):
         """The DPO / ORPO loss the fused preference trainer runs in place of ours
         (workbench.preference's ``loss``: a function of a PreferenceBatch), or None: ours where

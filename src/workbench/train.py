@@ -192,6 +192,7 @@ def _train(cfg: Config, stack: Stack, run: Path, staging: Path, state, tok, fami
     scratch = staging / "trainer"   # nothing is saved there (save_strategy "no"); removed with the staging folder
     trainer = trainer_mod.make_trainer(cfg, model, tok, data["train"], str(scratch), [loss_log, snapshots],
                                        dataset=dataset, stack=stack)
+    stack.trainer_made(trainer)
     log(f"training {steps} steps on {len(data['train'])} rows (batch {cfg.training.batch_size} x accumulation "
         f"{cfg.training.grad_accum})")
     if torch.cuda.is_available():

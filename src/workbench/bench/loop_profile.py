@@ -9,11 +9,11 @@ the GPU time of the kernels it launched. The GPU's busy time is the union of its
 intervals, so the idle share says how long the GPU waited for the host; the host time outside
 every phase is the loop's own bookkeeping.
 
-Runs in the train child (``workbench.bench.train_child --profile-loop``), never in the product.
+Runs in the train child (``workbench.bench.train_child --profile-loop``) through the recipe's
+stack seam (``Stack.trainer_made``), never in the product.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import time
@@ -177,22 +177,14 @@ def write(prof, dest: Path, steps: int, wall_us: float, cuda: bool) -> dict:
     return summary
 
 
-@contextlib.contextmanager
-def installed(dest: Path, after_step: int, steps: int = STEPS):
-    """Inside: every trainer the recipe makes (workbench.trainer.make_trainer) is profiled as
-    :func:`instrument` says."""
-    from workbench import trainer as trainer_mod
+def profiled(stack, dest: Path, after_step: int, steps: int = STEPS):
+    """``stack`` (a training-recipe strategy, workbench.models.Stack) with the trainer the
+    recipe makes profiled as :func:`instrument` says."""
+    made = stack.trainer_made
 
-    make = trainer_mod.make_trainer
-
-    @functools.wraps(make)
-    def make_profiled(*args, **kwargs):
-        trainer = make(*args, **kwargs)
+    def trainer_made(trainer) -> None:
+        made(trainer)
         instrument(trainer, dest, after_step, steps)
-        return trainer
 
-    trainer_mod.make_trainer = make_profiled
-    try:
-        yield
-    finally:
-        trainer_mod.make_trainer = make
+    stack.trainer_made = trainer_made
+    return stack

@@ -42,16 +42,14 @@ def _train(stack, config_path: str, run: str, profile: tuple | None = None) -> i
     from workbench.train import run_train
 
     ensure_interpreter_if_no_gpu()
-    if profile is None:
-        run_train(cfg, run, stack=stack)
-        return 0
-    from pathlib import Path
+    if profile is not None:
+        from pathlib import Path
 
-    from workbench.bench import loop_profile
+        from workbench.bench import loop_profile
 
-    dest, after, steps = profile
-    with loop_profile.installed(Path(dest), after, steps):
-        run_train(cfg, run, stack=stack)
+        dest, after, steps = profile
+        stack = loop_profile.profiled(stack, Path(dest), after, steps)
+    run_train(cfg, run, stack=stack)
     return 0
 
 
