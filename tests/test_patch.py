@@ -1,9 +1,11 @@
 """The patcher's mechanics (workbench/patch.py): exact undo, the report, idempotence,
 errors, the fused loss's memory claim and clean fallbacks. The numbers of a patched
 model against HF's are tests/test_model_parity.py's business."""
+import contextlib
 import copy
 import importlib
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -95,6 +97,12 @@ def snapshot(model):
     return modules, params, list(model.state_dict())
 
 
+def hooks(model):
+    """Every module's forward hooks (the patch adds a pair to the transformers model)."""
+    return [(path, list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()),
+             dict(m._forward_hooks_always_called)) for path, m in model.named_modules()]
+
+
 def assert_same_snapshot(a, b):
     assert a[0].keys() == b[0].keys()
     for path in a[0]:
@@ -118,7 +126,7 @@ def test_unpatch_restores_the_model_exactly():
     rope_module = importlib.import_module(family("llama").module)
     rope_fn = rope_module.apply_rotary_pos_emb
     inputs, labels = batch()
-    before_snapshot = snapshot(model)
+    before_snapshot, before_hooks = snapshot(model), hooks(model)
     before = outputs(model, inputs, labels)
 
     calls = kernel_calls()
@@ -131,8 +139,10 @@ def test_unpatch_restores_the_model_exactly():
     assert kernel_calls().get("lora_mlp", 0) > calls.get("lora_mlp", 0)
     assert kernel_calls().get("add_rms_norm", 0) > calls.get("add_rms_norm", 0)
     assert patched[0].isfinite()
+    assert hooks(model) != before_hooks
 
     assert unpatch_model(model) is True
+    assert hooks(model) == before_hooks
     assert mlp.__dict__["forward"] is foreign
     assert rope_module.apply_rotary_pos_emb is rope_fn
     assert_same_snapshot(before_snapshot, snapshot(model))
@@ -571,7 +581,12 @@ def test_deepcopy_of_a_patched_model_patches_the_copy():
     pairs = list(zip(model.modules(), twin.modules()))
     swapped = [(m, t) for m, t in pairs if "forward" in m.__dict__]
     assert swapped and all(t.forward.__self__ is t for _, t in swapped)
+    # the copy's adapters are cast in blocks of its own layers, and unpatching it leaves the original's hooks
+    blocks = twin.get_base_model().__dict__["_workbench_patched"].blocks
+    assert blocks and {id(m) for b in blocks for m in b} <= {id(t) for t in twin.modules()}
+    original_hooks = hooks(model)
     assert unpatch_model(twin) is True
+    assert hooks(model) == original_hooks and hooks(twin) != original_hooks
     assert all("forward" in m.__dict__ for m, _ in swapped)  # the original is still patched
     unpatch_model(model)
 
@@ -747,3 +762,149 @@ def test_offline_turns_hub_kernels_off():
     import os
 
     assert os.environ.get("USE_HUB_KERNELS") == "0"   # enforce_offline() at import, above
+
+
+# --------------------------------------------------------------------------- adapter casts
+def bf16_with_fp32_adapter(seed=0):
+    """A bf16 base with PEFT's default fp32 adapter (autocast_adapter_dtype), as the Trainer's
+    bf16=True trains it: under autocast each A and B is cast to bf16 for its matmuls."""
+    torch.manual_seed(seed)
+    base = plain(seed=seed).to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJS))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def adapter_weights(model):
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+class _Casts(TorchDispatchMode):
+    """Counts casts by (from, to, elements), casts read straight from an adapter weight, and
+    row stacks (cat of several 2-D tensors: lora_qkv's / lora_mlp's A's copied together)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = {w.data_ptr() for w in weights}
+        self.casts, self.from_weights, self.stacks = Counter(), 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].dtype != out.dtype:
+            self.casts[(args[0].dtype, out.dtype, args[0].numel())] += 1
+            self.from_weights += args[0].data_ptr() in self.weights
+        if func is torch.ops.aten.cat.default and len(args[0]) > 1 and all(t.dim() == 2 for t in args[0]):
+            self.stacks += 1
+        return out
+
+
+def per_weight_casts(monkeypatch):
+    """Patch's adapter casts one weight at a time, as before the block casts: the comparison."""
+    import workbench.patch as patch_module
+
+    monkeypatch.setattr(patch_module, "_cast_adapter", lambda layer, a, b, dtype: (a.to(dtype), b.to(dtype)))
+
+
+def step(model, inputs, labels, counter=None):
+    model.zero_grad(set_to_none=True)
+    with counter or contextlib.nullcontext(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_decoder_layers_adapters_are_cast_at_once_with_the_same_numbers(monkeypatch):
+    """Under autocast an fp32 adapter computes in bf16. The patch casts a decoder layer's 14
+    adapter weights in one concatenation and one cast (and their gradients back in one), not in
+    a launch and an autograd node per weight; q/k/v's and gate/up's A's then stack as views of
+    that buffer. A cast rounds each element alone, so the loss and every gradient are the same
+    bits as with a cast per weight."""
+    model = bf16_with_fp32_adapter()
+    weights = adapter_weights(model)
+    layers = model.get_base_model().config.num_hidden_layers
+    block = sum(w.numel() for w in weights) // layers
+    inputs, labels = batch()
+    patch_model(model)
+    try:
+        before = kernel_calls()
+        batched = _Casts(weights)
+        got = step(model, inputs, labels, batched)
+        ran = _ran_since(before)
+        assert ran["lora_qkv"] == ran["lora_mlp"] == ran["lora_o"] == layers
+        with monkeypatch.context() as m:
+            per_weight_casts(m)
+            alone = _Casts(weights)
+            want = step(model, inputs, labels, alone)
+    finally:
+        unpatch_model(model)
+    assert torch.equal(got[0], want[0]) and got[1].keys() == want[1].keys() == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(got[1][n], want[1][n]) and got[1][n].dtype == torch.float32 for n in got[1])
+    f32, bf16 = torch.float32, torch.bfloat16
+    # one cast a decoder layer each way, none of a weight alone, and no copy of stacked A's
+    assert batched.casts[(f32, bf16, block)] == batched.casts[(bf16, f32, block)] == layers
+    assert batched.from_weights == 0 and batched.stacks == 0
+    # the comparison would have failed: a cast a weight, and the A's stacked by copying
+    assert alone.from_weights == len(weights) and alone.casts[(f32, bf16, block)] == 0
+    assert alone.stacks >= 2 * layers
+
+
+def test_adapter_casts_never_outlive_a_forward():
+    """An optimizer may write the fp32 adapter without torch seeing it (bitsandbytes' 8-bit
+    optimizers write through a pointer: no version bump), so a cast made in one forward is never
+    used in the next; a forward that raises leaves none behind either."""
+    import workbench.patch as patch_module
+
+    model = bf16_with_fp32_adapter()
+    twin = copy.deepcopy(model)
+    inputs, labels = batch()
+    patch_model(model)
+    patch_model(twin)
+    try:
+        step(model, inputs, labels)
+        assert patch_module._CASTS.get() is None
+        with torch.no_grad():
+            for w, t in zip(adapter_weights(model), adapter_weights(twin)):
+                w.data.add_(0.01)  # through .data: the version counter does not move
+                t.add_(0.01)
+        assert torch.equal(step(model, inputs, labels)[0], step(twin, inputs, labels)[0])
+        with pytest.raises(IndexError), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            model(input_ids=inputs["input_ids"] + VOCAB, labels=labels)  # token ids past the vocab
+        assert patch_module._CASTS.get() is None
+    finally:
+        unpatch_model(model)
+        unpatch_model(twin)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_adapter_casts_under_gradient_checkpointing_and_accumulation(monkeypatch, reentrant):
+    """Checkpointed decoder layers recompute their forward in the backward, outside the model's
+    forward: there a weight is cast alone, and the gradients are the same bits; so are two
+    accumulated micro-batches'."""
+    model = bf16_with_fp32_adapter()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()
+    model.train()
+    (a, la), (b, lb) = batch(seed=1), batch(seed=2)
+
+    def two_micro_batches():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            for inputs, labels in ((a, la), (b, lb)):
+                model(**inputs, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    patch_model(model)
+    try:
+        got = two_micro_batches()
+        with monkeypatch.context() as m:
+            per_weight_casts(m)
+            want = two_micro_batches()
+    finally:
+        unpatch_model(model)
+    assert got.keys() == want.keys() and len(got) == len(adapter_weights(model))
+    assert all(torch.equal(got[n], want[n]) for n in got)

@@ -21,7 +21,7 @@ MUTANTS = [
            old="hd = layer_inputs(h, keep_d, inv, lo)[1]", new="hd = h.to(lo)"),
     Mutant("lora_mlp", "shared_dx_adapters_misordered", "dx's one LoRA GEMM (no mask) multiplies the stacked dxa^T "
            "(gate, up) by cat(A) in the other order",
-           old="torch.cat((gate.A, up.A))", new="torch.cat((up.A, gate.A))"),
+           old="stack_rows((gate.A, up.A))", new="torch.cat((up.A, gate.A))"),
     # dAd from the h that the activation's backward writes over dh (issue #19's fusion):
     Mutant("lora_mlp", "dAd_before_h_written", "dAd is formed from dh's buffer before the activation's backward "
            "has written h over it (dxa_d^T dh)",

@@ -37,7 +37,11 @@ MUTANTS = [
            "dAq is v's",
            old="return [dA_all[sl] if nd else None for sl, nd in zip(slices, need)]",
            new="return [dA_all[sl] if nd else None for sl, nd in zip(slices[::-1], need)]", module=OPS),
+    Mutant("lora_qkv", "stacked_view_of_non_neighbours", "the A's are stacked as a view of their buffer "
+           "whenever they share one, neighbours or not (adapters interleaved A, B, A, B in one buffer)",
+           old="and t.untyped_storage().data_ptr() == storage and t.data_ptr() == at):",
+           new="and t.untyped_storage().data_ptr() == storage):", module=OPS),
     Mutant("lora_qkv", "shared_dx_adapters_misordered", "dx's one LoRA GEMM multiplies the stacked dxa^T (q, k, v) "
            "by cat(A) in another order (k, q, v)",
-           old="torch.cat([saved[4 * i] for i in range(3)])", new="torch.cat([saved[4 * i] for i in (1, 0, 2)])"),
+           old="stack_rows(saved[4 * i] for i in range(3))", new="torch.cat([saved[4 * i] for i in (1, 0, 2)])"),
 ]

@@ -12,7 +12,9 @@ How, and why this way:
   replaced, so parameters stay the very same ``Parameter`` objects, the
   ``state_dict`` is untouched, DDP/FSDP wrap the model as usual, ``copy.deepcopy``
   rebinds the methods to the copy, and other models of the same class in the
-  process keep running HF's code. Undoing is deleting those two attributes.
+  process keep running HF's code. Undoing is deleting those two attributes (and,
+  with LoRA, the pair of forward hooks on the transformers model that bound the
+  adapter casts' life to one forward, :class:`_AdapterCasts`).
 * RoPE is applied inside HF's attention ``forward`` through the modeling module's
   global ``apply_rotary_pos_emb``. Rather than copying HF's attention code, we
   replace that global with a dispatcher that runs our kernel only while a patched
@@ -58,9 +60,11 @@ What is swapped (per family: workbench/families.py):
   an incomplete group); on a bitsandbytes 4-bit base, the LoRA kernels read the
   frozen weight as an ``NF4Weight`` (``nf4_dequant``). An fp32 adapter on a 16-bit
   base (PEFT's default) is fused under autocast to that dtype, as the Trainer's
-  ``bf16=True`` runs it. QLoRA's fp32 activations (the norms' outputs after
-  prepare_model_for_kbit_training) under autocast go through the kernels' mixed
-  mode where every 4-bit base of the group computes in autocast's dtype
+  ``bf16=True`` runs it, its A and B cast with the rest of its decoder layer's
+  adapters in one go (:class:`_AdapterCasts`; the same bits as a cast each). QLoRA's
+  fp32 activations (the norms' outputs after prepare_model_for_kbit_training) under
+  autocast go through the kernels' mixed mode where every 4-bit base of the group
+  computes in autocast's dtype
   (:func:`_mixed_dtype`): the GEMMs in that dtype, and the base product and the
   LoRA term summed in fp32 and returned in fp32, as bitsandbytes and PEFT do. (A
   sum in the compute dtype rounds away an adapter's first, small updates, which a
@@ -572,6 +576,129 @@ def _mixed_dtype(layers, x: torch.Tensor) -> torch.dtype | None:
     return to
 
 
+# --------------------------------------------------------------------------- adapter casts
+class _CastAdapters(torch.autograd.Function):
+    """Several adapter weights cast to one dtype at once: each output is ``w.to(dtype)`` and each
+    gradient the upcast of the output's, as autocast's casts give, but in one concatenation and
+    one cast each way instead of a launch (and an autograd node) per weight. The outputs are
+    views of one buffer in the given order, so weights given back to back stack as a view
+    (``_lora_ops.stack_rows``)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        ctx.set_materialize_grads(False)  # a weight whose cast went unused gets no gradient
+        ctx.shapes = [tuple(w.shape) for w in weights]
+        ctx.weight_dtype = weights[0].dtype
+        return _split(torch.cat([w.reshape(-1) for w in weights]).to(dtype), ctx.shapes)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        wanted = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[1 + i]]
+        out = [None] * len(grads)
+        if wanted:
+            flat = torch.cat([grads[i].reshape(-1) for i in wanted]).to(ctx.weight_dtype)
+            for i, g in zip(wanted, _split(flat, [ctx.shapes[i] for i in wanted])):
+                out[i] = g
+        return (None, *out)
+
+
+def _split(flat: torch.Tensor, shapes) -> tuple[torch.Tensor, ...]:
+    """The contiguous pieces of ``flat`` of these (2-D) shapes, back to back: one as_strided each,
+    the cheapest view on the host."""
+    out, at = [], 0
+    for rows, cols in shapes:
+        out.append(flat.as_strided((rows, cols), (cols, 1), at))
+        at += rows * cols
+    return tuple(out)
+
+
+class _AdapterCasts:
+    """The casts of one forward of a patched model: an fp32 adapter on a 16-bit base computes in
+    the base's dtype (under autocast, or ``adapter_as_autocast``), and the first LoRA call of a
+    decoder layer that needs its cast casts every such adapter of that layer at once
+    (:class:`_CastAdapters`), A's before B's in the fused calls' order. A block per decoder
+    layer, not one for the model: its gradients are then ready once that layer's backward is
+    done, as the per-weight casts' were (DDP starts reducing them while backward goes on).
+
+    Lives for one forward of the root module (its forward hooks), never longer: between two
+    forwards an optimizer may write the fp32 weights without torch seeing it (bitsandbytes'
+    8-bit optimizers write through a pointer), so a cast is never reused across forwards."""
+
+    def __init__(self, root: nn.Module, blocks, outer: "_AdapterCasts | None"):
+        self.root, self.outer = root, outer
+        self.block_of = {id(layer): block for block in blocks for layer in block}
+        self.done: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, layer: nn.Module, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+        """(a, b) in ``dtype``, from the layer's block cast (made now if need be), or None."""
+        mode = (dtype, torch.is_grad_enabled())
+        hit = self.done.get((id(a), *mode)), self.done.get((id(b), *mode))
+        if hit[0] is None or hit[1] is None or hit[0][0] is not a or hit[1][0] is not b:
+            block = self.block_of.get(id(layer))
+            if block is None:
+                return None
+            weights = self._weights(block, a)
+            if not any(w is a for w in weights) or not any(w is b for w in weights):
+                return None
+            for w, cast in zip(weights, _CastAdapters.apply(dtype, *weights)):
+                self.done[(id(w), *mode)] = (w, cast)
+            hit = self.done[(id(a), *mode)], self.done[(id(b), *mode)]
+        return hit[0][1], hit[1][1]
+
+    @staticmethod
+    def _weights(block, like: torch.Tensor) -> list[torch.Tensor]:
+        """The block's active adapter weights of ``like``'s dtype and device: A's, then B's."""
+        pairs = []
+        for layer in block:
+            name = _adapter(layer)
+            if name is None:
+                continue
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            if all(_plain(w) and w.dtype == like.dtype and w.device == like.device for w in (a, b)):
+                pairs.append((a, b))
+        return [a for a, _ in pairs] + [b for _, b in pairs]
+
+
+_CASTS: ContextVar[_AdapterCasts | None] = ContextVar("workbench_adapter_casts", default=None)
+
+
+def _cast_adapter(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+    """``a.to(dtype), b.to(dtype)``, taken from this forward's block cast where there is one."""
+    casts = _CASTS.get()
+    got = casts.get(layer, a, b, dtype) if casts is not None else None
+    return got if got is not None else (a.to(dtype), b.to(dtype))
+
+
+def _open_casts(root: nn.Module, args) -> None:
+    """The root's forward pre-hook: this forward's adapter casts (:class:`_AdapterCasts`)."""
+    state = root.__dict__.get(_ROOT)
+    if state is not None and state.blocks:
+        outer = _CASTS.get()
+        while outer is not None and outer.root is root:  # left open by an interrupted forward
+            outer = outer.outer
+        _CASTS.set(_AdapterCasts(root, state.blocks, outer))
+
+
+def _close_casts(root: nn.Module, args, output) -> None:
+    """The root's forward hook (also when the forward raised): its casts go."""
+    casts = _CASTS.get()
+    if casts is not None and casts.root is root:
+        _CASTS.set(casts.outer)
+
+
+def _add_cast_hooks(root: nn.Module) -> None:
+    root.register_forward_pre_hook(_open_casts)
+    root.register_forward_hook(_close_casts, always_call=True)
+
+
+def _remove_cast_hooks(root: nn.Module) -> None:
+    """By identity, not by handle: a handle of a deep-copied model would remove the original's."""
+    for hooks in (root._forward_pre_hooks, root._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn is _open_casts or fn is _close_casts]:
+            del hooks[key]
+            root._forward_hooks_always_called.pop(key, None)
+
+
 class _AsDtype:
     """An NF4 weight that dequantizes as bitsandbytes does for an activation dtype:
     to its stored dtype first, then cast (``dequantize_4bit(...).to(A.dtype)``)."""
@@ -610,7 +737,7 @@ def _lora_operands(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None 
                                         f"(patch with {ADAPTER_AS_AUTOCAST}=True to compute the adapter in "
                                         f"{x.dtype}, as autocast would).")
             return None
-        a, b = a.to(dt), b.to(dt)
+        a, b = _cast_adapter(layer, a, b, dt)
     if bias is not None and _is_bnb_4bit(base) and bias.dtype != dt and _plain(bias) \
             and getattr(base, "compute_dtype", None) == dt:
         bias = bias.to(dt)  # bitsandbytes adds the bias in its compute dtype: bias.to(compute_dtype)
@@ -1017,6 +1144,15 @@ class _Plan:
         self.report = PatchReport(fam.name, dict(options))
         self.swaps: list[tuple[nn.Module, _Swap]] = []
         self.grouped: set[int] = set()   # id() of LoRA layers that a group (or a decision) already covers
+        self.blocks: dict[str, list[nn.Module]] = {}   # the LoRA layers swapped, per decoder layer
+
+    def lora(self, path: str, layers) -> None:
+        """LoRA layers the kernels take, as one call does (q/k/v, gate/up/down, or one alone):
+        their decoder layer's adapters are cast together (:class:`_AdapterCasts`)."""
+        parts = path.split(".")
+        numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+        key = ".".join(parts[:numbered[-1] + 1]) if numbered else path.rpartition(".")[0]
+        self.blocks.setdefault(key, []).extend(layers)
 
     def add(self, module, swap, kernel=None, module_type=None):
         self.swaps.append((module, swap))
@@ -1040,6 +1176,7 @@ def _plan_attention(plan: _Plan, path: str, attn: nn.Module) -> None:
                     plan.grouped.add(id(layer))
                     plan.add(layer, _ProjSwap(_proj_forward, name=name, qkv_index=index))
                 plan.report._add("lora_qkv", type(attn).__name__)
+                plan.lora(path, layers)
                 _note_nf4(plan, layers)
             else:
                 plan.fallback(path, "lora_qkv", problem)
@@ -1065,6 +1202,7 @@ def _plan_mlp(plan: _Plan, path: str, mlp: nn.Module, config) -> None:
                 fused = True
                 plan.grouped.update(id(m) for m in layers)
                 plan.report._add("lora_mlp", type(mlp).__name__)
+                plan.lora(path, layers)
                 _note_nf4(plan, layers)
             else:
                 plan.fallback(path, "lora_mlp", problem)
@@ -1190,6 +1328,7 @@ def _plan(root: nn.Module, fam: Family, options: dict[str, bool]) -> _Plan:
                 plan.fallback(path, "lora_o", problem)
                 continue
             plan.add(module, _ProjSwap(_proj_forward, name=attr, single=True), "lora_o", attr)
+            plan.lora(path, [module])
             _note_nf4(plan, [module])
     # q/k/v swapped for lora_qkv also fall back to lora_o alone when lora_o can take them.
     for module, swap in plan.swaps:
@@ -1263,6 +1402,7 @@ class _Root:
     report: PatchReport
     modules: list[nn.Module]
     globals: list[tuple[str, str]]
+    blocks: list[tuple[nn.Module, ...]] = field(default_factory=list)   # _AdapterCasts' blocks
 
 
 def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True,
@@ -1339,7 +1479,10 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, m
         for key in held:
             _release_global(key, root)
         raise
-    root.__dict__[_ROOT] = _Root(plan.report, installed, held)
+    blocks = [tuple(layers) for layers in plan.blocks.values()]
+    root.__dict__[_ROOT] = _Root(plan.report, installed, held, blocks)
+    if blocks:
+        _add_cast_hooks(root)
     return plan.report
 
 
@@ -1359,6 +1502,7 @@ def unpatch_model(model: nn.Module) -> bool:
         _uninstall(module)
     for key in state.globals:
         _release_global(key, root)
+    _remove_cast_hooks(root)
     del root.__dict__[_ROOT]
     return True
 

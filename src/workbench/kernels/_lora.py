@@ -339,6 +339,28 @@ def adapters(out: int, d_in: int, r: int, b_scale: float, scaling: float, dtype,
     return A, B
 
 
+#: How a case's adapters lie in memory: each in its own buffer; back to back in one buffer, all
+#: A's then all B's, as the patcher's adapter cast hands a decoder layer's adapters to the kernels
+#: (workbench.patch._CastAdapters; stacking the A's is then a view, ``_lora_ops.stack_rows``); or
+#: in one buffer interleaved (A, B, A, B, ...), where the A's are not neighbours.
+LAYOUTS = ("separate", "a_then_b", "interleaved")
+
+
+def lay_out(tensors: dict, names: str, layout: str) -> None:
+    """Replace the adapters ``A{n}``, ``B{n}`` (n in ``names``, in order) by views of one buffer
+    holding the same values, laid out as ``layout`` says (``LAYOUTS``)."""
+    if layout == "separate":
+        return
+    keys = ([f"A{n}" for n in names] + [f"B{n}" for n in names] if layout == "a_then_b"
+            else [f"{m}{n}" for n in names for m in "AB"])
+    flat = torch.cat([tensors[k].reshape(-1) for k in keys])
+    at = 0
+    for k in keys:
+        t = tensors[k]
+        tensors[k] = flat.narrow(0, at, t.numel()).view(t.shape)
+        at += t.numel()
+
+
 def mixed_flag() -> st.SearchStrategy[bool]:
     """Whether x is fp32 under the drawn 16-bit layer dtype (the mixed mode; a no-op
     when the tested dtype is fp32): one case in three."""

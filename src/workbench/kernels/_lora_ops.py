@@ -32,7 +32,8 @@ backward  dB   = s * dy^T xa                  addmm(alpha=s)
 
 Several linears of one input (q/k/v of ``lora_qkv``, gate/up of ``lora_mlp``) without
 a dropout mask read the same x, and the memory-bound passes over x and dx are taken
-once for all of them, their adapters stacked (A_all = cat(A_i), [sum r, in], per call):
+once for all of them, their adapters stacked (A_all = cat(A_i), [sum r, in], per call; a
+view, no copy, where the A_i lie back to back in one buffer, ``stack_rows``):
   xa_all = x A_all^T once (``lora_a_shared``), each linear's epilogue reading its column
   slice in place; each dxaT_i written into its rows of one [sum r, N] buffer; dA_all =
   dxaT_all x once (``lora_a_grads_shared``, each dA_i its rows); and dx takes the base
@@ -177,10 +178,30 @@ def lora_a_shared(hd2: torch.Tensor, As) -> tuple[torch.Tensor, list[torch.Tenso
     GEMM (``lora_forward``) and dB's read in place (cuBLAS takes a leading dimension; torch
     copies neither on the GPU nor on the CPU). Each element is the same dot product over
     the input's columns as the linear's own GEMM would form, rounded once."""
-    A_all = torch.cat(tuple(As)) if len(As) > 1 else As[0]
+    A_all = stack_rows(As)
     xa_all = C.empty((hd2.shape[0], A_all.shape[0]), hd2.dtype, hd2.device)
     torch.mm(hd2, A_all.t(), out=xa_all)
     return A_all, [xa_all[:, sl] for sl in rank_slices([A.shape[0] for A in As])]
+
+
+def stack_rows(ts) -> torch.Tensor:
+    """cat(ts) along rows: the 2-D tensors stacked, [sum rows, cols]. Where they already lie
+    back to back in one buffer, in this order (the patcher casts a decoder layer's adapters
+    into one, q/k/v's A's and gate/up's A's each adjacent), the stack is a view of that buffer:
+    the same values, without the copy."""
+    ts = tuple(ts)
+    if len(ts) == 1:
+        return ts[0]
+    first = ts[0]
+    cols, size = first.shape[1], first.element_size()
+    storage = first.untyped_storage().data_ptr()
+    at = first.data_ptr()
+    for t in ts:
+        if not (t.dim() == 2 and t.shape[1] == cols and t.dtype == first.dtype and t.is_contiguous()
+                and t.untyped_storage().data_ptr() == storage and t.data_ptr() == at):
+            return torch.cat(ts)
+        at += t.numel() * size
+    return first.as_strided((sum(t.shape[0] for t in ts), cols), (cols, 1))
 
 
 def rank_slices(ranks) -> list[slice]:

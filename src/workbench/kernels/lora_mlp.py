@@ -60,7 +60,8 @@ from . import _common as C
 from . import _lora as L
 from . import _strategies as S
 from ._lora_ops import (add_input_grad, add_lora_grad, branch_input, dropout_apply, layer_inputs, lora_a_grads_shared,
-                        lora_a_shared, lora_backward, lora_forward, rank_slices, saved_input, scaled_mm)
+                        lora_a_shared, lora_backward, lora_forward, rank_slices, saved_input, scaled_mm,
+                        stack_rows)
 from ._registry import Example, Inputs, KernelSpec, Limits
 from .geglu import APPROXIMATE_MODES, geglu_backward, geglu_forward
 from .swiglu import swiglu_backward, swiglu_forward
@@ -218,7 +219,7 @@ def _gate_up_backward(dy2, dxaT_d, down: _Proj, gate: _Proj | None, up: _Proj | 
             acc = C.empty((inter, r), lo, dev) if whole else torch.zeros((inter, r), dtype=_block_sum_dtype(lo),
                                                                            device=dev)
         branches.append((proj, acc, dxaT[slices[proj.name]] if proj.name in slices else None))
-    A_gu = torch.cat((gate.A, up.A)) if (fused and need_x) else None  # the rows of dxaT, in order
+    A_gu = stack_rows((gate.A, up.A)) if (fused and need_x) else None  # the rows of dxaT, in order
     dx = None
     for start in range(0, n_rows, step):
         rows = slice(start, min(n_rows, start + step))
@@ -468,6 +469,7 @@ def _params(draw, limits: Limits) -> dict:
         "b_scale": draw(st.sampled_from(L.B_SCALES)),
         "x_fp32": draw(L.mixed_flag()),
         "strided": draw(st.booleans()),
+        "layout": draw(st.sampled_from(L.LAYOUTS)),
         "grad_x": draw(L.grad_flag()),
         "grad_adapters": [draw(L.grad_flag()) for _ in range(6)],
         "_block": block,
@@ -484,6 +486,7 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
         tensors[f"W{n}"] = L.frozen_weight(out, d_in, dtype, device, gen)
         tensors[f"A{n}"], tensors[f"B{n}"] = L.adapters(out, d_in, p["r"], p["b_scale"], p["scaling"],
                                                          dtype, device, gen)
+    L.lay_out(tensors, "gud", p.get("layout", "separate"))
     on = p["dropout"] > 0
     tensors["dropout_mask"] = L.draw_keep((2, *x.shape), p["dropout"], device, gen) if on else None
     tensors["dropout_mask_down"] = (L.draw_keep((*x.shape[:-1], p["inter"]), p["dropout"], device, gen)

@@ -47,7 +47,7 @@ from . import _lora as L
 from . import _strategies as S
 from ._harness import randn
 from ._lora_ops import (add_input_grad, add_lora_grad, branch_input, dropout_apply, lora_a_grads_shared,
-                        lora_a_shared, lora_backward, lora_forward, rank_slices, saved_input)
+                        lora_a_shared, lora_backward, lora_forward, rank_slices, saved_input, stack_rows)
 from ._registry import Example, Inputs, KernelSpec, Limits
 
 _NAMES = ("q", "k", "v")
@@ -128,7 +128,7 @@ class _LoraQKV(torch.autograd.Function):
                 grads[2 + 3 * i] = dA
             if need_x:
                 # dx += dxa_q Aq + dxa_k Ak + dxa_v Av, summed inside one GEMM: one rounding.
-                add_lora_grad(dx, dxaT, torch.cat([saved[4 * i] for i in range(3)]))
+                add_lora_grad(dx, dxaT, stack_rows(saved[4 * i] for i in range(3)))
         if need_x:
             grads[0] = dx.view(shape)
         return tuple(grads)
@@ -188,6 +188,7 @@ def _params(draw, limits: Limits) -> dict:
         "b_scale": draw(st.sampled_from(L.B_SCALES)),
         "x_fp32": draw(L.mixed_flag()),
         "strided": draw(st.booleans()),
+        "layout": draw(st.sampled_from(L.LAYOUTS)),
         "grad_x": draw(L.grad_flag()),
         "grad_adapters": [draw(L.grad_flag()) for _ in range(6)],
         "_block": block,
@@ -203,6 +204,7 @@ def _make_inputs(p: dict, dtype, device, gen) -> Inputs:
                                                          dtype, device, gen)
     for n, out in zip(_NAMES, (p["q_out"], p["kv_out"], p["kv_out"])):
         tensors[f"b{n}"] = randn((out,), dtype, device, gen) if p["bias"] else None
+    L.lay_out(tensors, _NAMES, p.get("layout", "separate"))
     tensors["dropout_mask"] = (L.draw_keep((3, *x.shape), p["dropout"], device, gen)
                                if p["dropout"] > 0 else None)
     adapters = [f"{m}{n}" for n in _NAMES for m in "AB"]
