@@ -647,16 +647,22 @@ class _AdapterCasts:
 
     @staticmethod
     def _weights(block, like: torch.Tensor) -> list[torch.Tensor]:
-        """The block's active adapter weights of ``like``'s dtype and device: A's, then B's."""
-        pairs = []
+        """The block's active adapter weights of ``like``'s dtype and device: A's, then B's.
+        (Read through the modules' own dicts: this runs once per decoder layer and forward, on
+        the host's critical path, and nn.Module's attribute lookup costs more than the rest.)"""
+        As, Bs = [], []
+        dtype, device = like.dtype, like.device
         for layer in block:
             name = _adapter(layer)
             if name is None:
                 continue
-            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-            if all(_plain(w) and w.dtype == like.dtype and w.device == like.device for w in (a, b)):
-                pairs.append((a, b))
-        return [a for a, _ in pairs] + [b for _, b in pairs]
+            a = layer._modules["lora_A"]._modules[name]._parameters.get("weight")
+            b = layer._modules["lora_B"]._modules[name]._parameters.get("weight")
+            if (_plain(a) and _plain(b) and a.dtype == b.dtype == dtype
+                    and a.device == device and b.device == device):
+                As.append(a)
+                Bs.append(b)
+        return As + Bs
 
 
 _CASTS: ContextVar[_AdapterCasts | None] = ContextVar("workbench_adapter_casts", default=None)
