@@ -908,3 +908,63 @@ def test_adapter_casts_under_gradient_checkpointing_and_accumulation(monkeypatch
         unpatch_model(model)
     assert got.keys() == want.keys() and len(got) == len(adapter_weights(model))
     assert all(torch.equal(got[n], want[n]) for n in got)
+
+
+_DDP_SCRIPT = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+from workbench.offline import enforce_offline
+enforce_offline()
+import peft, transformers
+from workbench.families import tiny_config
+from workbench.patch import kernel_calls, patch_model
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+base = transformers.LlamaForCausalLM(tiny_config("llama", vocab_size=320)).to(torch.bfloat16)
+model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=%(projs)r))
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.05)
+patch_model(model)
+gen = torch.Generator().manual_seed(1)
+batches = [torch.randint(3, 320, (1, 12), generator=gen) for _ in range(2)]
+
+
+def grads(m, ids):
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+alone = [grads(model, ids) for ids in batches]  # each rank's batch, without DDP
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+got = grads(ddp, batches[rank])
+worst = max(float(((got["module." + n] - (alone[0][n] + alone[1][n]) / 2).abs().max())) for n in alone[0])
+if rank == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump({"worst": worst, "grads": len(got), "calls": kernel_calls()}, f)
+dist.destroy_process_group()
+'''
+
+
+def test_adapter_casts_under_ddp_give_the_mean_of_the_ranks_gradients(tmp_path):
+    """DDP reduces each adapter's gradient as AccumulateGrad hands it over, now a decoder layer's
+    at once from the block cast: two ranks under torchrun (gloo on the CPU), bf16 autocast, get
+    the mean of what each rank's batch gives alone."""
+    import os
+    import subprocess
+    import sys
+
+    script, out = tmp_path / "ddp.py", tmp_path / "out.json"
+    script.write_text(_DDP_SCRIPT % {"projs": ALL_PROJS})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["calls"].get("lora_qkv") and doc["calls"].get("lora_mlp")
+    assert doc["grads"] == 2 * 7 * tiny_config("llama").num_hidden_layers and doc["worst"] <= 1e-6
