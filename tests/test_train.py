@@ -170,6 +170,27 @@ def test_loss_log_appends_a_line_a_step_and_writes_the_whole_log_once(tmp_path, 
     assert writes == [path] and [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [1.0, 0.5, 1 / 3]
 
 
+# TRL's loss, and ours (the fused loss alone: the other kernels take the interpreter ~100 s here).
+@pytest.mark.parametrize("kernels", ["false", "{rms_norm: false, rope: false, mlp: false, lora: false}"])
+def test_the_loss_guard_never_waits_for_a_backward(tmp_path, monkeypatch, kernels):
+    """The non-finite guard checks each micro-batch's loss as compute_loss returns it, before its
+    backward is issued, and reads the checks once per optimizer step, after the last backward was
+    issued: on a GPU that read waits for the forwards only (trainer._LossCheck), where a check of
+    the step's loss would wait for the backward."""
+    from accelerate import Accelerator
+
+    events = []
+    check, read, backward = trainer_mod._LossCheck.__init__, trainer_mod._LossCheck.finite, Accelerator.backward
+    monkeypatch.setattr(trainer_mod._LossCheck, "__init__", lambda self, loss: events.append("check") or check(self, loss))
+    monkeypatch.setattr(trainer_mod._LossCheck, "finite", lambda self: events.append("read") or read(self))
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: events.append("backward") or backward(self, loss, **kw))
+    cfg = quick_config("training.max_steps=2", "training.grad_accum=2", f"kernels={kernels}")
+    rec = train.run_train(cfg, tmp_path / "run")
+    assert events == ["check", "backward", "check", "backward", "read", "read"] * 2
+    fused = (rec.get("kernels") or {}).get("calls_in_training", {}).get("fused_linear_cross_entropy", 0)
+    assert fused == (0 if kernels == "false" else 4)  # our loss path, one call a micro-batch
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big, big_loss, trainer, _ = _one_step_gradients(4, 1, tmp_path)
     acc, acc_loss, _, _ = _one_step_gradients(2, 2, tmp_path)

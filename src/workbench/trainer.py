@@ -173,27 +173,73 @@ def offloads(cfg: Config, stack: Stack | None = None) -> bool:
     return cfg.training.gradient_checkpointing == "offload" and not (stack or Stack()).own_checkpointing
 
 
+class _LossCheck:
+    """Whether one micro-batch's loss is finite: tested on the device where the loss is made and
+    copied to pinned host memory asynchronously, queued right after that forward. Reading it
+    once the backward has been issued then waits for the forward only, not for the backward the
+    GPU is still running: the host goes on to the optimizer step and the next batch while the
+    GPU works (as patch._CountedRows). Off CUDA, or while a CUDA graph is captured, the device's
+    flag itself is read then."""
+
+    def __init__(self, loss: torch.Tensor):
+        self.loss = loss.detach()
+        finite = torch.isfinite(self.loss).all()
+        self._done = None
+        if self.loss.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            self._finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._finite.copy_(finite, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(self.loss.device))
+        else:
+            self._finite = finite
+
+    def finite(self) -> bool:
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+        return bool(self._finite)
+
+
 class Guarded:
     """A trainer mixin: the training step raises NonFiniteLoss before a non-finite loss can
     reach the optimizer, and fingerprints the first micro-batches (those with input_ids).
 
-    The check waits for the GPU once per optimizer step, not per micro-batch: the micro-batches'
-    losses are kept (on the device) until the last one before the optimizer steps
-    (``accelerator.sync_gradients``; True outside the Trainer's loop, so a lone call checks)."""
+    Each micro-batch's loss is checked as it is computed (``compute_loss``, before its backward
+    is issued; :class:`_LossCheck`), and the checks are read once per optimizer step, after the
+    last micro-batch's backward has been issued (``accelerator.sync_gradients``; True outside
+    the Trainer's loop, so a lone call checks): the host never waits for a backward here. A
+    trainer whose step computes its loss elsewhere is checked on the step's returned loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self._check_loss(out[0] if return_outputs else out)
+        return out
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        """Queue the finiteness check of a loss the current training step computed."""
+        if self.__dict__.get("_in_training_step"):
+            self.__dict__.setdefault("_loss_checks", []).append(_LossCheck(loss))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         prints = self.__dict__.setdefault("batch_fingerprints", [])
         if len(prints) < FINGERPRINT_BATCHES and "input_ids" in inputs:
             prints.append(batch_fingerprint(inputs))
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        pending = self.__dict__.setdefault("_unchecked_losses", [])
-        pending.append(loss.detach().reshape(-1))
+        checks = self.__dict__.setdefault("_loss_checks", [])
+        before = len(checks)
+        self._in_training_step = True
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_training_step = False
+        if len(checks) == before:  # compute_loss was not called: the step's own loss
+            checks.append(_LossCheck(loss))
         if getattr(self.accelerator, "sync_gradients", True):
-            losses = torch.cat(pending)
-            pending.clear()
-            if not torch.isfinite(losses).all():  # the one synchronisation
-                bad = losses[~torch.isfinite(losses)][0]
-                raise NonFiniteLoss(self.state.global_step + 1, float(bad))
+            pending = list(checks)
+            checks.clear()
+            for check in pending:
+                if not check.finite():
+                    values = check.loss.reshape(-1)
+                    raise NonFiniteLoss(self.state.global_step + 1, float(values[~torch.isfinite(values)][0]))
         return loss
 
 
@@ -239,6 +285,7 @@ class GuardedSFTTrainer(Guarded, SFTTrainer):
         if mode == "train":
             self._count_tokens(inputs)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        self._check_loss(loss)
         return (loss, outputs) if return_outputs else loss
 
     def _count_tokens(self, inputs):
