@@ -104,6 +104,7 @@ from torch import nn
 
 from workbench.errors import UserError
 from workbench.families import GLU_ACTIVATIONS, Family, family, family_of
+from workbench.host_copy import HostCopy
 from workbench.kernels import _common
 from workbench.kernels.add_rms_norm import add_rms_norm
 from workbench.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -1017,27 +1018,16 @@ class _CountedRows:
     only its counted rows through the LM head and the loss, as TRL's own fused head does, and
     neither the GEMMs over ignored rows nor a wait for the whole forward is paid.
 
-    On CUDA the count reaches the host by an asynchronous copy into pinned memory, queued
-    ahead of the forward; reading it after the forward has been issued waits only for the GPU
-    to reach that copy. During CUDA-graph capture nothing is counted (a read would sync)."""
+    The count reaches the host as a :class:`workbench.host_copy.HostCopy`, queued ahead of the
+    forward: reading it after the forward has been issued waits only for the GPU to reach that
+    copy. During CUDA-graph capture nothing is counted (a read would sync)."""
 
     def __init__(self, target: torch.Tensor, ignore_index: int):
         self.valid = target.reshape(-1) != ignore_index
-        self._host = self._done = None
-        self._count = None
-        if target.device.type != "cuda":
-            self._count = int(self.valid.sum())
-        elif not torch.cuda.is_current_stream_capturing():
-            self._host = torch.empty((), dtype=torch.int64, pin_memory=True)
-            self._host.copy_(self.valid.sum(), non_blocking=True)
-            self._done = torch.cuda.Event()
-            self._done.record(torch.cuda.current_stream(target.device))  # the copy's stream, not the current device's
+        self._count = HostCopy(self.valid.sum())
 
     def count(self) -> int | None:
-        if self._done is not None:
-            self._done.synchronize()
-            self._count, self._done = int(self._host), None
-        return self._count
+        return self._count.value()
 
     def select(self, hidden: torch.Tensor, target: torch.Tensor):
         """``hidden`` as rows and ``target`` flat, cut to the counted rows where some, not all,

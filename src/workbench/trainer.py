@@ -24,6 +24,7 @@ from workbench.config import Config
 from workbench.data import FINGERPRINT_BATCHES, batch_fingerprint, packing_strategy, training_dataset
 from workbench.distributed import log
 from workbench.errors import UserError
+from workbench.host_copy import HostCopy
 from workbench.models import Stack, dtype, old_checkpointing_name
 
 
@@ -175,29 +176,17 @@ def offloads(cfg: Config, stack: Stack | None = None) -> bool:
 
 class _LossCheck:
     """Whether one micro-batch's loss is finite: tested on the device where the loss is made and
-    copied to pinned host memory asynchronously, queued right after that forward. Reading it
-    once the backward has been issued then waits for the forward only, not for the backward the
-    GPU is still running: the host goes on to the optimizer step and the next batch while the
-    GPU works (as patch._CountedRows). Off CUDA, or while a CUDA graph is captured, the device's
-    flag itself is read then."""
+    brought to the host as a :class:`workbench.host_copy.HostCopy`, queued right after that
+    forward. Reading it once the backward has been issued then waits for the forward only, not
+    for the backward the GPU is still running: the host goes on to the optimizer step and the
+    next batch while the GPU works."""
 
     def __init__(self, loss: torch.Tensor):
         self.loss = loss.detach()
-        finite = torch.isfinite(self.loss).all()
-        self._done = None
-        if self.loss.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            self._finite = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._finite.copy_(finite, non_blocking=True)
-            self._done = torch.cuda.Event()
-            self._done.record(torch.cuda.current_stream(self.loss.device))
-        else:
-            self._finite = finite
+        self._finite = HostCopy(torch.isfinite(self.loss).all())
 
     def finite(self) -> bool:
-        if self._done is not None:
-            self._done.synchronize()
-            self._done = None
-        return bool(self._finite)
+        return self._finite.value() is not False  # (None: under CUDA-graph capture, unread)
 
 
 class Guarded:

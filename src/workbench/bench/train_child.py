@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(workbench.bench.loop_profile) into DEST.json and DEST.trace.json")
     parser.add_argument("--profile-after", type=int, default=0, metavar="STEP",
                         help="with --profile-loop: the optimizer step after which the profiled steps start")
-    parser.add_argument("--profile-steps", type=int, default=3, metavar="N", help="with --profile-loop: steps profiled")
+    parser.add_argument("--profile-steps", type=int, default=None, metavar="N",
+                        help="with --profile-loop: steps profiled (default: workbench.bench.loop_profile.STEPS)")
     args = parser.parse_args(argv)
     profile = None if args.profile_loop is None else (args.profile_loop, args.profile_after, args.profile_steps)
     return run_guarded(lambda: _train(STACKS[args.stack], args.config, args.run, profile))
@@ -48,7 +49,7 @@ def _train(stack, config_path: str, run: str, profile: tuple | None = None) -> i
         from workbench.bench import loop_profile
 
         dest, after, steps = profile
-        stack = loop_profile.profiled(stack, Path(dest), after, steps)
+        stack = loop_profile.profiled(stack, Path(dest), after, loop_profile.STEPS if steps is None else steps)
     run_train(cfg, run, stack=stack)
     return 0
 
