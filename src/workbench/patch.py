@@ -106,6 +106,7 @@ from workbench.errors import UserError
 from workbench.families import GLU_ACTIVATIONS, Family, family, family_of
 from workbench.host_copy import HostCopy
 from workbench.kernels import _common
+from workbench.kernels._lora_ops import packed
 from workbench.kernels.add_rms_norm import add_rms_norm
 from workbench.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from workbench.kernels.geglu import geglu
@@ -588,29 +589,17 @@ class _CastAdapters(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dtype, *weights):
         ctx.set_materialize_grads(False)  # a weight whose cast went unused gets no gradient
-        ctx.shapes = [tuple(w.shape) for w in weights]
         ctx.weight_dtype = weights[0].dtype
-        return _split(torch.cat([w.reshape(-1) for w in weights]).to(dtype), ctx.shapes)
+        return packed(weights, dtype)
 
     @staticmethod
     def backward(ctx, *grads):
         wanted = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[1 + i]]
         out = [None] * len(grads)
         if wanted:
-            flat = torch.cat([grads[i].reshape(-1) for i in wanted]).to(ctx.weight_dtype)
-            for i, g in zip(wanted, _split(flat, [ctx.shapes[i] for i in wanted])):
+            for i, g in zip(wanted, packed((grads[i] for i in wanted), ctx.weight_dtype)):
                 out[i] = g
         return (None, *out)
-
-
-def _split(flat: torch.Tensor, shapes) -> tuple[torch.Tensor, ...]:
-    """The contiguous pieces of ``flat`` of these (2-D) shapes, back to back: one as_strided each,
-    the cheapest view on the host."""
-    out, at = [], 0
-    for rows, cols in shapes:
-        out.append(flat.as_strided((rows, cols), (cols, 1), at))
-        at += rows * cols
-    return tuple(out)
 
 
 class _AdapterCasts:

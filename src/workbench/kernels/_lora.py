@@ -59,6 +59,7 @@ from hypothesis import strategies as st
 from . import _common as C
 from . import _strategies as S
 from ._harness import maybe_strided, randn
+from ._lora_ops import packed
 from ._registry import Limits
 
 RANKS = (1, 2, 8, 16)
@@ -348,17 +349,12 @@ LAYOUTS = ("separate", "a_then_b", "interleaved")
 
 def lay_out(tensors: dict, names: str, layout: str) -> None:
     """Replace the adapters ``A{n}``, ``B{n}`` (n in ``names``, in order) by views of one buffer
-    holding the same values, laid out as ``layout`` says (``LAYOUTS``)."""
+    holding the same values, laid out as ``layout`` says (``LAYOUTS``; ``_lora_ops.packed``)."""
     if layout == "separate":
         return
     keys = ([f"A{n}" for n in names] + [f"B{n}" for n in names] if layout == "a_then_b"
             else [f"{m}{n}" for n in names for m in "AB"])
-    flat = torch.cat([tensors[k].reshape(-1) for k in keys])
-    at = 0
-    for k in keys:
-        t = tensors[k]
-        tensors[k] = flat.narrow(0, at, t.numel()).view(t.shape)
-        at += t.numel()
+    tensors.update(zip(keys, packed(tensors[k] for k in keys)))
 
 
 def mixed_flag() -> st.SearchStrategy[bool]:

@@ -184,6 +184,23 @@ def lora_a_shared(hd2: torch.Tensor, As) -> tuple[torch.Tensor, list[torch.Tenso
     return A_all, [xa_all[:, sl] for sl in rank_slices([A.shape[0] for A in As])]
 
 
+def packed(ts, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """The 2-D tensors ``ts`` (in ``dtype``, default their own) as views of one new contiguous
+    buffer, back to back in this order: the patcher's adapter cast lays a decoder layer's
+    adapters out so (workbench.patch._CastAdapters), and the parity strategies draw that layout
+    (``_lora.lay_out``). Each element is cast alone, as ``t.to(dtype)`` casts it."""
+    ts = tuple(ts)
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    if dtype is not None:
+        flat = flat.to(dtype)
+    out, at = [], 0
+    for t in ts:
+        rows, cols = t.shape
+        out.append(flat.as_strided((rows, cols), (cols, 1), at))  # as_strided: the cheapest view on the host
+        at += rows * cols
+    return tuple(out)
+
+
 def stack_rows(ts) -> torch.Tensor:
     """cat(ts) along rows: the 2-D tensors stacked, [sum rows, cols]. Where they already lie
     back to back in one buffer, in this order (the patcher casts a decoder layer's adapters
