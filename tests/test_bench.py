@@ -1018,8 +1018,9 @@ def test_train_suite_profiles_the_trl_loop_by_phase(tmp_path):
     assert prof["steps"] == loop_profile.STEPS and prof["wall_ms_per_step"] > 0
     phases = {p["phase"]: p for p in prof["phases"]}
     # Every phase the loop ran, once a profiled step (the window is whole steps).
-    for name in ("fetch batch", "forward + backward", "clip gradients", "optimizer step", "LR schedule",
-                 "callbacks: step begin", "callbacks: step end", "log (reads loss, grad norm)"):
+    for name in ("fetch batch", "forward + backward", "in it: model.train() (every module)", "clip gradients",
+                 "optimizer step", "model.zero_grad() (every parameter)", "LR schedule", "callbacks: step begin",
+                 "callbacks: step end", "log (reads loss, grad norm)"):
         assert phases[name]["calls_per_step"] == 1.0, (name, phases[name])
         assert phases[name]["host_ms_per_step"] > 0, name
     assert (report / prof["trace"]).is_file() and (report / prof["summary"]).is_file()

@@ -191,6 +191,52 @@ def test_the_loss_guard_never_waits_for_a_backward(tmp_path, monkeypatch, kernel
     assert fused == (0 if kernels == "false" else 4)  # our loss path, one call a micro-batch
 
 
+def test_flop_count_and_clipping_walk_the_model_once_and_give_the_trainers_values(tmp_path, monkeypatch):
+    """The trainer counts the model's parameters for its FLOPs once, not every micro-batch, and
+    clips the parameters that train (listed once) instead of every parameter: the FLOP count,
+    the gradient norm and the clipped gradients are the Trainer's own."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from transformers import PreTrainedModel, Trainer
+
+    counts, clipped = [], []
+    num_parameters, clip = PreTrainedModel.num_parameters, Accelerator.clip_grad_norm_
+    monkeypatch.setattr(PreTrainedModel, "num_parameters",
+                        lambda self, *a, **k: counts.append(1) or num_parameters(self, *a, **k))
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_",
+                        lambda self, params, *a, **k: clipped.append(params) or clip(self, params, *a, **k))
+    cfg = quick_config("training.max_steps=3", "training.batch_size=2", "training.max_grad_norm=0.01", *FP32)
+    model, tok = _tiny_peft_model(cfg)
+    trainer = trainer_mod.make_trainer(cfg, model, tok, _rows_of_unequal_length(), str(tmp_path / "out"))
+    trainer.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(counts) == 1 and len(clipped) == 3
+    assert all(isinstance(c, list) and len(c) == len(trained) and all(a is b for a, b in zip(c, trained))
+               for c in clipped)
+    assert 0 < len(trained) < len(list(model.parameters()))
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
+    model.zero_grad()
+    model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+    grads = [p.grad.clone() for p in trained]
+    ours = trainer._clip_grad_norm(model)
+    ours_grads = [p.grad.clone() for p in trained]
+    for p, g in zip(trained, grads):
+        p.grad.copy_(g)
+    theirs = Trainer._clip_grad_norm(trainer, model)
+    assert ours.item() == theirs.item() > cfg.training.max_grad_norm  # (so the gradients were scaled)
+    assert all(torch.equal(a, p.grad) for a, p in zip(ours_grads, trained))
+    # Sharded or split parameters: the Trainer's own path.
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        fake = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=kind))
+        assert trainer_mod._trained_parameters(fake, model) is None
+    fake = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    assert trainer_mod._trained_parameters(fake, model) == trained
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big, big_loss, trainer, _ = _one_step_gradients(4, 1, tmp_path)
     acc, acc_loss, _, _ = _one_step_gradients(2, 2, tmp_path)

@@ -1,10 +1,11 @@
 """Where a TRL training step's time goes: a few steady steps of a train run under torch.profiler,
 each phase of the Trainer's loop in a named range (``bench train --profile``).
 
-The phases are the Trainer's own calls, wrapped on the trainer instance of this process only:
-fetching the batch, the training step (forward, loss, backward), clipping and the gradient
-norm, the optimizer and the LR schedule, the callbacks' step hooks (the product's adapter
-snapshot among them) and the per-step log. Per phase, per step: the host's time inside it and
+The phases are the Trainer's own calls, wrapped on the trainer instance (and its model) of
+this process only: fetching the batch, the training step (forward, loss, backward; and in it
+the Trainer's ``model.train()``, which walks every module), clipping and the gradient norm,
+the optimizer, ``model.zero_grad()`` (every parameter), the LR schedule, the callbacks' step
+hooks (the product's adapter snapshot among them) and the per-step log. Per phase, per step: the host's time inside it and
 the GPU time of the kernels it launched. The GPU's busy time is the union of its kernels'
 intervals, so the idle share says how long the GPU waited for the host; the host time outside
 every phase is the loop's own bookkeeping.
@@ -24,9 +25,11 @@ from pathlib import Path
 PHASES = (
     ("fetch batch", "get_batch_samples"),
     ("forward + backward", "training_step"),
+    ("in it: model.train() (every module)", "model.train"),
     ("clip gradients", "_clip_grad_norm"),
     ("gradient norm", "_get_grad_norm"),
     ("optimizer step", "optimizer.step"),
+    ("model.zero_grad() (every parameter)", "model.zero_grad"),
     ("LR schedule", "lr_scheduler.step"),
     ("callbacks: step begin", "callback_handler.on_step_begin"),
     ("callbacks: step end", "callback_handler.on_step_end"),
