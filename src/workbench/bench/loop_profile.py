@@ -5,10 +5,10 @@ The phases are the Trainer's own calls, wrapped on the trainer instance (and its
 this process only: fetching the batch, the training step (forward, loss, backward; and in it
 the Trainer's ``model.train()``, which walks every module), clipping and the gradient norm,
 the optimizer, ``model.zero_grad()`` (every parameter), the LR schedule, the callbacks' step
-hooks (the product's adapter snapshot among them) and the per-step log. Per phase, per step: the host's time inside it and
-the GPU time of the kernels it launched. The GPU's busy time is the union of its kernels'
-intervals, so the idle share says how long the GPU waited for the host; the host time outside
-every phase is the loop's own bookkeeping.
+hooks (the product's adapter snapshot among them) and the per-step log. Per phase, per step:
+the host's time inside it and the GPU time of the kernels it launched. The GPU's busy time is
+the union of its kernels' intervals, so the idle share says how long the GPU waited for the
+host; the host time outside every phase is the loop's own bookkeeping.
 
 Runs in the train child (``workbench.bench.train_child --profile-loop``) through the recipe's
 stack seam (``Stack.trainer_made``), never in the product.
