@@ -13,8 +13,9 @@ import torch
 
 class HostCopy:
     """``value()``: the Python number of the 0-d tensor ``t``, a fresh result nothing writes
-    afterwards. Off CUDA the tensor is kept and read then (no read where it is made). During CUDA-graph capture nothing is copied (a
-    read would synchronize, which capture forbids) and ``value()`` is None."""
+    afterwards. Off CUDA the tensor is kept and read then (no read where it is made). During
+    CUDA-graph capture nothing is copied (a read would synchronize, which capture forbids) and
+    ``value()`` is None."""
 
     def __init__(self, t: torch.Tensor):
         self._done = None
