@@ -369,8 +369,8 @@ def make_trainer(cfg: Config, model, tok, train_rows: list[dict], output_dir: st
 def _collate_from_arrays(trainer) -> None:
     """Hands TRL's language-modelling collator each row's input_ids and labels as numpy arrays
     instead of Python lists: it makes a tensor of each, from a list one Python int at a time
-    (a few ms a batch of 4 x 2048 tokens, on the host, every step) or from an array in one copy;
-    the batch is the same, bit for bit. Only where the collator is TRL's own, unchanged."""
+    (on the host, every step) or from an array in one copy; the batch is the same, bit for bit.
+    Only where the collator is TRL's own, unchanged."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     collator, data = trainer.data_collator, trainer.train_dataset
